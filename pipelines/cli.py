@@ -1,0 +1,97 @@
+"""The `temper` command line: one subcommand per pipeline stage, plus operations.
+
+Every stage reads its section of `params.yaml` (override with `-S section.key=value`, as with
+`dvc exp run -S`). Heavy libraries are imported inside the commands so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .base_model import ModelConfig
+from .config import ConfigError, describe, load_params, section
+from .prepare import PrepareConfig
+
+app = typer.Typer(
+    help="Temper: distil, fine-tune (LoRA/QLoRA), evaluate, gate and register a self-hosted "
+    "model for a task first prototyped on a frontier API. `dvc repro` runs the stages in order.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+
+ParamsOpt = Annotated[
+    Path, typer.Option("--params", "-p", help="The params file.", show_default=True)
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-S", help="Override a param, e.g. -S prepare.max_tokens=256."),
+]
+
+
+def setup_logging() -> None:
+    level = os.environ.get("TEMPER_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    # Libraries that talk a lot at INFO.
+    for noisy in ("httpx", "urllib3", "filelock", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def load(params: Path, overrides: list[str] | None) -> dict:
+    try:
+        return load_params(params, overrides)
+    except ConfigError as err:
+        raise typer.BadParameter(str(err)) from None
+
+
+def fail(err: Exception, code: int = 1) -> None:
+    typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
+
+
+def task_path(params: dict) -> str:
+    return params.get("task") or "configs/tasks/clause_review.yaml"
+
+
+@app.command("base-model", epilog=describe(ModelConfig, "model"))
+def base_model_cmd(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Resolve `model.base` into a local safetensors folder (built-in default works offline)."""
+    from . import base_model
+
+    setup_logging()
+    values = load(params, set_)
+    try:
+        base_model.run(section(values, "model", ModelConfig))
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        fail(err)
+
+
+@app.command("prepare", epilog=describe(PrepareConfig, "prepare"))
+def prepare_cmd(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Clean, de-duplicate, split by document and render the task's chat records."""
+    from . import prepare
+    from .task import load_task
+
+    setup_logging()
+    values = load(params, set_)
+    try:
+        stats = prepare.run(
+            section(values, "prepare", PrepareConfig),
+            load_task(task_path(values)),
+            section(values, "model", ModelConfig).dir,
+        )
+    except (ConfigError, prepare.InputError, FileNotFoundError) as err:
+        fail(err)
+    counts = ", ".join(f"{k} {v['records']}" for k, v in stats["splits"].items())
+    typer.echo(f"prepared: {counts}; dropped {stats['dropped']}; "
+               f"quarantined {stats['quarantined']['total']}")
+
+
+if __name__ == "__main__":
+    app()
