@@ -77,8 +77,12 @@ def git_commit(root: str | Path = ".") -> str:
 
 
 def pipeline_key(params: dict[str, Any], root: str | Path = ".") -> str:
-    """Identifies one pipeline configuration: all params plus the code's commit."""
-    return stable_hash({"params": params, "commit": git_commit(root)})
+    """Identifies one pipeline configuration: all params plus the code's commit.
+
+    The '-dirty' mark is left out on purpose: `dvc repro` rewrites the tracked dvc.lock and
+    metrics between stages, and every stage of one repro must find the same parent run.
+    """
+    return stable_hash({"params": params, "commit": git_commit(root).removesuffix("-dirty")})
 
 
 def pipeline_run(cfg: MlflowConfig, params: dict[str, Any], root: str | Path = ".") -> str:
