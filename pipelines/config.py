@@ -92,25 +92,34 @@ def section(params: dict[str, Any], name: str, model: type[S], source: str = "pa
     try:
         return model.model_validate(params.get(name) or {})
     except ValidationError as err:
-        lines = [
-            f"  {name}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
-        ]
+        lines = [f"  {name}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
         raise ConfigError(f"{source}: invalid '{name}' section:\n" + "\n".join(lines)) from None
 
 
-def describe(model: type[Section], prefix: str) -> str:
-    """A help text listing every field of a config section: name, type, default, meaning.
+def _type_name(annotation: Any) -> str:
+    name = getattr(annotation, "__name__", None)
+    if name and not getattr(annotation, "__args__", None):
+        return name
+    return str(annotation).replace("typing.", "").replace("NoneType", "None")
 
-    Generated from the model itself, so `temper <stage> --help` cannot drift from the code.
+
+def describe(model: type[Section], prefix: str) -> str:
+    """A help text listing every field of a config section: name, default, type, meaning.
+
+    Generated from the model itself (nested sections flattened to dotted names), so
+    `temper <stage> --help` cannot drift from the code.
     """
     rows = []
     for name, field in model.model_fields.items():
-        default = field.default if field.default_factory is None else field.default_factory()
-        if isinstance(default, BaseModel):
-            default = "{...}"
-        type_name = getattr(field.annotation, "__name__", None) or str(field.annotation)
-        type_name = type_name.replace("typing.", "")
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, Section):
+            rows.append(describe(annotation, f"{prefix}.{name}"))
+            continue
+        if field.is_required():
+            default = "required"
+        else:
+            default = repr(field.get_default(call_default_factory=True))
         rows.append(
-            f"{prefix}.{name} ({type_name}, default {default!r}): {field.description or ''}"
+            f"{prefix}.{name} = {default} ({_type_name(annotation)}): {field.description or ''}"
         )
     return "\n\n".join(rows)

@@ -33,8 +33,15 @@ from .task import TaskConfig
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
-SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation",
-                 "valid": "validation", "val": "validation", "dev": "validation", "test": "test"}
+SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "validation": "validation",
+    "valid": "validation",
+    "val": "validation",
+    "dev": "validation",
+    "test": "test",
+}
 
 
 class InputError(ValueError):
@@ -193,12 +200,14 @@ def extract(row: dict[str, Any], where: str, fmap: FieldMap, task: TaskConfig) -
             raise InputError(f"prepare.fields.gold: '{name}' is not a field of task {task.name}")
         gold[name] = task.gold_value(field, need(column, f"gold.{name}", field.nullable))
         if field.kind == "label" and gold[name] is not None and gold[name] not in field.labels:
-            raise InputError(f"{where}: field '{column}': {gold[name]!r} is not a label of "
-                             f"{task.name}.{name}")
+            raise InputError(
+                f"{where}: field '{column}': {gold[name]!r} is not a label of {task.name}.{name}"
+            )
     for name, column in fmap.gold_all.items():
         field = task.by_name[name]
-        gold_all[name] = [v for v in task.gold_value(field, _as_list(need(column, "gold_all")))
-                          if v is not None]
+        gold_all[name] = [
+            v for v in task.gold_value(field, _as_list(need(column, "gold_all"))) if v is not None
+        ]
     record["gold"], record["gold_all"] = gold, gold_all
     return record
 
@@ -235,7 +244,9 @@ def near_duplicate_pairs(
     from datasketch import MinHash, MinHashLSH
 
     sets = [shingles(t) for t in texts]
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    # LSH is probabilistic: query at a lower threshold for recall, then keep only the pairs
+    # whose exact Jaccard reaches `threshold` (precision).
+    lsh = MinHashLSH(threshold=max(0.05, threshold - 0.2), num_perm=num_perm)
     hashes = MinHash.bulk([[s.encode() for s in sh] for sh in sets], num_perm=num_perm)
     pairs = []
     for i, mh in enumerate(hashes):
@@ -299,8 +310,13 @@ def percentiles(values: list[int]) -> dict[str, float]:
     if not values:
         return {}
     q = np.percentile(values, [50, 90, 99])
-    return {"min": int(min(values)), "p50": float(q[0]), "p90": float(q[1]),
-            "p99": float(q[2]), "max": int(max(values))}
+    return {
+        "min": int(min(values)),
+        "p50": float(q[0]),
+        "p90": float(q[1]),
+        "p99": float(q[2]),
+        "max": int(max(values)),
+    }
 
 
 # --------------------------------------------------------------------------- the stage
@@ -350,31 +366,50 @@ def run(cfg: PrepareConfig, task: TaskConfig, model_dir: str | Path) -> dict[str
     for record in sorted(records, key=lambda r: (priority[r["split"]], r["where"])):
         key = dedup_key(record["text"])
         if key in kept:
-            dropped.append({"id": record["id"], "where": record["where"], "reason": "duplicate",
-                            "duplicate_of": kept[key]["id"]})
+            dropped.append(
+                {
+                    "id": record["id"],
+                    "where": record["where"],
+                    "reason": "duplicate",
+                    "duplicate_of": kept[key]["id"],
+                }
+            )
         else:
             kept[key] = record
     records = sorted(kept.values(), key=lambda r: r["where"])
 
-    pairs = near_duplicate_pairs([r["text"] for r in records], cfg.near_dup.threshold,
-                                 cfg.near_dup.num_perm)
+    pairs = near_duplicate_pairs(
+        [r["text"] for r in records], cfg.near_dup.threshold, cfg.near_dup.num_perm
+    )
     cross = [(i, j, s) for i, j, s in pairs if records[i]["split"] != records[j]["split"]]
     near_dup_stats = {
         "pairs": len(pairs),
         "cross_split_pairs": len(cross),
         "threshold": cfg.near_dup.threshold,
         "cross_split_examples": [
-            {"a": records[i]["id"], "b": records[j]["id"],
-             "splits": [records[i]["split"], records[j]["split"]], "jaccard": s}
+            {
+                "a": records[i]["id"],
+                "b": records[j]["id"],
+                "splits": [records[i]["split"], records[j]["split"]],
+                "jaccard": s,
+            }
             for i, j, s in cross[:10]
         ],
     }
     if cfg.near_dup.drop_cross_split:
-        drop = {i if records[i]["split"] == "train" else j for i, j, _ in cross
-                if "train" in (records[i]["split"], records[j]["split"])}
+        drop = {
+            i if records[i]["split"] == "train" else j
+            for i, j, _ in cross
+            if "train" in (records[i]["split"], records[j]["split"])
+        }
         for i in sorted(drop):
-            dropped.append({"id": records[i]["id"], "where": records[i]["where"],
-                            "reason": "near_duplicate_cross_split"})
+            dropped.append(
+                {
+                    "id": records[i]["id"],
+                    "where": records[i]["where"],
+                    "reason": "near_duplicate_cross_split",
+                }
+            )
         records = [r for i, r in enumerate(records) if i not in drop]
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -387,15 +422,24 @@ def run(cfg: PrepareConfig, task: TaskConfig, model_dir: str | Path) -> dict[str
         for r in records
     ]
     lengths = [len(ids) for ids in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
-    text_lengths = [len(ids) for ids in tokenizer([r["text"] for r in records],
-                                                  add_special_tokens=False)["input_ids"]]
+    text_lengths = [
+        len(ids)
+        for ids in tokenizer([r["text"] for r in records], add_special_tokens=False)["input_ids"]
+    ]
     length_ok = []
     for record, n_tokens, n_text in zip(records, lengths, text_lengths, strict=True):
         record["n_tokens"] = n_tokens
         if n_text < cfg.min_text_tokens or n_tokens > cfg.max_tokens:
             reason = "too_short" if n_text < cfg.min_text_tokens else "too_long"
-            dropped.append({"id": record["id"], "where": record["where"], "reason": reason,
-                            "n_tokens": n_tokens, "n_text_tokens": n_text})
+            dropped.append(
+                {
+                    "id": record["id"],
+                    "where": record["where"],
+                    "reason": reason,
+                    "n_tokens": n_tokens,
+                    "n_text_tokens": n_text,
+                }
+            )
         else:
             length_ok.append(record)
 
@@ -406,9 +450,16 @@ def run(cfg: PrepareConfig, task: TaskConfig, model_dir: str | Path) -> dict[str
         pool = [r for r in length_ok if r["split"] == split]
         chosen = stratified_sample(pool, cfg.max_examples.get(split), label_field, cfg.seed)
         rows = [
-            {"id": r["id"], "group": r["group"], "split": split, "text": r["text"],
-             "prompt": task.messages(r["text"]), "gold": r["gold"], "gold_all": r["gold_all"],
-             "n_tokens": r["n_tokens"]}
+            {
+                "id": r["id"],
+                "group": r["group"],
+                "split": split,
+                "text": r["text"],
+                "prompt": task.messages(r["text"]),
+                "gold": r["gold"],
+                "gold_all": r["gold_all"],
+                "n_tokens": r["n_tokens"],
+            }
             for r in chosen
         ]
         write_jsonl(out_dir / f"{split}.jsonl", rows)
@@ -417,8 +468,14 @@ def run(cfg: PrepareConfig, task: TaskConfig, model_dir: str | Path) -> dict[str
             "available": len(pool),
             "groups": len({r["group"] for r in rows}),
             "tokens": percentiles([r["n_tokens"] for r in rows]),
-            "labels": dict(sorted(Counter(r["gold"].get(label_field) for r in rows).items(),
-                                  key=lambda kv: str(kv[0]))) if label_field else {},
+            "labels": dict(
+                sorted(
+                    Counter(r["gold"].get(label_field) for r in rows).items(),
+                    key=lambda kv: str(kv[0]),
+                )
+            )
+            if label_field
+            else {},
         }
     write_jsonl(out_dir / "quarantine.jsonl", quarantined)
     write_jsonl(out_dir / "dropped.jsonl", dropped)
@@ -428,8 +485,10 @@ def run(cfg: PrepareConfig, task: TaskConfig, model_dir: str | Path) -> dict[str
             "task": {"name": task.name, "version": task.version, "prompt_hash": task.prompt_hash},
             "sources": {s: sha256_file(s) for s in cfg.sources},
             "read": n_read,
-            "quarantined": {"total": len(quarantined),
-                            "reasons": dict(Counter(_reason(q["reason"]) for q in quarantined))},
+            "quarantined": {
+                "total": len(quarantined),
+                "reasons": dict(Counter(_reason(q["reason"]) for q in quarantined)),
+            },
             "dropped": dict(Counter(d["reason"] for d in dropped)),
             "near_duplicates": near_dup_stats,
         }
@@ -443,4 +502,3 @@ def _reason(message: str) -> str:
     """The kind of a quarantine message, without its file/line prefix (for counting)."""
     kind = message.split(": ", 1)[-1]
     return re.sub(r"'[^']*'|\(.*\)|\d+", "…", kind).strip()
-

@@ -34,7 +34,8 @@ class MlflowConfig(Section):
     )
     experiment: str = Field("temper", description="Experiment name.")
     artifact_root: str = Field(
-        "mlartifacts", description="Artifact folder of the embedded store (relative = project root)."
+        "mlartifacts",
+        description="Artifact folder of the embedded store (relative = project root).",
     )
 
 
@@ -67,10 +68,16 @@ def setup(cfg: MlflowConfig, root: str | Path = ".") -> str:
 def git_commit(root: str | Path = ".") -> str:
     """HEAD's commit hash, with '-dirty' when tracked files differ; 'unknown' outside git."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + ("-dirty" if dirty else "")
@@ -92,8 +99,9 @@ def pipeline_run(cfg: MlflowConfig, params: dict[str, Any], root: str | Path = "
     experiment_id = setup(cfg, root)
     key = pipeline_key(params, root)
     client = mlflow.MlflowClient()
-    found = client.search_runs([experiment_id], filter_string=f"tags.`{PIPELINE_TAG}` = '{key}'",
-                               max_results=1)
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{PIPELINE_TAG}` = '{key}'", max_results=1
+    )
     if found:
         return found[0].info.run_id
     run = client.create_run(

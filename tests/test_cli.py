@@ -1,0 +1,52 @@
+"""`temper --help` and every subcommand's help document the knobs."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from pipelines.cli import SECTIONS, app
+
+runner = CliRunner()
+
+
+def commands() -> list[str]:
+    import typer.main
+
+    return sorted(typer.main.get_command(app).commands)
+
+
+def test_top_level_help_lists_every_command():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for name in commands():
+        assert name in result.output
+    assert {"base-model", "prepare", "profile"} <= set(commands())
+
+
+@pytest.mark.parametrize("name", commands())
+def test_every_command_has_help(name):
+    result = runner.invoke(app, [name, "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output
+
+
+@pytest.mark.parametrize(
+    ("command", "section_name"), [("base-model", "model"), ("prepare", "prepare")]
+)
+def test_stage_help_lists_every_param(command, section_name):
+    result = runner.invoke(app, [command, "--help"], terminal_width=200)
+    for field in SECTIONS[section_name].model_fields:
+        assert f"{section_name}.{field}" in result.output, field
+
+
+def test_bad_override_is_a_usage_error():
+    result = runner.invoke(app, ["prepare", "-S", "prepare.max_tokens=lots"])
+    assert result.exit_code != 0
+    assert "prepare.max_tokens" in result.output
+
+
+def test_profile_prints_dvc_overrides():
+    result = runner.invoke(app, ["profile", "full"])
+    assert result.exit_code == 0
+    assert "-S prepare.max_examples.train=null" in result.output
