@@ -296,8 +296,15 @@ def stratified_sample(
     by_label: dict[Any, list[dict[str, Any]]] = defaultdict(list)
     for record in records:
         by_label[record["gold"].get(key) if key else None].append(record)
-    quota = {label: max(1, round(limit * len(rs) / len(records))) for label, rs in by_label.items()}
-    while sum(quota.values()) > limit:  # rounding up small labels can overshoot: trim largest
+    share = {label: limit * len(rs) / len(records) for label, rs in by_label.items()}
+    quota = {label: max(1, int(x)) for label, x in share.items()}
+    # Largest remainders fill what flooring left; trimming the largest fixes any overshoot
+    # from giving every label at least one record.
+    for label in sorted(share, key=lambda k: (quota[k] - share[k], str(k))):
+        if sum(quota.values()) >= limit:
+            break
+        quota[label] += 1
+    while sum(quota.values()) > limit:
         quota[max(quota, key=quota.get)] -= 1
     chosen = []
     for label in sorted(by_label, key=str):
