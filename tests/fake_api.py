@@ -1,0 +1,274 @@
+"""A fake frontier API on loopback: real HTTP, real OpenAI and Anthropic wire formats.
+
+Fake *behaviour* (answers come from a pluggable responder, faults are injected on purpose),
+real protocol: the project's code talks to it with the official openai/anthropic SDKs.
+
+    from fake_api import FakeAPI, Faults
+    with FakeAPI(responder=lambda messages: '{"ok": true}', latency_s=0.01,
+                 faults=Faults(rate_429=0.1, rate_500=0.05), api_key="sk-test") as api:
+        cfg = ProviderConfig(kind="openai", base_url=api.openai_url, ...)   # .../v1
+        cfg = ProviderConfig(kind="anthropic", base_url=api.anthropic_url, ...)  # server root
+        ...
+        api.requests, api.status, api.faults_injected, api.hits_by_user
+
+Endpoints: POST /v1/chat/completions (OpenAI), POST /v1/messages (Anthropic).
+Faults (drawn per request with a seeded RNG, or forced with `queue_faults`):
+  "429" (with retry-after), "500", "slow" (sleeps `slow_s`, past the client's timeout),
+  "malformed" (200 with a JSON body cut short), "truncated" (200, answer cut in half,
+  finish_reason length / stop_reason max_tokens).
+Standalone (for benchmarks, in its own process): python tests/fake_api.py --latency 0.2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import random
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+Responder = Callable[[list[dict[str, Any]]], str]
+FAULTS = ("429", "500", "slow", "malformed", "truncated")
+
+
+def echo_responder(messages: list[dict[str, Any]]) -> str:
+    """Default: a small JSON object naming the last user message's first words."""
+    last = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    return json.dumps({"echo": str(last)[:40]})
+
+
+def messages_key(messages: list[dict[str, Any]]) -> str:
+    return hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Faults:
+    """Probabilities of each injected fault per request (independent draws, seeded)."""
+
+    rate_429: float = 0.0
+    rate_500: float = 0.0
+    rate_slow: float = 0.0
+    rate_malformed: float = 0.0
+    rate_truncated: float = 0.0
+    retry_after: float = 0.05   # seconds, sent as the retry-after header with a 429
+    slow_s: float = 2.0         # how long a "slow" request stalls
+    seed: int = 0
+
+
+def tokens(text: str) -> int:
+    return len(text) // 4 + 1
+
+
+class FakeAPI:
+    """The server, run by uvicorn in a daemon thread on a free loopback port."""
+
+    def __init__(self, responder: Responder | None = None, *, latency_s: float = 0.0,
+                 faults: Faults | None = None, api_key: str | None = None,
+                 host: str = "127.0.0.1", port: int = 0):
+        self.responder = responder or echo_responder
+        self.latency_s = latency_s
+        self.faults = faults or Faults()
+        self.api_key = api_key
+        self.host, self.port = host, port
+        self._rng = random.Random(self.faults.seed)
+        self._queued: deque[str | None] = deque()
+        self._lock = threading.Lock()
+        self.reset_counters()
+        self.app = self._build_app()
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- counters and control
+
+    def reset_counters(self) -> None:
+        with getattr(self, "_lock", threading.Lock()):
+            self.requests = 0                       # every POST to a model endpoint
+            self.status: Counter[int] = Counter()   # HTTP status sent (malformed counts as 200)
+            self.faults_injected: Counter[str] = Counter()
+            self.hits: Counter[str] = Counter()     # requests per messages_key(messages)
+            self.hits_by_user: Counter[str] = Counter()  # requests per last user message
+            self.answered = 0                       # good 200 answers sent
+            self.auth_failures = 0
+            self.log: list[dict[str, Any]] = []     # endpoint, fault, status, messages, model
+
+    def queue_faults(self, faults: list[str | None]) -> None:
+        """Force the next requests' faults in order (None: no fault), before random draws."""
+        with self._lock:
+            self._queued.extend(faults)
+
+    def _draw(self) -> str | None:
+        with self._lock:
+            if self._queued:
+                return self._queued.popleft()
+            f = self.faults
+            for name, rate in zip(FAULTS, (f.rate_429, f.rate_500, f.rate_slow,
+                                           f.rate_malformed, f.rate_truncated), strict=True):
+                if rate and self._rng.random() < rate:
+                    return name
+        return None
+
+    # -- lifecycle
+
+    @property
+    def root_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def openai_url(self) -> str:
+        return self.root_url + "/v1"
+
+    @property
+    def anthropic_url(self) -> str:
+        return self.root_url
+
+    def start(self) -> FakeAPI:
+        config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level="warning",
+                                access_log=False, lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True, name="fake-api")
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("fake API server did not start")
+            time.sleep(0.005)
+        self.port = self._server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+            self._thread.join(timeout=10)
+            self._server = None
+
+    def __enter__(self) -> FakeAPI:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- the app
+
+    def _build_app(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.post("/v1/chat/completions")
+        async def openai_chat(request: Request) -> Response:
+            auth = request.headers.get("authorization", "")
+            return await self._handle("openai", request, auth.removeprefix("Bearer "))
+
+        @app.post("/v1/messages")
+        async def anthropic_messages(request: Request) -> Response:
+            # Older SDKs send x-api-key, anthropic 2.x sends a bearer token: accept either.
+            key = request.headers.get("x-api-key") or request.headers.get("authorization", "")
+            return await self._handle("anthropic", request, key.removeprefix("Bearer "))
+
+        return app
+
+    async def _handle(self, flavour: str, request: Request, key: str) -> Response:
+        body = await request.json()
+        messages = list(body.get("messages", []))
+        if flavour == "anthropic" and body.get("system"):
+            messages = [{"role": "system", "content": body["system"]}, *messages]
+        messages = [{"role": m["role"], "content": _text(m["content"])} for m in messages]
+        fault = self._draw()
+        user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        with self._lock:
+            self.requests += 1
+            self.hits[messages_key(messages)] += 1
+            self.hits_by_user[user] += 1
+            entry = {"endpoint": flavour, "fault": fault, "model": body.get("model"),
+                     "messages": messages, "response_format": body.get("response_format"),
+                     "output_config": body.get("output_config")}
+            self.log.append(entry)
+        if self.api_key is not None and key != self.api_key:
+            with self._lock:
+                self.auth_failures += 1
+            return self._error(flavour, 401, "authentication_error", "invalid api key", entry)
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        if fault:
+            with self._lock:
+                self.faults_injected[fault] += 1
+        if fault == "429":
+            return self._error(flavour, 429, "rate_limit_error", "slow down", entry,
+                               {"retry-after": str(self.faults.retry_after)})
+        if fault == "500":
+            return self._error(flavour, 500, "api_error", "internal error", entry)
+        if fault == "slow":
+            await asyncio.sleep(self.faults.slow_s)
+        if fault == "malformed":
+            return self._send(entry, 200, Response('{"id": "x", "choices": [{"index": 0, "mess',
+                                                   media_type="application/json"))
+        text = self.responder(messages)
+        finished = True
+        if fault == "truncated":
+            text, finished = text[: len(text) // 2], False
+        tin, tout = sum(tokens(m["content"]) for m in messages), tokens(text)
+        if flavour == "openai":
+            payload = {
+                "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()),
+                "model": body.get("model"),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": "stop" if finished else "length"}],
+                "usage": {"prompt_tokens": tin, "completion_tokens": tout,
+                          "total_tokens": tin + tout}}
+        else:
+            payload = {
+                "id": "msg_fake", "type": "message", "role": "assistant",
+                "model": body.get("model"), "content": [{"type": "text", "text": text}],
+                "stop_reason": "end_turn" if finished else "max_tokens", "stop_sequence": None,
+                "usage": {"input_tokens": tin, "output_tokens": tout}}
+        if finished:
+            with self._lock:
+                self.answered += 1
+        return self._send(entry, 200, JSONResponse(payload))
+
+    def _error(self, flavour: str, status: int, kind: str, message: str, entry: dict[str, Any],
+               headers: dict[str, str] | None = None) -> Response:
+        if flavour == "openai":
+            body = {"error": {"message": message, "type": kind, "code": None}}
+        else:
+            body = {"type": "error", "error": {"type": kind, "message": message}}
+        return self._send(entry, status, JSONResponse(body, status_code=status, headers=headers))
+
+    def _send(self, entry: dict[str, Any], status: int, response: Response) -> Response:
+        with self._lock:
+            self.status[status] += 1
+            entry["status"] = status
+        return response
+
+
+def _text(content: Any) -> str:
+    """Message content as text (Anthropic and OpenAI both allow a list of typed blocks)."""
+    if isinstance(content, list):
+        return "".join(block.get("text", "") for block in content if isinstance(block, dict))
+    return str(content)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Run the fake frontier API until killed.")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds added per request")
+    args = parser.parse_args()
+    api = FakeAPI(latency_s=args.latency, port=args.port).start()
+    print(api.root_url, flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        api.stop()
+
+
+if __name__ == "__main__":
+    main()
