@@ -15,6 +15,7 @@ import typer
 
 from .base_model import ModelConfig
 from .config import ConfigError, Section, describe, load_params, read_yaml, section
+from .distil import DistilConfig
 from .prepare import PrepareConfig
 from .tracking import MlflowConfig
 
@@ -41,6 +42,7 @@ SetOpt = Annotated[
 SECTIONS: dict[str, type[Section]] = {
     "model": ModelConfig,
     "prepare": PrepareConfig,
+    "distil": DistilConfig,
     "mlflow": MlflowConfig,
 }
 
@@ -102,6 +104,39 @@ def prepare_cmd(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) ->
     counts = ", ".join(f"{k} {v['records']}" for k, v in stats["splits"].items())
     typer.echo(f"prepared: {counts}; dropped {stats['dropped']}; "
                f"quarantined {stats['quarantined']['total']}")
+
+
+@app.command("distil", epilog=describe(DistilConfig, "distil"))
+def distil_cmd(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Start even if the cost estimate "
+                                        "exceeds distil.provider.max_usd.")] = False,
+) -> None:
+    """Label the training data with the teacher (gold offline) and answer the test split.
+
+    Exit codes: 3 budget cap reached (finished work kept), 4 cost estimate above the cap
+    (nothing sent), 5 endpoint not on this machine and allow_external false (nothing sent).
+    """
+    from . import distil
+    from .task import load_task
+
+    setup_logging()
+    values = load(params, set_)
+    try:
+        cfg = section(values, "distil", DistilConfig)
+        if force:
+            cfg = cfg.model_copy(update={"force": True})
+        mlflow_cfg = section(values, "mlflow", MlflowConfig) if cfg.log_mlflow else None
+        m = distil.run(cfg, load_task(task_path(values)), mlflow_cfg, values)
+    except distil.DistilError as err:
+        fail(err, err.exit_code)
+    except (ConfigError, FileNotFoundError) as err:
+        fail(err)
+    counts = ", ".join(f"{k} {v['labelled']}/{v['input']}" for k, v in m["records"].items())
+    typer.echo(f"distilled ({m['teacher']['kind']}:{m['teacher']['model']}): {counts}; "
+               f"rejects {m['rejects']}; requests {m['requests']}, cache hits "
+               f"{m['cache_hits']}, ${m['usd']:.4f}")
 
 
 def flatten(values: dict, prefix: str = "") -> list[str]:

@@ -1,0 +1,464 @@
+"""distil stage: label the prepared training data with a teacher, and answer the test split.
+
+Inputs: `data/prepared/{train,validation,test}.jsonl`. Outputs (one folder, swapped in
+atomically): `data/distilled/{train,validation}.jsonl` (the prepared record plus `completion`,
+`answer`, `label_source`, `teacher_model`, `prompt_hash`), `rejects.jsonl`, and with an API
+teacher `baseline_test.jsonl` (the teacher's answers on the test split, for evaluate); plus
+`metrics/distil.json`.
+
+Teachers (`distil.provider.kind`): `gold` (offline default: the answer is built from the
+record's gold fields), `openai`, `anthropic`, `replay` (see pipelines/providers.py). The API
+teacher sees the task's system prompt WITH the label list, a few deterministic few-shot examples
+from the train split, and the record; its JSON answer is validated against the task schema, an
+invalid one gets one repair turn (the problems are sent back), then goes to `rejects.jsonl`.
+
+Money: a cost estimate runs first and refuses to start above `max_usd` (unless `force`); the
+provider's hard caps stop the run cleanly, and everything finished is kept (the cache holds
+every answer, and the outputs written so far say `complete: false` in the metrics).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from .config import ConfigError, Section
+from .io import atomic_dir, read_jsonl, stable_hash, write_json, write_jsonl
+from .providers import (
+    BudgetExceeded,
+    CacheMiss,
+    Completion,
+    Provider,
+    ProviderConfig,
+    gather_bounded,
+    open_provider,
+)
+from .task import TaskConfig, parse_answer
+
+log = logging.getLogger(__name__)
+
+# Distinct exit codes so a script (or DVC's log) tells a budget stop from a crash.
+EXIT_BUDGET_STOP = 3
+EXIT_ESTIMATE_REFUSED = 4
+EXIT_PRIVACY = 5
+TRUNCATED = {"length", "max_tokens"}
+REQUIRED = ("id", "text", "prompt", "gold")
+
+
+class DistilConfig(Section):
+    """`distil:` in params.yaml."""
+
+    provider: ProviderConfig = Field(default_factory=ProviderConfig,
+                                     description="The teacher (pipelines/providers.py).")
+    prepared_dir: str = Field("data/prepared", description="Input folder (prepare's output).")
+    out_dir: str = Field("data/distilled", description="Output folder.")
+    metrics: str = Field("metrics/distil.json", description="Metrics file.")
+    splits: list[str] = Field(default_factory=lambda: ["train", "validation"],
+                              description="Splits to label (training data).")
+    baseline_split: str | None = Field(
+        "test", description="Split the API teacher answers for evaluate's API baseline "
+        "(null: none; never done with gold).")
+    few_shot: int = Field(3, ge=0, description="Few-shot examples (from the train split).")
+    few_shot_seed: str = Field("temper-fewshot-v1", description="Salt of the few-shot choice.")
+    baseline_few_shot: bool = Field(True, description="Give the baseline the few-shot examples.")
+    repair: bool = Field(True, description="One repair turn for an invalid answer.")
+    force: bool = Field(False, description="Start even if the cost estimate exceeds max_usd.")
+    progress: bool = Field(True, description="Show progress bars.")
+    log_mlflow: bool = Field(True, description="Log params and metrics to an MLflow child run.")
+
+
+class DistilError(RuntimeError):
+    """The stage cannot run or finish; `exit_code` says why (see EXIT_*)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# ----------------------------------------------------------------------------- inputs, prompts
+
+def load_split(path: Path, gold_needed: bool) -> list[dict[str, Any]]:
+    """Read a prepared split, with errors naming the file, line and field."""
+    if not path.exists():
+        raise DistilError(f"{path}: file not found (run `temper prepare` first)")
+    try:
+        records = read_jsonl(path)
+    except ValueError as err:
+        raise DistilError(str(err)) from None
+    for lineno, record in enumerate(records, 1):
+        needed = REQUIRED if gold_needed else REQUIRED[:3]
+        for key in needed:
+            if key not in record:
+                raise DistilError(f"{path}:{lineno}: record {record.get('id')!r} has no field "
+                                  f"'{key}'")
+        if not isinstance(record["text"], str):
+            raise DistilError(f"{path}:{lineno}: field 'text' is not a string")
+        if gold_needed and not isinstance(record["gold"], dict):
+            raise DistilError(f"{path}:{lineno}: field 'gold' is not an object")
+    return records
+
+
+def gold_answer(task: TaskConfig, record: dict[str, Any]) -> dict[str, Any]:
+    """The answer built from the record's gold fields (fields without gold are null)."""
+    gold = record.get("gold") or {}
+    return {f.name: (task.gold_value(f, gold.get(f.name)) if f.gold else None)
+            for f in task.fields}
+
+
+def pick_few_shot(task: TaskConfig, train: list[dict[str, Any]], k: int,
+                  seed: str) -> list[dict[str, Any]]:
+    """k train records in a fixed pseudo-random order, valid gold, distinct first-field labels.
+
+    Deterministic (a hash of seed and id, not an RNG), so the teacher's prompt and every cache
+    key stay the same from run to run.
+    """
+    if k == 0:
+        return []
+    first = task.fields[0].name
+    chosen: list[dict[str, Any]] = []
+    seen: set[Any] = set()
+    for record in sorted(train, key=lambda r: stable_hash([seed, r["id"]])):
+        answer = gold_answer(task, record)
+        if task.validate_answer(answer) or answer[first] in seen:
+            continue
+        seen.add(answer[first])
+        chosen.append(record)
+        if len(chosen) == k:
+            break
+    return chosen
+
+
+def teacher_messages(task: TaskConfig, shots: list[dict[str, Any]],
+                     text: str) -> list[dict[str, str]]:
+    """System prompt with labels, few-shot turns, then the record."""
+    messages = [{"role": "system", "content": task.system_message(with_labels=True)}]
+    for shot in shots:
+        messages.append({"role": "user", "content": task.user_message(shot["text"])})
+        messages.append({"role": "assistant",
+                         "content": task.format_answer(gold_answer(task, shot))})
+    messages.append({"role": "user", "content": task.user_message(text)})
+    return messages
+
+
+def repair_messages(messages: list[dict[str, str]], reply: str,
+                    problems: list[str]) -> list[dict[str, str]]:
+    return [*messages, {"role": "assistant", "content": reply},
+            {"role": "user", "content": "Your answer is invalid: " + "; ".join(problems)
+             + ". Reply again with the corrected JSON object only."}]
+
+
+def check(task: TaskConfig, done: Completion) -> tuple[dict[str, Any] | None, list[str]]:
+    """Parse and validate one reply: (answer, problems)."""
+    answer = parse_answer(done.text)
+    problems = task.validate_answer(answer) if answer is not None else [
+        "no JSON object in the reply"]
+    if done.finish_reason in TRUNCATED:
+        problems.append(f"output truncated (finish_reason {done.finish_reason})")
+    return (answer if not problems else None), problems
+
+
+# ----------------------------------------------------------------------------- labelling
+
+@dataclass
+class Outcome:
+    """What happened to one record."""
+
+    record: dict[str, Any]
+    answer: dict[str, Any] | None = None
+    reason: str | None = None          # set: rejected
+    output: str | None = None          # the last raw reply
+    budget_stop: bool = False          # not labelled because a cap was reached
+    replies: list[Completion] = field(default_factory=list)
+
+
+async def label_one(provider: Provider, task: TaskConfig, record: dict[str, Any],
+                    messages: list[dict[str, str]], repair: bool, version: str) -> Outcome:
+    out = Outcome(record)
+    schema = task.json_schema()
+    try:
+        done = await provider.acomplete(messages, json_schema=schema, prompt_version=version)
+        out.replies.append(done)
+        out.output = done.text
+        out.answer, problems = check(task, done)
+        if problems and repair:
+            fixed = await provider.acomplete(repair_messages(messages, done.text, problems),
+                                             json_schema=schema, prompt_version=version)
+            out.replies.append(fixed)
+            out.output = fixed.text
+            out.answer, again = check(task, fixed)
+            problems = [f"after one repair: {p}" for p in again]
+        if problems:
+            out.reason = "invalid answer: " + "; ".join(problems)
+    except BudgetExceeded:
+        out.budget_stop, out.answer = True, None
+    except CacheMiss:
+        raise
+    except Exception as err:  # ProviderError after retries: a reject with its reason
+        out.answer, out.reason = None, f"request failed: {err}"
+    return out
+
+
+async def run_all(provider: Provider, coros: list[Any], desc: str | None) -> list[Any]:
+    results = await gather_bounded(coros, desc=desc, provider=provider)
+    misses = [r for r in results if isinstance(r, CacheMiss)]
+    if misses:
+        raise DistilError(f"replay: {len(misses)} of {len(results)} requests are not in the "
+                          f"cache ({misses[0]})")
+    for r in results:
+        if isinstance(r, Exception):
+            raise r
+    return results
+
+
+def normalise(value: Any) -> Any:
+    if isinstance(value, str):
+        return re.sub(r"\s+", " ", value).strip().strip(".").casefold()
+    return value
+
+
+def agreement(task: TaskConfig, pairs: list[tuple[dict[str, Any], dict[str, Any]]]
+              ) -> dict[str, Any]:
+    """Teacher vs gold per gold field: exact (normalised) rate, and any-gold-label for labels."""
+    report: dict[str, Any] = {}
+    for f in (f for f in task.fields if f.gold):
+        n = agree = any_label = 0
+        for answer, record in pairs:
+            gold = gold_answer(task, record)[f.name]
+            n += 1
+            agree += normalise(answer.get(f.name)) == normalise(gold)
+            all_gold = (record.get("gold_all") or {}).get(f.name) or [gold]
+            any_label += answer.get(f.name) in all_gold
+        entry: dict[str, Any] = {"n": n, "agree": agree, "rate": round(agree / n, 4) if n else None}
+        if f.kind == "label":
+            entry["any_gold_label_rate"] = round(any_label / n, 4) if n else None
+        report[f.name] = entry
+    return report
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def run(cfg: DistilConfig, task: TaskConfig, mlflow: Any = None,
+        params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the stage; returns the metrics. Raises DistilError (with an exit code) on a stop."""
+    t0 = time.perf_counter()
+    pcfg = cfg.provider
+    is_gold = pcfg.kind == "gold"
+    prepared = Path(cfg.prepared_dir)
+    splits = {s: load_split(prepared / f"{s}.jsonl", gold_needed=True) for s in cfg.splits}
+    if is_gold:
+        return finish(cfg, task, gold_outcomes(task, splits), None, None, {}, t0, mlflow, params)
+
+    # Privacy and price checks happen here, before a single byte is sent.
+    try:
+        provider = open_provider(pcfg)
+    except ConfigError as err:
+        from .providers import PrivacyError
+
+        raise DistilError(str(err), EXIT_PRIVACY if isinstance(err, PrivacyError) else 1) from None
+    try:
+        train = splits.get("train") or load_split(prepared / "train.jsonl", gold_needed=True)
+        shots = pick_few_shot(task, train, cfg.few_shot, cfg.few_shot_seed)
+        version = stable_hash({"task": task.prompt_hash, "shots": [s["id"] for s in shots],
+                               "repair": cfg.repair})
+        jobs = [(s, r, teacher_messages(task, shots, r["text"]))
+                for s, recs in splits.items() for r in recs]
+        base_recs: list[dict[str, Any]] = []
+        if cfg.baseline_split:
+            base_recs = load_split(prepared / f"{cfg.baseline_split}.jsonl", gold_needed=False)
+        base_shots = shots if cfg.baseline_few_shot else []
+        base_msgs = [teacher_messages(task, base_shots, r["text"]) for r in base_recs]
+
+        estimate = estimate_cost(provider, task, [m for _, _, m in jobs] + base_msgs, version)
+        log.info("teacher %s:%s, %d records + %d baseline; estimate %d uncached requests, $%.4f "
+                 "(cap $%.2f)", pcfg.kind, pcfg.model, len(jobs), len(base_msgs),
+                 estimate["requests"], estimate["usd"], pcfg.max_usd)
+        if not cfg.force and (estimate["usd"] > pcfg.max_usd
+                              or estimate["requests"] > pcfg.max_requests):
+            raise DistilError(
+                f"estimated cost ${estimate['usd']:.4f} for {estimate['requests']} uncached "
+                f"requests exceeds the cap (max_usd ${pcfg.max_usd:.2f}, max_requests "
+                f"{pcfg.max_requests}); nothing was sent. Raise the cap or pass --force.",
+                EXIT_ESTIMATE_REFUSED)
+
+        async def main() -> tuple[list[Outcome], list[Outcome]]:
+            try:
+                labelled = await run_all(provider, [
+                    label_one(provider, task, r, m, cfg.repair, version) for _, r, m in jobs],
+                    "distil" if cfg.progress else None)
+                baseline = await run_all(provider, [
+                    label_one(provider, task, r, m, False, version)
+                    for r, m in zip(base_recs, base_msgs, strict=True)],
+                    f"baseline {cfg.baseline_split}" if cfg.progress and base_recs else None)
+                return labelled, baseline
+            finally:
+                await provider.aclose()
+
+        labelled, baseline = asyncio.run(main())
+        by_split: dict[str, list[Outcome]] = {s: [] for s in splits}
+        for (split, _, _), outcome in zip(jobs, labelled, strict=True):
+            by_split[split].append(outcome)
+        return finish(cfg, task, by_split, baseline, provider, estimate, t0, mlflow, params,
+                      shots=[s["id"] for s in shots])
+    finally:
+        provider.close()
+
+
+def estimate_cost(provider: Provider, task: TaskConfig, batch: list[list[dict[str, str]]],
+                  version: str) -> dict[str, Any]:
+    """Uncached requests and their estimated USD (repairs not included: they are rare)."""
+    n, usd = provider.estimate_usd(batch, json_schema=task.json_schema(),
+                                   expected_output_tokens=task.max_new_tokens,
+                                   prompt_version=version)
+    return {"requests": n, "usd": round(usd, 6)}
+
+
+def gold_outcomes(task: TaskConfig, splits: dict[str, list[dict[str, Any]]]
+                  ) -> dict[str, list[Outcome]]:
+    out: dict[str, list[Outcome]] = {}
+    for split, records in splits.items():
+        out[split] = []
+        for record in records:
+            answer = gold_answer(task, record)
+            problems = task.validate_answer(answer)
+            reason = ("gold answer does not match the task schema: " + "; ".join(problems)
+                      if problems else None)
+            out[split].append(Outcome(record, None if problems else answer, reason,
+                                      task.format_answer(answer)))
+    return out
+
+
+def finish(cfg: DistilConfig, task: TaskConfig, by_split: dict[str, list[Outcome]],
+           baseline: list[Outcome] | None, provider: Provider | None, estimate: dict[str, Any],
+           t0: float, mlflow: Any, params: dict[str, Any] | None,
+           shots: list[str] | None = None) -> dict[str, Any]:
+    """Write the outputs (atomically, one folder) and the metrics; raise on a budget stop."""
+    pcfg = cfg.provider
+    source = "gold" if pcfg.kind == "gold" else "teacher"
+    counts: dict[str, dict[str, int]] = {}
+    rejects: list[dict[str, Any]] = []
+    pairs = []
+    with atomic_dir(cfg.out_dir) as tmp:
+        for split, outcomes in by_split.items():
+            rows = []
+            for o in outcomes:
+                if o.answer is not None:
+                    rows.append({**o.record,
+                                 "completion": [{"role": "assistant",
+                                                 "content": task.format_answer(o.answer)}],
+                                 "answer": o.answer, "label_source": source,
+                                 "teacher_model": pcfg.model, "prompt_hash": task.prompt_hash})
+                    pairs.append((o.answer, o.record))
+                elif o.reason is not None:
+                    rejects.append({"id": o.record["id"], "split": split, "reason": o.reason,
+                                    "output": o.output})
+            write_jsonl(tmp / f"{split}.jsonl", rows)
+            counts[split] = {
+                "input": len(outcomes), "labelled": len(rows),
+                "rejected": sum(o.reason is not None for o in outcomes),
+                "not_labelled_budget": sum(o.budget_stop for o in outcomes)}
+            # Never drop a record silently: every input is labelled, rejected or budget-stopped.
+            c = counts[split]
+            assert c["labelled"] + c["rejected"] + c["not_labelled_budget"] == c["input"], c
+        baseline_report = None
+        if baseline is not None and cfg.baseline_split:
+            rows = [baseline_row(o) for o in baseline]
+            write_jsonl(tmp / f"baseline_{cfg.baseline_split}.jsonl", rows)
+            answered = [o for o in baseline if o.answer is not None]
+            baseline_report = {
+                "split": cfg.baseline_split, "records": len(baseline),
+                "valid_answers": len(answered),
+                "failed": sum(o.reason is not None and not o.replies for o in baseline),
+                "not_answered_budget": sum(o.budget_stop for o in baseline),
+                "agreement_with_gold": agreement(
+                    task, [(o.answer, o.record) for o in answered if "gold" in o.record])}
+        write_jsonl(tmp / "rejects.jsonl", rejects)
+
+    stopped = any(o.budget_stop for outs in by_split.values() for o in outs) or any(
+        o.budget_stop for o in baseline or [])
+    stats = provider.stats.summary() if provider else {}
+    metrics: dict[str, Any] = {
+        "teacher": {"kind": pcfg.kind, "model": pcfg.model},
+        "complete": not stopped,
+        "stopped_reason": "budget cap" if stopped else None,
+        "records": counts,
+        "rejects": len(rejects),
+        "requests": stats.get("requests", 0),
+        "calls": stats.get("calls", 0),
+        "cache_hits": stats.get("cache_hits", 0),
+        "retries": stats.get("retries", 0),
+        "failures": stats.get("failures", 0),
+        "errors": stats.get("errors", {}),
+        "tokens_in": stats.get("input_tokens", 0),
+        "tokens_out": stats.get("output_tokens", 0),
+        "usd": stats.get("usd", 0.0),
+        "usd_estimate": estimate.get("usd"),
+        "max_usd": pcfg.max_usd if provider else None,
+        "latency_ms_p50": stats.get("latency_ms_p50"),
+        "latency_ms_p95": stats.get("latency_ms_p95"),
+        "redactions": stats.get("redactions", {}),
+        # With gold the "teacher" IS gold: an agreement of 1.0 would say nothing.
+        "teacher_agreement": agreement(task, pairs) if provider else None,
+        "baseline": baseline_report,
+        "few_shot_ids": shots or [],
+        "wall_s": round(time.perf_counter() - t0, 2),
+    }
+    write_json(cfg.metrics, metrics)
+    if mlflow is not None:
+        log_mlflow(mlflow, cfg, metrics, params or {})
+    if stopped:
+        budget = provider.budget if provider else None
+        raise DistilError(
+            f"budget cap reached (spent ${budget.spent_usd:.4f} of max_usd ${budget.max_usd:.2f}, "
+            f"{budget.requests} of max_requests {budget.max_requests} requests): stopped "
+            f"cleanly; {sum(c['labelled'] for c in counts.values())} records labelled and "
+            f"kept, {sum(c['not_labelled_budget'] for c in counts.values())} not labelled. "
+            "Every answer is cached: raise the cap and re-run to finish.", EXIT_BUDGET_STOP)
+    return metrics
+
+
+def baseline_row(o: Outcome) -> dict[str, Any]:
+    done = o.replies[0] if o.replies else None
+    row: dict[str, Any] = {
+        "id": o.record["id"], "output": done.text if done else None,
+        "answer": parse_answer(done.text) if done else None,
+        "latency_ms": round(done.latency_ms, 1) if done else None,
+        "input_tokens": done.input_tokens if done else 0,
+        "output_tokens": done.output_tokens if done else 0,
+        "usd": round(done.usd, 8) if done else 0.0}
+    if done is None:
+        row["error"] = "budget cap reached" if o.budget_stop else o.reason
+    return row
+
+
+def log_mlflow(mlflow_cfg: Any, cfg: DistilConfig, metrics: dict[str, Any],
+               params: dict[str, Any]) -> None:
+    """A child run of the pipeline run with the distil params and flat numeric metrics."""
+    import mlflow
+
+    from .tracking import child_run_tags, pipeline_run, setup
+
+    experiment_id = setup(mlflow_cfg)
+    parent = pipeline_run(mlflow_cfg, params)
+    flat_params = flatten({"distil": cfg.model_dump()})
+    flat_metrics = {k: v for k, v in flatten(metrics).items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    with mlflow.start_run(experiment_id=experiment_id, run_name="distil",
+                          tags=child_run_tags(parent, **{"temper.stage": "distil"})):
+        mlflow.log_params({k: str(v)[:500] for k, v in flat_params.items()})
+        mlflow.log_metrics(flat_metrics)
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): obj}
