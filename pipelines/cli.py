@@ -17,6 +17,8 @@ from .base_model import ModelConfig
 from .config import ConfigError, Section, describe, load_params, read_yaml, section
 from .distil import DistilConfig
 from .prepare import PrepareConfig
+from .promote import PromoteConfig
+from .register import RegisterConfig
 from .tracking import MlflowConfig
 
 app = typer.Typer(
@@ -44,6 +46,8 @@ SECTIONS: dict[str, type[Section]] = {
     "prepare": PrepareConfig,
     "distil": DistilConfig,
     "mlflow": MlflowConfig,
+    "register": RegisterConfig,
+    "promote": PromoteConfig,
 }
 
 
@@ -165,6 +169,135 @@ def profile_cmd(
     except ConfigError as err:
         fail(err)
     typer.echo(" ".join(f"-S {shlex.quote(o)}" for o in overrides))
+
+
+# --- registry: register, promote, rollback, pull, ui ------------------------------------------
+
+def registry_client(values: dict):
+    """MLflow pointed at the configured store (embedded sqlite by default)."""
+    import mlflow
+
+    from . import tracking
+
+    tracking.setup(section(values, "mlflow", MlflowConfig))
+    return mlflow.MlflowClient()
+
+
+@app.command("register", epilog=describe(RegisterConfig, "register"))
+def register_cmd(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Register the evaluation's winner as a new model version with alias `challenger`."""
+    from . import register
+
+    setup_logging()
+    values = load(params, set_)
+    try:
+        summary = register.run(section(values, "register", RegisterConfig), values,
+                               section(values, "mlflow", MlflowConfig),
+                               section(values, "model", ModelConfig).dir)
+    except (ConfigError, register.RegisterError, FileNotFoundError) as err:
+        fail(err)
+    if summary["registered"]:
+        typer.echo(f"registered {summary['model_name']} version {summary['version']} "
+                   f"(@{summary['alias']}) from candidate {summary['candidate']}: "
+                   f"{summary['primary_metric']} {summary[summary['primary_metric']]:.4f}")
+    else:
+        typer.secho(f"not registered: {summary['reason']}", fg=typer.colors.YELLOW)
+
+
+@app.command("promote", epilog=describe(PromoteConfig, "promote"))
+def promote_cmd(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Make `challenger` the `champion` if it passed its gates and is not worse.
+
+    Exit codes: 0 promoted (or already champion), 1 refused, 2 cannot decide (missing alias,
+    scores or config). The decision is written to the version's tags and promote.report.
+    """
+    from . import promote
+
+    setup_logging()
+    values = load(params, set_)
+    try:
+        cfg = section(values, "promote", PromoteConfig)
+        name = section(values, "register", RegisterConfig).model_name
+        client = registry_client(values)
+        decision = promote.decide(client, name, cfg)
+        promote.write_report(cfg.report, decision, "promote", promote.history(client, name))
+    except (ConfigError, promote.PromoteError) as err:
+        fail(err, 2)
+    changed = decision.promoted or decision.champion_after == decision.challenger
+    typer.secho(("promoted: " if decision.promoted else "not promoted: ") + decision.reason,
+                fg=typer.colors.GREEN if changed else typer.colors.RED)
+    typer.echo(f"{name}@{cfg.champion_alias} = v{decision.champion_after or '-'}; "
+               f"report: {cfg.report}")
+    if not changed:
+        raise typer.Exit(1)
+
+
+@app.command("rollback", epilog=describe(PromoteConfig, "promote"))
+def rollback_cmd(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Point `champion` back at the previous champion (exit 2 when there is none)."""
+    from . import promote
+
+    setup_logging()
+    values = load(params, set_)
+    try:
+        cfg = section(values, "promote", PromoteConfig)
+        name = section(values, "register", RegisterConfig).model_name
+        client = registry_client(values)
+        decision = promote.rollback(client, name, cfg)
+        promote.write_report(cfg.report, decision, "rollback", promote.history(client, name))
+    except (ConfigError, promote.PromoteError) as err:
+        fail(err, 2)
+    typer.echo(f"{decision.reason}; report: {cfg.report}")
+
+
+@app.command("pull")
+def pull_cmd(
+    uri: Annotated[str, typer.Argument(help="models:/<name>@<alias>, models:/<name>/<version>, "
+                                       "or <name> for its champion.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Target folder (default "
+                                             "models/pulled/<name>-v<version>).")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Download a registered adapter and bind it to the local base model (checked by hash)."""
+    from . import promote
+
+    setup_logging()
+    values = load(params, set_)
+    try:
+        registry_client(values)
+        path = promote.pull(uri, out, section(values, "model", ModelConfig).dir)
+    except (ConfigError, promote.PromoteError) as err:
+        fail(err, 2)
+    typer.echo(f"pulled into {path}: load with peft.PeftModel.from_pretrained(base, '{path}') "
+               "or pipelines.promote.load_pulled")
+
+
+@app.command("ui")
+def ui_cmd(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+    host: Annotated[str, typer.Option(help="Interface (keep loopback unless you mean it).")]
+    = "127.0.0.1",
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Open the MLflow UI on the embedded store (one lean server process; Ctrl-C stops it)."""
+    from . import tracking
+
+    values = load(params, set_)
+    cfg = section(values, "mlflow", MlflowConfig)
+    uri = tracking.tracking_uri(cfg)
+    if not uri.startswith("sqlite:"):
+        typer.echo(f"the store is a server already: open {tracking.redact_uri(uri)}")
+        return
+    experiment_id = tracking.setup(cfg)
+    import mlflow
+
+    tracking.ensure_candidates_view(mlflow.MlflowClient(), experiment_id)
+    cmd, env = tracking.lean_server_command(uri, cfg.artifact_root, host, port)
+    typer.echo("candidates side by side: "
+               + tracking.runs_table_url(f"http://{host}:{port}", experiment_id))
+    os.execvpe(cmd[0], cmd, env)  # the server replaces this process: Ctrl-C stops it cleanly
 
 
 if __name__ == "__main__":

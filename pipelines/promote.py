@@ -1,0 +1,328 @@
+"""Promotion in the model registry: challenger vs champion, rollback, and pulling a version.
+
+`promote`: the `challenger` version replaces the `champion` only if its gates passed and it is
+not worse than the champion on the same evaluation set: the paired bootstrap interval of
+(challenger - champion) on the per-example scores of the primary metric must have its lower
+bound at or above `-promote.margin`. Both versions' scores were stored at registration
+(`temper/scores.jsonl`), so no model is re-run here. The decision goes on the challenger as tags
+and into `reports/promotion.md`; the CLI turns it into an exit code for CI.
+
+`rollback`: the champion alias goes back to the previous champion (history kept in the
+registered model's tag `temper.champion_history`).
+
+`pull`: download a version's adapter, check it against its recorded hash, find its base model
+by hash and point the adapter config at it, so `PeftModel.from_pretrained` loads it directly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from . import tracking
+from .config import Section
+from .io import atomic_dir, atomic_open, read_json, read_jsonl, write_json
+
+log = logging.getLogger(__name__)
+
+HISTORY_TAG = "temper.champion_history"
+
+
+class PromoteError(ValueError):
+    """Promotion cannot be decided (missing alias, missing scores, bad URI...)."""
+
+
+class PromoteConfig(Section):
+    """`promote:` in params.yaml (the model name comes from `register.model_name`)."""
+
+    challenger_alias: str = Field("challenger", description="Alias of the version to promote.")
+    champion_alias: str = Field("champion", description="Alias of the serving version.")
+    margin: float = Field(
+        0.05, ge=0, description="Non-inferiority margin: promote only if the lower bound of the "
+        "paired interval of (challenger - champion) on the primary metric is >= -margin.",
+    )
+    confidence: float = Field(0.95, gt=0, lt=1, description="Confidence of the paired interval.")
+    n_resamples: int = Field(2000, ge=100, description="Bootstrap resamples.")
+    seed: int = Field(0, description="Bootstrap seed (the decision is reproducible).")
+    report: str = Field("reports/promotion.md", description="Decision report (Markdown).")
+
+
+@dataclass
+class Decision:
+    """The outcome of one `temper promote`."""
+
+    model_name: str
+    challenger: str | None
+    champion_before: str | None
+    champion_after: str | None
+    promoted: bool
+    reason: str
+    primary_metric: str | None = None
+    challenger_value: float | None = None
+    champion_value: float | None = None
+    delta: float | None = None
+    delta_low: float | None = None
+    delta_high: float | None = None
+    n_examples: int | None = None
+    margin: float | None = None
+    gates_passed: bool | None = None
+    at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+
+def paired_interval(a: list[float], b: list[float], confidence: float, n_resamples: int,
+                    seed: int) -> tuple[float, float, float]:
+    """Mean of a-b and its percentile bootstrap interval over examples (paired resampling).
+
+    scipy's bootstrap resamples the per-example differences; the percentile method stays
+    defined when every difference is equal (BCa returns NaN there).
+    """
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    if np.all(diff == diff[0]):
+        return float(diff[0]), float(diff[0]), float(diff[0])
+    res = bootstrap((diff,), np.mean, confidence_level=confidence, n_resamples=n_resamples,
+                    method="percentile", random_state=np.random.default_rng(seed),
+                    vectorized=True)
+    return float(diff.mean()), float(res.confidence_interval.low), \
+        float(res.confidence_interval.high)
+
+
+def version_scores(client: Any, mv: Any) -> dict[str, float]:
+    """The per-example primary-metric scores stored with a version at registration."""
+    import mlflow
+
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=mv.run_id,
+                                                   artifact_path="temper/scores.jsonl")
+    except Exception as err:  # MLflow raises several types for a missing artifact
+        raise PromoteError(f"version {mv.version}: no temper/scores.jsonl in run {mv.run_id} "
+                           f"(not registered by `temper register`?): {err}") from err
+    return {r["id"]: float(r["score"]) for r in read_jsonl(path)}
+
+
+def history(client: Any, name: str) -> list[str]:
+    raw = client.get_registered_model(name).tags.get(HISTORY_TAG)
+    return [str(v) for v in json.loads(raw)] if raw else []
+
+
+def decide(client: Any, name: str, cfg: PromoteConfig) -> Decision:
+    """Compare challenger with champion and move the champion alias if the rules allow."""
+    challenger = tracking.alias_version(client, name, cfg.challenger_alias)
+    if challenger is None:
+        raise PromoteError(f"{name}@{cfg.challenger_alias} does not exist (run `temper register`)")
+    champion = tracking.alias_version(client, name, cfg.champion_alias)
+    ch_v = tracking.version_str(challenger.version)
+    cp_v = tracking.version_str(champion.version) if champion is not None else None
+    tags = challenger.tags
+    primary = tags.get("temper.primary_metric")
+    gates_passed = tags.get("temper.gates_passed") == "true"
+    base = dict(model_name=name, challenger=ch_v, champion_before=cp_v, primary_metric=primary,
+                margin=cfg.margin, gates_passed=gates_passed)
+
+    if cp_v == ch_v:
+        return Decision(**base, champion_after=cp_v, promoted=False,
+                        reason=f"version {ch_v} is already {cfg.champion_alias}: nothing to do")
+    if not gates_passed:
+        decision = Decision(**base, champion_after=cp_v, promoted=False,
+                            reason="challenger did not pass its gates")
+    elif champion is None:
+        decision = Decision(**base, champion_after=ch_v, promoted=True,
+                            reason="no champion yet and the challenger passed its gates")
+    else:
+        decision = compare(client, challenger, champion, cfg, base)
+
+    record(client, name, challenger, decision, cfg)
+    return decision
+
+
+def compare(client: Any, challenger: Any, champion: Any, cfg: PromoteConfig,
+            base: dict[str, Any]) -> Decision:
+    ch_tags, cp_tags = challenger.tags, champion.tags
+    cp_v = base["champion_before"]
+    primary = base["primary_metric"]
+    if primary != cp_tags.get("temper.primary_metric"):
+        return Decision(**base, champion_after=cp_v, promoted=False,
+                        reason=f"primary metrics differ ({primary} vs "
+                               f"{cp_tags.get('temper.primary_metric')}): not comparable")
+    if ch_tags.get("temper.eval_set") != cp_tags.get("temper.eval_set"):
+        return Decision(**base, champion_after=cp_v, promoted=False,
+                        reason="challenger and champion were evaluated on different sets "
+                               "(temper.eval_set differs): re-evaluate on one set first")
+    a, b = version_scores(client, challenger), version_scores(client, champion)
+    ids = sorted(a)
+    if sorted(b) != ids:
+        raise PromoteError("score files disagree with temper.eval_set (same hash, other ids)")
+    delta, lo, hi = paired_interval([a[i] for i in ids], [b[i] for i in ids], cfg.confidence,
+                                    cfg.n_resamples, cfg.seed)
+    fields = dict(challenger_value=sum(a.values()) / len(a),
+                  champion_value=sum(b.values()) / len(b), delta=delta, delta_low=lo,
+                  delta_high=hi, n_examples=len(ids))
+    pct = round(cfg.confidence * 100)
+    if lo >= -cfg.margin:
+        return Decision(**base, **fields, champion_after=base["challenger"], promoted=True,
+                        reason=f"not worse: {pct}% paired interval of {primary} difference "
+                               f"[{lo:+.4f}, {hi:+.4f}] has lower bound >= -{cfg.margin}")
+    return Decision(**base, **fields, champion_after=cp_v, promoted=False,
+                    reason=f"worse than champion v{cp_v}: {pct}% paired interval of {primary} "
+                           f"difference [{lo:+.4f}, {hi:+.4f}] goes below -{cfg.margin}")
+
+
+def record(client: Any, name: str, challenger: Any, d: Decision, cfg: PromoteConfig) -> None:
+    """Move the alias (if promoted) and write the decision on the challenger version."""
+    v = d.challenger
+    if d.promoted:
+        hist = history(client, name)
+        if d.champion_before and (not hist or hist[-1] != d.champion_before):
+            hist.append(d.champion_before)  # a champion set by hand joins the history
+        hist.append(v)
+        client.set_registered_model_alias(name, cfg.champion_alias, v)
+        client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(hist))
+    client.set_model_version_tag(name, v, "temper.promotion", "promoted" if d.promoted
+                                 else "refused")
+    client.set_model_version_tag(name, v, "temper.promotion.reason", d.reason)
+    client.set_model_version_tag(name, v, "temper.promotion.at", d.at)
+    client.set_model_version_tag(name, v, "temper.promotion.vs", d.champion_before or "none")
+    if d.delta is not None:
+        client.set_model_version_tag(name, v, "temper.promotion.delta",
+                                     f"{d.delta:+.4f} [{d.delta_low:+.4f}, {d.delta_high:+.4f}]")
+
+
+def rollback(client: Any, name: str, cfg: PromoteConfig) -> Decision:
+    """Point the champion alias back at the previous champion."""
+    champion = tracking.alias_version(client, name, cfg.champion_alias)
+    if champion is None:
+        raise PromoteError(f"{name}@{cfg.champion_alias} does not exist: nothing to roll back")
+    current = tracking.version_str(champion.version)
+    hist = history(client, name)
+    if hist and hist[-1] == current:
+        hist.pop()
+    if not hist:
+        raise PromoteError(f"{name}: no previous champion before version {current}")
+    previous = hist[-1]
+    client.set_registered_model_alias(name, cfg.champion_alias, previous)
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(hist))
+    reason = f"rolled back: champion v{current} -> v{previous}"
+    client.set_model_version_tag(name, current, "temper.promotion", "rolled_back")
+    client.set_model_version_tag(name, current, "temper.promotion.reason", reason)
+    return Decision(model_name=name, challenger=None, champion_before=current,
+                    champion_after=previous, promoted=False, reason=reason)
+
+
+def write_report(path: str | Path, d: Decision, action: str, hist: list[str]) -> None:
+    """`reports/promotion.md`: the last decision, readable in a CI log or a PR."""
+    def num(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.4f}"
+
+    verdict = {"promote": "PROMOTED" if d.promoted else "REFUSED",
+               "rollback": "ROLLED BACK"}[action]
+    if action == "promote" and d.promoted is False and d.champion_after == d.challenger:
+        verdict = "NO CHANGE"
+    lines = [
+        f"# Promotion: {d.model_name}", "",
+        f"**{verdict}** at {d.at}", "",
+        f"{d.reason}", "",
+        "| | version | " + (d.primary_metric or "primary metric") + " |",
+        "| --- | --- | --- |",
+        f"| challenger | {d.challenger or '-'} | {num(d.challenger_value)} |",
+        f"| champion before | {d.champion_before or '-'} | {num(d.champion_value)} |",
+        f"| champion after | {d.champion_after or '-'} | |", "",
+    ]
+    if d.delta is not None:
+        lines += [f"Paired difference (challenger - champion) over {d.n_examples} examples: "
+                  f"{d.delta:+.4f}, interval [{d.delta_low:+.4f}, {d.delta_high:+.4f}]; "
+                  f"rule: lower bound >= -{d.margin}.", ""]
+    if d.gates_passed is not None:
+        lines += [f"Challenger gates: {'passed' if d.gates_passed else 'FAILED'}.", ""]
+    lines += [f"Champion history (oldest first): {', '.join(hist) or '-'}", "",
+              "```json", json.dumps(asdict(d), indent=2), "```", ""]
+    with atomic_open(path) as handle:
+        handle.write("\n".join(lines))
+
+
+# --- pull -----------------------------------------------------------------------------------------
+
+URI_RE = re.compile(r"^(?:models:/)?(?P<name>[^@/]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))?$")
+
+
+def resolve(client: Any, uri: str, default_alias: str = "champion") -> Any:
+    """`models:/name@alias`, `models:/name/3`, `name@alias`, `name/3` or `name` (champion)."""
+    m = URI_RE.match(uri.strip())
+    if not m:
+        raise PromoteError(f"{uri!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    name = m["name"]
+    if m["version"]:
+        return client.get_model_version(name, m["version"])
+    alias = m["alias"] or default_alias
+    mv = tracking.alias_version(client, name, alias)
+    if mv is None:
+        raise PromoteError(f"{name}@{alias} does not exist in the registry")
+    return mv
+
+
+def pull(uri: str, out_dir: str | Path | None, base_dir: str | Path) -> Path:
+    """Download a version's adapter and bind it to the local base model with the same hash."""
+    import mlflow
+
+    from .base_model import model_hash
+    from .register import adapter_hash
+
+    client = mlflow.MlflowClient()
+    mv = resolve(client, uri)
+    version = tracking.version_str(mv.version)
+    tags = mv.tags
+    want = tags.get("temper.base_model_hash")
+    base_dir = Path(base_dir).resolve()
+    if not (base_dir / "temper_source.json").exists():
+        raise PromoteError(f"{base_dir}: no base model here (run `temper base-model` with "
+                           f"model.base={tags.get('temper.base_model')})")
+    have = model_hash(base_dir)
+    if want and have != want:
+        raise PromoteError(f"{mv.name} v{version} needs base model "
+                           f"{tags.get('temper.base_model')} with hash {want}; {base_dir} has "
+                           f"hash {have} (set model.base / model.dir and run `temper base-model`)")
+    out = Path(out_dir) if out_dir else Path("models/pulled") / f"{mv.name}-v{version}"
+    with atomic_dir(out) as tmp:
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{version}",
+                                            dst_path=str(tmp))
+        got = adapter_hash(tmp)
+        if tags.get("temper.adapter_sha256") and got != tags["temper.adapter_sha256"]:
+            raise PromoteError(f"{mv.name} v{version}: downloaded adapter hash {got} differs "
+                               f"from the registered {tags['temper.adapter_sha256']}")
+        config_path = tmp / "adapter_config.json"
+        config = read_json(config_path)
+        config["base_model_name_or_path"] = str(base_dir)
+        write_json(config_path, config)
+        write_json(tmp / "temper_pull.json", {
+            "model": mv.name, "version": version, "aliases": [str(a) for a in mv.aliases],
+            "run_id": mv.run_id, "source": mv.source, "base_model": tags.get("temper.base_model"),
+            "base_model_hash": have, "base_model_dir": str(base_dir),
+            "adapter_sha256": got, "git_commit": tags.get("temper.git_commit"),
+        })
+    log.info("pulled %s v%s into %s (base %s)", mv.name, version, out, base_dir)
+    return out
+
+
+def load_pulled(path: str | Path, dtype: str = "float32"):
+    """(model, tokenizer) from a pulled folder: base model + adapter, ready to generate."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    info = read_json(path / "temper_pull.json")
+    base = AutoModelForCausalLM.from_pretrained(info["base_model_dir"],
+                                                dtype=getattr(torch, dtype))
+    model = PeftModel.from_pretrained(base, str(path))
+    tok_dir = path if (path / "tokenizer_config.json").exists() else info["base_model_dir"]
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    model.eval()
+    return model, tokenizer
