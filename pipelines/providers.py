@@ -155,18 +155,19 @@ class PrivacyError(ConfigError):
 
 # ----------------------------------------------------------------------------- privacy
 
+# Applied in this order (most specific first), whatever order the config lists them in.
 REDACTIONS: dict[str, re.Pattern[str]] = {
     "email": re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+"),
+    "card": re.compile(r"\b(?:\d[ -]?){13,19}\b"),
+    "ip": re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b"),
     # 10+ digits with phone punctuation, optionally +country: leaves section numbers alone.
     "phone": re.compile(r"(?<![\w.])\+?\(?\d{1,4}\)?(?:[\s.-]?\(?\d{2,4}\)?){2,4}(?![\w])"),
-    "ip": re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b"),
-    "card": re.compile(r"\b(?:\d[ -]?){13,19}\b"),
 }
 
 
 def redact(text: str, kinds: Sequence[str], counts: Counter[str] | None = None) -> str:
     """Replace each match of the chosen kinds by `[KIND]`, counting replacements."""
-    for kind in kinds:
+    for kind in (k for k in REDACTIONS if k in kinds):
         def sub(match: re.Match[str], kind: str = kind) -> str:
             digits = sum(ch.isdigit() for ch in match.group())
             if kind == "phone" and digits < 10:
@@ -278,8 +279,8 @@ class Budget:
 class RateLimiter:
     """Requests- and tokens-per-minute over a sliding 60 s window, plus a shared 429 pause."""
 
-    def __init__(self, rpm: int | None, tpm: int | None):
-        self.rpm, self.tpm = rpm, tpm
+    def __init__(self, rpm: int | None, tpm: int | None, window_s: float = 60.0):
+        self.rpm, self.tpm, self.window_s = rpm, tpm, window_s
         self._events: deque[tuple[float, int]] = deque()
         self._tokens = 0
         self._paused_until = 0.0
@@ -292,7 +293,7 @@ class RateLimiter:
             now = time.monotonic()
             wait = self._paused_until - now
             if wait <= 0:
-                while self._events and self._events[0][0] <= now - 60:
+                while self._events and self._events[0][0] <= now - self.window_s:
                     self._tokens -= self._events.popleft()[1]
                 rpm_ok = self.rpm is None or len(self._events) < self.rpm
                 # A request bigger than the whole tpm still goes, alone in its window.
@@ -301,7 +302,7 @@ class RateLimiter:
                     self._events.append((now, tokens))
                     self._tokens += tokens
                     return
-                wait = self._events[0][0] + 60 - now
+                wait = self._events[0][0] + self.window_s - now
             await asyncio.sleep(max(wait, 0.005))
 
 

@@ -12,7 +12,8 @@ real protocol: the project's code talks to it with the official openai/anthropic
         api.requests, api.status, api.faults_injected, api.hits_by_user
 
 Endpoints: POST /v1/chat/completions (OpenAI), POST /v1/messages (Anthropic).
-Faults (drawn per request with a seeded RNG, or forced with `queue_faults`):
+Faults (forced with `queue_faults`, else chosen by `fault_fn(messages)`, else drawn per request
+with a seeded RNG from `Faults` rates):
   "429" (with retry-after), "500", "slow" (sleeps `slow_s`, past the client's timeout),
   "malformed" (200 with a JSON body cut short), "truncated" (200, answer cut in half,
   finish_reason length / stop_reason max_tokens).
@@ -74,11 +75,13 @@ class FakeAPI:
 
     def __init__(self, responder: Responder | None = None, *, latency_s: float = 0.0,
                  faults: Faults | None = None, api_key: str | None = None,
+                 fault_fn: Callable[[list[dict[str, Any]]], str | None] | None = None,
                  host: str = "127.0.0.1", port: int = 0):
         self.responder = responder or echo_responder
         self.latency_s = latency_s
         self.faults = faults or Faults()
         self.api_key = api_key
+        self.fault_fn = fault_fn
         self.host, self.port = host, port
         self._rng = random.Random(self.faults.seed)
         self._queued: deque[str | None] = deque()
@@ -106,10 +109,13 @@ class FakeAPI:
         with self._lock:
             self._queued.extend(faults)
 
-    def _draw(self) -> str | None:
+    def _draw(self, messages: list[dict[str, Any]]) -> str | None:
         with self._lock:
             if self._queued:
                 return self._queued.popleft()
+        if self.fault_fn is not None and (fault := self.fault_fn(messages)) is not None:
+            return fault
+        with self._lock:
             f = self.faults
             for name, rate in zip(FAULTS, (f.rate_429, f.rate_500, f.rate_slow,
                                            f.rate_malformed, f.rate_truncated), strict=True):
@@ -181,7 +187,7 @@ class FakeAPI:
         if flavour == "anthropic" and body.get("system"):
             messages = [{"role": "system", "content": body["system"]}, *messages]
         messages = [{"role": m["role"], "content": _text(m["content"])} for m in messages]
-        fault = self._draw()
+        fault = self._draw(messages)
         user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
         with self._lock:
             self.requests += 1
