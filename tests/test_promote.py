@@ -1,0 +1,211 @@
+"""Promotion, rollback and pull against a real sqlite MLflow store and the real base model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from registry_fixtures import (
+    MODEL,
+    make_project,
+    pattern,
+    tiny_adapter,
+    train_candidates,
+    write_eval,
+)
+from typer.testing import CliRunner
+
+from pipelines import promote
+from pipelines.cli import app
+
+runner = CliRunner()
+N = 60  # test examples per evaluation
+
+
+@pytest.fixture
+def project(tmp_path, base_model_dir, monkeypatch) -> Path:
+    make_project(tmp_path, base_model_dir)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def registry(project: Path):
+    import mlflow
+
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return mlflow.MlflowClient()
+
+
+def register(project: Path, base_model_dir: Path, correct: list[int]) -> str:
+    """One pipeline round: train a candidate, evaluate it (given correctness), register it."""
+    train_candidates(project, ["r16"], tiny_adapter(str(base_model_dir)))
+    write_eval(project, {"r16": correct}, winner="r16")
+    result = runner.invoke(app, ["register"])
+    assert result.exit_code == 0, result.output
+    return json.loads((project / "metrics" / "register.json").read_text())["version"]
+
+
+def champion(project: Path) -> str:
+    return str(registry(project).get_model_version_by_alias(MODEL, "champion").version)
+
+
+@pytest.mark.slow
+def test_promote_first_refuse_worse_accept_better_then_rollback(project, base_model_dir):
+    report = project / "reports" / "promotion.md"
+
+    v1 = register(project, base_model_dir, pattern(N, 42))           # accuracy 0.70
+    result = runner.invoke(app, ["promote"])
+    assert result.exit_code == 0, result.output
+    assert champion(project) == v1 == "1"
+    assert "PROMOTED" in report.read_text()
+    assert registry(project).get_model_version(MODEL, v1).tags["temper.promotion"] == "promoted"
+
+    v2 = register(project, base_model_dir, pattern(N, 24))           # accuracy 0.40: worse
+    result = runner.invoke(app, ["promote"])
+    assert result.exit_code == 1, result.output
+    assert "worse than champion v1" in result.output
+    assert champion(project) == v1                                   # champion stays
+    tags = registry(project).get_model_version(MODEL, v2).tags
+    assert tags["temper.promotion"] == "refused"
+    assert tags["temper.promotion.vs"] == "1"
+    assert tags["temper.promotion.delta"].startswith("-0.3000 [")
+    text = report.read_text()
+    assert "REFUSED" in text and "| challenger | 2 | 0.4000 |" in text
+    assert "| champion before | 1 | 0.7000 |" in text
+
+    # The same version again: no change, still refused (exit 1), nothing moves.
+    assert runner.invoke(app, ["promote"]).exit_code == 1
+    assert champion(project) == v1
+
+    v3 = register(project, base_model_dir, pattern(N, 43))           # 0.717: not worse
+    result = runner.invoke(app, ["promote"])
+    assert result.exit_code == 0, result.output
+    assert champion(project) == v3 == "3"
+    assert promote.history(registry(project), MODEL) == ["1", "3"]
+
+    result = runner.invoke(app, ["promote"])                         # already champion
+    assert result.exit_code == 0 and "already champion" in result.output
+
+    result = runner.invoke(app, ["rollback"])
+    assert result.exit_code == 0, result.output
+    assert champion(project) == v1
+    assert registry(project).get_model_version(MODEL, v3).tags["temper.promotion"] \
+        == "rolled_back"
+    assert "ROLLED BACK" in report.read_text()
+
+    result = runner.invoke(app, ["rollback"])                        # nothing before v1
+    assert result.exit_code == 2
+    assert "no previous champion before version 1" in result.output
+    assert champion(project) == v1
+
+
+@pytest.mark.slow
+def test_challenger_that_failed_gates_or_other_eval_set_is_refused(project, base_model_dir):
+    register(project, base_model_dir, pattern(N, 42))
+    assert runner.invoke(app, ["promote"]).exit_code == 0
+
+    v2 = register(project, base_model_dir, pattern(N, 50))           # better, but...
+    client = registry(project)
+    client.set_model_version_tag(MODEL, v2, "temper.gates_passed", "false")
+    result = runner.invoke(app, ["promote"])
+    assert result.exit_code == 1 and "did not pass its gates" in result.output
+    assert champion(project) == "1"
+
+    client.set_model_version_tag(MODEL, v2, "temper.gates_passed", "true")
+    client.set_model_version_tag(MODEL, v2, "temper.eval_set", "another-set")
+    result = runner.invoke(app, ["promote"])
+    assert result.exit_code == 1 and "different sets" in result.output
+    assert champion(project) == "1"
+
+
+def test_promote_without_challenger_exits_2(project):
+    result = runner.invoke(app, ["promote"])
+    assert result.exit_code == 2
+    assert f"{MODEL}@challenger does not exist" in result.output
+
+
+def test_paired_interval():
+    same = [1.0, 0.0, 1.0, 1.0]
+    assert promote.paired_interval(same, same, 0.95, 1000, 0) == (0.0, 0.0, 0.0)
+    rng = np.random.default_rng(1)
+    a = (rng.random(400) < 0.7).astype(float)
+    b = (rng.random(400) < 0.5).astype(float)
+    delta, lo, hi = promote.paired_interval(list(a), list(b), 0.95, 2000, 0)
+    assert delta == pytest.approx(a.mean() - b.mean())
+    assert lo < delta < hi
+    assert lo > 0.05 and hi < 0.35                     # true difference 0.2, n=400
+    # Pairing matters: identical per-example outcomes shifted by one flip give a tight interval.
+    c = a.copy()
+    c[0] = 1 - c[0]
+    d2, lo2, hi2 = promote.paired_interval(list(c), list(a), 0.95, 2000, 0)
+    assert hi2 - lo2 < 0.02
+
+
+@pytest.mark.parametrize("uri, name, alias, version", [
+    ("models:/m@champion", "m", "champion", None),
+    ("models:/m/3", "m", None, "3"),
+    ("m@challenger", "m", "challenger", None),
+    ("m", "m", None, None),
+])
+def test_uri_forms(uri, name, alias, version):
+    m = promote.URI_RE.match(uri)
+    assert (m["name"], m["alias"], m["version"]) == (name, alias, version)
+
+
+@pytest.mark.slow
+def test_pull_champion_loads_with_peft_and_generates(project, base_model_dir, tmp_path_factory):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    register(project, base_model_dir, pattern(N, 42))
+    assert runner.invoke(app, ["promote"]).exit_code == 0
+    out = tmp_path_factory.mktemp("pulled") / "champion"
+    result = runner.invoke(app, ["pull", f"models:/{MODEL}@champion", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+
+    info = json.loads((out / "temper_pull.json").read_text())
+    assert info["version"] == "1" and "champion" in info["aliases"]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base_model_dir.resolve())
+    assert "CUAD" in (out / "README.md").read_text()
+
+    model, tokenizer = promote.load_pulled(out)
+    assert isinstance(model, PeftModel)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Classify: This Agreement is governed by New York law."}],
+        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        adapted = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    new = adapted[0, prompt["input_ids"].shape[1]:]
+    assert 0 < len(new) <= 8
+    # The adapter is live: its non-zero LoRA weights change the next-token logits.
+    with torch.no_grad():
+        logits_a = model(**prompt).logits[0, -1]
+        with model.disable_adapter():
+            logits_b = model(**prompt).logits[0, -1]
+    assert not torch.allclose(logits_a, logits_b)
+
+    # The same files load the plain peft way, from the path the pull wrote.
+    base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"],
+                                                dtype=torch.float32)
+    again = PeftModel.from_pretrained(base, str(out))
+    with torch.no_grad():
+        assert torch.allclose(again(**prompt).logits[0, -1], logits_a, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_pull_refuses_a_base_model_with_another_hash(project, base_model_dir, tmp_path):
+    register(project, base_model_dir, pattern(N, 42))
+    other = tmp_path / "other-base"
+    other.mkdir()
+    source = json.loads((base_model_dir / "temper_source.json").read_text())
+    source["files"]["model.safetensors"] = "0" * 64
+    (other / "temper_source.json").write_text(json.dumps(source))
+    result = runner.invoke(app, ["pull", f"{MODEL}@challenger", "-S", f"model.dir={other}"])
+    assert result.exit_code == 2
+    assert "needs base model smollm2-135m-instruct with hash" in result.output
