@@ -312,17 +312,16 @@ def pull(uri: str, out_dir: str | Path | None, base_dir: str | Path) -> Path:
 
 
 def load_pulled(path: str | Path, dtype: str = "float32"):
-    """(model, tokenizer) from a pulled folder: base model + adapter, ready to generate."""
+    """(model, tokenizer) from a pulled folder, the plain peft way: AutoPeftModel reads the
+    base model's folder from the adapter config that `pull` rewrote."""
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
 
     path = Path(path)
-    info = read_json(path / "temper_pull.json")
-    base = AutoModelForCausalLM.from_pretrained(info["base_model_dir"],
-                                                dtype=getattr(torch, dtype))
-    model = PeftModel.from_pretrained(base, str(path))
-    tok_dir = path if (path / "tokenizer_config.json").exists() else info["base_model_dir"]
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
+    base = read_json(path / "temper_pull.json")["base_model_dir"]
+    tokenizer = AutoTokenizer.from_pretrained(
+        path if (path / "tokenizer_config.json").exists() else base)
     model.eval()
     return model, tokenizer

@@ -160,7 +160,6 @@ def test_uri_forms(uri, name, alias, version):
 def test_pull_champion_loads_with_peft_and_generates(project, base_model_dir, tmp_path_factory):
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     register(project, base_model_dir, pattern(N, 42))
     assert runner.invoke(app, ["promote"]).exit_code == 0
@@ -174,8 +173,9 @@ def test_pull_champion_loads_with_peft_and_generates(project, base_model_dir, tm
     assert config["base_model_name_or_path"] == str(base_model_dir.resolve())
     assert "CUAD" in (out / "README.md").read_text()
 
-    model, tokenizer = promote.load_pulled(out)
+    model, tokenizer = promote.load_pulled(out)     # AutoPeftModelForCausalLM on the folder
     assert isinstance(model, PeftModel)
+    assert model.peft_config["default"].base_model_name_or_path == str(base_model_dir.resolve())
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Classify: This Agreement is governed by New York law."}],
         add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -189,13 +189,6 @@ def test_pull_champion_loads_with_peft_and_generates(project, base_model_dir, tm
         with model.disable_adapter():
             logits_b = model(**prompt).logits[0, -1]
     assert not torch.allclose(logits_a, logits_b)
-
-    # The same files load the plain peft way, from the path the pull wrote.
-    base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"],
-                                                dtype=torch.float32)
-    again = PeftModel.from_pretrained(base, str(out))
-    with torch.no_grad():
-        assert torch.allclose(again(**prompt).logits[0, -1], logits_a, atol=1e-5)
 
 
 @pytest.mark.slow
