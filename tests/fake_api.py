@@ -266,8 +266,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Run the fake frontier API until killed.")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added per request")
+    parser.add_argument("--answers", help="JSON file {last user message: reply}; else echo")
     args = parser.parse_args()
-    api = FakeAPI(latency_s=args.latency, port=args.port).start()
+    responder = None
+    if args.answers:
+        with open(args.answers, encoding="utf-8") as handle:
+            answers = json.load(handle)
+
+        def responder(messages: list[dict[str, Any]]) -> str:
+            last = next(m["content"] for m in reversed(messages) if m["role"] == "user")
+            return answers.get(last) or echo_responder(messages)
+
+    api = FakeAPI(responder, latency_s=args.latency, port=args.port).start()
     print(api.root_url, flush=True)
     try:
         while True:
