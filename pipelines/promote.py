@@ -131,7 +131,12 @@ def decide(client: Any, name: str, cfg: PromoteConfig) -> Decision:
     if cp_v == ch_v:
         return Decision(**base, champion_after=cp_v, promoted=False,
                         reason=f"version {ch_v} is already {cfg.champion_alias}: nothing to do")
-    if not gates_passed:
+    if tags.get("temper.promotion") == "rolled_back":
+        # Without this the next CI run would promote the version someone just rolled back.
+        decision = Decision(**base, champion_after=cp_v, promoted=False,
+                            reason=f"version {ch_v} was rolled back; register a new version "
+                                   "(or point the challenger alias elsewhere)")
+    elif not gates_passed:
         decision = Decision(**base, champion_after=cp_v, promoted=False,
                             reason="challenger did not pass its gates")
     elif champion is None:

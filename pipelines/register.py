@@ -90,6 +90,13 @@ def interval(obj: Any) -> tuple[float | None, float | None, float | None]:
     return as_float[0], as_float[1], as_float[2]
 
 
+def tag_json(obj: Any, artifact: str = "temper/eval.json") -> str:
+    """Compact JSON for a tag, or a pointer to the artifact when it would not fit (a cut JSON
+    string would not parse)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return text if len(text) <= TAG_LIMIT else f"too long for a tag: see artifact {artifact}"
+
+
 def fmt_interval(value: float | None, lo: float | None, hi: float | None) -> str:
     if value is None:
         return "n/a"
@@ -392,7 +399,6 @@ def run(cfg: RegisterConfig, params: dict[str, Any], mlflow_cfg: tracking.Mlflow
         client.set_terminated(run_id, "FAILED")
         raise
 
-    params_json = json.dumps(params, sort_keys=True, separators=(",", ":"))
     tags = {
         "temper.candidate": winner,
         "temper.base_model": base_name,
@@ -401,18 +407,16 @@ def run(cfg: RegisterConfig, params: dict[str, Any], mlflow_cfg: tracking.Mlflow
         "temper.dataset_hash": dataset_hash,
         "temper.git_commit": commit,
         "temper.params_hash": params_hash,
-        "temper.params": params_json if len(params_json) <= TAG_LIMIT
-        else "too long for a tag: see artifact temper/params.json",
+        "temper.params": tag_json(params, "temper/params.json"),
         "temper.primary_metric": primary,
-        "temper.metrics": json.dumps({k: list(v) for k, v in metrics.items()})[:TAG_LIMIT],
-        "temper.delta_vs_baseline": json.dumps({k: list(v) for k, v in deltas.items()})
-        [:TAG_LIMIT],
-        "temper.gates": json.dumps(gates, sort_keys=True, default=str)[:TAG_LIMIT],
+        "temper.metrics": tag_json({k: list(v) for k, v in metrics.items()}),
+        "temper.delta_vs_baseline": tag_json({k: list(v) for k, v in deltas.items()}),
+        "temper.gates": tag_json(gates),
         "temper.gates_passed": str(gates_passed).lower(),
         "temper.eval_set": eval_set,
         "temper.eval_examples": str(len(scores)),
         "temper.teacher": str(cost["teacher"]),
-        "temper.cost": json.dumps(cost, sort_keys=True, default=str),
+        "temper.cost": tag_json(cost),
         "temper.adapter_sha256": adapter_sha,
         "temper.train_run_id": str(train_run_id),
         "temper.pipeline_run_id": parent_id,

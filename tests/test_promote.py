@@ -97,6 +97,10 @@ def test_promote_first_refuse_worse_accept_better_then_rollback(project, base_mo
         == "rolled_back"
     assert "ROLLED BACK" in report.read_text()
 
+    result = runner.invoke(app, ["promote"])                         # v3 is still @challenger
+    assert result.exit_code == 1 and "version 3 was rolled back" in result.output
+    assert champion(project) == v1
+
     result = runner.invoke(app, ["rollback"])                        # nothing before v1
     assert result.exit_code == 2
     assert "no previous champion before version 1" in result.output
