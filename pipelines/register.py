@@ -20,6 +20,7 @@ import logging
 import shutil
 import string
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -279,117 +280,155 @@ def render_card(template: str | Path, values: dict[str, Any]) -> str:
 
 # --- the stage ------------------------------------------------------------------------------------
 
-def run(cfg: RegisterConfig, params: dict[str, Any], mlflow_cfg: tracking.MlflowConfig,
-        base_dir: str | Path) -> dict[str, Any]:
-    """Register the winner (if any) and return the summary written to `cfg.out`."""
-    import mlflow
+@dataclass
+class Winner:
+    """Everything register needs about the winner, read and checked before MLflow is touched."""
 
-    evaluation = read_json(cfg.eval) if Path(cfg.eval).exists() else None
-    if evaluation is None:
-        raise RegisterError(f"{cfg.eval}: not found (run the evaluate stage first)")
-    winner = evaluation.get("winner")
-    parent_id = tracking.pipeline_run(mlflow_cfg, params)
-    client = mlflow.MlflowClient()
-    experiment_id = client.get_run(parent_id).info.experiment_id
-    tracking.ensure_candidates_view(client, experiment_id)
+    name: str
+    adapter_dir: Path
+    metrics: dict[str, tuple[float | None, float | None, float | None]]
+    deltas: dict[str, tuple[float | None, float | None, float | None]]
+    primary: str
+    gates: Any
+    scores: list[dict[str, Any]]
+    train_metrics: dict[str, Any]
+    base_name: str
+    base_hash: str
+    data_hashes: dict[str, str]
+    cost: dict[str, Any]
+    commit: str
+    params_hash: str
+    adapter_sha: str
+    attribution: str
 
-    if not winner:
-        msg = "no candidate passed the gates: nothing registered"
-        if cfg.require_winner:
-            raise RegisterError(f"{cfg.eval}: {msg}")
-        log.warning(msg)
-        client.set_tag(parent_id, "temper.winner", "none")
-        summary = {"registered": False, "reason": msg, "pipeline_run_id": parent_id}
-        write_json(cfg.out, summary)
-        return summary
+    @property
+    def dataset_hash(self) -> str:
+        return stable_hash(self.data_hashes)
+
+    @property
+    def eval_set(self) -> str:
+        return eval_set_hash(self.scores)
+
+    @property
+    def train_run_id(self) -> str | None:
+        return self.train_metrics.get("mlflow_run_id")
+
+
+def collect(cfg: RegisterConfig, evaluation: dict[str, Any], winner: str,
+            params: dict[str, Any], base_dir: str | Path) -> Winner:
+    from .base_model import model_hash
 
     entry = candidate_entry(evaluation, winner, cfg.eval)
     metrics = metrics_of(entry)
     primary = primary_metric(evaluation, metrics, cfg.eval)
-    deltas = deltas_of(entry)
     gates_passed, gates = gates_of(entry, is_winner=True)
     if not gates_passed:
         raise RegisterError(f"{cfg.eval}: winner {winner!r} is marked as failing its gates")
-    scores = example_scores(Path(cfg.predictions_dir) / f"{winner}.jsonl", primary)
-
     cand_dir = Path(cfg.candidates_dir) / winner
     adapter_dir = cand_dir / "adapter"
     if not (adapter_dir / "adapter_config.json").exists():
         raise RegisterError(f"{adapter_dir}: no adapter_config.json (train stage output missing)")
     train_metrics = read_json(cand_dir / "train_metrics.json") \
         if (cand_dir / "train_metrics.json").exists() else {}
-
-    from .base_model import model_hash
-
     base_dir = Path(base_dir)
-    base_source = read_json(base_dir / "temper_source.json")
-    base_hash = model_hash(base_dir)
-    base_name = base_source.get("name") or base_source.get("repo_id") or str(base_dir)
-    hashes = data_hashes(cfg.lock, cfg.data_outs)
-    dataset_hash = stable_hash(hashes)
-    commit = tracking.git_commit()
-    params_hash = stable_hash(params)
-    adapter_sha = adapter_hash(adapter_dir)
-    cost = teacher_and_cost(cfg.distil_metrics, evaluation)
-    eval_set = eval_set_hash(scores)
-    train_run_id = train_metrics.get("mlflow_run_id")
+    if not (base_dir / "temper_source.json").exists():
+        raise RegisterError(f"{base_dir}/temper_source.json: not found (run temper base-model)")
+    source = read_json(base_dir / "temper_source.json")
+    return Winner(
+        name=winner, adapter_dir=adapter_dir, metrics=metrics, deltas=deltas_of(entry),
+        primary=primary, gates=gates,
+        scores=example_scores(Path(cfg.predictions_dir) / f"{winner}.jsonl", primary),
+        train_metrics=train_metrics,
+        base_name=source.get("name") or source.get("repo_id") or str(base_dir),
+        base_hash=model_hash(base_dir), data_hashes=data_hashes(cfg.lock, cfg.data_outs),
+        cost=teacher_and_cost(cfg.distil_metrics, evaluation), commit=tracking.git_commit(),
+        params_hash=stable_hash(params), adapter_sha=adapter_hash(adapter_dir),
+        attribution=attribution(cfg.data_readme),
+    )
 
-    card = render_card(cfg.card_template, {
-        "model_name": cfg.model_name,
-        "candidate": winner,
-        "base_model": base_name,
-        "base_model_hash": base_hash,
-        "eval_examples": len(scores),
-        "primary_metric": primary,
-        "metrics_table": table([[k, fmt_interval(*v)] for k, v in metrics.items()],
-                               ["metric", "value [95% CI]"]),
-        "delta_table": table([[k, fmt_interval(*v)] for k, v in deltas.items()],
-                             ["metric", "candidate - baseline [95% CI]"])
+
+def model_card(cfg: RegisterConfig, w: Winner, pipeline_run_id: str) -> str:
+    rows = [[k, fmt_interval(*v)] for k, v in w.metrics.items()]
+    deltas = [[k, fmt_interval(*v)] for k, v in w.deltas.items()]
+    return render_card(cfg.card_template, {
+        "model_name": cfg.model_name, "candidate": w.name, "base_model": w.base_name,
+        "base_model_hash": w.base_hash, "eval_examples": len(w.scores),
+        "primary_metric": w.primary,
+        "metrics_table": table(rows, ["metric", "value [95% CI]"]),
+        "delta_table": table(deltas, ["metric", "candidate - baseline [95% CI]"])
         if deltas else "(none reported)",
-        "baseline": cost.get("baseline", "baseline"),
-        "gates_verdict": "passed" if gates_passed else "FAILED",
-        "gates_table": "```json\n" + json.dumps(gates, indent=2, sort_keys=True) + "\n```"
-        if gates is not None else "(no gate details reported)",
-        "teacher": cost["teacher"],
-        "dataset_hash": dataset_hash,
-        "attribution": attribution(cfg.data_readme),
-        "git_commit": commit,
-        "params_hash": params_hash,
-        "data_hashes": ", ".join(f"`{k}` {v}" for k, v in hashes.items()),
-        "train_run_id": train_run_id or "n/a",
-        "pipeline_run_id": parent_id,
-        "adapter_sha256": adapter_sha,
+        "baseline": w.cost.get("baseline", "baseline"),
+        "gates_verdict": "passed",
+        "gates_table": "```json\n" + json.dumps(w.gates, indent=2, sort_keys=True) + "\n```"
+        if w.gates is not None else "(no gate details reported)",
+        "teacher": w.cost["teacher"], "dataset_hash": w.dataset_hash,
+        "attribution": w.attribution, "git_commit": w.commit, "params_hash": w.params_hash,
+        "data_hashes": ", ".join(f"`{k}` {v}" for k, v in w.data_hashes.items()),
+        "train_run_id": w.train_run_id or "n/a", "pipeline_run_id": pipeline_run_id,
+        "adapter_sha256": w.adapter_sha,
     })
 
-    lineage = {
-        "candidate": winner, "base_model": base_name, "base_model_hash": base_hash,
-        "data_hashes": hashes, "dataset_hash": dataset_hash, "git_commit": commit,
-        "params_hash": params_hash, "adapter_sha256": adapter_sha, "eval_set": eval_set,
-        "primary_metric": primary, "train_run_id": train_run_id, "pipeline_run_id": parent_id,
+
+def version_tags(w: Winner, params: dict[str, Any], pipeline_run_id: str) -> dict[str, str]:
+    """The version's lineage and results as tags (strings), readable in the registry UI."""
+    tags = {
+        "temper.candidate": w.name,
+        "temper.base_model": w.base_name,
+        "temper.base_model_hash": w.base_hash,
+        "temper.data_hashes": json.dumps(w.data_hashes, sort_keys=True),
+        "temper.dataset_hash": w.dataset_hash,
+        "temper.git_commit": w.commit,
+        "temper.params_hash": w.params_hash,
+        "temper.params": tag_json(params, "temper/params.json"),
+        "temper.primary_metric": w.primary,
+        "temper.metrics": tag_json({k: list(v) for k, v in w.metrics.items()}),
+        "temper.delta_vs_baseline": tag_json({k: list(v) for k, v in w.deltas.items()}),
+        "temper.gates": tag_json(w.gates),
+        "temper.gates_passed": "true",
+        "temper.eval_set": w.eval_set,
+        "temper.eval_examples": str(len(w.scores)),
+        "temper.teacher": str(w.cost["teacher"]),
+        "temper.cost": tag_json(w.cost),
+        "temper.adapter_sha256": w.adapter_sha,
+        "temper.train_run_id": str(w.train_run_id),
+        "temper.pipeline_run_id": pipeline_run_id,
     }
-    run_obj = client.create_run(experiment_id, run_name=f"register-{winner}",
-                                tags=tracking.child_run_tags(
-                                    parent_id, **{"temper.stage": "register",
-                                                  "temper.candidate": winner,
-                                                  "temper.git_commit": commit}))
-    run_id = run_obj.info.run_id
+    tags.update({f"metric.{k}": fmt_interval(*v) for k, v in w.metrics.items()})
+    return tags
+
+
+def log_register_run(client: Any, experiment_id: str, parent_id: str, cfg: RegisterConfig,
+                     w: Winner, params: dict[str, Any], evaluation: dict[str, Any]) -> Any:
+    """The `register-<winner>` child run: adapter + card, params, lineage, eval, scores."""
+    lineage_info = {
+        "candidate": w.name, "base_model": w.base_name, "base_model_hash": w.base_hash,
+        "data_hashes": w.data_hashes, "dataset_hash": w.dataset_hash, "git_commit": w.commit,
+        "params_hash": w.params_hash, "adapter_sha256": w.adapter_sha, "eval_set": w.eval_set,
+        "primary_metric": w.primary, "train_run_id": w.train_run_id,
+        "pipeline_run_id": parent_id,
+    }
+    run = client.create_run(experiment_id, run_name=f"register-{w.name}",
+                            tags=tracking.child_run_tags(parent_id, **{
+                                "temper.stage": "register", "temper.candidate": w.name,
+                                "temper.git_commit": w.commit}))
+    run_id = run.info.run_id
     try:
         with tempfile.TemporaryDirectory(prefix="temper-register-") as tmp:
             art = Path(tmp)
-            shutil.copytree(adapter_dir, art / "adapter")
-            (art / "adapter" / "README.md").write_text(card, encoding="utf-8")
-            (art / "temper").mkdir()
+            shutil.copytree(w.adapter_dir, art / "adapter")
+            (art / "adapter" / "README.md").write_text(model_card(cfg, w, parent_id),
+                                                       encoding="utf-8")
             write_json(art / "temper" / "params.json", params)
-            write_json(art / "temper" / "lineage.json", lineage)
+            write_json(art / "temper" / "lineage.json", lineage_info)
             write_json(art / "temper" / "eval.json", evaluation)
             write_jsonl(art / "temper" / "scores.jsonl",
-                        ({"id": s["id"], "score": s["score"]} for s in scores))
-            if train_metrics:
-                write_json(art / "temper" / "train_metrics.json", train_metrics)
+                        ({"id": s["id"], "score": s["score"]} for s in w.scores))
+            if w.train_metrics:
+                write_json(art / "temper" / "train_metrics.json", w.train_metrics)
             client.log_artifacts(run_id, str(art))
-        client.log_param(run_id, "candidate", winner)
+        client.log_param(run_id, "candidate", w.name)
         client.log_param(run_id, "registered_model", cfg.model_name)
-        for key, (value, lo, hi) in metrics.items():
+        for key, (value, lo, hi) in w.metrics.items():
             client.log_metric(run_id, key, value)
             if lo is not None and hi is not None:
                 client.log_metric(run_id, f"{key}_ci_low", lo)
@@ -398,33 +437,38 @@ def run(cfg: RegisterConfig, params: dict[str, Any], mlflow_cfg: tracking.Mlflow
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
+    return run
 
-    tags = {
-        "temper.candidate": winner,
-        "temper.base_model": base_name,
-        "temper.base_model_hash": base_hash,
-        "temper.data_hashes": json.dumps(hashes, sort_keys=True),
-        "temper.dataset_hash": dataset_hash,
-        "temper.git_commit": commit,
-        "temper.params_hash": params_hash,
-        "temper.params": tag_json(params, "temper/params.json"),
-        "temper.primary_metric": primary,
-        "temper.metrics": tag_json({k: list(v) for k, v in metrics.items()}),
-        "temper.delta_vs_baseline": tag_json({k: list(v) for k, v in deltas.items()}),
-        "temper.gates": tag_json(gates),
-        "temper.gates_passed": str(gates_passed).lower(),
-        "temper.eval_set": eval_set,
-        "temper.eval_examples": str(len(scores)),
-        "temper.teacher": str(cost["teacher"]),
-        "temper.cost": tag_json(cost),
-        "temper.adapter_sha256": adapter_sha,
-        "temper.train_run_id": str(train_run_id),
-        "temper.pipeline_run_id": parent_id,
-    }
-    for key, value in metrics.items():
-        tags[f"metric.{key}"] = fmt_interval(*value)
+
+def run(cfg: RegisterConfig, params: dict[str, Any], mlflow_cfg: tracking.MlflowConfig,
+        base_dir: str | Path) -> dict[str, Any]:
+    """Register the winner (if any) and return the summary written to `cfg.out`."""
+    import mlflow
     from mlflow.exceptions import MlflowException
 
+    if not Path(cfg.eval).exists():
+        raise RegisterError(f"{cfg.eval}: not found (run the evaluate stage first)")
+    evaluation = read_json(cfg.eval)
+    winner = evaluation.get("winner")
+    # Every input is read and checked before anything is written to the store.
+    w = collect(cfg, evaluation, winner, params, base_dir) if winner else None
+    if w is None and cfg.require_winner:
+        raise RegisterError(f"{cfg.eval}: no candidate passed the gates: nothing registered")
+
+    parent_id = tracking.pipeline_run(mlflow_cfg, params)
+    client = mlflow.MlflowClient()
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    tracking.ensure_candidates_view(client, experiment_id)
+    if w is None:
+        msg = "no candidate passed the gates: nothing registered"
+        log.warning(msg)
+        client.set_tag(parent_id, "temper.winner", "none")
+        client.set_terminated(parent_id, "FINISHED")
+        summary = {"registered": False, "reason": msg, "pipeline_run_id": parent_id}
+        write_json(cfg.out, summary)
+        return summary
+
+    run_obj = log_register_run(client, experiment_id, parent_id, cfg, w, params, evaluation)
     try:
         client.create_registered_model(
             cfg.model_name, description="Temper: LoRA adapters for contract-clause review. "
@@ -433,28 +477,29 @@ def run(cfg: RegisterConfig, params: dict[str, Any], mlflow_cfg: tracking.Mlflow
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     version = client.create_model_version(
-        cfg.model_name, source=f"{run_obj.info.artifact_uri}/adapter", run_id=run_id, tags=tags,
-        description=f"{winner}: {primary} {fmt_interval(*metrics[primary])} on "
-                    f"{len(scores)} test clauses")
+        cfg.model_name, source=f"{run_obj.info.artifact_uri}/adapter",
+        run_id=run_obj.info.run_id, tags=version_tags(w, params, parent_id),
+        description=f"{w.name}: {w.primary} {fmt_interval(*w.metrics[w.primary])} on "
+                    f"{len(w.scores)} test clauses")
     number = tracking.version_str(version.version)
     client.set_registered_model_alias(cfg.model_name, cfg.alias, number)
 
-    client.set_tag(parent_id, "temper.winner", winner)
+    client.set_tag(parent_id, "temper.winner", w.name)
     client.set_tag(parent_id, "temper.registered_model", cfg.model_name)
     client.set_tag(parent_id, "temper.registered_version", number)
-    client.log_metric(parent_id, f"winner.{primary}", metrics[primary][0])
+    client.log_metric(parent_id, f"winner.{w.primary}", w.metrics[w.primary][0])
     client.set_terminated(parent_id, "FINISHED")  # register is the last stage of a pipeline run
 
     summary = {
         "registered": True, "model_name": cfg.model_name, "version": number,
-        "alias": cfg.alias, "candidate": winner, "run_id": run_id,
+        "alias": cfg.alias, "candidate": w.name, "run_id": run_obj.info.run_id,
         "pipeline_run_id": parent_id, "source": version.source,
-        "primary_metric": primary, primary: metrics[primary][0],
+        "primary_metric": w.primary, w.primary: w.metrics[w.primary][0],
         "tracking_uri": tracking.redact_uri(mlflow.get_tracking_uri()),
     }
     write_json(cfg.out, summary)
     log.info("registered %s version %s (@%s) from candidate %s", cfg.model_name, number,
-             cfg.alias, winner)
+             cfg.alias, w.name)
     return summary
 
 
