@@ -576,8 +576,12 @@ class Provider:
             raise
         except Exception as err:
             self.stats.failures += 1
+            # Error texts end up in rejects.jsonl and logs: never let a server echo the key.
+            text = str(err)
+            if secret := getattr(self, "_api_key", None):
+                text = text.replace(secret, "***")
             raise ProviderError(f"{type(err).__name__} after {attempt.retry_state.attempt_number}"
-                                f" attempt(s): {str(err)[:300]}") from err
+                                f" attempt(s): {text[:300]}") from None
         self.stats.input_tokens += tin
         self.stats.output_tokens += tout
         self.stats.usd += usd

@@ -200,7 +200,9 @@ class FakeAPI:
         if self.api_key is not None and key != self.api_key:
             with self._lock:
                 self.auth_failures += 1
-            return self._error(flavour, 401, "authentication_error", "invalid api key", entry)
+            # Echo the key back, as some proxies do: callers must scrub it from their errors.
+            return self._error(flavour, 401, "authentication_error",
+                               f"invalid api key {key!r}", entry)
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
         if fault:

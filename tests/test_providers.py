@@ -107,9 +107,12 @@ def test_client_errors_are_not_retried(tmp_path, monkeypatch):
     monkeypatch.setenv("TEST_KEY", "right")
     with FakeAPI(api_key="other") as api:
         provider = open_provider(config(tmp_path, api, api_key_env="TEST_KEY"))
-        with pytest.raises(ProviderError, match="AuthenticationError after 1 attempt"):
+        with pytest.raises(ProviderError, match="AuthenticationError after 1 attempt") as err:
             provider.complete(chat(1))
         assert api.requests == 1 and api.auth_failures == 1
+        # The server echoed the key it got; the error we raise (rejects, logs) has it scrubbed.
+        assert "'***'" in str(err.value) and "right" not in str(err.value)
+        assert "right" not in repr(provider)
 
 
 def test_truncated_output_comes_back_with_its_finish_reason(tmp_path):
