@@ -228,7 +228,8 @@ def teacher_and_cost(path: str | Path, evaluation: dict[str, Any]) -> dict[str, 
         distil = read_json(path)
         teacher = distil.get("teacher", distil.get("teacher_model"))
         if isinstance(teacher, dict):  # distil writes {"kind": "gold"|"openai"|..., "model"}
-            teacher = f"{teacher.get('kind')}:{teacher.get('model')}"
+            teacher = "gold labels of the dataset (no teacher)" if teacher.get("kind") == "gold" \
+                else f"{teacher.get('kind')}:{teacher.get('model')}"
         if isinstance(teacher, str):
             info["teacher"] = teacher
         for key in ("usd", "cost_usd", "total_usd", "spent_usd"):
