@@ -102,6 +102,9 @@ class ProviderConfig(Section):
         default_factory=list, description="Mask these in outgoing messages (counts reported).")
     temperature: float = Field(0.0, ge=0, description="Sampling temperature.")
     max_tokens: int = Field(256, gt=0, description="Output token limit per request.")
+    token_limit_param: Literal["max_tokens", "max_completion_tokens"] = Field(
+        "max_tokens", description="openai: the request field for the output limit (OpenAI's "
+        "reasoning models need max_completion_tokens; most compatible servers max_tokens).")
     json_mode: Literal["schema", "object", "off"] = Field(
         "schema", description="Structured output when a JSON schema is given: schema (OpenAI "
         "json_schema / Anthropic output_config), object (OpenAI json_object only), off.")
@@ -632,9 +635,9 @@ class OpenAIProvider(ApiProvider):
                 "name": "answer", "schema": json_schema, "strict": False}}
         elif json_schema is not None and self.cfg.json_mode == "object":
             extra["response_format"] = {"type": "json_object"}
+        extra[self.cfg.token_limit_param] = max_tokens
         response = await client.chat.completions.create(
-            model=self.cfg.model, messages=messages, temperature=self.cfg.temperature,
-            max_tokens=max_tokens, **extra)
+            model=self.cfg.model, messages=messages, temperature=self.cfg.temperature, **extra)
         choices = getattr(response, "choices", None)
         if not choices or choices[0].message is None:
             raise MalformedResponse("response has no choices")

@@ -195,7 +195,9 @@ class FakeAPI:
             self.hits_by_user[user] += 1
             entry = {"endpoint": flavour, "fault": fault, "model": body.get("model"),
                      "messages": messages, "response_format": body.get("response_format"),
-                     "output_config": body.get("output_config")}
+                     "output_config": body.get("output_config"),
+                     "limits": {k: body[k] for k in ("max_tokens", "max_completion_tokens")
+                                if k in body}}
             self.log.append(entry)
         if self.api_key is not None and key != self.api_key:
             with self._lock:

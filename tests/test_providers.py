@@ -59,6 +59,7 @@ def test_round_trip_json_mode_usage_and_cache(tmp_path, kind):
         else:
             assert sent["output_config"] == {"format": {"type": "json_schema", "schema": schema}}
             assert sent["messages"][0] == {"role": "system", "content": "Answer in JSON."}
+        assert sent["limits"] == {"max_tokens": 256}
         again = provider.complete(chat(1), json_schema=schema)
         assert again.cached and again.text == done.text and api.requests == 1
         # A different generation setting is a different cache key.
@@ -268,3 +269,10 @@ def test_cache_key_is_content_addressed(tmp_path):
         moved = open_provider(config(tmp_path, api, base_url="http://localhost:1/v1"))
         assert key == moved.cache_key(chat(1))
         assert messages_key(chat(1)) != messages_key(chat(2))
+
+
+def test_openai_output_limit_field_is_configurable(tmp_path):
+    with FakeAPI() as api:
+        provider = open_provider(config(tmp_path, api, token_limit_param="max_completion_tokens"))
+        provider.complete(chat(1), max_tokens=20)
+        assert api.log[0]["limits"] == {"max_completion_tokens": 20}
