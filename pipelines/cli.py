@@ -16,6 +16,9 @@ import typer
 from .base_model import ModelConfig
 from .config import ConfigError, Section, describe, load_params, read_yaml, section
 from .distil import DistilConfig
+from .evaluate import EvaluateConfig
+from .gates import GatesConfig
+from .judge import JudgeConfig
 from .prepare import PrepareConfig
 from .promote import PromoteConfig
 from .register import RegisterConfig
@@ -45,6 +48,9 @@ SECTIONS: dict[str, type[Section]] = {
     "model": ModelConfig,
     "prepare": PrepareConfig,
     "distil": DistilConfig,
+    "evaluate": EvaluateConfig,
+    "judge": JudgeConfig,
+    "gates": GatesConfig,
     "mlflow": MlflowConfig,
     "register": RegisterConfig,
     "promote": PromoteConfig,
@@ -181,6 +187,117 @@ def registry_client(values: dict):
 
     tracking.setup(section(values, "mlflow", MlflowConfig))
     return mlflow.MlflowClient()
+
+
+@app.command("evaluate", epilog=describe(EvaluateConfig, "evaluate") + "\n\n"
+             + describe(JudgeConfig, "judge") + "\n\n" + describe(GatesConfig, "gates"))
+def evaluate_cmd(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    data: Annotated[Path | None, typer.Option(
+        "--data", help="Ad hoc: score this JSONL (raw format through prepare.fields, or "
+        "prepared) instead of the test split.")] = None,
+    adapter: Annotated[str | None, typer.Option(
+        "--adapter", help="Ad hoc: an adapter folder or MLflow URI (models:/name@alias, "
+        "runs:/id/adapter) instead of the candidates.")] = None,
+    baseline: Annotated[str, typer.Option(
+        "--baseline", help="Ad hoc only: none, base_model or api.")] = "none",
+    out: Annotated[Path, typer.Option(
+        "--out", help="Ad hoc only: folder for eval.json, eval.md, predictions.")
+    ] = Path("reports/adhoc"),
+) -> None:
+    """Score candidates and a baseline on the test split: metrics with CIs, judge, gates.
+
+    With --data and/or --adapter it scores any adapter on any JSONL, writing to --out
+    (the pipeline's metrics/eval.json and reports/ are left alone).
+    """
+    from . import evaluate
+    from .gates import table
+
+    setup_logging()
+    values = load(params, set_)
+    try:
+        cfg = section(values, "evaluate", EvaluateConfig)
+        adapters = None
+        fields = None
+        if data is not None or adapter is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            update = {"metrics": str(out / "eval.json"), "reports_dir": str(out),
+                      "baseline": baseline, "log_mlflow": False}
+            if data is not None:
+                update["test"] = str(data)
+                fields = section(values, "prepare", PrepareConfig).fields
+            cfg = cfg.model_copy(update=update)
+            if adapter is not None:
+                # models/candidates/<name>/adapter -> <name>; an MLflow URI -> "adapter"
+                path = Path(adapter.rstrip("/"))
+                name = path.parent.name if path.name == "adapter" else path.name
+                if ":/" in adapter:
+                    name = "adapter"
+                adapters = {name or "adapter": adapter}
+        from .task import load_task
+
+        result = evaluate.run(cfg, load_task(task_path(values)),
+                              section(values, "model", ModelConfig).dir,
+                              section(values, "judge", JudgeConfig),
+                              section(values, "gates", GatesConfig),
+                              section(values, "mlflow", MlflowConfig), values,
+                              adapters=adapters, fields=fields)
+    except (ConfigError, evaluate.EvalError, FileNotFoundError) as err:
+        fail(err)
+    primary = result["primary_metric"]
+    for name, entry in result["candidates"].items():
+        m = entry["metrics"][primary]
+        typer.echo(f"{name}: {primary} {m['value']:.4f} [{m['ci_low']:.4f}, {m['ci_high']:.4f}]"
+                   f", json_valid_rate {entry['metrics']['json_valid_rate']['value']:.3f}")
+    if result.get("baseline"):
+        m = result["baseline"]["metrics"][primary]
+        typer.echo(f"baseline ({result['baseline']['kind']}): {primary} {m['value']:.4f} "
+                   f"[{m['ci_low']:.4f}, {m['ci_high']:.4f}]")
+    typer.echo(table(result))
+    typer.echo(f"winner: {result['winner']}  (report: {cfg.reports_dir}/eval.md)")
+
+
+@app.command("gate", epilog=describe(GatesConfig, "gates"))
+def gate_cmd(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    eval_file: Annotated[Path, typer.Option("--eval", help="The evaluation to check.")
+                         ] = Path("metrics/eval.json"),
+    candidate: Annotated[str | None, typer.Option(
+        "--candidate", "-c", help="Check this candidate (default: is there a winner?).")] = None,
+) -> None:
+    """Re-check the gates of `gates:` against an evaluation; exit 1 when they fail.
+
+    Thresholds come from the params (so `-S gates.min_primary=0.8` tries a stricter gate
+    without re-running the evaluation). Exit codes: 0 pass, 1 fail, 2 bad input.
+    """
+    from .gates import check, table
+    from .io import read_json
+
+    values = load(params, set_)
+    try:
+        gates_cfg = section(values, "gates", GatesConfig)
+        evaluation = read_json(eval_file)
+        cands = evaluation["candidates"]
+        primary = evaluation["primary_metric"]
+    except (ConfigError, FileNotFoundError, KeyError, ValueError) as err:
+        fail(ValueError(f"{eval_file}: {err}"), 2)
+    if candidate is not None and candidate not in cands:
+        fail(ValueError(f"{eval_file}: no candidate {candidate!r} (have {sorted(cands)})"), 2)
+    for entry in cands.values():
+        entry["gates"] = check(gates_cfg, primary, entry)
+    typer.echo(table(evaluation))
+    passing = [c for c, e in cands.items() if e["gates"]["passed"]]
+    if candidate is not None:
+        ok = candidate in passing
+        typer.echo(f"{candidate}: {'PASS' if ok else 'FAIL'}")
+    else:
+        winner = max(passing, key=lambda c: (cands[c]["metrics"][primary]["value"], c),
+                     default=None)
+        ok = winner is not None
+        typer.echo(f"winner: {winner}" if ok else "no candidate passes the gates")
+    raise typer.Exit(0 if ok else 1)
 
 
 @app.command("register", epilog=describe(RegisterConfig, "register"))

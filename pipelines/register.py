@@ -161,7 +161,7 @@ def primary_metric(evaluation: dict[str, Any], metrics: dict[str, Any], path: st
     name = evaluation.get("primary_metric")
     if isinstance(name, str) and name in metrics:
         return name
-    for guess in ("clause_type_accuracy", "accuracy"):
+    for guess in ("clause_type.accuracy", "accuracy"):
         if guess in metrics:
             return guess
     raise RegisterError(f"{path}: no 'primary_metric' among the winner's metrics "
@@ -171,29 +171,33 @@ def primary_metric(evaluation: dict[str, Any], metrics: dict[str, Any], path: st
 def example_scores(path: Path, metric: str) -> list[dict[str, Any]]:
     """Per-example scores of the primary metric, for the paired comparison in promote.
 
-    Accepts a record's `scores.<metric>`, `<metric>` or `correct` (bool/number); anything else is
-    an error naming the file and line, never a silent zero.
+    evaluate writes `scores: {metric: value}` per record, leaving a metric out where it does
+    not apply to the example (e.g. no gold key term); such examples are left out here too, so
+    the comparison uses the metric's own examples. Older shapes (`<metric>` or `correct` at the
+    top level) are accepted; a record with none of these is an error naming file and line.
     """
     if not path.exists():
         raise RegisterError(f"{path}: predictions not found (needed for promotion)")
     out = []
     for lineno, rec in enumerate(read_jsonl(path), 1):
-        score = None
-        if isinstance(rec.get("scores"), dict) and metric in rec["scores"]:
+        if "id" not in rec:
+            raise RegisterError(f"{path}:{lineno}: missing field 'id'")
+        if isinstance(rec.get("scores"), dict):
+            if metric not in rec["scores"]:
+                continue  # the metric does not apply to this example
             score = rec["scores"][metric]
         elif metric in rec:
             score = rec[metric]
         elif "correct" in rec:
             score = rec["correct"]
-        if isinstance(score, dict):  # e.g. {"exact": true, "any": true}: the strict one
-            score = score.get("exact", score.get("value"))
-        if "id" not in rec or not isinstance(score, bool | int | float):
-            raise RegisterError(f"{path}:{lineno}: expected 'id' and a per-example score "
-                                f"('correct' or 'scores.{metric}')")
-        gold = rec.get("gold")
-        out.append({"id": str(rec["id"]), "score": float(score), "gold": gold})
+        else:
+            score = None
+        if not isinstance(score, bool | int | float):
+            raise RegisterError(f"{path}:{lineno}: expected a per-example score "
+                                f"('scores.{metric}' or 'correct'), got {score!r}")
+        out.append({"id": str(rec["id"]), "score": float(score), "gold": rec.get("gold")})
     if not out:
-        raise RegisterError(f"{path}: no predictions")
+        raise RegisterError(f"{path}: no example scored on {metric}")
     return out
 
 
@@ -240,7 +244,10 @@ def teacher_and_cost(path: str | Path, evaluation: dict[str, Any]) -> dict[str, 
             info["labelling_tokens"] = distil["tokens_in"] + (distil.get("tokens_out") or 0)
     base = evaluation.get("baseline")
     if isinstance(base, dict):
-        info["baseline"] = base.get("name") or base.get("source") or "baseline"
+        name = base.get("name") or "baseline"
+        info["baseline"] = f"{name} ({base['kind']})" if base.get("kind") else name
+        if isinstance(base.get("usd_total"), int | float):
+            info["baseline_usd_on_test"] = base["usd_total"]
     info.setdefault("teacher", "gold labels (no teacher configured)")
     return info
 

@@ -74,8 +74,10 @@ def test_register_winner_with_children_alias_lineage_and_card(project, base_mode
     assert tags["temper.base_model_hash"] == model_hash(base_model_dir)
     assert tags["temper.base_model"] == "smollm2-135m-instruct"
     assert tags["temper.gates_passed"] == "true"
-    assert tags["metric.clause_type_accuracy"] == "0.75 [0.7, 0.8]"
-    assert json.loads(tags["temper.metrics"])["clause_type_accuracy"] == [0.75, 0.7, 0.8]
+    assert tags["metric.clause_type.accuracy"] == "0.75 [0.7, 0.8]"
+    assert tags["temper.primary_metric"] == "clause_type.accuracy"
+    assert json.loads(tags["temper.metrics"])["clause_type.accuracy"] == [0.75, 0.7, 0.8]
+    assert json.loads(tags["temper.cost"])["baseline"] == "baseline (base_model)"
     assert tags["temper.teacher"] == "gold labels (no teacher configured)"
     assert tags["temper.adapter_sha256"] == reg.adapter_hash(adapter)
 
@@ -88,7 +90,7 @@ def test_register_winner_with_children_alias_lineage_and_card(project, base_mode
     card = (local / "README.md").read_text()
     assert "CUAD v1 (Contract Understanding Atticus Dataset)" in card
     assert "ContractNLI" in card and "CC BY 4.0" in card
-    assert "| clause_type_accuracy | 0.75 [0.7, 0.8] |" in card
+    assert "| clause_type.accuracy | 0.75 [0.7, 0.8] |" in card
     assert "## Intended use" in card and "## Limitations" in card
     assert "${" not in card
 
@@ -133,9 +135,20 @@ def test_no_winner_registers_nothing(project, base_model_dir):
 
 def test_bad_predictions_name_file_and_line(tmp_path):
     path = tmp_path / "r16.jsonl"
-    path.write_text('{"id": "a", "correct": true}\n{"id": "b", "answer": {}}\n')
-    with pytest.raises(reg.RegisterError, match=r"r16.jsonl:2: expected 'id' and a per-example"):
-        reg.example_scores(path, "clause_type_accuracy")
+    path.write_text('{"id": "a", "scores": {"m": 1.0}}\n{"id": "b", "answer": {}}\n')
+    with pytest.raises(reg.RegisterError, match=r"r16.jsonl:2: expected a per-example score"):
+        reg.example_scores(path, "m")
+    path.write_text('{"id": "a", "scores": {"m": 1.0}}\n{"scores": {"m": 0.0}}\n')
+    with pytest.raises(reg.RegisterError, match=r"r16.jsonl:2: missing field 'id'"):
+        reg.example_scores(path, "m")
+
+
+def test_examples_outside_a_metric_are_left_out(tmp_path):
+    path = tmp_path / "r16.jsonl"
+    path.write_text('{"id": "a", "scores": {"m": 1.0}}\n{"id": "b", "scores": {"other": 1}}\n'
+                    '{"id": "c", "scores": {"m": 0.0}}\n')
+    assert [(s["id"], s["score"]) for s in reg.example_scores(path, "m")] == [("a", 1.0),
+                                                                               ("c", 0.0)]
 
 
 def test_lock_without_data_outputs_is_an_error(tmp_path):
