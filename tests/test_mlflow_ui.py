@@ -99,3 +99,25 @@ def test_runs_table_shows_candidate_runs(browser, server, tmp_path):
     assert parent_name in plain
     assert "train-r8-lr1e-3" not in plain
 
+
+
+def test_ui_on_a_server_store_prints_its_address_without_credentials(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(
+        "mlflow:\n  tracking_uri: https://bob:s3cret@mlflow.example.com:8443\n")
+    result = CliRunner().invoke(app, ["ui"])
+    assert result.exit_code == 0, result.output
+    assert "open https://***@mlflow.example.com:8443" in result.output
+    assert "s3cret" not in result.output
+
+
+def test_lean_server_command():
+    cmd, env = tracking.lean_server_command("sqlite:////x/mlflow.db", "/x/art", port=5123)
+    assert cmd[1:3] == ["server", "--backend-store-uri"]
+    assert cmd[cmd.index("--workers") + 1] == "1"
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
