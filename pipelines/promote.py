@@ -101,8 +101,9 @@ def version_scores(client: Any, mv: Any) -> dict[str, float]:
     import mlflow
 
     try:
-        path = mlflow.artifacts.download_artifacts(run_id=mv.run_id,
-                                                   artifact_path="temper/scores.jsonl")
+        with tracking.quiet_downloads():
+            path = mlflow.artifacts.download_artifacts(run_id=mv.run_id,
+                                                       artifact_path="temper/scores.jsonl")
     except Exception as err:  # MLflow raises several types for a missing artifact
         raise PromoteError(f"version {mv.version}: no temper/scores.jsonl in run {mv.run_id} "
                            f"(not registered by `temper register`?): {err}") from err

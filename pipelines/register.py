@@ -519,8 +519,10 @@ def lineage(name: str, version: str | int) -> dict[str, Any]:
     client = mlflow.MlflowClient()
     mv = client.get_model_version(name, tracking.version_str(version))
     tags = mv.tags
-    params = json.loads(Path(mlflow.artifacts.download_artifacts(
-        run_id=mv.run_id, artifact_path="temper/params.json")).read_text(encoding="utf-8"))
+    with tracking.quiet_downloads():
+        path = mlflow.artifacts.download_artifacts(run_id=mv.run_id,
+                                                   artifact_path="temper/params.json")
+    params = json.loads(Path(path).read_text(encoding="utf-8"))
     if stable_hash(params) != tags.get("temper.params_hash"):
         raise RegisterError(f"{name} v{mv.version}: temper/params.json does not match the "
                             "version's temper.params_hash")

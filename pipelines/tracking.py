@@ -145,6 +145,21 @@ def alias_version(client: Any, name: str, alias: str) -> Any | None:
         raise
 
 
+@contextlib.contextmanager
+def quiet_downloads():
+    """No per-file progress bars for small bookkeeping downloads (scores, params)."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    old = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
 def redact_uri(uri: str) -> str:
     """A tracking URI without user:password, fit for logs and reports."""
     from urllib.parse import urlsplit, urlunsplit
