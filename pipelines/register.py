@@ -98,10 +98,30 @@ def tag_json(obj: Any, artifact: str = "temper/eval.json") -> str:
     return text if len(text) <= TAG_LIMIT else f"too long for a tag: see artifact {artifact}"
 
 
+def fmt_num(value: float) -> str:
+    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+
+
 def fmt_interval(value: float | None, lo: float | None, hi: float | None) -> str:
     if value is None:
         return "n/a"
-    return f"{value:.4g}" + (f" [{lo:.4g}, {hi:.4g}]" if lo is not None and hi is not None else "")
+    ci = f" [{fmt_num(lo)}, {fmt_num(hi)}]" if lo is not None and hi is not None else ""
+    return fmt_num(value) + ci
+
+
+def gates_markdown(gates: Any) -> str:
+    """evaluate's gate checks as a table; any other shape as JSON."""
+    checks = gates.get("checks") if isinstance(gates, dict) else None
+    if isinstance(checks, list) and all(isinstance(c, dict) and "gate" in c for c in checks):
+        if not checks:
+            return "(no gates configured)"
+        rows = [[str(c["gate"]), "n/a" if c.get("value") is None else fmt_num(c["value"]),
+                 f"{c.get('op', '')} {c.get('threshold')}", "pass" if c.get("passed") else "FAIL"]
+                for c in checks]
+        return table(rows, ["gate", "value", "rule", "result"])
+    if gates is None:
+        return "(no gate details reported)"
+    return "```json\n" + json.dumps(gates, indent=2, sort_keys=True, default=str) + "\n```"
 
 
 def candidate_entry(evaluation: dict[str, Any], name: str, path: str) -> dict[str, Any]:
@@ -367,8 +387,7 @@ def model_card(cfg: RegisterConfig, w: Winner, pipeline_run_id: str) -> str:
         if deltas else "(none reported)",
         "baseline": w.cost.get("baseline", "baseline"),
         "gates_verdict": "passed",
-        "gates_table": "```json\n" + json.dumps(w.gates, indent=2, sort_keys=True) + "\n```"
-        if w.gates is not None else "(no gate details reported)",
+        "gates_table": gates_markdown(w.gates),
         "teacher": w.cost["teacher"], "dataset_hash": w.dataset_hash,
         "attribution": w.attribution, "git_commit": w.commit, "params_hash": w.params_hash,
         "data_hashes": ", ".join(f"`{k}` {v}" for k, v in w.data_hashes.items()),

@@ -91,6 +91,7 @@ def test_register_winner_with_children_alias_lineage_and_card(project, base_mode
     assert "CUAD v1 (Contract Understanding Atticus Dataset)" in card
     assert "ContractNLI" in card and "CC BY 4.0" in card
     assert "| clause_type.accuracy | 0.75 [0.7, 0.8] |" in card
+    assert "| min_primary | 0.75 | >= 0.3 | pass |" in card
     assert "## Intended use" in card and "## Limitations" in card
     assert "${" not in card
 
