@@ -45,7 +45,9 @@ class PromoteConfig(Section):
     challenger_alias: str = Field("challenger", description="Alias of the version to promote.")
     champion_alias: str = Field("champion", description="Alias of the serving version.")
     margin: float = Field(
-        0.05, ge=0, description="Non-inferiority margin: promote only if the lower bound of the "
+        0.05,
+        ge=0,
+        description="Non-inferiority margin: promote only if the lower bound of the "
         "paired interval of (challenger - champion) on the primary metric is >= -margin.",
     )
     confidence: float = Field(0.95, gt=0, lt=1, description="Confidence of the paired interval.")
@@ -76,8 +78,9 @@ class Decision:
     at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 
-def paired_interval(a: list[float], b: list[float], confidence: float, n_resamples: int,
-                    seed: int) -> tuple[float, float, float]:
+def paired_interval(
+    a: list[float], b: list[float], confidence: float, n_resamples: int, seed: int
+) -> tuple[float, float, float]:
     """Mean of a-b and its percentile bootstrap interval over examples (paired resampling).
 
     scipy's bootstrap resamples the per-example differences; the percentile method stays
@@ -89,11 +92,20 @@ def paired_interval(a: list[float], b: list[float], confidence: float, n_resampl
     diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     if np.all(diff == diff[0]):
         return float(diff[0]), float(diff[0]), float(diff[0])
-    res = bootstrap((diff,), np.mean, confidence_level=confidence, n_resamples=n_resamples,
-                    method="percentile", random_state=np.random.default_rng(seed),
-                    vectorized=True)
-    return float(diff.mean()), float(res.confidence_interval.low), \
-        float(res.confidence_interval.high)
+    res = bootstrap(
+        (diff,),
+        np.mean,
+        confidence_level=confidence,
+        n_resamples=n_resamples,
+        method="percentile",
+        random_state=np.random.default_rng(seed),
+        vectorized=True,
+    )
+    return (
+        float(diff.mean()),
+        float(res.confidence_interval.low),
+        float(res.confidence_interval.high),
+    )
 
 
 def version_scores(client: Any, mv: Any) -> dict[str, float]:
@@ -102,11 +114,14 @@ def version_scores(client: Any, mv: Any) -> dict[str, float]:
 
     try:
         with tracking.quiet_downloads():
-            path = mlflow.artifacts.download_artifacts(run_id=mv.run_id,
-                                                       artifact_path="temper/scores.jsonl")
+            path = mlflow.artifacts.download_artifacts(
+                run_id=mv.run_id, artifact_path="temper/scores.jsonl"
+            )
     except Exception as err:  # MLflow raises several types for a missing artifact
-        raise PromoteError(f"version {mv.version}: no temper/scores.jsonl in run {mv.run_id} "
-                           f"(not registered by `temper register`?): {err}") from err
+        raise PromoteError(
+            f"version {mv.version}: no temper/scores.jsonl in run {mv.run_id} "
+            f"(not registered by `temper register`?): {err}"
+        ) from err
     return {r["id"]: float(r["score"]) for r in read_jsonl(path)}
 
 
@@ -126,23 +141,42 @@ def decide(client: Any, name: str, cfg: PromoteConfig) -> Decision:
     tags = challenger.tags
     primary = tags.get("temper.primary_metric")
     gates_passed = tags.get("temper.gates_passed") == "true"
-    base = dict(model_name=name, challenger=ch_v, champion_before=cp_v, primary_metric=primary,
-                margin=cfg.margin, gates_passed=gates_passed)
+    base = dict(
+        model_name=name,
+        challenger=ch_v,
+        champion_before=cp_v,
+        primary_metric=primary,
+        margin=cfg.margin,
+        gates_passed=gates_passed,
+    )
 
     if cp_v == ch_v:
-        return Decision(**base, champion_after=cp_v, promoted=False,
-                        reason=f"version {ch_v} is already {cfg.champion_alias}: nothing to do")
+        return Decision(
+            **base,
+            champion_after=cp_v,
+            promoted=False,
+            reason=f"version {ch_v} is already {cfg.champion_alias}: nothing to do",
+        )
     if tags.get("temper.promotion") == "rolled_back":
         # Without this the next CI run would promote the version someone just rolled back.
-        decision = Decision(**base, champion_after=cp_v, promoted=False,
-                            reason=f"version {ch_v} was rolled back; register a new version "
-                                   "(or point the challenger alias elsewhere)")
+        decision = Decision(
+            **base,
+            champion_after=cp_v,
+            promoted=False,
+            reason=f"version {ch_v} was rolled back; register a new version "
+            "(or point the challenger alias elsewhere)",
+        )
     elif not gates_passed:
-        decision = Decision(**base, champion_after=cp_v, promoted=False,
-                            reason="challenger did not pass its gates")
+        decision = Decision(
+            **base, champion_after=cp_v, promoted=False, reason="challenger did not pass its gates"
+        )
     elif champion is None:
-        decision = Decision(**base, champion_after=ch_v, promoted=True,
-                            reason="no champion yet and the challenger passed its gates")
+        decision = Decision(
+            **base,
+            champion_after=ch_v,
+            promoted=True,
+            reason="no champion yet and the challenger passed its gates",
+        )
     else:
         decision = compare(client, challenger, champion, cfg, base)
 
@@ -150,36 +184,61 @@ def decide(client: Any, name: str, cfg: PromoteConfig) -> Decision:
     return decision
 
 
-def compare(client: Any, challenger: Any, champion: Any, cfg: PromoteConfig,
-            base: dict[str, Any]) -> Decision:
+def compare(
+    client: Any, challenger: Any, champion: Any, cfg: PromoteConfig, base: dict[str, Any]
+) -> Decision:
     ch_tags, cp_tags = challenger.tags, champion.tags
     cp_v = base["champion_before"]
     primary = base["primary_metric"]
     if primary != cp_tags.get("temper.primary_metric"):
-        return Decision(**base, champion_after=cp_v, promoted=False,
-                        reason=f"primary metrics differ ({primary} vs "
-                               f"{cp_tags.get('temper.primary_metric')}): not comparable")
+        return Decision(
+            **base,
+            champion_after=cp_v,
+            promoted=False,
+            reason=f"primary metrics differ ({primary} vs "
+            f"{cp_tags.get('temper.primary_metric')}): not comparable",
+        )
     if ch_tags.get("temper.eval_set") != cp_tags.get("temper.eval_set"):
-        return Decision(**base, champion_after=cp_v, promoted=False,
-                        reason="challenger and champion were evaluated on different sets "
-                               "(temper.eval_set differs): re-evaluate on one set first")
+        return Decision(
+            **base,
+            champion_after=cp_v,
+            promoted=False,
+            reason="challenger and champion were evaluated on different sets "
+            "(temper.eval_set differs): re-evaluate on one set first",
+        )
     a, b = version_scores(client, challenger), version_scores(client, champion)
     ids = sorted(a)
     if sorted(b) != ids:
         raise PromoteError("score files disagree with temper.eval_set (same hash, other ids)")
-    delta, lo, hi = paired_interval([a[i] for i in ids], [b[i] for i in ids], cfg.confidence,
-                                    cfg.n_resamples, cfg.seed)
-    fields = dict(challenger_value=sum(a.values()) / len(a),
-                  champion_value=sum(b.values()) / len(b), delta=delta, delta_low=lo,
-                  delta_high=hi, n_examples=len(ids))
+    delta, lo, hi = paired_interval(
+        [a[i] for i in ids], [b[i] for i in ids], cfg.confidence, cfg.n_resamples, cfg.seed
+    )
+    fields = dict(
+        challenger_value=sum(a.values()) / len(a),
+        champion_value=sum(b.values()) / len(b),
+        delta=delta,
+        delta_low=lo,
+        delta_high=hi,
+        n_examples=len(ids),
+    )
     pct = round(cfg.confidence * 100)
     if lo >= -cfg.margin:
-        return Decision(**base, **fields, champion_after=base["challenger"], promoted=True,
-                        reason=f"not worse: {pct}% paired interval of {primary} difference "
-                               f"[{lo:+.4f}, {hi:+.4f}] has lower bound >= -{cfg.margin}")
-    return Decision(**base, **fields, champion_after=cp_v, promoted=False,
-                    reason=f"worse than champion v{cp_v}: {pct}% paired interval of {primary} "
-                           f"difference [{lo:+.4f}, {hi:+.4f}] goes below -{cfg.margin}")
+        return Decision(
+            **base,
+            **fields,
+            champion_after=base["challenger"],
+            promoted=True,
+            reason=f"not worse: {pct}% paired interval of {primary} difference "
+            f"[{lo:+.4f}, {hi:+.4f}] has lower bound >= -{cfg.margin}",
+        )
+    return Decision(
+        **base,
+        **fields,
+        champion_after=cp_v,
+        promoted=False,
+        reason=f"worse than champion v{cp_v}: {pct}% paired interval of {primary} "
+        f"difference [{lo:+.4f}, {hi:+.4f}] goes below -{cfg.margin}",
+    )
 
 
 def record(client: Any, name: str, challenger: Any, d: Decision, cfg: PromoteConfig) -> None:
@@ -192,14 +251,19 @@ def record(client: Any, name: str, challenger: Any, d: Decision, cfg: PromoteCon
         hist.append(v)
         client.set_registered_model_alias(name, cfg.champion_alias, v)
         client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(hist))
-    client.set_model_version_tag(name, v, "temper.promotion", "promoted" if d.promoted
-                                 else "refused")
+    client.set_model_version_tag(
+        name, v, "temper.promotion", "promoted" if d.promoted else "refused"
+    )
     client.set_model_version_tag(name, v, "temper.promotion.reason", d.reason)
     client.set_model_version_tag(name, v, "temper.promotion.at", d.at)
     client.set_model_version_tag(name, v, "temper.promotion.vs", d.champion_before or "none")
     if d.delta is not None:
-        client.set_model_version_tag(name, v, "temper.promotion.delta",
-                                     f"{d.delta:+.4f} [{d.delta_low:+.4f}, {d.delta_high:+.4f}]")
+        client.set_model_version_tag(
+            name,
+            v,
+            "temper.promotion.delta",
+            f"{d.delta:+.4f} [{d.delta_low:+.4f}, {d.delta_high:+.4f}]",
+        )
 
 
 def rollback(client: Any, name: str, cfg: PromoteConfig) -> Decision:
@@ -219,37 +283,58 @@ def rollback(client: Any, name: str, cfg: PromoteConfig) -> Decision:
     reason = f"rolled back: champion v{current} -> v{previous}"
     client.set_model_version_tag(name, current, "temper.promotion", "rolled_back")
     client.set_model_version_tag(name, current, "temper.promotion.reason", reason)
-    return Decision(model_name=name, challenger=None, champion_before=current,
-                    champion_after=previous, promoted=False, reason=reason)
+    return Decision(
+        model_name=name,
+        challenger=None,
+        champion_before=current,
+        champion_after=previous,
+        promoted=False,
+        reason=reason,
+    )
 
 
 def write_report(path: str | Path, d: Decision, action: str, hist: list[str]) -> None:
     """`reports/promotion.md`: the last decision, readable in a CI log or a PR."""
+
     def num(x: float | None) -> str:
         return "n/a" if x is None else f"{x:.4f}"
 
-    verdict = {"promote": "PROMOTED" if d.promoted else "REFUSED",
-               "rollback": "ROLLED BACK"}[action]
+    verdict = {"promote": "PROMOTED" if d.promoted else "REFUSED", "rollback": "ROLLED BACK"}[
+        action
+    ]
     if action == "promote" and d.promoted is False and d.champion_after == d.challenger:
         verdict = "NO CHANGE"
     lines = [
-        f"# Promotion: {d.model_name}", "",
-        f"**{verdict}** at {d.at}", "",
-        f"{d.reason}", "",
+        f"# Promotion: {d.model_name}",
+        "",
+        f"**{verdict}** at {d.at}",
+        "",
+        f"{d.reason}",
+        "",
         "| | version | " + (d.primary_metric or "primary metric") + " |",
         "| --- | --- | --- |",
         f"| challenger | {d.challenger or '-'} | {num(d.challenger_value)} |",
         f"| champion before | {d.champion_before or '-'} | {num(d.champion_value)} |",
-        f"| champion after | {d.champion_after or '-'} | |", "",
+        f"| champion after | {d.champion_after or '-'} | |",
+        "",
     ]
     if d.delta is not None:
-        lines += [f"Paired difference (challenger - champion) over {d.n_examples} examples: "
-                  f"{d.delta:+.4f}, interval [{d.delta_low:+.4f}, {d.delta_high:+.4f}]; "
-                  f"rule: lower bound >= -{d.margin}.", ""]
+        lines += [
+            f"Paired difference (challenger - champion) over {d.n_examples} examples: "
+            f"{d.delta:+.4f}, interval [{d.delta_low:+.4f}, {d.delta_high:+.4f}]; "
+            f"rule: lower bound >= -{d.margin}.",
+            "",
+        ]
     if d.gates_passed is not None:
         lines += [f"Challenger gates: {'passed' if d.gates_passed else 'FAILED'}.", ""]
-    lines += [f"Champion history (oldest first): {', '.join(hist) or '-'}", "",
-              "```json", json.dumps(asdict(d), indent=2), "```", ""]
+    lines += [
+        f"Champion history (oldest first): {', '.join(hist) or '-'}",
+        "",
+        "```json",
+        json.dumps(asdict(d), indent=2),
+        "```",
+        "",
+    ]
     with atomic_open(path) as handle:
         handle.write("\n".join(lines))
 
@@ -288,31 +373,47 @@ def pull(uri: str, out_dir: str | Path | None, base_dir: str | Path) -> Path:
     want = tags.get("temper.base_model_hash")
     base_dir = Path(base_dir).resolve()
     if not (base_dir / "temper_source.json").exists():
-        raise PromoteError(f"{base_dir}: no base model here (run `temper base-model` with "
-                           f"model.base={tags.get('temper.base_model')})")
+        raise PromoteError(
+            f"{base_dir}: no base model here (run `temper base-model` with "
+            f"model.base={tags.get('temper.base_model')})"
+        )
     have = model_hash(base_dir)
     if want and have != want:
-        raise PromoteError(f"{mv.name} v{version} needs base model "
-                           f"{tags.get('temper.base_model')} with hash {want}; {base_dir} has "
-                           f"hash {have} (set model.base / model.dir and run `temper base-model`)")
+        raise PromoteError(
+            f"{mv.name} v{version} needs base model "
+            f"{tags.get('temper.base_model')} with hash {want}; {base_dir} has "
+            f"hash {have} (set model.base / model.dir and run `temper base-model`)"
+        )
     out = Path(out_dir) if out_dir else Path("models/pulled") / f"{mv.name}-v{version}"
     with atomic_dir(out) as tmp:
-        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{version}",
-                                            dst_path=str(tmp))
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{mv.name}/{version}", dst_path=str(tmp)
+        )
         got = adapter_hash(tmp)
         if tags.get("temper.adapter_sha256") and got != tags["temper.adapter_sha256"]:
-            raise PromoteError(f"{mv.name} v{version}: downloaded adapter hash {got} differs "
-                               f"from the registered {tags['temper.adapter_sha256']}")
+            raise PromoteError(
+                f"{mv.name} v{version}: downloaded adapter hash {got} differs "
+                f"from the registered {tags['temper.adapter_sha256']}"
+            )
         config_path = tmp / "adapter_config.json"
         config = read_json(config_path)
         config["base_model_name_or_path"] = str(base_dir)
         write_json(config_path, config)
-        write_json(tmp / "temper_pull.json", {
-            "model": mv.name, "version": version, "aliases": [str(a) for a in mv.aliases],
-            "run_id": mv.run_id, "source": mv.source, "base_model": tags.get("temper.base_model"),
-            "base_model_hash": have, "base_model_dir": str(base_dir),
-            "adapter_sha256": got, "git_commit": tags.get("temper.git_commit"),
-        })
+        write_json(
+            tmp / "temper_pull.json",
+            {
+                "model": mv.name,
+                "version": version,
+                "aliases": [str(a) for a in mv.aliases],
+                "run_id": mv.run_id,
+                "source": mv.source,
+                "base_model": tags.get("temper.base_model"),
+                "base_model_hash": have,
+                "base_model_dir": str(base_dir),
+                "adapter_sha256": got,
+                "git_commit": tags.get("temper.git_commit"),
+            },
+        )
     log.info("pulled %s v%s into %s (base %s)", mv.name, version, out, base_dir)
     return out
 
@@ -328,6 +429,7 @@ def load_pulled(path: str | Path, dtype: str = "float32"):
     model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
     base = read_json(path / "temper_pull.json")["base_model_dir"]
     tokenizer = AutoTokenizer.from_pretrained(
-        path if (path / "tokenizer_config.json").exists() else base)
+        path if (path / "tokenizer_config.json").exists() else base
+    )
     model.eval()
     return model, tokenizer

@@ -72,6 +72,7 @@ class RegisterConfig(Section):
 # eval.json is written by another stage; these readers accept the shapes it may take (a metric as
 # a number or as {value, ci_low, ci_high} / {value, ci: [lo, hi]}) and fail with the file's name.
 
+
 def interval(obj: Any) -> tuple[float | None, float | None, float | None]:
     """(value, low, high) of a metric entry; low/high None when there is no interval."""
     if isinstance(obj, bool):
@@ -80,8 +81,9 @@ def interval(obj: Any) -> tuple[float | None, float | None, float | None]:
         return float(obj), None, None
     if not isinstance(obj, dict):
         return None, None, None
-    value = next((obj[k] for k in ("value", "mean", "point", "estimate", "delta") if k in obj),
-                 None)
+    value = next(
+        (obj[k] for k in ("value", "mean", "point", "estimate", "delta") if k in obj), None
+    )
     lo = next((obj[k] for k in ("ci_low", "low", "lo", "lower") if k in obj), None)
     hi = next((obj[k] for k in ("ci_high", "high", "hi", "upper") if k in obj), None)
     ci = obj.get("ci") or obj.get("ci95")
@@ -115,9 +117,15 @@ def gates_markdown(gates: Any) -> str:
     if isinstance(checks, list) and all(isinstance(c, dict) and "gate" in c for c in checks):
         if not checks:
             return "(no gates configured)"
-        rows = [[str(c["gate"]), "n/a" if c.get("value") is None else fmt_num(c["value"]),
-                 f"{c.get('op', '')} {c.get('threshold')}", "pass" if c.get("passed") else "FAIL"]
-                for c in checks]
+        rows = [
+            [
+                str(c["gate"]),
+                "n/a" if c.get("value") is None else fmt_num(c["value"]),
+                f"{c.get('op', '')} {c.get('threshold')}",
+                "pass" if c.get("passed") else "FAIL",
+            ]
+            for c in checks
+        ]
         return table(rows, ["gate", "value", "rule", "result"])
     if gates is None:
         return "(no gate details reported)"
@@ -142,8 +150,14 @@ def metrics_of(entry: dict[str, Any]) -> dict[str, tuple[float | None, float | N
 
 
 def deltas_of(entry: dict[str, Any]) -> dict[str, tuple[float | None, float | None, float | None]]:
-    raw = next((entry[k] for k in ("delta_vs_baseline", "deltas", "delta", "paired_deltas")
-                if isinstance(entry.get(k), dict)), {})
+    raw = next(
+        (
+            entry[k]
+            for k in ("delta_vs_baseline", "deltas", "delta", "paired_deltas")
+            if isinstance(entry.get(k), dict)
+        ),
+        {},
+    )
     out = {}
     for key, value in raw.items():
         triple = interval(value)
@@ -184,8 +198,9 @@ def primary_metric(evaluation: dict[str, Any], metrics: dict[str, Any], path: st
     for guess in ("clause_type.accuracy", "accuracy"):
         if guess in metrics:
             return guess
-    raise RegisterError(f"{path}: no 'primary_metric' among the winner's metrics "
-                        f"({sorted(metrics)})")
+    raise RegisterError(
+        f"{path}: no 'primary_metric' among the winner's metrics ({sorted(metrics)})"
+    )
 
 
 def example_scores(path: Path, metric: str) -> list[dict[str, Any]]:
@@ -213,8 +228,10 @@ def example_scores(path: Path, metric: str) -> list[dict[str, Any]]:
         else:
             score = None
         if not isinstance(score, bool | int | float):
-            raise RegisterError(f"{path}:{lineno}: expected a per-example score "
-                                f"('scores.{metric}' or 'correct'), got {score!r}")
+            raise RegisterError(
+                f"{path}:{lineno}: expected a per-example score "
+                f"('scores.{metric}' or 'correct'), got {score!r}"
+            )
         out.append({"id": str(rec["id"]), "score": float(score), "gold": rec.get("gold")})
     if not out:
         raise RegisterError(f"{path}: no example scored on {metric}")
@@ -223,11 +240,11 @@ def example_scores(path: Path, metric: str) -> list[dict[str, Any]]:
 
 def eval_set_hash(scores: list[dict[str, Any]]) -> str:
     """Identity of an evaluation set: its example ids and gold answers."""
-    return stable_hash(sorted((s["id"], json.dumps(s.get("gold"), sort_keys=True))
-                              for s in scores))
+    return stable_hash(sorted((s["id"], json.dumps(s.get("gold"), sort_keys=True)) for s in scores))
 
 
 # --- other inputs --------------------------------------------------------------------------------
+
 
 def data_hashes(lock_path: str | Path, outs: list[str]) -> dict[str, str]:
     """md5 of the data outputs as DVC recorded them in dvc.lock (`<path>: <md5>`)."""
@@ -241,8 +258,10 @@ def data_hashes(lock_path: str | Path, outs: list[str]) -> dict[str, str]:
             if out.get("path") in outs and out.get("md5"):
                 found[out["path"]] = out["md5"]
     if not found:
-        raise RegisterError(f"{path}: none of {outs} is a recorded output; cannot identify the "
-                            "data (run `dvc repro` so the lock records them)")
+        raise RegisterError(
+            f"{path}: none of {outs} is a recorded output; cannot identify the "
+            "data (run `dvc repro` so the lock records them)"
+        )
     return dict(sorted(found.items()))
 
 
@@ -252,8 +271,11 @@ def teacher_and_cost(path: str | Path, evaluation: dict[str, Any]) -> dict[str, 
         distil = read_json(path)
         teacher = distil.get("teacher", distil.get("teacher_model"))
         if isinstance(teacher, dict):  # distil writes {"kind": "gold"|"openai"|..., "model"}
-            teacher = "gold labels of the dataset (no teacher)" if teacher.get("kind") == "gold" \
+            teacher = (
+                "gold labels of the dataset (no teacher)"
+                if teacher.get("kind") == "gold"
                 else f"{teacher.get('kind')}:{teacher.get('model')}"
+            )
         if isinstance(teacher, str):
             info["teacher"] = teacher
         for key in ("usd", "cost_usd", "total_usd", "spent_usd"):
@@ -308,6 +330,7 @@ def render_card(template: str | Path, values: dict[str, Any]) -> str:
 
 # --- the stage ------------------------------------------------------------------------------------
 
+
 @dataclass
 class Winner:
     """Everything register needs about the winner, read and checked before MLflow is touched."""
@@ -342,8 +365,13 @@ class Winner:
         return self.train_metrics.get("mlflow_run_id")
 
 
-def collect(cfg: RegisterConfig, evaluation: dict[str, Any], winner: str,
-            params: dict[str, Any], base_dir: str | Path) -> Winner:
+def collect(
+    cfg: RegisterConfig,
+    evaluation: dict[str, Any],
+    winner: str,
+    params: dict[str, Any],
+    base_dir: str | Path,
+) -> Winner:
     from .base_model import model_hash
 
     entry = candidate_entry(evaluation, winner, cfg.eval)
@@ -356,21 +384,31 @@ def collect(cfg: RegisterConfig, evaluation: dict[str, Any], winner: str,
     adapter_dir = cand_dir / "adapter"
     if not (adapter_dir / "adapter_config.json").exists():
         raise RegisterError(f"{adapter_dir}: no adapter_config.json (train stage output missing)")
-    train_metrics = read_json(cand_dir / "train_metrics.json") \
-        if (cand_dir / "train_metrics.json").exists() else {}
+    train_metrics = (
+        read_json(cand_dir / "train_metrics.json")
+        if (cand_dir / "train_metrics.json").exists()
+        else {}
+    )
     base_dir = Path(base_dir)
     if not (base_dir / "temper_source.json").exists():
         raise RegisterError(f"{base_dir}/temper_source.json: not found (run temper base-model)")
     source = read_json(base_dir / "temper_source.json")
     return Winner(
-        name=winner, adapter_dir=adapter_dir, metrics=metrics, deltas=deltas_of(entry),
-        primary=primary, gates=gates,
+        name=winner,
+        adapter_dir=adapter_dir,
+        metrics=metrics,
+        deltas=deltas_of(entry),
+        primary=primary,
+        gates=gates,
         scores=example_scores(Path(cfg.predictions_dir) / f"{winner}.jsonl", primary),
         train_metrics=train_metrics,
         base_name=source.get("name") or source.get("repo_id") or str(base_dir),
-        base_hash=model_hash(base_dir), data_hashes=data_hashes(cfg.lock, cfg.data_outs),
-        cost=teacher_and_cost(cfg.distil_metrics, evaluation), commit=tracking.git_commit(),
-        params_hash=stable_hash(params), adapter_sha=adapter_hash(adapter_dir),
+        base_hash=model_hash(base_dir),
+        data_hashes=data_hashes(cfg.lock, cfg.data_outs),
+        cost=teacher_and_cost(cfg.distil_metrics, evaluation),
+        commit=tracking.git_commit(),
+        params_hash=stable_hash(params),
+        adapter_sha=adapter_hash(adapter_dir),
         attribution=attribution(cfg.data_readme),
     )
 
@@ -378,22 +416,33 @@ def collect(cfg: RegisterConfig, evaluation: dict[str, Any], winner: str,
 def model_card(cfg: RegisterConfig, w: Winner, pipeline_run_id: str) -> str:
     rows = [[k, fmt_interval(*v)] for k, v in w.metrics.items()]
     deltas = [[k, fmt_interval(*v)] for k, v in w.deltas.items()]
-    return render_card(cfg.card_template, {
-        "model_name": cfg.model_name, "candidate": w.name, "base_model": w.base_name,
-        "base_model_hash": w.base_hash, "eval_examples": len(w.scores),
-        "primary_metric": w.primary,
-        "metrics_table": table(rows, ["metric", "value [95% CI]"]),
-        "delta_table": table(deltas, ["metric", "candidate - baseline [95% CI]"])
-        if deltas else "(none reported)",
-        "baseline": w.cost.get("baseline", "baseline"),
-        "gates_verdict": "passed",
-        "gates_table": gates_markdown(w.gates),
-        "teacher": w.cost["teacher"], "dataset_hash": w.dataset_hash,
-        "attribution": w.attribution, "git_commit": w.commit, "params_hash": w.params_hash,
-        "data_hashes": ", ".join(f"`{k}` {v}" for k, v in w.data_hashes.items()),
-        "train_run_id": w.train_run_id or "n/a", "pipeline_run_id": pipeline_run_id,
-        "adapter_sha256": w.adapter_sha,
-    })
+    return render_card(
+        cfg.card_template,
+        {
+            "model_name": cfg.model_name,
+            "candidate": w.name,
+            "base_model": w.base_name,
+            "base_model_hash": w.base_hash,
+            "eval_examples": len(w.scores),
+            "primary_metric": w.primary,
+            "metrics_table": table(rows, ["metric", "value [95% CI]"]),
+            "delta_table": table(deltas, ["metric", "candidate - baseline [95% CI]"])
+            if deltas
+            else "(none reported)",
+            "baseline": w.cost.get("baseline", "baseline"),
+            "gates_verdict": "passed",
+            "gates_table": gates_markdown(w.gates),
+            "teacher": w.cost["teacher"],
+            "dataset_hash": w.dataset_hash,
+            "attribution": w.attribution,
+            "git_commit": w.commit,
+            "params_hash": w.params_hash,
+            "data_hashes": ", ".join(f"`{k}` {v}" for k, v in w.data_hashes.items()),
+            "train_run_id": w.train_run_id or "n/a",
+            "pipeline_run_id": pipeline_run_id,
+            "adapter_sha256": w.adapter_sha,
+        },
+    )
 
 
 def version_tags(w: Winner, params: dict[str, Any], pipeline_run_id: str) -> dict[str, str]:
@@ -424,32 +473,57 @@ def version_tags(w: Winner, params: dict[str, Any], pipeline_run_id: str) -> dic
     return tags
 
 
-def log_register_run(client: Any, experiment_id: str, parent_id: str, cfg: RegisterConfig,
-                     w: Winner, params: dict[str, Any], evaluation: dict[str, Any]) -> Any:
+def log_register_run(
+    client: Any,
+    experiment_id: str,
+    parent_id: str,
+    cfg: RegisterConfig,
+    w: Winner,
+    params: dict[str, Any],
+    evaluation: dict[str, Any],
+) -> Any:
     """The `register-<winner>` child run: adapter + card, params, lineage, eval, scores."""
     lineage_info = {
-        "candidate": w.name, "base_model": w.base_name, "base_model_hash": w.base_hash,
-        "data_hashes": w.data_hashes, "dataset_hash": w.dataset_hash, "git_commit": w.commit,
-        "params_hash": w.params_hash, "adapter_sha256": w.adapter_sha, "eval_set": w.eval_set,
-        "primary_metric": w.primary, "train_run_id": w.train_run_id,
+        "candidate": w.name,
+        "base_model": w.base_name,
+        "base_model_hash": w.base_hash,
+        "data_hashes": w.data_hashes,
+        "dataset_hash": w.dataset_hash,
+        "git_commit": w.commit,
+        "params_hash": w.params_hash,
+        "adapter_sha256": w.adapter_sha,
+        "eval_set": w.eval_set,
+        "primary_metric": w.primary,
+        "train_run_id": w.train_run_id,
         "pipeline_run_id": parent_id,
     }
-    run = client.create_run(experiment_id, run_name=f"register-{w.name}",
-                            tags=tracking.child_run_tags(parent_id, **{
-                                "temper.stage": "register", "temper.candidate": w.name,
-                                "temper.git_commit": w.commit}))
+    run = client.create_run(
+        experiment_id,
+        run_name=f"register-{w.name}",
+        tags=tracking.child_run_tags(
+            parent_id,
+            **{
+                "temper.stage": "register",
+                "temper.candidate": w.name,
+                "temper.git_commit": w.commit,
+            },
+        ),
+    )
     run_id = run.info.run_id
     try:
         with tempfile.TemporaryDirectory(prefix="temper-register-") as tmp:
             art = Path(tmp)
             shutil.copytree(w.adapter_dir, art / "adapter")
-            (art / "adapter" / "README.md").write_text(model_card(cfg, w, parent_id),
-                                                       encoding="utf-8")
+            (art / "adapter" / "README.md").write_text(
+                model_card(cfg, w, parent_id), encoding="utf-8"
+            )
             write_json(art / "temper" / "params.json", params)
             write_json(art / "temper" / "lineage.json", lineage_info)
             write_json(art / "temper" / "eval.json", evaluation)
-            write_jsonl(art / "temper" / "scores.jsonl",
-                        ({"id": s["id"], "score": s["score"]} for s in w.scores))
+            write_jsonl(
+                art / "temper" / "scores.jsonl",
+                ({"id": s["id"], "score": s["score"]} for s in w.scores),
+            )
             if w.train_metrics:
                 write_json(art / "temper" / "train_metrics.json", w.train_metrics)
             client.log_artifacts(run_id, str(art))
@@ -467,8 +541,12 @@ def log_register_run(client: Any, experiment_id: str, parent_id: str, cfg: Regis
     return run
 
 
-def run(cfg: RegisterConfig, params: dict[str, Any], mlflow_cfg: tracking.MlflowConfig,
-        base_dir: str | Path) -> dict[str, Any]:
+def run(
+    cfg: RegisterConfig,
+    params: dict[str, Any],
+    mlflow_cfg: tracking.MlflowConfig,
+    base_dir: str | Path,
+) -> dict[str, Any]:
     """Register the winner (if any) and return the summary written to `cfg.out`."""
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -498,16 +576,21 @@ def run(cfg: RegisterConfig, params: dict[str, Any], mlflow_cfg: tracking.Mlflow
     run_obj = log_register_run(client, experiment_id, parent_id, cfg, w, params, evaluation)
     try:
         client.create_registered_model(
-            cfg.model_name, description="Temper: LoRA adapters for contract-clause review. "
-            "Each version carries its model card in adapter/README.md.")
+            cfg.model_name,
+            description="Temper: LoRA adapters for contract-clause review. "
+            "Each version carries its model card in adapter/README.md.",
+        )
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     version = client.create_model_version(
-        cfg.model_name, source=f"{run_obj.info.artifact_uri}/adapter",
-        run_id=run_obj.info.run_id, tags=version_tags(w, params, parent_id),
+        cfg.model_name,
+        source=f"{run_obj.info.artifact_uri}/adapter",
+        run_id=run_obj.info.run_id,
+        tags=version_tags(w, params, parent_id),
         description=f"{w.name}: {w.primary} {fmt_interval(*w.metrics[w.primary])} on "
-                    f"{len(w.scores)} test clauses")
+        f"{len(w.scores)} test clauses",
+    )
     number = tracking.version_str(version.version)
     client.set_registered_model_alias(cfg.model_name, cfg.alias, number)
 
@@ -518,15 +601,26 @@ def run(cfg: RegisterConfig, params: dict[str, Any], mlflow_cfg: tracking.Mlflow
     client.set_terminated(parent_id, "FINISHED")  # register is the last stage of a pipeline run
 
     summary = {
-        "registered": True, "model_name": cfg.model_name, "version": number,
-        "alias": cfg.alias, "candidate": w.name, "run_id": run_obj.info.run_id,
-        "pipeline_run_id": parent_id, "source": version.source,
-        "primary_metric": w.primary, w.primary: w.metrics[w.primary][0],
+        "registered": True,
+        "model_name": cfg.model_name,
+        "version": number,
+        "alias": cfg.alias,
+        "candidate": w.name,
+        "run_id": run_obj.info.run_id,
+        "pipeline_run_id": parent_id,
+        "source": version.source,
+        "primary_metric": w.primary,
+        w.primary: w.metrics[w.primary][0],
         "tracking_uri": tracking.redact_uri(mlflow.get_tracking_uri()),
     }
     write_json(cfg.out, summary)
-    log.info("registered %s version %s (@%s) from candidate %s", cfg.model_name, number,
-             cfg.alias, w.name)
+    log.info(
+        "registered %s version %s (@%s) from candidate %s",
+        cfg.model_name,
+        number,
+        cfg.alias,
+        w.name,
+    )
     return summary
 
 
@@ -539,17 +633,23 @@ def lineage(name: str, version: str | int) -> dict[str, Any]:
     mv = client.get_model_version(name, tracking.version_str(version))
     tags = mv.tags
     with tracking.quiet_downloads():
-        path = mlflow.artifacts.download_artifacts(run_id=mv.run_id,
-                                                   artifact_path="temper/params.json")
+        path = mlflow.artifacts.download_artifacts(
+            run_id=mv.run_id, artifact_path="temper/params.json"
+        )
     params = json.loads(Path(path).read_text(encoding="utf-8"))
     if stable_hash(params) != tags.get("temper.params_hash"):
-        raise RegisterError(f"{name} v{mv.version}: temper/params.json does not match the "
-                            "version's temper.params_hash")
+        raise RegisterError(
+            f"{name} v{mv.version}: temper/params.json does not match the "
+            "version's temper.params_hash"
+        )
     return {
-        "version": tracking.version_str(mv.version), "run_id": mv.run_id,
+        "version": tracking.version_str(mv.version),
+        "run_id": mv.run_id,
         "data_hashes": json.loads(tags["temper.data_hashes"]),
-        "dataset_hash": tags["temper.dataset_hash"], "params": params,
-        "git_commit": tags["temper.git_commit"], "base_model": tags["temper.base_model"],
+        "dataset_hash": tags["temper.dataset_hash"],
+        "params": params,
+        "git_commit": tags["temper.git_commit"],
+        "base_model": tags["temper.base_model"],
         "base_model_hash": tags["temper.base_model_hash"],
         "adapter_sha256": tags["temper.adapter_sha256"],
     }

@@ -124,6 +124,7 @@ def child_run_tags(parent_run_id: str, **tags: str) -> dict[str, str]:
 
 # --- registry helpers --------------------------------------------------------------------------
 
+
 def version_str(version: Any) -> str:
     """Model versions come back as int from sqlite and as str from a server: compare as str."""
     return str(int(version)) if str(version).isdigit() else str(version)
@@ -193,38 +194,61 @@ def runs_table_url(base_url: str, experiment_id: str, view: str | None = CANDIDA
     return f"{url}?viewStateShareKey={view}" if view else url
 
 
-def lean_server_command(backend_uri: str, artifacts_dir: str | Path, host: str = "127.0.0.1",
-                        port: int = 5000) -> tuple[list[str], dict[str, str]]:
+def lean_server_command(
+    backend_uri: str, artifacts_dir: str | Path, host: str = "127.0.0.1", port: int = 5000
+) -> tuple[list[str], dict[str, str]]:
     """`mlflow server` with one worker and no job runner: ~565 MiB and 1 process instead of
     15 processes and 3.5 GiB with the defaults (measured, see STACK-FACTS)."""
     import shutil
     import sys
 
     exe = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
-    cmd = [exe, "server", "--backend-store-uri", backend_uri,
-           "--artifacts-destination", str(Path(artifacts_dir).resolve()),
-           "--host", host, "--port", str(port), "--workers", "1"]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-           "MLFLOW_DISABLE_TELEMETRY": "true"}
+    cmd = [
+        exe,
+        "server",
+        "--backend-store-uri",
+        backend_uri,
+        "--artifacts-destination",
+        str(Path(artifacts_dir).resolve()),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    env = {
+        **os.environ,
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
     return cmd, env
 
 
-def start_server(backend_uri: str, artifacts_dir: str | Path, port: int,
-                 host: str = "127.0.0.1", log: str | Path | None = None,
-                 timeout: float = 90.0) -> subprocess.Popen:
+def start_server(
+    backend_uri: str,
+    artifacts_dir: str | Path,
+    port: int,
+    host: str = "127.0.0.1",
+    log: str | Path | None = None,
+    timeout: float = 90.0,
+) -> subprocess.Popen:
     """Start a lean server in its own process group and wait until /health answers."""
     import time
     import urllib.request
 
     cmd, env = lean_server_command(backend_uri, artifacts_dir, host, port)
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 (lives with the server)
-    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with code {proc.returncode}"
-                               + (f"; see {log}" if log else ""))
+            raise RuntimeError(
+                f"mlflow server exited with code {proc.returncode}"
+                + (f"; see {log}" if log else "")
+            )
         try:
             with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=2) as resp:
                 if resp.status == 200:

@@ -51,17 +51,29 @@ def tiny_adapter(base_dir: str) -> Path:
     folder = Path(tempfile.mkdtemp(prefix="temper-adapter-"))
     atexit.register(shutil.rmtree, folder, True)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj",
-                                "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(
+            r=2,
+            lora_alpha=4,
+            target_modules=["q_proj", "v_proj"],
+            init_lora_weights=False,
+            task_type="CAUSAL_LM",
+        ),
+    )
     peft_model.save_pretrained(folder / "adapter", safe_serialization=True)
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(folder / "adapter")
     return folder / "adapter"
 
 
 def git(cwd: Path, *args: str) -> str:
-    return subprocess.run(["git", "-c", "user.email=t@example.com", "-c", "user.name=test",
-                           *args], cwd=cwd, check=True, capture_output=True,
-                          text=True).stdout.strip()
+    return subprocess.run(
+        ["git", "-c", "user.email=t@example.com", "-c", "user.name=test", *args],
+        cwd=cwd,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
 
 
 def make_project(tmp: Path, base_dir: Path) -> Path:
@@ -69,18 +81,26 @@ def make_project(tmp: Path, base_dir: Path) -> Path:
     models/base (link to the real one), a git repo with one commit."""
     shutil.copy(template_db(), tmp / "mlflow.db")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["mlflow"] = {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}",
-                        "experiment": "temper", "artifact_root": "mlartifacts"}
+    params["mlflow"] = {
+        "tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}",
+        "experiment": "temper",
+        "artifact_root": "mlartifacts",
+    }
     (tmp / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (tmp / "configs").mkdir()
     shutil.copy(ROOT / "configs" / "model_card.md", tmp / "configs" / "model_card.md")
     (tmp / "data" / "raw" / "contracts").mkdir(parents=True)
-    shutil.copy(ROOT / "data" / "raw" / "contracts" / "README.md",
-                tmp / "data" / "raw" / "contracts" / "README.md")
+    shutil.copy(
+        ROOT / "data" / "raw" / "contracts" / "README.md",
+        tmp / "data" / "raw" / "contracts" / "README.md",
+    )
     (tmp / "models").mkdir()
     (tmp / "models" / "base").symlink_to(base_dir.resolve())
-    write_lock(tmp, prepared="0123456789abcdef0123456789abcdef.dir",
-               distilled="fedcba9876543210fedcba9876543210.dir")
+    write_lock(
+        tmp,
+        prepared="0123456789abcdef0123456789abcdef.dir",
+        distilled="fedcba9876543210fedcba9876543210.dir",
+    )
     (tmp / ".gitignore").write_text("mlflow.db\nmlartifacts/\nmodels/\nreports/\nmetrics/\n")
     git(tmp, "init", "-q")
     git(tmp, "add", "params.yaml", "dvc.lock", "configs", "data", ".gitignore")
@@ -90,13 +110,36 @@ def make_project(tmp: Path, base_dir: Path) -> Path:
 
 def write_lock(tmp: Path, prepared: str, distilled: str) -> None:
     """A dvc.lock as DVC writes it (schema 2.0), with the data outputs' md5."""
-    lock = {"schema": "2.0", "stages": {
-        "prepare": {"cmd": "temper prepare", "outs": [
-            {"path": "data/prepared", "hash": "md5", "md5": prepared, "size": 1, "nfiles": 3}]},
-        "distil": {"cmd": "temper distil", "outs": [
-            {"path": "data/distilled", "hash": "md5", "md5": distilled, "size": 1, "nfiles": 2},
-            {"path": "metrics/distil.json", "hash": "md5", "md5": "0" * 32, "size": 1}]},
-    }}
+    lock = {
+        "schema": "2.0",
+        "stages": {
+            "prepare": {
+                "cmd": "temper prepare",
+                "outs": [
+                    {
+                        "path": "data/prepared",
+                        "hash": "md5",
+                        "md5": prepared,
+                        "size": 1,
+                        "nfiles": 3,
+                    }
+                ],
+            },
+            "distil": {
+                "cmd": "temper distil",
+                "outs": [
+                    {
+                        "path": "data/distilled",
+                        "hash": "md5",
+                        "md5": distilled,
+                        "size": 1,
+                        "nfiles": 2,
+                    },
+                    {"path": "metrics/distil.json", "hash": "md5", "md5": "0" * 32, "size": 1},
+                ],
+            },
+        },
+    }
     (tmp / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
 
 
@@ -115,9 +158,13 @@ def train_candidates(tmp: Path, names: list[str], adapter: Path) -> dict[str, st
     experiment_id = client.get_run(parent).info.experiment_id
     run_ids = {}
     for name in names:
-        run = client.create_run(experiment_id, run_name=f"train-{name}",
-                                tags=tracking.child_run_tags(parent, **{
-                                    "temper.stage": "train", "temper.candidate": name}))
+        run = client.create_run(
+            experiment_id,
+            run_name=f"train-{name}",
+            tags=tracking.child_run_tags(
+                parent, **{"temper.stage": "train", "temper.candidate": name}
+            ),
+        )
         client.log_metric(run.info.run_id, "val_loss", 1.0)
         client.log_artifacts(run.info.run_id, str(adapter), "adapter")
         client.set_terminated(run.info.run_id, "FINISHED")
@@ -125,14 +172,16 @@ def train_candidates(tmp: Path, names: list[str], adapter: Path) -> dict[str, st
         if out.exists():
             shutil.rmtree(out)
         shutil.copytree(adapter, out / "adapter")
-        (out / "train_metrics.json").write_text(json.dumps(
-            {"mlflow_run_id": run.info.run_id, "val_loss": 1.0}))
+        (out / "train_metrics.json").write_text(
+            json.dumps({"mlflow_run_id": run.info.run_id, "val_loss": 1.0})
+        )
         run_ids[name] = run.info.run_id
     return run_ids
 
 
-def write_eval(tmp: Path, correct: dict[str, list[int]], winner: str | None,
-               failing: tuple[str, ...] = ()) -> dict[str, Any]:
+def write_eval(
+    tmp: Path, correct: dict[str, list[int]], winner: str | None, failing: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """metrics/eval.json and reports/predictions/<name>.jsonl as pipelines/evaluate.py writes
     them, for candidates with the given per-example correctness (1/0) on the same test ids;
     the baseline gets every fourth example right. Intervals are fixed +-0.05 (not bootstrapped:
@@ -153,27 +202,52 @@ def write_eval(tmp: Path, correct: dict[str, list[int]], winner: str | None,
         delta = [a - b for a, b in zip(values, base, strict=True)]
         passed = name not in failing
         candidates[name] = {
-            "metrics": {primary: summary(values),
-                        "json_valid_rate": {"value": 1.0, "ci_low": 1.0, "ci_high": 1.0},
-                        "usd_per_1k": {"value": 0.02}},
+            "metrics": {
+                primary: summary(values),
+                "json_valid_rate": {"value": 1.0, "ci_low": 1.0, "ci_high": 1.0},
+                "usd_per_1k": {"value": 0.02},
+            },
             "delta_vs_baseline": {primary: summary(delta)},
-            "gates": {"passed": passed, "checks": [
-                {"gate": "min_primary", "threshold": 0.3, "op": ">=",
-                 "value": summary(values)["value"], "passed": passed, "note": primary}]},
+            "gates": {
+                "passed": passed,
+                "checks": [
+                    {
+                        "gate": "min_primary",
+                        "threshold": 0.3,
+                        "op": ">=",
+                        "value": summary(values)["value"],
+                        "passed": passed,
+                        "note": primary,
+                    }
+                ],
+            },
             "adapter": f"models/candidates/{name}/adapter",
         }
         with open(pred_dir / f"{name}.jsonl", "w") as handle:
             for i, ok in zip(ids, values, strict=True):
                 gold = {"clause_type": "Governing Law", "key_term": None}
                 label = "Governing Law" if ok else "Audit Rights"
-                handle.write(json.dumps({
-                    "id": i, "output": json.dumps({"clause_type": label, "key_term": None}),
-                    "latency_ms": 50.0, "new_tokens": 12, "gold": gold,
-                    "correct": bool(ok), "scores": {primary: float(ok)}}) + "\n")
-    evaluation = {"primary_metric": primary, "n_examples": n, "winner": winner,
-                  "candidates": candidates,
-                  "baseline": {"name": "baseline", "kind": "base_model", "metrics": {
-                      primary: summary(base)}}}
+                handle.write(
+                    json.dumps(
+                        {
+                            "id": i,
+                            "output": json.dumps({"clause_type": label, "key_term": None}),
+                            "latency_ms": 50.0,
+                            "new_tokens": 12,
+                            "gold": gold,
+                            "correct": bool(ok),
+                            "scores": {primary: float(ok)},
+                        }
+                    )
+                    + "\n"
+                )
+    evaluation = {
+        "primary_metric": primary,
+        "n_examples": n,
+        "winner": winner,
+        "candidates": candidates,
+        "baseline": {"name": "baseline", "kind": "base_model", "metrics": {primary: summary(base)}},
+    }
     (tmp / "metrics").mkdir(exist_ok=True)
     (tmp / "metrics" / "eval.json").write_text(json.dumps(evaluation, indent=2))
     return evaluation

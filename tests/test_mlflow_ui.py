@@ -51,8 +51,11 @@ def store(tmp_path):
     client = mlflow.MlflowClient()
     experiment_id = client.get_run(parent).info.experiment_id
     for i, name in enumerate(CANDIDATES):
-        run = client.create_run(experiment_id, run_name=f"train-{name}",
-                                tags=tracking.child_run_tags(parent, **{"temper.stage": "train"}))
+        run = client.create_run(
+            experiment_id,
+            run_name=f"train-{name}",
+            tags=tracking.child_run_tags(parent, **{"temper.stage": "train"}),
+        )
         client.log_metric(run.info.run_id, "val_loss", 1.0 - 0.1 * i)
         client.set_terminated(run.info.run_id)
     tracking.ensure_candidates_view(client, experiment_id)
@@ -64,19 +67,29 @@ def server(store):
     folder, uri, experiment_id, parent_name = store
     port = free_port()
     proc = tracking.start_server(uri, folder / "mlartifacts", port, log=folder / "server.log")
-    assert os.getpgid(proc.pid) == proc.pid           # its own process group, not pytest's
+    assert os.getpgid(proc.pid) == proc.pid  # its own process group, not pytest's
     yield f"http://127.0.0.1:{port}", experiment_id, parent_name, folder
     tracking.stop_server(proc)
-    with pytest.raises(ProcessLookupError):           # the whole group is gone
+    with pytest.raises(ProcessLookupError):  # the whole group is gone
         os.killpg(proc.pid, 0)
 
 
 def dump_dom(browser: str, url: str, profile: Path) -> str:
     """The page's DOM after its scripts ran (virtual time lets the table's fetches finish)."""
     profile.mkdir(exist_ok=True)
-    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu",
-           "--disable-background-networking", "--disable-component-update", "--no-first-run",
-           f"--user-data-dir={profile}", "--virtual-time-budget=20000", "--dump-dom", url]
+    cmd = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=20000",
+        "--dump-dom",
+        url,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
@@ -87,18 +100,18 @@ def test_runs_table_shows_candidate_runs(browser, server, tmp_path):
     base, experiment_id, parent_name, _ = server
     url = tracking.runs_table_url(base, experiment_id)
     dom = dump_dom(browser, url, tmp_path / "profile-view")
-    assert "Training runs" in dom                     # the experiment's runs page rendered
+    assert "Training runs" in dom  # the experiment's runs page rendered
     for name in CANDIDATES:
         assert f"train-{name}" in dom, f"run train-{name} not in the runs table"
-    assert "Group:" in dom                            # grouped under their pipeline run
+    assert "Group:" in dom  # grouped under their pipeline run
 
     # Control: the default view nests children under a collapsed parent row, which is why
     # `temper ui` links to the grouped view. The parent is there, the children are not.
-    plain = dump_dom(browser, tracking.runs_table_url(base, experiment_id, view=None),
-                     tmp_path / "profile-plain")
+    plain = dump_dom(
+        browser, tracking.runs_table_url(base, experiment_id, view=None), tmp_path / "profile-plain"
+    )
     assert parent_name in plain
     assert "train-r8-lr1e-3" not in plain
-
 
 
 def test_ui_on_a_server_store_prints_its_address_without_credentials(tmp_path, monkeypatch):
@@ -108,7 +121,8 @@ def test_ui_on_a_server_store_prints_its_address_without_credentials(tmp_path, m
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text(
-        "mlflow:\n  tracking_uri: https://bob:s3cret@mlflow.example.com:8443\n")
+        "mlflow:\n  tracking_uri: https://bob:s3cret@mlflow.example.com:8443\n"
+    )
     result = CliRunner().invoke(app, ["ui"])
     assert result.exit_code == 0, result.output
     assert "open https://***@mlflow.example.com:8443" in result.output

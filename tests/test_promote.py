@@ -57,18 +57,18 @@ def champion(project: Path) -> str:
 def test_promote_first_refuse_worse_accept_better_then_rollback(project, base_model_dir):
     report = project / "reports" / "promotion.md"
 
-    v1 = register(project, base_model_dir, pattern(N, 42))           # accuracy 0.70
+    v1 = register(project, base_model_dir, pattern(N, 42))  # accuracy 0.70
     result = runner.invoke(app, ["promote"])
     assert result.exit_code == 0, result.output
     assert champion(project) == v1 == "1"
     assert "PROMOTED" in report.read_text()
     assert registry(project).get_model_version(MODEL, v1).tags["temper.promotion"] == "promoted"
 
-    v2 = register(project, base_model_dir, pattern(N, 24))           # accuracy 0.40: worse
+    v2 = register(project, base_model_dir, pattern(N, 24))  # accuracy 0.40: worse
     result = runner.invoke(app, ["promote"])
     assert result.exit_code == 1, result.output
     assert "worse than champion v1" in result.output
-    assert champion(project) == v1                                   # champion stays
+    assert champion(project) == v1  # champion stays
     tags = registry(project).get_model_version(MODEL, v2).tags
     assert tags["temper.promotion"] == "refused"
     assert tags["temper.promotion.vs"] == "1"
@@ -81,27 +81,26 @@ def test_promote_first_refuse_worse_accept_better_then_rollback(project, base_mo
     assert runner.invoke(app, ["promote"]).exit_code == 1
     assert champion(project) == v1
 
-    v3 = register(project, base_model_dir, pattern(N, 43))           # 0.717: not worse
+    v3 = register(project, base_model_dir, pattern(N, 43))  # 0.717: not worse
     result = runner.invoke(app, ["promote"])
     assert result.exit_code == 0, result.output
     assert champion(project) == v3 == "3"
     assert promote.history(registry(project), MODEL) == ["1", "3"]
 
-    result = runner.invoke(app, ["promote"])                         # already champion
+    result = runner.invoke(app, ["promote"])  # already champion
     assert result.exit_code == 0 and "already champion" in result.output
 
     result = runner.invoke(app, ["rollback"])
     assert result.exit_code == 0, result.output
     assert champion(project) == v1
-    assert registry(project).get_model_version(MODEL, v3).tags["temper.promotion"] \
-        == "rolled_back"
+    assert registry(project).get_model_version(MODEL, v3).tags["temper.promotion"] == "rolled_back"
     assert "ROLLED BACK" in report.read_text()
 
-    result = runner.invoke(app, ["promote"])                         # v3 is still @challenger
+    result = runner.invoke(app, ["promote"])  # v3 is still @challenger
     assert result.exit_code == 1 and "version 3 was rolled back" in result.output
     assert champion(project) == v1
 
-    result = runner.invoke(app, ["rollback"])                        # nothing before v1
+    result = runner.invoke(app, ["rollback"])  # nothing before v1
     assert result.exit_code == 2
     assert "no previous champion before version 1" in result.output
     assert champion(project) == v1
@@ -112,7 +111,7 @@ def test_challenger_that_failed_gates_or_other_eval_set_is_refused(project, base
     register(project, base_model_dir, pattern(N, 42))
     assert runner.invoke(app, ["promote"]).exit_code == 0
 
-    v2 = register(project, base_model_dir, pattern(N, 50))           # better, but...
+    v2 = register(project, base_model_dir, pattern(N, 50))  # better, but...
     client = registry(project)
     client.set_model_version_tag(MODEL, v2, "temper.gates_passed", "false")
     result = runner.invoke(app, ["promote"])
@@ -141,7 +140,7 @@ def test_paired_interval():
     delta, lo, hi = promote.paired_interval(list(a), list(b), 0.95, 2000, 0)
     assert delta == pytest.approx(a.mean() - b.mean())
     assert lo < delta < hi
-    assert lo > 0.05 and hi < 0.35                     # true difference 0.2, n=400
+    assert lo > 0.05 and hi < 0.35  # true difference 0.2, n=400
     # Pairing matters: identical per-example outcomes shifted by one flip give a tight interval.
     c = a.copy()
     c[0] = 1 - c[0]
@@ -149,12 +148,15 @@ def test_paired_interval():
     assert hi2 - lo2 < 0.02
 
 
-@pytest.mark.parametrize("uri, name, alias, version", [
-    ("models:/m@champion", "m", "champion", None),
-    ("models:/m/3", "m", None, "3"),
-    ("m@challenger", "m", "challenger", None),
-    ("m", "m", None, None),
-])
+@pytest.mark.parametrize(
+    "uri, name, alias, version",
+    [
+        ("models:/m@champion", "m", "champion", None),
+        ("models:/m/3", "m", None, "3"),
+        ("m@challenger", "m", "challenger", None),
+        ("m", "m", None, None),
+    ],
+)
 def test_uri_forms(uri, name, alias, version):
     m = promote.URI_RE.match(uri)
     assert (m["name"], m["alias"], m["version"]) == (name, alias, version)
@@ -177,15 +179,18 @@ def test_pull_champion_loads_with_peft_and_generates(project, base_model_dir, tm
     assert config["base_model_name_or_path"] == str(base_model_dir.resolve())
     assert "CUAD" in (out / "README.md").read_text()
 
-    model, tokenizer = promote.load_pulled(out)     # AutoPeftModelForCausalLM on the folder
+    model, tokenizer = promote.load_pulled(out)  # AutoPeftModelForCausalLM on the folder
     assert isinstance(model, PeftModel)
     assert model.peft_config["default"].base_model_name_or_path == str(base_model_dir.resolve())
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Classify: This Agreement is governed by New York law."}],
-        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     with torch.no_grad():
         adapted = model.generate(**prompt, max_new_tokens=8, do_sample=False)
-    new = adapted[0, prompt["input_ids"].shape[1]:]
+    new = adapted[0, prompt["input_ids"].shape[1] :]
     assert 0 < len(new) <= 8
     # The adapter is live: its non-zero LoRA weights change the next-token logits.
     with torch.no_grad():

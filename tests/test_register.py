@@ -50,16 +50,19 @@ def test_register_winner_with_children_alias_lineage_and_card(project, base_mode
 
     result = runner.invoke(app, ["register"])
     assert result.exit_code == 0, result.output
-    assert "registered temper-clause-review version 1 (@challenger) from candidate r16" \
+    assert (
+        "registered temper-clause-review version 1 (@challenger) from candidate r16"
         in result.output
+    )
 
     client = client_for(project)
     summary = json.loads((project / "metrics" / "register.json").read_text())
     parent = client.get_run(summary["pipeline_run_id"])
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["temper.registered_version"] == "1"
-    children = client.search_runs([parent.info.experiment_id],
-                                  f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
     names = sorted(r.info.run_name for r in children)
     assert names == ["register-r16", "train-r16", "train-r8"]
 
@@ -84,8 +87,11 @@ def test_register_winner_with_children_alias_lineage_and_card(project, base_mode
     # The artifact is the adapter plus its model card, with attribution and the metrics.
     import mlflow
 
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}@challenger",
-                                                     dst_path=str(project / "dl")))
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            f"models:/{MODEL}@challenger", dst_path=str(project / "dl")
+        )
+    )
     assert (local / "adapter_model.safetensors").exists()
     card = (local / "README.md").read_text()
     assert "CUAD v1 (Contract Understanding Atticus Dataset)" in card
@@ -100,8 +106,11 @@ def test_register_winner_with_children_alias_lineage_and_card(project, base_mode
 def test_lineage_recovers_data_hash_params_and_commit(project, base_model_dir):
     from pipelines.config import load_params
 
-    write_lock(project, prepared="aaaabbbbccccddddeeeeffff00001111.dir",
-               distilled="22223333444455556666777788889999.dir")
+    write_lock(
+        project,
+        prepared="aaaabbbbccccddddeeeeffff00001111.dir",
+        distilled="22223333444455556666777788889999.dir",
+    )
     git(project, "commit", "-q", "-am", "new data")
     head = git(project, "rev-parse", "HEAD")
     train_candidates(project, ["r16"], tiny_adapter(str(base_model_dir)))
@@ -111,8 +120,10 @@ def test_lineage_recovers_data_hash_params_and_commit(project, base_model_dir):
 
     client_for(project)
     got = reg.lineage("lineage-test", 1)
-    assert got["data_hashes"] == {"data/prepared": "aaaabbbbccccddddeeeeffff00001111.dir",
-                                  "data/distilled": "22223333444455556666777788889999.dir"}
+    assert got["data_hashes"] == {
+        "data/prepared": "aaaabbbbccccddddeeeeffff00001111.dir",
+        "data/distilled": "22223333444455556666777788889999.dir",
+    }
     assert got["git_commit"] == head
     expected = load_params(project / "params.yaml", ["register.model_name=lineage-test"])
     assert got["params"] == expected
@@ -146,29 +157,38 @@ def test_bad_predictions_name_file_and_line(tmp_path):
 
 def test_examples_outside_a_metric_are_left_out(tmp_path):
     path = tmp_path / "r16.jsonl"
-    path.write_text('{"id": "a", "scores": {"m": 1.0}}\n{"id": "b", "scores": {"other": 1}}\n'
-                    '{"id": "c", "scores": {"m": 0.0}}\n')
-    assert [(s["id"], s["score"]) for s in reg.example_scores(path, "m")] == [("a", 1.0),
-                                                                               ("c", 0.0)]
+    path.write_text(
+        '{"id": "a", "scores": {"m": 1.0}}\n{"id": "b", "scores": {"other": 1}}\n'
+        '{"id": "c", "scores": {"m": 0.0}}\n'
+    )
+    assert [(s["id"], s["score"]) for s in reg.example_scores(path, "m")] == [
+        ("a", 1.0),
+        ("c", 0.0),
+    ]
 
 
 def test_lock_without_data_outputs_is_an_error(tmp_path):
     lock = tmp_path / "dvc.lock"
-    lock.write_text("schema: '2.0'\nstages:\n  base_model:\n    outs:\n    - path: models/base\n"
-                    "      md5: abc.dir\n")
+    lock.write_text(
+        "schema: '2.0'\nstages:\n  base_model:\n    outs:\n    - path: models/base\n"
+        "      md5: abc.dir\n"
+    )
     with pytest.raises(reg.RegisterError, match="dvc.lock: none of"):
         reg.data_hashes(lock, ["data/prepared", "data/distilled"])
     with pytest.raises(reg.RegisterError, match="not found"):
         reg.data_hashes(tmp_path / "missing.lock", ["data/prepared"])
 
 
-@pytest.mark.parametrize("raw, expected", [
-    (0.5, (0.5, None, None)),
-    ({"value": 0.5, "ci_low": 0.4, "ci_high": 0.6}, (0.5, 0.4, 0.6)),
-    ({"mean": 0.5, "ci": [0.4, 0.6]}, (0.5, 0.4, 0.6)),
-    ({"point": 1, "low": 0, "high": 2}, (1.0, 0.0, 2.0)),
-    ("n/a", (None, None, None)),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        (0.5, (0.5, None, None)),
+        ({"value": 0.5, "ci_low": 0.4, "ci_high": 0.6}, (0.5, 0.4, 0.6)),
+        ({"mean": 0.5, "ci": [0.4, 0.6]}, (0.5, 0.4, 0.6)),
+        ({"point": 1, "low": 0, "high": 2}, (1.0, 0.0, 2.0)),
+        ("n/a", (None, None, None)),
+    ],
+)
 def test_interval_shapes(raw, expected):
     assert reg.interval(raw) == expected
 
