@@ -23,6 +23,7 @@ from .prepare import PrepareConfig
 from .promote import PromoteConfig
 from .register import RegisterConfig
 from .tracking import MlflowConfig
+from .train import TrainConfig
 
 app = typer.Typer(
     help="Temper: distil, fine-tune (LoRA/QLoRA), evaluate, gate and register a self-hosted "
@@ -147,6 +148,79 @@ def distil_cmd(
     typer.echo(f"distilled ({m['teacher']['kind']}:{m['teacher']['model']}): {counts}; "
                f"rejects {m['rejects']}; requests {m['requests']}, cache hits "
                f"{m['cache_hits']}, ${m['usd']:.4f}")
+
+
+@app.command("train", epilog=describe(TrainConfig, "train"))
+def train_cmd(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    candidate: Annotated[list[str] | None, typer.Option(
+        "--candidate", "-c", help="Candidate(s) of train.candidates to train (default: all).")
+    ] = None,
+) -> None:
+    """Fine-tune LoRA/QLoRA candidates on the distilled data (through Accelerate).
+
+    Single-process Accelerate configs (`train.accelerate: cpu`, `single_gpu`) train in this
+    process; multi-process ones (`cpu_ddp_2proc`, `multi_gpu_ddp`, `fsdp_qlora`) re-launch
+    `python -m pipelines.train` under `accelerate launch`.
+    """
+    import subprocess
+
+    from . import train
+    from .io import read_json
+
+    setup_logging()
+    values = load(params, set_)
+    try:
+        cfg = section(values, "train", TrainConfig)
+        names = candidate or list(cfg.candidates)
+        for name in names:
+            cfg.candidate(name)  # unknown names fail before anything trains
+        acc = train.accelerate_config(cfg.accelerate)
+        for name in names:
+            if train.needs_launcher(acc):
+                argv = ["--params", str(params), "--candidate", name]
+                for item in set_ or []:
+                    argv += ["--set", item]
+                train.launch(acc, argv)
+                m = read_json(Path(cfg.out_dir) / name / "train_metrics.json")
+            else:
+                m = train.run(cfg, name, section(values, "model", ModelConfig).dir,
+                              section(values, "mlflow", MlflowConfig), values)
+            typer.echo(f"trained {name}: {m['steps']} steps in {m['train_seconds']:.0f}s "
+                       f"({m['tokens_per_s']:.0f} tokens/s), val loss {m['val_loss']:.4f} "
+                       f"(base {m['base_val_loss']:.4f})")
+    except (ConfigError, train.DataError, FileNotFoundError) as err:
+        fail(err)
+    except subprocess.CalledProcessError as err:
+        fail(RuntimeError(f"accelerate launch failed with exit code {err.returncode}"))
+
+
+@app.command("merge")
+def merge_cmd(
+    candidate: Annotated[Path, typer.Argument(help="A candidate folder (models/candidates/NAME) "
+                                              "or an adapter folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where the merged model goes.")],
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    base: Annotated[Path | None, typer.Option(help="Base model folder (default: model.dir).")]
+    = None,
+) -> None:
+    """Merge a LoRA adapter into its base model: a standalone 16-bit model for serving.
+
+    QLoRA adapters are merged into the dequantized 4-bit weights (a warning says so).
+    """
+    from . import train
+
+    setup_logging()
+    values = load(params, set_)
+    try:
+        base_dir = base or Path(section(values, "model", ModelConfig).dir)
+        info = train.merge(candidate, out, base_dir)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        fail(err)
+    typer.echo(f"merged {info['adapter']} into {info['base']} -> {out} ({info['dtype']}"
+               f"{', from dequantized 4-bit weights' if info['dequantized'] else ''})")
 
 
 def flatten(values: dict, prefix: str = "") -> list[str]:
