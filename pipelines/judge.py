@@ -97,10 +97,14 @@ def parse_verdict(text: str) -> str | None:
     return None
 
 
+def views(first: str, second: str) -> tuple[int, int]:
+    """The candidate's outcome (+1 win, 0 tie, -1 loss) in each order: (as A, as B)."""
+    return {"A": 1, "B": -1, "tie": 0}[first], {"A": -1, "B": 1, "tie": 0}[second]
+
+
 def combine(first: str, second: str) -> int:
-    """Candidate's outcome (+1 win, 0 tie, -1 loss) from (candidate as A, candidate as B)."""
-    as_a = {"A": 1, "B": -1, "tie": 0}[first]
-    as_b = {"A": -1, "B": 1, "tie": 0}[second]
+    """Final outcome: the verdict if both orders agree, else a tie (it followed the position)."""
+    as_a, as_b = views(first, second)
     return as_a if as_a == as_b else 0
 
 
@@ -164,7 +168,8 @@ def summarise(cfg: JudgeConfig, idx: list[int], slots: list[int],
         asked += 1
         verdicts += 2
         firsts += sum(v == "A" for v in parsed)
-        flips += parsed[0] != parsed[1]
+        as_a, as_b = views(parsed[0], parsed[1])
+        flips += as_a != as_b  # the candidate's outcome changed with the order
         outcome[i] = combine(parsed[0], parsed[1])
     judged = sorted(outcome)
     o = np.array([outcome[i] for i in judged], dtype=float)

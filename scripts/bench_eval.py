@@ -1,0 +1,114 @@
+"""Benchmark: batched evaluation generation vs a one-at-a-time `generate` loop.
+
+Same model (base + a candidate's LoRA merged, or the base model alone), same examples, same
+greedy decoding and the same stop rule (EOS), measured in one run:
+
+    python scripts/bench_eval.py                       # 48 test clauses, batch 16
+    python scripts/bench_eval.py --full                # + the whole raw test split (826)
+    python scripts/bench_eval.py --full --full-limit 200   # time 200 of them, extrapolate
+
+Prints examples/s of both, how many answers are identical, and ends with
+`RESULT eval_batched_speedup <x>`. `--full` also times the production settings
+(batched, prefix cache, stop at a complete JSON answer) on the raw test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipelines.config import load_params, section  # noqa: E402
+from pipelines.evaluate import load_records  # noqa: E402
+from pipelines.generation import generate, load_model  # noqa: E402
+from pipelines.io import read_jsonl  # noqa: E402
+from pipelines.prepare import PrepareConfig  # noqa: E402
+from pipelines.task import load_task  # noqa: E402
+
+
+def one_at_a_time(model, tokenizer, prompts, max_new_tokens):
+    """The naive loop: one prompt, one `generate` call, no padding, no sharing."""
+    import torch
+
+    texts = []
+    for messages in prompts:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)
+        with torch.inference_mode():
+            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+        texts.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:],
+                                      skip_special_tokens=True).strip())
+    return texts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--params", default=str(ROOT / "params.yaml"))
+    ap.add_argument("--adapter", default=None, help="Adapter folder (default: the first "
+                    "candidate under models/candidates, else the base model alone).")
+    ap.add_argument("--examples", type=int, default=48)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--full", action="store_true", help="Also time the whole raw test split.")
+    ap.add_argument("--full-limit", type=int, default=None,
+                    help="Time only this many of the raw test split and extrapolate.")
+    args = ap.parse_args()
+
+    params = load_params(args.params)
+    task = load_task(ROOT / params["task"])
+    model_dir = ROOT / params["model"]["dir"]
+    adapter = args.adapter
+    if adapter is None:
+        found = sorted((ROOT / "models" / "candidates").glob("*/adapter/adapter_config.json"))
+        adapter = str(found[0].parent) if found else None
+    print(f"model: {model_dir} + {adapter or 'no adapter (base model)'}; threads "
+          f"{args.threads or 'default'}")
+    model, tokenizer = load_model(model_dir, adapter, threads=args.threads)
+    import torch
+
+    print(f"torch threads: {torch.get_num_threads()}")
+
+    records = read_jsonl(ROOT / "data" / "prepared" / "test.jsonl")[: args.examples]
+    prompts = [r["prompt"] for r in records]
+    n = len(prompts)
+    generate(model, tokenizer, prompts[:2], 4, batch_size=2, progress=False)  # warm-up
+
+    t0 = time.perf_counter()
+    seq = one_at_a_time(model, tokenizer, prompts, task.max_new_tokens)
+    t_seq = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    bat = generate(model, tokenizer, prompts, task.max_new_tokens, args.batch_size,
+                   stop_at_json=False, progress=False)
+    t_bat = time.perf_counter() - t0
+    same = sum(a == b.text for a, b in zip(seq, bat, strict=True))
+    print(f"one-at-a-time: {n} examples in {t_seq:.1f} s = {n / t_seq:.3f} ex/s")
+    print(f"batched (batch {args.batch_size}, length-sorted, prefix cache): {t_bat:.1f} s = "
+          f"{n / t_bat:.3f} ex/s; identical answers {same}/{n}")
+    speedup = t_seq / t_bat
+
+    if args.full:
+        raw = ROOT / "data" / "raw" / "contracts" / "test.jsonl"
+        fields = section(params, "prepare", PrepareConfig).fields
+        full = load_records(raw, task, fields)
+        total = len(full)
+        subset = full[: args.full_limit] if args.full_limit else full
+        t0 = time.perf_counter()
+        gens = generate(model, tokenizer, [r["prompt"] for r in subset], task.max_new_tokens,
+                        args.batch_size, stop_at_json=True, progress=True, desc="test split")
+        t_full = time.perf_counter() - t0
+        tokens = sum(g.new_tokens for g in gens)
+        print(f"raw test split: {len(subset)} of {total} clauses in {t_full:.1f} s "
+              f"({len(subset) / t_full:.2f} ex/s, {tokens / t_full:.1f} generated tokens/s)")
+        if len(subset) < total:
+            # Clauses are in file order (not sorted by length), so a prefix is a fair sample.
+            print(f"extrapolated to all {total}: {t_full * total / len(subset):.0f} s")
+    print(f"RESULT eval_batched_speedup {speedup:.2f}")
+
+
+if __name__ == "__main__":
+    main()
