@@ -285,6 +285,8 @@ def evaluate_cmd(
     With --data and/or --adapter it scores any adapter on any JSONL, writing to --out
     (the pipeline's metrics/eval.json and reports/ are left alone).
     """
+    import re
+
     from . import evaluate
     from .gates import table
 
@@ -306,8 +308,8 @@ def evaluate_cmd(
                 # models/candidates/<name>/adapter -> <name>; an MLflow URI -> "adapter"
                 path = Path(adapter.rstrip("/"))
                 name = path.parent.name if path.name == "adapter" else path.name
-                if ":/" in adapter:
-                    name = "adapter"
+                if ":/" in adapter:  # models:/temper-clause-review@champion -> that name
+                    name = re.sub(r"[^\w.@-]+", "_", adapter.split(":/", 1)[1]).strip("_")
                 adapters = {name or "adapter": adapter}
         from .task import load_task
 

@@ -26,7 +26,7 @@ def fmt(m: dict[str, Any] | None, digits: int = 3) -> str:
         return "n/a"
     v = m["value"]
     text = f"{v:.{digits}f}" if abs(v) < 1000 else f"{v:.0f}"
-    if "ci_low" in m and m["ci_low"] == m["ci_low"]:
+    if m.get("ci_low") is not None and m.get("ci_high") is not None:
         text += f" [{m['ci_low']:.{digits}f}, {m['ci_high']:.{digits}f}]"
     return text
 
@@ -175,10 +175,9 @@ def write_plot_data(out: Path, evaluation: dict[str, Any], per_class: dict[str, 
     writer.writerow(["row", "metric", "candidate", "delta", "ci_low", "ci_high"])
     for name, entry in evaluation["candidates"].items():
         for key, d in sorted((entry.get("delta_vs_baseline") or {}).items()):
-            if d["value"] == d["value"] and not key.startswith("latency"):
+            if d["value"] is not None and not key.startswith("latency"):
                 writer.writerow([f"{name}: {key}", key, name, round(d["value"], 4),
-                                 round(d["ci_low"], 4),
-                                 round(d["ci_high"], 4)])
+                                 d["ci_low"], d["ci_high"]])
     files.append(_write(out / "plots" / "deltas.csv", buf.getvalue()))
     return files
 
@@ -218,7 +217,8 @@ def write_pngs(out: Path, evaluation: dict[str, Any], per_class: dict[str, Any],
         plt.close(fig)
     rows = [(f"{name}: {key}", d) for name, entry in evaluation["candidates"].items()
             for key, d in sorted((entry.get("delta_vs_baseline") or {}).items())
-            if d["value"] == d["value"] and not key.startswith("latency")]
+            if d["value"] is not None and d["ci_low"] is not None
+            and not key.startswith("latency")]
     fig, ax = plt.subplots(figsize=(8, max(3, 0.3 * len(rows))))
     if rows:
         y = np.arange(len(rows))

@@ -326,6 +326,10 @@ def run(cfg: EvaluateConfig, task: TaskConfig, model_dir: str | Path,
         records = stratified_sample(records, cfg.max_examples, label, cfg.seed)
     if adapters is None:
         adapters = dict(find_candidates(cfg))
+    if mlflow_cfg is not None and any(":/" in str(a) for a in adapters.values()):
+        from .tracking import setup
+
+        setup(mlflow_cfg)  # models:/ and runs:/ URIs resolve against the project's store
     n = len(records)
     log.info("evaluate: %d examples, candidates %s", n, sorted(adapters))
     rs = Resamples.draw(n, cfg.n_resamples, cfg.seed, cfg.confidence)
@@ -368,11 +372,12 @@ def run(cfg: EvaluateConfig, task: TaskConfig, model_dir: str | Path,
     per_class: dict[str, Any] = {}
     base_stats = None
     if base_preds is not None:
-        metrics, base_stats, ex = score_system(task, records, base_preds, refs, rs, base_cost)
+        metrics, base_stats, base_ex = score_system(task, records, base_preds, refs, rs,
+                                                    base_cost)
         base_info["metrics"] = metrics
         evaluation["baseline"] = base_info
-        all_preds[BASELINE] = attach_scores(base_preds, records, ex)
-        per_class[BASELINE] = ex["extra"]
+        all_preds[BASELINE] = attach_scores(base_preds, records, base_ex)
+        per_class[BASELINE] = base_ex["extra"]
     else:
         evaluation["baseline"] = None
 
@@ -399,10 +404,10 @@ def run(cfg: EvaluateConfig, task: TaskConfig, model_dir: str | Path,
     if judge_cfg.enabled and base_preds is not None:
         from .judge import run_judge
 
-        label = cfg.primary_metric
-        correct = {c: cand_stats[c]["scores"].get(label, np.zeros(n)) for c in cand_stats}
-        base_correct = per_example(task, records, base_preds, refs)["scores"].get(label,
-                                                                                np.zeros(n))
+        # Calibration needs a per-example right/wrong: the first gold label field's accuracy.
+        label = next(f"{f.name}.accuracy" for f in task.fields if f.kind == "label" and f.gold)
+        correct = {c: cand_stats[c]["scores"][label] for c in cand_stats}
+        base_correct = base_ex["scores"][label]
         judged = run_judge(judge_cfg, task, records,
                            {c: all_preds[c] for c in cand_stats}, base_preds, correct,
                            base_correct, cfg.n_resamples, cfg.confidence, cfg.progress)
@@ -426,12 +431,26 @@ def run(cfg: EvaluateConfig, task: TaskConfig, model_dir: str | Path,
 
     from .eval_report import write_reports
 
+    evaluation = finite(evaluation)
     files = write_reports(cfg, task, evaluation, records, all_preds, per_class)
     write_json(cfg.metrics, evaluation)
     if cfg.log_mlflow and mlflow_cfg is not None:
         log_mlflow(mlflow_cfg, params or {}, evaluation, files + [Path(cfg.metrics)])
     log.info("evaluate: winner %s (%.0f s)", evaluation["winner"], evaluation["seconds"])
     return evaluation
+
+
+def finite(obj: Any) -> Any:
+    """NaN/inf (e.g. ROUGE with no reference in a sample) -> null: eval.json stays strict JSON."""
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [finite(v) for v in obj]
+    if isinstance(obj, float | np.floating):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, np.integer | np.bool_):
+        return obj.item()
+    return obj
 
 
 def self_hosted_cost(preds: list[dict[str, Any]], seconds: float, n: int,
@@ -483,14 +502,15 @@ def log_mlflow(mlflow_cfg: Any, params: dict[str, Any], evaluation: dict[str, An
                 if isinstance(m.get(part), float | int) and np.isfinite(m[part]):
                     flat[key if part == "value" else f"{key}.{part}"] = float(m[part])
         for key, d in (entry.get("delta_vs_baseline") or {}).items():
-            if np.isfinite(d["value"]):
+            if d["value"] is not None:
                 flat[f"delta.{key}"] = d["value"]
+            if d["ci_low"] is not None:
                 flat[f"delta.{key}.ci_low"] = d["ci_low"]
-        if entry.get("judge") and entry["judge"]["win_rate"]["value"] == entry["judge"][
-                "win_rate"]["value"]:
-            flat["judge.win_rate"] = entry["judge"]["win_rate"]["value"]
-            if entry["judge"]["flip_rate"] is not None:
-                flat["judge.flip_rate"] = entry["judge"]["flip_rate"]
+        judge = entry.get("judge") or {}
+        if judge.get("win_rate", {}).get("value") is not None:
+            flat["judge.win_rate"] = judge["win_rate"]["value"]
+        if judge.get("flip_rate") is not None:
+            flat["judge.flip_rate"] = judge["flip_rate"]
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
