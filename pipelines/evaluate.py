@@ -70,6 +70,9 @@ class EvaluateConfig(Section):
     seed: int = Field(0, description="Bootstrap seed.")
     hardware_usd_per_hour: float = Field(
         0.10, ge=0, description="Price of the serving machine per hour (cost per 1k examples).")
+    cache_dir: str | None = Field(
+        ".cache/eval", description="Reuse the base-model baseline's answers across runs when "
+        "model, prompts and generation settings are unchanged (null: always regenerate).")
     metrics: str = Field("metrics/eval.json", description="The metrics file (DVC metrics).")
     reports_dir: str = Field("reports", description="Report, predictions and plots.")
     worst_examples: int = Field(10, ge=0, description="Wrong answers listed in the report.")
@@ -160,6 +163,35 @@ def model_predictions(records: list[dict[str, Any]], prompts: list[list[dict[str
               "batch_ms": round(g.batch_ms, 2), "new_tokens": g.new_tokens, **answer_fields(task, g.text)}
              for r, g in zip(records, gens, strict=True)]
     return preds, seconds
+
+
+def cached_baseline(records: list[dict[str, Any]], prompts: list[list[dict[str, str]]],
+                    model_dir: str | Path, task: TaskConfig, cfg: EvaluateConfig
+                    ) -> tuple[list[dict[str, Any]], float, bool]:
+    """The base-model baseline, reused from `cache_dir` when nothing that shapes it changed.
+
+    The baseline does not depend on the candidates, so a `dvc exp run -S train.x=y` need not
+    regenerate it. The key covers the model's file hashes, every prompt and the generation
+    settings; the cached run's own timing is reported (marked `cached` in eval.json).
+    """
+    from .base_model import model_hash
+    from .io import read_json, stable_hash
+
+    path = None
+    if cfg.cache_dir and (Path(model_dir) / "temper_source.json").exists():
+        key = stable_hash({"model": model_hash(model_dir), "prompts": prompts, "ids":
+                           [r["id"] for r in records], "max_new_tokens": task.max_new_tokens,
+                           "dtype": cfg.dtype, "batch_size": cfg.batch_size,
+                           "stop_at_json": cfg.stop_at_json, "prompt_hash": task.prompt_hash})
+        path = Path(cfg.cache_dir) / f"baseline-{key}.json"
+        if path.exists():
+            hit = read_json(path)
+            log.info("baseline: reusing %s (same model, prompts and settings)", path)
+            return hit["preds"], hit["seconds"], True
+    preds, seconds = model_predictions(records, prompts, model_dir, None, task, cfg, "baseline")
+    if path is not None:
+        write_json(path, {"preds": preds, "seconds": seconds})
+    return preds, seconds, False
 
 
 def api_predictions(records: list[dict[str, Any]], path: Path, task: TaskConfig
@@ -354,10 +386,9 @@ def run(cfg: EvaluateConfig, task: TaskConfig, model_dir: str | Path,
             base_cost["tokens_per_s"] = sum(out_tokens) / (sum(lat) / 1000)
     elif mode == "base_model":
         prompts, shot_ids = baseline_prompts(records, task, cfg)
-        base_preds, seconds = model_predictions(records, prompts, model_dir, None, task, cfg,
-                                                "baseline")
+        base_preds, seconds, cached = cached_baseline(records, prompts, model_dir, task, cfg)
         base_cost = self_hosted_cost(base_preds, seconds, n, cfg)
-        base_info.update(few_shot_ids=shot_ids, seconds=round(seconds, 1))
+        base_info.update(few_shot_ids=shot_ids, seconds=round(seconds, 1), cached=cached)
 
     teacher = base_preds if mode == "api" else None
     refs = references_for(task, records, teacher)

@@ -202,6 +202,7 @@ def test_stage_end_to_end_with_a_real_adapter(tmp_path, base_model_dir, task, pr
                          baseline="auto", baseline_file=str(tmp_path / "none.jsonl"),
                          baseline_few_shot=1, few_shot_from=str(prepared_dir / "train.jsonl"),
                          max_examples=6, batch_size=4, n_resamples=300, threads=1,
+                         cache_dir=str(tmp_path / "cache"),
                          metrics=str(tmp_path / "metrics" / "eval.json"),
                          reports_dir=str(tmp_path / "reports"), worst_examples=3, progress=False)
     gates = GatesConfig(min_primary=0.0, min_delta_low=None, min_json_valid_rate=None)
@@ -211,6 +212,7 @@ def test_stage_end_to_end_with_a_real_adapter(tmp_path, base_model_dir, task, pr
     saved = read_json(cfg.metrics)
     assert saved["winner"] == result["winner"] == "tiny2"  # equal scores: name breaks the tie
     assert saved["baseline"]["kind"] == "base_model" and saved["n_examples"] == 6
+    assert saved["baseline"]["cached"] is False
     for name in ("tiny", "tiny2"):
         entry = saved["candidates"][name]
         acc = entry["metrics"]["clause_type.accuracy"]
@@ -256,3 +258,20 @@ def test_stage_end_to_end_with_a_real_adapter(tmp_path, base_model_dir, task, pr
     assert adhoc["n_examples"] == 3 and list(adhoc["candidates"]) == ["tiny"]
     assert adhoc["baseline"] is None and (out / "eval.md").exists()
     assert np.isfinite(adhoc["candidates"]["tiny"]["metrics"]["json_valid_rate"]["value"])
+
+
+@pytest.mark.slow
+def test_base_model_baseline_is_reused_only_when_nothing_changed(tmp_path, base_model_dir, task,
+                                                                 prepared_dir, one_thread):
+    from pipelines.evaluate import cached_baseline
+
+    records = read_jsonl(prepared_dir / "test.jsonl")[:2]
+    prompts = [r["prompt"] for r in records]
+    cfg = EvaluateConfig(cache_dir=str(tmp_path), progress=False, threads=1)
+    first, seconds, hit = cached_baseline(records, prompts, base_model_dir, task, cfg)
+    assert not hit and seconds > 0 and len(first) == 2
+    again, seconds2, hit2 = cached_baseline(records, prompts, base_model_dir, task, cfg)
+    assert hit2 and again == first and seconds2 == seconds
+    other = cfg.model_copy(update={"stop_at_json": False})  # a setting that shapes the answers
+    _, _, hit3 = cached_baseline(records, prompts, base_model_dir, task, other)
+    assert not hit3 and len(list(tmp_path.glob("baseline-*.json"))) == 2
