@@ -198,3 +198,15 @@ def test_winner_marked_as_failing_is_refused(tmp_path):
     assert reg.gates_of(entry, is_winner=True)[0] is False
     assert reg.gates_of({"gates": [{"name": "a", "passed": True}]}, False)[0] is True
     assert reg.gates_of({}, is_winner=True)[0] is True
+
+
+def test_pipeline_key_ignores_downstream_sections(tmp_path):
+    """A change of register/promote params re-runs only `register` (DVC), which must still land
+    under the pipeline run that holds the candidates' runs."""
+    from pipelines.tracking import pipeline_key
+
+    params = {"train": {"lr": 1e-3}, "register": {"model_name": "a"}, "promote": {"margin": 0.05}}
+    same = {**params, "register": {"model_name": "b"}, "promote": {"margin": 0.0}}
+    other = {**params, "train": {"lr": 5e-4}}
+    assert pipeline_key(params, tmp_path) == pipeline_key(same, tmp_path)
+    assert pipeline_key(params, tmp_path) != pipeline_key(other, tmp_path)
