@@ -321,15 +321,17 @@ def evaluate_cmd(
                               adapters=adapters, fields=fields)
     except (ConfigError, evaluate.EvalError, FileNotFoundError) as err:
         fail(err)
+    from .eval_report import fmt
+
     primary = result["primary_metric"]
     for name, entry in result["candidates"].items():
-        m = entry["metrics"][primary]
-        typer.echo(f"{name}: {primary} {m['value']:.4f} [{m['ci_low']:.4f}, {m['ci_high']:.4f}]"
-                   f", json_valid_rate {entry['metrics']['json_valid_rate']['value']:.3f}")
+        delta = (entry.get("delta_vs_baseline") or {}).get(primary)
+        typer.echo(f"{name}: {primary} {fmt(entry['metrics'][primary])}, json_valid_rate "
+                   f"{fmt(entry['metrics']['json_valid_rate'])}"
+                   + (f", delta vs baseline {fmt(delta)}" if delta else ""))
     if result.get("baseline"):
-        m = result["baseline"]["metrics"][primary]
-        typer.echo(f"baseline ({result['baseline']['kind']}): {primary} {m['value']:.4f} "
-                   f"[{m['ci_low']:.4f}, {m['ci_high']:.4f}]")
+        typer.echo(f"baseline ({result['baseline']['kind']}): {primary} "
+                   f"{fmt(result['baseline']['metrics'][primary])}")
     typer.echo(table(result))
     typer.echo(f"winner: {result['winner']}  (report: {cfg.reports_dir}/eval.md)")
 

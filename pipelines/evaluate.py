@@ -317,6 +317,18 @@ def score_system(task: TaskConfig, records: list[dict[str, Any]], preds: list[di
     return metrics, stats, ex
 
 
+def metric_names(task: TaskConfig) -> list[str]:
+    """The metrics with intervals this task gets (what primary_metric and gates may name)."""
+    names = ["json_valid_rate", "latency_ms_mean", "latency_ms_p95"]
+    for f in task.fields:
+        if f.kind == "label":
+            names += [f"{f.name}.{m}" for m in ("accuracy", "accuracy_any", "macro_f1")]
+        else:
+            names += [f"{f.name}.{m}" for m in ("rouge1", "rouge2", "rougeL", "rougeLsum")]
+            names += [f"{f.name}.null_match"] if f.nullable else []
+    return names
+
+
 def references_for(task: TaskConfig, records: list[dict[str, Any]],
                    teacher: list[dict[str, Any]] | None) -> dict[str, list[Any]]:
     """Reference per field: gold when the dataset has it, else the teacher's answer."""
@@ -349,6 +361,9 @@ def run(cfg: EvaluateConfig, task: TaskConfig, model_dir: str | Path,
     """Score the candidates (or `adapters`, for ad-hoc use) and the baseline; write outputs."""
     judge_cfg = judge_cfg or JudgeConfig()
     gates_cfg = gates_cfg or GatesConfig()
+    if cfg.primary_metric not in metric_names(task):  # fail before any generation
+        raise ConfigError(f"evaluate.primary_metric {cfg.primary_metric!r} is not a metric of "
+                          f"task {task.name} ({', '.join(metric_names(task))})")
     t_start = time.perf_counter()
     records = load_records(cfg.test, task, fields)
     if cfg.max_examples and len(records) > cfg.max_examples:
@@ -424,9 +439,6 @@ def run(cfg: EvaluateConfig, task: TaskConfig, model_dir: str | Path,
             entry["adapter_sha256"] = sha256_tree(adapter)
         if base_stats is not None:
             entry["delta_vs_baseline"] = deltas(stats, base_stats, rs)
-        if cfg.primary_metric not in metrics:
-            raise ConfigError(f"evaluate.primary_metric {cfg.primary_metric!r} is not a metric "
-                              f"of this task ({sorted(metrics)})")
         evaluation["candidates"][name] = entry
         all_preds[name] = attach_scores(preds, records, ex)
         per_class[name] = ex["extra"]

@@ -275,3 +275,11 @@ def test_base_model_baseline_is_reused_only_when_nothing_changed(tmp_path, base_
     other = cfg.model_copy(update={"stop_at_json": False})  # a setting that shapes the answers
     _, _, hit3 = cached_baseline(records, prompts, base_model_dir, task, other)
     assert not hit3 and len(list(tmp_path.glob("baseline-*.json"))) == 2
+
+
+def test_unknown_primary_metric_fails_before_any_generation(tmp_path, task):
+    from pipelines import evaluate
+
+    cfg = EvaluateConfig(primary_metric="clause_type.acuracy", candidates_dir=str(tmp_path))
+    with pytest.raises(evaluate.ConfigError, match="clause_type.accuracy_any"):
+        evaluate.run(cfg, task, tmp_path)
