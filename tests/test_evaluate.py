@@ -283,3 +283,32 @@ def test_unknown_primary_metric_fails_before_any_generation(tmp_path, task):
     cfg = EvaluateConfig(primary_metric="clause_type.acuracy", candidates_dir=str(tmp_path))
     with pytest.raises(evaluate.ConfigError, match="clause_type.accuracy_any"):
         evaluate.run(cfg, task, tmp_path)
+
+
+def test_adapter_uris_resolve_through_the_mlflow_store(tmp_path):
+    """`--adapter models:/name@alias` and `runs:/<id>/adapter` download from the store."""
+    import mlflow
+    from registry_fixtures import template_db
+
+    from pipelines.generation import resolve_adapter
+    from pipelines.tracking import MlflowConfig, setup
+
+    shutil.copy(template_db(), tmp_path / "mlflow.db")
+    setup(MlflowConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                       artifact_root=str(tmp_path / "mlartifacts")))
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"r": 2}')
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("temper")
+    run = client.create_run(exp.experiment_id)
+    client.log_artifacts(run.info.run_id, str(folder), "adapter")
+    client.create_registered_model("m")
+    version = client.create_model_version("m", f"{run.info.artifact_uri}/adapter",
+                                          run_id=run.info.run_id)
+    client.set_registered_model_alias("m", "champion", version.version)
+    for uri in (f"runs:/{run.info.run_id}/adapter", "models:/m@champion"):
+        local = resolve_adapter(uri)
+        assert (local / "adapter_config.json").read_text() == '{"r": 2}'
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        resolve_adapter(tmp_path / "nowhere")
