@@ -17,7 +17,7 @@ from .io import atomic_open, write_jsonl
 
 # Metrics shown in the main table, in this order, when present.
 HEADLINE = ["accuracy", "accuracy_any", "macro_f1", "rougeL", "null_match", "json_valid_rate",
-            "latency_ms_mean", "latency_ms_p95", "tokens_per_s", "usd_per_1k"]
+            "schema_valid_rate", "latency_ms_mean", "latency_ms_p95", "tokens_per_s", "usd_per_1k"]
 
 
 def fmt(m: dict[str, Any] | None, digits: int = 3) -> str:

@@ -9,8 +9,9 @@ PNG plots and DVC plot data under `reports/`, MLflow child runs under the pipeli
 Scoring (per task field, from the task config): label fields get exact and any-of-gold
 accuracy, macro-F1 and per-class precision/recall (`pipelines/metrics/label_metrics`); text
 fields ROUGE-1/2/L/Lsum (`pipelines/metrics/text_rouge`) on the examples with a reference.
-An answer that does not parse or does not fit the schema lowers `json_valid_rate`; its
-fields are still read when it parsed, and a missing field is simply wrong.
+An answer with no JSON object lowers `json_valid_rate` and is wrong on every field; one
+that parses but breaks the schema (an unknown label, a missing field) lowers
+`schema_valid_rate`, and its fields are still read (an unknown label is never right).
 Every metric gets a 95% percentile-bootstrap interval; every candidate-minus-baseline
 difference a paired one (same resamples for both systems, see `pipelines/metrics`).
 """
@@ -138,10 +139,12 @@ def find_candidates(cfg: EvaluateConfig) -> dict[str, Path]:
 
 
 def answer_fields(task: TaskConfig, text: str | None) -> dict[str, Any]:
-    """Parse a reply: the parsed answer (or None), schema validity and its problems."""
+    """Parse a reply: the parsed answer (or None), whether it is JSON at all (`json_ok`),
+    whether it fits the schema (`valid`: fields, types, allowed labels) and the problems."""
     answer = parse_answer(text) if text is not None else None
     problems = task.validate_answer(answer) if answer is not None else ["no JSON object found"]
-    return {"answer": answer, "valid": not problems, "problems": problems}
+    return {"answer": answer, "json_ok": answer is not None, "valid": not problems,
+            "problems": problems}
 
 
 # --------------------------------------------------------------------------- generation
@@ -247,7 +250,12 @@ def per_example(task: TaskConfig, records: list[dict[str, Any]], preds: list[dic
     """Per-example score arrays (what the bootstrap resamples) and per-class point metrics."""
     from .metrics import load
 
-    out: dict[str, Any] = {"json_valid_rate": np.array([p["valid"] for p in preds], float)}
+    out: dict[str, Any] = {
+        # json_valid_rate: the reply holds a JSON object (what "valid JSON" gates look at);
+        # schema_valid_rate: it also has exactly the schema's fields, types and labels.
+        "json_valid_rate": np.array([p["json_ok"] for p in preds], float),
+        "schema_valid_rate": np.array([p["valid"] for p in preds], float),
+    }
     masks: dict[str, np.ndarray] = {}
     extra: dict[str, Any] = {}
     for field in task.fields:
@@ -319,7 +327,7 @@ def score_system(task: TaskConfig, records: list[dict[str, Any]], preds: list[di
 
 def metric_names(task: TaskConfig) -> list[str]:
     """The metrics with intervals this task gets (what primary_metric and gates may name)."""
-    names = ["json_valid_rate", "latency_ms_mean", "latency_ms_p95"]
+    names = ["json_valid_rate", "schema_valid_rate", "latency_ms_mean", "latency_ms_p95"]
     for f in task.fields:
         if f.kind == "label":
             names += [f"{f.name}.{m}" for m in ("accuracy", "accuracy_any", "macro_f1")]

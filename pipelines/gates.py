@@ -22,7 +22,10 @@ class GatesConfig(Section):
         0.0, description="Minimum lower bound of the paired 95% interval of the primary "
         "metric's difference candidate - baseline (0: must be significantly better).")
     min_json_valid_rate: float | None = Field(
-        0.95, ge=0, le=1, description="Minimum share of answers that are valid JSON for the schema.")
+        0.95, ge=0, le=1, description="Minimum share of answers that hold a JSON object.")
+    min_schema_valid_rate: float | None = Field(
+        None, ge=0, le=1, description="Minimum share of answers that fit the schema exactly "
+        "(fields, types, allowed labels).")
     max_p95_latency_ms: float | None = Field(
         None, gt=0, description="Maximum p95 latency per example in ms (batched, amortised).")
     min_judge_win_rate: float | None = Field(
@@ -56,6 +59,8 @@ def check(cfg: GatesConfig, primary: str, entry: dict[str, Any]) -> dict[str, An
             f"lower CI of {primary} delta" if delta else "no baseline: cannot pass")
     add("min_json_valid_rate", cfg.min_json_valid_rate,
         metrics.get("json_valid_rate", {}).get("value"), ">=")
+    add("min_schema_valid_rate", cfg.min_schema_valid_rate,
+        metrics.get("schema_valid_rate", {}).get("value"), ">=")
     add("max_p95_latency_ms", cfg.max_p95_latency_ms,
         metrics.get("latency_ms_p95", {}).get("value"), "<=")
     if cfg.min_judge_win_rate is not None:

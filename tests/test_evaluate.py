@@ -46,6 +46,8 @@ def test_unparseable_and_off_schema_answers_are_counted_never_fatal(task):
                  '{"clause_type": "Insurance"}', "[1, 2]"]:
         out = answer_fields(task, text)
         assert not out["valid"] and out["problems"]
+        # JSON, but off-schema: counts for json_valid_rate, not for schema_valid_rate.
+        assert out["json_ok"] == (text is not None and text.startswith('{"'))
 
 
 def test_scores_by_hand(task):
@@ -60,6 +62,7 @@ def test_scores_by_hand(task):
     rs = Resamples.draw(4, 500, seed=0)
     metrics, stats, ex = score_system(task, records, preds, refs, rs, {"usd_per_1k": 0.5})
     assert metrics["json_valid_rate"]["value"] == 0.75
+    assert metrics["schema_valid_rate"]["value"] == 0.75
     assert metrics["clause_type.accuracy"]["value"] == 0.5
     assert metrics["clause_type.accuracy_any"]["value"] == 0.75  # r2's second gold label
     # ROUGE only where gold has a key term (r1, r3). r1: 5 predicted words, 2 reference words,
