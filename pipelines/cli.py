@@ -205,6 +205,7 @@ def merge_cmd(
     set_: SetOpt = None,
     base: Annotated[Path | None, typer.Option(help="Base model folder (default: model.dir).")]
     = None,
+    dtype: Annotated[str, typer.Option(help="bfloat16 | float16 | float32.")] = "bfloat16",
 ) -> None:
     """Merge a LoRA adapter into its base model: a standalone 16-bit model for serving.
 
@@ -216,7 +217,9 @@ def merge_cmd(
     values = load(params, set_)
     try:
         base_dir = base or Path(section(values, "model", ModelConfig).dir)
-        info = train.merge(candidate, out, base_dir)
+        if dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"--dtype {dtype!r}: use bfloat16, float16 or float32")
+        info = train.merge(candidate, out, base_dir, dtype)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         fail(err)
     typer.echo(f"merged {info['adapter']} into {info['base']} -> {out} ({info['dtype']}"

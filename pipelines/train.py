@@ -348,8 +348,8 @@ def make_trainer_class():
     return TemperTrainer
 
 
-def make_callback(client, run_id: str | None, history: list[dict[str, float]]):
-    """Collect loss/lr per step (for the plot) and send them to the MLflow child run."""
+def make_callback(client, run_id: str | None):
+    """Send loss, learning rate and grad norm of every logged step to the MLflow child run."""
     from mlflow.entities import Metric
     from transformers import TrainerCallback
 
@@ -361,7 +361,6 @@ def make_callback(client, run_id: str | None, history: list[dict[str, float]]):
                    "learning_rate": float(logs.get("learning_rate", 0.0))}
             if "grad_norm" in logs:
                 row["grad_norm"] = float(logs["grad_norm"])
-            history.append(row)
             if client is not None:
                 now = int(time.time() * 1000)
                 client.log_batch(run_id, metrics=[
@@ -371,7 +370,7 @@ def make_callback(client, run_id: str | None, history: list[dict[str, float]]):
     return Track()
 
 
-def sft_args(cfg: TrainConfig, out: Path, precision: str, gc: bool, n_train: int):
+def sft_args(cfg: TrainConfig, out: Path, precision: str, gc: bool):
     from trl import SFTConfig
 
     if cfg.packing and device_type() != "cuda":
@@ -547,13 +546,12 @@ def run(cfg: TrainConfig, name: str, base_dir: str | Path, mlflow_cfg=None,
     if mlflow_cfg is not None and state.is_main_process:
         client, run_id = start_mlflow(mlflow_cfg, params or {}, name, resolved, base_dir, data_dir)
 
-    history: list[dict[str, float]] = []
     trainer = make_trainer_class()(
         model=model,
-        args=sft_args(cfg, ckpt_dir, precision, gc, len(train_ds)),
+        args=sft_args(cfg, ckpt_dir, precision, gc),
         train_dataset=train_ds,
         processing_class=tokenizer,
-        callbacks=[make_callback(client, run_id, history)],
+        callbacks=[make_callback(client, run_id)],
     )
     log.info("candidate %s: %d train records (%d clauses cut to %d tokens), %d trainable "
              "params, precision %s, checkpointing %s, %d process(es)%s", name, len(train_ds),
@@ -567,6 +565,10 @@ def run(cfg: TrainConfig, name: str, base_dir: str | Path, mlflow_cfg=None,
             client.set_terminated(run_id, "FAILED")
         raise
     wall = time.perf_counter() - start
+    # The trainer's log history survives a resume (it is in the checkpoint): the full curve.
+    history = [{"step": e["step"], "loss": float(e["loss"]),
+                "learning_rate": float(e.get("learning_rate", 0.0))}
+               for e in trainer.state.log_history if "loss" in e]
     tokens = broadcast_sum(trainer.tokens_seen)
     model = trainer.model
     lora = lora_state(model)
@@ -781,7 +783,8 @@ if __name__ == "__main__":
 # Merge
 
 
-def merge(candidate: str | Path, out: str | Path, base_dir: str | Path) -> dict[str, Any]:
+def merge(candidate: str | Path, out: str | Path, base_dir: str | Path,
+          dtype_name: Literal["bfloat16", "float16", "float32"] = "bfloat16") -> dict[str, Any]:
     """Merge an adapter into its base and save a standalone safetensors model (atomically).
 
     LoRA adapters merge into the base weights in their 16-bit dtype. A QLoRA adapter was
@@ -802,7 +805,7 @@ def merge(candidate: str | Path, out: str | Path, base_dir: str | Path) -> dict[
     method = "lora"
     if metrics_file.exists():
         method = json.loads(metrics_file.read_text())["config"].get("method", "lora")
-    dtype = torch.bfloat16
+    dtype = getattr(torch, dtype_name)
     if method == "qlora":
         warnings.warn(
             "merging a QLoRA adapter into dequantized NF4 weights: the merged 16-bit model "
@@ -821,6 +824,6 @@ def merge(candidate: str | Path, out: str | Path, base_dir: str | Path) -> dict[
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         info = {"adapter": str(adapter), "base": str(base_dir), "method": method,
-                "dtype": "bfloat16", "dequantized": method == "qlora"}
+                "dtype": dtype_name, "dequantized": method == "qlora"}
         write_json(tmp / "temper_merge.json", info)
     return info

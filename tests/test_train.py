@@ -101,7 +101,7 @@ def test_bad_records_name_file_line_and_field(tmp_path):
 
 def test_packing_refused_without_flash_attention(tmp_path):
     with pytest.raises(ConfigError, match="packing"):
-        T.sft_args(T.TrainConfig(packing=True), tmp_path, "fp32", False, 10)
+        T.sft_args(T.TrainConfig(packing=True), tmp_path, "fp32", False)
 
 
 def test_labels_cover_the_completion_and_end_of_turn_only(base_model_dir, distilled):
@@ -156,7 +156,7 @@ def tiny_run(tmp_path_factory, base_model_dir, distilled):
 # Losses of the first three steps (rank 4, top 4 blocks, lr 2e-3, batch 2, fp32, 1 thread),
 # measured once on this machine. A change of the loss, the data order or the chat template
 # moves them far beyond the tolerance (float summation order across CPUs moves them ~1e-5).
-PINNED_LOSSES = [1.914669, 1.693153, 1.456318]
+PINNED_LOSSES = [1.40134, 1.071786, 1.411612]
 
 
 @pytest.mark.slow
@@ -219,18 +219,18 @@ def test_merge_matches_the_unmerged_adapter(tiny_run, base_model_dir):
     from transformers import AutoModelForCausalLM
 
     tmp, *_ = tiny_run
-    info = T.merge(tmp / "cand" / "default", tmp / "merged", base_model_dir)
+    info = T.merge(tmp / "cand" / "default", tmp / "merged", base_model_dir, "float32")
     assert info["method"] == "lora" and not info["dequantized"]
+    assert (tmp / "merged" / "model.safetensors").exists()
     ids = torch.tensor([[1, 504, 3458, 314, 253, 1789, 30]])
-    base = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.bfloat16)
-    ref = PeftModel.from_pretrained(base, tmp / "cand" / "default" / "adapter")
-    merged = AutoModelForCausalLM.from_pretrained(tmp / "merged", dtype=torch.bfloat16)
+    load = AutoModelForCausalLM.from_pretrained
     with torch.no_grad():
-        a, b = ref(ids).logits.float(), merged(ids).logits.float()
-        plain = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.bfloat16)(
-            ids).logits.float()
-    assert (a - b).abs().max() < 0.15  # bf16 rounding of the merged weights
-    assert (a - plain).abs().max() > (a - b).abs().max()  # the adapter is really in there
+        plain = load(base_model_dir, dtype=torch.float32)(ids).logits
+        ref = PeftModel.from_pretrained(load(base_model_dir, dtype=torch.float32),
+                                        tmp / "cand" / "default" / "adapter")(ids).logits
+        merged = load(tmp / "merged", dtype=torch.float32)(ids).logits
+    assert (ref - merged).abs().max() < 1e-3
+    assert (ref - plain).abs().max() > 1e-2  # the adapter is really in there
 
 
 # --- resume, DDP (subprocesses, like a real interrupted / launched run) ----------------------
@@ -293,10 +293,14 @@ def test_interrupted_run_resumes_and_matches_uninterrupted(tmp_path, base_model_
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
     assert resumed["val_loss"] == pytest.approx(reference["val_loss"], abs=1e-4)
-    # The resumed run logged steps 5-6 only (1-4 were in the killed process).
-    steps = [int(r.split(",")[0]) for r in
-             (run_dir / "plots" / "c.csv").read_text().splitlines()[1:]]
-    assert steps == [5, 6]
+    # The loss curve is whole (steps 1-4 come from the checkpoint's log history) and the same.
+    def curve(d: Path) -> list[tuple[int, float]]:
+        rows = (d / "plots" / "c.csv").read_text().splitlines()[1:]
+        return [(int(r.split(",")[0]), float(r.split(",")[1])) for r in rows]
+
+    assert [s for s, _ in curve(run_dir)] == [1, 2, 3, 4, 5, 6]
+    assert [x for _, x in curve(run_dir)] == pytest.approx([x for _, x in curve(ref_dir)],
+                                                            abs=1e-4)
 
 
 @pytest.mark.slow
