@@ -49,6 +49,7 @@ SECTIONS: dict[str, type[Section]] = {
     "model": ModelConfig,
     "prepare": PrepareConfig,
     "distil": DistilConfig,
+    "train": TrainConfig,
     "evaluate": EvaluateConfig,
     "judge": JudgeConfig,
     "gates": GatesConfig,
