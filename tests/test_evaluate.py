@@ -189,10 +189,12 @@ def test_prefix_cache_gives_the_same_answers(base_model_dir, task, prepared_dir,
 def test_stage_end_to_end_with_a_real_adapter(tmp_path, base_model_dir, task, prepared_dir,
                                               one_thread):
     import mlflow
+    from fake_api import FakeAPI
     from registry_fixtures import template_db, tiny_adapter
 
     from pipelines import evaluate
     from pipelines.judge import JudgeConfig
+    from pipelines.providers import ProviderConfig
     from pipelines.tracking import MlflowConfig
 
     cands = tmp_path / "candidates"
@@ -208,9 +210,17 @@ def test_stage_end_to_end_with_a_real_adapter(tmp_path, base_model_dir, task, pr
                          cache_dir=str(tmp_path / "cache"),
                          metrics=str(tmp_path / "metrics" / "eval.json"),
                          reports_dir=str(tmp_path / "reports"), worst_examples=3, progress=False)
-    gates = GatesConfig(min_primary=0.0, min_delta_low=None, min_json_valid_rate=None)
-    result = evaluate.run(cfg, task, base_model_dir, JudgeConfig(), gates, mlflow_cfg,
-                          {"test": "evaluate"})
+    gates = GatesConfig(min_primary=0.0, min_delta_low=None, min_json_valid_rate=None,
+                        min_judge_win_rate=0.9)
+    with FakeAPI(responder=lambda messages: '{"winner": "A"}') as api:  # position-biased judge
+        judge = JudgeConfig(enabled=True, sample_frac=0.5, provider=ProviderConfig(
+            kind="openai", model="judge-x", base_url=api.openai_url,
+            cache=str(tmp_path / "judge.sqlite"), prices={"judge-x": {"input": 1, "output": 1}}))
+        result = evaluate.run(cfg, task, base_model_dir, judge, gates, mlflow_cfg,
+                              {"test": "evaluate"})
+        # 3 sampled examples x both orders; tiny2 is a copy of tiny, so its identical
+        # questions are answered from the provider's cache.
+        assert api.requests == 3 * 2
 
     saved = read_json(cfg.metrics)
     assert saved["winner"] == result["winner"] == "tiny2"  # equal scores: name breaks the tie
@@ -221,12 +231,14 @@ def test_stage_end_to_end_with_a_real_adapter(tmp_path, base_model_dir, task, pr
         acc = entry["metrics"]["clause_type.accuracy"]
         assert acc["ci_low"] <= acc["value"] <= acc["ci_high"]
         assert "clause_type.accuracy" in entry["delta_vs_baseline"]
-        assert entry["gates"]["passed"] is True
+        assert entry["gates"]["passed"] is True  # the judge gate is skipped: uncalibrated
+        assert entry["judge"]["flip_rate"] == 1.0 and entry["judge"]["calibrated"] is False
         assert entry["metrics"]["tokens_per_s"]["value"] > 0
         rows = read_jsonl(tmp_path / "reports" / "predictions" / f"{name}.jsonl")
         assert len(rows) == 6 and all("clause_type.accuracy" in r["scores"] for r in rows)
     report = (tmp_path / "reports" / "eval.md").read_text()
-    for heading in ("## Metrics", "## Gates", "## Per category", "## Worst examples"):
+    for heading in ("## Metrics", "## Gates", "## LLM judge", "**no** (not gated)",
+                    "## Per category", "## Worst examples"):
         assert heading in report
     for png in ("per_class_accuracy.png", "deltas.png"):
         assert (tmp_path / "reports" / png).read_bytes()[:4] == b"\x89PNG"
