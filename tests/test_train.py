@@ -372,3 +372,21 @@ def test_qlora_gradients_survive_an_eval_pass(base_model_dir, distilled):
         T.generate(model, tok, [recs[0]["prompt"]], max_new_tokens=4, precision="fp32")
         broken = lora_grads(model, batch)
         assert torch.nn.functional.cosine_similarity(before, broken, dim=0) < 0.9
+
+
+@pytest.mark.slow
+def test_qlora_trains_end_to_end_and_merges_into_dequantized_weights(tmp_path, base_model_dir,
+                                                                     distilled):
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_cfg(tmp_path, distilled, method="qlora", max_steps=2)
+    m = T.run(cfg, "default", base_model_dir)
+    assert m["config"]["method"] == "qlora" and m["steps"] == 2
+    assert m["val_loss"] < m["base_val_loss"]
+    with pytest.warns(UserWarning, match="dequantized NF4"):
+        info = T.merge(tmp_path / "cand" / "default", tmp_path / "merged", base_model_dir)
+    assert info["dequantized"]
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert "quantization_config" not in config  # a plain 16-bit model for serving
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert sum(p.numel() for p in merged.parameters()) > 100_000_000
