@@ -31,11 +31,22 @@ def test_every_command_has_help(name):
     assert "Usage:" in result.output
 
 
-@pytest.mark.parametrize(
-    ("command", "section_name"), [("base-model", "model"), ("prepare", "prepare")]
-)
+STAGE_SECTIONS = [
+    ("base-model", "model"),
+    ("prepare", "prepare"),
+    ("distil", "distil"),
+    ("train", "train"),
+    ("evaluate", "evaluate"),
+    ("gate", "gates"),
+    ("register", "register"),
+    ("promote", "promote"),
+]
+
+
+@pytest.mark.parametrize(("command", "section_name"), STAGE_SECTIONS)
 def test_stage_help_lists_every_param(command, section_name):
     result = runner.invoke(app, [command, "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
     for field in SECTIONS[section_name].model_fields:
         assert f"{section_name}.{field}" in result.output, field
 
