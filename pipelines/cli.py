@@ -403,6 +403,13 @@ def register_cmd(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -
         typer.secho(f"not registered: {summary['reason']}", fg=typer.colors.YELLOW)
 
 
+def promotion_context(values: dict):
+    """The promote config, the registered model's name and a registry client."""
+    cfg = section(values, "promote", PromoteConfig)
+    name = section(values, "register", RegisterConfig).model_name
+    return cfg, name, registry_client(values)
+
+
 @app.command("promote", epilog=describe(PromoteConfig, "promote"))
 def promote_cmd(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Make `challenger` the `champion` if it passed its gates and is not worse.
@@ -415,9 +422,7 @@ def promote_cmd(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) ->
     setup_logging()
     values = load(params, set_)
     try:
-        cfg = section(values, "promote", PromoteConfig)
-        name = section(values, "register", RegisterConfig).model_name
-        client = registry_client(values)
+        cfg, name, client = promotion_context(values)
         decision = promote.decide(client, name, cfg)
         promote.write_report(cfg.report, decision, "promote", promote.history(client, name))
     except (ConfigError, promote.PromoteError) as err:
@@ -439,9 +444,7 @@ def rollback_cmd(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -
     setup_logging()
     values = load(params, set_)
     try:
-        cfg = section(values, "promote", PromoteConfig)
-        name = section(values, "register", RegisterConfig).model_name
-        client = registry_client(values)
+        cfg, name, client = promotion_context(values)
         decision = promote.rollback(client, name, cfg)
         promote.write_report(cfg.report, decision, "rollback", promote.history(client, name))
     except (ConfigError, promote.PromoteError) as err:

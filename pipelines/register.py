@@ -139,25 +139,8 @@ def candidate_entry(evaluation: dict[str, Any], name: str, path: str) -> dict[st
     raise RegisterError(f"{path}: no entry for candidate {name!r} (looked in 'candidates')")
 
 
-def metrics_of(entry: dict[str, Any]) -> dict[str, tuple[float | None, float | None, float | None]]:
-    raw = entry.get("metrics", {})
-    out = {}
-    for key, value in raw.items():
-        triple = interval(value)
-        if triple[0] is not None:
-            out[key] = triple
-    return out
-
-
-def deltas_of(entry: dict[str, Any]) -> dict[str, tuple[float | None, float | None, float | None]]:
-    raw = next(
-        (
-            entry[k]
-            for k in ("delta_vs_baseline", "deltas", "delta", "paired_deltas")
-            if isinstance(entry.get(k), dict)
-        ),
-        {},
-    )
+def intervals(raw: dict[str, Any]) -> dict[str, tuple[float | None, float | None, float | None]]:
+    """`{metric: value or interval}` -> `{metric: (value, low, high)}`, without empty values."""
     out = {}
     for key, value in raw.items():
         triple = interval(value)
@@ -375,7 +358,7 @@ def collect(
     from .base_model import model_hash
 
     entry = candidate_entry(evaluation, winner, cfg.eval)
-    metrics = metrics_of(entry)
+    metrics = intervals(entry.get("metrics", {}))
     primary = primary_metric(evaluation, metrics, cfg.eval)
     gates_passed, gates = gates_of(entry, is_winner=True)
     if not gates_passed:
@@ -397,7 +380,7 @@ def collect(
         name=winner,
         adapter_dir=adapter_dir,
         metrics=metrics,
-        deltas=deltas_of(entry),
+        deltas=intervals(entry.get("delta_vs_baseline", {})),
         primary=primary,
         gates=gates,
         scores=example_scores(Path(cfg.predictions_dir) / f"{winner}.jsonl", primary),
