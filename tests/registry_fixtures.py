@@ -66,6 +66,16 @@ def tiny_adapter(base_dir: str) -> Path:
     return folder / "adapter"
 
 
+def store_client(project: Path):
+    """An MLflow client on the project's embedded sqlite store (tracking and registry)."""
+    import mlflow
+
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return mlflow.MlflowClient()
+
+
 def git(cwd: Path, *args: str) -> str:
     return subprocess.run(
         ["git", "-c", "user.email=t@example.com", "-c", "user.name=test", *args],

@@ -43,27 +43,10 @@ def test_converted_model_greedy_output_is_pinned(base_model_dir):
     )
     out = model.generate(**inputs, max_new_tokens=24, do_sample=False)
     new = out[0][inputs["input_ids"].shape[1] :].tolist()
-    assert new == [
-        504,
-        1525,
-        282,
-        260,
-        2888,
-        282,
-        1315,
-        2863,
-        314,
-        260,
-        1525,
-        282,
-        260,
-        2888,
-        282,
-        1315,
-        2863,
-        30,
-        2,
-    ]
+    # fmt: off
+    assert new == [504, 1525, 282, 260, 2888, 282, 1315, 2863, 314, 260, 1525, 282, 260, 2888,
+                   282, 1315, 2863, 30, 2]
+    # fmt: on
     assert tokenizer.decode(new, skip_special_tokens=True) == (
         "The law of the State of New York is the law of the State of New York."
     )

@@ -11,6 +11,7 @@ from registry_fixtures import (
     MODEL,
     make_project,
     pattern,
+    store_client,
     tiny_adapter,
     train_candidates,
     write_eval,
@@ -31,15 +32,6 @@ def project(tmp_path, base_model_dir, monkeypatch) -> Path:
     return tmp_path
 
 
-def registry(project: Path):
-    import mlflow
-
-    uri = f"sqlite:///{project / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return mlflow.MlflowClient()
-
-
 def register(project: Path, base_model_dir: Path, correct: list[int]) -> str:
     """One pipeline round: train a candidate, evaluate it (given correctness), register it."""
     train_candidates(project, ["r16"], tiny_adapter(str(base_model_dir)))
@@ -50,7 +42,7 @@ def register(project: Path, base_model_dir: Path, correct: list[int]) -> str:
 
 
 def champion(project: Path) -> str:
-    return str(registry(project).get_model_version_by_alias(MODEL, "champion").version)
+    return str(store_client(project).get_model_version_by_alias(MODEL, "champion").version)
 
 
 @pytest.mark.slow
@@ -62,14 +54,14 @@ def test_promote_first_refuse_worse_accept_better_then_rollback(project, base_mo
     assert result.exit_code == 0, result.output
     assert champion(project) == v1 == "1"
     assert "PROMOTED" in report.read_text()
-    assert registry(project).get_model_version(MODEL, v1).tags["temper.promotion"] == "promoted"
+    assert store_client(project).get_model_version(MODEL, v1).tags["temper.promotion"] == "promoted"
 
     v2 = register(project, base_model_dir, pattern(N, 24))  # accuracy 0.40: worse
     result = runner.invoke(app, ["promote"])
     assert result.exit_code == 1, result.output
     assert "worse than champion v1" in result.output
     assert champion(project) == v1  # champion stays
-    tags = registry(project).get_model_version(MODEL, v2).tags
+    tags = store_client(project).get_model_version(MODEL, v2).tags
     assert tags["temper.promotion"] == "refused"
     assert tags["temper.promotion.vs"] == "1"
     assert tags["temper.promotion.delta"].startswith("-0.3000 [")
@@ -85,7 +77,7 @@ def test_promote_first_refuse_worse_accept_better_then_rollback(project, base_mo
     result = runner.invoke(app, ["promote"])
     assert result.exit_code == 0, result.output
     assert champion(project) == v3 == "3"
-    assert promote.history(registry(project), MODEL) == ["1", "3"]
+    assert promote.history(store_client(project), MODEL) == ["1", "3"]
 
     result = runner.invoke(app, ["promote"])  # already champion
     assert result.exit_code == 0 and "already champion" in result.output
@@ -93,7 +85,7 @@ def test_promote_first_refuse_worse_accept_better_then_rollback(project, base_mo
     result = runner.invoke(app, ["rollback"])
     assert result.exit_code == 0, result.output
     assert champion(project) == v1
-    assert registry(project).get_model_version(MODEL, v3).tags["temper.promotion"] == "rolled_back"
+    assert store_client(project).get_model_version(MODEL, v3).tags["temper.promotion"] == "rolled_back"
     assert "ROLLED BACK" in report.read_text()
 
     result = runner.invoke(app, ["promote"])  # v3 is still @challenger
@@ -112,7 +104,7 @@ def test_challenger_that_failed_gates_or_other_eval_set_is_refused(project, base
     assert runner.invoke(app, ["promote"]).exit_code == 0
 
     v2 = register(project, base_model_dir, pattern(N, 50))  # better, but...
-    client = registry(project)
+    client = store_client(project)
     client.set_model_version_tag(MODEL, v2, "temper.gates_passed", "false")
     result = runner.invoke(app, ["promote"])
     assert result.exit_code == 1 and "did not pass its gates" in result.output

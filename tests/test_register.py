@@ -11,6 +11,7 @@ from registry_fixtures import (
     git,
     make_project,
     pattern,
+    store_client,
     tiny_adapter,
     train_candidates,
     write_eval,
@@ -31,15 +32,6 @@ def project(tmp_path, base_model_dir, monkeypatch) -> Path:
     return tmp_path
 
 
-def client_for(project: Path):
-    import mlflow
-
-    uri = f"sqlite:///{project / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return mlflow.MlflowClient()
-
-
 @pytest.mark.slow
 def test_register_winner_with_children_alias_lineage_and_card(project, base_model_dir):
     from pipelines.base_model import model_hash
@@ -55,7 +47,7 @@ def test_register_winner_with_children_alias_lineage_and_card(project, base_mode
         in result.output
     )
 
-    client = client_for(project)
+    client = store_client(project)
     summary = json.loads((project / "metrics" / "register.json").read_text())
     parent = client.get_run(summary["pipeline_run_id"])
     assert parent.info.status == "FINISHED"
@@ -118,7 +110,7 @@ def test_lineage_recovers_data_hash_params_and_commit(project, base_model_dir):
     result = runner.invoke(app, ["register", "-S", "register.model_name=lineage-test"])
     assert result.exit_code == 0, result.output
 
-    client_for(project)
+    store_client(project)
     got = reg.lineage("lineage-test", 1)
     assert got["data_hashes"] == {
         "data/prepared": "aaaabbbbccccddddeeeeffff00001111.dir",
@@ -138,7 +130,7 @@ def test_no_winner_registers_nothing(project, base_model_dir):
     assert result.exit_code == 0, result.output
     assert "not registered: no candidate passed the gates" in result.output
     assert json.loads((project / "metrics" / "register.json").read_text())["registered"] is False
-    assert client_for(project).search_model_versions(f"name = '{MODEL}'") == []
+    assert store_client(project).search_model_versions(f"name = '{MODEL}'") == []
 
     result = runner.invoke(app, ["register", "-S", "register.require_winner=true"])
     assert result.exit_code == 1
