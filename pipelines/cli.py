@@ -128,7 +128,8 @@ def distil_cmd(
     """Label the training data with the teacher (gold offline) and answer the test split.
 
     Exit codes: 3 budget cap reached (finished work kept), 4 cost estimate above the cap
-    (nothing sent), 5 endpoint not on this machine and allow_external false (nothing sent).
+    (nothing sent), 5 endpoint not on this machine and allow_external false (nothing sent),
+    6 more than max_reject_rate of the records rejected or failed (previous outputs kept).
     """
     from . import distil
     from .task import load_task

@@ -15,6 +15,10 @@ invalid one gets one repair turn (the problems are sent back), then goes to `rej
 Money: a cost estimate runs first and refuses to start above `max_usd` (unless `force`); the
 provider's hard caps stop the run cleanly, and everything finished is kept (the cache holds
 every answer, and the outputs written so far say `complete: false` in the metrics).
+
+Bad days: when more than `max_reject_rate` of the records sent were rejected or failed (an
+outage, a teacher that ignores the schema), the stage exits with EXIT_TOO_MANY_REJECTS and
+leaves the previous outputs as they were: an empty `train.jsonl` never replaces a good one.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import asyncio
 import logging
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +53,7 @@ log = logging.getLogger(__name__)
 EXIT_BUDGET_STOP = 3
 EXIT_ESTIMATE_REFUSED = 4
 EXIT_PRIVACY = 5
+EXIT_TOO_MANY_REJECTS = 6
 TRUNCATED = {"length", "max_tokens"}
 REQUIRED = ("id", "text", "prompt", "gold")
 
@@ -69,6 +75,9 @@ class DistilConfig(Section):
     few_shot_seed: str = Field("temper-fewshot-v1", description="Salt of the few-shot choice.")
     baseline_few_shot: bool = Field(True, description="Give the baseline the few-shot examples.")
     repair: bool = Field(True, description="One repair turn for an invalid answer.")
+    max_reject_rate: float = Field(
+        0.05, ge=0, le=1, description="Fail (exit 6, previous outputs kept) when more than this "
+        "share of the records sent to the teacher were rejected or failed.")
     force: bool = Field(False, description="Start even if the cost estimate exceeds max_usd.")
     progress: bool = Field(True, description="Show progress bars.")
     log_mlflow: bool = Field(True, description="Log params and metrics to an MLflow child run.")
@@ -77,9 +86,11 @@ class DistilConfig(Section):
 class DistilError(RuntimeError):
     """The stage cannot run or finish; `exit_code` says why (see EXIT_*)."""
 
-    def __init__(self, message: str, exit_code: int = 1):
+    def __init__(self, message: str, exit_code: int = 1,
+                 metrics: dict[str, Any] | None = None):
         super().__init__(message)
         self.exit_code = exit_code
+        self.metrics = metrics  # what the run did, when it got as far as sending requests
 
 
 # ----------------------------------------------------------------------------- inputs, prompts
@@ -277,8 +288,13 @@ def run(cfg: DistilConfig, task: TaskConfig, mlflow: Any = None,
 
         estimate = estimate_cost(provider, task, [m for _, _, m in jobs] + base_msgs, version)
         log.info("teacher %s:%s, %d records + %d baseline; estimate %d uncached requests, $%.4f "
-                 "(cap $%.2f)", pcfg.kind, pcfg.model, len(jobs), len(base_msgs),
-                 estimate["requests"], estimate["usd"], pcfg.max_usd)
+                 "(worst case $%.4f; cap $%.2f)", pcfg.kind, pcfg.model, len(jobs),
+                 len(base_msgs), estimate["requests"], estimate["usd"],
+                 estimate["usd_worst_case"], pcfg.max_usd)
+        if estimate["usd_worst_case"] > pcfg.max_usd:
+            log.warning("if answers run to max_tokens (%d) the spend cap stops this run before "
+                        "it ends (worst case $%.4f > max_usd $%.2f)", pcfg.max_tokens,
+                        estimate["usd_worst_case"], pcfg.max_usd)
         if not cfg.force and (estimate["usd"] > pcfg.max_usd
                               or estimate["requests"] > pcfg.max_requests):
             raise DistilError(
@@ -312,11 +328,12 @@ def run(cfg: DistilConfig, task: TaskConfig, mlflow: Any = None,
 
 def estimate_cost(provider: Provider, task: TaskConfig, batch: list[list[dict[str, str]]],
                   version: str) -> dict[str, Any]:
-    """Uncached requests and their estimated USD (repairs not included: they are rare)."""
-    n, usd = provider.estimate_usd(batch, json_schema=task.json_schema(),
-                                   expected_output_tokens=task.max_new_tokens,
-                                   prompt_version=version)
-    return {"requests": n, "usd": round(usd, 6)}
+    """Uncached requests, their expected USD (answers of the task's usual length) and the
+    worst case (every answer as long as max_tokens allows); repairs not included."""
+    n, usd, worst = provider.estimate_usd(batch, json_schema=task.json_schema(),
+                                          expected_output_tokens=task.max_new_tokens,
+                                          prompt_version=version)
+    return {"requests": n, "usd": round(usd, 6), "usd_worst_case": round(worst, 6)}
 
 
 def gold_outcomes(task: TaskConfig, splits: dict[str, list[dict[str, Any]]]
@@ -344,44 +361,44 @@ def finish(cfg: DistilConfig, task: TaskConfig, by_split: dict[str, list[Outcome
     counts: dict[str, dict[str, int]] = {}
     rejects: list[dict[str, Any]] = []
     pairs = []
-    with atomic_dir(cfg.out_dir) as tmp:
-        for split, outcomes in by_split.items():
-            rows = []
-            for o in outcomes:
-                if o.answer is not None:
-                    rows.append({**o.record,
-                                 "completion": [{"role": "assistant",
-                                                 "content": task.format_answer(o.answer)}],
-                                 "answer": o.answer, "label_source": source,
-                                 "teacher_model": pcfg.model, "prompt_hash": task.prompt_hash})
-                    pairs.append((o.answer, o.record))
-                elif o.reason is not None:
-                    rejects.append({"id": o.record["id"], "split": split, "reason": o.reason,
-                                    "output": o.output})
-            write_jsonl(tmp / f"{split}.jsonl", rows)
-            counts[split] = {
-                "input": len(outcomes), "labelled": len(rows),
-                "rejected": sum(o.reason is not None for o in outcomes),
-                "not_labelled_budget": sum(o.budget_stop for o in outcomes)}
-            # Never drop a record silently: every input is labelled, rejected or budget-stopped.
-            c = counts[split]
-            assert c["labelled"] + c["rejected"] + c["not_labelled_budget"] == c["input"], c
-        baseline_report = None
-        if baseline is not None and cfg.baseline_split:
-            rows = [baseline_row(o) for o in baseline]
-            write_jsonl(tmp / f"baseline_{cfg.baseline_split}.jsonl", rows)
-            answered = [o for o in baseline if o.answer is not None]
-            baseline_report = {
-                "split": cfg.baseline_split, "records": len(baseline),
-                "valid_answers": len(answered),
-                "failed": sum(o.reason is not None and not o.replies for o in baseline),
-                "not_answered_budget": sum(o.budget_stop for o in baseline),
-                "agreement_with_gold": agreement(
-                    task, [(o.answer, o.record) for o in answered if "gold" in o.record])}
-        write_jsonl(tmp / "rejects.jsonl", rejects)
+    files: dict[str, list[dict[str, Any]]] = {}
+    for split, outcomes in by_split.items():
+        rows = []
+        for o in outcomes:
+            if o.answer is not None:
+                rows.append({**o.record,
+                             "completion": [{"role": "assistant",
+                                             "content": task.format_answer(o.answer)}],
+                             "answer": o.answer, "label_source": source,
+                             "teacher_model": pcfg.model, "prompt_hash": task.prompt_hash})
+                pairs.append((o.answer, o.record))
+            elif o.reason is not None:
+                rejects.append({"id": o.record["id"], "split": split, "reason": o.reason,
+                                "output": o.output})
+        files[f"{split}.jsonl"] = rows
+        counts[split] = {
+            "input": len(outcomes), "labelled": len(rows),
+            "rejected": sum(o.reason is not None for o in outcomes),
+            "not_labelled_budget": sum(o.budget_stop for o in outcomes)}
+        # Never drop a record silently: every input is labelled, rejected or budget-stopped.
+        c = counts[split]
+        assert c["labelled"] + c["rejected"] + c["not_labelled_budget"] == c["input"], c
+    baseline_report = None
+    if baseline is not None and cfg.baseline_split:
+        files[f"baseline_{cfg.baseline_split}.jsonl"] = [baseline_row(o) for o in baseline]
+        answered = [o for o in baseline if o.answer is not None]
+        baseline_report = {
+            "split": cfg.baseline_split, "records": len(baseline),
+            "valid_answers": len(answered),
+            "failed": sum(o.reason is not None and not o.replies for o in baseline),
+            "not_answered_budget": sum(o.budget_stop for o in baseline),
+            "agreement_with_gold": agreement(
+                task, [(o.answer, o.record) for o in answered if "gold" in o.record])}
+    files["rejects.jsonl"] = rejects
 
     stopped = any(o.budget_stop for outs in by_split.values() for o in outs) or any(
         o.budget_stop for o in baseline or [])
+    failure = failure_share(counts, baseline_report)
     stats = provider.stats.summary() if provider else {}
     metrics: dict[str, Any] = {
         "teacher": {"kind": pcfg.kind, "model": pcfg.model},
@@ -399,6 +416,14 @@ def finish(cfg: DistilConfig, task: TaskConfig, by_split: dict[str, list[Outcome
         "tokens_out": stats.get("output_tokens", 0),
         "usd": stats.get("usd", 0.0),
         "usd_estimate": estimate.get("usd"),
+        "usd_estimate_worst_case": estimate.get("usd_worst_case"),
+        # Replies past the requested limits (rejected) and requests abandoned after they may
+        # have been billed (timeouts): both charged their worst case, included in `usd`.
+        "over_limit_replies": stats.get("over_limit", 0),
+        "abandoned_requests": stats.get("abandoned", 0),
+        "usd_charged_worst_case": stats.get("usd_charged_worst_case", 0.0),
+        "usd_claimed_over_limit": stats.get("usd_claimed_over_limit", 0.0),
+        "reject_rate": failure["rate"],
         "max_usd": pcfg.max_usd if provider else None,
         "latency_ms_p50": stats.get("latency_ms_p50"),
         "latency_ms_p95": stats.get("latency_ms_p95"),
@@ -409,6 +434,22 @@ def finish(cfg: DistilConfig, task: TaskConfig, by_split: dict[str, list[Outcome
         "few_shot_ids": shots or [],
         "wall_s": round(time.perf_counter() - t0, 2),
     }
+    if failure["rate"] is not None and failure["rate"] > cfg.max_reject_rate:
+        # The previous outputs stay: a run that lost most of its records must not replace them.
+        reasons = Counter(_reason_kind(r["reason"]) for r in rejects)
+        top = "; ".join(f"{n} x {why}" for why, n in reasons.most_common(3))
+        message = (
+            f"{failure['failed']} of {failure['sent']} records sent to the teacher were rejected "
+            f"or failed ({failure['rate']:.1%} > max_reject_rate {cfg.max_reject_rate:.1%}): "
+            f"{top or 'baseline requests failed'}. {cfg.out_dir} and {cfg.metrics} were left as "
+            f"they were; spent ${metrics['usd']:.4f}. Every good answer is cached: fix the "
+            "teacher (or raise distil.max_reject_rate) and re-run.")
+        if stopped:
+            raise DistilError(f"budget cap reached, and {message}", EXIT_BUDGET_STOP, metrics)
+        raise DistilError(message, EXIT_TOO_MANY_REJECTS, metrics)
+    with atomic_dir(cfg.out_dir) as tmp:
+        for name, rows in files.items():
+            write_jsonl(tmp / name, rows)
     write_json(cfg.metrics, metrics)
     if mlflow is not None:
         log_mlflow(mlflow, cfg, metrics, params or {})
@@ -419,8 +460,26 @@ def finish(cfg: DistilConfig, task: TaskConfig, by_split: dict[str, list[Outcome
             f"{budget.requests} of max_requests {budget.max_requests} requests): stopped "
             f"cleanly; {sum(c['labelled'] for c in counts.values())} records labelled and "
             f"kept, {sum(c['not_labelled_budget'] for c in counts.values())} not labelled. "
-            "Every answer is cached: raise the cap and re-run to finish.", EXIT_BUDGET_STOP)
+            "Every answer is cached: raise the cap and re-run to finish.", EXIT_BUDGET_STOP,
+            metrics)
     return metrics
+
+
+def failure_share(counts: dict[str, dict[str, int]],
+                  baseline: dict[str, Any] | None) -> dict[str, Any]:
+    """Records sent to the teacher (budget-stopped ones were not) and how many failed:
+    rejected in the labelled splits, plus baseline requests that got no reply at all."""
+    sent = sum(c["input"] - c["not_labelled_budget"] for c in counts.values())
+    failed = sum(c["rejected"] for c in counts.values())
+    if baseline is not None:
+        sent += baseline["records"] - baseline["not_answered_budget"]
+        failed += baseline["failed"]
+    return {"sent": sent, "failed": failed, "rate": round(failed / sent, 4) if sent else None}
+
+
+def _reason_kind(reason: str) -> str:
+    """A reject reason without its record-specific details, for counting."""
+    return re.sub(r"'[^']*'|\d+", "…", reason)[:120]
 
 
 def baseline_row(o: Outcome) -> dict[str, Any]:

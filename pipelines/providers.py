@@ -29,7 +29,16 @@ Design choices (the why):
 - Budget: before each attempt the worst case (estimated input tokens at a conservative
   3 chars/token plus `max_tokens` of output) is reserved; the reservation is settled with the
   reported usage afterwards. A request that could cross `max_usd` or `max_requests` is never
-  sent, so spend stays within the cap up to the error of the input-token estimate.
+  sent, so spend stays within the cap up to the error of the input-token estimate. The cap
+  holds whatever a server sends: a reply is read up to `max_reply_bytes` only, a reply whose
+  usage exceeds the requested output limit is rejected (`OverLimitReply`) and charged the
+  worst case, not the claimed usage (recorded apart), and a request abandoned after it may have
+  reached the server (a read timeout, a cut or unreadable body) is charged its worst case too,
+  because the server may well have finished and billed it.
+- Privacy: with `allow_external: false` an endpoint must be provably on this machine without
+  asking DNS: a literal loopback address, or `localhost` as the hosts file maps it (every
+  address loopback). The client is then pinned to that literal address, so nothing resolves
+  the name again later, and redirects are not followed.
 - The limiter is a 60-second sliding window written by hand (about 30 lines): no maintained
   async limiter is installed here, and it must also take the 429 pause.
 """
@@ -117,6 +126,9 @@ class ProviderConfig(Section):
     backoff_max_s: float = Field(30.0, ge=0, description="Longest backoff between retries.")
     max_retry_after_s: float = Field(120.0, ge=0, description="Longest retry-after honoured.")
     timeout_s: float = Field(60.0, gt=0, description="Per-request timeout in seconds.")
+    max_reply_bytes: int | None = Field(
+        None, gt=0, description="Bytes read of one reply at most; a longer one is a fault, "
+        "charged its worst case (null: 64 KiB + 64 bytes per requested output token).")
     cache: str = Field(".cache/llm-cache.sqlite", description="The persistent response cache.")
     prices: dict[str, Price] = Field(
         default_factory=dict, description="USD per 1M input/output tokens, per model name.")
@@ -152,6 +164,14 @@ class CacheMiss(ProviderError):
     """`replay` found no cached answer for a request."""
 
 
+class OverLimitReply(ProviderError):
+    """The server answered past the limits the request set (bytes or output tokens).
+
+    Not retried (a server that ignores `max_tokens` does it again, at our expense); charged
+    the request's worst case, never the usage the server claims.
+    """
+
+
 class PrivacyError(ConfigError):
     """The endpoint is not on this machine and `allow_external` is false."""
 
@@ -183,25 +203,73 @@ def redact(text: str, kinds: Sequence[str], counts: Counter[str] | None = None) 
     return text
 
 
-def is_local(url: str) -> bool:
-    """True when the URL's host is this machine's loopback (localhost, 127.0.0.0/8, ::1)."""
-    host = (urlparse(url).hostname or "").lower()
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
+HOSTS_FILE = Path("/etc/hosts")
+
+
+def hosts_addresses(name: str, hosts_file: Path = HOSTS_FILE) -> list[str]:
+    """The addresses the hosts file gives `name` (no DNS query); [] when it lists none."""
     try:
-        return ipaddress.ip_address(host).is_loopback
+        lines = hosts_file.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        fields = line.split("#", 1)[0].split()
+        if len(fields) > 1 and name in (n.lower() for n in fields[1:]):
+            found.append(fields[0])
+    return found
+
+
+def loopback_address(host: str, hosts_file: Path | None = None) -> str | None:
+    """The literal loopback address to connect to for `host`, or None when `host` is not
+    provably this machine: a literal loopback address, or `localhost` as the hosts file maps it.
+
+    No other name counts, `*.localhost` included: deciding would mean asking a resolver, which
+    may forward the name to an external DNS server, and whatever address came back would
+    receive the data. Nothing here touches the network.
+    """
+    host = host.lower().strip("[]")
+    with contextlib.suppress(ValueError):
+        return host if ipaddress.ip_address(host).is_loopback else None
+    if host != "localhost":
+        return None
+    addresses = hosts_addresses("localhost", hosts_file or HOSTS_FILE) or ["127.0.0.1"]  # RFC 6761
+    try:
+        loopback = [a for a in addresses if ipaddress.ip_address(a.split("%")[0]).is_loopback]
     except ValueError:
-        return False  # any other name could resolve anywhere: treat as external
+        return None
+    return addresses[0] if len(loopback) == len(addresses) else None
 
 
-def check_endpoint(cfg: ProviderConfig) -> str:
-    """The endpoint to use; raises PrivacyError before anything is sent if it is not allowed."""
+def is_local(url: str, hosts_file: Path | None = None) -> bool:
+    """True when the URL's host is provably this machine's loopback (see `loopback_address`)."""
+    return loopback_address(urlparse(url).hostname or "", hosts_file) is not None
+
+
+def pin_url(url: str, address: str) -> str:
+    """`url` with its host replaced by the literal `address` (IPv6 in brackets)."""
+    parts = urlparse(url)
+    host = f"[{address}]" if ":" in address else address
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return parts._replace(netloc=netloc).geturl()
+
+
+def check_endpoint(cfg: ProviderConfig, hosts_file: Path | None = None) -> str:
+    """The endpoint to use; raises PrivacyError before anything is sent if it is not allowed.
+
+    With `allow_external: false` the URL comes back pinned to the literal loopback address,
+    so the SDK never resolves a name.
+    """
     url = cfg.base_url or DEFAULT_BASE_URL[cfg.kind]
-    if not cfg.allow_external and not is_local(url):
+    if cfg.allow_external:
+        return url
+    address = loopback_address(urlparse(url).hostname or "", hosts_file)
+    if address is None:
         raise PrivacyError(
             f"provider {cfg.kind} endpoint {url} is not on this machine and allow_external is "
-            "false: nothing was sent. Set allow_external: true to send data to it.")
-    return url
+            "false: nothing was sent (only literal loopback addresses and `localhost` from the "
+            "hosts file count as local). Set allow_external: true to send data to it.")
+    return pin_url(url, address)
 
 
 # ----------------------------------------------------------------------------- cache
@@ -323,7 +391,11 @@ class Stats:
     budget_refusals: int = 0  # calls not sent because of a cap
     input_tokens: int = 0     # new (uncached) tokens only
     output_tokens: int = 0
-    usd: float = 0.0
+    usd: float = 0.0          # all new spend, the charges below included
+    over_limit: int = 0       # replies past the requested bytes/tokens: rejected
+    abandoned: int = 0        # requests given up after they may have reached the server
+    usd_charged_worst_case: float = 0.0  # what those two kinds were charged (their worst case)
+    usd_claimed_over_limit: float = 0.0  # what over-limit replies claimed beyond it (not paid)
     latencies_ms: list[float] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
     redactions: Counter[str] = field(default_factory=Counter)
@@ -331,7 +403,8 @@ class Stats:
     def summary(self) -> dict[str, Any]:
         out = asdict(self)
         lat = sorted(out.pop("latencies_ms"))
-        out["usd"] = round(self.usd, 6)
+        for key in ("usd", "usd_charged_worst_case", "usd_claimed_over_limit"):
+            out[key] = round(out[key], 6)
         out["latency_ms_p50"] = round(percentile(lat, 50), 1) if lat else None
         out["latency_ms_p95"] = round(percentile(lat, 95), 1) if lat else None
         out["errors"] = dict(self.errors)
@@ -383,8 +456,83 @@ def is_retryable(err: BaseException) -> bool:
                             json.JSONDecodeError, MalformedResponse))
 
 
+# OverLimitReply is a ProviderError, and is_retryable never names it: it is not retried.
+
+
 class MalformedResponse(ProviderError):
     """The server answered 200 with a body that is not a completion."""
+
+
+def may_have_been_billed(err: BaseException) -> bool:
+    """Whether a failed attempt may still have been processed (and billed) by the server.
+
+    Yes for a read timeout (the client left, the server went on) and for a 200 whose body was
+    cut, unreadable or too long; no when the connection was never made or the server answered
+    with an error status.
+    """
+    import httpx2
+
+    chain = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    if any(isinstance(e, (httpx2.ConnectError, httpx2.ConnectTimeout)) for e in chain):
+        return False
+    import anthropic
+    import openai
+
+    billed = (openai.APITimeoutError, anthropic.APITimeoutError, openai.APIResponseValidationError,
+              anthropic.APIResponseValidationError, httpx2.TimeoutException,
+              httpx2.RemoteProtocolError, json.JSONDecodeError, MalformedResponse, OverLimitReply)
+    return any(isinstance(e, billed) for e in chain)
+
+
+def reply_limit(cfg: ProviderConfig, max_tokens: int) -> int:
+    """Bytes read of one reply at most: room for the envelope plus generous bytes per token."""
+    return cfg.max_reply_bytes or 65536 + 64 * max_tokens
+
+
+def capped_transport(max_bytes: int) -> Any:
+    """An httpx2 transport (the SDKs' HTTP layer) that stops reading a reply at `max_bytes`.
+
+    Written by hand: neither SDK nor httpx2 has a response-size limit, and without one a
+    server can make us hold (and pay for) a reply of any length.
+    """
+    import httpx2
+
+    class CappedStream(httpx2.AsyncByteStream):
+        def __init__(self, stream: Any):
+            self._stream = stream
+
+        async def __aiter__(self) -> Any:
+            seen = 0
+            async for chunk in self._stream:
+                seen += len(chunk)
+                if seen > max_bytes:
+                    raise OverLimitReply(f"reply longer than {max_bytes} bytes (max_reply_bytes)")
+                yield chunk
+
+        async def aclose(self) -> None:
+            await self._stream.aclose()
+
+    class CappedTransport(httpx2.AsyncBaseTransport):
+        def __init__(self) -> None:
+            self._inner = httpx2.AsyncHTTPTransport()
+
+        async def handle_async_request(self, request: Any) -> Any:
+            response = await self._inner.handle_async_request(request)
+            length = response.headers.get("content-length", "")
+            if length.isdigit() and int(length) > max_bytes:
+                await response.aclose()
+                raise OverLimitReply(f"reply of {length} bytes, over max_reply_bytes {max_bytes}")
+            return httpx2.Response(response.status_code, headers=response.headers,
+                                   stream=CappedStream(response.stream),
+                                   extensions=response.extensions, request=request)
+
+        async def aclose(self) -> None:
+            await self._inner.aclose()
+
+    return CappedTransport()
 
 
 # ----------------------------------------------------------------------------- providers
@@ -438,13 +586,20 @@ class Provider:
         return self.cache.get(self.cache_key(sent, **kw)) is not None
 
     def estimate_usd(self, batch: Sequence[Messages], *, max_tokens: int | None = None,
-                     expected_output_tokens: int | None = None, **kw: Any) -> tuple[int, float]:
-        """(uncached requests, estimated USD) for a batch, before running it."""
+                     expected_output_tokens: int | None = None,
+                     **kw: Any) -> tuple[int, float, float]:
+        """(uncached requests, expected USD, worst-case USD) for a batch, before running it.
+
+        Expected: `expected_output_tokens` per answer; worst case: every answer as long as
+        `max_tokens` allows (what the budget reserves per request).
+        """
         price = self.price()
-        out_tokens = expected_output_tokens or max_tokens or self.cfg.max_tokens
+        limit = max_tokens or self.cfg.max_tokens
+        out_tokens = expected_output_tokens or limit
         todo = [m for m in batch if not self.is_cached(m, max_tokens=max_tokens, **kw)]
         usd = sum(price.cost(estimate_tokens(m), out_tokens) for m in todo)
-        return len(todo), usd
+        worst = sum(price.cost(estimate_tokens(m), limit) for m in todo)
+        return len(todo), usd, worst
 
     def price(self) -> Price:
         return Price(input=0, output=0)
@@ -557,26 +712,49 @@ class Provider:
                         self.stats.budget_refusals += 1
                         raise
                     t0 = time.perf_counter()
+                    sent = False
                     try:
                         await self.limiter.acquire(est_in + max_tokens)
                         t0 = time.perf_counter()
                         self.stats.requests += 1
+                        sent = True
                         text, tin, tout, finish = await self._send(client, messages, json_schema,
                                                                    max_tokens)
+                        # Servers that report no usage (some local ones): the estimate, but
+                        # never more than the limit unless the text cannot fit in it.
+                        tin = est_in if tin is None else tin
+                        if tout is None:
+                            tout = min(math.ceil(len(text) / CHARS_PER_TOKEN), max_tokens)
+                            if len(text) > 16 * max_tokens:  # no tokenizer is that coarse
+                                tout = max_tokens + 1
+                        if tout > max_tokens:
+                            claimed = price.cost(tin, tout) - price.cost(tin, max_tokens)
+                            self.stats.usd_claimed_over_limit += max(claimed, 0.0)
+                            raise OverLimitReply(f"reply of {tout} output tokens, over the "
+                                                 f"requested limit of {max_tokens}")
                     except BaseException as err:
-                        self.budget.settle(reserve, 0.0)
+                        # A request the server may have finished is charged its worst case.
+                        charge = reserve if sent and may_have_been_billed(err) else 0.0
+                        self.budget.settle(reserve, charge)
+                        if charge:
+                            self.stats.usd += charge
+                            self.stats.usd_charged_worst_case += charge
+                            if isinstance(err, OverLimitReply):
+                                self.stats.over_limit += 1
+                            else:
+                                self.stats.abandoned += 1
                         self.stats.errors[type(err).__name__] += 1
                         if (seconds := retry_after_s(err)) is not None:
                             self.limiter.pause(min(seconds, cfg.max_retry_after_s))
                         raise
                     latency = (time.perf_counter() - t0) * 1000
-                    # Servers that report no usage (some local ones) are charged the estimate.
-                    tin = est_in if tin is None else tin
-                    tout = math.ceil(len(text) / CHARS_PER_TOKEN) if tout is None else tout
                     usd = price.cost(tin, tout)
                     self.budget.settle(reserve, usd)
         except BudgetExceeded:
             raise
+        except OverLimitReply as err:
+            self.stats.failures += 1
+            raise OverLimitReply(str(err)) from None
         except Exception as err:
             self.stats.failures += 1
             # Error texts end up in rejects.jsonl and logs: never let a server echo the key.
@@ -617,6 +795,13 @@ class ApiProvider(Provider):
     def price(self) -> Price:
         return self.cfg.prices[self.cfg.model]
 
+    def _http_client(self, factory: Any) -> Any:
+        """The SDK's own HTTP client class, reading at most `max_reply_bytes` per reply and,
+        for a local-only endpoint, following no redirect (one could point off the machine)."""
+        limit = reply_limit(self.cfg, self.cfg.max_tokens)
+        return factory(transport=capped_transport(limit),
+                       follow_redirects=self.cfg.allow_external)
+
 
 class OpenAIProvider(ApiProvider):
     kind = "openai"
@@ -625,7 +810,8 @@ class OpenAIProvider(ApiProvider):
         import openai
 
         return openai.AsyncOpenAI(api_key=self._api_key, base_url=self.base_url,
-                                  max_retries=0, timeout=self.cfg.timeout_s)
+                                  max_retries=0, timeout=self.cfg.timeout_s,
+                                  http_client=self._http_client(openai.DefaultAsyncHttpxClient))
 
     async def _send(self, client: Any, messages: Messages, json_schema: dict[str, Any] | None,
                     max_tokens: int) -> tuple[str, int | None, int | None, str | None]:
@@ -654,8 +840,10 @@ class AnthropicProvider(ApiProvider):
     def _client(self) -> Any:
         import anthropic
 
-        return anthropic.AsyncAnthropic(api_key=self._api_key, base_url=self.base_url,
-                                        max_retries=0, timeout=self.cfg.timeout_s)
+        return anthropic.AsyncAnthropic(
+            api_key=self._api_key, base_url=self.base_url, max_retries=0,
+            timeout=self.cfg.timeout_s,
+            http_client=self._http_client(anthropic.DefaultAsyncHttpxClient))
 
     async def _send(self, client: Any, messages: Messages, json_schema: dict[str, Any] | None,
                     max_tokens: int) -> tuple[str, int | None, int | None, str | None]:

@@ -57,6 +57,8 @@ def setup(cfg: MlflowConfig, root: str | Path = ".") -> str:
     uri = tracking_uri(cfg, root)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    from mlflow.exceptions import MlflowException
+
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name(cfg.experiment)
     if experiment is not None:
@@ -64,7 +66,15 @@ def setup(cfg: MlflowConfig, root: str | Path = ".") -> str:
     location = None
     if uri.startswith("sqlite:"):
         location = (Path(root).resolve() / cfg.artifact_root).as_uri()
-    return client.create_experiment(cfg.experiment, artifact_location=location)
+    try:
+        return client.create_experiment(cfg.experiment, artifact_location=location)
+    except MlflowException:
+        # Another process created it between our read and our write (sqlite's UNIQUE
+        # constraint, or a server's RESOURCE_ALREADY_EXISTS): read the winner's row.
+        experiment = client.get_experiment_by_name(cfg.experiment)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 def git_commit(root: str | Path = ".") -> str:
@@ -104,17 +114,27 @@ def pipeline_run(cfg: MlflowConfig, params: dict[str, Any], root: str | Path = "
     experiment_id = setup(cfg, root)
     key = pipeline_key(params, root)
     client = mlflow.MlflowClient()
-    found = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{PIPELINE_TAG}` = '{key}'", max_results=1
-    )
-    if found:
+    if found := _pipeline_runs(client, experiment_id, key):
         return found[0].info.run_id
     run = client.create_run(
         experiment_id,
         run_name=f"pipeline-{key[:8]}",
         tags={PIPELINE_TAG: key, "temper.git_commit": git_commit(root)},
     )
-    return run.info.run_id
+    # Runs have no unique key, so two processes that both missed above both create one. The
+    # oldest wins; a loser deletes its own run and nests under the winner instead.
+    winner = _pipeline_runs(client, experiment_id, key)[0].info.run_id
+    if winner != run.info.run_id:
+        client.delete_run(run.info.run_id)
+    return winner
+
+
+def _pipeline_runs(client: Any, experiment_id: str, key: str) -> list[Any]:
+    """The live parent runs with this pipeline key, oldest first (ties: by run id)."""
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{PIPELINE_TAG}` = '{key}'", max_results=100
+    )
+    return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
 
 
 def child_run_tags(parent_run_id: str, **tags: str) -> dict[str, str]:

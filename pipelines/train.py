@@ -519,7 +519,10 @@ def run(cfg: TrainConfig, name: str, base_dir: str | Path, mlflow_cfg=None,
     cfg = cfg.candidate(name)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    state = PartialState()
+    # `cpu=True` on a CPU machine: without it PartialState sees no GPU, decides "not
+    # distributed" and every rank believes it is the main process until the Trainer rebuilds
+    # the state, so every rank would talk to MLflow (and race to create its experiment).
+    state = PartialState(cpu=device_type() == "cpu")
     precision = resolve_precision(cfg)
     gc = resolve_checkpointing(cfg)
     data_dir = Path(cfg.data_dir)

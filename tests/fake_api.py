@@ -16,7 +16,12 @@ Faults (forced with `queue_faults`, else chosen by `fault_fn(messages)`, else dr
 with a seeded RNG from `Faults` rates):
   "429" (with retry-after), "500", "slow" (sleeps `slow_s`, past the client's timeout),
   "malformed" (200 with a JSON body cut short), "truncated" (200, answer cut in half,
-  finish_reason length / stop_reason max_tokens).
+  finish_reason length / stop_reason max_tokens), "huge" (200 with a 2 MB answer, usage
+  counting all of it whatever max_tokens said), "overbill" (a normal answer whose usage claims
+  500,000 output tokens).
+Billing, as a vendor would: every request the server processes to the end is billed its
+usage (`billed_input_tokens`, `billed_output_tokens`), also when the client gave up waiting;
+`in_flight` counts requests still being processed.
 Standalone (for benchmarks, in its own process): python tests/fake_api.py --latency 0.2
 """
 
@@ -39,7 +44,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 Responder = Callable[[list[dict[str, Any]]], str]
-FAULTS = ("429", "500", "slow", "malformed", "truncated")
+FAULTS = ("429", "500", "slow", "malformed", "truncated", "huge", "overbill")
+HUGE_BYTES = 2_000_000
 
 
 def echo_responder(messages: list[dict[str, Any]]) -> str:
@@ -61,6 +67,8 @@ class Faults:
     rate_slow: float = 0.0
     rate_malformed: float = 0.0
     rate_truncated: float = 0.0
+    rate_huge: float = 0.0
+    rate_overbill: float = 0.0
     retry_after: float = 0.05   # seconds, sent as the retry-after header with a 429
     slow_s: float = 2.0         # how long a "slow" request stalls
     seed: int = 0
@@ -102,6 +110,9 @@ class FakeAPI:
             self.hits_by_user: Counter[str] = Counter()  # requests per last user message
             self.answered = 0                       # good 200 answers sent
             self.auth_failures = 0
+            self.billed_input_tokens = 0
+            self.billed_output_tokens = 0
+            self.in_flight = 0
             self.log: list[dict[str, Any]] = []     # endpoint, fault, status, messages, model
 
     def queue_faults(self, faults: list[str | None]) -> None:
@@ -118,7 +129,8 @@ class FakeAPI:
         with self._lock:
             f = self.faults
             for name, rate in zip(FAULTS, (f.rate_429, f.rate_500, f.rate_slow,
-                                           f.rate_malformed, f.rate_truncated), strict=True):
+                                           f.rate_malformed, f.rate_truncated, f.rate_huge,
+                                           f.rate_overbill), strict=True):
                 if rate and self._rng.random() < rate:
                     return name
         return None
@@ -181,7 +193,22 @@ class FakeAPI:
 
         return app
 
+    def billed_usd(self, price_in: float, price_out: float) -> float:
+        """What this server would have billed at these prices (USD per 1M tokens)."""
+        with self._lock:
+            return (self.billed_input_tokens * price_in
+                    + self.billed_output_tokens * price_out) / 1e6
+
     async def _handle(self, flavour: str, request: Request, key: str) -> Response:
+        with self._lock:
+            self.in_flight += 1
+        try:
+            return await self._answer(flavour, request, key)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    async def _answer(self, flavour: str, request: Request, key: str) -> Response:
         body = await request.json()
         messages = list(body.get("messages", []))
         if flavour == "anthropic" and body.get("system"):
@@ -224,7 +251,14 @@ class FakeAPI:
         finished = True
         if fault == "truncated":
             text, finished = text[: len(text) // 2], False
+        if fault == "huge":
+            text = (text + " ") * (HUGE_BYTES // (len(text) + 1) + 1)
         tin, tout = sum(tokens(m["content"]) for m in messages), tokens(text)
+        if fault == "overbill":
+            tout = 500_000
+        with self._lock:  # processed to the end: billed, whether or not the client still waits
+            self.billed_input_tokens += tin
+            self.billed_output_tokens += tout
         if flavour == "openai":
             payload = {
                 "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -21,7 +22,7 @@ from fake_api import FakeAPI, Faults, messages_key
 from pipelines import distil
 from pipelines.distil import DistilConfig, DistilError, gold_answer, pick_few_shot
 from pipelines.io import read_json, read_jsonl, write_jsonl
-from pipelines.providers import ProviderConfig
+from pipelines.providers import ProviderConfig, estimate_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 BAD = "Not A Label"
@@ -85,10 +86,15 @@ class Teacher:
         return json.dumps(answer)
 
 
+# The fake teacher rejects about 8% of records on purpose (above the 5% default that fails a
+# run): the tests that use it allow more.
+REJECT_RATE = 0.25
+
+
 def cfg_for(tmp_path, prepared, provider: dict, **kw) -> DistilConfig:
     values = {"prepared_dir": str(prepared), "out_dir": str(tmp_path / "distilled"),
               "metrics": str(tmp_path / "metrics" / "distil.json"), "progress": False,
-              "log_mlflow": False, "baseline_split": None, **kw,
+              "log_mlflow": False, "baseline_split": None, "max_reject_rate": REJECT_RATE, **kw,
               "provider": {"model": "teacher-x", "prices": {"teacher-x": {"input": 1.0,
                            "output": 2.0}}, "cache": str(tmp_path / "cache.sqlite"),
                            "backoff_s": 0.01, "backoff_max_s": 0.05, **provider}}
@@ -213,7 +219,8 @@ def write_params(tmp_path, prepared, provider: dict, **distil_kw) -> Path:
         "task": str(ROOT / "configs/tasks/clause_review.yaml"),
         "distil": {"prepared_dir": str(prepared), "out_dir": str(tmp_path / "distilled"),
                    "metrics": str(tmp_path / "metrics" / "distil.json"), "progress": True,
-                   "log_mlflow": False, "baseline_split": None, **distil_kw,
+                   "log_mlflow": False, "baseline_split": None, "max_reject_rate": REJECT_RATE,
+                   **distil_kw,
                    "provider": {"model": "teacher-x", "cache": str(tmp_path / "cache.sqlite"),
                                 "prices": {"teacher-x": {"input": 1.0, "output": 2.0}},
                                 "backoff_s": 0.01, **provider}},
@@ -402,3 +409,105 @@ def test_provider_config_in_params_yaml_loads(task):
     cfg = section(load_params(ROOT / "params.yaml"), "distil", DistilConfig)
     assert isinstance(cfg.provider, ProviderConfig) and cfg.provider.kind == "gold"
     assert not cfg.provider.allow_external
+
+
+# --- bad days: outages, servers that ignore limits, names that are not this machine ----------
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_total_outage_exits_nonzero_and_keeps_the_previous_outputs(tmp_path, task):
+    """Before the fix: 0 of 50 labelled, `complete: true`, exit 0, and the previous 634-line
+    train.jsonl replaced by an empty one."""
+    prepared = raw_prepared(task, tmp_path / "prepared", train=40, validation=10)
+    out, metrics_file = tmp_path / "distilled", tmp_path / "metrics" / "distil.json"
+    out.mkdir()
+    (out / "train.jsonl").write_text("".join(f'{{"id": "old{i}"}}\n' for i in range(634)))
+    metrics_file.parent.mkdir()
+    metrics_file.write_text('{"old": true}\n')
+    before = {p: p.read_bytes() for p in (out / "train.jsonl", metrics_file)}
+    url = f"http://127.0.0.1:{closed_port()}/v1"  # nothing listens: every request fails
+    cfg = cfg_for(tmp_path, prepared, {"kind": "openai", "base_url": url, "max_retries": 1},
+                  max_reject_rate=0.05)
+    with pytest.raises(DistilError, match=r"50 of 50 records .* rejected or failed") as err:
+        distil.run(cfg, task)
+    assert err.value.exit_code == distil.EXIT_TOO_MANY_REJECTS
+    assert "left as they were" in str(err.value) and "APIConnectionError" in str(err.value)
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(p.name for p in out.iterdir()) == ["train.jsonl"]  # no temp folders left
+    assert err.value.metrics["reject_rate"] == 1.0 and err.value.metrics["usd"] == 0
+
+
+@pytest.mark.slow
+def test_oversized_replies_cannot_break_the_spend_cap(tmp_path, task):
+    """A server that ignores max_tokens: 2 MB replies, or usage claims of 500k tokens. Before
+    the fix, max_usd=0.05 spent $0.31 and the huge replies were accepted as answers."""
+    prepared = raw_prepared(task, tmp_path / "prepared", train=30)
+    teacher = Teacher(task, read_jsonl(prepared / "train.jsonl"))
+    prices = {"teacher-x": {"input": 10.0, "output": 10.0}}
+    with FakeAPI(responder=teacher, faults=Faults(rate_huge=0.5, rate_overbill=0.5)) as api:
+        params = write_params(tmp_path, prepared, {"kind": "openai", "base_url": api.openai_url,
+                                                   "max_usd": 0.05, "prices": prices,
+                                                   "concurrency": 4}, splits=["train"])
+        done = temper(params, "--force")
+        in_flight = api.in_flight
+    assert done.returncode == distil.EXIT_BUDGET_STOP, done.stderr[-2000:]
+    assert "budget cap reached" in done.stderr
+    spent = float(re.search(r"spent \$(\d+\.\d+)", done.stderr).group(1))
+    cfg = cfg_for(tmp_path, prepared, {"kind": "openai", "max_usd": 0.05, "prices": prices})
+    messages = distil.teacher_messages(task, [], "x" * 2000)  # longer than any record here
+    worst = cfg.provider.prices["teacher-x"].cost(estimate_tokens(messages), 256)
+    assert 0 < spent <= 0.05 + 4 * worst
+    assert spent <= 0.05  # charges never pass their reservations, reservations never the cap
+    assert api.billed_usd(10.0, 10.0) > 1.0 and in_flight == 0
+    # None of the oversized replies was kept as an answer.
+    assert not (tmp_path / "distilled").exists()
+
+
+PROBE = """
+import json, sys
+from pathlib import Path
+calls = []
+sys.addaudithook(lambda event, args: calls.append(event) if event in (
+    "socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyname_ex",
+    "socket.connect", "socket.sendto", "socket.sendmsg") else None)
+from pipelines import distil, providers
+from pipelines.task import load_task
+providers.HOSTS_FILE = Path(sys.argv[3])
+cfg = distil.DistilConfig.model_validate(json.loads(sys.argv[1]))
+try:
+    distil.run(cfg, load_task(sys.argv[2]))
+    outcome = "ran"
+except distil.DistilError as err:
+    outcome = err.exit_code
+print(json.dumps({"outcome": outcome, "network_calls": calls}))
+"""
+
+
+@pytest.mark.parametrize("url", [
+    "http://evil.localhost/v1",           # counted as loopback before the fix (and resolved)
+    "http://teacher.localhost:8000/v1",
+    "http://intranet-teacher:8000/v1",    # resolves to a private address (hosts file below)
+    "http://localhost:8000/v1",           # ... and so does localhost itself, here
+    "http://10.0.0.5.nip.io/v1",
+])
+def test_names_that_are_not_provably_local_are_refused_with_no_network_call(
+        tmp_path, task, url, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    prepared = raw_prepared(task, tmp_path / "prepared", train=4)
+    hosts = tmp_path / "hosts"
+    hosts.write_text("10.20.30.40 intranet-teacher\n10.20.30.41 localhost\n")
+    cfg = cfg_for(tmp_path, prepared, {"kind": "openai", "base_url": url}, splits=["train"])
+    probe = subprocess.run(
+        [sys.executable, "-c", PROBE, cfg.model_dump_json(),
+         str(ROOT / "configs/tasks/clause_review.yaml"), str(hosts)],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+        timeout=120)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    result = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert result == {"outcome": distil.EXIT_PRIVACY, "network_calls": []}
+    assert not (tmp_path / "distilled").exists()

@@ -18,10 +18,13 @@ from pipelines.providers import (
     Cache,
     CacheMiss,
     Completion,
+    OverLimitReply,
     PrivacyError,
     ProviderConfig,
     ProviderError,
     RateLimiter,
+    check_endpoint,
+    estimate_tokens,
     is_local,
     open_provider,
     redact,
@@ -174,8 +177,28 @@ def test_loopback_is_local():
     for url in ("http://127.0.0.1:1/v1", "http://localhost:8000", "http://[::1]:9/v1",
                 "http://127.8.0.1"):
         assert is_local(url), url
-    for url in ("http://192.0.2.2:8000", "https://api.anthropic.com", "http://localhost.evil.com"):
+    # `*.localhost` is not provably local: deciding would ask a resolver, which may forward
+    # the name to an external DNS server (before the fix it counted as loopback).
+    for url in ("http://192.0.2.2:8000", "https://api.anthropic.com", "http://localhost.evil.com",
+                "http://evil.localhost/v1", "http://a.b.localhost:8000"):
         assert not is_local(url), url
+
+
+def test_localhost_is_decided_by_the_hosts_file_and_pinned(tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("# comment\n\n127.0.0.1 localhost me\n::1 localhost ip6-localhost\n")
+    cfg = ProviderConfig(kind="openai", model="m", base_url="http://localhost:8000/v1")
+    # Pinned to the literal address: the SDK never resolves the name again.
+    assert check_endpoint(cfg, hosts) == "http://127.0.0.1:8000/v1"
+    assert check_endpoint(cfg.model_copy(update={"base_url": "http://[::1]:9/v1"}),
+                          hosts) == "http://[::1]:9/v1"
+    hosts.write_text("127.0.0.1 localhost\n10.0.0.7 localhost\n")  # one address is not loopback
+    assert not is_local("http://localhost:8000/v1", hosts)
+    with pytest.raises(PrivacyError, match="not on this machine"):
+        check_endpoint(cfg, hosts)
+    # Allowed external endpoints are used as configured.
+    external = cfg.model_copy(update={"allow_external": True, "base_url": "http://x.org/v1"})
+    assert check_endpoint(external, hosts) == "http://x.org/v1"
 
 
 def test_redaction_masks_before_sending_and_counts(tmp_path):
@@ -276,3 +299,82 @@ def test_openai_output_limit_field_is_configurable(tmp_path):
         provider = open_provider(config(tmp_path, api, token_limit_param="max_completion_tokens"))
         provider.complete(chat(1), max_tokens=20)
         assert api.log[0]["limits"] == {"max_completion_tokens": 20}
+
+
+# --- the spend cap against a server that ignores the limits -----------------------------------
+
+
+def worst_case(cfg: ProviderConfig, messages) -> float:
+    price = cfg.prices[cfg.model]
+    return price.cost(estimate_tokens(messages), cfg.max_tokens)
+
+
+@pytest.mark.parametrize("fault", ["huge", "overbill"])
+def test_reply_past_the_limits_is_rejected_not_retried_and_charged_its_worst_case(
+        tmp_path, fault):
+    """Before the fix a 2 MB reply (or a usage claim of 500k output tokens) was accepted as a
+    valid answer and charged what the server claimed, far past max_usd."""
+    with FakeAPI() as api:
+        cfg = config(tmp_path, api)
+        provider = open_provider(cfg)
+        api.queue_faults([fault])
+        with pytest.raises(OverLimitReply, match="bytes|over the requested limit"):
+            provider.complete(chat(1))
+        assert api.requests == 1  # not retried: it would happen again, at our expense
+        assert provider.stats.over_limit == 1 and len(provider.cache) == 0
+        assert provider.budget.spent_usd == pytest.approx(worst_case(cfg, chat(1)))
+        assert provider.stats.usd == pytest.approx(provider.budget.spent_usd)
+        if fault == "overbill":  # the claim beyond the limit is recorded, not paid
+            assert provider.stats.usd_claimed_over_limit > 0.9
+        # The next request is served normally.
+        assert json.loads(provider.complete(chat(2)).text) == {"echo": "q2"}
+
+
+def test_spend_cap_holds_whatever_the_server_sends(tmp_path):
+    prices = {"teacher-x": {"input": 100.0, "output": 100.0}}
+    faults = Faults(rate_huge=0.4, rate_overbill=0.4, seed=3)
+    with FakeAPI(faults=faults, latency_s=0.01) as api:
+        cfg = config(tmp_path, api, prices=prices, max_usd=0.5, concurrency=8)
+        provider = open_provider(cfg)
+        results = provider.complete_many([chat(i) for i in range(60)])
+        refused = sum(isinstance(r, BudgetExceeded) for r in results)
+        assert refused > 0 and provider.stats.over_limit > 0
+        # Every charge is at most its reservation, and reservations never pass the cap.
+        assert provider.budget.spent_usd <= cfg.max_usd
+        # The server would have billed far more: its claims were not believed.
+        assert api.billed_usd(100.0, 100.0) > 10 * cfg.max_usd
+
+
+def test_abandoned_requests_are_charged_their_worst_case(tmp_path):
+    """A request that times out on the client still completes, and bills, on the server."""
+    with FakeAPI(faults=Faults(slow_s=0.6)) as api:
+        cfg = config(tmp_path, api, timeout_s=0.2, max_retries=1)
+        provider = open_provider(cfg)
+        api.queue_faults(["slow", "slow"] * 3)
+        results = provider.complete_many([chat(i) for i in range(3)])
+        assert all(isinstance(r, ProviderError) for r in results)
+        deadline = time.monotonic() + 10
+        while api.in_flight and time.monotonic() < deadline:  # let the server finish billing
+            time.sleep(0.05)
+        assert provider.stats.abandoned == 6
+        billed = api.billed_usd(1.0, 2.0)
+        assert billed > 0
+        # Before the fix the spend was 0: abandoned requests cost nothing in our books.
+        assert provider.budget.spent_usd >= billed
+        assert provider.budget.spent_usd == pytest.approx(
+            2 * sum(worst_case(cfg, chat(i)) for i in range(3)))
+
+
+def test_a_refused_connection_is_not_charged(tmp_path):
+    import socket
+
+    with socket.socket() as sock:  # a port with nothing listening
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cfg = ProviderConfig(kind="openai", model="m", base_url=f"http://127.0.0.1:{port}/v1",
+                         prices={"m": {"input": 1.0, "output": 1.0}}, max_retries=1,
+                         cache=str(tmp_path / "c.sqlite"), **FAST)
+    provider = open_provider(cfg)
+    with pytest.raises(ProviderError, match="APIConnectionError"):
+        provider.complete(chat(1))
+    assert provider.budget.spent_usd == 0 and provider.stats.abandoned == 0

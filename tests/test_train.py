@@ -318,6 +318,13 @@ def test_two_process_cpu_ddp_keeps_lora_weights_equal(tmp_path, base_model_dir, 
     # Both ranks trained: 2 steps x 2 processes x batch 1.
     assert m["steps"] == 2 and m["train_tokens"] > 0
     assert "trained c: 2 steps" in result.stdout
+    # Only the main process talked to MLflow: one training run, under one pipeline run.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("temper").experiment_id])
+    names = sorted(r.info.run_name for r in runs)
+    assert names[0].startswith("pipeline-") and names[1:] == ["train-c"], names
 
 
 # --- QLoRA on CPU: the bitsandbytes repack trap ----------------------------------------------
