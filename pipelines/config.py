@@ -70,30 +70,69 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """Return `base` updated by `extra`, recursing into nested mappings."""
+    """Return `base` updated by `extra`, recursing into nested mappings.
+
+    An empty mapping in `extra` replaces the value instead of merging nothing into it, so
+    `-S prepare.max_examples={}` clears the caps (as `null` does).
+    """
     merged = dict(base)
     for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if isinstance(value, dict) and value and isinstance(merged.get(key), dict):
             merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
 
 
+class Params(dict):
+    """The merged params, remembering where they came from (for error messages): the file
+    (`source`) and the `-S` overrides applied on top, as given (`overrides`)."""
+
+    def __init__(self, data: dict[str, Any], source: str, overrides: list[str]) -> None:
+        super().__init__(data)
+        self.source = source
+        self.overrides = overrides
+
+
 def load_params(
     path: str | os.PathLike[str] = DEFAULT_PARAMS, overrides: list[str] | None = None
-) -> dict[str, Any]:
-    """Read `params.yaml` and apply `section.key=value` overrides."""
-    return deep_merge(read_yaml(path), parse_overrides(overrides))
+) -> Params:
+    """Read `params.yaml` and apply `section.key=value` overrides, in order."""
+    params = read_yaml(path)
+    for item in overrides or []:
+        # One at a time: `-S a={}` then `-S a.b=1` gives {b: 1}, not the file's `a` plus b.
+        params = deep_merge(params, parse_overrides([item]))
+    return Params(params, str(path), list(overrides or []))
 
 
-def section(params: dict[str, Any], name: str, model: type[S], source: str = "params.yaml") -> S:
-    """Validate `params[name]` into `model`, with an error that names the file and field."""
+def _origin(dotted: str, overrides: list[str]) -> str | None:
+    """The last `-S` override that set `dotted`, a mapping holding it, or a key inside it."""
+    for item in reversed(overrides):
+        key = item.partition("=")[0]
+        if key == dotted or dotted.startswith(key + ".") or key.startswith(dotted + "."):
+            return f"-S {item}"
+    return None
+
+
+def section(params: dict[str, Any], name: str, model: type[S], source: str | None = None) -> S:
+    """Validate `params[name]` into `model`, with an error that names the field and where its
+    value came from: the params file or the `-S` override (when `params` is a `Params`)."""
     try:
         return model.model_validate(params.get(name) or {})
     except ValidationError as err:
-        lines = [f"  {name}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
-        raise ConfigError(f"{source}: invalid '{name}' section:\n" + "\n".join(lines)) from None
+        file = source or getattr(params, "source", None) or str(DEFAULT_PARAMS)
+        overrides = getattr(params, "overrides", [])
+        errors = []
+        for e in err.errors():
+            dotted = ".".join([name, *(str(p) for p in e["loc"])])
+            errors.append((dotted, _origin(dotted, overrides) or file, e["msg"]))
+        origins = list(dict.fromkeys(origin for _, origin, _ in errors))
+        if len(origins) == 1:
+            lines = [f"  {dotted}: {msg}" for dotted, _, msg in errors]
+        else:
+            lines = [f"  {dotted} ({origin}): {msg}" for dotted, origin, msg in errors]
+        header = origins[0] if len(origins) == 1 else f"{file} with -S overrides"
+        raise ConfigError(f"{header}: invalid '{name}' section:\n" + "\n".join(lines)) from None
 
 
 def _type_name(annotation: Any) -> str:

@@ -99,15 +99,16 @@ def load_records(path: str | Path, task: TaskConfig, fields: Any = None) -> list
     if "prompt" in rows[0] and "gold" in rows[0]:
         records = rows
     else:  # raw rows: the same mapping and cleaning as the prepare stage
-        from .prepare import FieldMap, InputError, extract, normalise_text, read_rows
+        from .sources import FieldMap, InputError, extract, iter_rows, normalise_text
 
         fmap = fields or FieldMap()
         records = []
-        for where, row in read_rows(path):
+        for where, row in iter_rows(path):
             if isinstance(row, InputError):
                 raise EvalError(str(row))
             try:
-                rec = extract(row, where, fmap, task)
+                # Any split column value is fine here: the file is scored whole.
+                rec = extract(row, where, fmap, task, keep_split=False)
             except InputError as err:
                 raise EvalError(str(err)) from None
             rec["text"] = normalise_text(rec["text"])

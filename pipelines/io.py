@@ -59,6 +59,16 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+def temp_path(path: str | os.PathLike[str]) -> Path:
+    """A new empty temporary file beside `path`, for a file that is renamed over `path` later
+    (`os.replace`) together with other outputs; the caller removes it if that never happens."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
     """Write pretty, key-sorted JSON atomically (stable bytes, readable diffs)."""
     with atomic_open(path) as handle:

@@ -1,67 +1,42 @@
 """Stage prepare: raw domain records -> clean, de-duplicated, leak-free chat-format splits.
 
-Steps: read (JSONL / CSV / Parquet through a field mapping) -> normalise -> drop empties ->
-remove exact duplicates -> split by document -> report near-duplicates -> filter by token
-length -> sample the size profile -> render prompts through the task config -> write
-`<out_dir>/{train,validation,test}.jsonl` and the stats file, atomically.
+Steps: read (JSONL / CSV / Parquet through a field mapping, streamed: `sources.py`) ->
+normalise -> check ids -> drop empties -> remove exact duplicates -> split by document -> report
+near-duplicates (`neardup.py`) -> filter by token length (`tokens.py`) -> sample the size profile -> render
+prompts through the task config -> write `<out_dir>/{train,validation,test}.jsonl`,
+`quarantine.jsonl`, `dropped.jsonl` and the stats file, as one set.
 
-Raw files are read by hand rather than with `datasets.load_dataset`: its loaders stop at the
-first bad row without naming the file, line and field, and cannot quarantine a row and go on.
-The prepared JSONL is what the later stages load with `datasets`.
+Every record read ends up in exactly one place: a split file, `dropped.jsonl` (with the
+reason) or `quarantine.jsonl` (with the error), or was not drawn by the size profile
+(`splits.<name>.available` counts those). The prepared JSONL is what later stages load with
+`datasets`.
 """
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import hashlib
-import json
 import logging
+import os
 import random
 import re
-import unicodedata
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from .config import Section
-from .io import sha256_file, write_json, write_jsonl
+from .io import atomic_dir, sha256_file, temp_path, write_json, write_jsonl
+from .neardup import dedup_key, find_near_duplicates
+from .sources import FieldMap, InputError, extract, iter_rows, normalise_text
 from .task import TaskConfig
+from .tokens import TokenCounter
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
-SPLIT_ALIASES = {
-    "train": "train",
-    "training": "train",
-    "validation": "validation",
-    "valid": "validation",
-    "val": "validation",
-    "dev": "validation",
-    "test": "test",
-}
-
-
-class InputError(ValueError):
-    """A raw record cannot be used; the message names the file, line and field."""
-
-
-class FieldMap(Section):
-    """Which source column holds what."""
-
-    id: str = Field("id", description="Record id column (unique).")
-    text: str = Field("text", description="Column with the text the model reads.")
-    group: str = Field("document_id", description="Document/group column: splits never share one.")
-    split: str | None = Field(None, description="Split column to keep, if the source has one.")
-    gold: dict[str, str] = Field(
-        default_factory=dict, description="Task field -> column with its gold value."
-    )
-    gold_all: dict[str, str] = Field(
-        default_factory=dict,
-        description="Task field -> column with a list of all acceptable gold values.",
-    )
 
 
 class SplitConfig(Section):
@@ -71,6 +46,15 @@ class SplitConfig(Section):
     validation: float = Field(0.1, ge=0, lt=1, description="Fraction of groups for validation.")
     test: float = Field(0.1, ge=0, lt=1, description="Fraction of groups for test.")
 
+    @model_validator(mode="after")
+    def _leaves_train(self) -> SplitConfig:
+        if self.validation + self.test >= 1:
+            raise ValueError(
+                f"validation + test = {self.validation} + {self.test} leaves no groups for "
+                "train: the two fractions must sum to less than 1"
+            )
+        return self
+
 
 class NearDupConfig(Section):
     """Near-duplicate detection (MinHash over word 3-grams, verified by exact Jaccard)."""
@@ -79,6 +63,12 @@ class NearDupConfig(Section):
     num_perm: int = Field(64, gt=0, description="MinHash permutations.")
     drop_cross_split: bool = Field(
         False, description="Drop the train side of near-duplicate pairs that cross splits."
+    )
+    max_candidates: int = Field(
+        100,
+        gt=0,
+        description="Candidates verified per record (those sharing most LSH bands first); "
+        "records with more are counted in near_duplicates.capped_records.",
     )
 
 
@@ -105,159 +95,17 @@ class PrepareConfig(Section):
         description="Per-split cap, sampled stratified by the first label field (null = all).",
     )
     seed: int = Field(0, description="Seed of the stratified sampling.")
+    allow_empty_splits: bool = Field(
+        False, description="Accept a split with no records (default: an error, with the counts)."
+    )
+
+    @field_validator("max_examples", mode="before")
+    @classmethod
+    def _null_is_no_cap(cls, value: Any) -> Any:
+        return {} if value is None else value  # `-S prepare.max_examples=null`: no caps
 
 
-# --------------------------------------------------------------------------- reading
-
-
-def _decode(raw: bytes, where: str) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise InputError(f"{where}: undecodable bytes ({err.reason} at byte {err.start})") from None
-
-
-def read_rows(path: Path) -> list[tuple[str, dict[str, Any] | InputError]]:
-    """Rows of one raw file as (location, row or the error that row raised)."""
-    suffix = path.suffix.lower()
-    rows: list[tuple[str, dict[str, Any] | InputError]] = []
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        with open(path, "rb") as handle:
-            for lineno, raw in enumerate(handle, 1):
-                where = f"{path}:{lineno}"
-                try:
-                    line = _decode(raw, where)
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise InputError(f"{where}: malformed JSON ({err.msg})") from None
-                    if not isinstance(row, dict):
-                        raise InputError(f"{where}: expected a JSON object")
-                    rows.append((where, row))
-                except InputError as err:
-                    rows.append((where, err))
-    elif suffix == ".csv":
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as err:
-            line = path.read_bytes()[: err.start].count(b"\n") + 1
-            raise InputError(f"{path}:{line}: undecodable bytes ({err.reason})") from None
-        reader = csv.DictReader(text.splitlines(keepends=True))
-        for row in reader:
-            rows.append((f"{path}:{reader.line_num}", dict(row)))
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        for index, row in enumerate(pq.read_table(path).to_pylist()):
-            rows.append((f"{path}:row {index}", row))
-    else:
-        raise InputError(f"{path}: unsupported format '{suffix}' (use .jsonl, .csv or .parquet)")
-    return rows
-
-
-def _as_list(value: Any) -> list[Any]:
-    if value is None:
-        return []
-    if isinstance(value, str) and value.startswith("["):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            return [value]
-    return list(value) if isinstance(value, list | tuple | np.ndarray) else [value]
-
-
-def extract(row: dict[str, Any], where: str, fmap: FieldMap, task: TaskConfig) -> dict[str, Any]:
-    """Map one raw row onto Temper's record fields; errors name the missing field."""
-
-    def need(column: str, knob: str, nullable: bool = False) -> Any:
-        if column not in row or (row[column] is None and not nullable):
-            raise InputError(f"{where}: missing field '{column}' (prepare.fields.{knob})")
-        return row[column]
-
-    text = need(fmap.text, "text")
-    if not isinstance(text, str):
-        raise InputError(f"{where}: field '{fmap.text}' is {type(text).__name__}, not text")
-    record: dict[str, Any] = {
-        "id": str(need(fmap.id, "id")),
-        "group": str(need(fmap.group, "group")),
-        "text": text,
-        "where": where,
-    }
-    if fmap.split:
-        raw_split = str(need(fmap.split, "split")).strip().lower()
-        if raw_split not in SPLIT_ALIASES:
-            raise InputError(
-                f"{where}: field '{fmap.split}' has unknown split {raw_split!r} "
-                f"(expected one of {sorted(set(SPLIT_ALIASES))})"
-            )
-        record["split"] = SPLIT_ALIASES[raw_split]
-    gold, gold_all = {}, {}
-    for name, column in fmap.gold.items():
-        field = task.by_name.get(name)
-        if field is None:
-            raise InputError(f"prepare.fields.gold: '{name}' is not a field of task {task.name}")
-        gold[name] = task.gold_value(field, need(column, f"gold.{name}", field.nullable))
-        if field.kind == "label" and gold[name] is not None and gold[name] not in field.labels:
-            raise InputError(
-                f"{where}: field '{column}': {gold[name]!r} is not a label of {task.name}.{name}"
-            )
-    for name, column in fmap.gold_all.items():
-        field = task.by_name[name]
-        gold_all[name] = [
-            v for v in task.gold_value(field, _as_list(need(column, "gold_all"))) if v is not None
-        ]
-    record["gold"], record["gold_all"] = gold, gold_all
-    return record
-
-
-# --------------------------------------------------------------------------- cleaning
-
-_ZERO_WIDTH = re.compile("[\u200b\u200c\u200d\u2060\ufeff]")
-_WHITESPACE = re.compile(r"\s+")
-_TOKEN = re.compile(r"[^\W_]+")
-
-
-def normalise_text(text: str) -> str:
-    """Unicode NFC, no zero-width characters, one space for every whitespace run, stripped."""
-    text = unicodedata.normalize("NFC", text).replace("\u00a0", " ")
-    return _WHITESPACE.sub(" ", _ZERO_WIDTH.sub("", text)).strip()
-
-
-def dedup_key(text: str) -> str:
-    """Exact-duplicate key: lower-cased alphanumeric tokens (case, punctuation don't count)."""
-    return " ".join(_TOKEN.findall(text.casefold()))
-
-
-def shingles(text: str, n: int = 3) -> set[str]:
-    words = dedup_key(text).split()
-    if len(words) < n:
-        return {" ".join(words)} if words else set()
-    return {" ".join(words[i : i + n]) for i in range(len(words) - n + 1)}
-
-
-def near_duplicate_pairs(
-    texts: list[str], threshold: float = 0.8, num_perm: int = 64
-) -> list[tuple[int, int, float]]:
-    """Index pairs whose word-3-gram Jaccard is >= threshold (MinHash LSH, then verified)."""
-    from datasketch import MinHash, MinHashLSH
-
-    sets = [shingles(t) for t in texts]
-    # LSH is probabilistic: query at a lower threshold for recall, then keep only the pairs
-    # whose exact Jaccard reaches `threshold` (precision).
-    lsh = MinHashLSH(threshold=max(0.05, threshold - 0.2), num_perm=num_perm)
-    hashes = MinHash.bulk([[s.encode() for s in sh] for sh in sets], num_perm=num_perm)
-    pairs = []
-    for i, mh in enumerate(hashes):
-        if not sets[i]:
-            continue
-        for j in lsh.query(mh):
-            jac = len(sets[i] & sets[j]) / len(sets[i] | sets[j])
-            if jac >= threshold:
-                pairs.append((j, i, round(jac, 4)))
-        lsh.insert(i, mh)
-    return sorted(pairs)
+# --------------------------------------------------------------------------- splits
 
 
 def hash_split(group: str, cfg: SplitConfig) -> str:
@@ -329,70 +177,112 @@ def percentiles(values: list[int]) -> dict[str, float]:
 # --------------------------------------------------------------------------- the stage
 
 
-def run(cfg: PrepareConfig, task: TaskConfig, model_dir: str | Path) -> dict[str, Any]:
-    """Run the prepare stage; returns the stats that are also written to `cfg.metrics`."""
-    from transformers import AutoTokenizer
+class Ledger:
+    """Where every read record went, per source: dropped (with reason) or quarantined."""
 
-    quarantined: list[dict[str, Any]] = []
-    dropped: list[dict[str, Any]] = []
-    records: list[dict[str, Any]] = []
+    def __init__(self, cfg: PrepareConfig) -> None:
+        self.cfg = cfg
+        self.read = [0] * len(cfg.sources)
+        self.lost: list[Counter[str]] = [Counter() for _ in cfg.sources]
+        self.quarantined: list[dict[str, Any]] = []
+        self.dropped: list[dict[str, Any]] = []
 
-    def bad(err: InputError, where: str) -> None:
-        if cfg.on_error == "fail":
+    def bad(self, err: InputError, where: str, source: int) -> None:
+        if self.cfg.on_error == "fail":
             raise err
-        quarantined.append({"where": where, "reason": str(err)})
+        self.quarantined.append({"where": where, "reason": str(err)})
+        self.lost[source]["quarantined"] += 1
 
-    n_read = 0
-    for source in cfg.sources:
-        for where, row in read_rows(Path(source)):
-            n_read += 1
+    def drop(self, record: dict[str, Any], reason: str, **extra: Any) -> None:
+        self.dropped.append(
+            {"id": record["id"], "where": record["where"], "reason": reason, **extra}
+        )
+        self.lost[record["source"]][reason] += 1
+
+    def check_sources(self, records: list[dict[str, Any]]) -> None:
+        """Every source still contributes a record; otherwise say where its records went."""
+        kept = Counter(r["source"] for r in records)
+        problems = []
+        for index, source in enumerate(self.cfg.sources):
+            if kept[index]:
+                continue
+            lost = self.lost[index]
+            parts = [f"quarantined {lost['quarantined']}"] if lost["quarantined"] else []
+            drops = [f"{n} {reason}" for reason, n in lost.items() if reason != "quarantined"]
+            parts += ["dropped " + ", ".join(drops)] if drops else []
+            problems.append(
+                f"{source}: no records left ({self.read[index]} read: {', '.join(parts)})"
+            )
+        if problems:
+            raise InputError(
+                "; ".join(problems) + " (see prepare.on_error, min_text_tokens, max_tokens)"
+            )
+
+
+def read_records(cfg: PrepareConfig, task: TaskConfig, ledger: Ledger) -> list[dict[str, Any]]:
+    """Every usable record of every source, streamed: mapped, normalised, ids checked."""
+    records: list[dict[str, Any]] = []
+    first_seen: dict[str, str] = {}
+    for index, source in enumerate(cfg.sources):
+        for where, row in iter_rows(source):
+            ledger.read[index] += 1
             if isinstance(row, InputError):
-                bad(row, where)
+                ledger.bad(row, where, index)
                 continue
             try:
                 record = extract(row, where, cfg.fields, task)
             except InputError as err:
-                bad(err, where)
+                ledger.bad(err, where, index)
                 continue
+            if (first := first_seen.get(record["id"])) is not None:
+                err = InputError(
+                    f"{where}: duplicate id {record['id']!r} (first at {first}) (prepare.fields.id)"
+                )
+                ledger.bad(err, where, index)
+                continue
+            first_seen[record["id"]] = where
+            record["source"] = index
             record["text"] = normalise_text(record["text"])
             if not record["text"]:
-                dropped.append({"id": record["id"], "where": where, "reason": "empty"})
+                ledger.drop(record, "empty")
                 continue
             records.append(record)
+        if not ledger.read[index]:
+            raise InputError(f"{source}: no records (0 read) (prepare.sources)")
+    return records
 
-    ids = Counter(r["id"] for r in records)
-    if dupes := [i for i, n in ids.items() if n > 1]:
-        raise InputError(f"{len(dupes)} record id(s) occur more than once, e.g. {dupes[:3]}")
 
-    assign_splits(records, cfg.split)
-
-    # Exact duplicates: keep one copy, preferring the evaluation splits so that a duplicate
-    # never sits in train while its twin is scored in test.
+def drop_exact_duplicates(records: list[dict[str, Any]], ledger: Ledger) -> list[dict[str, Any]]:
+    """One copy per de-duplication key, preferring the evaluation splits, so that a duplicate
+    never sits in train while its twin is scored in test. Returned in location order."""
     priority = {"test": 0, "validation": 1, "train": 2}
-    kept: dict[str, dict[str, Any]] = {}
+    kept: dict[bytes, dict[str, Any]] = {}
     for record in sorted(records, key=lambda r: (priority[r["split"]], r["where"])):
-        key = dedup_key(record["text"])
+        # A 16-byte digest of the key, not the key: the key is as long as the text.
+        key = hashlib.blake2b(dedup_key(record["text"]).encode(), digest_size=16).digest()
         if key in kept:
-            dropped.append(
-                {
-                    "id": record["id"],
-                    "where": record["where"],
-                    "reason": "duplicate",
-                    "duplicate_of": kept[key]["id"],
-                }
-            )
+            ledger.drop(record, "duplicate", duplicate_of=kept[key]["id"])
         else:
             kept[key] = record
-    records = sorted(kept.values(), key=lambda r: r["where"])
+    # Location order as text ("f:10" before "f:9"): the order the outputs have always had.
+    return sorted(kept.values(), key=lambda r: r["where"])
 
-    pairs = near_duplicate_pairs(
-        [r["text"] for r in records], cfg.near_dup.threshold, cfg.near_dup.num_perm
+
+def near_duplicates(
+    records: list[dict[str, Any]], cfg: NearDupConfig, ledger: Ledger
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The near-duplicate report, and the records (without the dropped train sides)."""
+    found = find_near_duplicates(
+        [r["text"] for r in records], cfg.threshold, cfg.num_perm, cfg.max_candidates
     )
+    pairs = found.pairs
     cross = [(i, j, s) for i, j, s in pairs if records[i]["split"] != records[j]["split"]]
-    near_dup_stats = {
+    stats = {
         "pairs": len(pairs),
         "cross_split_pairs": len(cross),
-        "threshold": cfg.near_dup.threshold,
+        "threshold": cfg.threshold,
+        "candidates_checked": found.checked,
+        "capped_records": found.capped,
         "cross_split_examples": [
             {
                 "a": records[i]["id"],
@@ -403,106 +293,164 @@ def run(cfg: PrepareConfig, task: TaskConfig, model_dir: str | Path) -> dict[str
             for i, j, s in cross[:10]
         ],
     }
-    if cfg.near_dup.drop_cross_split:
+    if found.capped:
+        log.warning(
+            "prepare: %d record(s) had more than %d near-duplicate candidates; the rest were "
+            "not checked (near_dup.max_candidates)",
+            found.capped,
+            cfg.max_candidates,
+        )
+    if cfg.drop_cross_split:
         drop = {
             i if records[i]["split"] == "train" else j
             for i, j, _ in cross
             if "train" in (records[i]["split"], records[j]["split"])
         }
         for i in sorted(drop):
-            dropped.append(
-                {
-                    "id": records[i]["id"],
-                    "where": records[i]["where"],
-                    "reason": "near_duplicate_cross_split",
-                }
-            )
+            ledger.drop(records[i], "near_duplicate_cross_split")
         records = [r for i, r in enumerate(records) if i not in drop]
+    return stats, records
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    rendered = [
-        tokenizer.apply_chat_template(
-            task.messages(r["text"])
-            + [{"role": "assistant", "content": task.format_answer(r["gold"])}],
-            tokenize=False,
+
+def check_splits(
+    cfg: PrepareConfig, before: Counter[str], after: Counter[str] | None = None
+) -> None:
+    """An empty split is an error (unless allowed): later stages train, tune or score on it."""
+    counts = after if after is not None else before
+    empty = [s for s in SPLITS if not counts[s]]
+    if not empty or cfg.allow_empty_splits:
+        return
+    if after is None:
+        tally = ", ".join(f"{s} {before[s]}" for s in SPLITS) + " record(s) after de-duplication"
+    else:
+        tally = ", ".join(f"{s} {after[s]} (of {before[s]} before filtering)" for s in SPLITS)
+    if any(before[s] for s in empty):
+        hint = "the length filter dropped all of them: see prepare.min_text_tokens / max_tokens"
+    elif cfg.fields.split:
+        hint = (
+            f"the source's split column '{cfg.fields.split}' (prepare.fields.split) has no "
+            f"{' / '.join(repr(s) for s in empty)} records: add some, or set "
+            "prepare.fields.split: null to split by document hash (prepare.split)"
         )
-        for r in records
-    ]
-    lengths = [len(ids) for ids in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
-    text_lengths = [
-        len(ids)
-        for ids in tokenizer([r["text"] for r in records], add_special_tokens=False)["input_ids"]
-    ]
+    else:
+        hint = (
+            f"the hash split (prepare.split.validation={cfg.split.validation}, "
+            f"test={cfg.split.test}) put no document group there: add documents or raise "
+            "the fraction"
+        )
+    raise InputError(
+        f"empty split(s) {', '.join(empty)}: {tally}. {hint}; or set "
+        "prepare.allow_empty_splits: true if that is intended"
+    )
+
+
+def run(cfg: PrepareConfig, task: TaskConfig, model_dir: str | Path) -> dict[str, Any]:
+    """Run the prepare stage; returns the stats that are also written to `cfg.metrics`."""
+    from transformers import AutoTokenizer
+
+    ledger = Ledger(cfg)
+    records = read_records(cfg, task, ledger)
+    assign_splits(records, cfg.split)
+    records = drop_exact_duplicates(records, ledger)
+    near_dup_stats, records = near_duplicates(records, cfg.near_dup, ledger)
+    # Checked before the tokenizer loads: an input that leaves nothing is an error that names
+    # the source, not an IndexError from tokenizing an empty list.
+    ledger.check_sources(records)
+    before = Counter(r["split"] for r in records)
+    check_splits(cfg, before)
+
+    counter = TokenCounter(AutoTokenizer.from_pretrained(model_dir), task)
     length_ok = []
-    for record, n_tokens, n_text in zip(records, lengths, text_lengths, strict=True):
+    for record, n_tokens, n_text in zip(records, *counter.count(records), strict=True):
         record["n_tokens"] = n_tokens
         if n_text < cfg.min_text_tokens or n_tokens > cfg.max_tokens:
             reason = "too_short" if n_text < cfg.min_text_tokens else "too_long"
-            dropped.append(
-                {
-                    "id": record["id"],
-                    "where": record["where"],
-                    "reason": reason,
-                    "n_tokens": n_tokens,
-                    "n_text_tokens": n_text,
-                }
-            )
+            ledger.drop(record, reason, n_tokens=n_tokens, n_text_tokens=n_text)
         else:
             length_ok.append(record)
+    ledger.check_sources(length_ok)
 
     label_field = next((f.name for f in task.fields if f.kind == "label" and f.gold), None)
-    out_dir = Path(cfg.out_dir)
+    chosen: dict[str, list[dict[str, Any]]] = {}
     stats: dict[str, Any] = {"splits": {}}
     for split in SPLITS:
         pool = [r for r in length_ok if r["split"] == split]
-        chosen = stratified_sample(pool, cfg.max_examples.get(split), label_field, cfg.seed)
-        rows = [
-            {
-                "id": r["id"],
-                "group": r["group"],
-                "split": split,
-                "text": r["text"],
-                "prompt": task.messages(r["text"]),
-                "gold": r["gold"],
-                "gold_all": r["gold_all"],
-                "n_tokens": r["n_tokens"],
-            }
-            for r in chosen
-        ]
-        write_jsonl(out_dir / f"{split}.jsonl", rows)
+        chosen[split] = stratified_sample(pool, cfg.max_examples.get(split), label_field, cfg.seed)
+        labels = Counter(r["gold"].get(label_field) for r in chosen[split]) if label_field else {}
         stats["splits"][split] = {
-            "records": len(rows),
+            "records": len(chosen[split]),
             "available": len(pool),
-            "groups": len({r["group"] for r in rows}),
-            "tokens": percentiles([r["n_tokens"] for r in rows]),
-            "labels": dict(
-                sorted(
-                    Counter(r["gold"].get(label_field) for r in rows).items(),
-                    key=lambda kv: str(kv[0]),
-                )
-            )
-            if label_field
-            else {},
+            "groups": len({r["group"] for r in chosen[split]}),
+            "tokens": percentiles([r["n_tokens"] for r in chosen[split]]),
+            "labels": dict(sorted(labels.items(), key=lambda kv: str(kv[0]))),
         }
-    write_jsonl(out_dir / "quarantine.jsonl", quarantined)
-    write_jsonl(out_dir / "dropped.jsonl", dropped)
-
+    check_splits(cfg, before, Counter({s: len(rs) for s, rs in chosen.items()}))
     stats.update(
         {
             "task": {"name": task.name, "version": task.version, "prompt_hash": task.prompt_hash},
             "sources": {s: sha256_file(s) for s in cfg.sources},
-            "read": n_read,
+            "read": sum(ledger.read),
             "quarantined": {
-                "total": len(quarantined),
-                "reasons": dict(Counter(_reason(q["reason"]) for q in quarantined)),
+                "total": len(ledger.quarantined),
+                "reasons": dict(Counter(_reason(q["reason"]) for q in ledger.quarantined)),
             },
-            "dropped": dict(Counter(d["reason"] for d in dropped)),
+            "dropped": dict(Counter(d["reason"] for d in ledger.dropped)),
             "near_duplicates": near_dup_stats,
         }
     )
-    write_json(cfg.metrics, stats)
+    write_outputs(cfg, task, chosen, ledger, stats)
     log.info("prepare: %s", {s: v["records"] for s, v in stats["splits"].items()})
     return stats
+
+
+def write_outputs(
+    cfg: PrepareConfig,
+    task: TaskConfig,
+    chosen: dict[str, list[dict[str, Any]]],
+    ledger: Ledger,
+    stats: dict[str, Any],
+) -> None:
+    """Replace the split files, quarantine.jsonl, dropped.jsonl and the metrics as one set.
+
+    Everything goes to a fresh folder beside `out_dir` and the metrics to a temporary name
+    beside theirs; the folder is swapped in, then the metrics renamed over. A failure before
+    the swap leaves the whole previous set in place.
+    """
+    out_dir, metrics = Path(cfg.out_dir), Path(cfg.metrics)
+    inside = None  # the metrics file may live inside out_dir (it is then in the new folder)
+    with contextlib.suppress(ValueError):
+        inside = metrics.resolve().relative_to(out_dir.resolve())
+    staged = None
+    try:
+        with atomic_dir(out_dir) as tmp:
+            for split, records in chosen.items():
+                write_jsonl(tmp / f"{split}.jsonl", (_row(r, split, task) for r in records))
+            write_jsonl(tmp / "quarantine.jsonl", ledger.quarantined)
+            write_jsonl(tmp / "dropped.jsonl", ledger.dropped)
+            if inside is not None:
+                write_json(tmp / inside, stats)
+            else:
+                staged = temp_path(metrics)
+                write_json(staged, stats)
+        if staged is not None:
+            os.replace(staged, metrics)
+            staged = None
+    finally:
+        if staged is not None:
+            staged.unlink(missing_ok=True)
+
+
+def _row(record: dict[str, Any], split: str, task: TaskConfig) -> dict[str, Any]:
+    return {
+        "id": record["id"],
+        "group": record["group"],
+        "split": split,
+        "text": record["text"],
+        "prompt": task.messages(record["text"]),
+        "gold": record["gold"],
+        "gold_all": record["gold_all"],
+        "n_tokens": record["n_tokens"],
+    }
 
 
 def _reason(message: str) -> str:

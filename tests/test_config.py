@@ -78,3 +78,51 @@ def test_bad_yaml_names_the_file(tmp_path):
     bad.write_text("a: [1, 2\n")
     with pytest.raises(ConfigError, match="p.yaml: invalid YAML"):
         read_yaml(bad)
+
+
+def test_bad_override_is_named_in_the_error():
+    params = load_params(ROOT / "params.yaml", ["prepare.max_tokens=abc"])
+    with pytest.raises(ConfigError, match=r"^-S prepare\.max_tokens=abc: invalid 'prepare'"):
+        section(params, "prepare", SECTIONS["prepare"])
+    # A section-level check (validation + test < 1) is traced to the override that broke it.
+    params = load_params(ROOT / "params.yaml", ["prepare.split.test=0.95"])
+    with pytest.raises(ConfigError, match=r"^-S prepare\.split\.test=0\.95: invalid 'prepare'"):
+        section(params, "prepare", SECTIONS["prepare"])
+    # An override of another key does not take the blame for the file's bad value.
+    params = load_params(ROOT / "params.yaml", ["prepare.seed=1", "prepare.max_tokenz=5"])
+    with pytest.raises(ConfigError, match=r"^-S prepare\.max_tokenz=5: invalid") as err:
+        section(params, "prepare", SECTIONS["prepare"])
+    assert "seed" not in str(err.value)
+
+
+def test_bad_value_in_the_file_names_the_file(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("prepare:\n  sources: [a.jsonl]\n  max_tokens: lots\n")
+    params = load_params(path, ["prepare.seed=3"])
+    with pytest.raises(ConfigError, match=rf"^{path}: invalid 'prepare' section"):
+        section(params, "prepare", SECTIONS["prepare"])
+    assert params.source == str(path) and params.overrides == ["prepare.seed=3"]
+    # Mixed origins: each line says where its value came from.
+    params = load_params(path, ["prepare.seed=abc"])
+    with pytest.raises(ConfigError) as err:
+        section(params, "prepare", SECTIONS["prepare"])
+    assert f"prepare.max_tokens ({path})" in str(err.value)
+    assert "prepare.seed (-S prepare.seed=abc)" in str(err.value)
+
+
+@pytest.mark.parametrize("value", ["{}", "null"])
+def test_override_of_an_empty_mapping_or_null_clears_the_mapping(value):
+    params = load_params(ROOT / "params.yaml", [f"prepare.max_examples={value}"])
+    assert section(params, "prepare", SECTIONS["prepare"]).max_examples == {}
+    # Later overrides apply to the cleared value, not to the file's.
+    params = load_params(
+        ROOT / "params.yaml", [f"prepare.max_examples={value}", "prepare.max_examples.test=7"]
+    )
+    assert section(params, "prepare", SECTIONS["prepare"]).max_examples == {"test": 7}
+    # A non-empty mapping still merges into the file's mapping.
+    params = load_params(ROOT / "params.yaml", ["prepare.max_examples={test: 7}"])
+    assert section(params, "prepare", SECTIONS["prepare"]).max_examples == {
+        "train": 640,
+        "validation": 128,
+        "test": 7,
+    }

@@ -327,3 +327,19 @@ def test_adapter_uris_resolve_through_the_mlflow_store(tmp_path):
         assert (local / "adapter_config.json").read_text() == '{"r": 2}'
     with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
         resolve_adapter(tmp_path / "nowhere")
+
+
+def test_raw_file_is_scored_whatever_its_split_column_holds(tmp_path, task):
+    """`temper evaluate --data FILE`: a raw file's split column (here "production") is not
+    the prepare stage's split mapping and must not stop the evaluation."""
+    from pipelines.prepare import FieldMap
+
+    fmap = FieldMap(id="id", text="clause", group="contract_id", split="split",
+                    gold={"clause_type": "category", "key_term": "answer"})
+    raw = tmp_path / "incoming.jsonl"
+    write_jsonl(raw, [{"id": f"p{i}", "clause": f"Clause {i} is governed by Texas law.",
+                       "contract_id": "c9", "split": "production", "category": "Governing Law",
+                       "answer": "Texas"} for i in range(2)])
+    recs = load_records(raw, task, fmap)
+    assert [r["id"] for r in recs] == ["p0", "p1"]
+    assert recs[0]["gold"] == {"clause_type": "Governing Law", "key_term": "Texas"}

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
+from pipelines import prepare
 from pipelines.io import read_jsonl
 from pipelines.prepare import (
     FieldMap,
@@ -19,7 +22,6 @@ from pipelines.prepare import (
     SplitConfig,
     assign_splits,
     dedup_key,
-    near_duplicate_pairs,
     normalise_text,
     run,
     stratified_sample,
@@ -32,6 +34,22 @@ FIELDS = FieldMap(
     gold={"clause_type": "category", "key_term": "answer"},
     gold_all={"clause_type": "labels"},
 )
+# The same mapping with the source's own split column (rows from `three_splits`).
+SPLIT_FIELDS = FIELDS.model_copy(update={"split": "split"})
+SPLITS = ("train", "validation", "test")
+
+# Distinct clauses, no two of them near-duplicates.
+CLAUSES = [
+    "This Agreement shall be governed by the laws of the State of New York.",
+    "Either party may terminate this Agreement upon ninety days written notice.",
+    "Licensee shall maintain general liability insurance of one million dollars.",
+    "Supplier warrants the products for twelve months after delivery.",
+    "Neither party may assign this Agreement without prior written consent.",
+    "The Company may audit the books and records of the Distributor once per year.",
+    "Royalties equal five percent of net sales, payable each calendar quarter.",
+    "The initial term renews automatically for successive one year periods.",
+    "Employees of either party shall not be solicited during the term.",
+]
 
 
 def record(
@@ -53,8 +71,25 @@ def record(
     }
 
 
+def three_splits(n: int = 6, start: int = 0) -> list[dict]:
+    """`n` distinct rows, one document each, spread over train/validation/test (split column)."""
+    return [
+        record(i, CLAUSES[i % len(CLAUSES)] + f" Section {i}.", f"c{i}", split=SPLITS[i % 3])
+        for i in range(start, start + n)
+    ]
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_csv(path: Path, rows: list[dict], encoding: str = "utf-8") -> Path:
+    with open(path, "w", newline="", encoding=encoding) as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "labels": json.dumps(row["labels"])})
     return path
 
 
@@ -69,6 +104,47 @@ def config(tmp_path: Path, sources: list[Path], **kw) -> PrepareConfig:
     )
 
 
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A word-level tokenizer with a chat template: the stage runs in milliseconds, without
+    the real base model (tests that need real token counts use `base_model_dir`)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    tokenizer.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    )
+    out = tmp_path_factory.mktemp("tiny-tokenizer")
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def previous_outputs(tmp_path: Path) -> dict[Path, str]:
+    """A complete previous output set (split files, quarantine, dropped, metrics)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    files = {out / f"{name}.jsonl": f"previous {name}\n" for name in [*SPLITS, "quarantine"]}
+    files[out / "dropped.jsonl"] = "previous dropped\n"
+    files[tmp_path / "out.json"] = '{"previous": true}\n'
+    for path, text in files.items():
+        path.write_text(text)
+    return files
+
+
+def assert_untouched(tmp_path: Path, files: dict[Path, str]) -> None:
+    """The previous set is intact and no temporary file or folder is left behind."""
+    for path, text in files.items():
+        assert path.read_text() == text, f"{path} was overwritten"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        p.name for p in files if p.parent.name == "out"
+    )
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert not leftovers, f"temporary files left: {leftovers}"
+
+
 # --------------------------------------------------------------------------- units
 
 
@@ -80,6 +156,11 @@ def test_normalise_text():
     assert normalise_text(" \u200b\n ") == ""
 
 
+def test_normalise_text_removes_nul():
+    assert normalise_text("Gov\x00erned by\x00 law.\x00") == "Governed by law."
+    assert normalise_text("\x00\x00") == ""
+
+
 def test_dedup_key_ignores_case_punctuation_and_spacing():
     assert dedup_key("Governed by the Laws of New-York.") == dedup_key(
         "governed by the laws of new york"
@@ -88,6 +169,8 @@ def test_dedup_key_ignores_case_punctuation_and_spacing():
 
 
 def test_near_duplicates_found_and_verified():
+    from pipelines.neardup import near_duplicate_pairs
+
     base = "This Agreement shall be governed by and construed in accordance with the laws of the State of"
     texts = [
         base + " Iowa without regard to conflicts of law principles.",
@@ -97,6 +180,72 @@ def test_near_duplicates_found_and_verified():
     pairs = near_duplicate_pairs(texts, threshold=0.7)
     assert [(i, j) for i, j, _ in pairs] == [(0, 1)]
     assert 0.7 <= pairs[0][2] < 1.0
+
+
+def test_minhash_signatures_are_datasketchs():
+    """The vectorised MinHash gives datasketch's signatures bit for bit (so its LSH buckets
+    and the near-duplicate report are unchanged by the rewrite)."""
+    from datasketch import MinHash
+
+    from pipelines.neardup import shingle_hashes, shingles, signatures
+
+    texts = [CLAUSES[0], CLAUSES[1] + " " + CLAUSES[2], "two words", "one"]
+    hashes = [shingle_hashes(t) for t in texts]
+    ours = signatures(hashes, num_perm=64)
+    for text, sig in zip(texts, ours, strict=True):
+        theirs = MinHash(num_perm=64)
+        theirs.update_batch([s.encode() for s in shingles(text)])
+        if theirs.scheme != "affine32":
+            pytest.skip(f"datasketch {theirs.scheme} scheme: compared for affine32 only")
+        assert sig.tolist() == theirs.hashvalues.tolist()
+
+
+def test_near_duplicate_candidates_per_record_are_capped_and_counted():
+    """3,000 variants of one boilerplate clause all collide in LSH: the search stays bounded
+    (at most `max_candidates` verified per record) and counts the records it cut short."""
+    from pipelines.neardup import find_near_duplicates
+
+    base = (
+        "The parties agree that this Agreement and every dispute arising out of it shall be "
+        "governed by and construed in accordance with the laws of the State of Delaware, without "
+        "regard to its conflict of laws rules, and that notices go to office"
+    )
+    texts = [f"{base} {i} of the Licensee." for i in range(3000)]
+    start = time.perf_counter()
+    result = find_near_duplicates(texts, threshold=0.8, num_perm=64, max_candidates=20)
+    assert time.perf_counter() - start < 30
+    assert result.capped > 2000  # every record after the first 20 or so
+    assert result.checked <= 20 * len(texts)
+    assert 0 < len(result.pairs) <= result.checked
+    uncapped = find_near_duplicates(texts[:200], threshold=0.8, num_perm=64, max_candidates=1000)
+    assert uncapped.capped == 0
+    # LSH is probabilistic: a few of the 19,900 pairs share no band and are never candidates.
+    assert len(uncapped.pairs) == uncapped.checked > 0.99 * 200 * 199 // 2
+
+
+def test_near_duplicates_are_the_ones_datasketch_lsh_finds(root):
+    """Below the cap the search finds exactly the pairs of the datasketch MinHashLSH query
+    loop (with exact Jaccard on shingle sets) that it replaces, on real clauses."""
+    from datasketch import MinHash, MinHashLSH
+
+    from pipelines.neardup import find_near_duplicates, shingles
+
+    rows = read_jsonl(root / "data/raw/contracts/train.jsonl")
+    texts = [normalise_text(r["clause"]) for r in rows]
+    texts = list({dedup_key(t): t for t in texts}.values())  # the stage removes exact dups first
+    sets = [shingles(t) for t in texts]
+    lsh = MinHashLSH(threshold=0.6, num_perm=64)
+    expected = []
+    for i, mh in enumerate(MinHash.bulk([[s.encode() for s in sh] for sh in sets], num_perm=64)):
+        if sets[i]:
+            for j in lsh.query(mh):
+                jac = len(sets[i] & sets[j]) / len(sets[i] | sets[j])
+                if jac >= 0.8:
+                    expected.append((j, i, round(jac, 4)))
+        lsh.insert(i, mh)
+    found = find_near_duplicates(texts, threshold=0.8, num_perm=64)
+    assert found.capped == 0 and len(expected) > 50
+    assert found.pairs == sorted(expected)
 
 
 @settings(max_examples=60, deadline=None)
@@ -127,6 +276,14 @@ def test_source_split_that_leaks_a_group_is_an_error():
         assign_splits(records, SplitConfig())
 
 
+def test_split_fractions_that_leave_nothing_for_train_are_rejected():
+    with pytest.raises(ValidationError, match="validation \\+ test"):
+        SplitConfig(validation=0.5, test=0.5)
+    with pytest.raises(ValidationError, match="validation \\+ test"):
+        SplitConfig(validation=0.3, test=0.9)
+    SplitConfig(validation=0.45, test=0.45)
+
+
 def test_stratified_sample_keeps_every_label_and_is_seeded():
     records = [
         {"id": f"{lab}{i}", "gold": {"t": lab}}
@@ -138,6 +295,72 @@ def test_stratified_sample_keeps_every_label_and_is_seeded():
     assert {r["gold"]["t"] for r in one} == {"a", "b", "c"}
     assert one == stratified_sample(records, 20, "t", seed=1)
     assert one != stratified_sample(records, 20, "t", seed=2)
+
+
+def test_max_examples_null_means_everything():
+    cfg = PrepareConfig(sources=["x.jsonl"], max_examples=None)
+    assert cfg.max_examples == {}
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def test_utf8_bom_is_accepted_in_jsonl_and_csv_header(tmp_path, task, tiny_model_dir):
+    rows = three_splits(6)
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in rows[:3]).encode())
+    csv_path = write_csv(tmp_path / "bom.csv", rows[3:], encoding="utf-8-sig")
+    assert csv_path.read_bytes().startswith(b"\xef\xbb\xbfid,")
+    stats = run(config(tmp_path, [jsonl, csv_path], fields=SPLIT_FIELDS), task, tiny_model_dir)
+    assert stats["read"] == 6 and stats["quarantined"]["total"] == 0
+    ids = sorted(r["id"] for s in SPLITS for r in read_jsonl(tmp_path / "out" / f"{s}.jsonl"))
+    assert ids == [f"r{i}" for i in range(6)]
+
+
+def test_csv_field_over_the_csv_modules_default_limit_is_read(tmp_path, task, tiny_model_dir):
+    rows = three_splits(6)
+    rows[0]["clause"] = "word " * 40_000  # 200,000 characters: over csv's 131,072 default
+    source = write_csv(tmp_path / "big.csv", rows)
+    stats = run(config(tmp_path, [source], fields=SPLIT_FIELDS), task, tiny_model_dir)
+    assert stats["read"] == 6
+    dropped = read_jsonl(tmp_path / "out" / "dropped.jsonl")
+    assert [(d["id"], d["reason"]) for d in dropped] == [("r0", "too_long")]
+
+
+def test_csv_undecodable_row_is_quarantined_with_file_and_line(tmp_path, task, tiny_model_dir):
+    source = write_csv(tmp_path / "raw.csv", three_splits(7))
+    lines = source.read_bytes().split(b"\r\n")
+    lines[3] = lines[3].replace(b"Licensee", b"Licens\xe9e")  # a Latin-1 byte in row r2
+    source.write_bytes(b"\r\n".join(lines))
+    cfg = config(tmp_path, [source], fields=SPLIT_FIELDS, on_error="quarantine")
+    stats = run(cfg, task, tiny_model_dir)
+    assert stats["read"] == 7 and stats["quarantined"]["total"] == 1
+    quarantine = read_jsonl(tmp_path / "out" / "quarantine.jsonl")
+    assert quarantine[0]["where"] == f"{source}:4"
+    assert "undecodable bytes" in quarantine[0]["reason"]
+    ids = {r["id"] for s in SPLITS for r in read_jsonl(tmp_path / "out" / f"{s}.jsonl")}
+    assert ids == {f"r{i}" for i in range(7)} - {"r2"}
+    with pytest.raises(InputError, match=r"raw.csv:4: undecodable bytes"):
+        run(cfg.model_copy(update={"on_error": "fail"}), task, tiny_model_dir)
+
+
+def test_csv_rows_are_numbered_by_their_first_line_and_checked_for_width(tmp_path):
+    from pipelines.sources import iter_rows
+
+    source = tmp_path / "raw.csv"
+    source.write_text('id,clause\nr1,"two\nlines"\nr2,short\nr3,a,extra\n', encoding="utf-8")
+    rows = list(iter_rows(source))
+    assert [where for where, _ in rows] == [f"{source}:{n}" for n in (2, 4, 5)]
+    assert rows[0][1] == {"id": "r1", "clause": "two\nlines"}
+    assert isinstance(rows[2][1], InputError)
+    assert "3 fields, the header has 2" in str(rows[2][1])
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_missing_source_file_says_why(tmp_path, task, suffix):
+    missing = tmp_path / f"missing{suffix}"
+    with pytest.raises(InputError, match=rf"missing\{suffix}: file not found \(prepare.sources\)"):
+        run(config(tmp_path, [missing]), task, "unused-model-dir")
 
 
 # --------------------------------------------------------------------------- the stage
@@ -162,6 +385,7 @@ def test_stage_dedups_filters_and_reports(tmp_path, task, base_model_dir):
         tmp_path,
         [write_jsonl(tmp_path / "raw.jsonl", rows)],
         split=SplitConfig(validation=0.0, test=0.0),
+        allow_empty_splits=True,
         max_tokens=256,
     )
     stats = run(cfg, task, base_model_dir)
@@ -197,11 +421,18 @@ def test_duplicate_across_splits_is_kept_in_the_evaluation_split(tmp_path, task,
             answer="Yes",
         ),
     ]
-    fields = FIELDS.model_copy(update={"split": "split"})
-    cfg = config(tmp_path, [write_jsonl(tmp_path / "raw.jsonl", rows)], fields=fields)
+    cfg = config(
+        tmp_path,
+        [write_jsonl(tmp_path / "raw.jsonl", rows + three_splits(3, start=3))],
+        fields=SPLIT_FIELDS,
+    )
     run(cfg, task, base_model_dir)
-    assert read_jsonl(tmp_path / "out" / "train.jsonl") == []
-    assert [r["id"] for r in read_jsonl(tmp_path / "out" / "test.jsonl")] == ["r2"]
+    assert "r1" not in {r["id"] for r in read_jsonl(tmp_path / "out" / "train.jsonl")}
+    assert "r2" in {r["id"] for r in read_jsonl(tmp_path / "out" / "test.jsonl")}
+    dropped = read_jsonl(tmp_path / "out" / "dropped.jsonl")
+    assert [(d["id"], d["reason"], d["duplicate_of"]) for d in dropped] == [
+        ("r1", "duplicate", "r2")
+    ]
 
 
 @pytest.mark.slow
@@ -225,20 +456,34 @@ def test_csv_and_parquet_sources(tmp_path, task, base_model_dir):
             answer="Yes",
         ),
     ]
-    csv_path = tmp_path / "raw.csv"
-    with open(csv_path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerow({**rows[0], "labels": json.dumps(rows[0]["labels"])})
+    csv_path = write_csv(tmp_path / "raw.csv", rows[:1])
     pq.write_table(pa.Table.from_pylist([rows[1]]), tmp_path / "raw.parquet")
     cfg = config(
-        tmp_path, [csv_path, tmp_path / "raw.parquet"], split=SplitConfig(validation=0.0, test=0.0)
+        tmp_path,
+        [csv_path, tmp_path / "raw.parquet"],
+        split=SplitConfig(validation=0.0, test=0.0),
+        allow_empty_splits=True,
     )
     run(cfg, task, base_model_dir)
     train = {r["id"]: r for r in read_jsonl(tmp_path / "out" / "train.jsonl")}
     assert train["r1"]["gold"]["key_term"] == "12 months"
     assert train["r1"]["gold_all"]["clause_type"] == ["Warranty Duration"]
     assert train["r2"]["gold"]["clause_type"] == "Anti-Assignment"
+
+
+def test_every_read_record_is_accounted_for(tmp_path, task, tiny_model_dir):
+    rows = three_splits(9)
+    rows[1]["clause"] = " \u200b "  # empty after normalising
+    rows[4]["clause"] = rows[7]["clause"].upper()  # exact duplicate
+    rows[5]["clause"] = "word " * 600  # too long
+    raw = tmp_path / "raw.jsonl"
+    raw.write_bytes("".join(json.dumps(r) + "\n" for r in rows).encode() + b"{not json\n")
+    cfg = config(tmp_path, [raw], fields=SPLIT_FIELDS, on_error="quarantine")
+    stats = run(cfg, task, tiny_model_dir)
+    kept = sum(s["records"] for s in stats["splits"].values())
+    assert stats["read"] == 10
+    assert stats["dropped"] == {"empty": 1, "duplicate": 1, "too_long": 1}
+    assert stats["read"] == kept + sum(stats["dropped"].values()) + stats["quarantined"]["total"]
 
 
 # --------------------------------------------------------------------------- bad input
@@ -261,6 +506,16 @@ def test_csv_and_parquet_sources(tmp_path, task, base_model_dir):
             b'"answer": null}\n',
             r"raw.jsonl:2: field 'category': 'Nope' is not a label",
         ),
+        (
+            b'{"id": "r2", "clause": "x", "contract_id": "c", "category": "Insurance", '
+            b'"labels": ["Insurance", "Nope"], "answer": null}\n',
+            r"raw.jsonl:2: field 'labels': 'Nope' is not a label of clause_review.clause_type",
+        ),
+        (
+            b'{"id": "r1", "clause": "Another clause.", "contract_id": "c", '
+            b'"category": "Insurance", "labels": [], "answer": null}\n',
+            r"raw.jsonl:2: duplicate id 'r1' \(first at .*raw.jsonl:1\) \(prepare.fields.id\)",
+        ),
     ],
 )
 def test_bad_input_names_file_line_and_field(tmp_path, task, line, message):
@@ -268,14 +523,131 @@ def test_bad_input_names_file_line_and_field(tmp_path, task, line, message):
     raw.write_bytes(
         json.dumps(record(1, "A good clause of several words.")).encode() + b"\n" + line
     )
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "train.jsonl").write_text("previous output\n")
+    files = previous_outputs(tmp_path)
     with pytest.raises(InputError, match=message):
         run(config(tmp_path, [raw]), task, "unused-model-dir")
-    # Nothing half-written: the previous output is untouched and no temp files remain.
-    assert (out / "train.jsonl").read_text() == "previous output\n"
-    assert sorted(p.name for p in out.iterdir()) == ["train.jsonl"]
+    assert_untouched(tmp_path, files)
+
+
+@pytest.mark.parametrize("fail_at", ["dropped.jsonl", "metrics"])
+def test_outputs_are_replaced_as_one_set_or_not_at_all(
+    tmp_path, task, tiny_model_dir, monkeypatch, fail_at
+):
+    """A failure after the split files are written (at dropped.jsonl or at the metrics
+    file) leaves the whole previous set in place: nothing half-written, no temp files."""
+    files = previous_outputs(tmp_path)
+    cfg = config(
+        tmp_path, [write_jsonl(tmp_path / "raw.jsonl", three_splits(6))], fields=SPLIT_FIELDS
+    )
+    written: list[str] = []
+    real_jsonl, real_json = prepare.write_jsonl, prepare.write_json
+
+    def jsonl(path, rows):
+        if Path(path).name == fail_at:
+            raise OSError(f"injected failure writing {path}")
+        written.append(Path(path).name)
+        return real_jsonl(path, rows)
+
+    def metrics(path, data):
+        if fail_at == "metrics":
+            raise OSError(f"injected failure writing {path}")
+        return real_json(path, data)
+
+    monkeypatch.setattr(prepare, "write_jsonl", jsonl)
+    monkeypatch.setattr(prepare, "write_json", metrics)
+    with pytest.raises(OSError, match="injected failure"):
+        run(cfg, task, tiny_model_dir)
+    assert {"train.jsonl", "validation.jsonl", "test.jsonl"} <= set(written)
+    assert_untouched(tmp_path, files)
+    # And a run that succeeds replaces the whole set.
+    monkeypatch.undo()
+    run(cfg, task, tiny_model_dir)
+    assert json.loads((tmp_path / "out.json").read_text())["read"] == 6
+    assert len(read_jsonl(tmp_path / "out" / "train.jsonl")) == 2
+
+
+def test_metrics_file_inside_out_dir(tmp_path, task, tiny_model_dir):
+    cfg = config(
+        tmp_path, [write_jsonl(tmp_path / "raw.jsonl", three_splits(6))], fields=SPLIT_FIELDS
+    )
+    cfg = cfg.model_copy(update={"metrics": str(tmp_path / "out" / "prepare.json")})
+    run(cfg, task, tiny_model_dir)
+    run(cfg, task, tiny_model_dir)
+    assert json.loads((tmp_path / "out" / "prepare.json").read_text())["read"] == 6
+
+
+def test_duplicate_id_is_quarantined_keeping_the_first(tmp_path, task, tiny_model_dir):
+    rows = three_splits(6)
+    twin = {**rows[0], "clause": "A different clause with the same id."}
+    raw = write_jsonl(tmp_path / "raw.jsonl", rows[:3] + [twin] + rows[3:])
+    cfg = config(tmp_path, [raw], fields=SPLIT_FIELDS, on_error="quarantine")
+    stats = run(cfg, task, tiny_model_dir)
+    assert stats["quarantined"]["total"] == 1
+    [entry] = read_jsonl(tmp_path / "out" / "quarantine.jsonl")
+    assert entry["where"] == f"{raw}:4"
+    assert f"duplicate id 'r0' (first at {raw}:1)" in entry["reason"]
+    train = {r["id"]: r for r in read_jsonl(tmp_path / "out" / "train.jsonl")}
+    assert train["r0"]["text"] == rows[0]["clause"]
+
+
+def test_empty_source_is_an_error_naming_it(tmp_path, task, tiny_model_dir):
+    good = write_jsonl(tmp_path / "good.jsonl", three_splits(6))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(InputError, match=r"empty.jsonl: no records \(0 read\)"):
+        run(config(tmp_path, [good, empty], fields=SPLIT_FIELDS), task, tiny_model_dir)
+    with pytest.raises(InputError, match=r"empty.jsonl: no records"):
+        run(config(tmp_path, [empty]), task, tiny_model_dir)
+
+
+def test_source_whose_records_are_all_dropped_is_an_error(tmp_path, task, tiny_model_dir):
+    good = write_jsonl(tmp_path / "good.jsonl", three_splits(6))
+    blank = write_jsonl(
+        tmp_path / "blank.jsonl", [record(i, " \u200b ", f"b{i}", split="train") for i in (7, 8)]
+    )
+    with pytest.raises(InputError, match=r"blank.jsonl: no records left \(2 read: dropped 2 empty"):
+        run(config(tmp_path, [good, blank], fields=SPLIT_FIELDS), task, tiny_model_dir)
+    with pytest.raises(InputError, match=r"blank.jsonl: no records left"):
+        run(config(tmp_path, [blank], fields=SPLIT_FIELDS), task, tiny_model_dir)
+
+
+def test_all_records_too_long_is_an_error_not_a_traceback(tmp_path, task, tiny_model_dir):
+    rows = three_splits(3)
+    for row in rows:
+        row["clause"] += " word" * 600
+    raw = write_jsonl(tmp_path / "raw.jsonl", rows)
+    with pytest.raises(
+        InputError, match=r"raw.jsonl: no records left \(3 read: dropped 3 too_long"
+    ):
+        run(config(tmp_path, [raw], fields=SPLIT_FIELDS), task, tiny_model_dir)
+
+
+def test_source_split_column_without_validation_rows_is_an_error(tmp_path, task, tiny_model_dir):
+    rows = [r for r in three_splits(9) if r["split"] != "validation"]
+    raw = write_jsonl(tmp_path / "raw.jsonl", rows)
+    cfg = config(tmp_path, [raw], fields=SPLIT_FIELDS)
+    with pytest.raises(InputError, match=r"empty split.*validation 0.*prepare.fields.split"):
+        run(cfg, task, tiny_model_dir)
+    # Said so on purpose, it is allowed.
+    stats = run(cfg.model_copy(update={"allow_empty_splits": True}), task, tiny_model_dir)
+    assert stats["splits"]["validation"]["records"] == 0
+
+
+def test_hash_split_that_leaves_a_split_empty_is_an_error(tmp_path, task, tiny_model_dir):
+    rows = [record(i, CLAUSES[i], "one-contract") for i in range(4)]
+    raw = write_jsonl(tmp_path / "raw.jsonl", rows)
+    with pytest.raises(InputError, match=r"empty split.*train \d.*validation \d.*test \d"):
+        run(config(tmp_path, [raw]), task, tiny_model_dir)
+
+
+def test_evaluation_split_emptied_by_the_length_filter_is_an_error(tmp_path, task, tiny_model_dir):
+    rows = three_splits(6)
+    for row in rows:
+        if row["split"] == "test":
+            row["clause"] += " word" * 600
+    raw = write_jsonl(tmp_path / "raw.jsonl", rows)
+    with pytest.raises(InputError, match=r"empty split.*test 0 \(of 2 before filtering"):
+        run(config(tmp_path, [raw], fields=SPLIT_FIELDS), task, tiny_model_dir)
 
 
 @pytest.mark.slow
@@ -288,7 +660,13 @@ def test_quarantine_counts_bad_records_and_goes_on(tmp_path, task, base_model_di
     raw.write_bytes(
         "\n".join(good).encode() + b"\n{not json\n" + b'{"id": "x", "clause": "\xff"}\n'
     )
-    cfg = config(tmp_path, [raw], on_error="quarantine", split=SplitConfig(validation=0, test=0))
+    cfg = config(
+        tmp_path,
+        [raw],
+        on_error="quarantine",
+        split=SplitConfig(validation=0, test=0),
+        allow_empty_splits=True,
+    )
     stats = run(cfg, task, base_model_dir)
     assert stats["quarantined"]["total"] == 2
     quarantine = read_jsonl(tmp_path / "out" / "quarantine.jsonl")
@@ -297,6 +675,47 @@ def test_quarantine_counts_bad_records_and_goes_on(tmp_path, task, base_model_di
 
 
 # --------------------------------------------------------------------------- real data
+
+
+@pytest.mark.slow
+def test_chat_token_count_is_exact_on_the_real_data(base_model_dir, task, root):
+    """prepare counts a record's chat tokens as template overhead + text + answer (one
+    template render for the whole run): equal to rendering each record, on every CUAD clause."""
+    from transformers import AutoTokenizer
+
+    from pipelines.sources import extract, iter_rows
+    from pipelines.tokens import TokenCounter
+
+    fields = FieldMap(
+        id="id",
+        text="clause",
+        group="contract_id",
+        gold={"clause_type": "category", "key_term": "answer"},
+    )
+    records = []
+    for split in SPLITS:
+        for where, row in iter_rows(root / "data/raw/contracts" / f"{split}.jsonl"):
+            rec = extract(row, where, fields, task)
+            rec["text"] = normalise_text(rec["text"])
+            records.append(rec)
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    counter = TokenCounter(tokenizer, task)
+    n_chat, n_text = counter.count(records)
+    rendered = [
+        tokenizer.apply_chat_template(
+            task.messages(r["text"])
+            + [{"role": "assistant", "content": task.format_answer(r["gold"])}],
+            tokenize=False,
+        )
+        for r in records
+    ]
+    exact = [len(ids) for ids in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
+    assert len(records) == 6654
+    assert n_chat == exact
+    assert n_text == [
+        len(ids)
+        for ids in tokenizer([r["text"] for r in records], add_special_tokens=False)["input_ids"]
+    ]
 
 
 @pytest.mark.slow

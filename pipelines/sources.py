@@ -1,0 +1,259 @@
+"""Raw source files (JSONL, CSV, Parquet): read row by row, mapped onto Temper's records.
+
+Raw files are read by hand rather than with `datasets.load_dataset`: its loaders stop at the
+first bad row without naming the file, line and field, and cannot quarantine a row and go on.
+Every reader streams (a row, or one Parquet batch, in memory at a time) and yields `(location, row)` where a row
+that cannot be read is an `InputError` naming `file:line`, so the caller decides whether to
+stop or quarantine it and go on.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import unicodedata
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pydantic import Field
+
+from .config import Section
+
+if TYPE_CHECKING:
+    from .task import TaskConfig
+
+# The csv module refuses fields over 131,072 characters by default. A clause (or a whole
+# document in a text column) can be longer; 2**31 - 1 is the most a C long holds everywhere.
+CSV_FIELD_LIMIT = 2**31 - 1
+_BOM = b"\xef\xbb\xbf"
+
+
+class InputError(ValueError):
+    """A raw record cannot be used; the message names the file, line and field."""
+
+
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{where}: undecodable bytes ({err.reason} at byte {err.start})") from None
+
+
+def iter_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any] | InputError]]:
+    """Rows of one raw file as (location, row or the error that row raised), streamed."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    readers = {".jsonl": _jsonl, ".json": _jsonl, ".ndjson": _jsonl, ".csv": _csv}
+    if suffix not in (*readers, ".parquet"):
+        raise InputError(f"{path}: unsupported format '{suffix}' (use .jsonl, .csv or .parquet)")
+    if not path.is_file():
+        what = "is not a file" if path.exists() else "file not found"
+        raise InputError(f"{path}: {what} (prepare.sources)")
+    if suffix == ".parquet":
+        yield from _parquet(path)
+    else:
+        yield from readers[suffix](path)
+
+
+def _jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any] | InputError]]:
+    with open(path, "rb") as handle:
+        for lineno, raw in enumerate(handle, 1):
+            where = f"{path}:{lineno}"
+            if lineno == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM) :]  # editors on Windows save UTF-8 with a byte-order mark
+            try:
+                line = _decode(raw, where)
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise InputError(f"{where}: malformed JSON ({err.msg})") from None
+                if not isinstance(row, dict):
+                    raise InputError(f"{where}: expected a JSON object")
+                yield where, row
+            except InputError as err:
+                yield where, err
+
+
+def _lines(handle: Iterable[bytes]) -> Iterator[str]:
+    """Physical lines decoded one at a time. Undecodable bytes become lone surrogates
+    (`surrogateescape`) so the csv parser goes on; the row that holds them is refused after."""
+    for lineno, raw in enumerate(handle, 1):
+        if lineno == 1 and raw.startswith(_BOM):
+            raw = raw[len(_BOM) :]
+        yield raw.decode("utf-8", errors="surrogateescape")
+
+
+def _undecodable(values: list[str]) -> str | None:
+    for value in values:
+        for index, char in enumerate(value):
+            if "\udc80" <= char <= "\udcff":
+                return f"byte 0x{ord(char) - 0xDC00:02x} at character {index}"
+    return None
+
+
+def _csv(path: Path) -> Iterator[tuple[str, dict[str, Any] | InputError]]:
+    if csv.field_size_limit() < CSV_FIELD_LIMIT:
+        csv.field_size_limit(CSV_FIELD_LIMIT)
+    with open(path, "rb") as handle:
+        reader = csv.reader(_lines(handle))
+        header: list[str] | None = None
+        last_line = 0  # a quoted field may span lines: a row starts after the previous one
+        while True:
+            start = last_line + 1
+            where = f"{path}:{start}"
+            try:
+                values = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as err:
+                last_line = reader.line_num
+                yield where, InputError(f"{where}: unreadable CSV row ({err})")
+                continue
+            last_line = reader.line_num
+            if header is None:
+                if bad := _undecodable(values):
+                    raise InputError(f"{where}: undecodable bytes in the CSV header ({bad})")
+                header = values
+                continue
+            if not values:  # a blank line
+                continue
+            if bad := _undecodable(values):
+                yield where, InputError(f"{where}: undecodable bytes ({bad})")
+            elif len(values) != len(header):
+                yield (
+                    where,
+                    InputError(f"{where}: {len(values)} fields, the header has {len(header)}"),
+                )
+            else:
+                yield where, dict(zip(header, values, strict=True))
+
+
+def _parquet(path: Path) -> Iterator[tuple[str, dict[str, Any] | InputError]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as err:
+        raise InputError(f"{path}: not a readable Parquet file ({err})") from None
+    index = 0
+    for batch in parquet.iter_batches(batch_size=4096):
+        for row in batch.to_pylist():
+            yield f"{path}:row {index}", row
+            index += 1
+
+
+# --------------------------------------------------------------------------- mapping
+
+SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "validation": "validation",
+    "valid": "validation",
+    "val": "validation",
+    "dev": "validation",
+    "test": "test",
+}
+
+
+class FieldMap(Section):
+    """Which source column holds what."""
+
+    id: str = Field("id", description="Record id column (unique).")
+    text: str = Field("text", description="Column with the text the model reads.")
+    group: str = Field("document_id", description="Document/group column: splits never share one.")
+    split: str | None = Field(None, description="Split column to keep, if the source has one.")
+    gold: dict[str, str] = Field(
+        default_factory=dict, description="Task field -> column with its gold value."
+    )
+    gold_all: dict[str, str] = Field(
+        default_factory=dict,
+        description="Task field -> column with a list of all acceptable gold values.",
+    )
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, str) and value.startswith("["):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return [value]
+    return list(value) if isinstance(value, list | tuple | np.ndarray) else [value]
+
+
+def extract(
+    row: dict[str, Any], where: str, fmap: FieldMap, task: TaskConfig, keep_split: bool = True
+) -> dict[str, Any]:
+    """Map one raw row onto Temper's record fields; errors name the missing field.
+
+    keep_split=False ignores `fmap.split` (scoring a file whose split column holds anything).
+    """
+
+    def need(column: str, knob: str, nullable: bool = False) -> Any:
+        if column not in row or (row[column] is None and not nullable):
+            raise InputError(f"{where}: missing field '{column}' (prepare.fields.{knob})")
+        return row[column]
+
+    def check_label(field: Any, column: str, value: Any) -> None:
+        if field.kind == "label" and value is not None and value not in field.labels:
+            raise InputError(
+                f"{where}: field '{column}': {value!r} is not a label of {task.name}.{field.name}"
+            )
+
+    text = need(fmap.text, "text")
+    if not isinstance(text, str):
+        raise InputError(f"{where}: field '{fmap.text}' is {type(text).__name__}, not text")
+    record: dict[str, Any] = {
+        "id": str(need(fmap.id, "id")),
+        "group": str(need(fmap.group, "group")),
+        "text": text,
+        "where": where,
+    }
+    if fmap.split and keep_split:
+        raw_split = str(need(fmap.split, "split")).strip().lower()
+        if raw_split not in SPLIT_ALIASES:
+            raise InputError(
+                f"{where}: field '{fmap.split}' has unknown split {raw_split!r} "
+                f"(expected one of {sorted(set(SPLIT_ALIASES))})"
+            )
+        record["split"] = SPLIT_ALIASES[raw_split]
+    gold, gold_all = {}, {}
+    for name, column in fmap.gold.items():
+        field = task.by_name.get(name)
+        if field is None:
+            raise InputError(f"prepare.fields.gold: '{name}' is not a field of task {task.name}")
+        gold[name] = task.gold_value(field, need(column, f"gold.{name}", field.nullable))
+        check_label(field, column, gold[name])
+    for name, column in fmap.gold_all.items():
+        field = task.by_name.get(name)
+        if field is None:
+            raise InputError(
+                f"prepare.fields.gold_all: '{name}' is not a field of task {task.name}"
+            )
+        values = task.gold_value(field, _as_list(need(column, f"gold_all.{name}")))
+        gold_all[name] = [v for v in values if v is not None]
+        for value in gold_all[name]:
+            check_label(field, column, value)
+    record["gold"], record["gold_all"] = gold, gold_all
+    return record
+
+
+# --------------------------------------------------------------------------- cleaning
+
+# NUL is never text (a C string end, a binary file read as text); the zero-width characters
+# and the byte-order mark are invisible and only break exact-duplicate matching.
+_INVISIBLE = re.compile("[\x00\u200b\u200c\u200d\u2060\ufeff]")
+_WHITESPACE = re.compile(r"\s+")
+
+
+def normalise_text(text: str) -> str:
+    """Unicode NFC, no NUL or zero-width characters, one space per whitespace run, stripped."""
+    text = unicodedata.normalize("NFC", text).replace("\u00a0", " ")
+    return _WHITESPACE.sub(" ", _INVISIBLE.sub("", text)).strip()
