@@ -1,29 +1,45 @@
-"""The `temper` command line: one subcommand per pipeline stage, plus operations.
+"""The `temper` command line: a thin layer over the stages' entry functions.
 
-Every stage reads its section of `params.yaml` (override with `-S section.key=value`, as with
-`dvc exp run -S`). Heavy libraries are imported inside the commands so `--help` stays fast.
+Each command loads `params.yaml` (override with `-S section.key=value`, as `dvc exp run -S`
+does), validates the sections it needs into their typed configs, calls one entry function and
+prints a one-line summary. `COMMANDS` at the bottom is the table of commands; the help text of
+each lists every knob of its sections (generated from the typed configs). Heavy libraries are
+imported inside the commands so `--help` stays fast.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shlex
+import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from .base_model import ModelConfig
-from .config import ConfigError, Section, describe, load_params, read_yaml, section
-from .distil import DistilConfig
-from .evaluate import EvaluateConfig
-from .gates import GatesConfig
-from .judge import JudgeConfig
-from .prepare import PrepareConfig
-from .promote import PromoteConfig
-from .register import RegisterConfig
+from .config import (
+    ConfigError,
+    Params,
+    Section,
+    as_overrides,
+    describe,
+    load_params,
+    read_yaml,
+    section,
+)
+from .evaluation.config import EvaluateConfig
+from .evaluation.gates import GatesConfig
+from .evaluation.judge import JudgeConfig
+from .release.promote import PromoteConfig
+from .stages.base_model import ModelConfig
+from .stages.distil import DistilConfig
+from .stages.prepare import PrepareConfig
+from .stages.register import RegisterConfig
 from .tracking import MlflowConfig
-from .train import TrainConfig
+from .training.config import TrainConfig
 
 app = typer.Typer(
     help="Temper: distil, fine-tune (LoRA/QLoRA), evaluate, gate and register a self-hosted "
@@ -32,16 +48,6 @@ app = typer.Typer(
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
-
-ParamsOpt = Annotated[
-    Path, typer.Option("--params", "-p", help="The params file.", show_default=True)
-]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", "-S", metavar="KEY=VALUE",
-                 help="Override a param (repeatable), e.g. -S prepare.max_tokens=256."),
-]
-
 
 # Every params.yaml section and the typed config it loads into (tests/test_config.py checks
 # params.yaml and every shipped profile against this).
@@ -58,17 +64,44 @@ SECTIONS: dict[str, type[Section]] = {
     "promote": PromoteConfig,
 }
 
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="The params file.")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-S", metavar="KEY=VALUE",
+                 help="Override a param (repeatable), e.g. -S prepare.max_tokens=256."),
+]
+PARAMS = Path("params.yaml")
+
+# Loggers that talk at INFO about things a user does not need (one line per HTTP request:
+# the openai/anthropic SDKs log through `httpx2` as well as `httpx`), and known-harmless
+# warnings of dependencies. All of it comes back with TEMPER_LOG_LEVEL=DEBUG.
+NOISY_LOGGERS = ("httpx", "httpx2", "httpcore", "urllib3", "filelock", "datasets", "openai",
+                 "anthropic", "bitsandbytes", "mlflow", "alembic", "accelerate", "peft",
+                 "transformers", "torch")
+HARMLESS_WARNINGS = (
+    (FutureWarning, ""),
+    (DeprecationWarning, ""),
+    (UserWarning, ".*gemv_4bit.*"),                  # bitsandbytes on CPU, see train docs
+    (UserWarning, ".*kernels-community.*"),          # bitsandbytes >= 0.49: optional kernels
+    (UserWarning, ".*TypedStorage is deprecated.*"),
+)
+
 
 def setup_logging() -> None:
     level = os.environ.get("TEMPER_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    # Libraries that talk a lot at INFO.
-    for noisy in ("httpx", "urllib3", "filelock", "datasets"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+                        datefmt="%H:%M:%S", force=True)
+    if level == "DEBUG":
+        return
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for category, message in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-def load(params: Path, overrides: list[str] | None) -> dict:
+def load(params: Path, overrides: list[str] | None) -> Params:
     try:
         return load_params(params, overrides)
     except ConfigError as err:
@@ -80,37 +113,41 @@ def fail(err: Exception, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def task_path(params: dict) -> str:
-    return params.get("task") or "configs/tasks/clause_review.yaml"
-
-
-@app.command("base-model", epilog=describe(ModelConfig, "model"))
-def base_model_cmd(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """Resolve `model.base` into a local safetensors folder (built-in default works offline)."""
-    from . import base_model
-
-    setup_logging()
-    values = load(params, set_)
-    try:
-        base_model.run(section(values, "model", ModelConfig))
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        fail(err)
-
-
-@app.command("prepare", epilog=describe(PrepareConfig, "prepare"))
-def prepare_cmd(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """Clean, de-duplicate, split by document and render the task's chat records."""
-    from . import prepare
+def task_of(values: dict[str, Any]) -> Any:
     from .task import load_task
 
+    return load_task(values.get("task") or "configs/tasks/clause_review.yaml")
+
+
+def model_dir(values: dict[str, Any]) -> str:
+    return section(values, "model", ModelConfig).dir
+
+
+# --- the stages (what dvc.yaml runs) ---------------------------------------------------------
+
+
+def base_model_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
+    """Resolve `model.base` into a local safetensors folder (built-in default works offline)."""
+    from .stages import base_model
+
     setup_logging()
     values = load(params, set_)
     try:
-        stats = prepare.run(
-            section(values, "prepare", PrepareConfig),
-            load_task(task_path(values)),
-            section(values, "model", ModelConfig).dir,
-        )
+        out = base_model.run(section(values, "model", ModelConfig))
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        fail(err)
+    typer.echo(f"base model ready in {out}")
+
+
+def prepare_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
+    """Clean, de-duplicate, split by document and render the task's chat records."""
+    from .stages import prepare
+
+    setup_logging()
+    values = load(params, set_)
+    try:
+        stats = prepare.run(section(values, "prepare", PrepareConfig), task_of(values),
+                            model_dir(values))
     except (ConfigError, prepare.InputError, FileNotFoundError) as err:
         fail(err)
     counts = ", ".join(f"{k} {v['records']}" for k, v in stats["splits"].items())
@@ -118,9 +155,8 @@ def prepare_cmd(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) ->
                f"quarantined {stats['quarantined']['total']}")
 
 
-@app.command("distil", epilog=describe(DistilConfig, "distil"))
 def distil_cmd(
-    params: ParamsOpt = Path("params.yaml"),
+    params: ParamsOpt = PARAMS,
     set_: SetOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Start even if the cost estimate "
                                         "exceeds distil.provider.max_usd.")] = False,
@@ -131,8 +167,7 @@ def distil_cmd(
     (nothing sent), 5 endpoint not on this machine and allow_external false (nothing sent),
     6 more than max_reject_rate of the records rejected or failed (previous outputs kept).
     """
-    from . import distil
-    from .task import load_task
+    from .stages import distil
 
     setup_logging()
     values = load(params, set_)
@@ -141,7 +176,7 @@ def distil_cmd(
         if force:
             cfg = cfg.model_copy(update={"force": True})
         mlflow_cfg = section(values, "mlflow", MlflowConfig) if cfg.log_mlflow else None
-        m = distil.run(cfg, load_task(task_path(values)), mlflow_cfg, values)
+        m = distil.run(cfg, task_of(values), mlflow_cfg, values)
     except distil.DistilError as err:
         fail(err, err.exit_code)
     except (ConfigError, FileNotFoundError) as err:
@@ -152,126 +187,54 @@ def distil_cmd(
                f"{m['cache_hits']}, ${m['usd']:.4f}")
 
 
-@app.command("train", epilog=describe(TrainConfig, "train"))
 def train_cmd(
-    params: ParamsOpt = Path("params.yaml"),
+    params: ParamsOpt = PARAMS,
     set_: SetOpt = None,
     candidate: Annotated[list[str] | None, typer.Option(
         "--candidate", "-c", help="Candidate(s) of train.candidates to train (default: all).")
     ] = None,
+    launched: Annotated[bool, typer.Option(
+        "--launched", hidden=True, help="One rank under `accelerate launch` (set by temper).")
+    ] = False,
 ) -> None:
     """Fine-tune LoRA/QLoRA candidates on the distilled data (through Accelerate).
 
     Single-process Accelerate configs (`train.accelerate: cpu`, `single_gpu`) train in this
     process; multi-process ones (`cpu_ddp_2proc`, `multi_gpu_ddp`, `fsdp_qlora`) re-launch
-    `python -m pipelines.train` under `accelerate launch`.
+    `python -m temper train --launched` under `accelerate launch`, one process per device.
     """
     import subprocess
 
-    from . import train
-    from .io import read_json
+    from .stages import train
+    from .training.data import DataError
 
     setup_logging()
     values = load(params, set_)
+
+    def rank_argv(name: str) -> list[str]:
+        argv = ["train", "--launched", "--params", str(params), "--candidate", name]
+        return argv + [arg for item in set_ or [] for arg in ("--set", item)]
+
     try:
         cfg = section(values, "train", TrainConfig)
-        names = candidate or list(cfg.candidates)
-        for name in names:
-            cfg.candidate(name)  # unknown names fail before anything trains
-        acc = train.accelerate_config(cfg.accelerate)
-        for name in names:
-            if train.needs_launcher(acc):
-                argv = ["--params", str(params), "--candidate", name]
-                for item in set_ or []:
-                    argv += ["--set", item]
-                train.launch(acc, argv)
-                m = read_json(Path(cfg.out_dir) / name / "train_metrics.json")
-            else:
-                m = train.run(cfg, name, section(values, "model", ModelConfig).dir,
-                              section(values, "mlflow", MlflowConfig), values)
-            typer.echo(f"trained {name}: {m['steps']} steps in {m['train_seconds']:.0f}s "
-                       f"({m['tokens_per_s']:.0f} tokens/s), val loss {m['val_loss']:.4f} "
-                       f"(base {m['base_val_loss']:.4f})")
-    except (ConfigError, train.DataError, FileNotFoundError) as err:
+        mlflow_cfg = section(values, "mlflow", MlflowConfig)
+        if launched:  # this process is one rank: train here, the launcher reports
+            for name in candidate or []:
+                train.train_candidate(cfg, name, model_dir(values), mlflow_cfg, values)
+            return
+        results = train.run(cfg, candidate, model_dir(values), mlflow_cfg, values, rank_argv)
+    except (ConfigError, DataError, FileNotFoundError) as err:
         fail(err)
     except subprocess.CalledProcessError as err:
         fail(RuntimeError(f"accelerate launch failed with exit code {err.returncode}"))
+    for name, m in results.items():
+        typer.echo(f"trained {name}: {m.steps} steps in {m.train_seconds:.0f}s "
+                   f"({m.tokens_per_s or 0:.0f} tokens/s), val loss {m.val_loss:.4f} "
+                   f"(base {m.base_val_loss:.4f})")
 
 
-@app.command("merge")
-def merge_cmd(
-    candidate: Annotated[Path, typer.Argument(help="A candidate folder (models/candidates/NAME) "
-                                              "or an adapter folder.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where the merged model goes.")],
-    params: ParamsOpt = Path("params.yaml"),
-    set_: SetOpt = None,
-    base: Annotated[Path | None, typer.Option(help="Base model folder (default: model.dir).")]
-    = None,
-    dtype: Annotated[str, typer.Option(help="bfloat16 | float16 | float32.")] = "bfloat16",
-) -> None:
-    """Merge a LoRA adapter into its base model: a standalone 16-bit model for serving.
-
-    QLoRA adapters are merged into the dequantized 4-bit weights (a warning says so).
-    """
-    from . import train
-
-    setup_logging()
-    values = load(params, set_)
-    try:
-        base_dir = base or Path(section(values, "model", ModelConfig).dir)
-        if dtype not in ("bfloat16", "float16", "float32"):
-            raise ValueError(f"--dtype {dtype!r}: use bfloat16, float16 or float32")
-        info = train.merge(candidate, out, base_dir, dtype)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        fail(err)
-    typer.echo(f"merged {info['adapter']} into {info['base']} -> {out} ({info['dtype']}"
-               f"{', from dequantized 4-bit weights' if info['dequantized'] else ''})")
-
-
-def flatten(values: dict, prefix: str = "") -> list[str]:
-    """`{"a": {"b": 1}}` -> `["a.b=1"]`, the form `dvc exp run -S` and `temper -S` take."""
-    import json
-
-    items = []
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            items += flatten(value, f"{name}.")
-        else:
-            items.append(f"{name}={json.dumps(value)}")
-    return items
-
-
-@app.command("profile")
-def profile_cmd(
-    name: Annotated[str, typer.Argument(help="Profile name: a file configs/profiles/NAME.yaml.")],
-) -> None:
-    """Print a profile as `-S key=value` overrides: `dvc exp run $(temper profile full)`."""
-    import shlex
-
-    try:
-        overrides = flatten(read_yaml(Path("configs/profiles") / f"{name}.yaml"))
-    except ConfigError as err:
-        fail(err)
-    typer.echo(" ".join(f"-S {shlex.quote(o)}" for o in overrides))
-
-
-# --- registry: register, promote, rollback, pull, ui ------------------------------------------
-
-def registry_client(values: dict):
-    """MLflow pointed at the configured store (embedded sqlite by default)."""
-    import mlflow
-
-    from . import tracking
-
-    tracking.setup(section(values, "mlflow", MlflowConfig))
-    return mlflow.MlflowClient()
-
-
-@app.command("evaluate", epilog=describe(EvaluateConfig, "evaluate") + "\n\n"
-             + describe(JudgeConfig, "judge") + "\n\n" + describe(GatesConfig, "gates"))
 def evaluate_cmd(
-    params: ParamsOpt = Path("params.yaml"),
+    params: ParamsOpt = PARAMS,
     set_: SetOpt = None,
     data: Annotated[Path | None, typer.Option(
         "--data", help="Ad hoc: score this JSONL (raw format through prepare.fields, or "
@@ -292,15 +255,14 @@ def evaluate_cmd(
     """
     import re
 
-    from . import evaluate
-    from .gates import table
+    from .evaluation.report import fmt, gate_table
+    from .stages import evaluate
 
     setup_logging()
     values = load(params, set_)
     try:
         cfg = section(values, "evaluate", EvaluateConfig)
-        adapters = None
-        fields = None
+        adapters = fields = None
         if data is not None or adapter is not None:
             out.mkdir(parents=True, exist_ok=True)
             update = {"metrics": str(out / "eval.json"), "reports_dir": str(out),
@@ -310,40 +272,56 @@ def evaluate_cmd(
                 fields = section(values, "prepare", PrepareConfig).fields
             cfg = cfg.model_copy(update=update)
             if adapter is not None:
-                # models/candidates/<name>/adapter -> <name>; an MLflow URI -> "adapter"
+                # models/candidates/<name>/adapter -> <name>; an MLflow URI -> its name
                 path = Path(adapter.rstrip("/"))
                 name = path.parent.name if path.name == "adapter" else path.name
                 if ":/" in adapter:  # models:/temper-clause-review@champion -> that name
                     name = re.sub(r"[^\w.@-]+", "_", adapter.split(":/", 1)[1]).strip("_")
                 adapters = {name or "adapter": adapter}
-        from .task import load_task
-
-        result = evaluate.run(cfg, load_task(task_path(values)),
-                              section(values, "model", ModelConfig).dir,
+        result = evaluate.run(cfg, task_of(values), model_dir(values),
                               section(values, "judge", JudgeConfig),
                               section(values, "gates", GatesConfig),
                               section(values, "mlflow", MlflowConfig), values,
                               adapters=adapters, fields=fields)
     except (ConfigError, evaluate.EvalError, FileNotFoundError) as err:
         fail(err)
-    from .eval_report import fmt
-
-    primary = result["primary_metric"]
-    for name, entry in result["candidates"].items():
-        delta = (entry.get("delta_vs_baseline") or {}).get(primary)
-        typer.echo(f"{name}: {primary} {fmt(entry['metrics'][primary])}, json_valid_rate "
-                   f"{fmt(entry['metrics']['json_valid_rate'])}"
-                   + (f", delta vs baseline {fmt(delta)}" if delta else ""))
-    if result.get("baseline"):
-        typer.echo(f"baseline ({result['baseline']['kind']}): {primary} "
-                   f"{fmt(result['baseline']['metrics'][primary])}")
-    typer.echo(table(result))
-    typer.echo(f"winner: {result['winner']}  (report: {cfg.reports_dir}/eval.md)")
+    primary = result.primary_metric
+    for name, entry in result.candidates.items():
+        delta = (entry.delta_vs_baseline or {}).get(primary)
+        typer.echo(f"{name}: {primary} {fmt(entry.metrics[primary].model_dump())}, "
+                   f"json_valid_rate {fmt(entry.metrics['json_valid_rate'].model_dump())}"
+                   + (f", delta vs baseline {fmt(delta.model_dump())}" if delta else ""))
+    if result.baseline is not None:
+        typer.echo(f"baseline ({result.baseline.kind}): {primary} "
+                   f"{fmt(result.baseline.metrics[primary].model_dump())}")
+    typer.echo(gate_table(result))
+    typer.echo(f"winner: {result.winner}  (report: {cfg.reports_dir}/eval.md)")
 
 
-@app.command("gate", epilog=describe(GatesConfig, "gates"))
+def register_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
+    """Register the evaluation's winner as a new model version with alias `challenger`."""
+    from .stages import register
+
+    setup_logging()
+    values = load(params, set_)
+    try:
+        summary = register.run(section(values, "register", RegisterConfig), values,
+                               section(values, "mlflow", MlflowConfig), model_dir(values))
+    except (ConfigError, register.RegisterError, FileNotFoundError) as err:
+        fail(err)
+    if summary["registered"]:
+        typer.echo(f"registered {summary['model_name']} version {summary['version']} "
+                   f"(@{summary['alias']}) from candidate {summary['candidate']}: "
+                   f"{summary['primary_metric']} {summary[summary['primary_metric']]:.4f}")
+    else:
+        typer.secho(f"not registered: {summary['reason']}", fg=typer.colors.YELLOW)
+
+
+# --- release: gates, promotion, rollback, pull, merge ----------------------------------------
+
+
 def gate_cmd(
-    params: ParamsOpt = Path("params.yaml"),
+    params: ParamsOpt = PARAMS,
     set_: SetOpt = None,
     eval_file: Annotated[Path, typer.Option("--eval", help="The evaluation to check.")
                          ] = Path("metrics/eval.json"),
@@ -355,76 +333,57 @@ def gate_cmd(
     Thresholds come from the params (so `-S gates.min_primary=0.8` tries a stricter gate
     without re-running the evaluation). Exit codes: 0 pass, 1 fail, 2 bad input.
     """
-    from .gates import check, table
-    from .io import read_json
+    from .evaluation.gates import check, pick_winner
+    from .evaluation.report import gate_table
+    from .results import EvalResult, ResultError
 
     values = load(params, set_)
     try:
         gates_cfg = section(values, "gates", GatesConfig)
-        evaluation = read_json(eval_file)
-        cands = evaluation["candidates"]
-        primary = evaluation["primary_metric"]
-    except (ConfigError, FileNotFoundError, KeyError, ValueError) as err:
-        fail(ValueError(f"{eval_file}: {err}"), 2)
-    if candidate is not None and candidate not in cands:
-        fail(ValueError(f"{eval_file}: no candidate {candidate!r} (have {sorted(cands)})"), 2)
-    for entry in cands.values():
-        entry["gates"] = check(gates_cfg, primary, entry)
-    typer.echo(table(evaluation))
-    passing = [c for c, e in cands.items() if e["gates"]["passed"]]
+        result = EvalResult.load(eval_file)
+        if candidate is not None:
+            result.candidate(candidate, eval_file)
+    except (ConfigError, ResultError) as err:
+        fail(err, 2)
+    for entry in result.candidates.values():
+        entry.gates = check(gates_cfg, result.primary_metric, entry)
+    typer.echo(gate_table(result))
     if candidate is not None:
-        ok = candidate in passing
+        ok = bool(result.candidates[candidate].gates.passed)
         typer.echo(f"{candidate}: {'PASS' if ok else 'FAIL'}")
     else:
-        winner = max(passing, key=lambda c: (cands[c]["metrics"][primary]["value"], c),
-                     default=None)
+        winner = pick_winner(result)
         ok = winner is not None
         typer.echo(f"winner: {winner}" if ok else "no candidate passes the gates")
     raise typer.Exit(0 if ok else 1)
 
 
-@app.command("register", epilog=describe(RegisterConfig, "register"))
-def register_cmd(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """Register the evaluation's winner as a new model version with alias `challenger`."""
-    from . import register
+def registry_client(values: dict[str, Any]) -> Any:
+    """MLflow pointed at the configured store (embedded sqlite by default)."""
+    import mlflow
 
-    setup_logging()
-    values = load(params, set_)
-    try:
-        summary = register.run(section(values, "register", RegisterConfig), values,
-                               section(values, "mlflow", MlflowConfig),
-                               section(values, "model", ModelConfig).dir)
-    except (ConfigError, register.RegisterError, FileNotFoundError) as err:
-        fail(err)
-    if summary["registered"]:
-        typer.echo(f"registered {summary['model_name']} version {summary['version']} "
-                   f"(@{summary['alias']}) from candidate {summary['candidate']}: "
-                   f"{summary['primary_metric']} {summary[summary['primary_metric']]:.4f}")
-    else:
-        typer.secho(f"not registered: {summary['reason']}", fg=typer.colors.YELLOW)
+    from . import tracking
+
+    tracking.setup(section(values, "mlflow", MlflowConfig))
+    return mlflow.MlflowClient()
 
 
-def promotion_context(values: dict):
-    """The promote config, the registered model's name and a registry client."""
-    cfg = section(values, "promote", PromoteConfig)
-    name = section(values, "register", RegisterConfig).model_name
-    return cfg, name, registry_client(values)
+def promote_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
+    """Make `challenger` the `champion` if it passes the gates and is not worse.
 
-
-@app.command("promote", epilog=describe(PromoteConfig, "promote"))
-def promote_cmd(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """Make `challenger` the `champion` if it passed its gates and is not worse.
-
+    The gates in force (`gates:`) are checked again on the challenger's recorded evaluation.
     Exit codes: 0 promoted (or already champion), 1 refused, 2 cannot decide (missing alias,
     scores or config). The decision is written to the version's tags and promote.report.
     """
-    from . import promote
+    from .release import promote
 
     setup_logging()
     values = load(params, set_)
     try:
-        cfg, name, client = promotion_context(values)
-        decision = promote.decide(client, name, cfg)
+        cfg = section(values, "promote", PromoteConfig)
+        name = section(values, "register", RegisterConfig).model_name
+        client = registry_client(values)
+        decision = promote.decide(client, name, cfg, section(values, "gates", GatesConfig))
         promote.write_report(cfg.report, decision, "promote", promote.history(client, name))
     except (ConfigError, promote.PromoteError) as err:
         fail(err, 2)
@@ -437,15 +396,16 @@ def promote_cmd(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) ->
         raise typer.Exit(1)
 
 
-@app.command("rollback", epilog=describe(PromoteConfig, "promote"))
-def rollback_cmd(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+def rollback_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
     """Point `champion` back at the previous champion (exit 2 when there is none)."""
-    from . import promote
+    from .release import promote
 
     setup_logging()
     values = load(params, set_)
     try:
-        cfg, name, client = promotion_context(values)
+        cfg = section(values, "promote", PromoteConfig)
+        name = section(values, "register", RegisterConfig).model_name
+        client = registry_client(values)
         decision = promote.rollback(client, name, cfg)
         promote.write_report(cfg.report, decision, "rollback", promote.history(client, name))
     except (ConfigError, promote.PromoteError) as err:
@@ -453,38 +413,81 @@ def rollback_cmd(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -
     typer.echo(f"{decision.reason}; report: {cfg.report}")
 
 
-@app.command("pull")
 def pull_cmd(
     uri: Annotated[str, typer.Argument(help="models:/<name>@<alias>, models:/<name>/<version>, "
                                        "or <name> for its champion.")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Target folder (default "
                                              "models/pulled/<name>-v<version>).")] = None,
-    params: ParamsOpt = Path("params.yaml"),
+    params: ParamsOpt = PARAMS,
     set_: SetOpt = None,
 ) -> None:
     """Download a registered adapter and bind it to the local base model (checked by hash)."""
-    from . import promote
+    from .release import pull
+    from .release.promote import PromoteError
 
     setup_logging()
     values = load(params, set_)
     try:
         registry_client(values)
-        path = promote.pull(uri, out, section(values, "model", ModelConfig).dir)
-    except (ConfigError, promote.PromoteError) as err:
+        path = pull.pull(uri, out, model_dir(values))
+    except (ConfigError, PromoteError) as err:
         fail(err, 2)
     typer.echo(f"pulled into {path}: load with peft.PeftModel.from_pretrained(base, '{path}') "
-               "or pipelines.promote.load_pulled")
+               "or temper.release.pull.load_pulled")
 
 
-@app.command("ui")
+def merge_cmd(
+    candidate: Annotated[Path, typer.Argument(help="A candidate folder (models/candidates/NAME) "
+                                              "or an adapter folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where the merged model goes.")],
+    params: ParamsOpt = PARAMS,
+    set_: SetOpt = None,
+    base: Annotated[Path | None, typer.Option(help="Base model folder (default: model.dir).")]
+    = None,
+    dtype: Annotated[str, typer.Option(help="bfloat16 | float16 | float32.")] = "bfloat16",
+) -> None:
+    """Merge a LoRA adapter into its base model: a standalone 16-bit model for serving.
+
+    QLoRA adapters are merged into the dequantized 4-bit weights (a warning says so).
+    """
+    from .release.merge import merge
+
+    setup_logging()
+    values = load(params, set_)
+    try:
+        if dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"--dtype {dtype!r}: use bfloat16, float16 or float32")
+        info = merge(candidate, out, base or Path(model_dir(values)), dtype)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        fail(err)
+    typer.echo(f"merged {info['adapter']} into {info['base']} -> {out} ({info['dtype']}"
+               f"{', from dequantized 4-bit weights' if info['dequantized'] else ''})")
+
+
+# --- helpers: profiles, the MLflow UI ----------------------------------------------------------
+
+
+def profile_cmd(
+    name: Annotated[str, typer.Argument(help="Profile name: a file configs/profiles/NAME.yaml.")],
+) -> None:
+    """Print a profile as `-S key=value` overrides: `dvc exp run $(temper profile full)`."""
+    try:
+        overrides = as_overrides(read_yaml(Path("configs/profiles") / f"{name}.yaml"))
+    except ConfigError as err:
+        fail(err)
+    typer.echo(" ".join(f"-S {shlex.quote(o)}" for o in overrides))
+
+
 def ui_cmd(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
     host: Annotated[str, typer.Option(help="Interface (keep loopback unless you mean it).")]
     = "127.0.0.1",
-    params: ParamsOpt = Path("params.yaml"),
+    params: ParamsOpt = PARAMS,
     set_: SetOpt = None,
 ) -> None:
     """Open the MLflow UI on the embedded store (one lean server process; Ctrl-C stops it)."""
+    import mlflow
+
     from . import tracking
 
     values = load(params, set_)
@@ -494,14 +497,37 @@ def ui_cmd(
         typer.echo(f"the store is a server already: open {tracking.redact_uri(uri)}")
         return
     experiment_id = tracking.setup(cfg)
-    import mlflow
-
-    tracking.ensure_candidates_view(mlflow.MlflowClient(), experiment_id)
+    primary = section(values, "evaluate", EvaluateConfig).primary_metric
+    tracking.ensure_candidates_view(mlflow.MlflowClient(), experiment_id, primary)
     cmd, env = tracking.lean_server_command(uri, cfg.artifact_root, host, port)
     typer.echo("candidates side by side: "
                + tracking.runs_table_url(f"http://{host}:{port}", experiment_id))
     os.execvpe(cmd[0], cmd, env)  # the server replaces this process: Ctrl-C stops it cleanly
 
 
+# --- the table of commands -------------------------------------------------------------------
+
+# name, function, the params sections its --help lists in full.
+COMMANDS: list[tuple[str, Callable[..., None], tuple[str, ...]]] = [
+    ("base-model", base_model_cmd, ("model",)),
+    ("prepare", prepare_cmd, ("prepare",)),
+    ("distil", distil_cmd, ("distil",)),
+    ("train", train_cmd, ("train",)),
+    ("evaluate", evaluate_cmd, ("evaluate", "judge", "gates")),
+    ("register", register_cmd, ("register",)),
+    ("gate", gate_cmd, ("gates",)),
+    ("promote", promote_cmd, ("promote", "gates")),
+    ("rollback", rollback_cmd, ("promote",)),
+    ("pull", pull_cmd, ()),
+    ("merge", merge_cmd, ()),
+    ("profile", profile_cmd, ()),
+    ("ui", ui_cmd, ()),
+]
+
+for _name, _function, _sections in COMMANDS:
+    _epilog = "\n\n".join(describe(SECTIONS[s], s) for s in _sections) or None
+    app.command(_name, epilog=_epilog)(_function)
+
+
 if __name__ == "__main__":
-    app()
+    app(prog_name="temper", args=sys.argv[1:])

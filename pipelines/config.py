@@ -7,6 +7,7 @@ Unknown keys are errors, so a typo in `params.yaml` fails loudly instead of bein
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, TypeVar
@@ -67,6 +68,23 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[leaf] = yaml.safe_load(raw)
     return nested
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1, "c": {}}}` -> `{"a.b": 1, "a.c": {}}`: the dotted names that `-S`
+    overrides and MLflow params use (an empty mapping stays a value, so it can be set)."""
+    if isinstance(obj, dict) and obj:
+        out: dict[str, Any] = {}
+        for key, value in obj.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): obj}
+
+
+def as_overrides(values: dict[str, Any]) -> list[str]:
+    """A nested mapping as `-S` overrides: `{"a": {"b": 1}}` -> `["a.b=1"]` (values as JSON,
+    which is YAML, so `parse_overrides` reads them back as they were)."""
+    return [f"{key}={json.dumps(value)}" for key, value in flatten(values).items()]
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -115,14 +115,41 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def sha256_tree(root: str | os.PathLike[str]) -> str:
-    """One SHA-256 over a folder: relative paths and file contents, in sorted order."""
+def md5_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Hex MD5 of a file, streamed: the hash DVC records for a file (an identity, not security)."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tree_hash(root: str | os.PathLike[str], skip: tuple[str, ...] = ()) -> str:
+    """One SHA-256 over a folder: relative paths and file contents, in sorted order.
+
+    `skip`: relative paths left out (an adapter's top-level README.md is its model card, which
+    registration replaces; the weights and configs must come back byte for byte).
+    """
     root = Path(root)
     digest = hashlib.sha256()
     for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(file.relative_to(root).as_posix().encode() + b"\0")
+        rel = file.relative_to(root).as_posix()
+        if rel in skip:
+            continue
+        digest.update(rel.encode() + b"\0")
         digest.update(sha256_file(file).encode() + b"\n")
     return digest.hexdigest()
+
+
+def adapter_hash(folder: str | os.PathLike[str]) -> str:
+    """The identity of a PEFT adapter folder: `tree_hash` without its top-level README.md."""
+    return tree_hash(folder, skip=("README.md",))
+
+
+def model_hash(model_dir: str | os.PathLike[str]) -> str:
+    """A short identity of a resolved base model: a hash over the file hashes that the
+    base_model stage recorded in its `temper_source.json`."""
+    return stable_hash(read_json(Path(model_dir) / "temper_source.json")["files"])
 
 
 def stable_hash(obj: Any, length: int = 16) -> str:

@@ -30,9 +30,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipelines.io import read_jsonl  # noqa: E402
-from pipelines.providers import ProviderConfig, open_provider  # noqa: E402
-from pipelines.task import load_task  # noqa: E402
+from temper.io import read_jsonl  # noqa: E402
+from temper.providers import ProviderConfig, open_provider  # noqa: E402
+from temper.task import load_task  # noqa: E402
 
 
 def start_server(latency: float, answers: Path | None) -> tuple[subprocess.Popen, str]:
@@ -138,7 +138,7 @@ def stage(url: str, tmp: Path) -> None:
     params["task"] = str(ROOT / params["task"])
     params["distil"]["prepared_dir"] = str(ROOT / params["distil"]["prepared_dir"])
     (tmp / "params.yaml").write_text(yaml.safe_dump(params))
-    command = [sys.executable, "-m", "pipelines.cli", "distil", "-p", str(tmp / "params.yaml")]
+    command = [sys.executable, "-m", "temper", "distil", "-p", str(tmp / "params.yaml")]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TEMPER_LOG_LEVEL": "WARNING"}
     for label in ("stage, first run", "stage, cached re-run"):
         t0 = time.perf_counter()

@@ -22,12 +22,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipelines.config import load_params, section  # noqa: E402
-from pipelines.evaluate import load_records  # noqa: E402
-from pipelines.generation import generate, load_model  # noqa: E402
-from pipelines.io import read_jsonl  # noqa: E402
-from pipelines.prepare import PrepareConfig  # noqa: E402
-from pipelines.task import load_task  # noqa: E402
+from temper.config import load_params, section  # noqa: E402
+from temper.stages.evaluate import load_records  # noqa: E402
+from temper.evaluation.generation import generate, load_model  # noqa: E402
+from temper.io import read_jsonl  # noqa: E402
+from temper.stages.prepare import PrepareConfig  # noqa: E402
+from temper.task import load_task  # noqa: E402
 
 
 def one_at_a_time(model, tokenizer, prompts, max_new_tokens):

@@ -180,7 +180,12 @@ def run_prepare(
         "-S", f"prepare.metrics={metrics}",
     ]  # fmt: skip
     # The code under test: this checkout, or a git revision unpacked in `code`.
-    boot = f"import sys; sys.path.insert(0, {str(code or ROOT)!r}); from pipelines.cli import app; app()"
+    # (Revisions before the `temper` import name keep the package as `pipelines`.)
+    if code is None:
+        boot = "from temper.cli import app; app()"
+    else:
+        boot = (f"import sys; sys.path.insert(0, {str(code)!r}); "
+                "from pipelines.cli import app; app()")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TEMPER_LOG_LEVEL": "WARNING"}
     start = time.perf_counter()
     proc = subprocess.Popen(

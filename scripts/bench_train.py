@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def build_data(out: Path) -> Path:
-    from pipelines.io import read_jsonl, write_jsonl
-    from pipelines.task import load_task
+    from temper.io import read_jsonl, write_jsonl
+    from temper.task import load_task
 
     distilled = ROOT / "data" / "distilled"
     if (distilled / "train.jsonl").exists() and (distilled / "validation.jsonl").exists():
@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    from pipelines.config import load_params, section
+    from temper.config import load_params, section
     from pipelines.train import TrainConfig
 
     params = section(load_params(args.params), "train", TrainConfig)

@@ -17,8 +17,8 @@ if not torch.cuda.is_available():
     sys.exit("gpu_smoke: no CUDA device visible (torch.cuda.is_available() is False)")
 
 from pipelines import train as T
-from pipelines.io import read_jsonl, write_jsonl
-from pipelines.task import load_task
+from temper.io import read_jsonl, write_jsonl
+from temper.task import load_task
 
 steps = int(sys.argv[1])
 task = load_task("configs/tasks/clause_review.yaml")

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from pipelines import train as T
-from pipelines.io import write_jsonl
-from pipelines.task import load_task, parse_answer
+from temper.io import write_jsonl
+from temper.task import load_task, parse_answer
 
 
 def main() -> None:

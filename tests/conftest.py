@@ -26,7 +26,7 @@ def root() -> Path:
 @pytest.fixture(scope="session")
 def base_model_dir() -> Path:
     """The real SmolLM2-135M-Instruct as a safetensors folder (`models/base`, built if absent)."""
-    from pipelines import base_model
+    from temper.stages import base_model
 
     cfg = base_model.ModelConfig(dir=str(ROOT / "models" / "base"))
     if not (Path(cfg.dir) / "temper_source.json").exists():
@@ -36,7 +36,7 @@ def base_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def task():
-    from pipelines.task import load_task
+    from temper.task import load_task
 
     return load_task(ROOT / "configs" / "tasks" / "clause_review.yaml")
 
@@ -44,8 +44,8 @@ def task():
 @pytest.fixture(scope="session")
 def prepared_dir(tmp_path_factory, base_model_dir, task) -> Path:
     """A small prepared dataset from the real CUAD files (train 64, validation 32, test 32)."""
-    from pipelines.config import load_params, section
-    from pipelines.prepare import PrepareConfig, run
+    from temper.config import load_params, section
+    from temper.stages.prepare import PrepareConfig, run
 
     out = tmp_path_factory.mktemp("prepared")
     params = load_params(ROOT / "params.yaml")

@@ -158,8 +158,8 @@ def train_candidates(tmp: Path, names: list[str], adapter: Path) -> dict[str, st
     per candidate under the pipeline run (made with tracking.py, as train.py does)."""
     import mlflow
 
-    from pipelines import tracking
-    from pipelines.config import load_params, section
+    from temper import tracking
+    from temper.config import load_params, section
 
     params = load_params(tmp / "params.yaml")
     cfg = section(params, "mlflow", tracking.MlflowConfig)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipelines.base_model import BUILTIN, ModelConfig, copy_model_folder, model_hash, run
+from temper.stages.base_model import BUILTIN, ModelConfig, copy_model_folder, model_hash, run
 
 
 @pytest.mark.slow

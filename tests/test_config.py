@@ -5,10 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from pipelines.cli import SECTIONS, flatten
-from pipelines.config import ConfigError, load_params, parse_overrides, read_yaml, section
-from pipelines.task import load_task
+from temper.cli import SECTIONS
+from temper.config import (
+    ConfigError,
+    as_overrides,
+    load_params,
+    parse_overrides,
+    read_yaml,
+    section,
+)
+from temper.task import load_task
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +33,7 @@ def test_params_yaml_sections_all_load():
     "path", sorted((ROOT / "configs" / "profiles").glob("*.yaml")), ids=lambda p: p.stem
 )
 def test_profiles_apply_cleanly(path):
-    params = load_params(ROOT / "params.yaml", flatten(read_yaml(path)))
+    params = load_params(ROOT / "params.yaml", as_overrides(read_yaml(path)))
     for name, model in SECTIONS.items():
         section(params, name, model)
 

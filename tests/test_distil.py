@@ -19,10 +19,10 @@ import pytest
 import yaml
 from fake_api import FakeAPI, Faults, messages_key
 
-from pipelines import distil
-from pipelines.distil import DistilConfig, DistilError, gold_answer, pick_few_shot
-from pipelines.io import read_json, read_jsonl, write_jsonl
-from pipelines.providers import ProviderConfig, estimate_tokens
+from temper.stages import distil
+from temper.stages.distil import DistilConfig, DistilError, gold_answer, pick_few_shot
+from temper.io import read_json, read_jsonl, write_jsonl
+from temper.providers import ProviderConfig, estimate_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 BAD = "Not A Label"
@@ -233,7 +233,7 @@ def write_params(tmp_path, prepared, provider: dict, **distil_kw) -> Path:
 
 
 def temper(params: Path, *args: str, env: dict | None = None, **kw):
-    command = [sys.executable, "-m", "pipelines.cli", "distil", "-p", str(params), *args]
+    command = [sys.executable, "-m", "temper", "distil", "-p", str(params), *args]
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run(command, cwd=params.parent, env=full_env, capture_output=True,
                           text=True, timeout=120, **kw)
@@ -248,7 +248,7 @@ def test_kill_9_then_rerun_requests_only_the_missing_records(tmp_path, task):
     with FakeAPI(responder=lambda m: gold_teacher[m[-1]["content"]], latency_s=0.05) as api:
         params = write_params(tmp_path, prepared, {"kind": "openai", "base_url": api.openai_url,
                                                    "concurrency": 4})
-        command = [sys.executable, "-m", "pipelines.cli", "distil", "-p", str(params)]
+        command = [sys.executable, "-m", "temper", "distil", "-p", str(params)]
         proc = subprocess.Popen(command, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
@@ -404,7 +404,7 @@ def test_few_shot_is_deterministic_distinct_and_from_train(tmp_path, task):
 
 
 def test_provider_config_in_params_yaml_loads(task):
-    from pipelines.config import load_params, section
+    from temper.config import load_params, section
 
     cfg = section(load_params(ROOT / "params.yaml"), "distil", DistilConfig)
     assert isinstance(cfg.provider, ProviderConfig) and cfg.provider.kind == "gold"
@@ -475,8 +475,9 @@ calls = []
 sys.addaudithook(lambda event, args: calls.append(event) if event in (
     "socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyname_ex",
     "socket.connect", "socket.sendto", "socket.sendmsg") else None)
-from pipelines import distil, providers
-from pipelines.task import load_task
+from temper import providers
+from temper.stages import distil
+from temper.task import load_task
 providers.HOSTS_FILE = Path(sys.argv[3])
 cfg = distil.DistilConfig.model_validate(json.loads(sys.argv[1]))
 try:

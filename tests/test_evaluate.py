@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from pipelines.cli import app
-from pipelines.evaluate import (
+from temper.cli import app
+from temper.stages.evaluate import (
     EvalError,
     EvaluateConfig,
     answer_fields,
@@ -22,9 +22,9 @@ from pipelines.evaluate import (
     references_for,
     score_system,
 )
-from pipelines.gates import GatesConfig, check
-from pipelines.io import read_json, read_jsonl, write_json, write_jsonl
-from pipelines.metrics import Resamples
+from temper.evaluation.gates import GatesConfig, check
+from temper.io import read_json, read_jsonl, write_json, write_jsonl
+from temper.evaluation.metrics import Resamples
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,7 +92,7 @@ def test_api_baseline_missing_answers_are_wrong_and_counted(tmp_path, task):
 
 
 def test_raw_format_is_mapped_and_bad_rows_name_file_line_and_field(tmp_path, task):
-    from pipelines.prepare import FieldMap
+    from temper.stages.prepare import FieldMap
 
     fmap = FieldMap(id="id", text="clause", group="contract_id",
                     gold={"clause_type": "category", "key_term": "answer"},
@@ -173,8 +173,8 @@ def one_thread():
 
 @pytest.mark.slow
 def test_prefix_cache_gives_the_same_answers(base_model_dir, task, prepared_dir, one_thread):
-    from pipelines.distil import teacher_messages
-    from pipelines.generation import generate, load_model
+    from temper.stages.distil import teacher_messages
+    from temper.evaluation.generation import generate, load_model
 
     records = read_jsonl(prepared_dir / "test.jsonl")[:6]
     prompts = [teacher_messages(task, [], r["text"]) for r in records]  # label list: long prefix
@@ -192,10 +192,10 @@ def test_stage_end_to_end_with_a_real_adapter(tmp_path, base_model_dir, task, pr
     from fake_api import FakeAPI
     from registry_fixtures import template_db, tiny_adapter
 
-    from pipelines import evaluate
-    from pipelines.judge import JudgeConfig
-    from pipelines.providers import ProviderConfig
-    from pipelines.tracking import MlflowConfig
+    from temper.stages import evaluate
+    from temper.evaluation.judge import JudgeConfig
+    from temper.providers import ProviderConfig
+    from temper.tracking import MlflowConfig
 
     cands = tmp_path / "candidates"
     for name in ("tiny", "tiny2"):
@@ -278,7 +278,7 @@ def test_stage_end_to_end_with_a_real_adapter(tmp_path, base_model_dir, task, pr
 @pytest.mark.slow
 def test_base_model_baseline_is_reused_only_when_nothing_changed(tmp_path, base_model_dir, task,
                                                                  prepared_dir, one_thread):
-    from pipelines.evaluate import cached_baseline
+    from temper.stages.evaluate import cached_baseline
 
     records = read_jsonl(prepared_dir / "test.jsonl")[:2]
     prompts = [r["prompt"] for r in records]
@@ -293,7 +293,7 @@ def test_base_model_baseline_is_reused_only_when_nothing_changed(tmp_path, base_
 
 
 def test_unknown_primary_metric_fails_before_any_generation(tmp_path, task):
-    from pipelines import evaluate
+    from temper.stages import evaluate
 
     cfg = EvaluateConfig(primary_metric="clause_type.acuracy", candidates_dir=str(tmp_path))
     with pytest.raises(evaluate.ConfigError, match="clause_type.accuracy_any"):
@@ -305,8 +305,8 @@ def test_adapter_uris_resolve_through_the_mlflow_store(tmp_path):
     import mlflow
     from registry_fixtures import template_db
 
-    from pipelines.generation import resolve_adapter
-    from pipelines.tracking import MlflowConfig, setup
+    from temper.evaluation.generation import resolve_adapter
+    from temper.tracking import MlflowConfig, setup
 
     shutil.copy(template_db(), tmp_path / "mlflow.db")
     setup(MlflowConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
@@ -332,7 +332,7 @@ def test_adapter_uris_resolve_through_the_mlflow_store(tmp_path):
 def test_raw_file_is_scored_whatever_its_split_column_holds(tmp_path, task):
     """`temper evaluate --data FILE`: a raw file's split column (here "production") is not
     the prepare stage's split mapping and must not stop the evaluation."""
-    from pipelines.prepare import FieldMap
+    from temper.stages.prepare import FieldMap
 
     fmap = FieldMap(id="id", text="clause", group="contract_id", split="split",
                     gold={"clause_type": "category", "key_term": "answer"})

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from fake_api import FakeAPI
 
-from pipelines.gates import GatesConfig, check
-from pipelines.judge import JudgeConfig, combine, parse_verdict, run_judge, sample_indices
-from pipelines.providers import ProviderConfig
+from temper.evaluation.gates import GatesConfig, check
+from temper.evaluation.judge import JudgeConfig, combine, parse_verdict, run_judge, sample_indices
+from temper.providers import ProviderConfig
 
 LABELS = ["Governing Law", "Audit Rights", "Insurance", "Non-Compete"]
 N = 40

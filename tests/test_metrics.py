@@ -7,7 +7,7 @@ import pytest
 from rouge_score import rouge_scorer
 from sklearn.metrics import f1_score
 
-from pipelines.metrics import Resamples, load, macro_f1_stats, mean_stats, percentile_stats
+from temper.evaluation.metrics import Resamples, load, macro_f1_stats, mean_stats, percentile_stats
 
 
 def test_rouge_module_matches_hand_computed_and_rouge_score():

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from registry_fixtures import template_db
 
-from pipelines import tracking
+from temper import tracking
 
 CHROMIUM = os.environ.get("TEMPER_CHROMIUM", "/usr/bin/chromium")
 CANDIDATES = ["r8-lr1e-3", "r16-lr5e-4", "qlora-r16"]
@@ -117,7 +117,7 @@ def test_runs_table_shows_candidate_runs(browser, server, tmp_path):
 def test_ui_on_a_server_store_prints_its_address_without_credentials(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from pipelines.cli import app
+    from temper.cli import app
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text(

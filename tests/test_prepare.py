@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from pipelines import prepare
-from pipelines.io import read_jsonl
-from pipelines.prepare import (
+from temper.stages import prepare
+from temper.io import read_jsonl
+from temper.stages.prepare import (
     FieldMap,
     InputError,
     PrepareConfig,
@@ -169,7 +169,7 @@ def test_dedup_key_ignores_case_punctuation_and_spacing():
 
 
 def test_near_duplicates_found_and_verified():
-    from pipelines.neardup import near_duplicate_pairs
+    from temper.records.neardup import near_duplicate_pairs
 
     base = "This Agreement shall be governed by and construed in accordance with the laws of the State of"
     texts = [
@@ -187,7 +187,7 @@ def test_minhash_signatures_are_datasketchs():
     and the near-duplicate report are unchanged by the rewrite)."""
     from datasketch import MinHash
 
-    from pipelines.neardup import shingle_hashes, shingles, signatures
+    from temper.records.neardup import shingle_hashes, shingles, signatures
 
     texts = [CLAUSES[0], CLAUSES[1] + " " + CLAUSES[2], "two words", "one"]
     hashes = [shingle_hashes(t) for t in texts]
@@ -203,7 +203,7 @@ def test_minhash_signatures_are_datasketchs():
 def test_near_duplicate_candidates_per_record_are_capped_and_counted():
     """3,000 variants of one boilerplate clause all collide in LSH: the search stays bounded
     (at most `max_candidates` verified per record) and counts the records it cut short."""
-    from pipelines.neardup import find_near_duplicates
+    from temper.records.neardup import find_near_duplicates
 
     base = (
         "The parties agree that this Agreement and every dispute arising out of it shall be "
@@ -228,7 +228,7 @@ def test_near_duplicates_are_the_ones_datasketch_lsh_finds(root):
     loop (with exact Jaccard on shingle sets) that it replaces, on real clauses."""
     from datasketch import MinHash, MinHashLSH
 
-    from pipelines.neardup import find_near_duplicates, shingles
+    from temper.records.neardup import find_near_duplicates, shingles
 
     rows = read_jsonl(root / "data/raw/contracts/train.jsonl")
     texts = [normalise_text(r["clause"]) for r in rows]
@@ -345,7 +345,7 @@ def test_csv_undecodable_row_is_quarantined_with_file_and_line(tmp_path, task, t
 
 
 def test_csv_rows_are_numbered_by_their_first_line_and_checked_for_width(tmp_path):
-    from pipelines.sources import iter_rows
+    from temper.records.sources import iter_rows
 
     source = tmp_path / "raw.csv"
     source.write_text('id,clause\nr1,"two\nlines"\nr2,short\nr3,a,extra\n', encoding="utf-8")
@@ -683,8 +683,8 @@ def test_chat_token_count_is_exact_on_the_real_data(base_model_dir, task, root):
     template render for the whole run): equal to rendering each record, on every CUAD clause."""
     from transformers import AutoTokenizer
 
-    from pipelines.sources import extract, iter_rows
-    from pipelines.tokens import TokenCounter
+    from temper.records.sources import extract, iter_rows
+    from temper.records.tokens import TokenCounter
 
     fields = FieldMap(
         id="id",

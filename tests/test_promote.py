@@ -18,8 +18,8 @@ from registry_fixtures import (
 )
 from typer.testing import CliRunner
 
-from pipelines import promote
-from pipelines.cli import app
+from temper.release import promote
+from temper.cli import app
 
 runner = CliRunner()
 N = 60  # test examples per evaluation

@@ -12,7 +12,7 @@ from email.utils import formatdate
 import pytest
 from fake_api import FakeAPI, Faults, messages_key
 
-from pipelines.providers import (
+from temper.providers import (
     Budget,
     BudgetExceeded,
     Cache,

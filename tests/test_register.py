@@ -19,8 +19,8 @@ from registry_fixtures import (
 )
 from typer.testing import CliRunner
 
-from pipelines import register as reg
-from pipelines.cli import app
+from temper.stages import register as reg
+from temper.cli import app
 
 runner = CliRunner()
 
@@ -34,7 +34,7 @@ def project(tmp_path, base_model_dir, monkeypatch) -> Path:
 
 @pytest.mark.slow
 def test_register_winner_with_children_alias_lineage_and_card(project, base_model_dir):
-    from pipelines.base_model import model_hash
+    from temper.stages.base_model import model_hash
 
     adapter = tiny_adapter(str(base_model_dir))
     train_ids = train_candidates(project, ["r8", "r16"], adapter)
@@ -96,7 +96,7 @@ def test_register_winner_with_children_alias_lineage_and_card(project, base_mode
 
 @pytest.mark.slow
 def test_lineage_recovers_data_hash_params_and_commit(project, base_model_dir):
-    from pipelines.config import load_params
+    from temper.config import load_params
 
     write_lock(
         project,
@@ -195,7 +195,7 @@ def test_winner_marked_as_failing_is_refused(tmp_path):
 def test_pipeline_key_ignores_downstream_sections(tmp_path):
     """A change of register/promote params re-runs only `register` (DVC), which must still land
     under the pipeline run that holds the candidates' runs."""
-    from pipelines.tracking import pipeline_key
+    from temper.tracking import pipeline_key
 
     params = {"train": {"lr": 1e-3}, "register": {"model_name": "a"}, "promote": {"margin": 0.05}}
     same = {**params, "register": {"model_name": "b"}, "promote": {"margin": 0.0}}

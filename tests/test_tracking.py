@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from pipelines.tracking import PIPELINE_TAG, MlflowConfig, pipeline_run, setup
+from temper.tracking import PIPELINE_TAG, MlflowConfig, pipeline_run, setup
 
 PARAMS = {"train": {"rank": 16}}
 

@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 from pipelines import train as T
-from pipelines.config import ConfigError, load_params, section
-from pipelines.io import read_json, read_jsonl, write_jsonl
+from temper.config import ConfigError, load_params, section
+from temper.io import read_json, read_jsonl, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -141,7 +141,7 @@ def tiny_run(tmp_path_factory, base_model_dir, distilled):
     """Three deterministic steps on the real model, tracked in a tmp sqlite MLflow store."""
     from registry_fixtures import template_db
 
-    from pipelines.tracking import MlflowConfig
+    from temper.tracking import MlflowConfig
 
     tmp = tmp_path_factory.mktemp("tiny_run")
     shutil.copy(template_db(), tmp / "mlflow.db")
@@ -189,7 +189,7 @@ def test_outputs_adapter_and_metrics(tiny_run):
 def test_mlflow_child_run_under_the_pipeline_run(tiny_run):
     import mlflow
 
-    from pipelines import tracking
+    from temper import tracking
 
     tmp, cfg, m, mlflow_cfg = tiny_run
     client = mlflow.MlflowClient(mlflow_cfg.tracking_uri)
@@ -307,7 +307,7 @@ def test_interrupted_run_resumes_and_matches_uninterrupted(tmp_path, base_model_
 def test_two_process_cpu_ddp_keeps_lora_weights_equal(tmp_path, base_model_dir, distilled):
     params = write_project(tmp_path, distilled, base_model_dir, accelerate="cpu_ddp_2proc",
                            max_steps=2, batch_size=1)
-    result = subprocess.run([sys.executable, "-m", "pipelines.cli", "train", "--params",
+    result = subprocess.run([sys.executable, "-m", "temper", "train", "--params",
                              str(params)], cwd=ROOT, env=env(), capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

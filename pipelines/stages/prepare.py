@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import random
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -27,12 +26,13 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from .config import Section
-from .io import atomic_dir, sha256_file, temp_path, write_json, write_jsonl
-from .neardup import dedup_key, find_near_duplicates
-from .sources import FieldMap, InputError, extract, iter_rows, normalise_text
-from .task import TaskConfig
-from .tokens import TokenCounter
+from ..config import Section
+from ..io import atomic_dir, sha256_file, temp_path, write_json, write_jsonl
+from ..records.neardup import dedup_key, find_near_duplicates
+from ..records.sampling import stratified_sample
+from ..records.sources import FieldMap, InputError, extract, iter_rows, normalise_text
+from ..records.tokens import TokenCounter
+from ..task import TaskConfig
 
 log = logging.getLogger(__name__)
 
@@ -132,33 +132,6 @@ def assign_splits(records: list[dict[str, Any]], cfg: SplitConfig) -> None:
     if leaks:
         sample = ", ".join(f"{g!r} in {s}" for g, s in list(leaks.items())[:5])
         raise InputError(f"{len(leaks)} document group(s) occur in more than one split: {sample}")
-
-
-def stratified_sample(
-    records: list[dict[str, Any]], limit: int | None, key: str | None, seed: int
-) -> list[dict[str, Any]]:
-    """Up to `limit` records, every label kept in proportion (at least one each), seeded."""
-    if limit is None or len(records) <= limit:
-        return records
-    rng = random.Random(seed)
-    by_label: dict[Any, list[dict[str, Any]]] = defaultdict(list)
-    for record in records:
-        by_label[record["gold"].get(key) if key else None].append(record)
-    share = {label: limit * len(rs) / len(records) for label, rs in by_label.items()}
-    quota = {label: max(1, int(x)) for label, x in share.items()}
-    # Largest remainders fill what flooring left; trimming the largest fixes any overshoot
-    # from giving every label at least one record.
-    for label in sorted(share, key=lambda k: (quota[k] - share[k], str(k))):
-        if sum(quota.values()) >= limit:
-            break
-        quota[label] += 1
-    while sum(quota.values()) > limit:
-        quota[max(quota, key=quota.get)] -= 1
-    chosen = []
-    for label in sorted(by_label, key=str):
-        group = sorted(by_label[label], key=lambda r: r["id"])
-        chosen += rng.sample(group, quota[label])
-    return sorted(chosen, key=lambda r: r["id"])
 
 
 def percentiles(values: list[int]) -> dict[str, float]:

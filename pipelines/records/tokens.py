@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .task import TaskConfig
+from ..task import TaskConfig
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Promotion in the model registry: challenger vs champion, rollback, and pulling a version.
+"""Promotion in the model registry: challenger vs champion, and rollback.
 
 `promote`: the `challenger` version replaces the `champion` only if its gates passed and it is
 not worse than the champion on the same evaluation set: the paired bootstrap interval of
@@ -10,15 +10,15 @@ and into `reports/promotion.md`; the CLI turns it into an exit code for CI.
 `rollback`: the champion alias goes back to the previous champion (history kept in the
 registered model's tag `temper.champion_history`).
 
-`pull`: download a version's adapter, check it against its recorded hash, find its base model
-by hash and point the adapter config at it, so `PeftModel.from_pretrained` loads it directly.
+The gates are checked again here, from the evaluation recorded with the version
+(`temper/eval.json`) and the `gates:` of the params in force, not only from the version's
+`temper.gates_passed` tag: CI can tighten a gate, and a tag set by hand promotes nothing.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,9 +26,11 @@ from typing import Any
 
 from pydantic import Field
 
-from . import tracking
-from .config import Section
-from .io import atomic_dir, atomic_open, read_json, read_jsonl, write_json
+from .. import tracking
+from ..config import Section
+from ..evaluation.gates import GatesConfig, check
+from ..io import atomic_open, read_jsonl
+from ..results import EvalResult, ResultError
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,8 @@ class Decision:
     delta_high: float | None = None
     n_examples: int | None = None
     margin: float | None = None
-    gates_passed: bool | None = None
+    gates_passed: bool | None = None  # the version's tag, set by evaluate's gates
+    gates_passed_now: bool | None = None  # False: the gates in force refuse its evaluation
     at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 
@@ -130,7 +133,37 @@ def history(client: Any, name: str) -> list[str]:
     return [str(v) for v in json.loads(raw)] if raw else []
 
 
-def decide(client: Any, name: str, cfg: PromoteConfig) -> Decision:
+def recorded_evaluation(mv: Any) -> EvalResult:
+    """The evaluation stored with a version at registration (`temper/eval.json`)."""
+    import mlflow
+
+    try:
+        with tracking.quiet_downloads():
+            path = mlflow.artifacts.download_artifacts(run_id=mv.run_id,
+                                                       artifact_path="temper/eval.json")
+        return EvalResult.load(path)
+    except ResultError as err:
+        raise PromoteError(f"version {mv.version}: {err}") from None
+    except Exception as err:  # MLflow raises several types for a missing artifact
+        raise PromoteError(f"version {mv.version}: no temper/eval.json in run {mv.run_id} "
+                           f"(not registered by `temper register`?): {err}") from err
+
+
+def recheck_gates(mv: Any, gates_cfg: GatesConfig) -> tuple[bool, str]:
+    """(passed, failed gates) of the version's recorded evaluation under `gates_cfg`."""
+    evaluation = recorded_evaluation(mv)
+    candidate = mv.tags.get("temper.candidate")
+    if candidate not in evaluation.candidates:
+        raise PromoteError(f"version {mv.version}: its recorded evaluation has no candidate "
+                           f"{candidate!r}")
+    gates = check(gates_cfg, evaluation.primary_metric, evaluation.candidates[candidate])
+    failed = ", ".join(f"{c.gate} ({c.value} {c.op} {c.threshold} is false)"
+                       for c in gates.checks if not c.passed)
+    return gates.passed, failed
+
+
+def decide(client: Any, name: str, cfg: PromoteConfig,
+           gates_cfg: GatesConfig | None = None) -> Decision:
     """Compare challenger with champion and move the champion alias if the rules allow."""
     challenger = tracking.alias_version(client, name, cfg.challenger_alias)
     if challenger is None:
@@ -169,6 +202,11 @@ def decide(client: Any, name: str, cfg: PromoteConfig) -> Decision:
     elif not gates_passed:
         decision = Decision(
             **base, champion_after=cp_v, promoted=False, reason="challenger did not pass its gates"
+        )
+    elif not (recheck := recheck_gates(challenger, gates_cfg or GatesConfig()))[0]:
+        decision = Decision(
+            **base, champion_after=cp_v, promoted=False, gates_passed_now=False,
+            reason=f"challenger fails the gates in force on its recorded evaluation: {recheck[1]}",
         )
     elif champion is None:
         decision = Decision(
@@ -337,99 +375,3 @@ def write_report(path: str | Path, d: Decision, action: str, hist: list[str]) ->
     ]
     with atomic_open(path) as handle:
         handle.write("\n".join(lines))
-
-
-# --- pull -----------------------------------------------------------------------------------------
-
-URI_RE = re.compile(r"^(?:models:/)?(?P<name>[^@/]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))?$")
-
-
-def resolve(client: Any, uri: str, default_alias: str = "champion") -> Any:
-    """`models:/name@alias`, `models:/name/3`, `name@alias`, `name/3` or `name` (champion)."""
-    m = URI_RE.match(uri.strip())
-    if not m:
-        raise PromoteError(f"{uri!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
-    name = m["name"]
-    if m["version"]:
-        return client.get_model_version(name, m["version"])
-    alias = m["alias"] or default_alias
-    mv = tracking.alias_version(client, name, alias)
-    if mv is None:
-        raise PromoteError(f"{name}@{alias} does not exist in the registry")
-    return mv
-
-
-def pull(uri: str, out_dir: str | Path | None, base_dir: str | Path) -> Path:
-    """Download a version's adapter and bind it to the local base model with the same hash."""
-    import mlflow
-
-    from .base_model import model_hash
-    from .register import adapter_hash
-
-    client = mlflow.MlflowClient()
-    mv = resolve(client, uri)
-    version = tracking.version_str(mv.version)
-    tags = mv.tags
-    want = tags.get("temper.base_model_hash")
-    base_dir = Path(base_dir).resolve()
-    if not (base_dir / "temper_source.json").exists():
-        raise PromoteError(
-            f"{base_dir}: no base model here (run `temper base-model` with "
-            f"model.base={tags.get('temper.base_model')})"
-        )
-    have = model_hash(base_dir)
-    if want and have != want:
-        raise PromoteError(
-            f"{mv.name} v{version} needs base model "
-            f"{tags.get('temper.base_model')} with hash {want}; {base_dir} has "
-            f"hash {have} (set model.base / model.dir and run `temper base-model`)"
-        )
-    out = Path(out_dir) if out_dir else Path("models/pulled") / f"{mv.name}-v{version}"
-    with atomic_dir(out) as tmp:
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{mv.name}/{version}", dst_path=str(tmp)
-        )
-        got = adapter_hash(tmp)
-        if tags.get("temper.adapter_sha256") and got != tags["temper.adapter_sha256"]:
-            raise PromoteError(
-                f"{mv.name} v{version}: downloaded adapter hash {got} differs "
-                f"from the registered {tags['temper.adapter_sha256']}"
-            )
-        config_path = tmp / "adapter_config.json"
-        config = read_json(config_path)
-        config["base_model_name_or_path"] = str(base_dir)
-        write_json(config_path, config)
-        write_json(
-            tmp / "temper_pull.json",
-            {
-                "model": mv.name,
-                "version": version,
-                "aliases": [str(a) for a in mv.aliases],
-                "run_id": mv.run_id,
-                "source": mv.source,
-                "base_model": tags.get("temper.base_model"),
-                "base_model_hash": have,
-                "base_model_dir": str(base_dir),
-                "adapter_sha256": got,
-                "git_commit": tags.get("temper.git_commit"),
-            },
-        )
-    log.info("pulled %s v%s into %s (base %s)", mv.name, version, out, base_dir)
-    return out
-
-
-def load_pulled(path: str | Path, dtype: str = "float32"):
-    """(model, tokenizer) from a pulled folder, the plain peft way: AutoPeftModel reads the
-    base model's folder from the adapter config that `pull` rewrote."""
-    import torch
-    from peft import AutoPeftModelForCausalLM
-    from transformers import AutoTokenizer
-
-    path = Path(path)
-    model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
-    base = read_json(path / "temper_pull.json")["base_model_dir"]
-    tokenizer = AutoTokenizer.from_pretrained(
-        path if (path / "tokenizer_config.json").exists() else base
-    )
-    model.eval()
-    return model, tokenizer

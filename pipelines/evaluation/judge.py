@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from .config import Section
-from .io import stable_hash
+from ..config import Section
+from ..io import stable_hash
+from ..providers import Completion, ProviderConfig, open_provider
+from ..task import TaskConfig, parse_answer
 from .metrics import Resamples, estimate, mean_stats
-from .providers import Completion, ProviderConfig, open_provider
-from .task import TaskConfig, parse_answer
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,11 @@ latency. What this does:
   continues at the prefix's length whatever its padding (tested against no prefix cache);
 - a row stops at EOS, or (`stop_at_json`) as soon as its reply holds a complete JSON object:
   a base model that keeps talking after the answer does not hold the whole batch up;
-- each example gets the wall time of its batch divided by the batch size (amortised latency,
-  the throughput view), the batch's whole wall time (what a request served in that batch
-  waits: the latency a p95 gate should see) and the number of tokens it generated.
+- each example gets its own latency: the time from its batch's start (prefill included) to
+  the decoding step that finished it, as a caller would see it if its answer went back the
+  moment it was done (a server returns it then); also the time to its first token, the
+  batch's wall time divided by the batch size (the *amortised* cost per example, a
+  throughput figure, not a latency) and the number of tokens it generated.
 """
 
 from __future__ import annotations
@@ -29,19 +31,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .task import parse_answer
+from ..task import parse_answer
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Generation:
-    """One model answer."""
+    """One model answer and its timing."""
 
     text: str
     new_tokens: int
-    latency_ms: float  # the batch's wall time divided by its size (throughput view)
-    batch_ms: float  # the batch's wall time: how long this answer took to arrive
+    latency_ms: float  # this answer's own time: batch start to the step that finished it
+    first_token_ms: float  # batch start to its first new token (prefill + one step)
+    amortised_ms: float  # the batch's wall time / its size: throughput, not a latency
 
 
 def resolve_adapter(ref: str | Path) -> Path:
@@ -87,6 +90,20 @@ def load_model(
         model = model.merge_and_unload()
     model.eval()
     return model, tokenizer
+
+
+class _StepClock:
+    """Stopping "criterion" that never stops: it stamps the time of every decoding step, so
+    each row's latency is the stamp of the step that produced its last token."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        self.stamps.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 class _JsonDone:
@@ -181,7 +198,9 @@ def generate(
             batch["attention_mask"] = torch.cat([ones, batch["attention_mask"]], 1)
             extra["cache"] = cache
         prompt_len = batch["input_ids"].shape[1]
-        stopping = StoppingCriteriaList([_JsonDone(tokenizer, prompt_len)] if stop_at_json else [])
+        clock = _StepClock()
+        stopping = StoppingCriteriaList(
+            [clock] + ([_JsonDone(tokenizer, prompt_len)] if stop_at_json else []))
         with torch.inference_mode():
             out = model.generate(
                 **batch,
@@ -193,14 +212,16 @@ def generate(
                 stopping_criteria=stopping,
             )
         elapsed_ms = (time.perf_counter() - t0) * 1000
+        stamps = [(s - t0) * 1000 for s in clock.stamps] or [elapsed_ms]
         new = out[:, prompt_len:].tolist()
         for i, row in zip(idx, new, strict=True):
             n = _count_new(row, eos_ids)
             results[i] = Generation(
                 text=tokenizer.decode(row[:n], skip_special_tokens=True).strip(),
                 new_tokens=n,
-                latency_ms=elapsed_ms / len(idx),
-                batch_ms=elapsed_ms,
+                latency_ms=stamps[min(max(n, 1), len(stamps)) - 1],
+                first_token_ms=stamps[0],
+                amortised_ms=elapsed_ms / len(idx),
             )
         bar.update(len(idx))
     bar.close()

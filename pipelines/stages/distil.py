@@ -7,7 +7,7 @@ teacher `baseline_test.jsonl` (the teacher's answers on the test split, for eval
 `metrics/distil.json`.
 
 Teachers (`distil.provider.kind`): `gold` (offline default: the answer is built from the
-record's gold fields), `openai`, `anthropic`, `replay` (see pipelines/providers.py). The API
+record's gold fields), `openai`, `anthropic`, `replay` (see `temper.providers`). The API
 teacher sees the task's system prompt WITH the label list, a few deterministic few-shot examples
 from the train split, and the record; its JSON answer is validated against the task schema, an
 invalid one gets one repair turn (the problems are sent back), then goes to `rejects.jsonl`.
@@ -34,9 +34,9 @@ from typing import Any
 
 from pydantic import Field
 
-from .config import ConfigError, Section
-from .io import atomic_dir, read_jsonl, stable_hash, write_json, write_jsonl
-from .providers import (
+from ..config import ConfigError, Section, flatten
+from ..io import atomic_dir, read_jsonl, stable_hash, write_jsonl
+from ..providers import (
     BudgetExceeded,
     CacheMiss,
     Completion,
@@ -45,7 +45,10 @@ from .providers import (
     gather_bounded,
     open_provider,
 )
-from .task import TaskConfig, parse_answer
+from ..records.sampling import pick_few_shot
+from ..results import DistilResult
+from ..task import TaskConfig, parse_answer
+from ..tracking import MlflowConfig, child_run
 
 log = logging.getLogger(__name__)
 
@@ -114,48 +117,6 @@ def load_split(path: Path, gold_needed: bool) -> list[dict[str, Any]]:
         if gold_needed and not isinstance(record["gold"], dict):
             raise DistilError(f"{path}:{lineno}: field 'gold' is not an object")
     return records
-
-
-def gold_answer(task: TaskConfig, record: dict[str, Any]) -> dict[str, Any]:
-    """The answer built from the record's gold fields (fields without gold are null)."""
-    gold = record.get("gold") or {}
-    return {f.name: (task.gold_value(f, gold.get(f.name)) if f.gold else None)
-            for f in task.fields}
-
-
-def pick_few_shot(task: TaskConfig, train: list[dict[str, Any]], k: int,
-                  seed: str) -> list[dict[str, Any]]:
-    """k train records in a fixed pseudo-random order, valid gold, distinct first-field labels.
-
-    Deterministic (a hash of seed and id, not an RNG), so the teacher's prompt and every cache
-    key stay the same from run to run.
-    """
-    if k == 0:
-        return []
-    first = task.fields[0].name
-    chosen: list[dict[str, Any]] = []
-    seen: set[Any] = set()
-    for record in sorted(train, key=lambda r: stable_hash([seed, r["id"]])):
-        answer = gold_answer(task, record)
-        if task.validate_answer(answer) or answer[first] in seen:
-            continue
-        seen.add(answer[first])
-        chosen.append(record)
-        if len(chosen) == k:
-            break
-    return chosen
-
-
-def teacher_messages(task: TaskConfig, shots: list[dict[str, Any]],
-                     text: str) -> list[dict[str, str]]:
-    """System prompt with labels, few-shot turns, then the record."""
-    messages = [{"role": "system", "content": task.system_message(with_labels=True)}]
-    for shot in shots:
-        messages.append({"role": "user", "content": task.user_message(shot["text"])})
-        messages.append({"role": "assistant",
-                         "content": task.format_answer(gold_answer(task, shot))})
-    messages.append({"role": "user", "content": task.user_message(text)})
-    return messages
 
 
 def repair_messages(messages: list[dict[str, str]], reply: str,
@@ -241,7 +202,7 @@ def agreement(task: TaskConfig, pairs: list[tuple[dict[str, Any], dict[str, Any]
     for f in (f for f in task.fields if f.gold):
         n = agree = any_label = 0
         for answer, record in pairs:
-            gold = gold_answer(task, record)[f.name]
+            gold = task.gold_answer(record)[f.name]
             n += 1
             agree += normalise(answer.get(f.name)) == normalise(gold)
             all_gold = (record.get("gold_all") or {}).get(f.name) or [gold]
@@ -270,7 +231,7 @@ def run(cfg: DistilConfig, task: TaskConfig, mlflow: Any = None,
     try:
         provider = open_provider(pcfg)
     except ConfigError as err:
-        from .providers import PrivacyError
+        from ..providers import PrivacyError
 
         raise DistilError(str(err), EXIT_PRIVACY if isinstance(err, PrivacyError) else 1) from None
     try:
@@ -278,13 +239,13 @@ def run(cfg: DistilConfig, task: TaskConfig, mlflow: Any = None,
         shots = pick_few_shot(task, train, cfg.few_shot, cfg.few_shot_seed)
         version = stable_hash({"task": task.prompt_hash, "shots": [s["id"] for s in shots],
                                "repair": cfg.repair})
-        jobs = [(s, r, teacher_messages(task, shots, r["text"]))
+        jobs = [(s, r, task.teacher_messages(shots, r["text"]))
                 for s, recs in splits.items() for r in recs]
         base_recs: list[dict[str, Any]] = []
         if cfg.baseline_split:
             base_recs = load_split(prepared / f"{cfg.baseline_split}.jsonl", gold_needed=False)
         base_shots = shots if cfg.baseline_few_shot else []
-        base_msgs = [teacher_messages(task, base_shots, r["text"]) for r in base_recs]
+        base_msgs = [task.teacher_messages(base_shots, r["text"]) for r in base_recs]
 
         estimate = estimate_cost(provider, task, [m for _, _, m in jobs] + base_msgs, version)
         log.info("teacher %s:%s, %d records + %d baseline; estimate %d uncached requests, $%.4f "
@@ -342,7 +303,7 @@ def gold_outcomes(task: TaskConfig, splits: dict[str, list[dict[str, Any]]]
     for split, records in splits.items():
         out[split] = []
         for record in records:
-            answer = gold_answer(task, record)
+            answer = task.gold_answer(record)
             problems = task.validate_answer(answer)
             reason = ("gold answer does not match the task schema: " + "; ".join(problems)
                       if problems else None)
@@ -450,7 +411,7 @@ def finish(cfg: DistilConfig, task: TaskConfig, by_split: dict[str, list[Outcome
     with atomic_dir(cfg.out_dir) as tmp:
         for name, rows in files.items():
             write_jsonl(tmp / name, rows)
-    write_json(cfg.metrics, metrics)
+    DistilResult.model_validate(metrics).save(cfg.metrics)
     if mlflow is not None:
         log_mlflow(mlflow, cfg, metrics, params or {})
     if stopped:
@@ -496,28 +457,9 @@ def baseline_row(o: Outcome) -> dict[str, Any]:
     return row
 
 
-def log_mlflow(mlflow_cfg: Any, cfg: DistilConfig, metrics: dict[str, Any],
+def log_mlflow(mlflow_cfg: MlflowConfig, cfg: DistilConfig, metrics: dict[str, Any],
                params: dict[str, Any]) -> None:
     """A child run of the pipeline run with the distil params and flat numeric metrics."""
-    import mlflow
-
-    from .tracking import child_run_tags, pipeline_run, setup
-
-    experiment_id = setup(mlflow_cfg)
-    parent = pipeline_run(mlflow_cfg, params)
-    flat_params = flatten({"distil": cfg.model_dump()})
-    flat_metrics = {k: v for k, v in flatten(metrics).items()
-                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    with mlflow.start_run(experiment_id=experiment_id, run_name="distil",
-                          tags=child_run_tags(parent, **{"temper.stage": "distil"})):
-        mlflow.log_params({k: str(v)[:500] for k, v in flat_params.items()})
-        mlflow.log_metrics(flat_metrics)
-
-
-def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(obj, dict):
-        out: dict[str, Any] = {}
-        for k, v in obj.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix.rstrip("."): obj}
+    with child_run(mlflow_cfg, params, "distil", "distil") as run:
+        run.log_params({k: str(v)[:500] for k, v in flatten({"distil": cfg.model_dump()}).items()})
+        run.log_metrics(flatten(metrics))

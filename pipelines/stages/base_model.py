@@ -22,8 +22,8 @@ from pathlib import Path
 
 from pydantic import Field
 
-from .config import Section
-from .io import atomic_dir, read_json, sha256_file, stable_hash, write_json
+from ..config import Section
+from ..io import atomic_dir, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +140,3 @@ def run(cfg: ModelConfig) -> Path:
         write_json(tmp / "temper_source.json", source)
     log.info("base model ready in %s (%s)", out, source["kind"])
     return out
-
-
-def model_hash(model_dir: str | Path) -> str:
-    """A short identity of a resolved base model: hash over its recorded file hashes."""
-    return stable_hash(read_json(Path(model_dir) / "temper_source.json")["files"])

@@ -12,12 +12,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .gates import table as gate_table
-from .io import atomic_open, write_jsonl
+from ..io import atomic_open, write_jsonl
+from ..results import EvalResult
 
 # Metrics shown in the main table, in this order, when present.
 HEADLINE = ["accuracy", "accuracy_any", "macro_f1", "rougeL", "null_match", "json_valid_rate",
-            "schema_valid_rate", "latency_ms_mean", "latency_ms_p95", "tokens_per_s", "usd_per_1k"]
+            "schema_valid_rate", "latency_ms_p50", "latency_ms_p95", "latency_ms_amortised",
+            "tokens_per_s", "usd_per_1k"]
 
 
 def fmt(m: dict[str, Any] | None, digits: int = 3) -> str:
@@ -38,9 +39,25 @@ def headline_keys(metrics: dict[str, Any]) -> list[str]:
     return keys
 
 
+def gate_table(result: EvalResult) -> str:
+    """Every candidate's gate checks as a Markdown table (`temper gate`, the report)."""
+    rows = []
+    for name, entry in result.candidates.items():
+        checks = entry.gates.checks if entry.gates is not None else []
+        for c in checks:
+            shown = "n/a" if c.value is None else f"{c.value:.4g}"
+            verdict = "skip" if c.skipped else ("PASS" if c.passed else "FAIL")
+            note = f" ({c.note})" if c.note else ""
+            rows.append([name, c.gate + note, shown, f"{c.op} {c.threshold:.4g}", verdict])
+        if not checks:
+            rows.append([name, "(no gates configured)", "", "", "PASS"])
+    return md_table(["candidate", "gate", "value", "threshold", "result"], rows)
+
+
 def md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    """A Markdown table: the one table formatter of the project (reports, cards, CLI)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -107,7 +124,7 @@ def render(cfg: Any, evaluation: dict[str, Any], records: list[dict[str, Any]],
         rows = [[k] + [fmt((c.get("delta_vs_baseline") or {}).get(k)) for c in cands.values()]
                 for k in dkeys]
         lines += [md_table(["metric"] + list(cands), rows), "", "![deltas](deltas.png)", ""]
-    lines += ["## Gates", "", "```", gate_table(evaluation), "```", ""]
+    lines += ["## Gates", "", gate_table(EvalResult.model_validate(evaluation)), ""]
     judged = {n: c["judge"] for n, c in evaluation["candidates"].items() if c.get("judge")}
     lines += ["## LLM judge", ""]
     if not judged:

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import Field
 
-from .config import Section
+from ..config import Section
 
 if TYPE_CHECKING:
-    from .task import TaskConfig
+    from ..task import TaskConfig
 
 # The csv module refuses fields over 131,072 characters by default. A clause (or a whole
 # document in a text column) can be longer; 2**31 - 1 is the most a C long holds everywhere.

@@ -1,0 +1,62 @@
+"""The persistent response cache: content-addressed rows in sqlite (WAL).
+
+Why sqlite: a commit is atomic and survives `kill -9` (WAL + synchronous=NORMAL loses at most
+the last commits on power loss, never on a process crash); many processes may read and write
+at once (busy timeout). One file per key would also work, but costs a file per answer and a
+directory scan for counts; sqlite gives both and atomic upserts for free.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .base import Completion
+
+
+class Cache:
+    """Content-addressed response cache in sqlite (WAL): crash-safe, multi-process."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None,
+                                   check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS completions (key TEXT PRIMARY KEY, kind TEXT, model TEXT,"
+            " text TEXT, input_tokens INT, output_tokens INT, usd REAL, latency_ms REAL,"
+            " finish_reason TEXT, request TEXT, created REAL)")
+
+    def get(self, key: str) -> Completion | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT text, input_tokens, output_tokens, usd, latency_ms, finish_reason, model"
+                " FROM completions WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        text, tin, tout, usd, latency, finish, model = row
+        return Completion(text, tin, tout, usd, latency, True, finish, model)
+
+    def put(self, key: str, kind: str, request: dict[str, Any], done: Completion) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO completions VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (key, kind, done.model, done.text, done.input_tokens, done.output_tokens,
+                 done.usd, done.latency_ms, done.finish_reason,
+                 json.dumps(request, ensure_ascii=False), time.time()))
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM completions").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,73 @@
+"""Which failures are worth a retry, how long to wait, and which may still have been billed.
+
+Retries are tenacity's (in `clients.Provider`) around one SDK attempt, with the SDKs' own
+retry switched off: one policy for both SDKs, and every attempt passes the rate limiter and
+the budget (an SDK-internal retry would bypass both and be invisible in the metrics).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from email.utils import parsedate_to_datetime
+
+from .base import MalformedResponse, OverLimitReply
+
+
+def retry_after_s(err: BaseException) -> float | None:
+    """Seconds asked for by a `retry-after-ms` / `retry-after` header, if any."""
+    response = getattr(err, "response", None)
+    headers = getattr(response, "headers", None)
+    if headers is None:
+        return None
+    if (ms := headers.get("retry-after-ms")) is not None:
+        with contextlib.suppress(ValueError):
+            return float(ms) / 1000
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        with contextlib.suppress(TypeError, ValueError):
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    return None
+
+
+def is_retryable(err: BaseException) -> bool:
+    """429, 408, 409, 5xx, timeouts, connection errors and unreadable bodies are worth a retry."""
+    import anthropic
+    import openai
+
+    if isinstance(err, (openai.APIStatusError, anthropic.APIStatusError)):
+        return err.status_code in (408, 409, 429) or err.status_code >= 500
+    return isinstance(err, (openai.APIConnectionError, anthropic.APIConnectionError,
+                            openai.APIResponseValidationError,
+                            anthropic.APIResponseValidationError,
+                            json.JSONDecodeError, MalformedResponse))
+
+
+
+def may_have_been_billed(err: BaseException) -> bool:
+    """Whether a failed attempt may still have been processed (and billed) by the server.
+
+    Yes for a read timeout (the client left, the server went on) and for a 200 whose body was
+    cut, unreadable or too long; no when the connection was never made or the server answered
+    with an error status.
+    """
+    import httpx2
+
+    chain = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    if any(isinstance(e, (httpx2.ConnectError, httpx2.ConnectTimeout)) for e in chain):
+        return False
+    import anthropic
+    import openai
+
+    billed = (openai.APITimeoutError, anthropic.APITimeoutError, openai.APIResponseValidationError,
+              anthropic.APIResponseValidationError, httpx2.TimeoutException,
+              httpx2.RemoteProtocolError, json.JSONDecodeError, MalformedResponse, OverLimitReply)
+    return any(isinstance(e, billed) for e in chain)

@@ -1,0 +1,257 @@
+"""The typed results stages hand each other: what evaluate writes, what train writes.
+
+One model per file a stage writes and another reads (`metrics/eval.json`,
+`models/candidates/<name>/train_metrics.json`). The writer builds the model and saves it
+with `save`; every reader loads it with `load`, so nobody guesses shapes: a field that is
+renamed in one place fails in the other at once, with the file's name in the error.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .io import read_json, write_json
+
+R = TypeVar("R", bound="Result")
+
+
+class ResultError(ValueError):
+    """A result file is missing or does not match its model (the message names the file)."""
+
+
+class Result(BaseModel):
+    """Base: strict (unknown fields are errors), with load/save that name the file."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    @classmethod
+    def load(cls: type[R], path: str | Path) -> R:
+        path = Path(path)
+        if not path.exists():
+            raise ResultError(f"{path}: not found (run the stage that writes it first)")
+        try:
+            return cls.model_validate(read_json(path))
+        except ValueError as err:  # JSON decode errors and pydantic's ValidationError
+            if isinstance(err, ValidationError):
+                lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                         for e in err.errors()[:10]]
+                raise ResultError(f"{path}: not a {cls.__name__}:\n" + "\n".join(lines)) from None
+            raise ResultError(f"{path}: {err}") from None
+
+    def save(self, path: str | Path) -> None:
+        """Strict JSON (NaN/inf become null), sorted keys, written atomically."""
+        write_json(path, finite(self.model_dump(mode="json")))
+
+
+def finite(obj: Any) -> Any:
+    """NaN/inf -> None, recursively: result files stay strict JSON."""
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+class Estimate(Result):
+    """A metric: its value and, where it has one, its bootstrap interval."""
+
+    value: float | None
+    ci_low: float | None = None
+    ci_high: float | None = None
+
+    def triple(self) -> tuple[float | None, float | None, float | None]:
+        return self.value, self.ci_low, self.ci_high
+
+
+class GateCheck(Result):
+    gate: str
+    op: Literal[">=", "<="]
+    threshold: float
+    value: float | None
+    passed: bool
+    note: str = ""
+    skipped: bool = False
+
+
+class GateResult(Result):
+    passed: bool
+    checks: list[GateCheck] = Field(default_factory=list)
+
+
+class JudgeResult(Result):
+    """The pairwise judge's verdicts of one candidate against the baseline."""
+
+    n_sampled: int
+    n_judged: int
+    n_asked: int
+    n_identical: int
+    errors: int
+    error_examples: list[str]
+    win_rate: Estimate
+    win: Estimate
+    tie: Estimate
+    loss: Estimate
+    flip_rate: float | None
+    first_position_rate: float | None
+    n_decided: int
+    agreement: float | None
+    min_agreement: float
+    calibrated: bool
+    usd_new: float
+
+
+class CandidateEval(Result):
+    """One candidate adapter's evaluation."""
+
+    adapter: str
+    adapter_sha256: str | None = None
+    seconds: float
+    metrics: dict[str, Estimate]
+    delta_vs_baseline: dict[str, Estimate] | None = None
+    judge: JudgeResult | None = None
+    gates: GateResult | None = None
+
+
+class BaselineEval(Result):
+    """The system the candidates must beat: the API teacher's answers or the base model."""
+
+    name: str = "baseline"
+    kind: Literal["api", "base_model"]
+    metrics: dict[str, Estimate]
+    source: str | None = None  # api: the answers file
+    usd_total: float | None = None  # api: what the answers cost
+    missing: int | None = None  # api: test ids with no answer (scored wrong)
+    few_shot_ids: list[str] | None = None  # base_model: the few-shot turns
+    seconds: float | None = None
+    cached: bool | None = None  # base_model: answers reused from evaluate.cache_dir
+
+
+class TaskRef(Result):
+    name: str
+    prompt_hash: str
+
+
+class JudgeInfo(Result):
+    enabled: bool
+    provider: str
+    model: str
+    sample_frac: float
+
+
+class EvalResult(Result):
+    """`metrics/eval.json`: written by the evaluate stage; read by register, gate, promote."""
+
+    primary_metric: str
+    n_examples: int
+    test_file: str
+    test_sha256: str
+    confidence: float
+    n_resamples: int
+    task: TaskRef
+    baseline: BaselineEval | None
+    candidates: dict[str, CandidateEval]
+    winner: str | None
+    judge: JudgeInfo
+    gates_config: dict[str, float | None]
+    seconds: float
+
+    def candidate(self, name: str, path: str | Path = "eval.json") -> CandidateEval:
+        if name not in self.candidates:
+            raise ResultError(f"{path}: no candidate {name!r} (have {sorted(self.candidates)})")
+        return self.candidates[name]
+
+
+# --------------------------------------------------------------------------- distil
+
+
+class TeacherRef(Result):
+    kind: str
+    model: str
+
+
+class DistilResult(Result):
+    """`metrics/distil.json`: written by distil; read by register (teacher, labelling cost)."""
+
+    teacher: TeacherRef
+    complete: bool
+    stopped_reason: str | None
+    records: dict[str, dict[str, int]]
+    rejects: int
+    requests: int
+    calls: int
+    cache_hits: int
+    retries: int
+    failures: int
+    errors: dict[str, int]
+    tokens_in: int
+    tokens_out: int
+    usd: float
+    usd_estimate: float | None
+    usd_estimate_worst_case: float | None
+    over_limit_replies: int
+    abandoned_requests: int
+    usd_charged_worst_case: float
+    usd_claimed_over_limit: float
+    reject_rate: float | None
+    max_usd: float | None
+    latency_ms_p50: float | None
+    latency_ms_p95: float | None
+    redactions: dict[str, int]
+    teacher_agreement: dict[str, Any] | None
+    baseline: dict[str, Any] | None
+    few_shot_ids: list[str]
+    wall_s: float
+
+    @property
+    def teacher_text(self) -> str:
+        if self.teacher.kind == "gold":
+            return "gold labels of the dataset (no teacher)"
+        return f"{self.teacher.kind}:{self.teacher.model}"
+
+
+# --------------------------------------------------------------------------- train
+
+
+class TrainResult(Result):
+    """`models/candidates/<name>/train_metrics.json`: written by train; read by evaluate
+    (for the candidate's MLflow run), register (lineage, card) and `temper merge`."""
+
+    candidate: str
+    steps: int
+    train_loss: float | None
+    train_loss_mean: float | None
+    val_loss: float
+    base_val_loss: float
+    train_seconds: float
+    train_tokens: int
+    tokens_per_s: float | None
+    peak_rss_mb: float
+    peak_cuda_mb: float | None
+    train_records: int
+    clauses_cut: int
+    val_records: int
+    trainable_params: int
+    precision: str
+    gradient_checkpointing: bool
+    num_processes: int
+    rank_weight_hashes: list[str]
+    rank_tokens: list[int]
+    resumed: bool
+    mlflow_run_id: str | None
+    mlflow_model_id: str | None = None  # the adapter as an MLflow logged model
+    base_model_hash: str
+    data_hash: str
+    config: dict[str, Any]
+
+    @property
+    def method(self) -> str:
+        return str(self.config.get("method", "lora"))

@@ -1,0 +1,280 @@
+"""Stage evaluate: every candidate adapter and a baseline on the test split, measured and gated.
+
+Inputs: `data/prepared/test.jsonl`, `models/candidates/<name>/adapter/`, and either the API
+teacher's answers `data/distilled/baseline_test.jsonl` (API baseline) or the base model
+prompted like the teacher (label list + few-shot turns from the train split).
+Outputs: `metrics/eval.json`, `reports/predictions/<name>.jsonl`, `reports/eval.md`,
+PNG plots and DVC plot data under `reports/`, MLflow child runs under the pipeline run.
+
+Scoring: `temper.evaluation.scoring` (metrics with bootstrap intervals, paired deltas,
+per-request latency). The result is `results.EvalResult`, the one shape register, `temper gate`
+and `temper promote` read.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError, flatten
+from ..evaluation.config import EvalError, EvaluateConfig
+from ..evaluation.gates import GatesConfig, check, pick_winner
+from ..evaluation.judge import JudgeConfig
+from ..evaluation.metrics import Resamples
+from ..evaluation.predict import (
+    api_predictions,
+    baseline_prompts,
+    cached_baseline,
+    model_predictions,
+)
+from ..evaluation.scoring import (
+    attach_scores,
+    deltas,
+    metric_names,
+    references_for,
+    score_system,
+    self_hosted_cost,
+)
+from ..io import adapter_hash, read_jsonl, sha256_file
+from ..records.sampling import stratified_sample
+from ..results import BaselineEval, CandidateEval, EvalResult, TrainResult, finite
+from ..task import TaskConfig
+from ..tracking import MlflowConfig, child_run
+
+log = logging.getLogger(__name__)
+
+BASELINE = "baseline"
+
+
+def load_records(path: str | Path, task: TaskConfig, fields: Any = None) -> list[dict[str, Any]]:
+    """Test records: prepared format, or raw format mapped through `prepare.fields`."""
+    path = Path(path)
+    if not path.exists():
+        raise EvalError(f"{path}: file not found")
+    rows = read_jsonl(path)
+    if not rows:
+        raise EvalError(f"{path}: no records")
+    if "prompt" in rows[0] and "gold" in rows[0]:
+        records = rows
+    else:  # raw rows: the same mapping and cleaning as the prepare stage
+        from ..records.sources import FieldMap, InputError, extract, iter_rows, normalise_text
+
+        fmap = fields or FieldMap()
+        records = []
+        for where, row in iter_rows(path):
+            if isinstance(row, InputError):
+                raise EvalError(str(row))
+            try:
+                # Any split column value is fine here: the file is scored whole.
+                rec = extract(row, where, fmap, task, keep_split=False)
+            except InputError as err:
+                raise EvalError(str(err)) from None
+            rec["text"] = normalise_text(rec["text"])
+            rec["prompt"] = task.messages(rec["text"])
+            records.append(rec)
+    for lineno, rec in enumerate(records, 1):
+        for key in ("id", "text", "prompt", "gold"):
+            if key not in rec:
+                raise EvalError(f"{path}:{lineno}: missing field '{key}'")
+        for field in task.fields:
+            if field.gold and field.name not in rec["gold"]:
+                raise EvalError(f"{path}:{lineno}: missing field 'gold.{field.name}'")
+    return records
+
+
+def find_candidates(cfg: EvaluateConfig) -> dict[str, Path]:
+    root = Path(cfg.candidates_dir)
+    found = {p.parent.name: p for p in sorted(root.glob("*/adapter"))
+             if (p / "adapter_config.json").exists()} if root.exists() else {}
+    if cfg.candidates is not None:
+        missing = [c for c in cfg.candidates if c not in found]
+        if missing:
+            raise EvalError(f"{root}: no adapter for candidate(s) {missing} "
+                            f"(found {sorted(found)})")
+        found = {c: found[c] for c in cfg.candidates}
+    if not found:
+        raise EvalError(f"{root}: no candidate adapters (<name>/adapter/adapter_config.json)")
+    return found
+
+
+def run(cfg: EvaluateConfig, task: TaskConfig, model_dir: str | Path,
+        judge_cfg: JudgeConfig | None = None, gates_cfg: GatesConfig | None = None,
+        mlflow_cfg: Any = None, params: dict[str, Any] | None = None,
+        adapters: dict[str, str | Path] | None = None, fields: Any = None) -> EvalResult:
+    """Score the candidates (or `adapters`, for ad-hoc use) and the baseline; write outputs."""
+    judge_cfg = judge_cfg or JudgeConfig()
+    gates_cfg = gates_cfg or GatesConfig()
+    if cfg.primary_metric not in metric_names(task):  # fail before any generation
+        raise ConfigError(f"evaluate.primary_metric {cfg.primary_metric!r} is not a metric of "
+                          f"task {task.name} ({', '.join(metric_names(task))})")
+    t_start = time.perf_counter()
+    records = load_records(cfg.test, task, fields)
+    if cfg.max_examples and len(records) > cfg.max_examples:
+        label = next((f.name for f in task.fields if f.kind == "label" and f.gold), None)
+        records = stratified_sample(records, cfg.max_examples, label, cfg.seed)
+    if adapters is None:
+        adapters = dict(find_candidates(cfg))
+    if mlflow_cfg is not None and any(":/" in str(a) for a in adapters.values()):
+        from ..tracking import setup
+
+        setup(mlflow_cfg)  # models:/ and runs:/ URIs resolve against the project's store
+    n = len(records)
+    log.info("evaluate: %d examples, candidates %s", n, sorted(adapters))
+    rs = Resamples.draw(n, cfg.n_resamples, cfg.seed, cfg.confidence)
+
+    # Baseline.
+    mode = cfg.baseline
+    if mode == "auto":
+        mode = "api" if Path(cfg.baseline_file).exists() else "base_model"
+    base_preds: list[dict[str, Any]] | None = None
+    base_info: dict[str, Any] = {"name": BASELINE, "kind": mode}
+    if mode == "api":
+        path = Path(cfg.baseline_file)
+        if not path.exists():
+            raise EvalError(f"{path}: baseline file not found (evaluate.baseline=api)")
+        base_preds, info = api_predictions(records, path, task)
+        usd = sum(p["usd"] for p in base_preds)
+        base_cost = {"usd_per_1k": usd / n * 1000}
+        base_info.update(info, source=str(path), usd_total=usd)
+        out_tokens = [p["new_tokens"] or 0 for p in base_preds]
+        lat = [p["latency_ms"] or 0 for p in base_preds]
+        if sum(lat):
+            base_cost["tokens_per_s"] = sum(out_tokens) / (sum(lat) / 1000)
+    elif mode == "base_model":
+        prompts, shot_ids = baseline_prompts(records, task, cfg)
+        base_preds, seconds, cached = cached_baseline(records, prompts, model_dir, task, cfg)
+        base_cost = self_hosted_cost(base_preds, seconds, n, cfg)
+        base_info.update(few_shot_ids=shot_ids, seconds=round(seconds, 1), cached=cached)
+
+    teacher = base_preds if mode == "api" else None
+    refs = references_for(task, records, teacher)
+    evaluation: dict[str, Any] = {
+        "primary_metric": cfg.primary_metric, "n_examples": n, "test_file": cfg.test,
+        "test_sha256": sha256_file(cfg.test), "confidence": cfg.confidence,
+        "n_resamples": cfg.n_resamples, "task": {"name": task.name,
+                                                 "prompt_hash": task.prompt_hash},
+        "candidates": {}, "winner": None,
+    }
+    all_preds: dict[str, list[dict[str, Any]]] = {}
+    per_class: dict[str, Any] = {}
+    base_stats = None
+    if base_preds is not None:
+        metrics, base_stats, base_ex = score_system(task, records, base_preds, refs, rs,
+                                                    base_cost)
+        base_info["metrics"] = metrics
+        evaluation["baseline"] = base_info
+        all_preds[BASELINE] = attach_scores(base_preds, records, base_ex)
+        per_class[BASELINE] = base_ex["extra"]
+    else:
+        evaluation["baseline"] = None
+
+    cand_stats: dict[str, Any] = {}
+    for name, adapter in adapters.items():
+        prompts = [r["prompt"] for r in records]
+        preds, seconds = model_predictions(records, prompts, model_dir, adapter, task, cfg, name)
+        metrics, stats, ex = score_system(task, records, preds, refs, rs,
+                                          self_hosted_cost(preds, seconds, n, cfg))
+        entry: dict[str, Any] = {"metrics": metrics, "adapter": str(adapter),
+                                 "seconds": round(seconds, 1)}
+        if Path(adapter).is_dir():
+            entry["adapter_sha256"] = adapter_hash(adapter)
+        if base_stats is not None:
+            entry["delta_vs_baseline"] = deltas(stats, base_stats, rs)
+        evaluation["candidates"][name] = entry
+        all_preds[name] = attach_scores(preds, records, ex)
+        per_class[name] = ex["extra"]
+        cand_stats[name] = ex
+
+    if judge_cfg.enabled and base_preds is not None:
+        from ..evaluation.judge import run_judge
+
+        # Calibration needs a per-example right/wrong: the first gold label field's accuracy.
+        label = next(f"{f.name}.accuracy" for f in task.fields if f.kind == "label" and f.gold)
+        correct = {c: cand_stats[c]["scores"][label] for c in cand_stats}
+        base_correct = base_ex["scores"][label]
+        judged = run_judge(judge_cfg, task, records,
+                           {c: all_preds[c] for c in cand_stats}, base_preds, correct,
+                           base_correct, cfg.n_resamples, cfg.confidence, cfg.progress)
+        for c, result in judged.items():
+            evaluation["candidates"][c]["judge"] = result
+    evaluation["judge"] = {"enabled": judge_cfg.enabled, "provider": judge_cfg.provider.kind,
+                           "model": judge_cfg.provider.model,
+                           "sample_frac": judge_cfg.sample_frac}
+
+    evaluation["gates_config"] = gates_cfg.model_dump()
+    evaluation["seconds"] = round(time.perf_counter() - t_start, 1)
+    result = EvalResult.model_validate(finite(evaluation))
+    for entry in result.candidates.values():
+        entry.gates = check(gates_cfg, result.primary_metric, entry)
+    result.winner = pick_winner(result)
+
+    from ..evaluation.report import write_reports
+
+    files = write_reports(cfg, task, result.model_dump(mode="json"), records, all_preds,
+                          per_class)
+    result.save(cfg.metrics)
+    if cfg.log_mlflow and mlflow_cfg is not None:
+        log_mlflow(mlflow_cfg, params or {}, result, cfg, files + [Path(cfg.metrics)])
+    log.info("evaluate: winner %s (%.0f s)", result.winner, result.seconds)
+    return result
+
+
+def flat_metrics(entry: CandidateEval | BaselineEval) -> dict[str, float]:
+    """A system's metrics as MLflow metrics: `<m>`, `<m>.ci_low`, `<m>.ci_high`, deltas."""
+    flat: dict[str, Any] = {}
+    for key, m in entry.metrics.items():
+        flat.update({key: m.value, f"{key}.ci_low": m.ci_low, f"{key}.ci_high": m.ci_high})
+    for key, d in (getattr(entry, "delta_vs_baseline", None) or {}).items():
+        flat.update({f"delta.{key}": d.value, f"delta.{key}.ci_low": d.ci_low})
+    judge = getattr(entry, "judge", None)
+    if judge is not None:
+        flat.update({"judge.win_rate": judge.win_rate.value, "judge.flip_rate": judge.flip_rate})
+    return {k: v for k, v in flat.items() if v is not None}
+
+
+def log_mlflow(mlflow_cfg: MlflowConfig, params: dict[str, Any], result: EvalResult,
+               cfg: EvaluateConfig, files: list[Path]) -> None:
+    """One child run per system under the pipeline run.
+
+    A candidate's run carries its training params and metrics (`train.*`, from its
+    train_metrics.json) beside the evaluation's, so the runs of one pipeline run compare
+    side by side even when only evaluate re-ran; its metrics are linked to the candidate's
+    logged model, and the test set is logged as the run's dataset input.
+    """
+    from ..tracking import log_dataset
+
+    systems: dict[str, CandidateEval | BaselineEval] = dict(result.candidates)
+    if result.baseline is not None:
+        systems[BASELINE] = result.baseline
+    for name, entry in systems.items():
+        train = None
+        train_file = Path(cfg.candidates_dir) / name / "train_metrics.json"
+        if name in result.candidates and train_file.exists():
+            train = TrainResult.load(train_file)
+        tags = {"temper.system": name, "temper.winner": str(result.winner == name).lower()}
+        if train is not None:
+            tags.update({"temper.candidate": name,
+                         "temper.train_run_id": str(train.mlflow_run_id)})
+        if isinstance(entry, CandidateEval) and entry.gates is not None:
+            tags["temper.gates_passed"] = str(entry.gates.passed).lower()
+        with child_run(mlflow_cfg, params, "evaluate", f"eval-{name}", **tags) as run:
+            model_id = train.mlflow_model_id if train is not None else None
+            run.log_metrics(flat_metrics(entry), model_id=model_id)
+            if train is not None:
+                run.log_params(flatten({"train": train.config}))
+                run.log_metrics({f"train.{k}": getattr(train, k) for k in TRAIN_METRICS
+                                 if getattr(train, k) is not None})
+            log_dataset(run, result.test_file, "test", "evaluation")
+            for path in files:
+                if path.exists() and (path.suffix in (".md", ".json", ".png")
+                                      or path.name == f"{name}.jsonl"):
+                    run.client.log_artifact(run.run_id, str(path), "evaluate")
+            parent = run.parent_id
+    run.client.log_metric(parent, "eval.seconds", result.seconds)
+
+
+# Training figures copied onto each candidate's evaluation run (as `train.<name>`).
+TRAIN_METRICS = ("val_loss", "base_val_loss", "steps", "train_seconds", "tokens_per_s",
+                 "train_tokens", "trainable_params")

@@ -1,0 +1,372 @@
+"""Stage register: the evaluation's winner becomes a new version in the MLflow model registry.
+
+Reads `metrics/eval.json` (`results.EvalResult`), the winner's `models/candidates/<name>/`
+(adapter + `train_metrics.json`, a `results.TrainResult`), `dvc.lock` (dataset hashes),
+`metrics/distil.json` (teacher and cost) and the base model's `temper_source.json`. Logs a
+`register-<name>` child run under the pipeline's parent run holding the params, the evaluation
+and the per-example scores that `temper promote` compares; writes the model card into the
+candidate's logged model (the adapter that training logged) and creates the model version
+from it, pointing the alias `challenger` at it. Everything needed to rebuild the version (data
+hashes, params, git commit, base model hash) is on the version as tags.
+
+The version is created with `MlflowClient.create_model_version(source=..., model_id=...)`:
+`mlflow.register_model` needs a logged MLflow *flavour* and fails on a plain adapter folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field
+
+from .. import tracking
+from ..config import Section
+from ..io import (
+    adapter_hash,
+    model_hash,
+    read_json,
+    read_jsonl,
+    stable_hash,
+    write_json,
+    write_jsonl,
+)
+from ..results import CandidateEval, DistilResult, EvalResult, ResultError, TrainResult
+from ..tracking.card import (
+    attribution,
+    estimates_markdown,
+    fmt_estimate,
+    gates_markdown,
+    render_card,
+)
+
+log = logging.getLogger(__name__)
+
+TAG_LIMIT = 5000  # MLflow tag values: 5000 chars is safe on sqlite and on a server
+
+
+class RegisterError(ValueError):
+    """An input of the register stage is missing or malformed (the message names the file)."""
+
+
+class RegisterConfig(Section):
+    """`register:` in params.yaml."""
+
+    model_name: str = Field("temper-clause-review", description="Registered model name.")
+    alias: str = Field("challenger", description="Alias set on the new version.")
+    eval: str = Field("metrics/eval.json", description="Evaluation results (evaluate stage).")
+    predictions_dir: str = Field(
+        "reports/predictions", description="Per-example predictions, <candidate>.jsonl."
+    )
+    candidates_dir: str = Field("models/candidates", description="Trained candidates.")
+    lock: str = Field("dvc.lock", description="DVC lock file: source of the dataset hashes.")
+    data_outs: list[str] = Field(
+        ["data/prepared", "data/distilled"],
+        description="DVC outputs whose md5 identifies the data (those present in the lock).",
+    )
+    distil_metrics: str = Field(
+        "metrics/distil.json", description="Teacher and labelling cost (optional file)."
+    )
+    card_template: str = Field("configs/model_card.md", description="Model card template.")
+    data_readme: str = Field(
+        "data/raw/contracts/README.md", description="Source of the data attribution text."
+    )
+    out: str = Field("metrics/register.json", description="Summary written by the stage.")
+    require_winner: bool = Field(
+        False, description="Fail when no candidate passed the gates (else: register nothing)."
+    )
+
+
+def tag_json(obj: Any, artifact: str = "temper/eval.json") -> str:
+    """Compact JSON for a tag, or a pointer to the artifact when it would not fit (a cut JSON
+    string would not parse)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return text if len(text) <= TAG_LIMIT else f"too long for a tag: see artifact {artifact}"
+
+
+def eval_set_hash(scores: list[dict[str, Any]]) -> str:
+    """Identity of an evaluation set: its example ids and gold answers."""
+    return stable_hash(sorted((s["id"], json.dumps(s.get("gold"), sort_keys=True)) for s in scores))
+
+
+def data_hashes(lock_path: str | Path, outs: list[str]) -> dict[str, str]:
+    """md5 of the data outputs as DVC recorded them in dvc.lock (`<path>: <md5>`)."""
+    path = Path(lock_path)
+    if not path.exists():
+        raise RegisterError(f"{path}: not found (run the pipeline with `dvc repro`)")
+    lock = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    found: dict[str, str] = {}
+    for stage in (lock.get("stages") or {}).values():
+        for out in stage.get("outs") or []:
+            if out.get("path") in outs and out.get("md5"):
+                found[out["path"]] = out["md5"]
+    if not found:
+        raise RegisterError(
+            f"{path}: none of {outs} is a recorded output; cannot identify the "
+            "data (run `dvc repro` so the lock records them)"
+        )
+    return dict(sorted(found.items()))
+
+
+def example_scores(path: Path, metric: str) -> list[dict[str, Any]]:
+    """Per-example scores of the primary metric (evaluate's `scores` per prediction row), for
+    the paired comparison in promote. An example the metric does not apply to (no gold key
+    term, say) has no entry and is left out, so the comparison uses the metric's own examples.
+    """
+    if not path.exists():
+        raise RegisterError(f"{path}: predictions not found (needed for promotion)")
+    out = []
+    for lineno, rec in enumerate(read_jsonl(path), 1):
+        if "id" not in rec or not isinstance(rec.get("scores"), dict):
+            raise RegisterError(f"{path}:{lineno}: a prediction row needs 'id' and 'scores'")
+        if metric in rec["scores"]:
+            out.append({"id": str(rec["id"]), "score": float(rec["scores"][metric]),
+                        "gold": rec.get("gold")})
+    if not out:
+        raise RegisterError(f"{path}: no example scored on {metric}")
+    return out
+
+
+@dataclass
+class Winner:
+    """Everything register needs about the winner, read and checked before MLflow is touched."""
+
+    name: str
+    adapter_dir: Path
+    entry: CandidateEval
+    primary: str
+    scores: list[dict[str, Any]]
+    train: TrainResult
+    base_name: str
+    base_hash: str
+    data_hashes: dict[str, str]
+    cost: dict[str, Any]
+    commit: str
+    params_hash: str
+    adapter_sha: str
+    attribution: str
+
+    @property
+    def dataset_hash(self) -> str:
+        return stable_hash(self.data_hashes)
+
+    @property
+    def eval_set(self) -> str:
+        return eval_set_hash(self.scores)
+
+
+def collect(cfg: RegisterConfig, result: EvalResult, params: dict[str, Any],
+            base_dir: str | Path) -> Winner:
+    """Read and check every input of the winner (nothing is written yet)."""
+    name = result.winner
+    entry = result.candidate(name, cfg.eval)
+    if entry.gates is None or not entry.gates.passed:
+        raise RegisterError(f"{cfg.eval}: winner {name!r} is marked as failing its gates")
+    cand_dir = Path(cfg.candidates_dir) / name
+    adapter_dir = cand_dir / "adapter"
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise RegisterError(f"{adapter_dir}: no adapter_config.json (train stage output missing)")
+    base_dir = Path(base_dir)
+    if not (base_dir / "temper_source.json").exists():
+        raise RegisterError(f"{base_dir}/temper_source.json: not found (run temper base-model)")
+    source = read_json(base_dir / "temper_source.json")
+    cost: dict[str, Any] = {"teacher": "gold labels (no teacher configured)"}
+    if Path(cfg.distil_metrics).exists():
+        distil = DistilResult.load(cfg.distil_metrics)
+        cost.update(teacher=distil.teacher_text, labelling_usd=distil.usd,
+                    labelling_tokens=distil.tokens_in + distil.tokens_out)
+    if result.baseline is not None:
+        cost["baseline"] = f"{result.baseline.name} ({result.baseline.kind})"
+        if result.baseline.usd_total is not None:
+            cost["baseline_usd_on_test"] = result.baseline.usd_total
+    try:
+        text = attribution(cfg.data_readme)
+    except (OSError, ValueError) as err:
+        raise RegisterError(str(err)) from None
+    return Winner(
+        name=name,
+        adapter_dir=adapter_dir,
+        entry=entry,
+        primary=result.primary_metric,
+        scores=example_scores(Path(cfg.predictions_dir) / f"{name}.jsonl",
+                              result.primary_metric),
+        train=TrainResult.load(cand_dir / "train_metrics.json"),
+        base_name=source.get("name") or source.get("repo_id") or str(base_dir),
+        base_hash=model_hash(base_dir),
+        data_hashes=data_hashes(cfg.lock, cfg.data_outs),
+        cost=cost,
+        commit=tracking.git_commit(),
+        params_hash=stable_hash(params),
+        adapter_sha=adapter_hash(adapter_dir),
+        attribution=text,
+    )
+
+
+def model_card(cfg: RegisterConfig, w: Winner, pipeline_run_id: str) -> str:
+    return render_card(cfg.card_template, {
+        "model_name": cfg.model_name,
+        "candidate": w.name,
+        "base_model": w.base_name,
+        "base_model_hash": w.base_hash,
+        "eval_examples": len(w.scores),
+        "primary_metric": w.primary,
+        "metrics_table": estimates_markdown(w.entry.metrics, "value [95% CI]"),
+        "delta_table": estimates_markdown(w.entry.delta_vs_baseline or {},
+                                          "candidate - baseline [95% CI]"),
+        "baseline": w.cost.get("baseline", "baseline"),
+        "gates_verdict": "passed",
+        "gates_table": gates_markdown(w.entry.gates),
+        "teacher": w.cost["teacher"],
+        "dataset_hash": w.dataset_hash,
+        "attribution": w.attribution,
+        "git_commit": w.commit,
+        "params_hash": w.params_hash,
+        "data_hashes": ", ".join(f"`{k}` {v}" for k, v in w.data_hashes.items()),
+        "train_run_id": w.train.mlflow_run_id or "n/a",
+        "pipeline_run_id": pipeline_run_id,
+        "adapter_sha256": w.adapter_sha,
+    })
+
+
+def version_tags(w: Winner, params: dict[str, Any], pipeline_run_id: str) -> dict[str, str]:
+    """The version's lineage and results as tags (strings), readable in the registry UI."""
+    metrics = {k: list(m.triple()) for k, m in w.entry.metrics.items()}
+    deltas = {k: list(m.triple()) for k, m in (w.entry.delta_vs_baseline or {}).items()}
+    tags = {
+        "temper.candidate": w.name,
+        "temper.base_model": w.base_name,
+        "temper.base_model_hash": w.base_hash,
+        "temper.data_hashes": json.dumps(w.data_hashes, sort_keys=True),
+        "temper.dataset_hash": w.dataset_hash,
+        "temper.git_commit": w.commit,
+        "temper.params_hash": w.params_hash,
+        "temper.params": tag_json(params, "temper/params.json"),
+        "temper.primary_metric": w.primary,
+        "temper.metrics": tag_json(metrics),
+        "temper.delta_vs_baseline": tag_json(deltas),
+        "temper.gates": tag_json(w.entry.gates.model_dump()),
+        "temper.gates_passed": "true",
+        "temper.eval_set": w.eval_set,
+        "temper.eval_examples": str(len(w.scores)),
+        "temper.teacher": str(w.cost["teacher"]),
+        "temper.cost": tag_json(w.cost),
+        "temper.adapter_sha256": w.adapter_sha,
+        "temper.train_run_id": str(w.train.mlflow_run_id),
+        "temper.pipeline_run_id": pipeline_run_id,
+    }
+    tags.update({f"metric.{k}": fmt_estimate(m) for k, m in w.entry.metrics.items()})
+    return tags
+
+
+def log_register_run(run: tracking.ChildRun, cfg: RegisterConfig, w: Winner,
+                     params: dict[str, Any], result: EvalResult) -> str:
+    """Fill the `register-<winner>` run (params, lineage, eval, scores) and put the model card
+    into the candidate's logged model; returns the artifact URI of the adapter to register."""
+    lineage_info = {
+        "candidate": w.name, "base_model": w.base_name, "base_model_hash": w.base_hash,
+        "data_hashes": w.data_hashes, "dataset_hash": w.dataset_hash, "git_commit": w.commit,
+        "params_hash": w.params_hash, "adapter_sha256": w.adapter_sha, "eval_set": w.eval_set,
+        "primary_metric": w.primary, "train_run_id": w.train.mlflow_run_id,
+        "pipeline_run_id": run.parent_id, "model_id": w.train.mlflow_model_id,
+    }
+    card = model_card(cfg, w, run.parent_id)
+    with tempfile.TemporaryDirectory(prefix="temper-register-") as tmp:
+        art = Path(tmp)
+        write_json(art / "temper" / "params.json", params)
+        write_json(art / "temper" / "lineage.json", lineage_info)
+        result.save(art / "temper" / "eval.json")
+        write_jsonl(art / "temper" / "scores.jsonl",
+                    ({"id": s["id"], "score": s["score"]} for s in w.scores))
+        w.train.save(art / "temper" / "train_metrics.json")
+        if w.train.mlflow_model_id is None:
+            # Trained without MLflow: the adapter (and its card) go to this run instead.
+            shutil.copytree(w.adapter_dir, art / "adapter")
+            (art / "adapter" / "README.md").write_text(card, encoding="utf-8")
+        run.client.log_artifacts(run.run_id, str(art))
+        (art / "card").mkdir()
+        (art / "card" / "README.md").write_text(card, encoding="utf-8")
+        if w.train.mlflow_model_id is not None:
+            run.client.log_model_artifacts(w.train.mlflow_model_id, str(art / "card"))
+    run.log_params({"candidate": w.name, "registered_model": cfg.model_name})
+    run.log_metrics({k: v for k, m in w.entry.metrics.items()
+                     for k, v in ((k, m.value), (f"{k}.ci_low", m.ci_low),
+                                  (f"{k}.ci_high", m.ci_high)) if v is not None},
+                    model_id=w.train.mlflow_model_id)
+    if w.train.mlflow_model_id is None:
+        return f"{run.client.get_run(run.run_id).info.artifact_uri}/adapter"
+    return run.client.get_logged_model(w.train.mlflow_model_id).artifact_location
+
+
+def run(cfg: RegisterConfig, params: dict[str, Any], mlflow_cfg: tracking.MlflowConfig,
+        base_dir: str | Path) -> dict[str, Any]:
+    """Register the winner (if any) and return the summary written to `cfg.out`."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        result = EvalResult.load(cfg.eval)
+    except ResultError as err:
+        raise RegisterError(str(err)) from None
+    # Every input is read and checked before anything is written to the store.
+    w = collect(cfg, result, params, base_dir) if result.winner else None
+    if w is None and cfg.require_winner:
+        raise RegisterError(f"{cfg.eval}: no candidate passed the gates: nothing registered")
+
+    parent_id = tracking.pipeline_run(mlflow_cfg, params)
+    client = mlflow.MlflowClient()
+    tracking.ensure_candidates_view(client, client.get_run(parent_id).info.experiment_id,
+                                    result.primary_metric)
+    if w is None:
+        msg = "no candidate passed the gates: nothing registered"
+        log.warning(msg)
+        client.set_tag(parent_id, "temper.winner", "none")
+        client.set_terminated(parent_id, "FINISHED")
+        summary = {"registered": False, "reason": msg, "pipeline_run_id": parent_id}
+        write_json(cfg.out, summary)
+        return summary
+
+    with tracking.child_run(mlflow_cfg, params, "register", f"register-{w.name}",
+                            **{"temper.candidate": w.name}) as reg:
+        source = log_register_run(reg, cfg, w, params, result)
+    try:
+        client.create_registered_model(
+            cfg.model_name,
+            description="Temper: LoRA adapters for contract-clause review. "
+            "Each version carries its model card in README.md.",
+        )
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    primary = w.entry.metrics[w.primary]
+    version = client.create_model_version(
+        cfg.model_name, source=source, run_id=reg.run_id, model_id=w.train.mlflow_model_id,
+        tags=version_tags(w, params, parent_id),
+        description=f"{w.name}: {w.primary} {fmt_estimate(primary)} on "
+        f"{len(w.scores)} test clauses",
+    )
+    number = tracking.version_str(version.version)
+    client.set_registered_model_alias(cfg.model_name, cfg.alias, number)
+
+    client.set_tag(parent_id, "temper.winner", w.name)
+    client.set_tag(parent_id, "temper.registered_model", cfg.model_name)
+    client.set_tag(parent_id, "temper.registered_version", number)
+    client.log_metric(parent_id, f"winner.{w.primary}", primary.value)
+    client.set_terminated(parent_id, "FINISHED")  # register is the last stage of a pipeline run
+
+    summary = {
+        "registered": True, "model_name": cfg.model_name, "version": number,
+        "alias": cfg.alias, "candidate": w.name, "run_id": reg.run_id,
+        "model_id": w.train.mlflow_model_id, "pipeline_run_id": parent_id,
+        "source": version.source, "primary_metric": w.primary, w.primary: primary.value,
+        "tracking_uri": tracking.redact_uri(mlflow.get_tracking_uri()),
+    }
+    write_json(cfg.out, summary)
+    log.info("registered %s version %s (@%s) from candidate %s", cfg.model_name, number,
+             cfg.alias, w.name)
+    return summary

@@ -1,0 +1,90 @@
+"""Registry helpers that read the same on sqlite and on a server: versions, aliases, URIs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..io import stable_hash
+
+
+def version_str(version: Any) -> str:
+    """Model versions come back as int from sqlite and as str from a server: compare as str."""
+    return str(int(version)) if str(version).isdigit() else str(version)
+
+
+def alias_version(client: Any, name: str, alias: str) -> Any | None:
+    """The model version behind `name@alias`, or None when the alias (or model) does not exist.
+
+    `get_model_version_by_alias` is the one call that reads aliases the same way on sqlite and
+    on a server (`search_model_versions` does not fill them in everywhere).
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+@contextlib.contextmanager
+def quiet_downloads():
+    """No per-file progress bars for small bookkeeping downloads (scores, params)."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    old = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+def redact_uri(uri: str) -> str:
+    """A tracking URI without user:password, fit for logs and reports."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return uri
+
+
+def lineage(name: str, version: str | int) -> dict[str, Any]:
+    """What made a registered version: data hashes, params (verified against their hash),
+    git commit, base model. Reads the version's tags and its run's `temper/params.json`."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    mv = client.get_model_version(name, version_str(version))
+    tags = mv.tags
+    with quiet_downloads():
+        path = mlflow.artifacts.download_artifacts(
+            run_id=mv.run_id, artifact_path="temper/params.json"
+        )
+    params = json.loads(Path(path).read_text(encoding="utf-8"))
+    if stable_hash(params) != tags.get("temper.params_hash"):
+        raise ValueError(
+            f"{name} v{mv.version}: temper/params.json does not match the "
+            "version's temper.params_hash"
+        )
+    return {
+        "version": version_str(mv.version),
+        "run_id": mv.run_id,
+        "data_hashes": json.loads(tags["temper.data_hashes"]),
+        "dataset_hash": tags["temper.dataset_hash"],
+        "params": params,
+        "git_commit": tags["temper.git_commit"],
+        "base_model": tags["temper.base_model"],
+        "base_model_hash": tags["temper.base_model_hash"],
+        "adapter_sha256": tags["temper.adapter_sha256"],
+    }

@@ -1,0 +1,232 @@
+"""MLflow wiring shared by the stages: where the store is and which run is the pipeline's.
+
+Default: an embedded sqlite store `mlflow.db` and an artifact folder `mlartifacts/` in the
+project root. `MLFLOW_TRACKING_URI` (or `mlflow.tracking_uri` in params.yaml) points the same
+code at a server instead.
+
+DVC runs each stage in its own process, so the stages find their common parent run by a tag:
+`temper.pipeline_key`, a hash of the params and the git commit. Child runs (one per
+candidate's training, one per evaluation) hang under it with `mlflow.parentRunId`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from ..config import Section
+from ..io import md5_file, stable_hash
+
+PIPELINE_TAG = "temper.pipeline_key"
+DOWNSTREAM_SECTIONS = ("register", "promote")
+
+
+class MlflowConfig(Section):
+    """`mlflow:` in params.yaml."""
+
+    tracking_uri: str | None = Field(
+        None,
+        description="Tracking/registry URI. Default: $MLFLOW_TRACKING_URI, else the embedded "
+        "sqlite store mlflow.db in the project root.",
+    )
+    experiment: str = Field("temper", description="Experiment name.")
+    artifact_root: str = Field(
+        "mlartifacts",
+        description="Artifact folder of the embedded store (relative = project root).",
+    )
+
+
+def tracking_uri(cfg: MlflowConfig, root: str | Path = ".") -> str:
+    if cfg.tracking_uri:
+        return cfg.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+
+
+def setup(cfg: MlflowConfig, root: str | Path = ".") -> str:
+    """Point MLflow at the store and select (or create) the experiment; returns its id."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    uri = tracking_uri(cfg, root)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(cfg.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if uri.startswith("sqlite:"):
+        location = (Path(root).resolve() / cfg.artifact_root).as_uri()
+    try:
+        return client.create_experiment(cfg.experiment, artifact_location=location)
+    except MlflowException:
+        # Another process created it between our read and our write (sqlite's UNIQUE
+        # constraint, or a server's RESOURCE_ALREADY_EXISTS): read the winner's row.
+        experiment = client.get_experiment_by_name(cfg.experiment)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def git_commit(root: str | Path = ".") -> str:
+    """HEAD's commit hash, with '-dirty' when tracked files differ; 'unknown' outside git."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
+
+
+def pipeline_key(params: dict[str, Any], root: str | Path = ".") -> str:
+    """Identifies one pipeline configuration: all params plus the code's commit.
+
+    The '-dirty' mark is left out on purpose: `dvc repro` rewrites the tracked dvc.lock and
+    metrics between stages, and every stage of one repro must find the same parent run.
+    Sections that only act after the candidates exist (register, promote) are left out too: a
+    change there re-runs only `register`, which must land under the same pipeline run.
+    """
+    upstream = {k: v for k, v in params.items() if k not in DOWNSTREAM_SECTIONS}
+    return stable_hash({"params": upstream, "commit": git_commit(root).removesuffix("-dirty")})
+
+
+def pipeline_run(cfg: MlflowConfig, params: dict[str, Any], root: str | Path = ".") -> str:
+    """The id of the pipeline's parent run, created on first use by any stage."""
+    import mlflow
+
+    experiment_id = setup(cfg, root)
+    key = pipeline_key(params, root)
+    client = mlflow.MlflowClient()
+    if found := _pipeline_runs(client, experiment_id, key):
+        return found[0].info.run_id
+    run = client.create_run(
+        experiment_id,
+        run_name=f"pipeline-{key[:8]}",
+        tags={PIPELINE_TAG: key, "temper.git_commit": git_commit(root)},
+    )
+    # Runs have no unique key, so two processes that both missed above both create one. The
+    # oldest wins; a loser deletes its own run and nests under the winner instead.
+    winner = _pipeline_runs(client, experiment_id, key)[0].info.run_id
+    if winner != run.info.run_id:
+        client.delete_run(run.info.run_id)
+    return winner
+
+
+def _pipeline_runs(client: Any, experiment_id: str, key: str) -> list[Any]:
+    """The live parent runs with this pipeline key, oldest first (ties: by run id)."""
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{PIPELINE_TAG}` = '{key}'", max_results=100
+    )
+    return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+
+
+@dataclass
+class ChildRun:
+    """A run of one stage under the pipeline's parent run (see `child_run`)."""
+
+    client: Any
+    run_id: str
+    parent_id: str
+    experiment_id: str
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Flat params as strings (JSON for lists and mappings), cut to MLflow's limit."""
+        from mlflow.entities import Param
+
+        items = [Param(k, (v if isinstance(v, str) else json.dumps(v, default=str))[:6000])
+                 for k, v in params.items()]
+        for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(self.run_id, params=items[start : start + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0,
+                    model_id: str | None = None) -> None:
+        """Finite numeric metrics in one batch (optionally linked to a logged model)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step, model_id=model_id) for k, v in metrics.items()
+                 if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)]
+        for start in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[start : start + 1000])
+
+
+def log_dataset(run: ChildRun, path: str | Path, name: str, context: str) -> None:
+    """Log a data file as the run's dataset input (the runs table's Datasets column).
+
+    The digest is the file's md5: the hash DVC records for it (`dvc.lock`, and the manifest of
+    a tracked folder), so a dataset in MLflow names the DVC object it came from.
+    """
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    path = Path(path)
+    rows = sum(1 for line in path.open("rb") if line.strip())
+    dataset = Dataset(name=name, digest=md5_file(path), source_type="local",
+                      source=path.resolve().as_uri(), profile=json.dumps({"num_rows": rows}))
+    run.client.log_inputs(run.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context",
+                                                                       context)])])
+
+
+def log_adapter_model(run: ChildRun, adapter_dir: str | Path, name: str,
+                      params: dict[str, Any]) -> str:
+    """The adapter as an MLflow 3 logged model of this run; returns its model id.
+
+    Evaluation metrics are later logged against this id and the registry version points at
+    it, so the model views, the runs and the registry show one and the same adapter.
+    """
+    model = run.client.create_logged_model(
+        run.experiment_id, name=name, source_run_id=run.run_id, model_type="peft-lora",
+        params={k: str(v)[:6000] for k, v in params.items()}, tags={"temper.candidate": name})
+    try:
+        run.client.log_model_artifacts(model.model_id, str(adapter_dir))
+    except BaseException:
+        run.client.finalize_logged_model(model.model_id, "FAILED")
+        raise
+    run.client.finalize_logged_model(model.model_id, "READY")
+    return model.model_id
+
+
+@contextlib.contextmanager
+def child_run(cfg: MlflowConfig, params: dict[str, Any], stage: str, name: str,
+              **tags: str) -> Iterator[ChildRun]:
+    """Open a child run of the pipeline run: the one way every stage logs to MLflow.
+
+    The run is FINISHED when the block ends, FAILED when it raises. Tags: `temper.stage`,
+    `temper.git_commit`, `mlflow.parentRunId` (nests it in the UI) and `tags`.
+    """
+    import mlflow
+
+    parent = pipeline_run(cfg, params)
+    client = mlflow.MlflowClient()
+    experiment_id = client.get_run(parent).info.experiment_id
+    run = client.create_run(experiment_id, run_name=name, tags={
+        "mlflow.parentRunId": parent, "temper.stage": stage, "temper.git_commit": git_commit(),
+        **tags})
+    child = ChildRun(client, run.info.run_id, parent, experiment_id)
+    try:
+        yield child
+    except BaseException:
+        client.set_terminated(child.run_id, "FAILED")
+        raise
+    client.set_terminated(child.run_id, "FINISHED")
