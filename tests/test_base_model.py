@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from temper.stages.base_model import BUILTIN, ModelConfig, copy_model_folder, model_hash, run
+from temper.io import model_hash
+from temper.stages.base_model import BUILTIN, ModelConfig, copy_model_folder, run
 
 
 @pytest.mark.slow

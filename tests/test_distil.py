@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import yaml
 from fake_api import FakeAPI, Faults, messages_key
-
-from temper.stages import distil
-from temper.stages.distil import DistilConfig, DistilError, gold_answer, pick_few_shot
 from temper.io import read_json, read_jsonl, write_jsonl
 from temper.providers import ProviderConfig, estimate_tokens
+from temper.records.sampling import pick_few_shot
+from temper.stages import distil
+from temper.stages.distil import DistilConfig, DistilError
 
 ROOT = Path(__file__).resolve().parents[1]
 BAD = "Not A Label"
@@ -62,7 +62,7 @@ class Teacher:
 
     def __init__(self, task, records):
         self.task = task
-        self.gold = {task.user_message(r["text"]): gold_answer(task, r) for r in records}
+        self.gold = {task.user_message(r["text"]): task.gold_answer(r) for r in records}
 
     @staticmethod
     def h(clause_message: str) -> int:
@@ -117,7 +117,7 @@ def test_gold_default_labels_every_record_offline(tmp_path, prepared_dir, task):
         for row, rec in zip(rows, source, strict=True):
             assert row["label_source"] == "gold" and row["teacher_model"] == "gold"
             assert row["prompt"] == rec["prompt"] and row["prompt_hash"] == task.prompt_hash
-            assert row["answer"] == gold_answer(task, rec)
+            assert row["answer"] == task.gold_answer(rec)
             assert row["completion"] == [{"role": "assistant",
                                           "content": task.format_answer(row["answer"])}]
         assert metrics["records"][split]["labelled"] == len(source)
@@ -243,7 +243,7 @@ def temper(params: Path, *args: str, env: dict | None = None, **kw):
 def test_kill_9_then_rerun_requests_only_the_missing_records(tmp_path, task):
     prepared = raw_prepared(task, tmp_path / "prepared", train=80, validation=16)
     records = read_jsonl(prepared / "train.jsonl") + read_jsonl(prepared / "validation.jsonl")
-    gold_teacher = {task.user_message(r["text"]): task.format_answer(gold_answer(task, r))
+    gold_teacher = {task.user_message(r["text"]): task.format_answer(task.gold_answer(r))
                     for r in records}
     with FakeAPI(responder=lambda m: gold_teacher[m[-1]["content"]], latency_s=0.05) as api:
         params = write_params(tmp_path, prepared, {"kind": "openai", "base_url": api.openai_url,
@@ -459,7 +459,7 @@ def test_oversized_replies_cannot_break_the_spend_cap(tmp_path, task):
     assert "budget cap reached" in done.stderr
     spent = float(re.search(r"spent \$(\d+\.\d+)", done.stderr).group(1))
     cfg = cfg_for(tmp_path, prepared, {"kind": "openai", "max_usd": 0.05, "prices": prices})
-    messages = distil.teacher_messages(task, [], "x" * 2000)  # longer than any record here
+    messages = task.teacher_messages([], "x" * 2000)  # longer than any record here
     worst = cfg.provider.prices["teacher-x"].cost(estimate_tokens(messages), 256)
     assert 0 < spent <= 0.05 + 4 * worst
     assert spent <= 0.05  # charges never pass their reservations, reservations never the cap
@@ -475,10 +475,10 @@ calls = []
 sys.addaudithook(lambda event, args: calls.append(event) if event in (
     "socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyname_ex",
     "socket.connect", "socket.sendto", "socket.sendmsg") else None)
-from temper import providers
+from temper.providers import privacy
 from temper.stages import distil
 from temper.task import load_task
-providers.HOSTS_FILE = Path(sys.argv[3])
+privacy.HOSTS_FILE = Path(sys.argv[3])
 cfg = distil.DistilConfig.model_validate(json.loads(sys.argv[1]))
 try:
     distil.run(cfg, load_task(sys.argv[2]))

@@ -13,10 +13,10 @@ import re
 import numpy as np
 import pytest
 from fake_api import FakeAPI
-
 from temper.evaluation.gates import GatesConfig, check
 from temper.evaluation.judge import JudgeConfig, combine, parse_verdict, run_judge, sample_indices
 from temper.providers import ProviderConfig
+from temper.results import CandidateEval
 
 LABELS = ["Governing Law", "Audit Rights", "Insurance", "Non-Compete"]
 N = 40
@@ -78,10 +78,16 @@ def test_first_position_judge_is_detected_and_turned_into_ties(tmp_path, task, k
     assert result["agreement"] == 0.0 and result["n_decided"] == 24
     assert result["calibrated"] is False
     # An uncalibrated judge decides no gate, even with a strict win-rate threshold.
-    entry = {"metrics": {"clause_type.accuracy": {"value": 0.7}}, "judge": result}
+    entry = candidate({"clause_type.accuracy": {"value": 0.7}}, result)
     gates = check(GatesConfig(min_primary=None, min_delta_low=None, min_json_valid_rate=None,
                               min_judge_win_rate=0.99), "clause_type.accuracy", entry)
-    assert gates["passed"] and gates["checks"][0]["skipped"]
+    assert gates.passed and gates.checks[0].skipped
+
+
+def candidate(metrics: dict, judge: dict) -> CandidateEval:
+    """A candidate's evaluation with this judge result, as evaluate records it."""
+    return CandidateEval.model_validate({"adapter": "a", "seconds": 1.0, "metrics": metrics,
+                                         "judge": judge})
 
 
 def test_gold_following_judge_is_calibrated_and_counts(tmp_path, task):
@@ -105,10 +111,9 @@ def test_gold_following_judge_is_calibrated_and_counts(tmp_path, task):
     low, high = result["win_rate"]["ci_low"], result["win_rate"]["ci_high"]
     assert low < result["win_rate"]["value"] < high
     assert result["usd_new"] > 0
-    entry = {"metrics": {}, "judge": result}
     strict = check(GatesConfig(min_primary=None, min_delta_low=None, min_json_valid_rate=None,
-                               min_judge_win_rate=0.9), "x", entry)
-    assert not strict["passed"] and strict["checks"][0]["value"] == result["win_rate"]["value"]
+                               min_judge_win_rate=0.9), "x", candidate({}, result))
+    assert not strict.passed and strict.checks[0].value == result["win_rate"]["value"]
 
 
 def test_judge_failures_are_counted_not_fatal(tmp_path, task):

@@ -12,20 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
-
-from temper.stages import prepare
 from temper.io import read_jsonl
-from temper.stages.prepare import (
-    FieldMap,
-    InputError,
-    PrepareConfig,
-    SplitConfig,
-    assign_splits,
-    dedup_key,
-    normalise_text,
-    run,
-    stratified_sample,
-)
+from temper.records.neardup import dedup_key
+from temper.records.sampling import stratified_sample
+from temper.records.sources import FieldMap, InputError, normalise_text
+from temper.stages import prepare
+from temper.stages.prepare import PrepareConfig, SplitConfig, assign_splits, run
 
 FIELDS = FieldMap(
     id="id",
@@ -186,7 +178,6 @@ def test_minhash_signatures_are_datasketchs():
     """The vectorised MinHash gives datasketch's signatures bit for bit (so its LSH buckets
     and the near-duplicate report are unchanged by the rewrite)."""
     from datasketch import MinHash
-
     from temper.records.neardup import shingle_hashes, shingles, signatures
 
     texts = [CLAUSES[0], CLAUSES[1] + " " + CLAUSES[2], "two words", "one"]
@@ -227,7 +218,6 @@ def test_near_duplicates_are_the_ones_datasketch_lsh_finds(root):
     """Below the cap the search finds exactly the pairs of the datasketch MinHashLSH query
     loop (with exact Jaccard on shingle sets) that it replaces, on real clauses."""
     from datasketch import MinHash, MinHashLSH
-
     from temper.records.neardup import find_near_duplicates, shingles
 
     rows = read_jsonl(root / "data/raw/contracts/train.jsonl")
@@ -681,10 +671,9 @@ def test_quarantine_counts_bad_records_and_goes_on(tmp_path, task, base_model_di
 def test_chat_token_count_is_exact_on_the_real_data(base_model_dir, task, root):
     """prepare counts a record's chat tokens as template overhead + text + answer (one
     template render for the whole run): equal to rendering each record, on every CUAD clause."""
-    from transformers import AutoTokenizer
-
     from temper.records.sources import extract, iter_rows
     from temper.records.tokens import TokenCounter
+    from transformers import AutoTokenizer
 
     fields = FieldMap(
         id="id",

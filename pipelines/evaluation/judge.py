@@ -135,9 +135,9 @@ def run_judge(cfg: JudgeConfig, task: TaskConfig, records: list[dict[str, Any]],
                                           desc=f"judge {name}" if progress else None)
             results[name] = summarise(cfg, idx, slots, done, primary_correct[name],
                                       baseline_correct, n_resamples, confidence)
-            log.info("judge %s: win rate %.3f, flips %.3f, agreement %s, calibrated %s", name,
-                     results[name]["win_rate"]["value"], results[name]["flip_rate"],
-                     results[name]["agreement"], results[name]["calibrated"])
+            r = results[name]
+            log.info("judge %s: win rate %s, flips %s, agreement %s, calibrated %s", name,
+                     r["win_rate"]["value"], r["flip_rate"], r["agreement"], r["calibrated"])
     finally:
         if own:
             provider.close()

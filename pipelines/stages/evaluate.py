@@ -243,7 +243,7 @@ def log_mlflow(mlflow_cfg: MlflowConfig, params: dict[str, Any], result: EvalRes
     side by side even when only evaluate re-ran; its metrics are linked to the candidate's
     logged model, and the test set is logged as the run's dataset input.
     """
-    from ..tracking import log_dataset
+    from ..tracking import log_dataset, log_model_input
 
     systems: dict[str, CandidateEval | BaselineEval] = dict(result.candidates)
     if result.baseline is not None:
@@ -261,12 +261,14 @@ def log_mlflow(mlflow_cfg: MlflowConfig, params: dict[str, Any], result: EvalRes
             tags["temper.gates_passed"] = str(entry.gates.passed).lower()
         with child_run(mlflow_cfg, params, "evaluate", f"eval-{name}", **tags) as run:
             model_id = train.mlflow_model_id if train is not None else None
-            run.log_metrics(flat_metrics(entry), model_id=model_id)
+            dataset = log_dataset(run, result.test_file, "test", "evaluation")
+            if model_id is not None:
+                log_model_input(run, model_id)  # this run evaluates that model
+            run.log_metrics(flat_metrics(entry), model_id=model_id, dataset=dataset)
             if train is not None:
                 run.log_params(flatten({"train": train.config}))
                 run.log_metrics({f"train.{k}": getattr(train, k) for k in TRAIN_METRICS
                                  if getattr(train, k) is not None})
-            log_dataset(run, result.test_file, "test", "evaluation")
             for path in files:
                 if path.exists() and (path.suffix in (".md", ".json", ".png")
                                       or path.name == f"{name}.jsonl"):
