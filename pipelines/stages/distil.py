@@ -28,7 +28,6 @@ import logging
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +36,7 @@ from pydantic import Field
 from ..config import ConfigError, Section, flatten
 from ..io import atomic_dir, read_jsonl, stable_hash, write_jsonl
 from ..providers import (
-    BudgetExceeded,
     CacheMiss,
-    Completion,
     Provider,
     ProviderConfig,
     gather_bounded,
@@ -48,6 +45,7 @@ from ..providers import (
 from ..records.sampling import pick_few_shot
 from ..results import DistilResult
 from ..task import TaskConfig, parse_answer
+from ..teacher import Outcome, agreement, label_one
 from ..tracking import MlflowConfig, child_run
 
 log = logging.getLogger(__name__)
@@ -57,7 +55,6 @@ EXIT_BUDGET_STOP = 3
 EXIT_ESTIMATE_REFUSED = 4
 EXIT_PRIVACY = 5
 EXIT_TOO_MANY_REJECTS = 6
-TRUNCATED = {"length", "max_tokens"}
 REQUIRED = ("id", "text", "prompt", "gold")
 
 
@@ -119,63 +116,7 @@ def load_split(path: Path, gold_needed: bool) -> list[dict[str, Any]]:
     return records
 
 
-def repair_messages(messages: list[dict[str, str]], reply: str,
-                    problems: list[str]) -> list[dict[str, str]]:
-    return [*messages, {"role": "assistant", "content": reply},
-            {"role": "user", "content": "Your answer is invalid: " + "; ".join(problems)
-             + ". Reply again with the corrected JSON object only."}]
-
-
-def check(task: TaskConfig, done: Completion) -> tuple[dict[str, Any] | None, list[str]]:
-    """Parse and validate one reply: (answer, problems)."""
-    answer = parse_answer(done.text)
-    problems = task.validate_answer(answer) if answer is not None else [
-        "no JSON object in the reply"]
-    if done.finish_reason in TRUNCATED:
-        problems.append(f"output truncated (finish_reason {done.finish_reason})")
-    return (answer if not problems else None), problems
-
-
 # ----------------------------------------------------------------------------- labelling
-
-@dataclass
-class Outcome:
-    """What happened to one record."""
-
-    record: dict[str, Any]
-    answer: dict[str, Any] | None = None
-    reason: str | None = None          # set: rejected
-    output: str | None = None          # the last raw reply
-    budget_stop: bool = False          # not labelled because a cap was reached
-    replies: list[Completion] = field(default_factory=list)
-
-
-async def label_one(provider: Provider, task: TaskConfig, record: dict[str, Any],
-                    messages: list[dict[str, str]], repair: bool, version: str) -> Outcome:
-    out = Outcome(record)
-    schema = task.json_schema()
-    try:
-        done = await provider.acomplete(messages, json_schema=schema, prompt_version=version)
-        out.replies.append(done)
-        out.output = done.text
-        out.answer, problems = check(task, done)
-        if problems and repair:
-            fixed = await provider.acomplete(repair_messages(messages, done.text, problems),
-                                             json_schema=schema, prompt_version=version)
-            out.replies.append(fixed)
-            out.output = fixed.text
-            out.answer, again = check(task, fixed)
-            problems = [f"after one repair: {p}" for p in again]
-        if problems:
-            out.reason = "invalid answer: " + "; ".join(problems)
-    except BudgetExceeded:
-        out.budget_stop, out.answer = True, None
-    except CacheMiss:
-        raise
-    except Exception as err:  # ProviderError after retries: a reject with its reason
-        out.answer, out.reason = None, f"request failed: {err}"
-    return out
-
 
 async def run_all(provider: Provider, coros: list[Any], desc: str | None) -> list[Any]:
     results = await gather_bounded(coros, desc=desc, provider=provider)
@@ -187,31 +128,6 @@ async def run_all(provider: Provider, coros: list[Any], desc: str | None) -> lis
         if isinstance(r, Exception):
             raise r
     return results
-
-
-def normalise(value: Any) -> Any:
-    if isinstance(value, str):
-        return re.sub(r"\s+", " ", value).strip().strip(".").casefold()
-    return value
-
-
-def agreement(task: TaskConfig, pairs: list[tuple[dict[str, Any], dict[str, Any]]]
-              ) -> dict[str, Any]:
-    """Teacher vs gold per gold field: exact (normalised) rate, and any-gold-label for labels."""
-    report: dict[str, Any] = {}
-    for f in (f for f in task.fields if f.gold):
-        n = agree = any_label = 0
-        for answer, record in pairs:
-            gold = task.gold_answer(record)[f.name]
-            n += 1
-            agree += normalise(answer.get(f.name)) == normalise(gold)
-            all_gold = (record.get("gold_all") or {}).get(f.name) or [gold]
-            any_label += answer.get(f.name) in all_gold
-        entry: dict[str, Any] = {"n": n, "agree": agree, "rate": round(agree / n, 4) if n else None}
-        if f.kind == "label":
-            entry["any_gold_label_rate"] = round(any_label / n, 4) if n else None
-        report[f.name] = entry
-    return report
 
 
 # ----------------------------------------------------------------------------- the stage

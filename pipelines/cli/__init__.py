@@ -1,0 +1,50 @@
+"""The `temper` command line: a thin layer over the stages' entry functions.
+
+Each command loads `params.yaml` (override with `-S section.key=value`, as `dvc exp run -S`
+does), validates the sections it needs into their typed configs, calls one entry function and
+prints a one-line summary. `COMMANDS` below is the table of commands; the help text of each
+lists every knob of its sections (generated from the typed configs). Heavy libraries are
+imported inside the commands so `--help` stays fast. `stages.py` holds the commands dvc.yaml
+runs, `release.py` the ones CI and people run around them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import typer
+
+from ..config import describe
+from . import release, stages
+from .common import SECTIONS, setup_logging
+
+__all__ = ["COMMANDS", "SECTIONS", "app", "setup_logging"]
+
+app = typer.Typer(
+    help="Temper: distil, fine-tune (LoRA/QLoRA), evaluate, gate and register a self-hosted "
+    "model for a task first prototyped on a frontier API. `dvc repro` runs the stages in order.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+
+# name, function, the params sections its --help lists in full.
+COMMANDS: list[tuple[str, Callable[..., None], tuple[str, ...]]] = [
+    ("base-model", stages.base_model_cmd, ("model",)),
+    ("prepare", stages.prepare_cmd, ("prepare",)),
+    ("distil", stages.distil_cmd, ("distil",)),
+    ("train", stages.train_cmd, ("train",)),
+    ("evaluate", stages.evaluate_cmd, ("evaluate", "judge", "gates")),
+    ("register", stages.register_cmd, ("register",)),
+    ("gate", release.gate_cmd, ("gates",)),
+    ("promote", release.promote_cmd, ("promote", "gates")),
+    ("rollback", release.rollback_cmd, ("promote",)),
+    ("pull", release.pull_cmd, ()),
+    ("merge", release.merge_cmd, ()),
+    ("profile", release.profile_cmd, ()),
+    ("ui", release.ui_cmd, ()),
+]
+
+for _name, _function, _sections in COMMANDS:
+    _epilog = "\n\n".join(describe(SECTIONS[s], s) for s in _sections) or None
+    app.command(_name, epilog=_epilog)(_function)

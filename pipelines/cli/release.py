@@ -1,0 +1,205 @@
+"""The release commands (gates, promotion, rollback, pull, merge) and helpers (profile, ui)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ..config import ConfigError, as_overrides, read_yaml, section
+from ..evaluation.config import EvaluateConfig
+from ..evaluation.gates import GatesConfig
+from ..release.promote import PromoteConfig
+from ..stages.register import RegisterConfig
+from ..tracking import MlflowConfig
+from .common import PARAMS, ParamsOpt, SetOpt, fail, load, model_dir, setup_logging
+
+
+def gate_cmd(
+    params: ParamsOpt = PARAMS,
+    set_: SetOpt = None,
+    eval_file: Annotated[Path, typer.Option("--eval", help="The evaluation to check.")
+                         ] = Path("metrics/eval.json"),
+    candidate: Annotated[str | None, typer.Option(
+        "--candidate", "-c", help="Check this candidate (default: is there a winner?).")] = None,
+) -> None:
+    """Re-check the gates of `gates:` against an evaluation; exit 1 when they fail.
+
+    Thresholds come from the params (so `-S gates.min_primary=0.8` tries a stricter gate
+    without re-running the evaluation). Exit codes: 0 pass, 1 fail, 2 bad input.
+    """
+    from ..evaluation.gates import check, pick_winner
+    from ..evaluation.report import gate_table
+    from ..results import EvalResult, ResultError
+
+    values = load(params, set_)
+    try:
+        gates_cfg = section(values, "gates", GatesConfig)
+        result = EvalResult.load(eval_file)
+        if candidate is not None:
+            result.candidate(candidate, eval_file)
+    except (ConfigError, ResultError) as err:
+        fail(err, 2)
+    for entry in result.candidates.values():
+        entry.gates = check(gates_cfg, result.primary_metric, entry)
+    typer.echo(gate_table(result))
+    if candidate is not None:
+        ok = bool(result.candidates[candidate].gates.passed)
+        typer.echo(f"{candidate}: {'PASS' if ok else 'FAIL'}")
+    else:
+        winner = pick_winner(result)
+        ok = winner is not None
+        typer.echo(f"winner: {winner}" if ok else "no candidate passes the gates")
+    raise typer.Exit(0 if ok else 1)
+
+
+def registry_client(values: dict[str, Any]) -> Any:
+    """MLflow pointed at the configured store (embedded sqlite by default)."""
+    import mlflow
+
+    from .. import tracking
+
+    tracking.setup(section(values, "mlflow", MlflowConfig))
+    return mlflow.MlflowClient()
+
+
+def promote_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
+    """Make `challenger` the `champion` if it passes the gates and is not worse.
+
+    The gates in force (`gates:`) are checked again on the challenger's recorded evaluation.
+    Exit codes: 0 promoted (or already champion), 1 refused, 2 cannot decide (missing alias,
+    scores or config). The decision is written to the version's tags and promote.report.
+    """
+    from ..release import promote
+
+    setup_logging()
+    values = load(params, set_)
+    try:
+        cfg = section(values, "promote", PromoteConfig)
+        name = section(values, "register", RegisterConfig).model_name
+        client = registry_client(values)
+        decision = promote.decide(client, name, cfg, section(values, "gates", GatesConfig))
+        promote.write_report(cfg.report, decision, "promote", promote.history(client, name))
+    except (ConfigError, promote.PromoteError) as err:
+        fail(err, 2)
+    changed = decision.promoted or decision.champion_after == decision.challenger
+    typer.secho(("promoted: " if decision.promoted else "not promoted: ") + decision.reason,
+                fg=typer.colors.GREEN if changed else typer.colors.RED)
+    typer.echo(f"{name}@{cfg.champion_alias} = v{decision.champion_after or '-'}; "
+               f"report: {cfg.report}")
+    if not changed:
+        raise typer.Exit(1)
+
+
+def rollback_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
+    """Point `champion` back at the previous champion (exit 2 when there is none)."""
+    from ..release import promote
+
+    setup_logging()
+    values = load(params, set_)
+    try:
+        cfg = section(values, "promote", PromoteConfig)
+        name = section(values, "register", RegisterConfig).model_name
+        client = registry_client(values)
+        decision = promote.rollback(client, name, cfg)
+        promote.write_report(cfg.report, decision, "rollback", promote.history(client, name))
+    except (ConfigError, promote.PromoteError) as err:
+        fail(err, 2)
+    typer.echo(f"{decision.reason}; report: {cfg.report}")
+
+
+def pull_cmd(
+    uri: Annotated[str, typer.Argument(help="models:/<name>@<alias>, models:/<name>/<version>, "
+                                       "or <name> for its champion.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Target folder (default "
+                                             "models/pulled/<name>-v<version>).")] = None,
+    params: ParamsOpt = PARAMS,
+    set_: SetOpt = None,
+) -> None:
+    """Download a registered adapter and bind it to the local base model (checked by hash)."""
+    from ..release import pull
+    from ..release.promote import PromoteError
+
+    setup_logging()
+    values = load(params, set_)
+    try:
+        registry_client(values)
+        path = pull.pull(uri, out, model_dir(values))
+    except (ConfigError, PromoteError) as err:
+        fail(err, 2)
+    typer.echo(f"pulled into {path}: load with peft.PeftModel.from_pretrained(base, '{path}') "
+               "or temper.release.pull.load_pulled")
+
+
+def merge_cmd(
+    candidate: Annotated[Path, typer.Argument(help="A candidate folder (models/candidates/NAME) "
+                                              "or an adapter folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where the merged model goes.")],
+    params: ParamsOpt = PARAMS,
+    set_: SetOpt = None,
+    base: Annotated[Path | None, typer.Option(help="Base model folder (default: model.dir).")]
+    = None,
+    dtype: Annotated[str, typer.Option(help="bfloat16 | float16 | float32.")] = "bfloat16",
+) -> None:
+    """Merge a LoRA adapter into its base model: a standalone 16-bit model for serving.
+
+    QLoRA adapters are merged into the dequantized 4-bit weights (a warning says so).
+    """
+    from ..release.merge import merge
+
+    setup_logging()
+    values = load(params, set_)
+    try:
+        if dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"--dtype {dtype!r}: use bfloat16, float16 or float32")
+        info = merge(candidate, out, base or Path(model_dir(values)), dtype)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        fail(err)
+    typer.echo(f"merged {info['adapter']} into {info['base']} -> {out} ({info['dtype']}"
+               f"{', from dequantized 4-bit weights' if info['dequantized'] else ''})")
+
+
+# --- helpers: profiles, the MLflow UI ----------------------------------------------------------
+
+
+def profile_cmd(
+    name: Annotated[str, typer.Argument(help="Profile name: a file configs/profiles/NAME.yaml.")],
+) -> None:
+    """Print a profile as `-S key=value` overrides: `dvc exp run $(temper profile full)`."""
+    try:
+        overrides = as_overrides(read_yaml(Path("configs/profiles") / f"{name}.yaml"))
+    except ConfigError as err:
+        fail(err)
+    typer.echo(" ".join(f"-S {shlex.quote(o)}" for o in overrides))
+
+
+def ui_cmd(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+    host: Annotated[str, typer.Option(help="Interface (keep loopback unless you mean it).")]
+    = "127.0.0.1",
+    params: ParamsOpt = PARAMS,
+    set_: SetOpt = None,
+) -> None:
+    """Open the MLflow UI on the embedded store (one lean server process; Ctrl-C stops it)."""
+    import mlflow
+
+    from .. import tracking
+
+    values = load(params, set_)
+    cfg = section(values, "mlflow", MlflowConfig)
+    uri = tracking.tracking_uri(cfg)
+    if not uri.startswith("sqlite:"):
+        typer.echo(f"the store is a server already: open {tracking.redact_uri(uri)}")
+        return
+    experiment_id = tracking.setup(cfg)
+    primary = section(values, "evaluate", EvaluateConfig).primary_metric
+    tracking.ensure_candidates_view(mlflow.MlflowClient(), experiment_id, primary)
+    cmd, env = tracking.lean_server_command(uri, cfg.artifact_root, host, port)
+    typer.echo("candidates side by side: "
+               + tracking.runs_table_url(f"http://{host}:{port}", experiment_id))
+    os.execvpe(cmd[0], cmd, env)  # the server replaces this process: Ctrl-C stops it cleanly
+
+

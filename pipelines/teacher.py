@@ -1,0 +1,100 @@
+"""Asking a model for a schema-valid answer: validate, one repair turn, or a reason to reject.
+
+The distil stage labels the training data this way and answers the test split for the API
+baseline; the online router asks its mid-tier and frontier APIs the same way. Every reply is
+parsed (`task.parse_answer`) and validated against the task's schema; a truncated reply counts
+as invalid; an invalid one gets one repair turn (the reply and its problems are sent back),
+and what is still invalid comes back with the reason, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .providers import BudgetExceeded, CacheMiss, Completion, Provider
+from .task import TaskConfig, parse_answer
+
+TRUNCATED = {"length", "max_tokens"}  # finish reasons of a reply cut at the limit
+
+
+def repair_messages(messages: list[dict[str, str]], reply: str,
+                    problems: list[str]) -> list[dict[str, str]]:
+    return [*messages, {"role": "assistant", "content": reply},
+            {"role": "user", "content": "Your answer is invalid: " + "; ".join(problems)
+             + ". Reply again with the corrected JSON object only."}]
+
+
+def check(task: TaskConfig, done: Completion) -> tuple[dict[str, Any] | None, list[str]]:
+    """Parse and validate one reply: (answer, problems)."""
+    answer = parse_answer(done.text)
+    problems = task.validate_answer(answer) if answer is not None else [
+        "no JSON object in the reply"]
+    if done.finish_reason in TRUNCATED:
+        problems.append(f"output truncated (finish_reason {done.finish_reason})")
+    return (answer if not problems else None), problems
+
+
+@dataclass
+class Outcome:
+    """What happened to one record."""
+
+    record: dict[str, Any]
+    answer: dict[str, Any] | None = None
+    reason: str | None = None          # set: rejected
+    output: str | None = None          # the last raw reply
+    budget_stop: bool = False          # not labelled because a cap was reached
+    replies: list[Completion] = field(default_factory=list)
+
+
+async def label_one(provider: Provider, task: TaskConfig, record: dict[str, Any],
+                    messages: list[dict[str, str]], repair: bool, version: str) -> Outcome:
+    out = Outcome(record)
+    schema = task.json_schema()
+    try:
+        done = await provider.acomplete(messages, json_schema=schema, prompt_version=version)
+        out.replies.append(done)
+        out.output = done.text
+        out.answer, problems = check(task, done)
+        if problems and repair:
+            fixed = await provider.acomplete(repair_messages(messages, done.text, problems),
+                                             json_schema=schema, prompt_version=version)
+            out.replies.append(fixed)
+            out.output = fixed.text
+            out.answer, again = check(task, fixed)
+            problems = [f"after one repair: {p}" for p in again]
+        if problems:
+            out.reason = "invalid answer: " + "; ".join(problems)
+    except BudgetExceeded:
+        out.budget_stop, out.answer = True, None
+    except CacheMiss:
+        raise
+    except Exception as err:  # ProviderError after retries: a reject with its reason
+        out.answer, out.reason = None, f"request failed: {err}"
+    return out
+
+
+def normalise(value: Any) -> Any:
+    if isinstance(value, str):
+        return re.sub(r"\s+", " ", value).strip().strip(".").casefold()
+    return value
+
+
+def agreement(task: TaskConfig, pairs: list[tuple[dict[str, Any], dict[str, Any]]]
+              ) -> dict[str, Any]:
+    """Teacher vs gold per gold field: exact (normalised) rate, and any-gold-label for labels."""
+    report: dict[str, Any] = {}
+    for f in (f for f in task.fields if f.gold):
+        n = agree = any_label = 0
+        for answer, record in pairs:
+            gold = task.gold_answer(record)[f.name]
+            n += 1
+            agree += normalise(answer.get(f.name)) == normalise(gold)
+            all_gold = (record.get("gold_all") or {}).get(f.name) or [gold]
+            any_label += answer.get(f.name) in all_gold
+        entry: dict[str, Any] = {"n": n, "agree": agree, "rate": round(agree / n, 4) if n else None}
+        if f.kind == "label":
+            entry["any_gold_label_rate"] = round(any_label / n, 4) if n else None
+        report[f.name] = entry
+    return report
