@@ -29,12 +29,13 @@ run: install
 	dvc repro
 
 ## The tests, slow end-to-end ones included (they use the real base model and data).
-test: install
-	ruff check .
+test: lint
 	pytest
 
+## ruff: the linter and the formatter (check only; `ruff format .` fixes the formatting).
 lint: install
-	ruff check . && ruff format --check .
+	ruff check .
+	ruff format --check .
 
 clean:
 	rm -rf $(VENV) models data/prepared data/distilled metrics reports mlflow.db mlruns

@@ -55,13 +55,14 @@ PARAMS = Path("params.yaml")
 # the openai/anthropic SDKs log through `httpx2` as well as `httpx`), and known-harmless
 # warnings of dependencies. All of it comes back with TEMPER_LOG_LEVEL=DEBUG.
 NOISY_LOGGERS = ("httpx", "httpx2", "httpcore", "urllib3", "filelock", "datasets", "openai",
-                 "anthropic", "bitsandbytes", "mlflow", "alembic", "accelerate", "peft",
-                 "transformers", "torch")
+                 "anthropic", "mlflow", "alembic", "accelerate", "peft", "transformers", "torch")
+# bitsandbytes >= 0.49 warns at every import that optional hub kernels are missing: harmless
+# (STACK-FACTS), and `kernels` must not be installed (it fetches from the hub).
+SILENT_LOGGERS = ("bitsandbytes",)
 HARMLESS_WARNINGS = (
     (FutureWarning, ""),
     (DeprecationWarning, ""),
     (UserWarning, ".*gemv_4bit.*"),                  # bitsandbytes on CPU, see train docs
-    (UserWarning, ".*kernels-community.*"),          # bitsandbytes >= 0.49: optional kernels
     (UserWarning, ".*TypedStorage is deprecated.*"),
 )
 
@@ -74,6 +75,8 @@ def setup_logging() -> None:
         return
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    for name in SILENT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     for category, message in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
