@@ -17,7 +17,7 @@ from temper.records.neardup import dedup_key
 from temper.records.sampling import stratified_sample
 from temper.records.sources import FieldMap, InputError, normalise_text
 from temper.stages import prepare
-from temper.stages.prepare import PrepareConfig, SplitConfig, assign_splits, run
+from temper.stages.prepare import PrepareConfig, SplitConfig, assign_splits, hash_split, run
 
 FIELDS = FieldMap(
     id="id",
@@ -247,13 +247,23 @@ def test_near_duplicates_are_the_ones_datasketch_lsh_finds(root):
     )
 )
 def test_no_group_ever_crosses_splits(rows):
-    """Property: whatever the groups, hash splitting keeps each group in exactly one split."""
-    records = [{"id": str(i), "group": f"g{g}"} for i, (g, _) in enumerate(rows)]
-    assign_splits(records, SplitConfig(validation=0.2, test=0.2))
-    splits = defaultdict(set)
-    for r in records:
-        splits[r["group"]].add(r["split"])
-    assert all(len(s) == 1 for s in splits.values())
+    """Property: a source split column is kept as given, records without one are split by a
+    hash of their group, and a group never ends up in two splits: where the source's own
+    column would put it in two, the stage refuses with an error instead."""
+    cfg = SplitConfig(validation=0.2, test=0.2)
+    records = [{"id": str(i), "group": f"g{g}", **({"split": s} if s else {})}
+               for i, (g, s) in enumerate(rows)]
+    expected = [r.get("split") or hash_split(r["group"], cfg) for r in records]
+    by_group = defaultdict(set)
+    for r, split in zip(records, expected, strict=True):
+        by_group[r["group"]].add(split)
+    if any(len(s) > 1 for s in by_group.values()):
+        with pytest.raises(InputError, match="more than one split"):
+            assign_splits(records, cfg)
+        return
+    assign_splits(records, cfg)
+    assert [r["split"] for r in records] == expected  # source splits kept, the rest hashed
+    assert all(len({r["split"] for r in records if r["group"] == g}) == 1 for g in by_group)
     assert {r["split"] for r in records} <= {"train", "validation", "test"}
 
 
