@@ -4,7 +4,7 @@ The fake frontier API (tests/fake_api.py) runs in its own process, as a real API
 client's event loop does not share a GIL with the server. Measured in the same run:
 
   raw SDK      AsyncOpenAI + a semaphore, nothing else (the floor for this machine)
-  provider     pipelines.providers (cache writes, budget, limiter, retries, stats)
+  provider     temper.providers (cache writes, budget, limiter, retries, stats)
   cached       the same 1,000 requests again from a fresh provider: all cache hits
   stage        optional (--stage, needs data/prepared): `temper distil` on the prepared data
                against the same server, then its fully cached re-run (process start included)
@@ -27,12 +27,11 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from temper.io import read_jsonl
+from temper.providers import ProviderConfig, open_provider
+from temper.task import load_task
 
-from temper.io import read_jsonl  # noqa: E402
-from temper.providers import ProviderConfig, open_provider  # noqa: E402
-from temper.task import load_task  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def start_server(latency: float, answers: Path | None) -> tuple[subprocess.Popen, str]:

@@ -7,35 +7,38 @@ greedy decoding and the same stop rule (EOS), measured in one run:
     python scripts/bench_eval.py --full                # + the whole raw test split (826)
     python scripts/bench_eval.py --full --full-limit 200   # time 200 of them, extrapolate
 
-Prints examples/s of both, how many answers are identical, and ends with
-`RESULT eval_batched_speedup <x>`. `--full` also times the production settings
+Prints examples/s of both (throughput), each request's own latency (p50/p95: for the loop the
+time of its own call, for the batch the time from its batch's start to the step that finished
+it), the amortised time per example (a batch's wall time over its size: a throughput figure,
+not a latency), how many answers are identical, and ends with `RESULT eval_batched_speedup
+<x>` (the throughput ratio on equal work). `--full` also times the production settings
 (batched, prefix cache, stop at a complete JSON answer) on the raw test split.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from temper.config import load_params, section
+from temper.evaluation.generation import generate, load_model
+from temper.io import read_jsonl
+from temper.stages.evaluate import load_records
+from temper.stages.prepare import PrepareConfig
+from temper.task import load_task
 
-from temper.config import load_params, section  # noqa: E402
-from temper.stages.evaluate import load_records  # noqa: E402
-from temper.evaluation.generation import generate, load_model  # noqa: E402
-from temper.io import read_jsonl  # noqa: E402
-from temper.stages.prepare import PrepareConfig  # noqa: E402
-from temper.task import load_task  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+
 
 
 def one_at_a_time(model, tokenizer, prompts, max_new_tokens):
     """The naive loop: one prompt, one `generate` call, no padding, no sharing."""
     import torch
 
-    texts = []
+    texts, latency_ms = [], []
     for messages in prompts:
+        t0 = time.perf_counter()
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)
         with torch.inference_mode():
@@ -43,7 +46,14 @@ def one_at_a_time(model, tokenizer, prompts, max_new_tokens):
                                  pad_token_id=tokenizer.pad_token_id)
         texts.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:],
                                       skip_special_tokens=True).strip())
-    return texts
+        latency_ms.append((time.perf_counter() - t0) * 1000)
+    return texts, latency_ms
+
+
+def pct(values, q):
+    import numpy as np
+
+    return float(np.percentile(values, q))
 
 
 def main() -> None:
@@ -79,16 +89,20 @@ def main() -> None:
     generate(model, tokenizer, prompts[:2], 4, batch_size=2, progress=False)  # warm-up
 
     t0 = time.perf_counter()
-    seq = one_at_a_time(model, tokenizer, prompts, task.max_new_tokens)
+    seq, seq_ms = one_at_a_time(model, tokenizer, prompts, task.max_new_tokens)
     t_seq = time.perf_counter() - t0
     t0 = time.perf_counter()
     bat = generate(model, tokenizer, prompts, task.max_new_tokens, args.batch_size,
                    stop_at_json=False, progress=False)
     t_bat = time.perf_counter() - t0
     same = sum(a == b.text for a, b in zip(seq, bat, strict=True))
-    print(f"one-at-a-time: {n} examples in {t_seq:.1f} s = {n / t_seq:.3f} ex/s")
+    bat_ms = [g.latency_ms for g in bat]
+    print(f"one-at-a-time: {n} examples in {t_seq:.1f} s = {n / t_seq:.3f} ex/s; per request "
+          f"p50 {pct(seq_ms, 50):.0f} ms, p95 {pct(seq_ms, 95):.0f} ms")
     print(f"batched (batch {args.batch_size}, length-sorted, prefix cache): {t_bat:.1f} s = "
-          f"{n / t_bat:.3f} ex/s; identical answers {same}/{n}")
+          f"{n / t_bat:.3f} ex/s; per request p50 {pct(bat_ms, 50):.0f} ms, p95 "
+          f"{pct(bat_ms, 95):.0f} ms; amortised {sum(g.amortised_ms for g in bat) / n:.0f} "
+          f"ms/example; identical answers {same}/{n}")
     speedup = t_seq / t_bat
 
     if args.full:
