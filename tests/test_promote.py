@@ -18,8 +18,8 @@ from registry_fixtures import (
 )
 from typer.testing import CliRunner
 
-from temper.release import promote
 from temper.cli import app
+from temper.release import promote, pull
 
 runner = CliRunner()
 N = 60  # test examples per evaluation
@@ -85,7 +85,9 @@ def test_promote_first_refuse_worse_accept_better_then_rollback(project, base_mo
     result = runner.invoke(app, ["rollback"])
     assert result.exit_code == 0, result.output
     assert champion(project) == v1
-    assert store_client(project).get_model_version(MODEL, v3).tags["temper.promotion"] == "rolled_back"
+    assert (
+        store_client(project).get_model_version(MODEL, v3).tags["temper.promotion"] == "rolled_back"
+    )
     assert "ROLLED BACK" in report.read_text()
 
     result = runner.invoke(app, ["promote"])  # v3 is still @challenger
@@ -115,6 +117,84 @@ def test_challenger_that_failed_gates_or_other_eval_set_is_refused(project, base
     result = runner.invoke(app, ["promote"])
     assert result.exit_code == 1 and "different sets" in result.output
     assert champion(project) == "1"
+
+
+@pytest.mark.slow
+def test_promote_rechecks_the_gates_in_force_on_the_recorded_evaluation(project, base_model_dir):
+    """A version whose tag says its gates passed is refused when the gates in force fail on
+    the evaluation recorded with it (CI tightened a gate); the same version passes later."""
+    v1 = register(project, base_model_dir, pattern(N, 42))  # 0.70
+    assert store_client(project).get_model_version(MODEL, v1).tags["temper.gates_passed"] == "true"
+    result = runner.invoke(app, ["promote", "-S", "gates.min_primary=0.99"])
+    assert result.exit_code == 1, result.output
+    assert (
+        "challenger fails the gates in force on its recorded evaluation: "
+        "min_primary (0.7 >= 0.99 is false)" in result.output
+    )
+    assert promote.tracking.alias_version(store_client(project), MODEL, "champion") is None
+    tags = store_client(project).get_model_version(MODEL, v1).tags
+    assert tags["temper.promotion"] == "refused" and tags["temper.gates_passed"] == "true"
+
+    # Gates that the recorded evaluation cannot show are failures too (no schema rate logged).
+    result = runner.invoke(app, ["promote", "-S", "gates.min_schema_valid_rate=0.5"])
+    assert result.exit_code == 1, result.output
+    assert "min_schema_valid_rate (no value in the recorded evaluation; needs >= 0.5)" in (
+        result.output
+    )
+
+    result = runner.invoke(app, ["promote"])
+    assert result.exit_code == 0, result.output
+    assert champion(project) == v1
+    assert (
+        "re-checked with the gates in force: passed"
+        in (project / "reports" / "promotion.md").read_text()
+    )
+
+
+def test_version_without_recorded_evaluation_cannot_be_promoted(project):
+    """A version made by hand with `temper.gates_passed=true` promotes nothing: promote needs
+    the evaluation recorded at registration (exit 2, the version named)."""
+    client = store_client(project)
+    from temper import tracking
+
+    experiment_id = tracking.setup(
+        tracking.MlflowConfig(tracking_uri=f"sqlite:///{project / 'mlflow.db'}"), project
+    )
+    run = client.create_run(experiment_id, run_name="by-hand")
+    client.create_registered_model(MODEL)
+    mv = client.create_model_version(
+        MODEL,
+        f"{run.info.artifact_uri}/adapter",
+        run_id=run.info.run_id,
+        tags={
+            "temper.gates_passed": "true",
+            "temper.candidate": "r16",
+            "temper.primary_metric": "clause_type.accuracy",
+        },
+    )
+    client.set_registered_model_alias(MODEL, "challenger", mv.version)
+    result = runner.invoke(app, ["promote"])
+    assert result.exit_code == 2, result.output
+    assert "version 1: no temper/eval.json in run" in result.output
+
+
+def test_gate_command_reads_the_evaluation_and_applies_the_gates_in_force(project):
+    """`temper gate` on an EvalResult: its own gates come from params (-S tightens them)."""
+    write_eval(project, {"a": pattern(N, 42), "b": pattern(N, 12)}, winner="a")  # 0.7, 0.2
+    res = runner.invoke(app, ["gate"])
+    assert res.exit_code == 0, res.output
+    assert "winner: a" in res.output and "FAIL" in res.output  # b fails min_primary
+    res = runner.invoke(app, ["gate", "-c", "b"])
+    assert res.exit_code == 1 and "b: FAIL" in res.output
+    res = runner.invoke(app, ["gate", "-S", "gates.min_primary=0.9"])
+    assert res.exit_code == 1 and "no candidate passes" in res.output
+    res = runner.invoke(app, ["gate", "--eval", "metrics/missing.json"])
+    assert res.exit_code == 2 and "metrics/missing.json: not found" in res.output
+    res = runner.invoke(app, ["gate", "-c", "zzz"])
+    assert res.exit_code == 2 and "no candidate 'zzz'" in res.output
+    (project / "metrics" / "old.json").write_text('{"winner": "a", "candidates": {}}')
+    res = runner.invoke(app, ["gate", "--eval", "metrics/old.json"])
+    assert res.exit_code == 2 and "not a EvalResult" in res.output
 
 
 def test_promote_without_challenger_exits_2(project):
@@ -150,7 +230,7 @@ def test_paired_interval():
     ],
 )
 def test_uri_forms(uri, name, alias, version):
-    m = promote.URI_RE.match(uri)
+    m = pull.URI_RE.match(uri)
     assert (m["name"], m["alias"], m["version"]) == (name, alias, version)
 
 
@@ -171,7 +251,7 @@ def test_pull_champion_loads_with_peft_and_generates(project, base_model_dir, tm
     assert config["base_model_name_or_path"] == str(base_model_dir.resolve())
     assert "CUAD" in (out / "README.md").read_text()
 
-    model, tokenizer = promote.load_pulled(out)  # AutoPeftModelForCausalLM on the folder
+    model, tokenizer = pull.load_pulled(out)  # AutoPeftModelForCausalLM on the folder
     assert isinstance(model, PeftModel)
     assert model.peft_config["default"].base_model_name_or_path == str(base_model_dir.resolve())
     prompt = tokenizer.apply_chat_template(

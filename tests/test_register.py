@@ -1,4 +1,5 @@
-"""Stage register against a real sqlite MLflow store, a real PEFT adapter and a real git repo."""
+"""Stage register against a real sqlite MLflow store, a real PEFT adapter and a real git repo;
+and once end to end: the real evaluate stage's output through register, gate, promote and pull."""
 
 from __future__ import annotations
 
@@ -19,8 +20,11 @@ from registry_fixtures import (
 )
 from typer.testing import CliRunner
 
-from temper.stages import register as reg
+from temper import tracking
 from temper.cli import app
+from temper.io import md5_file
+from temper.results import EvalResult
+from temper.stages import register as reg
 
 runner = CliRunner()
 
@@ -32,12 +36,20 @@ def project(tmp_path, base_model_dir, monkeypatch) -> Path:
     return tmp_path
 
 
+def children(client, parent_id: str) -> list:
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    return client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def inputs(run) -> dict[str, str]:
+    """A run's dataset inputs: {name: digest}."""
+    return {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
+
+
 @pytest.mark.slow
 def test_register_winner_with_children_alias_lineage_and_card(project, base_model_dir):
-    from temper.stages.base_model import model_hash
-
     adapter = tiny_adapter(str(base_model_dir))
-    train_ids = train_candidates(project, ["r8", "r16"], adapter)
+    trained = train_candidates(project, ["r8", "r16"], adapter)
     write_eval(project, {"r8": pattern(40, 20), "r16": pattern(40, 30)}, winner="r16")
 
     result = runner.invoke(app, ["register"])
@@ -52,21 +64,28 @@ def test_register_winner_with_children_alias_lineage_and_card(project, base_mode
     parent = client.get_run(summary["pipeline_run_id"])
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["temper.registered_version"] == "1"
-    children = client.search_runs(
-        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
-    )
-    names = sorted(r.info.run_name for r in children)
+    runs = children(client, parent.info.run_id)
+    names = sorted(r.info.run_name for r in runs)
     assert names == ["register-r16", "train-r16", "train-r8"]
 
     mv = client.get_model_version_by_alias(MODEL, "challenger")
     assert str(mv.version) == "1"
-    reg_run = next(r for r in children if r.info.run_name == "register-r16")
+    reg_run = next(r for r in runs if r.info.run_name == "register-r16")
     assert mv.run_id == reg_run.info.run_id
-    assert mv.source == f"{reg_run.info.artifact_uri}/adapter"
+    # The version IS the candidate's logged model (the adapter training logged).
+    model_id = trained["r16"].mlflow_model_id
+    assert model_id and model_id != trained["r8"].mlflow_model_id
+    assert mv.source == f"models:/{model_id}"
+    assert tracking.version_model_id(mv) == model_id
+    assert summary["model_id"] == model_id
+    logged = client.get_logged_model(model_id)
+    assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": MODEL, "version": "1"}]
+    assert logged.source_run_id == trained["r16"].mlflow_run_id
     tags = mv.tags
     assert tags["temper.candidate"] == "r16"
-    assert tags["temper.train_run_id"] == train_ids["r16"]
-    assert tags["temper.base_model_hash"] == model_hash(base_model_dir)
+    assert tags["temper.model_id"] == model_id
+    assert tags["temper.train_run_id"] == trained["r16"].mlflow_run_id
+    assert tags["temper.base_model_hash"] == reg.model_hash(base_model_dir)
     assert tags["temper.base_model"] == "smollm2-135m-instruct"
     assert tags["temper.gates_passed"] == "true"
     assert tags["metric.clause_type.accuracy"] == "0.75 [0.7, 0.8]"
@@ -75,6 +94,15 @@ def test_register_winner_with_children_alias_lineage_and_card(project, base_mode
     assert json.loads(tags["temper.cost"])["baseline"] == "baseline (base_model)"
     assert tags["temper.teacher"] == "gold labels (no teacher configured)"
     assert tags["temper.adapter_sha256"] == reg.adapter_hash(adapter)
+    assert tags["temper.eval_examples"] == "40"
+
+    # The train runs have their data as dataset inputs (md5 = DVC's hash of the file).
+    train_run = client.get_run(trained["r16"].mlflow_run_id)
+    distilled = project / "data" / "distilled"
+    assert inputs(train_run) == {
+        "train": md5_file(distilled / "train.jsonl"),
+        "validation": md5_file(distilled / "validation.jsonl"),
+    }
 
     # The artifact is the adapter plus its model card, with attribution and the metrics.
     import mlflow
@@ -85,6 +113,7 @@ def test_register_winner_with_children_alias_lineage_and_card(project, base_mode
         )
     )
     assert (local / "adapter_model.safetensors").exists()
+    assert reg.adapter_hash(local) == reg.adapter_hash(adapter)
     card = (local / "README.md").read_text()
     assert "CUAD v1 (Contract Understanding Atticus Dataset)" in card
     assert "ContractNLI" in card and "CC BY 4.0" in card
@@ -92,6 +121,36 @@ def test_register_winner_with_children_alias_lineage_and_card(project, base_mode
     assert "| min_primary | 0.75 | >= 0.3 | pass |" in card
     assert "## Intended use" in card and "## Limitations" in card
     assert "${" not in card
+    # The version's own card also stays with its register run.
+    own = mlflow.artifacts.download_artifacts(
+        run_id=mv.run_id, artifact_path="temper/model_card.md", dst_path=str(project / "dl2")
+    )
+    assert Path(own).read_text() == card
+
+
+@pytest.mark.slow
+def test_candidate_without_logged_model_is_registered_from_the_register_run(
+    project, base_model_dir
+):
+    adapter = tiny_adapter(str(base_model_dir))
+    trained = train_candidates(project, ["r16"], adapter, log_model=False)
+    assert trained["r16"].mlflow_model_id is None
+    write_eval(project, {"r16": pattern(20, 15)}, winner="r16")
+    result = runner.invoke(app, ["register"])
+    assert result.exit_code == 0, result.output
+
+    client = store_client(project)
+    mv = client.get_model_version_by_alias(MODEL, "challenger")
+    reg_run = client.get_run(mv.run_id)
+    assert reg_run.info.run_name == "register-r16"
+    assert mv.source == f"{reg_run.info.artifact_uri}/adapter"
+    assert tracking.version_model_id(mv) is None
+
+    import mlflow
+
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}/1", dst_path="dl"))
+    assert reg.adapter_hash(local) == reg.adapter_hash(adapter)
+    assert "| clause_type.accuracy | 0.75 [0.7, 0.8] |" in (local / "README.md").read_text()
 
 
 @pytest.mark.slow
@@ -111,7 +170,7 @@ def test_lineage_recovers_data_hash_params_and_commit(project, base_model_dir):
     assert result.exit_code == 0, result.output
 
     store_client(project)
-    got = reg.lineage("lineage-test", 1)
+    got = tracking.lineage("lineage-test", 1)
     assert got["data_hashes"] == {
         "data/prepared": "aaaabbbbccccddddeeeeffff00001111.dir",
         "data/distilled": "22223333444455556666777788889999.dir",
@@ -125,7 +184,8 @@ def test_lineage_recovers_data_hash_params_and_commit(project, base_model_dir):
 @pytest.mark.slow
 def test_no_winner_registers_nothing(project, base_model_dir):
     train_candidates(project, ["r8"], tiny_adapter(str(base_model_dir)))
-    write_eval(project, {"r8": pattern(20, 2)}, winner=None, failing=("r8",))
+    evaluation = write_eval(project, {"r8": pattern(20, 2)}, winner=None)  # 0.1: fails gates
+    assert evaluation.candidates["r8"].gates.passed is False
     result = runner.invoke(app, ["register"])
     assert result.exit_code == 0, result.output
     assert "not registered: no candidate passed the gates" in result.output
@@ -137,14 +197,45 @@ def test_no_winner_registers_nothing(project, base_model_dir):
     assert "metrics/eval.json: no candidate passed the gates" in result.output
 
 
+def test_winner_marked_as_failing_is_refused(project):
+    """A hand-edited eval.json whose winner failed its gates registers nothing (and touches
+    no store: every input is checked first)."""
+    evaluation = write_eval(project, {"r16": pattern(20, 15)}, winner="r16")
+    evaluation.candidates["r16"].gates.passed = False
+    evaluation.save(project / "metrics" / "eval.json")
+    result = runner.invoke(app, ["register"])
+    assert result.exit_code == 1
+    assert "metrics/eval.json: winner 'r16' is marked as failing its gates" in result.output
+
+
+def test_eval_json_not_written_by_evaluate_names_the_file_and_field(project):
+    (project / "metrics").mkdir()
+    (project / "metrics" / "eval.json").write_text(
+        json.dumps(
+            {
+                "primary_metric": "clause_type.accuracy",
+                "winner": "r16",
+                "candidates": {"r16": {"metrics": {"clause_type.accuracy": 0.7}}},
+            }
+        )
+    )
+    result = runner.invoke(app, ["register"])
+    assert result.exit_code == 1
+    assert "metrics/eval.json: not a EvalResult" in result.output
+    assert "candidates.r16.metrics.clause_type.accuracy" in result.output
+
+
 def test_bad_predictions_name_file_and_line(tmp_path):
     path = tmp_path / "r16.jsonl"
     path.write_text('{"id": "a", "scores": {"m": 1.0}}\n{"id": "b", "answer": {}}\n')
-    with pytest.raises(reg.RegisterError, match=r"r16.jsonl:2: expected a per-example score"):
+    with pytest.raises(reg.RegisterError, match=r"r16.jsonl:2: a prediction row needs 'id' and"):
         reg.example_scores(path, "m")
     path.write_text('{"id": "a", "scores": {"m": 1.0}}\n{"scores": {"m": 0.0}}\n')
-    with pytest.raises(reg.RegisterError, match=r"r16.jsonl:2: missing field 'id'"):
+    with pytest.raises(reg.RegisterError, match=r"r16.jsonl:2: a prediction row needs 'id'"):
         reg.example_scores(path, "m")
+    with pytest.raises(reg.RegisterError, match=r"r16.jsonl: no example scored on other"):
+        path.write_text('{"id": "a", "scores": {"m": 1.0}}\n')
+        reg.example_scores(path, "other")
 
 
 def test_examples_outside_a_metric_are_left_out(tmp_path):
@@ -159,6 +250,18 @@ def test_examples_outside_a_metric_are_left_out(tmp_path):
     ]
 
 
+def test_fixture_predictions_are_rows_as_evaluate_writes_them(project):
+    """The fixtures' prediction rows hold what `attach_scores` writes and register reads."""
+    write_eval(project, {"r16": pattern(8, 6)}, winner="r16")
+    rows = [
+        json.loads(line)
+        for line in (project / "reports" / "predictions" / "r16.jsonl").read_text().splitlines()
+    ]
+    assert {"id", "output", "gold", "gold_all", "correct", "scores", "valid"} <= set(rows[0])
+    assert [r["scores"]["clause_type.accuracy"] for r in rows] == [1.0] * 6 + [0.0] * 2
+    assert EvalResult.load(project / "metrics" / "eval.json").winner == "r16"
+
+
 def test_lock_without_data_outputs_is_an_error(tmp_path):
     lock = tmp_path / "dvc.lock"
     lock.write_text(
@@ -171,27 +274,6 @@ def test_lock_without_data_outputs_is_an_error(tmp_path):
         reg.data_hashes(tmp_path / "missing.lock", ["data/prepared"])
 
 
-@pytest.mark.parametrize(
-    "raw, expected",
-    [
-        (0.5, (0.5, None, None)),
-        ({"value": 0.5, "ci_low": 0.4, "ci_high": 0.6}, (0.5, 0.4, 0.6)),
-        ({"mean": 0.5, "ci": [0.4, 0.6]}, (0.5, 0.4, 0.6)),
-        ({"point": 1, "low": 0, "high": 2}, (1.0, 0.0, 2.0)),
-        ("n/a", (None, None, None)),
-    ],
-)
-def test_interval_shapes(raw, expected):
-    assert reg.interval(raw) == expected
-
-
-def test_winner_marked_as_failing_is_refused(tmp_path):
-    entry = {"gates": {"passed": False}}
-    assert reg.gates_of(entry, is_winner=True)[0] is False
-    assert reg.gates_of({"gates": [{"name": "a", "passed": True}]}, False)[0] is True
-    assert reg.gates_of({}, is_winner=True)[0] is True
-
-
 def test_pipeline_key_ignores_downstream_sections(tmp_path):
     """A change of register/promote params re-runs only `register` (DVC), which must still land
     under the pipeline run that holds the candidates' runs."""
@@ -202,3 +284,187 @@ def test_pipeline_key_ignores_downstream_sections(tmp_path):
     other = {**params, "train": {"lr": 5e-4}}
     assert pipeline_key(params, tmp_path) == pipeline_key(same, tmp_path)
     assert pipeline_key(params, tmp_path) != pipeline_key(other, tmp_path)
+
+
+def test_version_model_id_reads_the_source_where_the_store_drops_the_field():
+    class MV:
+        def __init__(self, source, model_id=None):
+            self.source, self.model_id = source, model_id
+
+    assert tracking.version_model_id(MV("models:/m-0123abcd")) == "m-0123abcd"
+    assert tracking.version_model_id(MV("x", model_id="m-1")) == "m-1"
+    for other in ("models:/name/3", "models:/name@champion", "file:///a/adapter", ""):
+        assert tracking.version_model_id(MV(other)) is None
+
+
+# --------------------------------------------------------------------------- slow: end to end
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: steadier than two on a shared 2-core runner (see test_evaluate)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.mark.slow
+def test_real_evaluate_output_through_register_gate_promote_and_pull(
+    tmp_path, base_model_dir, prepared_dir, monkeypatch, one_thread
+):
+    """The real evaluate stage on a real (tiny) adapter writes eval.json and predictions; the
+    real register reads them; promote re-checks the gates in force on what was recorded; a
+    re-run under a new pipeline run (as `dvc exp run -S gates...` makes) still shows training
+    next to evaluation on the candidate's eval run."""
+    import mlflow
+
+    from temper.release.pull import load_pulled
+
+    test_file = prepared_dir / "test.jsonl"
+    (tmp_path / "project").mkdir()
+    project = make_project(
+        tmp_path / "project",
+        base_model_dir,
+        params_update={
+            "evaluate": {
+                "test": str(test_file),
+                "few_shot_from": str(prepared_dir / "train.jsonl"),
+                "baseline": "base_model",
+                "baseline_few_shot": 1,
+                "max_examples": 8,
+                "batch_size": 8,
+                "n_resamples": 200,
+                "threads": 1,
+                "progress": False,
+            },
+            # A tiny random adapter is no better than the base model: gates it can pass.
+            "gates": {"min_primary": 0.0, "min_delta_low": None, "min_json_valid_rate": None},
+        },
+    )
+    monkeypatch.chdir(project)
+    adapter = tiny_adapter(str(base_model_dir))
+    trained = train_candidates(project, ["r16"], adapter)["r16"]
+    model_id = trained.mlflow_model_id
+
+    result = runner.invoke(app, ["evaluate"])  # temper.stages.evaluate.run, as dvc runs it
+    assert result.exit_code == 0, result.output
+    evaluation = EvalResult.load(project / "metrics" / "eval.json")
+    assert evaluation.winner == "r16" and evaluation.n_examples == 8
+    entry = evaluation.candidates["r16"]
+    primary = entry.metrics["clause_type.accuracy"]
+
+    result = runner.invoke(app, ["register"])
+    assert result.exit_code == 0, result.output
+    client = store_client(project)
+    mv = client.get_model_version_by_alias(MODEL, "challenger")
+    assert tracking.version_str(mv.version) == "1"
+    assert tracking.version_model_id(mv) == model_id  # the version is the logged model
+    tags = mv.tags
+    assert tags["temper.gates_passed"] == "true"
+    assert tags["temper.eval_examples"] == "8"
+    assert json.loads(tags["temper.metrics"])["clause_type.accuracy"] == list(primary.triple())
+    assert json.loads(tags["temper.gates"]) == entry.gates.model_dump()
+    parent_1 = tags["temper.pipeline_run_id"]
+
+    # The logged model carries the evaluation's metrics, tied to the test dataset.
+    test_md5 = md5_file(test_file)
+    linked = {m.key: m for m in client.get_logged_model(model_id).metrics}
+    assert linked["clause_type.accuracy"].value == pytest.approx(primary.value, abs=1e-6)
+    assert linked["clause_type.accuracy.ci_low"].value == pytest.approx(primary.ci_low, abs=1e-6)
+    assert (
+        linked["clause_type.accuracy"].dataset_name,
+        linked["clause_type.accuracy"].dataset_digest,
+    ) == ("test", test_md5)
+    eval_runs = {
+        r.info.run_name: r
+        for r in children(client, parent_1)
+        if r.data.tags.get("temper.stage") == "evaluate"
+    }
+    assert sorted(eval_runs) == ["eval-baseline", "eval-r16"]
+    assert linked["clause_type.accuracy"].run_id == eval_runs["eval-r16"].info.run_id
+    for run in eval_runs.values():
+        assert inputs(run) == {"test": test_md5}
+    # (search_runs leaves model inputs out on sqlite: read the run itself)
+    eval_r16 = client.get_run(eval_runs["eval-r16"].info.run_id)
+    assert [m.model_id for m in eval_r16.inputs.model_inputs] == [model_id]
+    assert [
+        m.model_id for m in client.search_logged_models([eval_runs["eval-r16"].info.experiment_id])
+    ] == [model_id]
+
+    # `temper gate` re-checks the recorded evaluation with the gates in force.
+    result = runner.invoke(app, ["gate"])
+    assert result.exit_code == 0 and "winner: r16" in result.output, result.output
+    result = runner.invoke(app, ["gate", "-S", "gates.min_primary=0.99"])
+    assert result.exit_code == 1 and "no candidate passes the gates" in result.output
+
+    # Promote re-checks too: the tag says passed, the gates in force say no.
+    result = runner.invoke(app, ["promote", "-S", "gates.min_primary=0.99"])
+    assert result.exit_code == 1, result.output
+    assert "fails the gates in force on its recorded evaluation: min_primary" in result.output
+    mv = client.get_model_version(MODEL, "1")
+    assert mv.tags["temper.gates_passed"] == "true"
+    assert mv.tags["temper.promotion"] == "refused"
+    assert "min_primary" in mv.tags["temper.promotion.reason"]
+    assert tracking.alias_version(client, MODEL, "champion") is None
+    assert "re-checked with the gates in force: FAILED" in Path("reports/promotion.md").read_text()
+
+    result = runner.invoke(app, ["promote"])
+    assert result.exit_code == 0, result.output
+    mv = client.get_model_version(MODEL, "1")
+    assert sorted(mv.aliases) == ["challenger", "champion"]
+    assert mv.tags["temper.promotion"] == "promoted"
+
+    # Pull: the logged model's files + the card, hash-checked, bound to the base model, loads.
+    out = tmp_path / "pulled"
+    result = runner.invoke(app, ["pull", f"models:/{MODEL}@champion", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    info = json.loads((out / "temper_pull.json").read_text())
+    assert info["model_id"] == model_id and info["version"] == "1"
+    assert info["adapter_sha256"] == reg.adapter_hash(adapter)
+    card = (out / "README.md").read_text()
+    assert f"| clause_type.accuracy | {reg.fmt_estimate(primary)} |" in card
+    assert "CUAD" in card
+    model, _ = load_pulled(out)
+    assert model.peft_config["default"].base_model_name_or_path == str(base_model_dir.resolve())
+    del model
+
+    # A re-run with a changed upstream param: new pipeline run, same candidate (DVC would not
+    # retrain it), evaluate and register again.
+    change = ["-S", "gates.min_json_valid_rate=0.0"]
+    result = runner.invoke(app, ["evaluate", *change])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["register", *change])
+    assert result.exit_code == 0, result.output
+    mv2 = client.get_model_version_by_alias(MODEL, "challenger")
+    assert tracking.version_str(mv2.version) == "2"
+    parent_2 = mv2.tags["temper.pipeline_run_id"]
+    assert parent_2 != parent_1
+    assert tracking.version_model_id(mv2) == model_id
+    versions = json.loads(client.get_logged_model(model_id).tags["mlflow.modelVersions"])
+    assert versions == [{"name": MODEL, "version": "1"}, {"name": MODEL, "version": "2"}]
+    runs_2 = {r.info.run_name: r for r in children(client, parent_2)}
+    assert sorted(runs_2) == ["eval-baseline", "eval-r16", "register-r16"]  # no train run here
+    eval_2 = runs_2["eval-r16"].data
+    assert eval_2.params["train.rank"] == "16"
+    assert eval_2.params["train.learning_rate"] == str(trained.config["learning_rate"])
+    assert eval_2.metrics["train.val_loss"] == trained.val_loss
+    assert eval_2.metrics["train.base_val_loss"] == trained.base_val_loss
+    # same adapter, same answers
+    assert eval_2.metrics["clause_type.accuracy"] == pytest.approx(primary.value, abs=1e-6)
+    assert eval_2.tags["temper.train_run_id"] == trained.mlflow_run_id
+    # The logged model now has both evaluations.
+    evaluations = {
+        m.run_id
+        for m in client.get_logged_model(model_id).metrics
+        if m.key == "clause_type.accuracy"
+    }
+    assert evaluations == {eval_runs["eval-r16"].info.run_id, runs_2["eval-r16"].info.run_id}
+
+    # Same evaluation set, same answers: v2 is not worse than v1 and is promoted.
+    result = runner.invoke(app, ["promote", *change])
+    assert result.exit_code == 0, result.output
+    assert tracking.version_str(client.get_model_version_by_alias(MODEL, "champion").version) == "2"
+    assert mlflow.get_tracking_uri().startswith(f"sqlite:///{project}")

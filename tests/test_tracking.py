@@ -6,7 +6,6 @@ import multiprocessing
 import shutil
 
 import pytest
-
 from temper.tracking import PIPELINE_TAG, MlflowConfig, pipeline_run, setup
 
 PARAMS = {"train": {"rank": 16}}

@@ -139,14 +139,17 @@ def recorded_evaluation(mv: Any) -> EvalResult:
 
     try:
         with tracking.quiet_downloads():
-            path = mlflow.artifacts.download_artifacts(run_id=mv.run_id,
-                                                       artifact_path="temper/eval.json")
+            path = mlflow.artifacts.download_artifacts(
+                run_id=mv.run_id, artifact_path="temper/eval.json"
+            )
         return EvalResult.load(path)
     except ResultError as err:
         raise PromoteError(f"version {mv.version}: {err}") from None
     except Exception as err:  # MLflow raises several types for a missing artifact
-        raise PromoteError(f"version {mv.version}: no temper/eval.json in run {mv.run_id} "
-                           f"(not registered by `temper register`?): {err}") from err
+        raise PromoteError(
+            f"version {mv.version}: no temper/eval.json in run {mv.run_id} "
+            f"(not registered by `temper register`?): {err}"
+        ) from err
 
 
 def recheck_gates(mv: Any, gates_cfg: GatesConfig) -> tuple[bool, str]:
@@ -154,16 +157,22 @@ def recheck_gates(mv: Any, gates_cfg: GatesConfig) -> tuple[bool, str]:
     evaluation = recorded_evaluation(mv)
     candidate = mv.tags.get("temper.candidate")
     if candidate not in evaluation.candidates:
-        raise PromoteError(f"version {mv.version}: its recorded evaluation has no candidate "
-                           f"{candidate!r}")
+        raise PromoteError(
+            f"version {mv.version}: its recorded evaluation has no candidate {candidate!r}"
+        )
     gates = check(gates_cfg, evaluation.primary_metric, evaluation.candidates[candidate])
-    failed = ", ".join(f"{c.gate} ({c.value} {c.op} {c.threshold} is false)"
-                       for c in gates.checks if not c.passed)
-    return gates.passed, failed
+
+    def why(c: Any) -> str:
+        if c.value is None:
+            return f"{c.gate} (no value in the recorded evaluation; needs {c.op} {c.threshold:g})"
+        return f"{c.gate} ({c.value:.4g} {c.op} {c.threshold:g} is false)"
+
+    return gates.passed, ", ".join(why(c) for c in gates.checks if not c.passed)
 
 
-def decide(client: Any, name: str, cfg: PromoteConfig,
-           gates_cfg: GatesConfig | None = None) -> Decision:
+def decide(
+    client: Any, name: str, cfg: PromoteConfig, gates_cfg: GatesConfig | None = None
+) -> Decision:
     """Compare challenger with champion and move the champion alias if the rules allow."""
     challenger = tracking.alias_version(client, name, cfg.challenger_alias)
     if challenger is None:
@@ -205,7 +214,10 @@ def decide(client: Any, name: str, cfg: PromoteConfig,
         )
     elif not (recheck := recheck_gates(challenger, gates_cfg or GatesConfig()))[0]:
         decision = Decision(
-            **base, champion_after=cp_v, promoted=False, gates_passed_now=False,
+            **base,
+            champion_after=cp_v,
+            promoted=False,
+            gates_passed_now=False,
             reason=f"challenger fails the gates in force on its recorded evaluation: {recheck[1]}",
         )
     elif champion is None:
@@ -213,10 +225,12 @@ def decide(client: Any, name: str, cfg: PromoteConfig,
             **base,
             champion_after=ch_v,
             promoted=True,
-            reason="no champion yet and the challenger passed its gates",
+            gates_passed_now=True,
+            reason="no champion yet and the challenger passed its gates "
+            "(re-checked on its recorded evaluation)",
         )
     else:
-        decision = compare(client, challenger, champion, cfg, base)
+        decision = compare(client, challenger, champion, cfg, {**base, "gates_passed_now": True})
 
     record(client, name, challenger, decision, cfg)
     return decision
@@ -364,7 +378,12 @@ def write_report(path: str | Path, d: Decision, action: str, hist: list[str]) ->
             "",
         ]
     if d.gates_passed is not None:
-        lines += [f"Challenger gates: {'passed' if d.gates_passed else 'FAILED'}.", ""]
+        text = "passed" if d.gates_passed else "FAILED"
+        if d.gates_passed_now is not None:
+            text += " at evaluation; re-checked with the gates in force: " + (
+                "passed" if d.gates_passed_now else "FAILED"
+            )
+        lines += [f"Challenger gates: {text}.", ""]
     lines += [
         f"Champion history (oldest first): {', '.join(hist) or '-'}",
         "",

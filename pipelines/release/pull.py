@@ -80,6 +80,7 @@ def pull(uri: str, out_dir: str | Path | None, base_dir: str | Path) -> Path:
                 "aliases": [str(a) for a in mv.aliases],
                 "run_id": mv.run_id,
                 "source": mv.source,
+                "model_id": tracking.version_model_id(mv),
                 "base_model": tags.get("temper.base_model"),
                 "base_model_hash": have,
                 "base_model_dir": str(base_dir),

@@ -222,7 +222,10 @@ def run(cfg: EvaluateConfig, task: TaskConfig, model_dir: str | Path,
 
 
 def flat_metrics(entry: CandidateEval | BaselineEval) -> dict[str, float]:
-    """A system's metrics as MLflow metrics: `<m>`, `<m>.ci_low`, `<m>.ci_high`, deltas."""
+    """A system's metrics as MLflow metrics: `<m>`, `<m>.ci_low`, `<m>.ci_high`, deltas.
+
+    Rounded to 6 decimals: bootstrap quantiles come out as 0.54999999999 and the MLflow UI
+    shows every digit; eval.json keeps the exact values."""
     flat: dict[str, Any] = {}
     for key, m in entry.metrics.items():
         flat.update({key: m.value, f"{key}.ci_low": m.ci_low, f"{key}.ci_high": m.ci_high})
@@ -231,7 +234,7 @@ def flat_metrics(entry: CandidateEval | BaselineEval) -> dict[str, float]:
     judge = getattr(entry, "judge", None)
     if judge is not None:
         flat.update({"judge.win_rate": judge.win_rate.value, "judge.flip_rate": judge.flip_rate})
-    return {k: v for k, v in flat.items() if v is not None}
+    return {k: round(float(v), 6) for k, v in flat.items() if v is not None}
 
 
 def log_mlflow(mlflow_cfg: MlflowConfig, params: dict[str, Any], result: EvalResult,

@@ -9,8 +9,12 @@ candidate's logged model (the adapter that training logged) and creates the mode
 from it, pointing the alias `challenger` at it. Everything needed to rebuild the version (data
 hashes, params, git commit, base model hash) is on the version as tags.
 
-The version is created with `MlflowClient.create_model_version(source=..., model_id=...)`:
-`mlflow.register_model` needs a logged MLflow *flavour* and fails on a plain adapter folder.
+The version is created with `MlflowClient.create_model_version(source="models:/<model_id>",
+run_id=<register run>, model_id=...)`, and the logged model gets the version in its
+`mlflow.modelVersions` tag (what `mlflow.register_model` does). `register_model` itself is not
+used: it would make the *train* run the version's run, and promote reads the evaluation and
+scores from the version's run. Without a logged model (a candidate trained without MLflow) the
+adapter is copied into the register run and registered from there.
 """
 
 from __future__ import annotations
@@ -126,8 +130,13 @@ def example_scores(path: Path, metric: str) -> list[dict[str, Any]]:
         if "id" not in rec or not isinstance(rec.get("scores"), dict):
             raise RegisterError(f"{path}:{lineno}: a prediction row needs 'id' and 'scores'")
         if metric in rec["scores"]:
-            out.append({"id": str(rec["id"]), "score": float(rec["scores"][metric]),
-                        "gold": rec.get("gold")})
+            out.append(
+                {
+                    "id": str(rec["id"]),
+                    "score": float(rec["scores"][metric]),
+                    "gold": rec.get("gold"),
+                }
+            )
     if not out:
         raise RegisterError(f"{path}: no example scored on {metric}")
     return out
@@ -161,8 +170,9 @@ class Winner:
         return eval_set_hash(self.scores)
 
 
-def collect(cfg: RegisterConfig, result: EvalResult, params: dict[str, Any],
-            base_dir: str | Path) -> Winner:
+def collect(
+    cfg: RegisterConfig, result: EvalResult, params: dict[str, Any], base_dir: str | Path
+) -> Winner:
     """Read and check every input of the winner (nothing is written yet)."""
     name = result.winner
     entry = result.candidate(name, cfg.eval)
@@ -179,8 +189,11 @@ def collect(cfg: RegisterConfig, result: EvalResult, params: dict[str, Any],
     cost: dict[str, Any] = {"teacher": "gold labels (no teacher configured)"}
     if Path(cfg.distil_metrics).exists():
         distil = DistilResult.load(cfg.distil_metrics)
-        cost.update(teacher=distil.teacher_text, labelling_usd=distil.usd,
-                    labelling_tokens=distil.tokens_in + distil.tokens_out)
+        cost.update(
+            teacher=distil.teacher_text,
+            labelling_usd=distil.usd,
+            labelling_tokens=distil.tokens_in + distil.tokens_out,
+        )
     if result.baseline is not None:
         cost["baseline"] = f"{result.baseline.name} ({result.baseline.kind})"
         if result.baseline.usd_total is not None:
@@ -194,8 +207,7 @@ def collect(cfg: RegisterConfig, result: EvalResult, params: dict[str, Any],
         adapter_dir=adapter_dir,
         entry=entry,
         primary=result.primary_metric,
-        scores=example_scores(Path(cfg.predictions_dir) / f"{name}.jsonl",
-                              result.primary_metric),
+        scores=example_scores(Path(cfg.predictions_dir) / f"{name}.jsonl", result.primary_metric),
         train=TrainResult.load(cand_dir / "train_metrics.json"),
         base_name=source.get("name") or source.get("repo_id") or str(base_dir),
         base_hash=model_hash(base_dir),
@@ -209,29 +221,33 @@ def collect(cfg: RegisterConfig, result: EvalResult, params: dict[str, Any],
 
 
 def model_card(cfg: RegisterConfig, w: Winner, pipeline_run_id: str) -> str:
-    return render_card(cfg.card_template, {
-        "model_name": cfg.model_name,
-        "candidate": w.name,
-        "base_model": w.base_name,
-        "base_model_hash": w.base_hash,
-        "eval_examples": len(w.scores),
-        "primary_metric": w.primary,
-        "metrics_table": estimates_markdown(w.entry.metrics, "value [95% CI]"),
-        "delta_table": estimates_markdown(w.entry.delta_vs_baseline or {},
-                                          "candidate - baseline [95% CI]"),
-        "baseline": w.cost.get("baseline", "baseline"),
-        "gates_verdict": "passed",
-        "gates_table": gates_markdown(w.entry.gates),
-        "teacher": w.cost["teacher"],
-        "dataset_hash": w.dataset_hash,
-        "attribution": w.attribution,
-        "git_commit": w.commit,
-        "params_hash": w.params_hash,
-        "data_hashes": ", ".join(f"`{k}` {v}" for k, v in w.data_hashes.items()),
-        "train_run_id": w.train.mlflow_run_id or "n/a",
-        "pipeline_run_id": pipeline_run_id,
-        "adapter_sha256": w.adapter_sha,
-    })
+    return render_card(
+        cfg.card_template,
+        {
+            "model_name": cfg.model_name,
+            "candidate": w.name,
+            "base_model": w.base_name,
+            "base_model_hash": w.base_hash,
+            "eval_examples": len(w.scores),
+            "primary_metric": w.primary,
+            "metrics_table": estimates_markdown(w.entry.metrics, "value [95% CI]"),
+            "delta_table": estimates_markdown(
+                w.entry.delta_vs_baseline or {}, "candidate - baseline [95% CI]"
+            ),
+            "baseline": w.cost.get("baseline", "baseline"),
+            "gates_verdict": "passed",
+            "gates_table": gates_markdown(w.entry.gates),
+            "teacher": w.cost["teacher"],
+            "dataset_hash": w.dataset_hash,
+            "attribution": w.attribution,
+            "git_commit": w.commit,
+            "params_hash": w.params_hash,
+            "data_hashes": ", ".join(f"`{k}` {v}" for k, v in w.data_hashes.items()),
+            "train_run_id": w.train.mlflow_run_id or "n/a",
+            "pipeline_run_id": pipeline_run_id,
+            "adapter_sha256": w.adapter_sha,
+        },
+    )
 
 
 def version_tags(w: Winner, params: dict[str, Any], pipeline_run_id: str) -> dict[str, str]:
@@ -258,22 +274,38 @@ def version_tags(w: Winner, params: dict[str, Any], pipeline_run_id: str) -> dic
         "temper.cost": tag_json(w.cost),
         "temper.adapter_sha256": w.adapter_sha,
         "temper.train_run_id": str(w.train.mlflow_run_id),
+        "temper.model_id": str(w.train.mlflow_model_id),
         "temper.pipeline_run_id": pipeline_run_id,
     }
     tags.update({f"metric.{k}": fmt_estimate(m) for k, m in w.entry.metrics.items()})
     return tags
 
 
-def log_register_run(run: tracking.ChildRun, cfg: RegisterConfig, w: Winner,
-                     params: dict[str, Any], result: EvalResult) -> str:
-    """Fill the `register-<winner>` run (params, lineage, eval, scores) and put the model card
-    into the candidate's logged model; returns the artifact URI of the adapter to register."""
+def log_register_run(
+    run: tracking.ChildRun,
+    cfg: RegisterConfig,
+    w: Winner,
+    params: dict[str, Any],
+    result: EvalResult,
+) -> str:
+    """Fill the `register-<winner>` run (params, lineage, eval, scores, card) and put the model
+    card into the candidate's logged model; returns the source of the version to create:
+    `models:/<model_id>` (the logged model), or the run's copy of the adapter when the
+    candidate was trained without MLflow."""
     lineage_info = {
-        "candidate": w.name, "base_model": w.base_name, "base_model_hash": w.base_hash,
-        "data_hashes": w.data_hashes, "dataset_hash": w.dataset_hash, "git_commit": w.commit,
-        "params_hash": w.params_hash, "adapter_sha256": w.adapter_sha, "eval_set": w.eval_set,
-        "primary_metric": w.primary, "train_run_id": w.train.mlflow_run_id,
-        "pipeline_run_id": run.parent_id, "model_id": w.train.mlflow_model_id,
+        "candidate": w.name,
+        "base_model": w.base_name,
+        "base_model_hash": w.base_hash,
+        "data_hashes": w.data_hashes,
+        "dataset_hash": w.dataset_hash,
+        "git_commit": w.commit,
+        "params_hash": w.params_hash,
+        "adapter_sha256": w.adapter_sha,
+        "eval_set": w.eval_set,
+        "primary_metric": w.primary,
+        "train_run_id": w.train.mlflow_run_id,
+        "pipeline_run_id": run.parent_id,
+        "model_id": w.train.mlflow_model_id,
     }
     card = model_card(cfg, w, run.parent_id)
     with tempfile.TemporaryDirectory(prefix="temper-register-") as tmp:
@@ -281,9 +313,14 @@ def log_register_run(run: tracking.ChildRun, cfg: RegisterConfig, w: Winner,
         write_json(art / "temper" / "params.json", params)
         write_json(art / "temper" / "lineage.json", lineage_info)
         result.save(art / "temper" / "eval.json")
-        write_jsonl(art / "temper" / "scores.jsonl",
-                    ({"id": s["id"], "score": s["score"]} for s in w.scores))
+        write_jsonl(
+            art / "temper" / "scores.jsonl",
+            ({"id": s["id"], "score": s["score"]} for s in w.scores),
+        )
         w.train.save(art / "temper" / "train_metrics.json")
+        # This version's own card: the logged model holds the card of its latest registration
+        # (one adapter registered twice, after a re-evaluation, is one logged model).
+        (art / "temper" / "model_card.md").write_text(card, encoding="utf-8")
         if w.train.mlflow_model_id is None:
             # Trained without MLflow: the adapter (and its card) go to this run instead.
             shutil.copytree(w.adapter_dir, art / "adapter")
@@ -294,17 +331,27 @@ def log_register_run(run: tracking.ChildRun, cfg: RegisterConfig, w: Winner,
         if w.train.mlflow_model_id is not None:
             run.client.log_model_artifacts(w.train.mlflow_model_id, str(art / "card"))
     run.log_params({"candidate": w.name, "registered_model": cfg.model_name})
-    run.log_metrics({k: v for k, m in w.entry.metrics.items()
-                     for k, v in ((k, m.value), (f"{k}.ci_low", m.ci_low),
-                                  (f"{k}.ci_high", m.ci_high)) if v is not None},
-                    model_id=w.train.mlflow_model_id)
+    # Not linked to the logged model: the evaluate stage's eval-<name> run already did, and
+    # the same numbers twice on the model's page would look like two evaluations.
+    run.log_metrics(
+        {
+            k: v
+            for k, m in w.entry.metrics.items()
+            for k, v in ((k, m.value), (f"{k}.ci_low", m.ci_low), (f"{k}.ci_high", m.ci_high))
+            if v is not None
+        }
+    )
     if w.train.mlflow_model_id is None:
         return f"{run.client.get_run(run.run_id).info.artifact_uri}/adapter"
-    return run.client.get_logged_model(w.train.mlflow_model_id).artifact_location
+    return tracking.model_source(w.train.mlflow_model_id)
 
 
-def run(cfg: RegisterConfig, params: dict[str, Any], mlflow_cfg: tracking.MlflowConfig,
-        base_dir: str | Path) -> dict[str, Any]:
+def run(
+    cfg: RegisterConfig,
+    params: dict[str, Any],
+    mlflow_cfg: tracking.MlflowConfig,
+    base_dir: str | Path,
+) -> dict[str, Any]:
     """Register the winner (if any) and return the summary written to `cfg.out`."""
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -320,8 +367,9 @@ def run(cfg: RegisterConfig, params: dict[str, Any], mlflow_cfg: tracking.Mlflow
 
     parent_id = tracking.pipeline_run(mlflow_cfg, params)
     client = mlflow.MlflowClient()
-    tracking.ensure_candidates_view(client, client.get_run(parent_id).info.experiment_id,
-                                    result.primary_metric)
+    tracking.ensure_candidates_view(
+        client, client.get_run(parent_id).info.experiment_id, result.primary_metric
+    )
     if w is None:
         msg = "no candidate passed the gates: nothing registered"
         log.warning(msg)
@@ -331,8 +379,9 @@ def run(cfg: RegisterConfig, params: dict[str, Any], mlflow_cfg: tracking.Mlflow
         write_json(cfg.out, summary)
         return summary
 
-    with tracking.child_run(mlflow_cfg, params, "register", f"register-{w.name}",
-                            **{"temper.candidate": w.name}) as reg:
+    with tracking.child_run(
+        mlflow_cfg, params, "register", f"register-{w.name}", **{"temper.candidate": w.name}
+    ) as reg:
         source = log_register_run(reg, cfg, w, params, result)
     try:
         client.create_registered_model(
@@ -345,12 +394,17 @@ def run(cfg: RegisterConfig, params: dict[str, Any], mlflow_cfg: tracking.Mlflow
             raise
     primary = w.entry.metrics[w.primary]
     version = client.create_model_version(
-        cfg.model_name, source=source, run_id=reg.run_id, model_id=w.train.mlflow_model_id,
+        cfg.model_name,
+        source=source,
+        run_id=reg.run_id,
+        model_id=w.train.mlflow_model_id,
         tags=version_tags(w, params, parent_id),
         description=f"{w.name}: {w.primary} {fmt_estimate(primary)} on "
         f"{len(w.scores)} test clauses",
     )
     number = tracking.version_str(version.version)
+    if w.train.mlflow_model_id is not None:
+        tracking.link_version(client, w.train.mlflow_model_id, cfg.model_name, number)
     client.set_registered_model_alias(cfg.model_name, cfg.alias, number)
 
     client.set_tag(parent_id, "temper.winner", w.name)
@@ -360,13 +414,25 @@ def run(cfg: RegisterConfig, params: dict[str, Any], mlflow_cfg: tracking.Mlflow
     client.set_terminated(parent_id, "FINISHED")  # register is the last stage of a pipeline run
 
     summary = {
-        "registered": True, "model_name": cfg.model_name, "version": number,
-        "alias": cfg.alias, "candidate": w.name, "run_id": reg.run_id,
-        "model_id": w.train.mlflow_model_id, "pipeline_run_id": parent_id,
-        "source": version.source, "primary_metric": w.primary, w.primary: primary.value,
+        "registered": True,
+        "model_name": cfg.model_name,
+        "version": number,
+        "alias": cfg.alias,
+        "candidate": w.name,
+        "run_id": reg.run_id,
+        "model_id": w.train.mlflow_model_id,
+        "pipeline_run_id": parent_id,
+        "source": version.source,
+        "primary_metric": w.primary,
+        w.primary: primary.value,
         "tracking_uri": tracking.redact_uri(mlflow.get_tracking_uri()),
     }
     write_json(cfg.out, summary)
-    log.info("registered %s version %s (@%s) from candidate %s", cfg.model_name, number,
-             cfg.alias, w.name)
+    log.info(
+        "registered %s version %s (@%s) from candidate %s",
+        cfg.model_name,
+        number,
+        cfg.alias,
+        w.name,
+    )
     return summary

@@ -1,13 +1,23 @@
 """MLflow, for every part of Temper: where the store is, runs, the registry, the UI.
 
 - `runs`: the store (embedded sqlite by default), the pipeline's parent run and the one
-  helper, `child_run`, through which every stage logs.
-- `registry`: versions and aliases read the same way on sqlite and on a server.
+  helper, `child_run`, through which every stage logs; datasets and logged models.
+- `registry`: versions and aliases read the same way on sqlite and on a server; a version's
+  logged model; lineage.
 - `card`: the model card of a registered version.
 - `server`: a lean `mlflow server` and the runs-table view Temper links to.
 """
 
-from .registry import alias_version, quiet_downloads, redact_uri, version_str
+from .registry import (
+    alias_version,
+    lineage,
+    link_version,
+    model_source,
+    quiet_downloads,
+    redact_uri,
+    version_model_id,
+    version_str,
+)
 from .runs import (
     PIPELINE_TAG,
     ChildRun,
@@ -16,6 +26,7 @@ from .runs import (
     git_commit,
     log_adapter_model,
     log_dataset,
+    log_model_input,
     pipeline_key,
     pipeline_run,
     setup,
@@ -28,11 +39,35 @@ from .server import (
     runs_table_url,
     start_server,
     stop_server,
+    view_columns,
 )
 
 __all__ = [
-    "CANDIDATES_VIEW", "PIPELINE_TAG", "ChildRun", "MlflowConfig", "alias_version",
-    "child_run", "ensure_candidates_view", "log_adapter_model", "log_dataset", "git_commit", "lean_server_command", "pipeline_key",
-    "pipeline_run", "quiet_downloads", "redact_uri", "runs_table_url", "setup", "start_server",
-    "stop_server", "tracking_uri", "version_str",
+    "CANDIDATES_VIEW",
+    "PIPELINE_TAG",
+    "ChildRun",
+    "MlflowConfig",
+    "alias_version",
+    "child_run",
+    "ensure_candidates_view",
+    "git_commit",
+    "lean_server_command",
+    "lineage",
+    "link_version",
+    "log_adapter_model",
+    "log_dataset",
+    "log_model_input",
+    "model_source",
+    "pipeline_key",
+    "pipeline_run",
+    "quiet_downloads",
+    "redact_uri",
+    "runs_table_url",
+    "setup",
+    "start_server",
+    "stop_server",
+    "tracking_uri",
+    "version_model_id",
+    "version_str",
+    "view_columns",
 ]

@@ -22,16 +22,26 @@ def fmt_estimate(m: Estimate) -> str:
     """`0.512 [0.459, 0.566]`, or the value alone when there is no interval."""
     if m.value is None:
         return "n/a"
-    ci = f" [{fmt_num(m.ci_low)}, {fmt_num(m.ci_high)}]" if m.ci_low is not None and (
-        m.ci_high is not None) else ""
+    ci = (
+        f" [{fmt_num(m.ci_low)}, {fmt_num(m.ci_high)}]"
+        if m.ci_low is not None and (m.ci_high is not None)
+        else ""
+    )
     return fmt_num(m.value) + ci
 
 
 def gates_markdown(gates: GateResult) -> str:
     if not gates.checks:
         return "(no gates configured)"
-    rows = [[c.gate, "n/a" if c.value is None else fmt_num(c.value), f"{c.op} {c.threshold}",
-             "skip" if c.skipped else ("pass" if c.passed else "FAIL")] for c in gates.checks]
+    rows = [
+        [
+            c.gate,
+            "n/a" if c.value is None else fmt_num(c.value),
+            f"{c.op} {c.threshold}",
+            "skip" if c.skipped else ("pass" if c.passed else "FAIL"),
+        ]
+        for c in gates.checks
+    ]
     return md_table(["gate", "value", "rule", "result"], rows)
 
 

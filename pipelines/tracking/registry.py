@@ -32,6 +32,38 @@ def alias_version(client: Any, name: str, alias: str) -> Any | None:
         raise
 
 
+def model_source(model_id: str) -> str:
+    """A version's source for a logged model: `models:/<model_id>`, MLflow's own form (what
+    `mlflow.register_model` uses). The store resolves it to the model's artifact location for
+    downloads; the id stays readable in the version's `source` on every store."""
+    return f"models:/{model_id}"
+
+
+def version_model_id(mv: Any) -> str | None:
+    """The logged model behind a version: `mv.model_id` where the store fills it in (the
+    sqlite and REST stores of MLflow 3.17 do not persist it), else its `models:/<id>` source."""
+    if getattr(mv, "model_id", None):
+        return mv.model_id
+    source = str(mv.source or "")
+    rest = source.removeprefix("models:/")
+    if source.startswith("models:/") and rest and not any(c in rest for c in "/@"):
+        return rest  # models:/<name>/<version> and models:/<name>@<alias> name versions
+    return None
+
+
+def link_version(client: Any, model_id: str, name: str, version: str) -> None:
+    """Record the version on its logged model (tag `mlflow.modelVersions`, as
+    `mlflow.register_model` does): the model's page then lists its registered versions."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    model = client.get_logged_model(model_id)
+    versions = json.loads(model.tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+    entry = {"name": name, "version": version_str(version)}
+    if entry not in versions:
+        versions.append(entry)
+    client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(versions)})
+
+
 @contextlib.contextmanager
 def quiet_downloads():
     """No per-file progress bars for small bookkeeping downloads (scores, params)."""

@@ -119,19 +119,40 @@ def pipeline_run(cfg: MlflowConfig, params: dict[str, Any], root: str | Path = "
     experiment_id = setup(cfg, root)
     key = pipeline_key(params, root)
     client = mlflow.MlflowClient()
-    if found := _pipeline_runs(client, experiment_id, key):
-        return found[0].info.run_id
-    run = client.create_run(
-        experiment_id,
-        run_name=f"pipeline-{key[:8]}",
-        tags={PIPELINE_TAG: key, "temper.git_commit": git_commit(root)},
-    )
-    # Runs have no unique key, so two processes that both missed above both create one. The
-    # oldest wins; a loser deletes its own run and nests under the winner instead.
-    winner = _pipeline_runs(client, experiment_id, key)[0].info.run_id
-    if winner != run.info.run_id:
-        client.delete_run(run.info.run_id)
-    return winner
+    with store_lock(tracking_uri(cfg, root)):
+        if found := _pipeline_runs(client, experiment_id, key):
+            return found[0].info.run_id
+        run = client.create_run(
+            experiment_id,
+            run_name=f"pipeline-{key[:8]}",
+            tags={PIPELINE_TAG: key, "temper.git_commit": git_commit(root)},
+        )
+        # On a server (no lock), two processes that both missed above both create one: runs
+        # have no unique key. The oldest wins; a loser deletes its own run and nests under the
+        # winner instead. (Without the lock this is not exact: a run stamped earlier but
+        # written later can still show up after a process decided. The embedded store locks.)
+        winner = _pipeline_runs(client, experiment_id, key)[0].info.run_id
+        if winner != run.info.run_id:
+            client.delete_run(run.info.run_id)
+        return winner
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """An exclusive lock beside an embedded sqlite store (`<db>-temper.lock`), so processes on
+    this machine find-or-create the pipeline run one at a time; nothing for a server."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    with db.with_name(db.name + "-temper.lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _pipeline_runs(client: Any, experiment_id: str, key: str) -> list[Any]:
@@ -155,49 +176,96 @@ class ChildRun:
         """Flat params as strings (JSON for lists and mappings), cut to MLflow's limit."""
         from mlflow.entities import Param
 
-        items = [Param(k, (v if isinstance(v, str) else json.dumps(v, default=str))[:6000])
-                 for k, v in params.items()]
+        items = [
+            Param(k, (v if isinstance(v, str) else json.dumps(v, default=str))[:6000])
+            for k, v in params.items()
+        ]
         for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=items[start : start + 100])
 
-    def log_metrics(self, metrics: dict[str, float], step: int = 0,
-                    model_id: str | None = None) -> None:
-        """Finite numeric metrics in one batch (optionally linked to a logged model)."""
+    def log_metrics(
+        self,
+        metrics: dict[str, float],
+        step: int = 0,
+        model_id: str | None = None,
+        dataset: Any = None,
+    ) -> None:
+        """Finite numeric metrics in one batch.
+
+        `model_id`: link them to a logged model (they show on its page and in
+        `get_logged_model(id).metrics`); `dataset` (from `log_dataset`): record which dataset
+        they were measured on (the model page shows metrics per dataset).
+        """
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step, model_id=model_id) for k, v in metrics.items()
-                 if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)]
+        name = dataset.name if dataset is not None else None
+        digest = dataset.digest if dataset is not None else None
+        items = [
+            Metric(
+                k, float(v), now, step, model_id=model_id, dataset_name=name, dataset_digest=digest
+            )
+            for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        ]
         for start in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[start : start + 1000])
 
 
-def log_dataset(run: ChildRun, path: str | Path, name: str, context: str) -> None:
-    """Log a data file as the run's dataset input (the runs table's Datasets column).
+def log_dataset(run: ChildRun, path: str | Path, name: str, context: str) -> Any:
+    """Log a data file as the run's dataset input (the runs table's Datasets column); returns
+    the MLflow `Dataset` (pass it to `ChildRun.log_metrics` to tie metrics to it).
 
     The digest is the file's md5: the hash DVC records for it (`dvc.lock`, and the manifest of
-    a tracked folder), so a dataset in MLflow names the DVC object it came from.
+    a tracked folder), so a dataset in MLflow names the DVC object it came from. The source
+    (MLflow's `{"uri": ...}` form for local files) is the path relative to the working
+    directory, the project root under `dvc repro`, where it lies inside it.
     """
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     path = Path(path)
-    rows = sum(1 for line in path.open("rb") if line.strip())
-    dataset = Dataset(name=name, digest=md5_file(path), source_type="local",
-                      source=path.resolve().as_uri(), profile=json.dumps({"num_rows": rows}))
-    run.client.log_inputs(run.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context",
-                                                                       context)])])
+    with path.open("rb") as handle:
+        rows = sum(1 for line in handle if line.strip())
+    try:
+        source = path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        source = path.resolve().as_posix()
+    dataset = Dataset(
+        name=name,
+        digest=md5_file(path),
+        source_type="local",
+        source=json.dumps({"uri": source}),
+        profile=json.dumps({"num_rows": rows}),
+    )
+    run.client.log_inputs(
+        run.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])]
+    )
+    return dataset
 
 
-def log_adapter_model(run: ChildRun, adapter_dir: str | Path, name: str,
-                      params: dict[str, Any]) -> str:
+def log_model_input(run: ChildRun, model_id: str) -> None:
+    """Record a logged model as an input of the run (an evaluation of that model)."""
+    from mlflow.entities import LoggedModelInput
+
+    run.client.log_inputs(run.run_id, models=[LoggedModelInput(model_id)])
+
+
+def log_adapter_model(
+    run: ChildRun, adapter_dir: str | Path, name: str, params: dict[str, Any]
+) -> str:
     """The adapter as an MLflow 3 logged model of this run; returns its model id.
 
     Evaluation metrics are later logged against this id and the registry version points at
     it, so the model views, the runs and the registry show one and the same adapter.
     """
     model = run.client.create_logged_model(
-        run.experiment_id, name=name, source_run_id=run.run_id, model_type="peft-lora",
-        params={k: str(v)[:6000] for k, v in params.items()}, tags={"temper.candidate": name})
+        run.experiment_id,
+        name=name,
+        source_run_id=run.run_id,
+        model_type="peft-lora",
+        params={k: str(v)[:6000] for k, v in params.items()},
+        tags={"temper.candidate": name},
+    )
     try:
         run.client.log_model_artifacts(model.model_id, str(adapter_dir))
     except BaseException:
@@ -208,8 +276,9 @@ def log_adapter_model(run: ChildRun, adapter_dir: str | Path, name: str,
 
 
 @contextlib.contextmanager
-def child_run(cfg: MlflowConfig, params: dict[str, Any], stage: str, name: str,
-              **tags: str) -> Iterator[ChildRun]:
+def child_run(
+    cfg: MlflowConfig, params: dict[str, Any], stage: str, name: str, **tags: str
+) -> Iterator[ChildRun]:
     """Open a child run of the pipeline run: the one way every stage logs to MLflow.
 
     The run is FINISHED when the block ends, FAILED when it raises. Tags: `temper.stage`,
@@ -220,9 +289,16 @@ def child_run(cfg: MlflowConfig, params: dict[str, Any], stage: str, name: str,
     parent = pipeline_run(cfg, params)
     client = mlflow.MlflowClient()
     experiment_id = client.get_run(parent).info.experiment_id
-    run = client.create_run(experiment_id, run_name=name, tags={
-        "mlflow.parentRunId": parent, "temper.stage": stage, "temper.git_commit": git_commit(),
-        **tags})
+    run = client.create_run(
+        experiment_id,
+        run_name=name,
+        tags={
+            "mlflow.parentRunId": parent,
+            "temper.stage": stage,
+            "temper.git_commit": git_commit(),
+            **tags,
+        },
+    )
     child = ChildRun(client, run.info.run_id, parent, experiment_id)
     try:
         yield child

@@ -9,32 +9,72 @@ from pathlib import Path
 from typing import Any
 
 # A view of the runs table that groups runs by their parent (the pipeline run), so every
-# candidate's train/eval run is visible side by side without expanding rows by hand. It uses the
-# UI's own "share view" mechanism: the state lives in an experiment tag and the URL names it.
+# candidate's train/eval run is visible side by side without expanding rows by hand, with the
+# columns a data scientist compares candidates on. It uses the UI's own "share view" mechanism:
+# the state lives in an experiment tag and the URL names it (`?viewStateShareKey=`).
+#
+# The UI (MLflow 3.17, runs table) reads from that state the keys of its UI state
+# (`selectedColumns`, `columnOrder`, `columnWidths`, `groupBy`, ... : the list `HC` in its JS
+# bundle); a column key is `<kind>.\`<name>\`` with kind `attributes`, `metrics`, `params` or
+# `tags`, and the attribute columns one can select are named `Dataset`, `Models`, `Source`,
+# `User`, `Version`, `Description`. `selectedColumns` alone puts the columns at the end, after
+# the fixed ones and sorted by name (an interval's `ci_high` before its `ci_low`), and the grid
+# renders only the columns in sight: `columnOrder` and `columnWidths` bring them into view.
 CANDIDATES_VIEW = "temper-candidates"
 SHARED_VIEW_TAG = "mlflow.sharedViewState."
 
-
-# Columns of the view: the datasets and logged models, the primary metric with its interval,
-# and the params that tell candidates apart (the UI's own key format, `<kind>.\`<name>\``).
-KEY_PARAMS = ("train.method", "train.rank", "train.layers", "train.learning_rate",
-              "train.max_steps", "train.batch_size", "train.max_length")
+# The params that tell candidates apart (train.candidates overrides these) and the training
+# figures every candidate's eval run carries next to its evaluation.
+KEY_PARAMS = (
+    "train.method",
+    "train.rank",
+    "train.layers",
+    "train.learning_rate",
+    "train.max_steps",
+)
+TRAIN_METRICS = ("train.val_loss", "train.tokens_per_s")
+FIXED_COLUMNS = ("attributes.`Run Name`", "runDateAndNestInfo")  # always shown, first
 
 
 def view_columns(primary_metric: str) -> list[str]:
-    metrics = [primary_metric, f"{primary_metric}.ci_low", f"{primary_metric}.ci_high",
-               "train.val_loss", "train.tokens_per_s"]
-    return (["attributes.`Dataset`", "attributes.`Models`"]
-            + [f"metrics.`{m}`" for m in metrics] + [f"params.`{p}`" for p in KEY_PARAMS])
+    """The view's columns, in order: the dataset, the primary metric with its interval, the
+    key params, the training figures, the logged models."""
+    metrics = [primary_metric, f"{primary_metric}.ci_low", f"{primary_metric}.ci_high"]
+    return (
+        ["attributes.`Dataset`"]
+        + [f"metrics.`{m}`" for m in metrics]
+        + [f"params.`{p}`" for p in KEY_PARAMS]
+        + [f"metrics.`{m}`" for m in TRAIN_METRICS]
+        + ["attributes.`Models`"]
+    )
 
 
-def ensure_candidates_view(client: Any, experiment_id: str,
-                           primary_metric: str = "clause_type.accuracy") -> None:
+def view_state(primary_metric: str) -> dict[str, Any]:
+    columns = view_columns(primary_metric)
+    # Wide enough for the header to show the whole name (`...ci_low` vs `...ci_high`).
+    widths = {
+        c: max(90, 7 * len(c.split("`")[1]) + 16)
+        for c in columns
+        if c.startswith(("metrics.", "params."))
+    }
+    widths["attributes.`Dataset`"] = 220
+    return {
+        "groupBy": "tag.average.mlflow.parentRunId",
+        "selectedColumns": columns,
+        "columnOrder": [*FIXED_COLUMNS, *columns, "duration"],
+        "columnWidths": widths,
+    }
+
+
+def ensure_candidates_view(
+    client: Any, experiment_id: str, primary_metric: str = "clause_type.accuracy"
+) -> None:
+    """Write (or refresh) the shared view `temper-candidates` of the experiment's runs table."""
     import json
 
-    state = {"groupBy": "tag.average.mlflow.parentRunId",
-             "selectedColumns": view_columns(primary_metric)}
-    client.set_experiment_tag(experiment_id, SHARED_VIEW_TAG + CANDIDATES_VIEW, json.dumps(state))
+    client.set_experiment_tag(
+        experiment_id, SHARED_VIEW_TAG + CANDIDATES_VIEW, json.dumps(view_state(primary_metric))
+    )
 
 
 def runs_table_url(base_url: str, experiment_id: str, view: str | None = CANDIDATES_VIEW) -> str:
