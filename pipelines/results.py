@@ -37,8 +37,9 @@ class Result(BaseModel):
             return cls.model_validate(read_json(path))
         except ValueError as err:  # JSON decode errors and pydantic's ValidationError
             if isinstance(err, ValidationError):
-                lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-                         for e in err.errors()[:10]]
+                lines = [
+                    f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()[:10]
+                ]
                 raise ResultError(f"{path}: not a {cls.__name__}:\n" + "\n".join(lines)) from None
             raise ResultError(f"{path}: {err}") from None
 

@@ -85,16 +85,18 @@ class TaskConfig(Section):
         messages = [{"role": "system", "content": self.system_message(with_labels=True)}]
         for shot in shots:
             messages.append({"role": "user", "content": self.user_message(shot["text"])})
-            messages.append({"role": "assistant",
-                             "content": self.format_answer(self.gold_answer(shot))})
+            messages.append(
+                {"role": "assistant", "content": self.format_answer(self.gold_answer(shot))}
+            )
         messages.append({"role": "user", "content": self.user_message(text)})
         return messages
 
     def gold_answer(self, record: dict[str, Any]) -> dict[str, Any]:
         """The answer built from a record's gold fields (fields without gold are null)."""
         gold = record.get("gold") or {}
-        return {f.name: (self.gold_value(f, gold.get(f.name)) if f.gold else None)
-                for f in self.fields}
+        return {
+            f.name: (self.gold_value(f, gold.get(f.name)) if f.gold else None) for f in self.fields
+        }
 
     def json_schema(self) -> dict[str, Any]:
         """JSON Schema of a valid answer (for providers' structured output and for docs)."""

@@ -19,18 +19,27 @@ from .task import TaskConfig, parse_answer
 TRUNCATED = {"length", "max_tokens"}  # finish reasons of a reply cut at the limit
 
 
-def repair_messages(messages: list[dict[str, str]], reply: str,
-                    problems: list[str]) -> list[dict[str, str]]:
-    return [*messages, {"role": "assistant", "content": reply},
-            {"role": "user", "content": "Your answer is invalid: " + "; ".join(problems)
-             + ". Reply again with the corrected JSON object only."}]
+def repair_messages(
+    messages: list[dict[str, str]], reply: str, problems: list[str]
+) -> list[dict[str, str]]:
+    return [
+        *messages,
+        {"role": "assistant", "content": reply},
+        {
+            "role": "user",
+            "content": "Your answer is invalid: "
+            + "; ".join(problems)
+            + ". Reply again with the corrected JSON object only.",
+        },
+    ]
 
 
 def check(task: TaskConfig, done: Completion) -> tuple[dict[str, Any] | None, list[str]]:
     """Parse and validate one reply: (answer, problems)."""
     answer = parse_answer(done.text)
-    problems = task.validate_answer(answer) if answer is not None else [
-        "no JSON object in the reply"]
+    problems = (
+        task.validate_answer(answer) if answer is not None else ["no JSON object in the reply"]
+    )
     if done.finish_reason in TRUNCATED:
         problems.append(f"output truncated (finish_reason {done.finish_reason})")
     return (answer if not problems else None), problems
@@ -42,14 +51,20 @@ class Outcome:
 
     record: dict[str, Any]
     answer: dict[str, Any] | None = None
-    reason: str | None = None          # set: rejected
-    output: str | None = None          # the last raw reply
-    budget_stop: bool = False          # not labelled because a cap was reached
+    reason: str | None = None  # set: rejected
+    output: str | None = None  # the last raw reply
+    budget_stop: bool = False  # not labelled because a cap was reached
     replies: list[Completion] = field(default_factory=list)
 
 
-async def label_one(provider: Provider, task: TaskConfig, record: dict[str, Any],
-                    messages: list[dict[str, str]], repair: bool, version: str) -> Outcome:
+async def label_one(
+    provider: Provider,
+    task: TaskConfig,
+    record: dict[str, Any],
+    messages: list[dict[str, str]],
+    repair: bool,
+    version: str,
+) -> Outcome:
     out = Outcome(record)
     schema = task.json_schema()
     try:
@@ -58,8 +73,11 @@ async def label_one(provider: Provider, task: TaskConfig, record: dict[str, Any]
         out.output = done.text
         out.answer, problems = check(task, done)
         if problems and repair:
-            fixed = await provider.acomplete(repair_messages(messages, done.text, problems),
-                                             json_schema=schema, prompt_version=version)
+            fixed = await provider.acomplete(
+                repair_messages(messages, done.text, problems),
+                json_schema=schema,
+                prompt_version=version,
+            )
             out.replies.append(fixed)
             out.output = fixed.text
             out.answer, again = check(task, fixed)
@@ -81,8 +99,9 @@ def normalise(value: Any) -> Any:
     return value
 
 
-def agreement(task: TaskConfig, pairs: list[tuple[dict[str, Any], dict[str, Any]]]
-              ) -> dict[str, Any]:
+def agreement(
+    task: TaskConfig, pairs: list[tuple[dict[str, Any], dict[str, Any]]]
+) -> dict[str, Any]:
     """Teacher vs gold per gold field: exact (normalised) rate, and any-gold-label for labels."""
     report: dict[str, Any] = {}
     for f in (f for f in task.fields if f.gold):

@@ -54,8 +54,9 @@ async def raw_sdk(url: str, batch: list, concurrency: int) -> float:
 
     async def one(messages):
         async with semaphore:
-            await client.chat.completions.create(model="teacher", messages=messages,
-                                                 max_tokens=256, temperature=0)
+            await client.chat.completions.create(
+                model="teacher", messages=messages, max_tokens=256, temperature=0
+            )
 
     t0 = time.perf_counter()
     await asyncio.gather(*(one(m) for m in batch))
@@ -85,28 +86,38 @@ def main() -> None:
         for split in ("train", "validation", "test"):
             for r in read_jsonl(prepared / f"{split}.jsonl"):
                 gold[task.user_message(r["text"])] = task.format_answer(
-                    {f.name: r["gold"].get(f.name) for f in task.fields})
+                    {f.name: r["gold"].get(f.name) for f in task.fields}
+                )
     answers.write_text(json.dumps(gold))
     server, url = start_server(args.latency, answers)
     try:
-        print(f"{len(batch)} requests, concurrency {args.concurrency}, +{args.latency * 1000:.0f} ms"
-              f" per request; ideal {ideal:.2f} s; cores {os.cpu_count()}")
+        print(
+            f"{len(batch)} requests, concurrency {args.concurrency}, +{args.latency * 1000:.0f} ms"
+            f" per request; ideal {ideal:.2f} s; cores {os.cpu_count()}"
+        )
         raw = asyncio.run(raw_sdk(url, batch, args.concurrency))
         print(f"raw SDK (floor)      {raw:6.2f} s   {raw / ideal:.3f} x ideal")
 
-        cfg = ProviderConfig(kind="openai", model="teacher", base_url=url + "/v1",
-                             prices={"teacher": {"input": 0.15, "output": 0.6}},
-                             concurrency=args.concurrency, cache=str(tmp / "cache.sqlite"),
-                             max_requests=10 * args.requests)
+        cfg = ProviderConfig(
+            kind="openai",
+            model="teacher",
+            base_url=url + "/v1",
+            prices={"teacher": {"input": 0.15, "output": 0.6}},
+            concurrency=args.concurrency,
+            cache=str(tmp / "cache.sqlite"),
+            max_requests=10 * args.requests,
+        )
         provider = open_provider(cfg)
         t0 = time.perf_counter()
         results = provider.complete_many(batch, desc="provider")
         wall = time.perf_counter() - t0
         failed = sum(isinstance(r, Exception) for r in results)
         s = provider.stats.summary()
-        print(f"provider layer       {wall:6.2f} s   {wall / ideal:.3f} x ideal   "
-              f"({s['requests']} requests, {failed} failed, p50 {s['latency_ms_p50']} ms, "
-              f"p95 {s['latency_ms_p95']} ms, ${s['usd']:.4f})")
+        print(
+            f"provider layer       {wall:6.2f} s   {wall / ideal:.3f} x ideal   "
+            f"({s['requests']} requests, {failed} failed, p50 {s['latency_ms_p50']} ms, "
+            f"p95 {s['latency_ms_p95']} ms, ${s['usd']:.4f})"
+        )
         provider.close()
 
         t0 = time.perf_counter()
@@ -114,8 +125,10 @@ def main() -> None:
         cached = again.complete_many(batch)
         cached_wall = time.perf_counter() - t0
         assert again.stats.cache_hits == len(batch) and again.stats.requests == 0
-        print(f"cached re-run        {cached_wall:6.2f} s   ({again.stats.cache_hits} hits, "
-              f"0 requests)")
+        print(
+            f"cached re-run        {cached_wall:6.2f} s   ({again.stats.cache_hits} hits, "
+            f"0 requests)"
+        )
         assert all(a.text == b.text for a, b in zip(results, cached, strict=True))
 
         if args.stage and gold:
@@ -129,11 +142,23 @@ def main() -> None:
 def stage(url: str, tmp: Path) -> None:
     """`temper distil` on data/prepared against the same server, then fully cached."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["distil"].update({"out_dir": str(tmp / "distilled"), "log_mlflow": False,
-                             "metrics": str(tmp / "distil.json"), "progress": False})
-    params["distil"]["provider"].update({"kind": "openai", "model": "local",
-                                         "base_url": url + "/v1", "concurrency": 32,
-                                         "cache": str(tmp / "stage-cache.sqlite")})
+    params["distil"].update(
+        {
+            "out_dir": str(tmp / "distilled"),
+            "log_mlflow": False,
+            "metrics": str(tmp / "distil.json"),
+            "progress": False,
+        }
+    )
+    params["distil"]["provider"].update(
+        {
+            "kind": "openai",
+            "model": "local",
+            "base_url": url + "/v1",
+            "concurrency": 32,
+            "cache": str(tmp / "stage-cache.sqlite"),
+        }
+    )
     params["task"] = str(ROOT / params["task"])
     params["distil"]["prepared_dir"] = str(ROOT / params["distil"]["prepared_dir"])
     (tmp / "params.yaml").write_text(yaml.safe_dump(params))
@@ -146,8 +171,10 @@ def stage(url: str, tmp: Path) -> None:
         if done.returncode:
             raise SystemExit(done.stderr)
         m = json.loads((tmp / "distil.json").read_text())
-        print(f"{label:20s} {wall:6.2f} s   (process start included; {m['requests']} requests,"
-              f" {m['cache_hits']} cache hits, {m['rejects']} rejects)")
+        print(
+            f"{label:20s} {wall:6.2f} s   (process start included; {m['requests']} requests,"
+            f" {m['cache_hits']} cache hits, {m['rejects']} rejects)"
+        )
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ from temper.task import load_task
 ROOT = Path(__file__).resolve().parents[1]
 
 
-
 def one_at_a_time(model, tokenizer, prompts, max_new_tokens):
     """The naive loop: one prompt, one `generate` call, no padding, no sharing."""
     import torch
@@ -39,13 +38,19 @@ def one_at_a_time(model, tokenizer, prompts, max_new_tokens):
     texts, latency_ms = [], []
     for messages in prompts:
         t0 = time.perf_counter()
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
         with torch.inference_mode():
-            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-        texts.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:],
-                                      skip_special_tokens=True).strip())
+            out = model.generate(
+                **ids,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        texts.append(
+            tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        )
         latency_ms.append((time.perf_counter() - t0) * 1000)
     return texts, latency_ms
 
@@ -59,14 +64,22 @@ def pct(values, q):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
-    ap.add_argument("--adapter", default=None, help="Adapter folder (default: the first "
-                    "candidate under models/candidates, else the base model alone).")
+    ap.add_argument(
+        "--adapter",
+        default=None,
+        help="Adapter folder (default: the first "
+        "candidate under models/candidates, else the base model alone).",
+    )
     ap.add_argument("--examples", type=int, default=48)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--full", action="store_true", help="Also time the whole raw test split.")
-    ap.add_argument("--full-limit", type=int, default=None,
-                    help="Time only this many of the raw test split and extrapolate.")
+    ap.add_argument(
+        "--full-limit",
+        type=int,
+        default=None,
+        help="Time only this many of the raw test split and extrapolate.",
+    )
     args = ap.parse_args()
 
     params = load_params(args.params)
@@ -76,8 +89,10 @@ def main() -> None:
     if adapter is None:
         found = sorted((ROOT / "models" / "candidates").glob("*/adapter/adapter_config.json"))
         adapter = str(found[0].parent) if found else None
-    print(f"model: {model_dir} + {adapter or 'no adapter (base model)'}; threads "
-          f"{args.threads or 'default'}")
+    print(
+        f"model: {model_dir} + {adapter or 'no adapter (base model)'}; threads "
+        f"{args.threads or 'default'}"
+    )
     model, tokenizer = load_model(model_dir, adapter, threads=args.threads)
     import torch
 
@@ -92,17 +107,28 @@ def main() -> None:
     seq, seq_ms = one_at_a_time(model, tokenizer, prompts, task.max_new_tokens)
     t_seq = time.perf_counter() - t0
     t0 = time.perf_counter()
-    bat = generate(model, tokenizer, prompts, task.max_new_tokens, args.batch_size,
-                   stop_at_json=False, progress=False)
+    bat = generate(
+        model,
+        tokenizer,
+        prompts,
+        task.max_new_tokens,
+        args.batch_size,
+        stop_at_json=False,
+        progress=False,
+    )
     t_bat = time.perf_counter() - t0
     same = sum(a == b.text for a, b in zip(seq, bat, strict=True))
     bat_ms = [g.latency_ms for g in bat]
-    print(f"one-at-a-time: {n} examples in {t_seq:.1f} s = {n / t_seq:.3f} ex/s; per request "
-          f"p50 {pct(seq_ms, 50):.0f} ms, p95 {pct(seq_ms, 95):.0f} ms")
-    print(f"batched (batch {args.batch_size}, length-sorted, prefix cache): {t_bat:.1f} s = "
-          f"{n / t_bat:.3f} ex/s; per request p50 {pct(bat_ms, 50):.0f} ms, p95 "
-          f"{pct(bat_ms, 95):.0f} ms; amortised {sum(g.amortised_ms for g in bat) / n:.0f} "
-          f"ms/example; identical answers {same}/{n}")
+    print(
+        f"one-at-a-time: {n} examples in {t_seq:.1f} s = {n / t_seq:.3f} ex/s; per request "
+        f"p50 {pct(seq_ms, 50):.0f} ms, p95 {pct(seq_ms, 95):.0f} ms"
+    )
+    print(
+        f"batched (batch {args.batch_size}, length-sorted, prefix cache): {t_bat:.1f} s = "
+        f"{n / t_bat:.3f} ex/s; per request p50 {pct(bat_ms, 50):.0f} ms, p95 "
+        f"{pct(bat_ms, 95):.0f} ms; amortised {sum(g.amortised_ms for g in bat) / n:.0f} "
+        f"ms/example; identical answers {same}/{n}"
+    )
     speedup = t_seq / t_bat
 
     if args.full:
@@ -112,12 +138,22 @@ def main() -> None:
         total = len(full)
         subset = full[: args.full_limit] if args.full_limit else full
         t0 = time.perf_counter()
-        gens = generate(model, tokenizer, [r["prompt"] for r in subset], task.max_new_tokens,
-                        args.batch_size, stop_at_json=True, progress=True, desc="test split")
+        gens = generate(
+            model,
+            tokenizer,
+            [r["prompt"] for r in subset],
+            task.max_new_tokens,
+            args.batch_size,
+            stop_at_json=True,
+            progress=True,
+            desc="test split",
+        )
         t_full = time.perf_counter() - t0
         tokens = sum(g.new_tokens for g in gens)
-        print(f"raw test split: {len(subset)} of {total} clauses in {t_full:.1f} s "
-              f"({len(subset) / t_full:.2f} ex/s, {tokens / t_full:.1f} generated tokens/s)")
+        print(
+            f"raw test split: {len(subset)} of {total} clauses in {t_full:.1f} s "
+            f"({len(subset) / t_full:.2f} ex/s, {tokens / t_full:.1f} generated tokens/s)"
+        )
         if len(subset) < total:
             # Clauses are in file order (not sorted by length), so a prefix is a fair sample.
             print(f"extrapolated to all {total}: {t_full * total / len(subset):.0f} s")

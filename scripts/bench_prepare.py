@@ -184,8 +184,9 @@ def run_prepare(
     if code is None:
         boot = "from temper.cli import app; app()"
     else:
-        boot = (f"import sys; sys.path.insert(0, {str(code)!r}); "
-                "from pipelines.cli import app; app()")
+        boot = (
+            f"import sys; sys.path.insert(0, {str(code)!r}); from pipelines.cli import app; app()"
+        )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TEMPER_LOG_LEVEL": "WARNING"}
     start = time.perf_counter()
     proc = subprocess.Popen(

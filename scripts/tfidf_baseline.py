@@ -18,7 +18,9 @@ from sklearn.pipeline import make_pipeline
 
 def load(path: Path, text: str, label: str) -> tuple[list[str], list[str]]:
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-    return [r[text] for r in rows], [r[label] if label != "gold" else r["gold"]["clause_type"] for r in rows]
+    return [r[text] for r in rows], [
+        r[label] if label != "gold" else r["gold"]["clause_type"] for r in rows
+    ]
 
 
 def main() -> None:

@@ -69,8 +69,8 @@ class Faults:
     rate_truncated: float = 0.0
     rate_huge: float = 0.0
     rate_overbill: float = 0.0
-    retry_after: float = 0.05   # seconds, sent as the retry-after header with a 429
-    slow_s: float = 2.0         # how long a "slow" request stalls
+    retry_after: float = 0.05  # seconds, sent as the retry-after header with a 429
+    slow_s: float = 2.0  # how long a "slow" request stalls
     seed: int = 0
 
 
@@ -81,10 +81,17 @@ def tokens(text: str) -> int:
 class FakeAPI:
     """The server, run by uvicorn in a daemon thread on a free loopback port."""
 
-    def __init__(self, responder: Responder | None = None, *, latency_s: float = 0.0,
-                 faults: Faults | None = None, api_key: str | None = None,
-                 fault_fn: Callable[[list[dict[str, Any]]], str | None] | None = None,
-                 host: str = "127.0.0.1", port: int = 0):
+    def __init__(
+        self,
+        responder: Responder | None = None,
+        *,
+        latency_s: float = 0.0,
+        faults: Faults | None = None,
+        api_key: str | None = None,
+        fault_fn: Callable[[list[dict[str, Any]]], str | None] | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ):
         self.responder = responder or echo_responder
         self.latency_s = latency_s
         self.faults = faults or Faults()
@@ -103,17 +110,17 @@ class FakeAPI:
 
     def reset_counters(self) -> None:
         with getattr(self, "_lock", threading.Lock()):
-            self.requests = 0                       # every POST to a model endpoint
-            self.status: Counter[int] = Counter()   # HTTP status sent (malformed counts as 200)
+            self.requests = 0  # every POST to a model endpoint
+            self.status: Counter[int] = Counter()  # HTTP status sent (malformed counts as 200)
             self.faults_injected: Counter[str] = Counter()
-            self.hits: Counter[str] = Counter()     # requests per messages_key(messages)
+            self.hits: Counter[str] = Counter()  # requests per messages_key(messages)
             self.hits_by_user: Counter[str] = Counter()  # requests per last user message
-            self.answered = 0                       # good 200 answers sent
+            self.answered = 0  # good 200 answers sent
             self.auth_failures = 0
             self.billed_input_tokens = 0
             self.billed_output_tokens = 0
             self.in_flight = 0
-            self.log: list[dict[str, Any]] = []     # endpoint, fault, status, messages, model
+            self.log: list[dict[str, Any]] = []  # endpoint, fault, status, messages, model
 
     def queue_faults(self, faults: list[str | None]) -> None:
         """Force the next requests' faults in order (None: no fault), before random draws."""
@@ -128,9 +135,19 @@ class FakeAPI:
             return fault
         with self._lock:
             f = self.faults
-            for name, rate in zip(FAULTS, (f.rate_429, f.rate_500, f.rate_slow,
-                                           f.rate_malformed, f.rate_truncated, f.rate_huge,
-                                           f.rate_overbill), strict=True):
+            for name, rate in zip(
+                FAULTS,
+                (
+                    f.rate_429,
+                    f.rate_500,
+                    f.rate_slow,
+                    f.rate_malformed,
+                    f.rate_truncated,
+                    f.rate_huge,
+                    f.rate_overbill,
+                ),
+                strict=True,
+            ):
                 if rate and self._rng.random() < rate:
                     return name
         return None
@@ -150,8 +167,14 @@ class FakeAPI:
         return self.root_url
 
     def start(self) -> FakeAPI:
-        config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level="warning",
-                                access_log=False, lifespan="off")
+        config = uvicorn.Config(
+            self.app,
+            host=self.host,
+            port=self.port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+        )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True, name="fake-api")
         self._thread.start()
@@ -196,8 +219,9 @@ class FakeAPI:
     def billed_usd(self, price_in: float, price_out: float) -> float:
         """What this server would have billed at these prices (USD per 1M tokens)."""
         with self._lock:
-            return (self.billed_input_tokens * price_in
-                    + self.billed_output_tokens * price_out) / 1e6
+            return (
+                self.billed_input_tokens * price_in + self.billed_output_tokens * price_out
+            ) / 1e6
 
     async def _handle(self, flavour: str, request: Request, key: str) -> Response:
         with self._lock:
@@ -220,33 +244,51 @@ class FakeAPI:
             self.requests += 1
             self.hits[messages_key(messages)] += 1
             self.hits_by_user[user] += 1
-            entry = {"endpoint": flavour, "fault": fault, "model": body.get("model"),
-                     "messages": messages, "response_format": body.get("response_format"),
-                     "output_config": body.get("output_config"),
-                     "limits": {k: body[k] for k in ("max_tokens", "max_completion_tokens")
-                                if k in body}}
+            entry = {
+                "endpoint": flavour,
+                "fault": fault,
+                "model": body.get("model"),
+                "messages": messages,
+                "response_format": body.get("response_format"),
+                "output_config": body.get("output_config"),
+                "limits": {
+                    k: body[k] for k in ("max_tokens", "max_completion_tokens") if k in body
+                },
+            }
             self.log.append(entry)
         if self.api_key is not None and key != self.api_key:
             with self._lock:
                 self.auth_failures += 1
             # Echo the key back, as some proxies do: callers must scrub it from their errors.
-            return self._error(flavour, 401, "authentication_error",
-                               f"invalid api key {key!r}", entry)
+            return self._error(
+                flavour, 401, "authentication_error", f"invalid api key {key!r}", entry
+            )
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
         if fault:
             with self._lock:
                 self.faults_injected[fault] += 1
         if fault == "429":
-            return self._error(flavour, 429, "rate_limit_error", "slow down", entry,
-                               {"retry-after": str(self.faults.retry_after)})
+            return self._error(
+                flavour,
+                429,
+                "rate_limit_error",
+                "slow down",
+                entry,
+                {"retry-after": str(self.faults.retry_after)},
+            )
         if fault == "500":
             return self._error(flavour, 500, "api_error", "internal error", entry)
         if fault == "slow":
             await asyncio.sleep(self.faults.slow_s)
         if fault == "malformed":
-            return self._send(entry, 200, Response('{"id": "x", "choices": [{"index": 0, "mess',
-                                                   media_type="application/json"))
+            return self._send(
+                entry,
+                200,
+                Response(
+                    '{"id": "x", "choices": [{"index": 0, "mess', media_type="application/json"
+                ),
+            )
         text = self.responder(messages)
         finished = True
         if fault == "truncated":
@@ -261,25 +303,48 @@ class FakeAPI:
             self.billed_output_tokens += tout
         if flavour == "openai":
             payload = {
-                "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()),
+                "id": "chatcmpl-fake",
+                "object": "chat.completion",
+                "created": int(time.time()),
                 "model": body.get("model"),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": "stop" if finished else "length"}],
-                "usage": {"prompt_tokens": tin, "completion_tokens": tout,
-                          "total_tokens": tin + tout}}
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "finish_reason": "stop" if finished else "length",
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": tin,
+                    "completion_tokens": tout,
+                    "total_tokens": tin + tout,
+                },
+            }
         else:
             payload = {
-                "id": "msg_fake", "type": "message", "role": "assistant",
-                "model": body.get("model"), "content": [{"type": "text", "text": text}],
-                "stop_reason": "end_turn" if finished else "max_tokens", "stop_sequence": None,
-                "usage": {"input_tokens": tin, "output_tokens": tout}}
+                "id": "msg_fake",
+                "type": "message",
+                "role": "assistant",
+                "model": body.get("model"),
+                "content": [{"type": "text", "text": text}],
+                "stop_reason": "end_turn" if finished else "max_tokens",
+                "stop_sequence": None,
+                "usage": {"input_tokens": tin, "output_tokens": tout},
+            }
         if finished:
             with self._lock:
                 self.answered += 1
         return self._send(entry, 200, JSONResponse(payload))
 
-    def _error(self, flavour: str, status: int, kind: str, message: str, entry: dict[str, Any],
-               headers: dict[str, str] | None = None) -> Response:
+    def _error(
+        self,
+        flavour: str,
+        status: int,
+        kind: str,
+        message: str,
+        entry: dict[str, Any],
+        headers: dict[str, str] | None = None,
+    ) -> Response:
         if flavour == "openai":
             body = {"error": {"message": message, "type": kind, "code": None}}
         else:

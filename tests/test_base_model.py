@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from temper.io import model_hash
 from temper.stages.base_model import BUILTIN, ModelConfig, copy_model_folder, run
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from temper.cli import SECTIONS
 from temper.config import (
     ConfigError,

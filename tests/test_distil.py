@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 from fake_api import FakeAPI, Faults, messages_key
+
 from temper.io import read_json, read_jsonl, write_jsonl
 from temper.providers import ProviderConfig, estimate_tokens
 from temper.records.sampling import pick_few_shot
@@ -38,15 +39,25 @@ def raw_prepared(task, out: Path, train: int, validation: int = 0, test: int = 0
     for r in read_jsonl(ROOT / "data/raw/contracts/train.jsonl"):
         if split is None:
             break
-        gold = {"clause_type": r["category"],
-                "key_term": task.gold_value(task.by_name["key_term"], r["answer"])}
+        gold = {
+            "clause_type": r["category"],
+            "key_term": task.gold_value(task.by_name["key_term"], r["answer"]),
+        }
         if r["clause"] in seen or task.validate_answer(gold):
             continue
         seen.add(r["clause"])
-        splits[split].append({
-            "id": r["id"], "group": r["contract_id"], "split": split, "text": r["clause"],
-            "prompt": task.messages(r["clause"]), "gold": gold,
-            "gold_all": {"clause_type": r["labels"]}, "n_tokens": 0})
+        splits[split].append(
+            {
+                "id": r["id"],
+                "group": r["contract_id"],
+                "split": split,
+                "text": r["clause"],
+                "prompt": task.messages(r["clause"]),
+                "gold": gold,
+                "gold_all": {"clause_type": r["labels"]},
+                "n_tokens": 0,
+            }
+        )
         split = next(order, None)
     for name, records in splits.items():
         write_jsonl(out / f"{name}.jsonl", records)
@@ -92,12 +103,24 @@ REJECT_RATE = 0.25
 
 
 def cfg_for(tmp_path, prepared, provider: dict, **kw) -> DistilConfig:
-    values = {"prepared_dir": str(prepared), "out_dir": str(tmp_path / "distilled"),
-              "metrics": str(tmp_path / "metrics" / "distil.json"), "progress": False,
-              "log_mlflow": False, "baseline_split": None, "max_reject_rate": REJECT_RATE, **kw,
-              "provider": {"model": "teacher-x", "prices": {"teacher-x": {"input": 1.0,
-                           "output": 2.0}}, "cache": str(tmp_path / "cache.sqlite"),
-                           "backoff_s": 0.01, "backoff_max_s": 0.05, **provider}}
+    values = {
+        "prepared_dir": str(prepared),
+        "out_dir": str(tmp_path / "distilled"),
+        "metrics": str(tmp_path / "metrics" / "distil.json"),
+        "progress": False,
+        "log_mlflow": False,
+        "baseline_split": None,
+        "max_reject_rate": REJECT_RATE,
+        **kw,
+        "provider": {
+            "model": "teacher-x",
+            "prices": {"teacher-x": {"input": 1.0, "output": 2.0}},
+            "cache": str(tmp_path / "cache.sqlite"),
+            "backoff_s": 0.01,
+            "backoff_max_s": 0.05,
+            **provider,
+        },
+    }
     return DistilConfig.model_validate(values)
 
 
@@ -106,8 +129,13 @@ def ids(path: Path) -> list[str]:
 
 
 def test_gold_default_labels_every_record_offline(tmp_path, prepared_dir, task):
-    cfg = DistilConfig(prepared_dir=str(prepared_dir), out_dir=str(tmp_path / "d"),
-                       metrics=str(tmp_path / "m.json"), progress=False, log_mlflow=False)
+    cfg = DistilConfig(
+        prepared_dir=str(prepared_dir),
+        out_dir=str(tmp_path / "d"),
+        metrics=str(tmp_path / "m.json"),
+        progress=False,
+        log_mlflow=False,
+    )
     assert cfg.provider.kind == "gold" and not cfg.provider.allow_external  # the defaults
     metrics = distil.run(cfg, task)
     for split in ("train", "validation"):
@@ -118,8 +146,9 @@ def test_gold_default_labels_every_record_offline(tmp_path, prepared_dir, task):
             assert row["label_source"] == "gold" and row["teacher_model"] == "gold"
             assert row["prompt"] == rec["prompt"] and row["prompt_hash"] == task.prompt_hash
             assert row["answer"] == task.gold_answer(rec)
-            assert row["completion"] == [{"role": "assistant",
-                                          "content": task.format_answer(row["answer"])}]
+            assert row["completion"] == [
+                {"role": "assistant", "content": task.format_answer(row["answer"])}
+            ]
         assert metrics["records"][split]["labelled"] == len(source)
     assert not (tmp_path / "d" / "baseline_test.jsonl").exists()  # evaluate uses the base model
     assert metrics["requests"] == 0 and metrics["complete"] and metrics["rejects"] == 0
@@ -130,8 +159,12 @@ def test_anthropic_teacher_repairs_rejects_audits_and_reruns_from_cache(tmp_path
     records = {s: read_jsonl(prepared / f"{s}.jsonl") for s in ("train", "validation", "test")}
     teacher = Teacher(task, [r for rs in records.values() for r in rs])
     with FakeAPI(responder=teacher) as api:
-        cfg = cfg_for(tmp_path, prepared, {"kind": "anthropic", "base_url": api.anthropic_url},
-                      baseline_split="test")
+        cfg = cfg_for(
+            tmp_path,
+            prepared,
+            {"kind": "anthropic", "base_url": api.anthropic_url},
+            baseline_split="test",
+        )
         metrics = distil.run(cfg, task)
         first_requests = api.requests
         out = tmp_path / "distilled"
@@ -141,8 +174,10 @@ def test_anthropic_teacher_repairs_rejects_audits_and_reruns_from_cache(tmp_path
         assert expect_rejected and expect_repairs > len(expect_rejected)  # the plan bites
         rejects = read_jsonl(out / "rejects.jsonl")
         assert {r["id"] for r in rejects} == expect_rejected
-        assert all(r["reason"].startswith("invalid answer: after one repair") and BAD in
-                   r["reason"] for r in rejects)
+        assert all(
+            r["reason"].startswith("invalid answer: after one repair") and BAD in r["reason"]
+            for r in rejects
+        )
         got = ids(out / "train.jsonl") + ids(out / "validation.jsonl")
         assert sorted(got + [r["id"] for r in rejects]) == sorted(r["id"] for r in labelled)
         # Requests: one per record, one more per planned repair, one per baseline record.
@@ -167,8 +202,15 @@ def test_anthropic_teacher_repairs_rejects_audits_and_reruns_from_cache(tmp_path
         baseline = read_jsonl(out / "baseline_test.jsonl")
         assert [b["id"] for b in baseline] == [r["id"] for r in records["test"]]
         for b, rec in zip(baseline, records["test"], strict=True):
-            assert set(b) == {"id", "output", "answer", "latency_ms", "input_tokens",
-                              "output_tokens", "usd"}
+            assert set(b) == {
+                "id",
+                "output",
+                "answer",
+                "latency_ms",
+                "input_tokens",
+                "output_tokens",
+                "usd",
+            }
             assert b["answer"] == json.loads(teacher(task.messages(rec["text"])))
         assert metrics["baseline"]["records"] == 20
 
@@ -180,8 +222,13 @@ def test_anthropic_teacher_repairs_rejects_audits_and_reruns_from_cache(tmp_path
         assert again["cache_hits"] == again["calls"] == first_requests
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before
         # Replay (the CI/audit mode) gives the same outputs without a server.
-        replay = cfg.model_copy(update={"provider": cfg.provider.model_copy(
-            update={"kind": "replay", "replay_kind": "anthropic"})})
+        replay = cfg.model_copy(
+            update={
+                "provider": cfg.provider.model_copy(
+                    update={"kind": "replay", "replay_kind": "anthropic"}
+                )
+            }
+        )
         distil.run(replay, task)
         assert api.requests == 0
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -190,11 +237,28 @@ def test_anthropic_teacher_repairs_rejects_audits_and_reruns_from_cache(tmp_path
 def test_500_requests_with_20_percent_faults_lose_nothing(tmp_path, task):
     prepared = raw_prepared(task, tmp_path / "prepared", train=400, validation=100)
     labelled = read_jsonl(prepared / "train.jsonl") + read_jsonl(prepared / "validation.jsonl")
-    faults = Faults(rate_429=0.05, rate_500=0.05, rate_slow=0.03, rate_malformed=0.04,
-                    rate_truncated=0.03, retry_after=0.05, slow_s=0.6, seed=3)
+    faults = Faults(
+        rate_429=0.05,
+        rate_500=0.05,
+        rate_slow=0.03,
+        rate_malformed=0.04,
+        rate_truncated=0.03,
+        retry_after=0.05,
+        slow_s=0.6,
+        seed=3,
+    )
     with FakeAPI(responder=Teacher(task, labelled), faults=faults) as api:
-        cfg = cfg_for(tmp_path, prepared, {"kind": "openai", "base_url": api.openai_url,
-                                           "concurrency": 32, "timeout_s": 0.3, "max_usd": 1.0})
+        cfg = cfg_for(
+            tmp_path,
+            prepared,
+            {
+                "kind": "openai",
+                "base_url": api.openai_url,
+                "concurrency": 32,
+                "timeout_s": 0.3,
+                "max_usd": 1.0,
+            },
+        )
         metrics = distil.run(cfg, task)
     out = tmp_path / "distilled"
     rejects = read_jsonl(out / "rejects.jsonl")
@@ -217,15 +281,27 @@ def test_500_requests_with_20_percent_faults_lose_nothing(tmp_path, task):
 def write_params(tmp_path, prepared, provider: dict, **distil_kw) -> Path:
     params = {
         "task": str(ROOT / "configs/tasks/clause_review.yaml"),
-        "distil": {"prepared_dir": str(prepared), "out_dir": str(tmp_path / "distilled"),
-                   "metrics": str(tmp_path / "metrics" / "distil.json"), "progress": True,
-                   "log_mlflow": False, "baseline_split": None, "max_reject_rate": REJECT_RATE,
-                   **distil_kw,
-                   "provider": {"model": "teacher-x", "cache": str(tmp_path / "cache.sqlite"),
-                                "prices": {"teacher-x": {"input": 1.0, "output": 2.0}},
-                                "backoff_s": 0.01, **provider}},
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-                   "artifact_root": str(tmp_path / "mlartifacts")},
+        "distil": {
+            "prepared_dir": str(prepared),
+            "out_dir": str(tmp_path / "distilled"),
+            "metrics": str(tmp_path / "metrics" / "distil.json"),
+            "progress": True,
+            "log_mlflow": False,
+            "baseline_split": None,
+            "max_reject_rate": REJECT_RATE,
+            **distil_kw,
+            "provider": {
+                "model": "teacher-x",
+                "cache": str(tmp_path / "cache.sqlite"),
+                "prices": {"teacher-x": {"input": 1.0, "output": 2.0}},
+                "backoff_s": 0.01,
+                **provider,
+            },
+        },
+        "mlflow": {
+            "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "artifact_root": str(tmp_path / "mlartifacts"),
+        },
     }
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
@@ -235,22 +311,30 @@ def write_params(tmp_path, prepared, provider: dict, **distil_kw) -> Path:
 def temper(params: Path, *args: str, env: dict | None = None, **kw):
     command = [sys.executable, "-m", "temper", "distil", "-p", str(params), *args]
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run(command, cwd=params.parent, env=full_env, capture_output=True,
-                          text=True, timeout=120, **kw)
+    return subprocess.run(
+        command, cwd=params.parent, env=full_env, capture_output=True, text=True, timeout=120, **kw
+    )
 
 
 @pytest.mark.slow
 def test_kill_9_then_rerun_requests_only_the_missing_records(tmp_path, task):
     prepared = raw_prepared(task, tmp_path / "prepared", train=80, validation=16)
     records = read_jsonl(prepared / "train.jsonl") + read_jsonl(prepared / "validation.jsonl")
-    gold_teacher = {task.user_message(r["text"]): task.format_answer(task.gold_answer(r))
-                    for r in records}
+    gold_teacher = {
+        task.user_message(r["text"]): task.format_answer(task.gold_answer(r)) for r in records
+    }
     with FakeAPI(responder=lambda m: gold_teacher[m[-1]["content"]], latency_s=0.05) as api:
-        params = write_params(tmp_path, prepared, {"kind": "openai", "base_url": api.openai_url,
-                                                   "concurrency": 4})
+        params = write_params(
+            tmp_path, prepared, {"kind": "openai", "base_url": api.openai_url, "concurrency": 4}
+        )
         command = [sys.executable, "-m", "temper", "distil", "-p", str(params)]
-        proc = subprocess.Popen(command, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 60
         while api.answered < 30 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.01)
@@ -258,8 +342,11 @@ def test_kill_9_then_rerun_requests_only_the_missing_records(tmp_path, task):
         proc.wait(10)
         assert proc.returncode == -signal.SIGKILL
         assert not (tmp_path / "distilled").exists()  # no half-written outputs
-        rows = sqlite3.connect(tmp_path / "cache.sqlite").execute(
-            "SELECT request FROM completions").fetchall()
+        rows = (
+            sqlite3.connect(tmp_path / "cache.sqlite")
+            .execute("SELECT request FROM completions")
+            .fetchall()
+        )
         cached = {messages_key(json.loads(r[0])["messages"]) for r in rows}
         # The server answered 30; those still on the wire when the client died are not cached.
         assert 20 <= len(cached) < len(records)
@@ -278,11 +365,15 @@ def test_kill_9_then_rerun_requests_only_the_missing_records(tmp_path, task):
 @pytest.mark.slow
 def test_budget_cap_stops_cleanly_with_exit_code_and_estimate_refuses(tmp_path, task):
     prepared = raw_prepared(task, tmp_path / "prepared", train=40, validation=10)
-    teacher = Teacher(task, read_jsonl(prepared / "train.jsonl")
-                      + read_jsonl(prepared / "validation.jsonl"))
+    teacher = Teacher(
+        task, read_jsonl(prepared / "train.jsonl") + read_jsonl(prepared / "validation.jsonl")
+    )
     with FakeAPI(responder=teacher) as api:
-        params = write_params(tmp_path, prepared, {"kind": "openai", "base_url": api.openai_url,
-                                                   "max_requests": 12, "concurrency": 4})
+        params = write_params(
+            tmp_path,
+            prepared,
+            {"kind": "openai", "base_url": api.openai_url, "max_requests": 12, "concurrency": 4},
+        )
         refused = temper(params)  # 50 requests needed > max_requests: refused up front
         assert refused.returncode == distil.EXIT_ESTIMATE_REFUSED and api.requests == 0
         done = temper(params, "--force")  # forced past the estimate: the hard cap stops it
@@ -299,8 +390,12 @@ def test_budget_cap_stops_cleanly_with_exit_code_and_estimate_refuses(tmp_path, 
 
         # The estimate: prices that make the job cost more than max_usd refuse up front.
         api.reset_counters()
-        pricey = {"kind": "openai", "base_url": api.openai_url, "max_usd": 0.5,
-                  "prices": {"teacher-x": {"input": 100.0, "output": 100.0}}}
+        pricey = {
+            "kind": "openai",
+            "base_url": api.openai_url,
+            "max_usd": 0.5,
+            "prices": {"teacher-x": {"input": 100.0, "output": 100.0}},
+        }
         params = write_params(tmp_path, prepared, pricey)
         refused = temper(params)
         assert refused.returncode == distil.EXIT_ESTIMATE_REFUSED, refused.stderr
@@ -324,7 +419,8 @@ def non_loopback_ip() -> str | None:
 
 
 def test_allow_external_false_blocks_a_non_loopback_endpoint_with_zero_requests(
-        tmp_path, task, monkeypatch):
+    tmp_path, task, monkeypatch
+):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")  # an external endpoint needs a key
     ip = non_loopback_ip()
     if ip is None:
@@ -339,8 +435,9 @@ def test_allow_external_false_blocks_a_non_loopback_endpoint_with_zero_requests(
         assert err.value.exit_code == distil.EXIT_PRIVACY
         assert api.requests == 0 and not (tmp_path / "distilled").exists()
         # The same endpoint, allowed, is reachable: the block above was the privacy check.
-        allowed = cfg.model_copy(update={"provider": cfg.provider.model_copy(
-            update={"allow_external": True})})
+        allowed = cfg.model_copy(
+            update={"provider": cfg.provider.model_copy(update={"allow_external": True})}
+        )
         distil.run(allowed, task)
         assert api.requests >= 6
 
@@ -349,14 +446,26 @@ def test_allow_external_false_blocks_a_non_loopback_endpoint_with_zero_requests(
 def test_api_key_appears_in_no_log_output_metric_or_mlflow_param(tmp_path, task):
     key = f"sk-temper-{uuid.uuid4().hex}"
     prepared = raw_prepared(task, tmp_path / "prepared", train=8, validation=4, test=4)
-    records = [r for s in ("train", "validation", "test") for r in read_jsonl(prepared / f"{s}.jsonl")]
+    records = [
+        r for s in ("train", "validation", "test") for r in read_jsonl(prepared / f"{s}.jsonl")
+    ]
     with FakeAPI(responder=Teacher(task, records), api_key=key) as api:
-        params = write_params(tmp_path, prepared, {"kind": "openai", "base_url": api.openai_url,
-                                                   "api_key_env": "TEMPER_TEST_KEY"},
-                              log_mlflow=True, baseline_split="test")
+        params = write_params(
+            tmp_path,
+            prepared,
+            {"kind": "openai", "base_url": api.openai_url, "api_key_env": "TEMPER_TEST_KEY"},
+            log_mlflow=True,
+            baseline_split="test",
+        )
         api.queue_faults(["429", "500"])  # error paths log too
-        done = temper(params, env={"TEMPER_TEST_KEY": key, "TEMPER_LOG_LEVEL": "DEBUG",
-                                   "MLFLOW_DISABLE_TELEMETRY": "true"})
+        done = temper(
+            params,
+            env={
+                "TEMPER_TEST_KEY": key,
+                "TEMPER_LOG_LEVEL": "DEBUG",
+                "MLFLOW_DISABLE_TELEMETRY": "true",
+            },
+        )
         assert done.returncode == 0, done.stderr
         assert api.requests > 0 and api.auth_failures == 0  # the key was used, and accepted
     assert key not in done.stdout + done.stderr
@@ -370,8 +479,10 @@ def test_api_key_appears_in_no_log_output_metric_or_mlflow_param(tmp_path, task)
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              filter_string="tags.`temper.stage` = 'distil'")
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string="tags.`temper.stage` = 'distil'",
+    )
     assert len(runs) == 1
     logged = runs[0].data
     assert logged.params["distil.provider.api_key_env"] == "TEMPER_TEST_KEY"
@@ -396,8 +507,9 @@ def test_few_shot_is_deterministic_distinct_and_from_train(tmp_path, task):
     prepared = raw_prepared(task, tmp_path / "prepared", train=60)
     train = read_jsonl(prepared / "train.jsonl")
     shots = pick_few_shot(task, train, 4, "salt")
-    assert [s["id"] for s in shots] == [s["id"] for s in pick_few_shot(task, train[::-1], 4,
-                                                                          "salt")]
+    assert [s["id"] for s in shots] == [
+        s["id"] for s in pick_few_shot(task, train[::-1], 4, "salt")
+    ]
     assert len({s["gold"]["clause_type"] for s in shots}) == 4
     assert [s["id"] for s in shots] != [s["id"] for s in pick_few_shot(task, train, 4, "other")]
     assert pick_few_shot(task, train, 0, "salt") == []
@@ -431,8 +543,12 @@ def test_total_outage_exits_nonzero_and_keeps_the_previous_outputs(tmp_path, tas
     metrics_file.write_text('{"old": true}\n')
     before = {p: p.read_bytes() for p in (out / "train.jsonl", metrics_file)}
     url = f"http://127.0.0.1:{closed_port()}/v1"  # nothing listens: every request fails
-    cfg = cfg_for(tmp_path, prepared, {"kind": "openai", "base_url": url, "max_retries": 1},
-                  max_reject_rate=0.05)
+    cfg = cfg_for(
+        tmp_path,
+        prepared,
+        {"kind": "openai", "base_url": url, "max_retries": 1},
+        max_reject_rate=0.05,
+    )
     with pytest.raises(DistilError, match=r"50 of 50 records .* rejected or failed") as err:
         distil.run(cfg, task)
     assert err.value.exit_code == distil.EXIT_TOO_MANY_REJECTS
@@ -450,9 +566,18 @@ def test_oversized_replies_cannot_break_the_spend_cap(tmp_path, task):
     teacher = Teacher(task, read_jsonl(prepared / "train.jsonl"))
     prices = {"teacher-x": {"input": 10.0, "output": 10.0}}
     with FakeAPI(responder=teacher, faults=Faults(rate_huge=0.5, rate_overbill=0.5)) as api:
-        params = write_params(tmp_path, prepared, {"kind": "openai", "base_url": api.openai_url,
-                                                   "max_usd": 0.05, "prices": prices,
-                                                   "concurrency": 4}, splits=["train"])
+        params = write_params(
+            tmp_path,
+            prepared,
+            {
+                "kind": "openai",
+                "base_url": api.openai_url,
+                "max_usd": 0.05,
+                "prices": prices,
+                "concurrency": 4,
+            },
+            splits=["train"],
+        )
         done = temper(params, "--force")
         in_flight = api.in_flight
     assert done.returncode == distil.EXIT_BUDGET_STOP, done.stderr[-2000:]
@@ -489,25 +614,39 @@ print(json.dumps({"outcome": outcome, "network_calls": calls}))
 """
 
 
-@pytest.mark.parametrize("url", [
-    "http://evil.localhost/v1",           # counted as loopback before the fix (and resolved)
-    "http://teacher.localhost:8000/v1",
-    "http://intranet-teacher:8000/v1",    # resolves to a private address (hosts file below)
-    "http://localhost:8000/v1",           # ... and so does localhost itself, here
-    "http://10.0.0.5.nip.io/v1",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://evil.localhost/v1",  # counted as loopback before the fix (and resolved)
+        "http://teacher.localhost:8000/v1",
+        "http://intranet-teacher:8000/v1",  # resolves to a private address (hosts file below)
+        "http://localhost:8000/v1",  # ... and so does localhost itself, here
+        "http://10.0.0.5.nip.io/v1",
+    ],
+)
 def test_names_that_are_not_provably_local_are_refused_with_no_network_call(
-        tmp_path, task, url, monkeypatch):
+    tmp_path, task, url, monkeypatch
+):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     prepared = raw_prepared(task, tmp_path / "prepared", train=4)
     hosts = tmp_path / "hosts"
     hosts.write_text("10.20.30.40 intranet-teacher\n10.20.30.41 localhost\n")
     cfg = cfg_for(tmp_path, prepared, {"kind": "openai", "base_url": url}, splits=["train"])
     probe = subprocess.run(
-        [sys.executable, "-c", PROBE, cfg.model_dump_json(),
-         str(ROOT / "configs/tasks/clause_review.yaml"), str(hosts)],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
-        timeout=120)
+        [
+            sys.executable,
+            "-c",
+            PROBE,
+            cfg.model_dump_json(),
+            str(ROOT / "configs/tasks/clause_review.yaml"),
+            str(hosts),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert probe.returncode == 0, probe.stderr[-2000:]
     result = json.loads(probe.stdout.strip().splitlines()[-1])
     assert result == {"outcome": distil.EXIT_PRIVACY, "network_calls": []}

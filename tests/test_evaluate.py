@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
+
 from temper.cli import app
 from temper.evaluation.config import EvalError, EvaluateConfig
 from temper.evaluation.gates import GatesConfig, check
@@ -18,26 +20,42 @@ from temper.evaluation.scoring import answer_fields, deltas, references_for, sco
 from temper.io import read_json, read_jsonl, write_jsonl
 from temper.results import CandidateEval, EvalResult
 from temper.stages.evaluate import load_records
-from typer.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def record(i: int, label: str, key: str | None, gold_all: list[str] | None = None) -> dict:
-    return {"id": f"r{i}", "text": f"clause {i}", "prompt": [], "gold": {"clause_type": label,
-            "key_term": key}, "gold_all": {"clause_type": gold_all or [label]}}
+    return {
+        "id": f"r{i}",
+        "text": f"clause {i}",
+        "prompt": [],
+        "gold": {"clause_type": label, "key_term": key},
+        "gold_all": {"clause_type": gold_all or [label]},
+    }
 
 
 def pred(i: int, output: str | None, task) -> dict:
-    return {"id": f"r{i}", "output": output, "latency_ms": 10.0 + i, "amortised_ms": 4.0,
-            "new_tokens": 5, **answer_fields(task, output)}
+    return {
+        "id": f"r{i}",
+        "output": output,
+        "latency_ms": 10.0 + i,
+        "amortised_ms": 4.0,
+        "new_tokens": 5,
+        **answer_fields(task, output),
+    }
 
 
 def test_unparseable_and_off_schema_answers_are_counted_never_fatal(task):
     ok = answer_fields(task, 'Sure! ```json\n{"clause_type": "Insurance", "key_term": null}\n```')
     assert ok["valid"] and ok["answer"]["clause_type"] == "Insurance"
-    for text in ["no json here", "{broken", None, '{"clause_type": "Made Up", "key_term": null}',
-                 '{"clause_type": "Insurance"}', "[1, 2]"]:
+    for text in [
+        "no json here",
+        "{broken",
+        None,
+        '{"clause_type": "Made Up", "key_term": null}',
+        '{"clause_type": "Insurance"}',
+        "[1, 2]",
+    ]:
         out = answer_fields(task, text)
         assert not out["valid"] and out["problems"]
         # JSON, but off-schema: counts for json_valid_rate, not for schema_valid_rate.
@@ -45,13 +63,18 @@ def test_unparseable_and_off_schema_answers_are_counted_never_fatal(task):
 
 
 def test_scores_by_hand(task):
-    records = [record(0, "Insurance", None), record(1, "Governing Law", "New York"),
-               record(2, "Audit Rights", None, ["Audit Rights", "Insurance"]),
-               record(3, "Governing Law", "Delaware")]
-    preds = [pred(0, '{"clause_type": "Insurance", "key_term": null}', task),
-             pred(1, '{"clause_type": "Governing Law", "key_term": "the State of New York"}', task),
-             pred(2, '{"clause_type": "Insurance", "key_term": null}', task),
-             pred(3, "I think it is about Delaware law.", task)]  # unparseable
+    records = [
+        record(0, "Insurance", None),
+        record(1, "Governing Law", "New York"),
+        record(2, "Audit Rights", None, ["Audit Rights", "Insurance"]),
+        record(3, "Governing Law", "Delaware"),
+    ]
+    preds = [
+        pred(0, '{"clause_type": "Insurance", "key_term": null}', task),
+        pred(1, '{"clause_type": "Governing Law", "key_term": "the State of New York"}', task),
+        pred(2, '{"clause_type": "Insurance", "key_term": null}', task),
+        pred(3, "I think it is about Delaware law.", task),
+    ]  # unparseable
     refs = references_for(task, records, None)
     rs = Resamples.draw(4, 500, seed=0)
     metrics, stats, ex = score_system(task, records, preds, refs, rs, {"usd_per_1k": 0.5})
@@ -80,9 +103,19 @@ def test_scores_by_hand(task):
 def test_api_baseline_missing_answers_are_wrong_and_counted(tmp_path, task):
     records = [record(0, "Insurance", None), record(1, "Audit Rights", None)]
     path = tmp_path / "baseline_test.jsonl"
-    write_jsonl(path, [{"id": "r0", "output": '{"clause_type": "Insurance", "key_term": null}',
-                        "latency_ms": 800.0, "input_tokens": 400, "output_tokens": 12,
-                        "usd": 0.0001}])
+    write_jsonl(
+        path,
+        [
+            {
+                "id": "r0",
+                "output": '{"clause_type": "Insurance", "key_term": null}',
+                "latency_ms": 800.0,
+                "input_tokens": 400,
+                "output_tokens": 12,
+                "usd": 0.0001,
+            }
+        ],
+    )
     preds, info = api_predictions(records, path, task)
     assert info == {"missing": 1}
     assert preds[0]["valid"] and not preds[1]["valid"] and preds[1]["output"] is None
@@ -91,55 +124,93 @@ def test_api_baseline_missing_answers_are_wrong_and_counted(tmp_path, task):
 def test_raw_format_is_mapped_and_bad_rows_name_file_line_and_field(tmp_path, task):
     from temper.records.sources import FieldMap
 
-    fmap = FieldMap(id="id", text="clause", group="contract_id",
-                    gold={"clause_type": "category", "key_term": "answer"},
-                    gold_all={"clause_type": "labels"})
+    fmap = FieldMap(
+        id="id",
+        text="clause",
+        group="contract_id",
+        gold={"clause_type": "category", "key_term": "answer"},
+        gold_all={"clause_type": "labels"},
+    )
     raw = tmp_path / "raw.jsonl"
-    rows = [{"id": "a", "clause": "  This Agreement is governed by  New York law.",
-             "contract_id": "c1", "category": "Governing Law", "labels": ["Governing Law"],
-             "answer": "New York"}]
+    rows = [
+        {
+            "id": "a",
+            "clause": "  This Agreement is governed by  New York law.",
+            "contract_id": "c1",
+            "category": "Governing Law",
+            "labels": ["Governing Law"],
+            "answer": "New York",
+        }
+    ]
     write_jsonl(raw, rows)
     recs = load_records(raw, task, fmap)
     assert recs[0]["text"] == "This Agreement is governed by New York law."
     assert recs[0]["prompt"] == task.messages(recs[0]["text"])
     assert recs[0]["gold"] == {"clause_type": "Governing Law", "key_term": "New York"}
-    write_jsonl(raw, rows + [{"id": "b", "contract_id": "c1", "category": "Insurance",
-                              "labels": [], "answer": "No"}])
+    write_jsonl(
+        raw,
+        rows
+        + [{"id": "b", "contract_id": "c1", "category": "Insurance", "labels": [], "answer": "No"}],
+    )
     with pytest.raises(EvalError, match=r"raw.jsonl:2: missing field 'clause'"):
         load_records(raw, task, fmap)
 
 
 def entry(acc: float, low: float | None, valid: float) -> CandidateEval:
     """A candidate's evaluation as the evaluate stage records it (`results.CandidateEval`)."""
-    delta = None if low is None else {
-        "clause_type.accuracy": {"value": acc - 0.1, "ci_low": low, "ci_high": acc}}
-    return CandidateEval.model_validate({
-        "adapter": "models/candidates/x/adapter", "seconds": 1.0,
-        "metrics": {"clause_type.accuracy": {"value": acc, "ci_low": acc - 0.05,
-                                             "ci_high": acc + 0.05},
-                    "json_valid_rate": {"value": valid}, "latency_ms_p95": {"value": 900.0}},
-        "delta_vs_baseline": delta})
+    delta = (
+        None
+        if low is None
+        else {"clause_type.accuracy": {"value": acc - 0.1, "ci_low": low, "ci_high": acc}}
+    )
+    return CandidateEval.model_validate(
+        {
+            "adapter": "models/candidates/x/adapter",
+            "seconds": 1.0,
+            "metrics": {
+                "clause_type.accuracy": {"value": acc, "ci_low": acc - 0.05, "ci_high": acc + 0.05},
+                "json_valid_rate": {"value": valid},
+                "latency_ms_p95": {"value": 900.0},
+            },
+            "delta_vs_baseline": delta,
+        }
+    )
 
 
 def evaluation(**candidates: CandidateEval) -> EvalResult:
-    return EvalResult.model_validate({
-        "primary_metric": "clause_type.accuracy", "n_examples": 10, "test_file": "t.jsonl",
-        "test_sha256": "0" * 64, "confidence": 0.95, "n_resamples": 1000,
-        "task": {"name": "clause_review", "prompt_hash": "x"}, "baseline": None,
-        "candidates": candidates, "winner": None, "gates_config": {}, "seconds": 1.0,
-        "judge": {"enabled": False, "provider": "replay", "model": "m", "sample_frac": 0.2}})
+    return EvalResult.model_validate(
+        {
+            "primary_metric": "clause_type.accuracy",
+            "n_examples": 10,
+            "test_file": "t.jsonl",
+            "test_sha256": "0" * 64,
+            "confidence": 0.95,
+            "n_resamples": 1000,
+            "task": {"name": "clause_review", "prompt_hash": "x"},
+            "baseline": None,
+            "candidates": candidates,
+            "winner": None,
+            "gates_config": {},
+            "seconds": 1.0,
+            "judge": {"enabled": False, "provider": "replay", "model": "m", "sample_frac": 0.2},
+        }
+    )
 
 
 def test_gates(tmp_path):
-    cfg = GatesConfig(min_primary=0.5, min_delta_low=0.0, min_json_valid_rate=0.95,
-                      max_p95_latency_ms=1000)
+    cfg = GatesConfig(
+        min_primary=0.5, min_delta_low=0.0, min_json_valid_rate=0.95, max_p95_latency_ms=1000
+    )
     good = check(cfg, "clause_type.accuracy", entry(0.7, 0.02, 0.99))
     assert good.passed and len(good.checks) == 4
     bad = check(cfg, "clause_type.accuracy", entry(0.7, -0.01, 0.99))
     assert not bad.passed
     assert [c.gate for c in bad.checks if not c.passed] == ["min_delta_low"]
-    slow = check(cfg.model_copy(update={"max_p95_latency_ms": 500}), "clause_type.accuracy",
-                 entry(0.7, 0.02, 0.99))
+    slow = check(
+        cfg.model_copy(update={"max_p95_latency_ms": 500}),
+        "clause_type.accuracy",
+        entry(0.7, 0.02, 0.99),
+    )
     assert [c.gate for c in slow.checks if not c.passed] == ["max_p95_latency_ms"]
     no_base = check(cfg, "clause_type.accuracy", entry(0.7, None, 1))
     assert not no_base.passed  # no baseline: a delta gate cannot pass
@@ -155,8 +226,9 @@ def test_gate_command_exit_codes(tmp_path):
     assert "winner: a" in res.output and "FAIL" in res.output  # b fails json_valid_rate
     res = runner.invoke(app, ["gate", "-p", params, "--eval", str(path), "-c", "b"])
     assert res.exit_code == 1 and "b: FAIL" in res.output
-    res = runner.invoke(app, ["gate", "-p", params, "--eval", str(path),
-                              "-S", "gates.min_primary=0.9"])
+    res = runner.invoke(
+        app, ["gate", "-p", params, "--eval", str(path), "-S", "gates.min_primary=0.9"]
+    )
     assert res.exit_code == 1 and "no candidate passes" in res.output
     res = runner.invoke(app, ["gate", "-p", params, "--eval", str(tmp_path / "missing.json")])
     assert res.exit_code == 2
@@ -198,11 +270,13 @@ def test_prefix_cache_gives_the_same_answers(base_model_dir, task, prepared_dir,
 
 
 @pytest.mark.slow
-def test_stage_end_to_end_with_a_real_adapter(tmp_path, base_model_dir, task, prepared_dir,
-                                              one_thread):
+def test_stage_end_to_end_with_a_real_adapter(
+    tmp_path, base_model_dir, task, prepared_dir, one_thread
+):
     import mlflow
     from fake_api import FakeAPI
     from registry_fixtures import template_db, tiny_adapter
+
     from temper.evaluation.judge import JudgeConfig
     from temper.providers import ProviderConfig
     from temper.stages import evaluate
@@ -212,23 +286,45 @@ def test_stage_end_to_end_with_a_real_adapter(tmp_path, base_model_dir, task, pr
     for name in ("tiny", "tiny2"):
         shutil.copytree(tiny_adapter(str(base_model_dir)), cands / name / "adapter")
     shutil.copy(template_db(), tmp_path / "mlflow.db")
-    mlflow_cfg = MlflowConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
-                              artifact_root=str(tmp_path / "mlartifacts"))
-    cfg = EvaluateConfig(test=str(prepared_dir / "test.jsonl"), candidates_dir=str(cands),
-                         baseline="auto", baseline_file=str(tmp_path / "none.jsonl"),
-                         baseline_few_shot=1, few_shot_from=str(prepared_dir / "train.jsonl"),
-                         max_examples=6, batch_size=4, n_resamples=300, threads=1,
-                         cache_dir=str(tmp_path / "cache"),
-                         metrics=str(tmp_path / "metrics" / "eval.json"),
-                         reports_dir=str(tmp_path / "reports"), worst_examples=3, progress=False)
-    gates = GatesConfig(min_primary=0.0, min_delta_low=None, min_json_valid_rate=None,
-                        min_judge_win_rate=0.9)
+    mlflow_cfg = MlflowConfig(
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        artifact_root=str(tmp_path / "mlartifacts"),
+    )
+    cfg = EvaluateConfig(
+        test=str(prepared_dir / "test.jsonl"),
+        candidates_dir=str(cands),
+        baseline="auto",
+        baseline_file=str(tmp_path / "none.jsonl"),
+        baseline_few_shot=1,
+        few_shot_from=str(prepared_dir / "train.jsonl"),
+        max_examples=6,
+        batch_size=4,
+        n_resamples=300,
+        threads=1,
+        cache_dir=str(tmp_path / "cache"),
+        metrics=str(tmp_path / "metrics" / "eval.json"),
+        reports_dir=str(tmp_path / "reports"),
+        worst_examples=3,
+        progress=False,
+    )
+    gates = GatesConfig(
+        min_primary=0.0, min_delta_low=None, min_json_valid_rate=None, min_judge_win_rate=0.9
+    )
     with FakeAPI(responder=lambda messages: '{"winner": "A"}') as api:  # position-biased judge
-        judge = JudgeConfig(enabled=True, sample_frac=0.5, provider=ProviderConfig(
-            kind="openai", model="judge-x", base_url=api.openai_url,
-            cache=str(tmp_path / "judge.sqlite"), prices={"judge-x": {"input": 1, "output": 1}}))
-        result = evaluate.run(cfg, task, base_model_dir, judge, gates, mlflow_cfg,
-                              {"test": "evaluate"})
+        judge = JudgeConfig(
+            enabled=True,
+            sample_frac=0.5,
+            provider=ProviderConfig(
+                kind="openai",
+                model="judge-x",
+                base_url=api.openai_url,
+                cache=str(tmp_path / "judge.sqlite"),
+                prices={"judge-x": {"input": 1, "output": 1}},
+            ),
+        )
+        result = evaluate.run(
+            cfg, task, base_model_dir, judge, gates, mlflow_cfg, {"test": "evaluate"}
+        )
         # 3 sampled examples x both orders; tiny2 is a copy of tiny, so its identical
         # questions are answered from the provider's cache.
         assert api.requests == 3 * 2
@@ -248,8 +344,14 @@ def test_stage_end_to_end_with_a_real_adapter(tmp_path, base_model_dir, task, pr
         rows = read_jsonl(tmp_path / "reports" / "predictions" / f"{name}.jsonl")
         assert len(rows) == 6 and all("clause_type.accuracy" in r["scores"] for r in rows)
     report = (tmp_path / "reports" / "eval.md").read_text()
-    for heading in ("## Metrics", "## Gates", "## LLM judge", "**no** (not gated)",
-                    "## Per category", "## Worst examples"):
+    for heading in (
+        "## Metrics",
+        "## Gates",
+        "## LLM judge",
+        "**no** (not gated)",
+        "## Per category",
+        "## Worst examples",
+    ):
         assert heading in report
     for png in ("per_class_accuracy.png", "deltas.png"):
         assert (tmp_path / "reports" / png).read_bytes()[:4] == b"\x89PNG"
@@ -274,11 +376,28 @@ def test_stage_end_to_end_with_a_real_adapter(tmp_path, base_model_dir, task, pr
     raw_rows = read_jsonl(ROOT / "data" / "raw" / "contracts" / "test.jsonl")[:3]
     raw.write_text("".join(json.dumps(r) + "\n" for r in raw_rows))
     out = tmp_path / "adhoc"
-    res = CliRunner().invoke(app, [
-        "evaluate", "-p", str(ROOT / "params.yaml"), "-S", f"model.dir={base_model_dir}",
-        "-S", "evaluate.progress=false", "-S", "evaluate.n_resamples=200",
-        "-S", "evaluate.threads=1",
-        "--data", str(raw), "--adapter", str(cands / "tiny" / "adapter"), "--out", str(out)])
+    res = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "-p",
+            str(ROOT / "params.yaml"),
+            "-S",
+            f"model.dir={base_model_dir}",
+            "-S",
+            "evaluate.progress=false",
+            "-S",
+            "evaluate.n_resamples=200",
+            "-S",
+            "evaluate.threads=1",
+            "--data",
+            str(raw),
+            "--adapter",
+            str(cands / "tiny" / "adapter"),
+            "--out",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     adhoc = read_json(out / "eval.json")
     assert adhoc["n_examples"] == 3 and list(adhoc["candidates"]) == ["tiny"]
@@ -287,8 +406,9 @@ def test_stage_end_to_end_with_a_real_adapter(tmp_path, base_model_dir, task, pr
 
 
 @pytest.mark.slow
-def test_base_model_baseline_is_reused_only_when_nothing_changed(tmp_path, base_model_dir, task,
-                                                                 prepared_dir, one_thread):
+def test_base_model_baseline_is_reused_only_when_nothing_changed(
+    tmp_path, base_model_dir, task, prepared_dir, one_thread
+):
     from temper.evaluation.predict import cached_baseline
 
     records = read_jsonl(prepared_dir / "test.jsonl")[:2]
@@ -315,12 +435,17 @@ def test_adapter_uris_resolve_through_the_mlflow_store(tmp_path):
     """`--adapter models:/name@alias` and `runs:/<id>/adapter` download from the store."""
     import mlflow
     from registry_fixtures import template_db
+
     from temper.evaluation.generation import resolve_adapter
     from temper.tracking import MlflowConfig, setup
 
     shutil.copy(template_db(), tmp_path / "mlflow.db")
-    setup(MlflowConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
-                       artifact_root=str(tmp_path / "mlartifacts")))
+    setup(
+        MlflowConfig(
+            tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+            artifact_root=str(tmp_path / "mlartifacts"),
+        )
+    )
     folder = tmp_path / "adapter"
     folder.mkdir()
     (folder / "adapter_config.json").write_text('{"r": 2}')
@@ -329,8 +454,9 @@ def test_adapter_uris_resolve_through_the_mlflow_store(tmp_path):
     run = client.create_run(exp.experiment_id)
     client.log_artifacts(run.info.run_id, str(folder), "adapter")
     client.create_registered_model("m")
-    version = client.create_model_version("m", f"{run.info.artifact_uri}/adapter",
-                                          run_id=run.info.run_id)
+    version = client.create_model_version(
+        "m", f"{run.info.artifact_uri}/adapter", run_id=run.info.run_id
+    )
     client.set_registered_model_alias("m", "champion", version.version)
     for uri in (f"runs:/{run.info.run_id}/adapter", "models:/m@champion"):
         local = resolve_adapter(uri)
@@ -344,12 +470,28 @@ def test_raw_file_is_scored_whatever_its_split_column_holds(tmp_path, task):
     the prepare stage's split mapping and must not stop the evaluation."""
     from temper.records.sources import FieldMap
 
-    fmap = FieldMap(id="id", text="clause", group="contract_id", split="split",
-                    gold={"clause_type": "category", "key_term": "answer"})
+    fmap = FieldMap(
+        id="id",
+        text="clause",
+        group="contract_id",
+        split="split",
+        gold={"clause_type": "category", "key_term": "answer"},
+    )
     raw = tmp_path / "incoming.jsonl"
-    write_jsonl(raw, [{"id": f"p{i}", "clause": f"Clause {i} is governed by Texas law.",
-                       "contract_id": "c9", "split": "production", "category": "Governing Law",
-                       "answer": "Texas"} for i in range(2)])
+    write_jsonl(
+        raw,
+        [
+            {
+                "id": f"p{i}",
+                "clause": f"Clause {i} is governed by Texas law.",
+                "contract_id": "c9",
+                "split": "production",
+                "category": "Governing Law",
+                "answer": "Texas",
+            }
+            for i in range(2)
+        ],
+    )
     recs = load_records(raw, task, fmap)
     assert [r["id"] for r in recs] == ["p0", "p1"]
     assert recs[0]["gold"] == {"clause_type": "Governing Law", "key_term": "Texas"}

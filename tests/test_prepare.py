@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
+
 from temper.io import read_jsonl
 from temper.records.neardup import dedup_key
 from temper.records.sampling import stratified_sample
@@ -178,6 +179,7 @@ def test_minhash_signatures_are_datasketchs():
     """The vectorised MinHash gives datasketch's signatures bit for bit (so its LSH buckets
     and the near-duplicate report are unchanged by the rewrite)."""
     from datasketch import MinHash
+
     from temper.records.neardup import shingle_hashes, shingles, signatures
 
     texts = [CLAUSES[0], CLAUSES[1] + " " + CLAUSES[2], "two words", "one"]
@@ -218,6 +220,7 @@ def test_near_duplicates_are_the_ones_datasketch_lsh_finds(root):
     """Below the cap the search finds exactly the pairs of the datasketch MinHashLSH query
     loop (with exact Jaccard on shingle sets) that it replaces, on real clauses."""
     from datasketch import MinHash, MinHashLSH
+
     from temper.records.neardup import find_near_duplicates, shingles
 
     rows = read_jsonl(root / "data/raw/contracts/train.jsonl")
@@ -251,8 +254,10 @@ def test_no_group_ever_crosses_splits(rows):
     hash of their group, and a group never ends up in two splits: where the source's own
     column would put it in two, the stage refuses with an error instead."""
     cfg = SplitConfig(validation=0.2, test=0.2)
-    records = [{"id": str(i), "group": f"g{g}", **({"split": s} if s else {})}
-               for i, (g, s) in enumerate(rows)]
+    records = [
+        {"id": str(i), "group": f"g{g}", **({"split": s} if s else {})}
+        for i, (g, s) in enumerate(rows)
+    ]
     expected = [r.get("split") or hash_split(r["group"], cfg) for r in records]
     by_group = defaultdict(set)
     for r, split in zip(records, expected, strict=True):
@@ -681,9 +686,10 @@ def test_quarantine_counts_bad_records_and_goes_on(tmp_path, task, base_model_di
 def test_chat_token_count_is_exact_on_the_real_data(base_model_dir, task, root):
     """prepare counts a record's chat tokens as template overhead + text + answer (one
     template render for the whole run): equal to rendering each record, on every CUAD clause."""
+    from transformers import AutoTokenizer
+
     from temper.records.sources import extract, iter_rows
     from temper.records.tokens import TokenCounter
-    from transformers import AutoTokenizer
 
     fields = FieldMap(
         id="id",

@@ -36,9 +36,15 @@ FAST = {"backoff_s": 0.01, "backoff_max_s": 0.05, "timeout_s": 2.0}
 
 def config(tmp_path, api: FakeAPI, kind: str = "openai", **kw) -> ProviderConfig:
     url = api.openai_url if kind in ("openai", "replay") else api.anthropic_url
-    values = {"kind": kind, "model": "teacher-x", "base_url": url,
-              "prices": {"teacher-x": {"input": 1.0, "output": 2.0}},
-              "cache": str(tmp_path / "cache.sqlite"), **FAST, **kw}
+    values = {
+        "kind": kind,
+        "model": "teacher-x",
+        "base_url": url,
+        "prices": {"teacher-x": {"input": 1.0, "output": 2.0}},
+        "cache": str(tmp_path / "cache.sqlite"),
+        **FAST,
+        **kw,
+    }
     return ProviderConfig(**values)
 
 
@@ -73,6 +79,7 @@ def test_round_trip_json_mode_usage_and_cache(tmp_path, kind):
 
 def test_judge_style_batch_in_order_with_errors_as_values(tmp_path):
     """The evaluate judge's use: arbitrary messages, raw text back, order kept."""
+
     def fail_q0(messages):  # q0 fails for good (1 + 4 retries), the rest answer
         return "500" if messages[-1]["content"] == "q0" else None
 
@@ -95,8 +102,12 @@ def test_each_fault_is_retried_and_retry_after_is_honoured(tmp_path):
         assert json.loads(done.text) == {"echo": "q1"}
         assert api.requests == 5 and provider.stats.retries == 4
         assert elapsed >= 0.4 + 0.3  # waited out retry-after and the timeout
-        assert set(provider.stats.errors) == {"RateLimitError", "InternalServerError",
-                                              "JSONDecodeError", "APITimeoutError"}
+        assert set(provider.stats.errors) == {
+            "RateLimitError",
+            "InternalServerError",
+            "JSONDecodeError",
+            "APITimeoutError",
+        }
 
 
 def test_gives_up_after_max_retries_and_caches_nothing(tmp_path):
@@ -161,11 +172,23 @@ def test_budget_reservation_arithmetic():
     assert budget.spent_usd == pytest.approx(0.1) and budget.reserved_usd == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("url", ["https://api.openai.com/v1", "http://10.1.2.3:8000/v1",
-                                 "http://example.org", "http://127.0.0.1.nip.io/v1"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://api.openai.com/v1",
+        "http://10.1.2.3:8000/v1",
+        "http://example.org",
+        "http://127.0.0.1.nip.io/v1",
+    ],
+)
 def test_external_endpoints_refused_by_default(tmp_path, url):
-    cfg = ProviderConfig(kind="openai", model="m", base_url=url, prices={"m": {"input": 0,
-                         "output": 0}}, cache=str(tmp_path / "c.sqlite"))
+    cfg = ProviderConfig(
+        kind="openai",
+        model="m",
+        base_url=url,
+        prices={"m": {"input": 0, "output": 0}},
+        cache=str(tmp_path / "c.sqlite"),
+    )
     with pytest.raises(PrivacyError, match="allow_external is false"):
         open_provider(cfg)
     # Vendor default endpoints too (base_url null), whatever OPENAI_BASE_URL says.
@@ -174,13 +197,22 @@ def test_external_endpoints_refused_by_default(tmp_path, url):
 
 
 def test_loopback_is_local():
-    for url in ("http://127.0.0.1:1/v1", "http://localhost:8000", "http://[::1]:9/v1",
-                "http://127.8.0.1"):
+    for url in (
+        "http://127.0.0.1:1/v1",
+        "http://localhost:8000",
+        "http://[::1]:9/v1",
+        "http://127.8.0.1",
+    ):
         assert is_local(url), url
     # `*.localhost` is not provably local: deciding would ask a resolver, which may forward
     # the name to an external DNS server (before the fix it counted as loopback).
-    for url in ("http://192.0.2.2:8000", "https://api.anthropic.com", "http://localhost.evil.com",
-                "http://evil.localhost/v1", "http://a.b.localhost:8000"):
+    for url in (
+        "http://192.0.2.2:8000",
+        "https://api.anthropic.com",
+        "http://localhost.evil.com",
+        "http://evil.localhost/v1",
+        "http://a.b.localhost:8000",
+    ):
         assert not is_local(url), url
 
 
@@ -190,8 +222,10 @@ def test_localhost_is_decided_by_the_hosts_file_and_pinned(tmp_path):
     cfg = ProviderConfig(kind="openai", model="m", base_url="http://localhost:8000/v1")
     # Pinned to the literal address: the SDK never resolves the name again.
     assert check_endpoint(cfg, hosts) == "http://127.0.0.1:8000/v1"
-    assert check_endpoint(cfg.model_copy(update={"base_url": "http://[::1]:9/v1"}),
-                          hosts) == "http://[::1]:9/v1"
+    assert (
+        check_endpoint(cfg.model_copy(update={"base_url": "http://[::1]:9/v1"}), hosts)
+        == "http://[::1]:9/v1"
+    )
     hosts.write_text("127.0.0.1 localhost\n10.0.0.7 localhost\n")  # one address is not loopback
     assert not is_local("http://localhost:8000/v1", hosts)
     with pytest.raises(PrivacyError, match="not on this machine"):
@@ -202,8 +236,10 @@ def test_localhost_is_decided_by_the_hosts_file_and_pinned(tmp_path):
 
 
 def test_redaction_masks_before_sending_and_counts(tmp_path):
-    text = ("Notices to jane.doe@acme.com or +1 (415) 555-0199, server 10.0.0.12, card "
-            "4111 1111 1111 1111. Section 12.3.4 applies from 12/31/2006; fee $1,000,000.")
+    text = (
+        "Notices to jane.doe@acme.com or +1 (415) 555-0199, server 10.0.0.12, card "
+        "4111 1111 1111 1111. Section 12.3.4 applies from 12/31/2006; fee $1,000,000."
+    )
     with FakeAPI() as api:
         provider = open_provider(config(tmp_path, api, redact=["email", "phone", "ip", "card"]))
         provider.complete([{"role": "user", "content": text}])
@@ -285,8 +321,11 @@ def test_cache_key_is_content_addressed(tmp_path):
         assert key != provider.cache_key(chat(2))
         assert key != provider.cache_key(chat(1), prompt_version="v2")
         assert key != provider.cache_key(chat(1), max_tokens=7)
-        other = open_provider(config(tmp_path, api, model="teacher-y",
-                                     prices={"teacher-y": {"input": 0, "output": 0}}))
+        other = open_provider(
+            config(
+                tmp_path, api, model="teacher-y", prices={"teacher-y": {"input": 0, "output": 0}}
+            )
+        )
         assert key != other.cache_key(chat(1))
         # The endpoint is not part of the key: a new loopback port keeps the finished work.
         moved = open_provider(config(tmp_path, api, base_url="http://localhost:1/v1"))
@@ -310,8 +349,7 @@ def worst_case(cfg: ProviderConfig, messages) -> float:
 
 
 @pytest.mark.parametrize("fault", ["huge", "overbill"])
-def test_reply_past_the_limits_is_rejected_not_retried_and_charged_its_worst_case(
-        tmp_path, fault):
+def test_reply_past_the_limits_is_rejected_not_retried_and_charged_its_worst_case(tmp_path, fault):
     """Before the fix a 2 MB reply (or a usage claim of 500k output tokens) was accepted as a
     valid answer and charged what the server claimed, far past max_usd."""
     with FakeAPI() as api:
@@ -362,7 +400,8 @@ def test_abandoned_requests_are_charged_their_worst_case(tmp_path):
         # Before the fix the spend was 0: abandoned requests cost nothing in our books.
         assert provider.budget.spent_usd >= billed
         assert provider.budget.spent_usd == pytest.approx(
-            2 * sum(worst_case(cfg, chat(i)) for i in range(3)))
+            2 * sum(worst_case(cfg, chat(i)) for i in range(3))
+        )
 
 
 def test_a_refused_connection_is_not_charged(tmp_path):
@@ -371,9 +410,15 @@ def test_a_refused_connection_is_not_charged(tmp_path):
     with socket.socket() as sock:  # a port with nothing listening
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cfg = ProviderConfig(kind="openai", model="m", base_url=f"http://127.0.0.1:{port}/v1",
-                         prices={"m": {"input": 1.0, "output": 1.0}}, max_retries=1,
-                         cache=str(tmp_path / "c.sqlite"), **FAST)
+    cfg = ProviderConfig(
+        kind="openai",
+        model="m",
+        base_url=f"http://127.0.0.1:{port}/v1",
+        prices={"m": {"input": 1.0, "output": 1.0}},
+        max_retries=1,
+        cache=str(tmp_path / "c.sqlite"),
+        **FAST,
+    )
     provider = open_provider(cfg)
     with pytest.raises(ProviderError, match="APIConnectionError"):
         provider.complete(chat(1))

@@ -6,6 +6,7 @@ import multiprocessing
 import shutil
 
 import pytest
+
 from temper.tracking import PIPELINE_TAG, MlflowConfig, pipeline_run, setup
 
 PARAMS = {"train": {"rank": 16}}
@@ -32,8 +33,10 @@ def test_processes_racing_on_a_fresh_store_share_one_experiment_and_parent(tmp_p
     uri = f"sqlite:///{db}"
     ctx = multiprocessing.get_context("spawn")
     barrier, results = ctx.Barrier(4), ctx.Queue()
-    procs = [ctx.Process(target=_race, args=(uri, str(tmp_path / "art"), barrier, results))
-             for _ in range(4)]
+    procs = [
+        ctx.Process(target=_race, args=(uri, str(tmp_path / "art"), barrier, results))
+        for _ in range(4)
+    ]
     for p in procs:
         p.start()
     got = [results.get(timeout=120) for _ in procs]

@@ -46,31 +46,53 @@ SECTIONS: dict[str, type[Section]] = {
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="The params file.")]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", "-S", metavar="KEY=VALUE",
-                 help="Override a param (repeatable), e.g. -S prepare.max_tokens=256."),
+    typer.Option(
+        "--set",
+        "-S",
+        metavar="KEY=VALUE",
+        help="Override a param (repeatable), e.g. -S prepare.max_tokens=256.",
+    ),
 ]
 PARAMS = Path("params.yaml")
 
 # Loggers that talk at INFO about things a user does not need (one line per HTTP request:
 # the openai/anthropic SDKs log through `httpx2` as well as `httpx`), and known-harmless
 # warnings of dependencies. All of it comes back with TEMPER_LOG_LEVEL=DEBUG.
-NOISY_LOGGERS = ("httpx", "httpx2", "httpcore", "urllib3", "filelock", "datasets", "openai",
-                 "anthropic", "mlflow", "alembic", "accelerate", "peft", "transformers", "torch")
+NOISY_LOGGERS = (
+    "httpx",
+    "httpx2",
+    "httpcore",
+    "urllib3",
+    "filelock",
+    "datasets",
+    "openai",
+    "anthropic",
+    "mlflow",
+    "alembic",
+    "accelerate",
+    "peft",
+    "transformers",
+    "torch",
+)
 # bitsandbytes >= 0.49 warns at every import that optional hub kernels are missing: harmless
 # (STACK-FACTS), and `kernels` must not be installed (it fetches from the hub).
 SILENT_LOGGERS = ("bitsandbytes",)
 HARMLESS_WARNINGS = (
     (FutureWarning, ""),
     (DeprecationWarning, ""),
-    (UserWarning, ".*gemv_4bit.*"),                  # bitsandbytes on CPU, see train docs
+    (UserWarning, ".*gemv_4bit.*"),  # bitsandbytes on CPU, see train docs
     (UserWarning, ".*TypedStorage is deprecated.*"),
 )
 
 
 def setup_logging() -> None:
     level = os.environ.get("TEMPER_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", force=True)
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
     if level == "DEBUG":
         return
     for name in NOISY_LOGGERS:
@@ -103,5 +125,3 @@ def task_of(values: dict[str, Any]) -> Any:
 
 def model_dir(values: dict[str, Any]) -> str:
     return section(values, "model", ModelConfig).dir
-
-

@@ -21,10 +21,15 @@ from .common import PARAMS, ParamsOpt, SetOpt, fail, load, model_dir, setup_logg
 def gate_cmd(
     params: ParamsOpt = PARAMS,
     set_: SetOpt = None,
-    eval_file: Annotated[Path, typer.Option("--eval", help="The evaluation to check.")
-                         ] = Path("metrics/eval.json"),
-    candidate: Annotated[str | None, typer.Option(
-        "--candidate", "-c", help="Check this candidate (default: is there a winner?).")] = None,
+    eval_file: Annotated[Path, typer.Option("--eval", help="The evaluation to check.")] = Path(
+        "metrics/eval.json"
+    ),
+    candidate: Annotated[
+        str | None,
+        typer.Option(
+            "--candidate", "-c", help="Check this candidate (default: is there a winner?)."
+        ),
+    ] = None,
 ) -> None:
     """Re-check the gates of `gates:` against an evaluation; exit 1 when they fail.
 
@@ -86,10 +91,13 @@ def promote_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
     except (ConfigError, promote.PromoteError) as err:
         fail(err, 2)
     changed = decision.promoted or decision.champion_after == decision.challenger
-    typer.secho(("promoted: " if decision.promoted else "not promoted: ") + decision.reason,
-                fg=typer.colors.GREEN if changed else typer.colors.RED)
-    typer.echo(f"{name}@{cfg.champion_alias} = v{decision.champion_after or '-'}; "
-               f"report: {cfg.report}")
+    typer.secho(
+        ("promoted: " if decision.promoted else "not promoted: ") + decision.reason,
+        fg=typer.colors.GREEN if changed else typer.colors.RED,
+    )
+    typer.echo(
+        f"{name}@{cfg.champion_alias} = v{decision.champion_after or '-'}; report: {cfg.report}"
+    )
     if not changed:
         raise typer.Exit(1)
 
@@ -112,10 +120,18 @@ def rollback_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
 
 
 def pull_cmd(
-    uri: Annotated[str, typer.Argument(help="models:/<name>@<alias>, models:/<name>/<version>, "
-                                       "or <name> for its champion.")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Target folder (default "
-                                             "models/pulled/<name>-v<version>).")] = None,
+    uri: Annotated[
+        str,
+        typer.Argument(
+            help="models:/<name>@<alias>, models:/<name>/<version>, or <name> for its champion."
+        ),
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="Target folder (default models/pulled/<name>-v<version>)."
+        ),
+    ] = None,
     params: ParamsOpt = PARAMS,
     set_: SetOpt = None,
 ) -> None:
@@ -130,18 +146,23 @@ def pull_cmd(
         path = pull.pull(uri, out, model_dir(values))
     except (ConfigError, PromoteError) as err:
         fail(err, 2)
-    typer.echo(f"pulled into {path}: load with peft.PeftModel.from_pretrained(base, '{path}') "
-               "or temper.release.pull.load_pulled")
+    typer.echo(
+        f"pulled into {path}: load with peft.PeftModel.from_pretrained(base, '{path}') "
+        "or temper.release.pull.load_pulled"
+    )
 
 
 def merge_cmd(
-    candidate: Annotated[Path, typer.Argument(help="A candidate folder (models/candidates/NAME) "
-                                              "or an adapter folder.")],
+    candidate: Annotated[
+        Path,
+        typer.Argument(help="A candidate folder (models/candidates/NAME) or an adapter folder."),
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where the merged model goes.")],
     params: ParamsOpt = PARAMS,
     set_: SetOpt = None,
-    base: Annotated[Path | None, typer.Option(help="Base model folder (default: model.dir).")]
-    = None,
+    base: Annotated[
+        Path | None, typer.Option(help="Base model folder (default: model.dir).")
+    ] = None,
     dtype: Annotated[str, typer.Option(help="bfloat16 | float16 | float32.")] = "bfloat16",
 ) -> None:
     """Merge a LoRA adapter into its base model: a standalone 16-bit model for serving.
@@ -158,8 +179,10 @@ def merge_cmd(
         info = merge(candidate, out, base or Path(model_dir(values)), dtype)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         fail(err)
-    typer.echo(f"merged {info['adapter']} into {info['base']} -> {out} ({info['dtype']}"
-               f"{', from dequantized 4-bit weights' if info['dequantized'] else ''})")
+    typer.echo(
+        f"merged {info['adapter']} into {info['base']} -> {out} ({info['dtype']}"
+        f"{', from dequantized 4-bit weights' if info['dequantized'] else ''})"
+    )
 
 
 # --- helpers: profiles, the MLflow UI ----------------------------------------------------------
@@ -178,8 +201,9 @@ def profile_cmd(
 
 def ui_cmd(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
-    host: Annotated[str, typer.Option(help="Interface (keep loopback unless you mean it).")]
-    = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option(help="Interface (keep loopback unless you mean it).")
+    ] = "127.0.0.1",
     params: ParamsOpt = PARAMS,
     set_: SetOpt = None,
 ) -> None:
@@ -198,8 +222,8 @@ def ui_cmd(
     primary = section(values, "evaluate", EvaluateConfig).primary_metric
     tracking.ensure_candidates_view(mlflow.MlflowClient(), experiment_id, primary)
     cmd, env = tracking.lean_server_command(uri, cfg.artifact_root, host, port)
-    typer.echo("candidates side by side: "
-               + tracking.runs_table_url(f"http://{host}:{port}", experiment_id))
+    typer.echo(
+        "candidates side by side: "
+        + tracking.runs_table_url(f"http://{host}:{port}", experiment_id)
+    )
     os.execvpe(cmd[0], cmd, env)  # the server replaces this process: Ctrl-C stops it cleanly
-
-

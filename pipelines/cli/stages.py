@@ -40,20 +40,27 @@ def prepare_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
     setup_logging()
     values = load(params, set_)
     try:
-        stats = prepare.run(section(values, "prepare", PrepareConfig), task_of(values),
-                            model_dir(values))
+        stats = prepare.run(
+            section(values, "prepare", PrepareConfig), task_of(values), model_dir(values)
+        )
     except (ConfigError, prepare.InputError, FileNotFoundError) as err:
         fail(err)
     counts = ", ".join(f"{k} {v['records']}" for k, v in stats["splits"].items())
-    typer.echo(f"prepared: {counts}; dropped {stats['dropped']}; "
-               f"quarantined {stats['quarantined']['total']}")
+    typer.echo(
+        f"prepared: {counts}; dropped {stats['dropped']}; "
+        f"quarantined {stats['quarantined']['total']}"
+    )
 
 
 def distil_cmd(
     params: ParamsOpt = PARAMS,
     set_: SetOpt = None,
-    force: Annotated[bool, typer.Option("--force", help="Start even if the cost estimate "
-                                        "exceeds distil.provider.max_usd.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Start even if the cost estimate exceeds distil.provider.max_usd."
+        ),
+    ] = False,
 ) -> None:
     """Label the training data with the teacher (gold offline) and answer the test split.
 
@@ -76,19 +83,27 @@ def distil_cmd(
     except (ConfigError, FileNotFoundError) as err:
         fail(err)
     counts = ", ".join(f"{k} {v['labelled']}/{v['input']}" for k, v in m["records"].items())
-    typer.echo(f"distilled ({m['teacher']['kind']}:{m['teacher']['model']}): {counts}; "
-               f"rejects {m['rejects']}; requests {m['requests']}, cache hits "
-               f"{m['cache_hits']}, ${m['usd']:.4f}")
+    typer.echo(
+        f"distilled ({m['teacher']['kind']}:{m['teacher']['model']}): {counts}; "
+        f"rejects {m['rejects']}; requests {m['requests']}, cache hits "
+        f"{m['cache_hits']}, ${m['usd']:.4f}"
+    )
 
 
 def train_cmd(
     params: ParamsOpt = PARAMS,
     set_: SetOpt = None,
-    candidate: Annotated[list[str] | None, typer.Option(
-        "--candidate", "-c", help="Candidate(s) of train.candidates to train (default: all).")
+    candidate: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--candidate", "-c", help="Candidate(s) of train.candidates to train (default: all)."
+        ),
     ] = None,
-    launched: Annotated[bool, typer.Option(
-        "--launched", hidden=True, help="One rank under `accelerate launch` (set by temper).")
+    launched: Annotated[
+        bool,
+        typer.Option(
+            "--launched", hidden=True, help="One rank under `accelerate launch` (set by temper)."
+        ),
     ] = False,
 ) -> None:
     """Fine-tune LoRA/QLoRA candidates on the distilled data (through Accelerate).
@@ -122,24 +137,37 @@ def train_cmd(
     except subprocess.CalledProcessError as err:
         fail(RuntimeError(f"accelerate launch failed with exit code {err.returncode}"))
     for name, m in results.items():
-        typer.echo(f"trained {name}: {m.steps} steps in {m.train_seconds:.0f}s "
-                   f"({m.tokens_per_s or 0:.0f} tokens/s), val loss {m.val_loss:.4f} "
-                   f"(base {m.base_val_loss:.4f})")
+        typer.echo(
+            f"trained {name}: {m.steps} steps in {m.train_seconds:.0f}s "
+            f"({m.tokens_per_s or 0:.0f} tokens/s), val loss {m.val_loss:.4f} "
+            f"(base {m.base_val_loss:.4f})"
+        )
 
 
 def evaluate_cmd(
     params: ParamsOpt = PARAMS,
     set_: SetOpt = None,
-    data: Annotated[Path | None, typer.Option(
-        "--data", help="Ad hoc: score this JSONL (raw format through prepare.fields, or "
-        "prepared) instead of the test split.")] = None,
-    adapter: Annotated[str | None, typer.Option(
-        "--adapter", help="Ad hoc: an adapter folder or MLflow URI (models:/name@alias, "
-        "runs:/id/adapter) instead of the candidates.")] = None,
-    baseline: Annotated[str, typer.Option(
-        "--baseline", help="Ad hoc only: none, base_model or api.")] = "none",
-    out: Annotated[Path, typer.Option(
-        "--out", help="Ad hoc only: folder for eval.json, eval.md, predictions.")
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help="Ad hoc: score this JSONL (raw format through prepare.fields, or "
+            "prepared) instead of the test split.",
+        ),
+    ] = None,
+    adapter: Annotated[
+        str | None,
+        typer.Option(
+            "--adapter",
+            help="Ad hoc: an adapter folder or MLflow URI (models:/name@alias, "
+            "runs:/id/adapter) instead of the candidates.",
+        ),
+    ] = None,
+    baseline: Annotated[
+        str, typer.Option("--baseline", help="Ad hoc only: none, base_model or api.")
+    ] = "none",
+    out: Annotated[
+        Path, typer.Option("--out", help="Ad hoc only: folder for eval.json, eval.md, predictions.")
     ] = Path("reports/adhoc"),
 ) -> None:
     """Score candidates and a baseline on the test split: metrics with CIs, judge, gates.
@@ -159,8 +187,12 @@ def evaluate_cmd(
         adapters = fields = None
         if data is not None or adapter is not None:
             out.mkdir(parents=True, exist_ok=True)
-            update = {"metrics": str(out / "eval.json"), "reports_dir": str(out),
-                      "baseline": baseline, "log_mlflow": False}
+            update = {
+                "metrics": str(out / "eval.json"),
+                "reports_dir": str(out),
+                "baseline": baseline,
+                "log_mlflow": False,
+            }
             if data is not None:
                 update["test"] = str(data)
                 fields = section(values, "prepare", PrepareConfig).fields
@@ -172,22 +204,32 @@ def evaluate_cmd(
                 if ":/" in adapter:  # models:/temper-clause-review@champion -> that name
                     name = re.sub(r"[^\w.@-]+", "_", adapter.split(":/", 1)[1]).strip("_")
                 adapters = {name or "adapter": adapter}
-        result = evaluate.run(cfg, task_of(values), model_dir(values),
-                              section(values, "judge", JudgeConfig),
-                              section(values, "gates", GatesConfig),
-                              section(values, "mlflow", MlflowConfig), values,
-                              adapters=adapters, fields=fields)
+        result = evaluate.run(
+            cfg,
+            task_of(values),
+            model_dir(values),
+            section(values, "judge", JudgeConfig),
+            section(values, "gates", GatesConfig),
+            section(values, "mlflow", MlflowConfig),
+            values,
+            adapters=adapters,
+            fields=fields,
+        )
     except (ConfigError, evaluate.EvalError, FileNotFoundError) as err:
         fail(err)
     primary = result.primary_metric
     for name, entry in result.candidates.items():
         delta = (entry.delta_vs_baseline or {}).get(primary)
-        typer.echo(f"{name}: {primary} {fmt(entry.metrics[primary].model_dump())}, "
-                   f"json_valid_rate {fmt(entry.metrics['json_valid_rate'].model_dump())}"
-                   + (f", delta vs baseline {fmt(delta.model_dump())}" if delta else ""))
+        typer.echo(
+            f"{name}: {primary} {fmt(entry.metrics[primary].model_dump())}, "
+            f"json_valid_rate {fmt(entry.metrics['json_valid_rate'].model_dump())}"
+            + (f", delta vs baseline {fmt(delta.model_dump())}" if delta else "")
+        )
     if result.baseline is not None:
-        typer.echo(f"baseline ({result.baseline.kind}): {primary} "
-                   f"{fmt(result.baseline.metrics[primary].model_dump())}")
+        typer.echo(
+            f"baseline ({result.baseline.kind}): {primary} "
+            f"{fmt(result.baseline.metrics[primary].model_dump())}"
+        )
     typer.echo(gate_table(result))
     typer.echo(f"winner: {result.winner}  (report: {cfg.reports_dir}/eval.md)")
 
@@ -199,15 +241,19 @@ def register_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
     setup_logging()
     values = load(params, set_)
     try:
-        summary = register.run(section(values, "register", RegisterConfig), values,
-                               section(values, "mlflow", MlflowConfig), model_dir(values))
+        summary = register.run(
+            section(values, "register", RegisterConfig),
+            values,
+            section(values, "mlflow", MlflowConfig),
+            model_dir(values),
+        )
     except (ConfigError, register.RegisterError, FileNotFoundError) as err:
         fail(err)
     if summary["registered"]:
-        typer.echo(f"registered {summary['model_name']} version {summary['version']} "
-                   f"(@{summary['alias']}) from candidate {summary['candidate']}: "
-                   f"{summary['primary_metric']} {summary[summary['primary_metric']]:.4f}")
+        typer.echo(
+            f"registered {summary['model_name']} version {summary['version']} "
+            f"(@{summary['alias']}) from candidate {summary['candidate']}: "
+            f"{summary['primary_metric']} {summary[summary['primary_metric']]:.4f}"
+        )
     else:
         typer.secho(f"not registered: {summary['reason']}", fg=typer.colors.YELLOW)
-
-

@@ -16,16 +16,25 @@ class EvaluateConfig(Section):
     candidates_dir: str = Field("models/candidates", description="Folder of <name>/adapter/.")
     candidates: list[str] | None = Field(None, description="Candidates to score (null: all).")
     baseline: Literal["auto", "api", "base_model", "none"] = Field(
-        "auto", description="auto: the API teacher's answers when baseline_file exists, else "
-        "the base model prompted like the teacher; api; base_model; none.")
-    baseline_file: str = Field("data/distilled/baseline_test.jsonl",
-                               description="The API teacher's answers on the test split.")
-    baseline_few_shot: int = Field(3, ge=0, description="Few-shot turns of the base-model "
-                                   "baseline (train examples, chosen as distil does).")
+        "auto",
+        description="auto: the API teacher's answers when baseline_file exists, else "
+        "the base model prompted like the teacher; api; base_model; none.",
+    )
+    baseline_file: str = Field(
+        "data/distilled/baseline_test.jsonl",
+        description="The API teacher's answers on the test split.",
+    )
+    baseline_few_shot: int = Field(
+        3,
+        ge=0,
+        description="Few-shot turns of the base-model "
+        "baseline (train examples, chosen as distil does).",
+    )
     few_shot_from: str = Field("data/prepared/train.jsonl", description="Source of few-shots.")
     few_shot_seed: str = Field("temper-fewshot-v1", description="Salt of the few-shot choice.")
-    max_examples: int | None = Field(None, gt=0, description="Score a stratified sample of "
-                                     "this many test examples (null: all).")
+    max_examples: int | None = Field(
+        None, gt=0, description="Score a stratified sample of this many test examples (null: all)."
+    )
     batch_size: int = Field(16, gt=0, description="Generation batch size.")
     threads: int | None = Field(None, gt=0, description="torch threads (null: torch default).")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Inference dtype.")
@@ -35,10 +44,13 @@ class EvaluateConfig(Section):
     confidence: float = Field(0.95, gt=0, lt=1, description="Interval level.")
     seed: int = Field(0, description="Bootstrap seed.")
     hardware_usd_per_hour: float = Field(
-        0.10, ge=0, description="Price of the serving machine per hour (cost per 1k examples).")
+        0.10, ge=0, description="Price of the serving machine per hour (cost per 1k examples)."
+    )
     cache_dir: str | None = Field(
-        ".cache/eval", description="Reuse the base-model baseline's answers across runs when "
-        "model, prompts and generation settings are unchanged (null: always regenerate).")
+        ".cache/eval",
+        description="Reuse the base-model baseline's answers across runs when "
+        "model, prompts and generation settings are unchanged (null: always regenerate).",
+    )
     metrics: str = Field("metrics/eval.json", description="The metrics file (DVC metrics).")
     reports_dir: str = Field("reports", description="Report, predictions and plots.")
     worst_examples: int = Field(10, ge=0, description="Wrong answers listed in the report.")

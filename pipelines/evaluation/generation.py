@@ -126,8 +126,9 @@ class _JsonDone:
         last = self.tokenizer.batch_decode(input_ids[:, -1:])
         for row, piece in enumerate(last):
             if "}" in piece:
-                text = self.tokenizer.decode(input_ids[row, self.prompt_len :],
-                                             skip_special_tokens=True)
+                text = self.tokenizer.decode(
+                    input_ids[row, self.prompt_len :], skip_special_tokens=True
+                )
                 done[row] = parse_answer(text) is not None
         return done
 
@@ -169,8 +170,10 @@ def generate(
     from tqdm.auto import tqdm
     from transformers import StoppingCriteriaList
 
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-             for p in prompts]
+    texts = [
+        tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     n_prefix = common_prefix_len(encoded) if prefix_cache and len(encoded) > 1 else 0
     prefix_kv = None
@@ -187,8 +190,9 @@ def generate(
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         t0 = time.perf_counter()
-        batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt",
-                              padding=True)
+        batch = tokenizer.pad(
+            {"input_ids": [encoded[i] for i in idx]}, return_tensors="pt", padding=True
+        )
         extra: dict[str, Any] = {}
         if prefix_kv is not None:
             cache = copy.deepcopy(prefix_kv)
@@ -200,7 +204,8 @@ def generate(
         prompt_len = batch["input_ids"].shape[1]
         clock = _StepClock()
         stopping = StoppingCriteriaList(
-            [clock] + ([_JsonDone(tokenizer, prompt_len)] if stop_at_json else []))
+            [clock] + ([_JsonDone(tokenizer, prompt_len)] if stop_at_json else [])
+        )
         with torch.inference_mode():
             out = model.generate(
                 **batch,

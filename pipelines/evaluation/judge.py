@@ -54,19 +54,28 @@ class JudgeConfig(Section):
     """`judge:` in params.yaml."""
 
     enabled: bool = Field(
-        False, description="Run the judge. Off by default: the offline pipeline needs no API. "
-        "Point judge.provider at an API (or a local OpenAI-compatible server) to turn it on.")
+        False,
+        description="Run the judge. Off by default: the offline pipeline needs no API. "
+        "Point judge.provider at an API (or a local OpenAI-compatible server) to turn it on.",
+    )
     provider: ProviderConfig = Field(
-        default_factory=_default_provider, description="The judge's endpoint, cache and budget "
-        "(same fields as distil.provider; kind openai, anthropic or replay).")
+        default_factory=_default_provider,
+        description="The judge's endpoint, cache and budget "
+        "(same fields as distil.provider; kind openai, anthropic or replay).",
+    )
     sample_frac: float = Field(0.2, gt=0, le=1, description="Share of test examples judged.")
     max_examples: int | None = Field(200, gt=0, description="Cap on judged examples.")
     seed: int = Field(0, description="Seed of the sample.")
     min_agreement: float = Field(
-        0.7, ge=0, le=1, description="Minimum agreement with gold on gold-decided examples for "
-        "the judge to count as calibrated.")
+        0.7,
+        ge=0,
+        le=1,
+        description="Minimum agreement with gold on gold-decided examples for "
+        "the judge to count as calibrated.",
+    )
     min_decided: int = Field(
-        10, ge=1, description="Gold-decided examples needed before calibration can pass.")
+        10, ge=1, description="Gold-decided examples needed before calibration can pass."
+    )
 
 
 def sample_indices(n: int, cfg: JudgeConfig) -> list[int]:
@@ -78,10 +87,13 @@ def sample_indices(n: int, cfg: JudgeConfig) -> list[int]:
     return sorted(rng.choice(n, size=min(k, n), replace=False).tolist())
 
 
-def judge_messages(task: TaskConfig, text: str, answer_a: str, answer_b: str
-                   ) -> list[dict[str, str]]:
-    user = (f"Task: {task.description}\n{task.label_list()}\n\n{task.user_message(text)}\n\n"
-            f"Answer A:\n{answer_a}\n\nAnswer B:\n{answer_b}")
+def judge_messages(
+    task: TaskConfig, text: str, answer_a: str, answer_b: str
+) -> list[dict[str, str]]:
+    user = (
+        f"Task: {task.description}\n{task.label_list()}\n\n{task.user_message(text)}\n\n"
+        f"Answer A:\n{answer_a}\n\nAnswer B:\n{answer_b}"
+    )
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
 
@@ -108,11 +120,19 @@ def combine(first: str, second: str) -> int:
     return as_a if as_a == as_b else 0
 
 
-def run_judge(cfg: JudgeConfig, task: TaskConfig, records: list[dict[str, Any]],
-              candidates: dict[str, list[dict[str, Any]]], baseline: list[dict[str, Any]],
-              primary_correct: dict[str, np.ndarray], baseline_correct: np.ndarray,
-              n_resamples: int = 2000, confidence: float = 0.95, progress: bool = True,
-              provider: Any = None) -> dict[str, dict[str, Any]]:
+def run_judge(
+    cfg: JudgeConfig,
+    task: TaskConfig,
+    records: list[dict[str, Any]],
+    candidates: dict[str, list[dict[str, Any]]],
+    baseline: list[dict[str, Any]],
+    primary_correct: dict[str, np.ndarray],
+    baseline_correct: np.ndarray,
+    n_resamples: int = 2000,
+    confidence: float = 0.95,
+    progress: bool = True,
+    provider: Any = None,
+) -> dict[str, dict[str, Any]]:
     """Judge every candidate against the baseline; one result dict per candidate."""
     idx = sample_indices(len(records), cfg)
     own = provider is None
@@ -126,27 +146,53 @@ def run_judge(cfg: JudgeConfig, task: TaskConfig, records: list[dict[str, Any]],
                 cand, base = preds[i]["output"] or "", baseline[i]["output"] or ""
                 if cand.strip() == base.strip():
                     continue  # identical answers: a tie without asking
-                jobs += [judge_messages(task, records[i]["text"], cand, base),
-                         judge_messages(task, records[i]["text"], base, cand)]
+                jobs += [
+                    judge_messages(task, records[i]["text"], cand, base),
+                    judge_messages(task, records[i]["text"], base, cand),
+                ]
                 slots.append(i)
-            done = provider.complete_many(jobs, json_schema=VERDICT_SCHEMA,
-                                          max_tokens=cfg.provider.max_tokens,
-                                          prompt_version=version,
-                                          desc=f"judge {name}" if progress else None)
-            results[name] = summarise(cfg, idx, slots, done, primary_correct[name],
-                                      baseline_correct, n_resamples, confidence)
+            done = provider.complete_many(
+                jobs,
+                json_schema=VERDICT_SCHEMA,
+                max_tokens=cfg.provider.max_tokens,
+                prompt_version=version,
+                desc=f"judge {name}" if progress else None,
+            )
+            results[name] = summarise(
+                cfg,
+                idx,
+                slots,
+                done,
+                primary_correct[name],
+                baseline_correct,
+                n_resamples,
+                confidence,
+            )
             r = results[name]
-            log.info("judge %s: win rate %s, flips %s, agreement %s, calibrated %s", name,
-                     r["win_rate"]["value"], r["flip_rate"], r["agreement"], r["calibrated"])
+            log.info(
+                "judge %s: win rate %s, flips %s, agreement %s, calibrated %s",
+                name,
+                r["win_rate"]["value"],
+                r["flip_rate"],
+                r["agreement"],
+                r["calibrated"],
+            )
     finally:
         if own:
             provider.close()
     return results
 
 
-def summarise(cfg: JudgeConfig, idx: list[int], slots: list[int],
-              done: list[Completion | Exception], cand_correct: np.ndarray,
-              base_correct: np.ndarray, n_resamples: int, confidence: float) -> dict[str, Any]:
+def summarise(
+    cfg: JudgeConfig,
+    idx: list[int],
+    slots: list[int],
+    done: list[Completion | Exception],
+    cand_correct: np.ndarray,
+    base_correct: np.ndarray,
+    n_resamples: int,
+    confidence: float,
+) -> dict[str, Any]:
     """Win/tie/loss with intervals, flip and first-position rates, calibration."""
     outcome = {i: 0 for i in idx}  # identical answers stay ties
     asked, flips, firsts, verdicts, errors, usd_new = 0, 0, 0, 0, [], 0.0
@@ -185,17 +231,27 @@ def summarise(cfg: JudgeConfig, idx: list[int], slots: list[int],
     gold_winner = np.where(cc, 1, -1)
     agree = (o == gold_winner)[decided]
     agreement = float(agree.mean()) if decided.any() else None
-    calibrated = bool(agreement is not None and int(decided.sum()) >= cfg.min_decided
-                      and agreement >= cfg.min_agreement)
+    calibrated = bool(
+        agreement is not None
+        and int(decided.sum()) >= cfg.min_decided
+        and agreement >= cfg.min_agreement
+    )
     return {
-        "n_sampled": len(idx), "n_judged": len(judged), "n_asked": asked,
-        "n_identical": len(idx) - len(slots), "errors": len(errors), "error_examples": errors[:5],
+        "n_sampled": len(idx),
+        "n_judged": len(judged),
+        "n_asked": asked,
+        "n_identical": len(idx) - len(slots),
+        "errors": len(errors),
+        "error_examples": errors[:5],
         "win_rate": rate((o + 1) / 2),
-        "win": rate((o == 1).astype(float)), "tie": rate((o == 0).astype(float)),
+        "win": rate((o == 1).astype(float)),
+        "tie": rate((o == 0).astype(float)),
         "loss": rate((o == -1).astype(float)),
         "flip_rate": flips / asked if asked else None,
         "first_position_rate": firsts / verdicts if verdicts else None,
-        "n_decided": int(decided.sum()), "agreement": agreement,
-        "min_agreement": cfg.min_agreement, "calibrated": calibrated,
+        "n_decided": int(decided.sum()),
+        "agreement": agreement,
+        "min_agreement": cfg.min_agreement,
+        "calibrated": calibrated,
         "usd_new": round(usd_new, 6),
     }

@@ -16,29 +16,54 @@ from .scoring import answer_fields
 log = logging.getLogger(__name__)
 
 
-def model_predictions(records: list[dict[str, Any]], prompts: list[list[dict[str, str]]],
-                      model_dir: str | Path, adapter: str | Path | None, task: TaskConfig,
-                      cfg: EvaluateConfig, desc: str) -> tuple[list[dict[str, Any]], float]:
+def model_predictions(
+    records: list[dict[str, Any]],
+    prompts: list[list[dict[str, str]]],
+    model_dir: str | Path,
+    adapter: str | Path | None,
+    task: TaskConfig,
+    cfg: EvaluateConfig,
+    desc: str,
+) -> tuple[list[dict[str, Any]], float]:
     """Generate with the (adapted) model; returns per-example predictions and total seconds."""
     from .generation import generate, load_model
 
     model, tokenizer = load_model(model_dir, adapter, cfg.dtype, cfg.threads)
     t0 = time.perf_counter()
-    gens = generate(model, tokenizer, prompts, task.max_new_tokens, cfg.batch_size,
-                    stop_at_json=cfg.stop_at_json, progress=cfg.progress, desc=desc)
+    gens = generate(
+        model,
+        tokenizer,
+        prompts,
+        task.max_new_tokens,
+        cfg.batch_size,
+        stop_at_json=cfg.stop_at_json,
+        progress=cfg.progress,
+        desc=desc,
+    )
     seconds = time.perf_counter() - t0
     del model
-    preds = [{"id": r["id"], "output": g.text, "latency_ms": round(g.latency_ms, 2),
-              "first_token_ms": round(g.first_token_ms, 2),
-              "amortised_ms": round(g.amortised_ms, 2), "new_tokens": g.new_tokens,
-              **answer_fields(task, g.text)}
-             for r, g in zip(records, gens, strict=True)]
+    preds = [
+        {
+            "id": r["id"],
+            "output": g.text,
+            "latency_ms": round(g.latency_ms, 2),
+            "first_token_ms": round(g.first_token_ms, 2),
+            "amortised_ms": round(g.amortised_ms, 2),
+            "new_tokens": g.new_tokens,
+            **answer_fields(task, g.text),
+        }
+        for r, g in zip(records, gens, strict=True)
+    ]
     return preds, seconds
 
 
-def cached_baseline(records: list[dict[str, Any]], prompts: list[list[dict[str, str]]],
-                    model_dir: str | Path, task: TaskConfig, cfg: EvaluateConfig
-                    ) -> tuple[list[dict[str, Any]], float, bool]:
+def cached_baseline(
+    records: list[dict[str, Any]],
+    prompts: list[list[dict[str, str]]],
+    model_dir: str | Path,
+    task: TaskConfig,
+    cfg: EvaluateConfig,
+) -> tuple[list[dict[str, Any]], float, bool]:
     """The base-model baseline, reused from `cache_dir` when nothing that shapes it changed.
 
     The baseline does not depend on the candidates, so a `dvc exp run -S train.x=y` need not
@@ -47,11 +72,19 @@ def cached_baseline(records: list[dict[str, Any]], prompts: list[list[dict[str, 
     """
     path = None
     if cfg.cache_dir and (Path(model_dir) / "temper_source.json").exists():
-        key = stable_hash({"model": model_hash(model_dir), "prompts": prompts, "ids":
-                           [r["id"] for r in records], "max_new_tokens": task.max_new_tokens,
-                           "dtype": cfg.dtype, "batch_size": cfg.batch_size,
-                           "stop_at_json": cfg.stop_at_json, "prompt_hash": task.prompt_hash,
-                           "format": 2})  # 2: per-request latency
+        key = stable_hash(
+            {
+                "model": model_hash(model_dir),
+                "prompts": prompts,
+                "ids": [r["id"] for r in records],
+                "max_new_tokens": task.max_new_tokens,
+                "dtype": cfg.dtype,
+                "batch_size": cfg.batch_size,
+                "stop_at_json": cfg.stop_at_json,
+                "prompt_hash": task.prompt_hash,
+                "format": 2,
+            }
+        )  # 2: per-request latency
         path = Path(cfg.cache_dir) / f"baseline-{key}.json"
         if path.exists():
             hit = read_json(path)
@@ -63,8 +96,9 @@ def cached_baseline(records: list[dict[str, Any]], prompts: list[list[dict[str, 
     return preds, seconds, False
 
 
-def api_predictions(records: list[dict[str, Any]], path: Path, task: TaskConfig
-                    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def api_predictions(
+    records: list[dict[str, Any]], path: Path, task: TaskConfig
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The API teacher's answers, aligned to the test records; a missing one is wrong."""
     rows = {}
     for lineno, row in enumerate(read_jsonl(path), 1):
@@ -78,19 +112,31 @@ def api_predictions(records: list[dict[str, Any]], path: Path, task: TaskConfig
             missing += 1
             row = {"output": None, "error": "no teacher answer in baseline file"}
         # Each API answer is one request: its latency is its own; nothing is amortised.
-        preds.append({"id": r["id"], "output": row.get("output"),
-                      "latency_ms": row.get("latency_ms"), "amortised_ms": None,
-                      "new_tokens": row.get("output_tokens"),
-                      "usd": row.get("usd") or 0.0, "input_tokens": row.get("input_tokens") or 0,
-                      **answer_fields(task, row.get("output"))})
+        preds.append(
+            {
+                "id": r["id"],
+                "output": row.get("output"),
+                "latency_ms": row.get("latency_ms"),
+                "amortised_ms": None,
+                "new_tokens": row.get("output_tokens"),
+                "usd": row.get("usd") or 0.0,
+                "input_tokens": row.get("input_tokens") or 0,
+                **answer_fields(task, row.get("output")),
+            }
+        )
     if missing:
-        log.warning("%s: %d of %d test ids have no teacher answer (scored as wrong)", path,
-                    missing, len(records))
+        log.warning(
+            "%s: %d of %d test ids have no teacher answer (scored as wrong)",
+            path,
+            missing,
+            len(records),
+        )
     return preds, {"missing": missing}
 
 
-def baseline_prompts(records: list[dict[str, Any]], task: TaskConfig, cfg: EvaluateConfig
-                     ) -> tuple[list[list[dict[str, str]]], list[str]]:
+def baseline_prompts(
+    records: list[dict[str, Any]], task: TaskConfig, cfg: EvaluateConfig
+) -> tuple[list[list[dict[str, str]]], list[str]]:
     """The teacher's prompt (label list + few-shot turns) for the base-model baseline."""
     shots: list[dict[str, Any]] = []
     if cfg.baseline_few_shot:

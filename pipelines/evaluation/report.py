@@ -16,14 +16,28 @@ from ..io import atomic_open, write_jsonl
 from ..results import EvalResult
 
 # Metrics shown in the main table, in this order, when present.
-HEADLINE = ["accuracy", "accuracy_any", "macro_f1", "rougeL", "null_match", "json_valid_rate",
-            "schema_valid_rate", "latency_ms_p50", "latency_ms_p95", "latency_ms_amortised",
-            "tokens_per_s", "usd_per_1k"]
+HEADLINE = [
+    "accuracy",
+    "accuracy_any",
+    "macro_f1",
+    "rougeL",
+    "null_match",
+    "json_valid_rate",
+    "schema_valid_rate",
+    "latency_ms_p50",
+    "latency_ms_p95",
+    "latency_ms_amortised",
+    "tokens_per_s",
+    "usd_per_1k",
+]
 
 
 def fmt(m: dict[str, Any] | None, digits: int = 3) -> str:
-    if not m or m.get("value") is None or (isinstance(m["value"], float)
-                                           and math.isnan(m["value"])):
+    if (
+        not m
+        or m.get("value") is None
+        or (isinstance(m["value"], float) and math.isnan(m["value"]))
+    ):
         return "n/a"
     v = m["value"]
     text = f"{v:.{digits}f}" if abs(v) < 1000 else f"{v:.0f}"
@@ -61,9 +75,14 @@ def md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def write_reports(cfg: Any, task: Any, evaluation: dict[str, Any],
-                  records: list[dict[str, Any]], preds: dict[str, list[dict[str, Any]]],
-                  per_class: dict[str, dict[str, Any]]) -> list[Path]:
+def write_reports(
+    cfg: Any,
+    task: Any,
+    evaluation: dict[str, Any],
+    records: list[dict[str, Any]],
+    preds: dict[str, list[dict[str, Any]]],
+    per_class: dict[str, dict[str, Any]],
+) -> list[Path]:
     out = Path(cfg.reports_dir)
     files: list[Path] = []
     for name, rows in preds.items():
@@ -89,22 +108,30 @@ def systems(evaluation: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def render(cfg: Any, evaluation: dict[str, Any], records: list[dict[str, Any]],
-           preds: dict[str, list[dict[str, Any]]], per_class: dict[str, dict[str, Any]],
-           label: str | None) -> str:
+def render(
+    cfg: Any,
+    evaluation: dict[str, Any],
+    records: list[dict[str, Any]],
+    preds: dict[str, list[dict[str, Any]]],
+    per_class: dict[str, dict[str, Any]],
+    label: str | None,
+) -> str:
     conf = int(evaluation["confidence"] * 100)
     sysm = systems(evaluation)
     base = evaluation.get("baseline")
     lines = [
-        "# Evaluation report", "",
+        "# Evaluation report",
+        "",
         f"- test set: `{evaluation['test_file']}` ({evaluation['n_examples']} examples, "
         f"sha256 {evaluation['test_sha256'][:12]})",
         f"- baseline: {base['kind'] + (' (' + base.get('source', '') + ')' if base.get('source') else '') if base else 'none'}",
         f"- primary metric: `{evaluation['primary_metric']}`; intervals: {conf}% percentile "
         f"bootstrap, {evaluation['n_resamples']} resamples (paired for deltas)",
         f"- **winner: {evaluation['winner'] or 'none (no candidate passed the gates)'}**",
-        f"- evaluation took {evaluation['seconds']:.0f} s", "",
-        "## Metrics", "",
+        f"- evaluation took {evaluation['seconds']:.0f} s",
+        "",
+        "## Metrics",
+        "",
     ]
     keys = []
     for entry in sysm.values():
@@ -114,68 +141,130 @@ def render(cfg: Any, evaluation: dict[str, Any], records: list[dict[str, Any]],
     other = sorted({k for e in sysm.values() for k in e["metrics"]} - set(keys))
     if other:
         rows = [[k] + [fmt(e["metrics"].get(k)) for e in sysm.values()] for k in other]
-        lines += ["<details><summary>All metrics</summary>", "",
-                  md_table(["metric"] + list(sysm), rows), "", "</details>", ""]
+        lines += [
+            "<details><summary>All metrics</summary>",
+            "",
+            md_table(["metric"] + list(sysm), rows),
+            "",
+            "</details>",
+            "",
+        ]
     if base:
         lines += ["## Candidate - baseline (paired)", ""]
         cands = evaluation["candidates"]
-        dkeys = [k for k in keys if any(k in (c.get("delta_vs_baseline") or {})
-                                        for c in cands.values())]
-        rows = [[k] + [fmt((c.get("delta_vs_baseline") or {}).get(k)) for c in cands.values()]
-                for k in dkeys]
+        dkeys = [
+            k for k in keys if any(k in (c.get("delta_vs_baseline") or {}) for c in cands.values())
+        ]
+        rows = [
+            [k] + [fmt((c.get("delta_vs_baseline") or {}).get(k)) for c in cands.values()]
+            for k in dkeys
+        ]
         lines += [md_table(["metric"] + list(cands), rows), "", "![deltas](deltas.png)", ""]
     lines += ["## Gates", "", gate_table(EvalResult.model_validate(evaluation)), ""]
     judged = {n: c["judge"] for n, c in evaluation["candidates"].items() if c.get("judge")}
     lines += ["## LLM judge", ""]
     if not judged:
-        lines += ["Not run (`judge.enabled: false`, the offline default)." if not
-                  evaluation.get("judge", {}).get("enabled") else "Not run (no baseline).", ""]
+        lines += [
+            "Not run (`judge.enabled: false`, the offline default)."
+            if not evaluation.get("judge", {}).get("enabled")
+            else "Not run (no baseline).",
+            "",
+        ]
     else:
         rows = []
         for n, j in judged.items():
-            rows.append([n, str(j["n_judged"]), fmt(j["win_rate"]), fmt(j["win"]), fmt(j["tie"]),
-                         fmt(j["loss"]), f"{j['flip_rate']:.3f}" if j["flip_rate"] is not None
-                         else "n/a", f"{j['agreement']:.3f} on {j['n_decided']}"
-                         if j["agreement"] is not None else "n/a",
-                         "yes" if j["calibrated"] else "**no** (not gated)", str(j["errors"])])
-        lines += [md_table(["candidate", "judged", "win rate (ties 1/2)", "win", "tie", "loss",
-                            "position flips", "agreement with gold", "calibrated", "errors"],
-                           rows), ""]
+            rows.append(
+                [
+                    n,
+                    str(j["n_judged"]),
+                    fmt(j["win_rate"]),
+                    fmt(j["win"]),
+                    fmt(j["tie"]),
+                    fmt(j["loss"]),
+                    f"{j['flip_rate']:.3f}" if j["flip_rate"] is not None else "n/a",
+                    f"{j['agreement']:.3f} on {j['n_decided']}"
+                    if j["agreement"] is not None
+                    else "n/a",
+                    "yes" if j["calibrated"] else "**no** (not gated)",
+                    str(j["errors"]),
+                ]
+            )
+        lines += [
+            md_table(
+                [
+                    "candidate",
+                    "judged",
+                    "win rate (ties 1/2)",
+                    "win",
+                    "tie",
+                    "loss",
+                    "position flips",
+                    "agreement with gold",
+                    "calibrated",
+                    "errors",
+                ],
+                rows,
+            ),
+            "",
+        ]
     if label:
-        lines += [f"## Per category ({label}: recall = accuracy within the class)", "",
-                  "![per-class accuracy](per_class_accuracy.png)", ""]
+        lines += [
+            f"## Per category ({label}: recall = accuracy within the class)",
+            "",
+            "![per-class accuracy](per_class_accuracy.png)",
+            "",
+        ]
         names = [n for n in sysm if f"{label}.per_class" in per_class.get(n, {})]
         classes = sorted({c for n in names for c in per_class[n][f"{label}.per_class"]})
         rows = []
         for c in classes:
-            support = next(per_class[n][f"{label}.per_class"][c]["support"] for n in names
-                           if c in per_class[n][f"{label}.per_class"])
-            rows.append([c, str(support)] + [
-                f"{per_class[n][f'{label}.per_class'].get(c, {}).get('recall', 0):.2f} / "
-                f"{per_class[n][f'{label}.per_class'].get(c, {}).get('precision', 0):.2f}"
-                for n in names])
+            support = next(
+                per_class[n][f"{label}.per_class"][c]["support"]
+                for n in names
+                if c in per_class[n][f"{label}.per_class"]
+            )
+            rows.append(
+                [c, str(support)]
+                + [
+                    f"{per_class[n][f'{label}.per_class'].get(c, {}).get('recall', 0):.2f} / "
+                    f"{per_class[n][f'{label}.per_class'].get(c, {}).get('precision', 0):.2f}"
+                    for n in names
+                ]
+            )
         lines += [md_table(["class", "n"] + [f"{n} R / P" for n in names], rows), ""]
     focus = evaluation["winner"] or next(iter(evaluation["candidates"]), None)
     if focus and cfg.worst_examples:
         wrong = [p for p in preds[focus] if not p["valid"] or not p["correct"]]
         # Invalid answers first (the worst), then wrong labels, in a stable order.
         wrong.sort(key=lambda p: (p["valid"], str(p["id"])))
-        lines += [f"## Worst examples of `{focus}` ({len(wrong)} wrong or invalid of "
-                  f"{len(preds[focus])})", ""]
+        lines += [
+            f"## Worst examples of `{focus}` ({len(wrong)} wrong or invalid of "
+            f"{len(preds[focus])})",
+            "",
+        ]
         texts = {r["id"]: r["text"] for r in records}
         rows = []
         for p in wrong[: cfg.worst_examples]:
             clause = texts[p["id"]][:160].replace("|", "\\|") + (
-                "…" if len(texts[p["id"]]) > 160 else "")
+                "…" if len(texts[p["id"]]) > 160 else ""
+            )
             output = (p["output"] or "").replace("\n", " ").replace("|", "\\|")[:120]
-            rows.append([p["id"], clause, str(p["gold"].get(label)) if label else "",
-                         f"`{output}`", "ok" if p["valid"] else "; ".join(p["problems"])[:60]])
+            rows.append(
+                [
+                    p["id"],
+                    clause,
+                    str(p["gold"].get(label)) if label else "",
+                    f"`{output}`",
+                    "ok" if p["valid"] else "; ".join(p["problems"])[:60],
+                ]
+            )
         lines += [md_table(["id", "clause", "gold", "answer", "schema"], rows), ""]
     return "\n".join(lines) + "\n"
 
 
-def write_plot_data(out: Path, evaluation: dict[str, Any], per_class: dict[str, Any],
-                    label: str | None) -> list[Path]:
+def write_plot_data(
+    out: Path, evaluation: dict[str, Any], per_class: dict[str, Any], label: str | None
+) -> list[Path]:
     """CSV files for `dvc plots` (per-class accuracy per system; deltas with intervals)."""
     files = []
     if label:
@@ -193,8 +282,9 @@ def write_plot_data(out: Path, evaluation: dict[str, Any], per_class: dict[str, 
     for name, entry in evaluation["candidates"].items():
         for key, d in sorted((entry.get("delta_vs_baseline") or {}).items()):
             if d["value"] is not None and not key.startswith("latency"):
-                writer.writerow([f"{name}: {key}", key, name, round(d["value"], 4),
-                                 d["ci_low"], d["ci_high"]])
+                writer.writerow(
+                    [f"{name}: {key}", key, name, round(d["value"], 4), d["ci_low"], d["ci_high"]]
+                )
     files.append(_write(out / "plots" / "deltas.csv", buf.getvalue()))
     return files
 
@@ -205,8 +295,9 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def write_pngs(out: Path, evaluation: dict[str, Any], per_class: dict[str, Any],
-               label: str | None) -> list[Path]:
+def write_pngs(
+    out: Path, evaluation: dict[str, Any], per_class: dict[str, Any], label: str | None
+) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -232,16 +323,22 @@ def write_pngs(out: Path, evaluation: dict[str, Any], per_class: dict[str, Any],
         fig.tight_layout()
         files.append(_save(fig, out / "per_class_accuracy.png"))
         plt.close(fig)
-    rows = [(f"{name}: {key}", d) for name, entry in evaluation["candidates"].items()
-            for key, d in sorted((entry.get("delta_vs_baseline") or {}).items())
-            if d["value"] is not None and d["ci_low"] is not None
-            and not key.startswith("latency")]
+    rows = [
+        (f"{name}: {key}", d)
+        for name, entry in evaluation["candidates"].items()
+        for key, d in sorted((entry.get("delta_vs_baseline") or {}).items())
+        if d["value"] is not None and d["ci_low"] is not None and not key.startswith("latency")
+    ]
     fig, ax = plt.subplots(figsize=(8, max(3, 0.3 * len(rows))))
     if rows:
         y = np.arange(len(rows))
         vals = np.array([d["value"] for _, d in rows])
-        err = np.array([[d["value"] - d["ci_low"] for _, d in rows],
-                        [d["ci_high"] - d["value"] for _, d in rows]])
+        err = np.array(
+            [
+                [d["value"] - d["ci_low"] for _, d in rows],
+                [d["ci_high"] - d["value"] for _, d in rows],
+            ]
+        )
         ax.errorbar(vals, y, xerr=np.clip(err, 0, None), fmt="o", capsize=3)
         ax.set_yticks(y, [r for r, _ in rows], fontsize=7)
         ax.invert_yaxis()

@@ -29,8 +29,12 @@ def answer_fields(task: TaskConfig, text: str | None) -> dict[str, Any]:
     whether it fits the schema (`valid`: fields, types, allowed labels) and the problems."""
     answer = parse_answer(text) if text is not None else None
     problems = task.validate_answer(answer) if answer is not None else ["no JSON object found"]
-    return {"answer": answer, "json_ok": answer is not None, "valid": not problems,
-            "problems": problems}
+    return {
+        "answer": answer,
+        "json_ok": answer is not None,
+        "valid": not problems,
+        "problems": problems,
+    }
 
 
 def field_value(pred: dict[str, Any], name: str) -> Any:
@@ -39,8 +43,12 @@ def field_value(pred: dict[str, Any], name: str) -> Any:
     return value if isinstance(value, str) else None
 
 
-def per_example(task: TaskConfig, records: list[dict[str, Any]], preds: list[dict[str, Any]],
-                references: dict[str, list[Any]]) -> dict[str, Any]:
+def per_example(
+    task: TaskConfig,
+    records: list[dict[str, Any]],
+    preds: list[dict[str, Any]],
+    references: dict[str, list[Any]],
+) -> dict[str, Any]:
     """Per-example score arrays (what the bootstrap resamples) and per-class point metrics."""
     from .metrics import load
 
@@ -58,13 +66,17 @@ def per_example(task: TaskConfig, records: list[dict[str, Any]], preds: list[dic
         refs = references[field.name]
         values = [field_value(p, field.name) for p in preds]
         if field.kind == "label":
-            gold_all = [(r.get("gold_all") or {}).get(field.name) or [g]
-                        for r, g in zip(records, refs, strict=True)]
+            gold_all = [
+                (r.get("gold_all") or {}).get(field.name) or [g]
+                for r, g in zip(records, refs, strict=True)
+            ]
             res = load("label_metrics").compute(
                 # None -> "" (no answer): arrow cannot type a column that is all None.
-                predictions=[v or "" for v in values], references=[str(g) for g in refs],
+                predictions=[v or "" for v in values],
+                references=[str(g) for g in refs],
                 references_all=gold_all,
-                return_per_example=True)
+                return_per_example=True,
+            )
             out[f"{field.name}.accuracy"] = np.array(res["correct"], float)
             out[f"{field.name}.accuracy_any"] = np.array(res["correct_any"], float)
             extra[f"{field.name}.per_class"] = res["per_class"]
@@ -72,15 +84,18 @@ def per_example(task: TaskConfig, records: list[dict[str, Any]], preds: list[dic
         else:
             has_ref = np.array([g is not None for g in refs])
             res = load("text_rouge").compute(
-                predictions=[v or "" for v in values], references=[g or "" for g in refs],
-                return_per_example=True)
+                predictions=[v or "" for v in values],
+                references=[g or "" for g in refs],
+                return_per_example=True,
+            )
             for rouge in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
                 key = f"{field.name}.{rouge}"
                 out[key] = np.array(res[f"{rouge}_scores"], float)
                 masks[key] = has_ref
             if field.nullable:
                 out[f"{field.name}.null_match"] = np.array(
-                    [(v is None) == (g is None) for v, g in zip(values, refs, strict=True)], float)
+                    [(v is None) == (g is None) for v, g in zip(values, refs, strict=True)], float
+                )
     latency = [p.get("latency_ms") for p in preds]
     if all(v is not None for v in latency):
         out["latency_ms_mean"] = np.array(latency, float)
@@ -96,24 +111,35 @@ def system_stats(ex: dict[str, Any], rs: Resamples) -> dict[str, tuple[float, np
     stats = {}
     for key, values in ex["scores"].items():
         mask = ex["masks"].get(key)
-        point = float(values[mask].mean()) if mask is not None and mask.any() else (
-            float(values.mean()) if mask is None else float("nan"))
+        point = (
+            float(values[mask].mean())
+            if mask is not None and mask.any()
+            else (float(values.mean()) if mask is None else float("nan"))
+        )
         stats[key] = (point, mean_stats(values, rs, mask))
-    for key, (pred, gold) in ((k[: -len(".labels")], v) for k, v in ex["extra"].items()
-                              if k.endswith(".labels")):
+    for key, (pred, gold) in (
+        (k[: -len(".labels")], v) for k, v in ex["extra"].items() if k.endswith(".labels")
+    ):
         stats[f"{key}.macro_f1"] = macro_f1_stats(pred, gold, rs)
     if "latency_ms" in ex["extra"]:
         # Per-request percentiles: each answer's own time, as its caller would see it.
         latency = ex["extra"]["latency_ms"]
         for q in (50, 95):
-            stats[f"latency_ms_p{q}"] = (float(np.percentile(latency, q)),
-                                         percentile_stats(latency, q, rs))
+            stats[f"latency_ms_p{q}"] = (
+                float(np.percentile(latency, q)),
+                percentile_stats(latency, q, rs),
+            )
     return stats
 
 
-def score_system(task: TaskConfig, records: list[dict[str, Any]], preds: list[dict[str, Any]],
-                 references: dict[str, list[Any]], rs: Resamples, cost: dict[str, float]
-                 ) -> tuple[dict[str, Any], dict[str, tuple[float, np.ndarray]], dict[str, Any]]:
+def score_system(
+    task: TaskConfig,
+    records: list[dict[str, Any]],
+    preds: list[dict[str, Any]],
+    references: dict[str, list[Any]],
+    rs: Resamples,
+    cost: dict[str, float],
+) -> tuple[dict[str, Any], dict[str, tuple[float, np.ndarray]], dict[str, Any]]:
     ex = per_example(task, records, preds, references)
     stats = system_stats(ex, rs)
     metrics = {k: estimate(p, s, rs) for k, (p, s) in sorted(stats.items())}
@@ -124,8 +150,14 @@ def score_system(task: TaskConfig, records: list[dict[str, Any]], preds: list[di
 
 def metric_names(task: TaskConfig) -> list[str]:
     """The metrics with intervals this task gets (what primary_metric and gates may name)."""
-    names = ["json_valid_rate", "schema_valid_rate", "latency_ms_mean", "latency_ms_p50",
-             "latency_ms_p95", "latency_ms_amortised"]
+    names = [
+        "json_valid_rate",
+        "schema_valid_rate",
+        "latency_ms_mean",
+        "latency_ms_p50",
+        "latency_ms_p95",
+        "latency_ms_amortised",
+    ]
     for f in task.fields:
         if f.kind == "label":
             names += [f"{f.name}.{m}" for m in ("accuracy", "accuracy_any", "macro_f1")]
@@ -135,8 +167,9 @@ def metric_names(task: TaskConfig) -> list[str]:
     return names
 
 
-def references_for(task: TaskConfig, records: list[dict[str, Any]],
-                   teacher: list[dict[str, Any]] | None) -> dict[str, list[Any]]:
+def references_for(
+    task: TaskConfig, records: list[dict[str, Any]], teacher: list[dict[str, Any]] | None
+) -> dict[str, list[Any]]:
     """Reference per field: gold when the dataset has it, else the teacher's answer."""
     refs = {}
     for field in task.fields:
@@ -147,8 +180,11 @@ def references_for(task: TaskConfig, records: list[dict[str, Any]],
     return refs
 
 
-def deltas(cand: dict[str, tuple[float, np.ndarray]], base: dict[str, tuple[float, np.ndarray]],
-           rs: Resamples) -> dict[str, dict[str, float]]:
+def deltas(
+    cand: dict[str, tuple[float, np.ndarray]],
+    base: dict[str, tuple[float, np.ndarray]],
+    rs: Resamples,
+) -> dict[str, dict[str, float]]:
     """Paired differences candidate - baseline (the same resamples for both)."""
     out = {}
     for key in sorted(set(cand) & set(base)):
@@ -157,16 +193,20 @@ def deltas(cand: dict[str, tuple[float, np.ndarray]], base: dict[str, tuple[floa
     return out
 
 
-def self_hosted_cost(preds: list[dict[str, Any]], seconds: float, n: int,
-                     cfg: EvaluateConfig) -> dict[str, float]:
+def self_hosted_cost(
+    preds: list[dict[str, Any]], seconds: float, n: int, cfg: EvaluateConfig
+) -> dict[str, float]:
     tokens = sum(p["new_tokens"] for p in preds)
-    return {"usd_per_1k": cfg.hardware_usd_per_hour * seconds / 3600 / n * 1000,
-            "tokens_per_s": tokens / seconds if seconds else 0.0,
-            "examples_per_s": n / seconds if seconds else 0.0}
+    return {
+        "usd_per_1k": cfg.hardware_usd_per_hour * seconds / 3600 / n * 1000,
+        "tokens_per_s": tokens / seconds if seconds else 0.0,
+        "examples_per_s": n / seconds if seconds else 0.0,
+    }
 
 
-def attach_scores(preds: list[dict[str, Any]], records: list[dict[str, Any]],
-                  ex: dict[str, Any]) -> list[dict[str, Any]]:
+def attach_scores(
+    preds: list[dict[str, Any]], records: list[dict[str, Any]], ex: dict[str, Any]
+) -> list[dict[str, Any]]:
     """Prediction rows for `reports/predictions/<name>.jsonl`: answer, gold and scores."""
     rows = []
     for i, (p, r) in enumerate(zip(preds, records, strict=True)):
@@ -175,8 +215,13 @@ def attach_scores(preds: list[dict[str, Any]], records: list[dict[str, Any]],
             mask = ex["masks"].get(key)
             if mask is None or mask[i]:
                 scores[key] = float(values[i])
-        rows.append({**p, "gold": r["gold"], "gold_all": r.get("gold_all"),
-                     "correct": bool(next((v for k, v in scores.items()
-                                           if k.endswith(".accuracy")), 0)),
-                     "scores": scores})
+        rows.append(
+            {
+                **p,
+                "gold": r["gold"],
+                "gold_all": r.get("gold_all"),
+                "correct": bool(next((v for k, v in scores.items() if k.endswith(".accuracy")), 0)),
+                "scores": scores,
+            }
+        )
     return rows

@@ -58,25 +58,45 @@ from .base import (
     ProviderError,
 )
 from .cache import Cache
-from .clients import (
-    AnthropicProvider,
-    ApiProvider,
-    OpenAIProvider,
-    Provider,
-    ReplayProvider,
-    gather_bounded,
-    open_provider,
-)
+from .clients import Provider, gather_bounded
 from .limits import Budget, RateLimiter, Stats, capped_transport, estimate_tokens, reply_limit
 from .privacy import check_endpoint, hosts_addresses, is_local, loopback_address, redact
 from .retries import is_retryable, may_have_been_billed, retry_after_s
+from .vendors import AnthropicProvider, ApiProvider, OpenAIProvider, ReplayProvider, open_provider
 
 __all__ = [
-    "DEFAULT_BASE_URL", "DEFAULT_KEY_ENV", "AnthropicProvider", "ApiProvider", "Budget",
-    "BudgetExceeded", "Cache", "CacheMiss", "Completion", "MalformedResponse", "Messages",
-    "OpenAIProvider", "OverLimitReply", "Price", "PrivacyError", "Provider", "ProviderConfig",
-    "ProviderError", "RateLimiter", "ReplayProvider", "Stats", "capped_transport",
-    "check_endpoint", "estimate_tokens", "gather_bounded", "hosts_addresses", "is_local",
-    "is_retryable", "loopback_address", "may_have_been_billed", "open_provider", "redact",
-    "reply_limit", "retry_after_s",
+    "DEFAULT_BASE_URL",
+    "DEFAULT_KEY_ENV",
+    "AnthropicProvider",
+    "ApiProvider",
+    "Budget",
+    "BudgetExceeded",
+    "Cache",
+    "CacheMiss",
+    "Completion",
+    "MalformedResponse",
+    "Messages",
+    "OpenAIProvider",
+    "OverLimitReply",
+    "Price",
+    "PrivacyError",
+    "Provider",
+    "ProviderConfig",
+    "ProviderError",
+    "RateLimiter",
+    "ReplayProvider",
+    "Stats",
+    "capped_transport",
+    "check_endpoint",
+    "estimate_tokens",
+    "gather_bounded",
+    "hosts_addresses",
+    "is_local",
+    "is_retryable",
+    "loopback_address",
+    "may_have_been_billed",
+    "open_provider",
+    "redact",
+    "reply_limit",
+    "retry_after_s",
 ]

@@ -29,48 +29,69 @@ class ProviderConfig(Section):
     """One LLM endpoint with its cache, limits and budget (`distil.provider`, the judge's too)."""
 
     kind: Literal["gold", "openai", "anthropic", "replay"] = Field(
-        "gold", description="gold (offline: answers from gold fields), openai, anthropic, or "
-        "replay (cache only; a miss is an error).")
+        "gold",
+        description="gold (offline: answers from gold fields), openai, anthropic, or "
+        "replay (cache only; a miss is an error).",
+    )
     model: str = Field("gold", description="Model name sent to the API (part of cache keys).")
     base_url: str | None = Field(
-        None, description="Endpoint. openai: includes /v1 (OpenAI, Azure, vLLM, Ollama, LiteLLM); "
-        "anthropic: the server root. null: the vendor's public API.")
+        None,
+        description="Endpoint. openai: includes /v1 (OpenAI, Azure, vLLM, Ollama, LiteLLM); "
+        "anthropic: the server root. null: the vendor's public API.",
+    )
     api_key_env: str | None = Field(
-        None, description="Name of the env var holding the API key (default OPENAI_API_KEY / "
-        "ANTHROPIC_API_KEY). The key itself never goes in a file.")
+        None,
+        description="Name of the env var holding the API key (default OPENAI_API_KEY / "
+        "ANTHROPIC_API_KEY). The key itself never goes in a file.",
+    )
     replay_kind: Literal["openai", "anthropic"] = Field(
-        "openai", description="For kind=replay: whose cache entries to answer from.")
+        "openai", description="For kind=replay: whose cache entries to answer from."
+    )
     allow_external: bool = Field(
-        False, description="Allow an endpoint that is not on this machine (loopback is local). "
-        "false: such a provider refuses before sending anything.")
+        False,
+        description="Allow an endpoint that is not on this machine (loopback is local). "
+        "false: such a provider refuses before sending anything.",
+    )
     redact: list[Literal["email", "phone", "ip", "card"]] = Field(
-        default_factory=list, description="Mask these in outgoing messages (counts reported).")
+        default_factory=list, description="Mask these in outgoing messages (counts reported)."
+    )
     temperature: float = Field(0.0, ge=0, description="Sampling temperature.")
     max_tokens: int = Field(256, gt=0, description="Output token limit per request.")
     token_limit_param: Literal["max_tokens", "max_completion_tokens"] = Field(
-        "max_tokens", description="openai: the request field for the output limit (OpenAI's "
-        "reasoning models need max_completion_tokens; most compatible servers max_tokens).")
+        "max_tokens",
+        description="openai: the request field for the output limit (OpenAI's "
+        "reasoning models need max_completion_tokens; most compatible servers max_tokens).",
+    )
     json_mode: Literal["schema", "object", "off"] = Field(
-        "schema", description="Structured output when a JSON schema is given: schema (OpenAI "
-        "json_schema / Anthropic output_config), object (OpenAI json_object only), off.")
+        "schema",
+        description="Structured output when a JSON schema is given: schema (OpenAI "
+        "json_schema / Anthropic output_config), object (OpenAI json_object only), off.",
+    )
     concurrency: int = Field(8, gt=0, description="Requests in flight at most.")
     rpm: int | None = Field(None, gt=0, description="Requests per minute (null: no limit).")
     tpm: int | None = Field(None, gt=0, description="Tokens per minute, estimated (null: none).")
-    max_retries: int = Field(4, ge=0, description="Retries of a failed request (429, 5xx, "
-                             "timeouts, connection errors, malformed bodies).")
+    max_retries: int = Field(
+        4,
+        ge=0,
+        description="Retries of a failed request (429, 5xx, "
+        "timeouts, connection errors, malformed bodies).",
+    )
     backoff_s: float = Field(0.5, ge=0, description="Initial backoff (exponential, jittered).")
     backoff_max_s: float = Field(30.0, ge=0, description="Longest backoff between retries.")
     max_retry_after_s: float = Field(120.0, ge=0, description="Longest retry-after honoured.")
     timeout_s: float = Field(60.0, gt=0, description="Per-request timeout in seconds.")
     max_reply_bytes: int | None = Field(
-        None, gt=0, description="Bytes read of one reply at most; a longer one is a fault, "
-        "charged its worst case (null: 64 KiB + 64 bytes per requested output token).")
+        None,
+        gt=0,
+        description="Bytes read of one reply at most; a longer one is a fault, "
+        "charged its worst case (null: 64 KiB + 64 bytes per requested output token).",
+    )
     cache: str = Field(".cache/llm-cache.sqlite", description="The persistent response cache.")
     prices: dict[str, Price] = Field(
-        default_factory=dict, description="USD per 1M input/output tokens, per model name.")
+        default_factory=dict, description="USD per 1M input/output tokens, per model name."
+    )
     max_usd: float = Field(5.0, ge=0, description="Hard cap on new spend in one run.")
     max_requests: int = Field(10000, ge=0, description="Hard cap on HTTP requests in one run.")
-
 
 
 @dataclass(frozen=True)

@@ -26,20 +26,24 @@ class Cache:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None,
-                                   check_same_thread=False)
+        self._db = sqlite3.connect(
+            self.path, timeout=60, isolation_level=None, check_same_thread=False
+        )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS completions (key TEXT PRIMARY KEY, kind TEXT, model TEXT,"
             " text TEXT, input_tokens INT, output_tokens INT, usd REAL, latency_ms REAL,"
-            " finish_reason TEXT, request TEXT, created REAL)")
+            " finish_reason TEXT, request TEXT, created REAL)"
+        )
 
     def get(self, key: str) -> Completion | None:
         with self._lock:
             row = self._db.execute(
                 "SELECT text, input_tokens, output_tokens, usd, latency_ms, finish_reason, model"
-                " FROM completions WHERE key = ?", (key,)).fetchone()
+                " FROM completions WHERE key = ?",
+                (key,),
+            ).fetchone()
         if row is None:
             return None
         text, tin, tout, usd, latency, finish, model = row
@@ -49,9 +53,20 @@ class Cache:
         with self._lock:
             self._db.execute(
                 "INSERT OR REPLACE INTO completions VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (key, kind, done.model, done.text, done.input_tokens, done.output_tokens,
-                 done.usd, done.latency_ms, done.finish_reason,
-                 json.dumps(request, ensure_ascii=False), time.time()))
+                (
+                    key,
+                    kind,
+                    done.model,
+                    done.text,
+                    done.input_tokens,
+                    done.output_tokens,
+                    done.usd,
+                    done.latency_ms,
+                    done.finish_reason,
+                    json.dumps(request, ensure_ascii=False),
+                    time.time(),
+                ),
+            )
 
     def __len__(self) -> int:
         with self._lock:

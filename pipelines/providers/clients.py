@@ -1,11 +1,11 @@
 """The provider classes: one `_send` per SDK around the shared cache, budget, limits, retries.
 
-    from temper.providers import ProviderConfig, open_provider
-    provider = open_provider(ProviderConfig(kind="openai", model="gpt-4o-mini",
-                                            base_url="http://127.0.0.1:8000/v1"))
-    done = provider.complete([{"role": "user", "content": "Say hi"}])         # sync
-    results = provider.complete_many([msgs1, msgs2], desc="judge")             # bounded, with bar
-    # or, inside your own event loop: await provider.acomplete(msgs, json_schema=...)
+from temper.providers import ProviderConfig, open_provider
+provider = open_provider(ProviderConfig(kind="openai", model="gpt-4o-mini",
+                                        base_url="http://127.0.0.1:8000/v1"))
+done = provider.complete([{"role": "user", "content": "Say hi"}])         # sync
+results = provider.complete_many([msgs1, msgs2], desc="judge")             # bounded, with bar
+# or, inside your own event loop: await provider.acomplete(msgs, json_schema=...)
 """
 
 from __future__ import annotations
@@ -13,19 +13,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from ..config import ConfigError
 from ..io import stable_hash
 from .base import (
-    DEFAULT_KEY_ENV,
     BudgetExceeded,
-    CacheMiss,
     Completion,
-    MalformedResponse,
     Messages,
     OverLimitReply,
     Price,
@@ -38,11 +33,9 @@ from .limits import (
     Budget,
     RateLimiter,
     Stats,
-    capped_transport,
     estimate_tokens,
-    reply_limit,
 )
-from .privacy import check_endpoint, is_local, redact
+from .privacy import redact
 from .retries import is_retryable, may_have_been_billed, retry_after_s
 
 log = logging.getLogger(__name__)
@@ -68,19 +61,32 @@ class Provider:
 
     # -- what callers use
 
-    def cache_key(self, messages: Messages, *, json_schema: dict[str, Any] | None = None,
-                  max_tokens: int | None = None, prompt_version: str = "") -> str:
+    def cache_key(
+        self,
+        messages: Messages,
+        *,
+        json_schema: dict[str, Any] | None = None,
+        max_tokens: int | None = None,
+        prompt_version: str = "",
+    ) -> str:
         """The content address: provider kind, model, prompt version, generation params, input.
 
         The endpoint URL is left out on purpose: the model name identifies the model, and a
         loopback port or a proxy in front must not invalidate finished work.
         """
-        return stable_hash({
-            "kind": self.cache_kind, "model": self.cfg.model, "prompt_version": prompt_version,
-            "temperature": self.cfg.temperature, "max_tokens": max_tokens or self.cfg.max_tokens,
-            "json_mode": self.cfg.json_mode if json_schema else "off", "json_schema": json_schema,
-            "messages": messages,
-        }, length=64)
+        return stable_hash(
+            {
+                "kind": self.cache_kind,
+                "model": self.cfg.model,
+                "prompt_version": prompt_version,
+                "temperature": self.cfg.temperature,
+                "max_tokens": max_tokens or self.cfg.max_tokens,
+                "json_mode": self.cfg.json_mode if json_schema else "off",
+                "json_schema": json_schema,
+                "messages": messages,
+            },
+            length=64,
+        )
 
     @property
     def cache_kind(self) -> str:
@@ -90,17 +96,26 @@ class Provider:
         """The messages as they will be sent (redacted); the cache key is built on these."""
         if not self.cfg.redact:
             return messages
-        return [{**m, "content": redact(m["content"], self.cfg.redact, self.stats.redactions)}
-                for m in messages]
+        return [
+            {**m, "content": redact(m["content"], self.cfg.redact, self.stats.redactions)}
+            for m in messages
+        ]
 
     def is_cached(self, messages: Messages, **kw: Any) -> bool:
         kinds = self.cfg.redact
-        sent = [{**m, "content": redact(m["content"], kinds)} for m in messages] if kinds else messages
+        sent = (
+            [{**m, "content": redact(m["content"], kinds)} for m in messages] if kinds else messages
+        )
         return self.cache.get(self.cache_key(sent, **kw)) is not None
 
-    def estimate_usd(self, batch: Sequence[Messages], *, max_tokens: int | None = None,
-                     expected_output_tokens: int | None = None,
-                     **kw: Any) -> tuple[int, float, float]:
+    def estimate_usd(
+        self,
+        batch: Sequence[Messages],
+        *,
+        max_tokens: int | None = None,
+        expected_output_tokens: int | None = None,
+        **kw: Any,
+    ) -> tuple[int, float, float]:
         """(uncached requests, expected USD, worst-case USD) for a batch, before running it.
 
         Expected: `expected_output_tokens` per answer; worst case: every answer as long as
@@ -117,8 +132,14 @@ class Provider:
     def price(self) -> Price:
         return Price(input=0, output=0)
 
-    async def acomplete(self, messages: Messages, *, json_schema: dict[str, Any] | None = None,
-                        max_tokens: int | None = None, prompt_version: str = "") -> Completion:
+    async def acomplete(
+        self,
+        messages: Messages,
+        *,
+        json_schema: dict[str, Any] | None = None,
+        max_tokens: int | None = None,
+        prompt_version: str = "",
+    ) -> Completion:
         """One completion: from the cache, or from the API (bounded, budgeted, retried).
 
         Raises BudgetExceeded (nothing sent), CacheMiss (replay), ProviderError (gave up).
@@ -126,27 +147,34 @@ class Provider:
         self.stats.calls += 1
         sent = self.prepare(messages)
         max_tokens = max_tokens or self.cfg.max_tokens
-        key = self.cache_key(sent, json_schema=json_schema, max_tokens=max_tokens,
-                             prompt_version=prompt_version)
+        key = self.cache_key(
+            sent, json_schema=json_schema, max_tokens=max_tokens, prompt_version=prompt_version
+        )
         if (hit := self.cache.get(key)) is not None:
             self.stats.cache_hits += 1
             return hit
         _, semaphore, _ = self._state()
         async with semaphore:
             done = await self._call(sent, json_schema, max_tokens)
-        self.cache.put(key, self.cache_kind, {"messages": sent, "json_schema": json_schema,
-                                              "max_tokens": max_tokens}, done)
+        self.cache.put(
+            key,
+            self.cache_kind,
+            {"messages": sent, "json_schema": json_schema, "max_tokens": max_tokens},
+            done,
+        )
         return done
 
     def complete(self, messages: Messages, **kw: Any) -> Completion:
         """Sync `acomplete` (starts and closes its own event loop)."""
         return self._run_sync(self.acomplete(messages, **kw))
 
-    async def amap(self, batch: Sequence[Messages], *, desc: str | None = None,
-                   **kw: Any) -> list[Completion | Exception]:
+    async def amap(
+        self, batch: Sequence[Messages], *, desc: str | None = None, **kw: Any
+    ) -> list[Completion | Exception]:
         """Complete many message lists concurrently; results in order, failures as exceptions."""
-        return await gather_bounded([self.acomplete(m, **kw) for m in batch], desc=desc,
-                                    provider=self)
+        return await gather_bounded(
+            [self.acomplete(m, **kw) for m in batch], desc=desc, provider=self
+        )
 
     def complete_many(self, batch: Sequence[Messages], **kw: Any) -> list[Completion | Exception]:
         """Sync `amap`."""
@@ -183,12 +211,14 @@ class Provider:
     def _client(self) -> Any:
         return None
 
-    async def _send(self, client: Any, messages: Messages, json_schema: dict[str, Any] | None,
-                    max_tokens: int) -> tuple[str, int | None, int | None, str | None]:
+    async def _send(
+        self, client: Any, messages: Messages, json_schema: dict[str, Any] | None, max_tokens: int
+    ) -> tuple[str, int | None, int | None, str | None]:
         raise NotImplementedError
 
-    async def _call(self, messages: Messages, json_schema: dict[str, Any] | None,
-                    max_tokens: int) -> Completion:
+    async def _call(
+        self, messages: Messages, json_schema: dict[str, Any] | None, max_tokens: int
+    ) -> Completion:
         from tenacity import (
             AsyncRetrying,
             retry_if_exception,
@@ -213,9 +243,13 @@ class Provider:
             log.debug("retry %d after %s", state.attempt_number, type(err).__name__)
 
         client = self._state()[2]
-        retrying = AsyncRetrying(stop=stop_after_attempt(cfg.max_retries + 1), wait=wait,
-                                 retry=retry_if_exception(is_retryable), reraise=True,
-                                 before_sleep=before_sleep)
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(cfg.max_retries + 1),
+            wait=wait,
+            retry=retry_if_exception(is_retryable),
+            reraise=True,
+            before_sleep=before_sleep,
+        )
         try:
             async for attempt in retrying:
                 with attempt:
@@ -231,8 +265,9 @@ class Provider:
                         t0 = time.perf_counter()
                         self.stats.requests += 1
                         sent = True
-                        text, tin, tout, finish = await self._send(client, messages, json_schema,
-                                                                   max_tokens)
+                        text, tin, tout, finish = await self._send(
+                            client, messages, json_schema, max_tokens
+                        )
                         # Servers that report no usage (some local ones): the estimate, but
                         # never more than the limit unless the text cannot fit in it.
                         tin = est_in if tin is None else tin
@@ -243,8 +278,10 @@ class Provider:
                         if tout > max_tokens:
                             claimed = price.cost(tin, tout) - price.cost(tin, max_tokens)
                             self.stats.usd_claimed_over_limit += max(claimed, 0.0)
-                            raise OverLimitReply(f"reply of {tout} output tokens, over the "
-                                                 f"requested limit of {max_tokens}")
+                            raise OverLimitReply(
+                                f"reply of {tout} output tokens, over the "
+                                f"requested limit of {max_tokens}"
+                            )
                     except BaseException as err:
                         # A request the server may have finished is charged its worst case.
                         charge = reserve if sent and may_have_been_billed(err) else 0.0
@@ -274,8 +311,10 @@ class Provider:
             text = str(err)
             if secret := getattr(self, "_api_key", None):
                 text = text.replace(secret, "***")
-            raise ProviderError(f"{type(err).__name__} after {attempt.retry_state.attempt_number}"
-                                f" attempt(s): {text[:300]}") from None
+            raise ProviderError(
+                f"{type(err).__name__} after {attempt.retry_state.attempt_number}"
+                f" attempt(s): {text[:300]}"
+            ) from None
         self.stats.input_tokens += tin
         self.stats.output_tokens += tout
         self.stats.usd += usd
@@ -283,131 +322,13 @@ class Provider:
         return Completion(text, tin, tout, usd, latency, False, finish, self.cfg.model)
 
 
-class ApiProvider(Provider):
-    """Shared set-up of the SDK-backed providers: endpoint check, key, price."""
-
-    def __init__(self, cfg: ProviderConfig, cache: Cache | None = None):
-        self.base_url = check_endpoint(cfg)  # before anything else: nothing is sent if refused
-        if cfg.model not in cfg.prices:
-            raise ConfigError(
-                f"provider model {cfg.model!r} has no entry in prices (USD per 1M input/output "
-                f"tokens); add prices: {{{cfg.model}: {{input: ..., output: ...}}}} (0 for a "
-                "free local server)")
-        env = cfg.api_key_env or DEFAULT_KEY_ENV[cfg.kind]
-        key = os.environ.get(env)
-        if not key:
-            if not is_local(self.base_url):
-                raise ConfigError(f"the API key env var {env} is not set")
-            key = "not-needed"  # local servers (vLLM, Ollama, the test server) often need none
-        self._api_key = key
-        super().__init__(cfg, cache)
-
-    def __repr__(self) -> str:  # never show the key
-        return f"{type(self).__name__}(model={self.cfg.model!r}, base_url={self.base_url!r})"
-
-    def price(self) -> Price:
-        return self.cfg.prices[self.cfg.model]
-
-    def _http_client(self, factory: Any) -> Any:
-        """The SDK's own HTTP client class, reading at most `max_reply_bytes` per reply and,
-        for a local-only endpoint, following no redirect (one could point off the machine)."""
-        limit = reply_limit(self.cfg, self.cfg.max_tokens)
-        return factory(transport=capped_transport(limit),
-                       follow_redirects=self.cfg.allow_external)
-
-
-class OpenAIProvider(ApiProvider):
-    kind = "openai"
-
-    def _client(self) -> Any:
-        import openai
-
-        return openai.AsyncOpenAI(api_key=self._api_key, base_url=self.base_url,
-                                  max_retries=0, timeout=self.cfg.timeout_s,
-                                  http_client=self._http_client(openai.DefaultAsyncHttpxClient))
-
-    async def _send(self, client: Any, messages: Messages, json_schema: dict[str, Any] | None,
-                    max_tokens: int) -> tuple[str, int | None, int | None, str | None]:
-        extra: dict[str, Any] = {}
-        if json_schema is not None and self.cfg.json_mode == "schema":
-            extra["response_format"] = {"type": "json_schema", "json_schema": {
-                "name": "answer", "schema": json_schema, "strict": False}}
-        elif json_schema is not None and self.cfg.json_mode == "object":
-            extra["response_format"] = {"type": "json_object"}
-        extra[self.cfg.token_limit_param] = max_tokens
-        response = await client.chat.completions.create(
-            model=self.cfg.model, messages=messages, temperature=self.cfg.temperature, **extra)
-        choices = getattr(response, "choices", None)
-        if not choices or choices[0].message is None:
-            raise MalformedResponse("response has no choices")
-        usage = response.usage
-        return (choices[0].message.content or "",
-                usage.prompt_tokens if usage else None,
-                usage.completion_tokens if usage else None,
-                choices[0].finish_reason)
-
-
-class AnthropicProvider(ApiProvider):
-    kind = "anthropic"
-
-    def _client(self) -> Any:
-        import anthropic
-
-        return anthropic.AsyncAnthropic(
-            api_key=self._api_key, base_url=self.base_url, max_retries=0,
-            timeout=self.cfg.timeout_s,
-            http_client=self._http_client(anthropic.DefaultAsyncHttpxClient))
-
-    async def _send(self, client: Any, messages: Messages, json_schema: dict[str, Any] | None,
-                    max_tokens: int) -> tuple[str, int | None, int | None, str | None]:
-        # The Messages API takes the system prompt apart from the turns.
-        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-        turns = [m for m in messages if m["role"] != "system"]
-        extra: dict[str, Any] = {"system": system} if system else {}
-        if json_schema is not None and self.cfg.json_mode == "schema":
-            extra["output_config"] = {"format": {"type": "json_schema", "schema": json_schema}}
-        # No `temperature`: this SDK's Messages API no longer takes one (the model decides).
-        response = await client.messages.create(
-            model=self.cfg.model, messages=turns, max_tokens=max_tokens, **extra)
-        content = getattr(response, "content", None)
-        if content is None:
-            raise MalformedResponse("response has no content")
-        text = "".join(getattr(block, "text", "") for block in content)
-        usage = response.usage
-        return (text, usage.input_tokens if usage else None,
-                usage.output_tokens if usage else None, response.stop_reason)
-
-
-class ReplayProvider(Provider):
-    """Answers only from the cache entries of `replay_kind`; sends nothing, ever."""
-
-    kind = "replay"
-
-    @property
-    def cache_kind(self) -> str:
-        return self.cfg.replay_kind
-
-    async def _call(self, messages: Messages, json_schema: dict[str, Any] | None,
-                    max_tokens: int) -> Completion:
-        self.stats.failures += 1
-        raise CacheMiss(f"replay: no cached {self.cfg.replay_kind} answer of model "
-                        f"{self.cfg.model!r} for this request (prompt or params changed?)")
-
-
-def open_provider(cfg: ProviderConfig, cache: Cache | None = None) -> Provider:
-    """The provider for `cfg.kind`; raises PrivacyError/ConfigError before sending anything."""
-    kinds: dict[str, type[Provider]] = {"openai": OpenAIProvider, "anthropic": AnthropicProvider,
-                                         "replay": ReplayProvider}
-    if cfg.kind not in kinds:
-        raise ConfigError(f"provider kind {cfg.kind!r} answers from records, not messages "
-                          "(distil handles it); use openai, anthropic or replay here")
-    return kinds[cfg.kind](cfg, cache)
-
-
-async def gather_bounded(coros: Sequence[Awaitable[T]], *, desc: str | None = None,
-                         provider: Provider | None = None,
-                         on_done: Callable[[int, Any], None] | None = None,
-                         ) -> list[T | Exception]:
+async def gather_bounded(
+    coros: Sequence[Awaitable[T]],
+    *,
+    desc: str | None = None,
+    provider: Provider | None = None,
+    on_done: Callable[[int, Any], None] | None = None,
+) -> list[T | Exception]:
     """Run coroutines (each bounded by the provider's semaphore), in order, errors as values.
 
     With `desc`, shows a tqdm bar: done/total, ETA, and the provider's spend and cache hits.
@@ -427,8 +348,9 @@ async def gather_bounded(coros: Sequence[Awaitable[T]], *, desc: str | None = No
         bar.update(1)
         if provider is not None and (bar.n % 10 == 0 or bar.n == bar.total):
             s = provider.stats
-            bar.set_postfix_str(f"${s.usd:.4f} hits {s.cache_hits} retries {s.retries}",
-                                refresh=False)
+            bar.set_postfix_str(
+                f"${s.usd:.4f} hits {s.cache_hits} retries {s.retries}", refresh=False
+            )
 
     try:
         await asyncio.gather(*(one(i, c) for i, c in enumerate(coros)))

@@ -41,11 +41,13 @@ class Budget:
         with self._lock:
             if self.requests + 1 > self.max_requests:
                 raise BudgetExceeded(
-                    f"request cap reached: {self.requests} of max_requests {self.max_requests}")
+                    f"request cap reached: {self.requests} of max_requests {self.max_requests}"
+                )
             if self.spent_usd + self.reserved_usd + usd > self.max_usd:
                 raise BudgetExceeded(
                     f"spend cap reached: ${self.spent_usd:.4f} spent + ${self.reserved_usd:.4f} "
-                    f"in flight + ${usd:.4f} for the next request > max_usd ${self.max_usd:.2f}")
+                    f"in flight + ${usd:.4f} for the next request > max_usd ${self.max_usd:.2f}"
+                )
             self.requests += 1
             self.reserved_usd += usd
 
@@ -85,22 +87,21 @@ class RateLimiter:
             await asyncio.sleep(max(wait, 0.005))
 
 
-
 @dataclass
 class Stats:
     """What one provider did in this process (written to metrics by its callers)."""
 
-    calls: int = 0            # completions asked for
+    calls: int = 0  # completions asked for
     cache_hits: int = 0
-    requests: int = 0         # HTTP attempts sent (retries and repairs included)
+    requests: int = 0  # HTTP attempts sent (retries and repairs included)
     retries: int = 0
-    failures: int = 0         # calls that failed for good
+    failures: int = 0  # calls that failed for good
     budget_refusals: int = 0  # calls not sent because of a cap
-    input_tokens: int = 0     # new (uncached) tokens only
+    input_tokens: int = 0  # new (uncached) tokens only
     output_tokens: int = 0
-    usd: float = 0.0          # all new spend, the charges below included
-    over_limit: int = 0       # replies past the requested bytes/tokens: rejected
-    abandoned: int = 0        # requests given up after they may have reached the server
+    usd: float = 0.0  # all new spend, the charges below included
+    over_limit: int = 0  # replies past the requested bytes/tokens: rejected
+    abandoned: int = 0  # requests given up after they may have reached the server
     usd_charged_worst_case: float = 0.0  # what those two kinds were charged (their worst case)
     usd_claimed_over_limit: float = 0.0  # what over-limit replies claimed beyond it (not paid)
     latencies_ms: list[float] = field(default_factory=list)
@@ -114,7 +115,8 @@ class Stats:
             out[key] = round(out[key], 6)
         for q in (50, 95):  # nearest-rank percentiles: an observed latency, never interpolated
             out[f"latency_ms_p{q}"] = (
-                round(float(np.percentile(lat, q, method="inverted_cdf")), 1) if lat else None)
+                round(float(np.percentile(lat, q, method="inverted_cdf")), 1) if lat else None
+            )
         out["errors"] = dict(self.errors)
         out["redactions"] = dict(self.redactions)
         return out
@@ -163,9 +165,13 @@ def capped_transport(max_bytes: int) -> Any:
             if length.isdigit() and int(length) > max_bytes:
                 await response.aclose()
                 raise OverLimitReply(f"reply of {length} bytes, over max_reply_bytes {max_bytes}")
-            return httpx2.Response(response.status_code, headers=response.headers,
-                                   stream=CappedStream(response.stream),
-                                   extensions=response.extensions, request=request)
+            return httpx2.Response(
+                response.status_code,
+                headers=response.headers,
+                stream=CappedStream(response.stream),
+                extensions=response.extensions,
+                request=request,
+            )
 
         async def aclose(self) -> None:
             await self._inner.aclose()

@@ -31,6 +31,7 @@ REDACTIONS: dict[str, re.Pattern[str]] = {
 def redact(text: str, kinds: Sequence[str], counts: Counter[str] | None = None) -> str:
     """Replace each match of the chosen kinds by `[KIND]`, counting replacements."""
     for kind in (k for k in REDACTIONS if k in kinds):
+
         def sub(match: re.Match[str], kind: str = kind) -> str:
             digits = sum(ch.isdigit() for ch in match.group())
             if kind == "phone" and digits < 10:
@@ -108,5 +109,6 @@ def check_endpoint(cfg: ProviderConfig, hosts_file: Path | None = None) -> str:
         raise PrivacyError(
             f"provider {cfg.kind} endpoint {url} is not on this machine and allow_external is "
             "false: nothing was sent (only literal loopback addresses and `localhost` from the "
-            "hosts file count as local). Set allow_external: true to send data to it.")
+            "hosts file count as local). Set allow_external: true to send data to it."
+        )
     return pin_url(url, address)

@@ -42,11 +42,17 @@ def is_retryable(err: BaseException) -> bool:
 
     if isinstance(err, (openai.APIStatusError, anthropic.APIStatusError)):
         return err.status_code in (408, 409, 429) or err.status_code >= 500
-    return isinstance(err, (openai.APIConnectionError, anthropic.APIConnectionError,
-                            openai.APIResponseValidationError,
-                            anthropic.APIResponseValidationError,
-                            json.JSONDecodeError, MalformedResponse))
-
+    return isinstance(
+        err,
+        (
+            openai.APIConnectionError,
+            anthropic.APIConnectionError,
+            openai.APIResponseValidationError,
+            anthropic.APIResponseValidationError,
+            json.JSONDecodeError,
+            MalformedResponse,
+        ),
+    )
 
 
 def may_have_been_billed(err: BaseException) -> bool:
@@ -67,7 +73,15 @@ def may_have_been_billed(err: BaseException) -> bool:
     import anthropic
     import openai
 
-    billed = (openai.APITimeoutError, anthropic.APITimeoutError, openai.APIResponseValidationError,
-              anthropic.APIResponseValidationError, httpx2.TimeoutException,
-              httpx2.RemoteProtocolError, json.JSONDecodeError, MalformedResponse, OverLimitReply)
+    billed = (
+        openai.APITimeoutError,
+        anthropic.APITimeoutError,
+        openai.APIResponseValidationError,
+        anthropic.APIResponseValidationError,
+        httpx2.TimeoutException,
+        httpx2.RemoteProtocolError,
+        json.JSONDecodeError,
+        MalformedResponse,
+        OverLimitReply,
+    )
     return any(isinstance(e, billed) for e in chain)

@@ -41,8 +41,9 @@ def stratified_sample(
     return sorted(chosen, key=lambda r: r["id"])
 
 
-def pick_few_shot(task: TaskConfig, train: list[dict[str, Any]], k: int,
-                  seed: str) -> list[dict[str, Any]]:
+def pick_few_shot(
+    task: TaskConfig, train: list[dict[str, Any]], k: int, seed: str
+) -> list[dict[str, Any]]:
     """k train records in a fixed pseudo-random order, valid gold, distinct first-field labels.
 
     Deterministic (a hash of seed and id, not an RNG), so the teacher's prompt and every cache

@@ -61,23 +61,32 @@ REQUIRED = ("id", "text", "prompt", "gold")
 class DistilConfig(Section):
     """`distil:` in params.yaml."""
 
-    provider: ProviderConfig = Field(default_factory=ProviderConfig,
-                                     description="The teacher (pipelines/providers.py).")
+    provider: ProviderConfig = Field(
+        default_factory=ProviderConfig, description="The teacher (pipelines/providers.py)."
+    )
     prepared_dir: str = Field("data/prepared", description="Input folder (prepare's output).")
     out_dir: str = Field("data/distilled", description="Output folder.")
     metrics: str = Field("metrics/distil.json", description="Metrics file.")
-    splits: list[str] = Field(default_factory=lambda: ["train", "validation"],
-                              description="Splits to label (training data).")
+    splits: list[str] = Field(
+        default_factory=lambda: ["train", "validation"],
+        description="Splits to label (training data).",
+    )
     baseline_split: str | None = Field(
-        "test", description="Split the API teacher answers for evaluate's API baseline "
-        "(null: none; never done with gold).")
+        "test",
+        description="Split the API teacher answers for evaluate's API baseline "
+        "(null: none; never done with gold).",
+    )
     few_shot: int = Field(3, ge=0, description="Few-shot examples (from the train split).")
     few_shot_seed: str = Field("temper-fewshot-v1", description="Salt of the few-shot choice.")
     baseline_few_shot: bool = Field(True, description="Give the baseline the few-shot examples.")
     repair: bool = Field(True, description="One repair turn for an invalid answer.")
     max_reject_rate: float = Field(
-        0.05, ge=0, le=1, description="Fail (exit 6, previous outputs kept) when more than this "
-        "share of the records sent to the teacher were rejected or failed.")
+        0.05,
+        ge=0,
+        le=1,
+        description="Fail (exit 6, previous outputs kept) when more than this "
+        "share of the records sent to the teacher were rejected or failed.",
+    )
     force: bool = Field(False, description="Start even if the cost estimate exceeds max_usd.")
     progress: bool = Field(True, description="Show progress bars.")
     log_mlflow: bool = Field(True, description="Log params and metrics to an MLflow child run.")
@@ -86,14 +95,14 @@ class DistilConfig(Section):
 class DistilError(RuntimeError):
     """The stage cannot run or finish; `exit_code` says why (see EXIT_*)."""
 
-    def __init__(self, message: str, exit_code: int = 1,
-                 metrics: dict[str, Any] | None = None):
+    def __init__(self, message: str, exit_code: int = 1, metrics: dict[str, Any] | None = None):
         super().__init__(message)
         self.exit_code = exit_code
         self.metrics = metrics  # what the run did, when it got as far as sending requests
 
 
 # ----------------------------------------------------------------------------- inputs, prompts
+
 
 def load_split(path: Path, gold_needed: bool) -> list[dict[str, Any]]:
     """Read a prepared split, with errors naming the file, line and field."""
@@ -107,8 +116,9 @@ def load_split(path: Path, gold_needed: bool) -> list[dict[str, Any]]:
         needed = REQUIRED if gold_needed else REQUIRED[:3]
         for key in needed:
             if key not in record:
-                raise DistilError(f"{path}:{lineno}: record {record.get('id')!r} has no field "
-                                  f"'{key}'")
+                raise DistilError(
+                    f"{path}:{lineno}: record {record.get('id')!r} has no field '{key}'"
+                )
         if not isinstance(record["text"], str):
             raise DistilError(f"{path}:{lineno}: field 'text' is not a string")
         if gold_needed and not isinstance(record["gold"], dict):
@@ -118,12 +128,14 @@ def load_split(path: Path, gold_needed: bool) -> list[dict[str, Any]]:
 
 # ----------------------------------------------------------------------------- labelling
 
+
 async def run_all(provider: Provider, coros: list[Any], desc: str | None) -> list[Any]:
     results = await gather_bounded(coros, desc=desc, provider=provider)
     misses = [r for r in results if isinstance(r, CacheMiss)]
     if misses:
-        raise DistilError(f"replay: {len(misses)} of {len(results)} requests are not in the "
-                          f"cache ({misses[0]})")
+        raise DistilError(
+            f"replay: {len(misses)} of {len(results)} requests are not in the cache ({misses[0]})"
+        )
     for r in results:
         if isinstance(r, Exception):
             raise r
@@ -132,8 +144,10 @@ async def run_all(provider: Provider, coros: list[Any], desc: str | None) -> lis
 
 # ----------------------------------------------------------------------------- the stage
 
-def run(cfg: DistilConfig, task: TaskConfig, mlflow: Any = None,
-        params: dict[str, Any] | None = None) -> dict[str, Any]:
+
+def run(
+    cfg: DistilConfig, task: TaskConfig, mlflow: Any = None, params: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Run the stage; returns the metrics. Raises DistilError (with an exit code) on a stop."""
     t0 = time.perf_counter()
     pcfg = cfg.provider
@@ -153,10 +167,14 @@ def run(cfg: DistilConfig, task: TaskConfig, mlflow: Any = None,
     try:
         train = splits.get("train") or load_split(prepared / "train.jsonl", gold_needed=True)
         shots = pick_few_shot(task, train, cfg.few_shot, cfg.few_shot_seed)
-        version = stable_hash({"task": task.prompt_hash, "shots": [s["id"] for s in shots],
-                               "repair": cfg.repair})
-        jobs = [(s, r, task.teacher_messages(shots, r["text"]))
-                for s, recs in splits.items() for r in recs]
+        version = stable_hash(
+            {"task": task.prompt_hash, "shots": [s["id"] for s in shots], "repair": cfg.repair}
+        )
+        jobs = [
+            (s, r, task.teacher_messages(shots, r["text"]))
+            for s, recs in splits.items()
+            for r in recs
+        ]
         base_recs: list[dict[str, Any]] = []
         if cfg.baseline_split:
             base_recs = load_split(prepared / f"{cfg.baseline_split}.jsonl", gold_needed=False)
@@ -164,31 +182,51 @@ def run(cfg: DistilConfig, task: TaskConfig, mlflow: Any = None,
         base_msgs = [task.teacher_messages(base_shots, r["text"]) for r in base_recs]
 
         estimate = estimate_cost(provider, task, [m for _, _, m in jobs] + base_msgs, version)
-        log.info("teacher %s:%s, %d records + %d baseline; estimate %d uncached requests, $%.4f "
-                 "(worst case $%.4f; cap $%.2f)", pcfg.kind, pcfg.model, len(jobs),
-                 len(base_msgs), estimate["requests"], estimate["usd"],
-                 estimate["usd_worst_case"], pcfg.max_usd)
+        log.info(
+            "teacher %s:%s, %d records + %d baseline; estimate %d uncached requests, $%.4f "
+            "(worst case $%.4f; cap $%.2f)",
+            pcfg.kind,
+            pcfg.model,
+            len(jobs),
+            len(base_msgs),
+            estimate["requests"],
+            estimate["usd"],
+            estimate["usd_worst_case"],
+            pcfg.max_usd,
+        )
         if estimate["usd_worst_case"] > pcfg.max_usd:
-            log.warning("if answers run to max_tokens (%d) the spend cap stops this run before "
-                        "it ends (worst case $%.4f > max_usd $%.2f)", pcfg.max_tokens,
-                        estimate["usd_worst_case"], pcfg.max_usd)
-        if not cfg.force and (estimate["usd"] > pcfg.max_usd
-                              or estimate["requests"] > pcfg.max_requests):
+            log.warning(
+                "if answers run to max_tokens (%d) the spend cap stops this run before "
+                "it ends (worst case $%.4f > max_usd $%.2f)",
+                pcfg.max_tokens,
+                estimate["usd_worst_case"],
+                pcfg.max_usd,
+            )
+        if not cfg.force and (
+            estimate["usd"] > pcfg.max_usd or estimate["requests"] > pcfg.max_requests
+        ):
             raise DistilError(
                 f"estimated cost ${estimate['usd']:.4f} for {estimate['requests']} uncached "
                 f"requests exceeds the cap (max_usd ${pcfg.max_usd:.2f}, max_requests "
                 f"{pcfg.max_requests}); nothing was sent. Raise the cap or pass --force.",
-                EXIT_ESTIMATE_REFUSED)
+                EXIT_ESTIMATE_REFUSED,
+            )
 
         async def main() -> tuple[list[Outcome], list[Outcome]]:
             try:
-                labelled = await run_all(provider, [
-                    label_one(provider, task, r, m, cfg.repair, version) for _, r, m in jobs],
-                    "distil" if cfg.progress else None)
-                baseline = await run_all(provider, [
-                    label_one(provider, task, r, m, False, version)
-                    for r, m in zip(base_recs, base_msgs, strict=True)],
-                    f"baseline {cfg.baseline_split}" if cfg.progress and base_recs else None)
+                labelled = await run_all(
+                    provider,
+                    [label_one(provider, task, r, m, cfg.repair, version) for _, r, m in jobs],
+                    "distil" if cfg.progress else None,
+                )
+                baseline = await run_all(
+                    provider,
+                    [
+                        label_one(provider, task, r, m, False, version)
+                        for r, m in zip(base_recs, base_msgs, strict=True)
+                    ],
+                    f"baseline {cfg.baseline_split}" if cfg.progress and base_recs else None,
+                )
                 return labelled, baseline
             finally:
                 await provider.aclose()
@@ -197,41 +235,68 @@ def run(cfg: DistilConfig, task: TaskConfig, mlflow: Any = None,
         by_split: dict[str, list[Outcome]] = {s: [] for s in splits}
         for (split, _, _), outcome in zip(jobs, labelled, strict=True):
             by_split[split].append(outcome)
-        return finish(cfg, task, by_split, baseline, provider, estimate, t0, mlflow, params,
-                      shots=[s["id"] for s in shots])
+        return finish(
+            cfg,
+            task,
+            by_split,
+            baseline,
+            provider,
+            estimate,
+            t0,
+            mlflow,
+            params,
+            shots=[s["id"] for s in shots],
+        )
     finally:
         provider.close()
 
 
-def estimate_cost(provider: Provider, task: TaskConfig, batch: list[list[dict[str, str]]],
-                  version: str) -> dict[str, Any]:
+def estimate_cost(
+    provider: Provider, task: TaskConfig, batch: list[list[dict[str, str]]], version: str
+) -> dict[str, Any]:
     """Uncached requests, their expected USD (answers of the task's usual length) and the
     worst case (every answer as long as max_tokens allows); repairs not included."""
-    n, usd, worst = provider.estimate_usd(batch, json_schema=task.json_schema(),
-                                          expected_output_tokens=task.max_new_tokens,
-                                          prompt_version=version)
+    n, usd, worst = provider.estimate_usd(
+        batch,
+        json_schema=task.json_schema(),
+        expected_output_tokens=task.max_new_tokens,
+        prompt_version=version,
+    )
     return {"requests": n, "usd": round(usd, 6), "usd_worst_case": round(worst, 6)}
 
 
-def gold_outcomes(task: TaskConfig, splits: dict[str, list[dict[str, Any]]]
-                  ) -> dict[str, list[Outcome]]:
+def gold_outcomes(
+    task: TaskConfig, splits: dict[str, list[dict[str, Any]]]
+) -> dict[str, list[Outcome]]:
     out: dict[str, list[Outcome]] = {}
     for split, records in splits.items():
         out[split] = []
         for record in records:
             answer = task.gold_answer(record)
             problems = task.validate_answer(answer)
-            reason = ("gold answer does not match the task schema: " + "; ".join(problems)
-                      if problems else None)
-            out[split].append(Outcome(record, None if problems else answer, reason,
-                                      task.format_answer(answer)))
+            reason = (
+                "gold answer does not match the task schema: " + "; ".join(problems)
+                if problems
+                else None
+            )
+            out[split].append(
+                Outcome(record, None if problems else answer, reason, task.format_answer(answer))
+            )
     return out
 
 
-def finish(cfg: DistilConfig, task: TaskConfig, by_split: dict[str, list[Outcome]],
-           baseline: list[Outcome] | None, provider: Provider | None, estimate: dict[str, Any],
-           t0: float, mlflow: Any, params: dict[str, Any] | None,
-           shots: list[str] | None = None) -> dict[str, Any]:
+def finish(
+    cfg: DistilConfig,
+    task: TaskConfig,
+    by_split: dict[str, list[Outcome]],
+    baseline: list[Outcome] | None,
+    provider: Provider | None,
+    estimate: dict[str, Any],
+    t0: float,
+    mlflow: Any,
+    params: dict[str, Any] | None,
+    shots: list[str] | None = None,
+) -> dict[str, Any]:
     """Write the outputs (atomically, one folder) and the metrics; raise on a budget stop."""
     pcfg = cfg.provider
     source = "gold" if pcfg.kind == "gold" else "teacher"
@@ -243,20 +308,30 @@ def finish(cfg: DistilConfig, task: TaskConfig, by_split: dict[str, list[Outcome
         rows = []
         for o in outcomes:
             if o.answer is not None:
-                rows.append({**o.record,
-                             "completion": [{"role": "assistant",
-                                             "content": task.format_answer(o.answer)}],
-                             "answer": o.answer, "label_source": source,
-                             "teacher_model": pcfg.model, "prompt_hash": task.prompt_hash})
+                rows.append(
+                    {
+                        **o.record,
+                        "completion": [
+                            {"role": "assistant", "content": task.format_answer(o.answer)}
+                        ],
+                        "answer": o.answer,
+                        "label_source": source,
+                        "teacher_model": pcfg.model,
+                        "prompt_hash": task.prompt_hash,
+                    }
+                )
                 pairs.append((o.answer, o.record))
             elif o.reason is not None:
-                rejects.append({"id": o.record["id"], "split": split, "reason": o.reason,
-                                "output": o.output})
+                rejects.append(
+                    {"id": o.record["id"], "split": split, "reason": o.reason, "output": o.output}
+                )
         files[f"{split}.jsonl"] = rows
         counts[split] = {
-            "input": len(outcomes), "labelled": len(rows),
+            "input": len(outcomes),
+            "labelled": len(rows),
             "rejected": sum(o.reason is not None for o in outcomes),
-            "not_labelled_budget": sum(o.budget_stop for o in outcomes)}
+            "not_labelled_budget": sum(o.budget_stop for o in outcomes),
+        }
         # Never drop a record silently: every input is labelled, rejected or budget-stopped.
         c = counts[split]
         assert c["labelled"] + c["rejected"] + c["not_labelled_budget"] == c["input"], c
@@ -265,16 +340,20 @@ def finish(cfg: DistilConfig, task: TaskConfig, by_split: dict[str, list[Outcome
         files[f"baseline_{cfg.baseline_split}.jsonl"] = [baseline_row(o) for o in baseline]
         answered = [o for o in baseline if o.answer is not None]
         baseline_report = {
-            "split": cfg.baseline_split, "records": len(baseline),
+            "split": cfg.baseline_split,
+            "records": len(baseline),
             "valid_answers": len(answered),
             "failed": sum(o.reason is not None and not o.replies for o in baseline),
             "not_answered_budget": sum(o.budget_stop for o in baseline),
             "agreement_with_gold": agreement(
-                task, [(o.answer, o.record) for o in answered if "gold" in o.record])}
+                task, [(o.answer, o.record) for o in answered if "gold" in o.record]
+            ),
+        }
     files["rejects.jsonl"] = rejects
 
     stopped = any(o.budget_stop for outs in by_split.values() for o in outs) or any(
-        o.budget_stop for o in baseline or [])
+        o.budget_stop for o in baseline or []
+    )
     failure = failure_share(counts, baseline_report)
     stats = provider.stats.summary() if provider else {}
     metrics: dict[str, Any] = {
@@ -320,7 +399,8 @@ def finish(cfg: DistilConfig, task: TaskConfig, by_split: dict[str, list[Outcome
             f"or failed ({failure['rate']:.1%} > max_reject_rate {cfg.max_reject_rate:.1%}): "
             f"{top or 'baseline requests failed'}. {cfg.out_dir} and {cfg.metrics} were left as "
             f"they were; spent ${metrics['usd']:.4f}. Every good answer is cached: fix the "
-            "teacher (or raise distil.max_reject_rate) and re-run.")
+            "teacher (or raise distil.max_reject_rate) and re-run."
+        )
         if stopped:
             raise DistilError(f"budget cap reached, and {message}", EXIT_BUDGET_STOP, metrics)
         raise DistilError(message, EXIT_TOO_MANY_REJECTS, metrics)
@@ -337,13 +417,16 @@ def finish(cfg: DistilConfig, task: TaskConfig, by_split: dict[str, list[Outcome
             f"{budget.requests} of max_requests {budget.max_requests} requests): stopped "
             f"cleanly; {sum(c['labelled'] for c in counts.values())} records labelled and "
             f"kept, {sum(c['not_labelled_budget'] for c in counts.values())} not labelled. "
-            "Every answer is cached: raise the cap and re-run to finish.", EXIT_BUDGET_STOP,
-            metrics)
+            "Every answer is cached: raise the cap and re-run to finish.",
+            EXIT_BUDGET_STOP,
+            metrics,
+        )
     return metrics
 
 
-def failure_share(counts: dict[str, dict[str, int]],
-                  baseline: dict[str, Any] | None) -> dict[str, Any]:
+def failure_share(
+    counts: dict[str, dict[str, int]], baseline: dict[str, Any] | None
+) -> dict[str, Any]:
     """Records sent to the teacher (budget-stopped ones were not) and how many failed:
     rejected in the labelled splits, plus baseline requests that got no reply at all."""
     sent = sum(c["input"] - c["not_labelled_budget"] for c in counts.values())
@@ -362,19 +445,22 @@ def _reason_kind(reason: str) -> str:
 def baseline_row(o: Outcome) -> dict[str, Any]:
     done = o.replies[0] if o.replies else None
     row: dict[str, Any] = {
-        "id": o.record["id"], "output": done.text if done else None,
+        "id": o.record["id"],
+        "output": done.text if done else None,
         "answer": parse_answer(done.text) if done else None,
         "latency_ms": round(done.latency_ms, 1) if done else None,
         "input_tokens": done.input_tokens if done else 0,
         "output_tokens": done.output_tokens if done else 0,
-        "usd": round(done.usd, 8) if done else 0.0}
+        "usd": round(done.usd, 8) if done else 0.0,
+    }
     if done is None:
         row["error"] = "budget cap reached" if o.budget_stop else o.reason
     return row
 
 
-def log_mlflow(mlflow_cfg: MlflowConfig, cfg: DistilConfig, metrics: dict[str, Any],
-               params: dict[str, Any]) -> None:
+def log_mlflow(
+    mlflow_cfg: MlflowConfig, cfg: DistilConfig, metrics: dict[str, Any], params: dict[str, Any]
+) -> None:
     """A child run of the pipeline run with the distil params and flat numeric metrics."""
     with child_run(mlflow_cfg, params, "distil", "distil") as run:
         run.log_params({k: str(v)[:500] for k, v in flatten({"distil": cfg.model_dump()}).items()})

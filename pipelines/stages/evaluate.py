@@ -86,29 +86,46 @@ def load_records(path: str | Path, task: TaskConfig, fields: Any = None) -> list
 
 def find_candidates(cfg: EvaluateConfig) -> dict[str, Path]:
     root = Path(cfg.candidates_dir)
-    found = {p.parent.name: p for p in sorted(root.glob("*/adapter"))
-             if (p / "adapter_config.json").exists()} if root.exists() else {}
+    found = (
+        {
+            p.parent.name: p
+            for p in sorted(root.glob("*/adapter"))
+            if (p / "adapter_config.json").exists()
+        }
+        if root.exists()
+        else {}
+    )
     if cfg.candidates is not None:
         missing = [c for c in cfg.candidates if c not in found]
         if missing:
-            raise EvalError(f"{root}: no adapter for candidate(s) {missing} "
-                            f"(found {sorted(found)})")
+            raise EvalError(
+                f"{root}: no adapter for candidate(s) {missing} (found {sorted(found)})"
+            )
         found = {c: found[c] for c in cfg.candidates}
     if not found:
         raise EvalError(f"{root}: no candidate adapters (<name>/adapter/adapter_config.json)")
     return found
 
 
-def run(cfg: EvaluateConfig, task: TaskConfig, model_dir: str | Path,
-        judge_cfg: JudgeConfig | None = None, gates_cfg: GatesConfig | None = None,
-        mlflow_cfg: Any = None, params: dict[str, Any] | None = None,
-        adapters: dict[str, str | Path] | None = None, fields: Any = None) -> EvalResult:
+def run(
+    cfg: EvaluateConfig,
+    task: TaskConfig,
+    model_dir: str | Path,
+    judge_cfg: JudgeConfig | None = None,
+    gates_cfg: GatesConfig | None = None,
+    mlflow_cfg: Any = None,
+    params: dict[str, Any] | None = None,
+    adapters: dict[str, str | Path] | None = None,
+    fields: Any = None,
+) -> EvalResult:
     """Score the candidates (or `adapters`, for ad-hoc use) and the baseline; write outputs."""
     judge_cfg = judge_cfg or JudgeConfig()
     gates_cfg = gates_cfg or GatesConfig()
     if cfg.primary_metric not in metric_names(task):  # fail before any generation
-        raise ConfigError(f"evaluate.primary_metric {cfg.primary_metric!r} is not a metric of "
-                          f"task {task.name} ({', '.join(metric_names(task))})")
+        raise ConfigError(
+            f"evaluate.primary_metric {cfg.primary_metric!r} is not a metric of "
+            f"task {task.name} ({', '.join(metric_names(task))})"
+        )
     t_start = time.perf_counter()
     records = load_records(cfg.test, task, fields)
     if cfg.max_examples and len(records) > cfg.max_examples:
@@ -151,18 +168,21 @@ def run(cfg: EvaluateConfig, task: TaskConfig, model_dir: str | Path,
     teacher = base_preds if mode == "api" else None
     refs = references_for(task, records, teacher)
     evaluation: dict[str, Any] = {
-        "primary_metric": cfg.primary_metric, "n_examples": n, "test_file": cfg.test,
-        "test_sha256": sha256_file(cfg.test), "confidence": cfg.confidence,
-        "n_resamples": cfg.n_resamples, "task": {"name": task.name,
-                                                 "prompt_hash": task.prompt_hash},
-        "candidates": {}, "winner": None,
+        "primary_metric": cfg.primary_metric,
+        "n_examples": n,
+        "test_file": cfg.test,
+        "test_sha256": sha256_file(cfg.test),
+        "confidence": cfg.confidence,
+        "n_resamples": cfg.n_resamples,
+        "task": {"name": task.name, "prompt_hash": task.prompt_hash},
+        "candidates": {},
+        "winner": None,
     }
     all_preds: dict[str, list[dict[str, Any]]] = {}
     per_class: dict[str, Any] = {}
     base_stats = None
     if base_preds is not None:
-        metrics, base_stats, base_ex = score_system(task, records, base_preds, refs, rs,
-                                                    base_cost)
+        metrics, base_stats, base_ex = score_system(task, records, base_preds, refs, rs, base_cost)
         base_info["metrics"] = metrics
         evaluation["baseline"] = base_info
         all_preds[BASELINE] = attach_scores(base_preds, records, base_ex)
@@ -174,10 +194,14 @@ def run(cfg: EvaluateConfig, task: TaskConfig, model_dir: str | Path,
     for name, adapter in adapters.items():
         prompts = [r["prompt"] for r in records]
         preds, seconds = model_predictions(records, prompts, model_dir, adapter, task, cfg, name)
-        metrics, stats, ex = score_system(task, records, preds, refs, rs,
-                                          self_hosted_cost(preds, seconds, n, cfg))
-        entry: dict[str, Any] = {"metrics": metrics, "adapter": str(adapter),
-                                 "seconds": round(seconds, 1)}
+        metrics, stats, ex = score_system(
+            task, records, preds, refs, rs, self_hosted_cost(preds, seconds, n, cfg)
+        )
+        entry: dict[str, Any] = {
+            "metrics": metrics,
+            "adapter": str(adapter),
+            "seconds": round(seconds, 1),
+        }
         if Path(adapter).is_dir():
             entry["adapter_sha256"] = adapter_hash(adapter)
         if base_stats is not None:
@@ -194,14 +218,26 @@ def run(cfg: EvaluateConfig, task: TaskConfig, model_dir: str | Path,
         label = next(f"{f.name}.accuracy" for f in task.fields if f.kind == "label" and f.gold)
         correct = {c: cand_stats[c]["scores"][label] for c in cand_stats}
         base_correct = base_ex["scores"][label]
-        judged = run_judge(judge_cfg, task, records,
-                           {c: all_preds[c] for c in cand_stats}, base_preds, correct,
-                           base_correct, cfg.n_resamples, cfg.confidence, cfg.progress)
+        judged = run_judge(
+            judge_cfg,
+            task,
+            records,
+            {c: all_preds[c] for c in cand_stats},
+            base_preds,
+            correct,
+            base_correct,
+            cfg.n_resamples,
+            cfg.confidence,
+            cfg.progress,
+        )
         for c, result in judged.items():
             evaluation["candidates"][c]["judge"] = result
-    evaluation["judge"] = {"enabled": judge_cfg.enabled, "provider": judge_cfg.provider.kind,
-                           "model": judge_cfg.provider.model,
-                           "sample_frac": judge_cfg.sample_frac}
+    evaluation["judge"] = {
+        "enabled": judge_cfg.enabled,
+        "provider": judge_cfg.provider.kind,
+        "model": judge_cfg.provider.model,
+        "sample_frac": judge_cfg.sample_frac,
+    }
 
     evaluation["gates_config"] = gates_cfg.model_dump()
     evaluation["seconds"] = round(time.perf_counter() - t_start, 1)
@@ -212,8 +248,7 @@ def run(cfg: EvaluateConfig, task: TaskConfig, model_dir: str | Path,
 
     from ..evaluation.report import write_reports
 
-    files = write_reports(cfg, task, result.model_dump(mode="json"), records, all_preds,
-                          per_class)
+    files = write_reports(cfg, task, result.model_dump(mode="json"), records, all_preds, per_class)
     result.save(cfg.metrics)
     if cfg.log_mlflow and mlflow_cfg is not None:
         log_mlflow(mlflow_cfg, params or {}, result, cfg, files + [Path(cfg.metrics)])
@@ -237,8 +272,13 @@ def flat_metrics(entry: CandidateEval | BaselineEval) -> dict[str, float]:
     return {k: round(float(v), 6) for k, v in flat.items() if v is not None}
 
 
-def log_mlflow(mlflow_cfg: MlflowConfig, params: dict[str, Any], result: EvalResult,
-               cfg: EvaluateConfig, files: list[Path]) -> None:
+def log_mlflow(
+    mlflow_cfg: MlflowConfig,
+    params: dict[str, Any],
+    result: EvalResult,
+    cfg: EvaluateConfig,
+    files: list[Path],
+) -> None:
     """One child run per system under the pipeline run.
 
     A candidate's run carries its training params and metrics (`train.*`, from its
@@ -258,8 +298,7 @@ def log_mlflow(mlflow_cfg: MlflowConfig, params: dict[str, Any], result: EvalRes
             train = TrainResult.load(train_file)
         tags = {"temper.system": name, "temper.winner": str(result.winner == name).lower()}
         if train is not None:
-            tags.update({"temper.candidate": name,
-                         "temper.train_run_id": str(train.mlflow_run_id)})
+            tags.update({"temper.candidate": name, "temper.train_run_id": str(train.mlflow_run_id)})
         if isinstance(entry, CandidateEval) and entry.gates is not None:
             tags["temper.gates_passed"] = str(entry.gates.passed).lower()
         with child_run(mlflow_cfg, params, "evaluate", f"eval-{name}", **tags) as run:
@@ -270,16 +309,29 @@ def log_mlflow(mlflow_cfg: MlflowConfig, params: dict[str, Any], result: EvalRes
             run.log_metrics(flat_metrics(entry), model_id=model_id, dataset=dataset)
             if train is not None:
                 run.log_params(flatten({"train": train.config}))
-                run.log_metrics({f"train.{k}": getattr(train, k) for k in TRAIN_METRICS
-                                 if getattr(train, k) is not None})
+                run.log_metrics(
+                    {
+                        f"train.{k}": getattr(train, k)
+                        for k in TRAIN_METRICS
+                        if getattr(train, k) is not None
+                    }
+                )
             for path in files:
-                if path.exists() and (path.suffix in (".md", ".json", ".png")
-                                      or path.name == f"{name}.jsonl"):
+                if path.exists() and (
+                    path.suffix in (".md", ".json", ".png") or path.name == f"{name}.jsonl"
+                ):
                     run.client.log_artifact(run.run_id, str(path), "evaluate")
             parent = run.parent_id
     run.client.log_metric(parent, "eval.seconds", result.seconds)
 
 
 # Training figures copied onto each candidate's evaluation run (as `train.<name>`).
-TRAIN_METRICS = ("val_loss", "base_val_loss", "steps", "train_seconds", "tokens_per_s",
-                 "train_tokens", "trainable_params")
+TRAIN_METRICS = (
+    "val_loss",
+    "base_val_loss",
+    "steps",
+    "train_seconds",
+    "tokens_per_s",
+    "train_tokens",
+    "trainable_params",
+)

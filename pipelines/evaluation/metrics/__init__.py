@@ -39,8 +39,9 @@ class Resamples:
     confidence: float
 
     @classmethod
-    def draw(cls, n: int, n_resamples: int = 2000, seed: int = 0,
-             confidence: float = 0.95) -> Resamples:
+    def draw(
+        cls, n: int, n_resamples: int = 2000, seed: int = 0, confidence: float = 0.95
+    ) -> Resamples:
         rng = np.random.default_rng(seed)
         idx = rng.integers(0, n, size=(n_resamples, n)) if n else np.zeros((n_resamples, 0), int)
         counts = np.zeros((n_resamples, n), dtype=np.float64)
@@ -86,8 +87,9 @@ def percentile_stats(values: np.ndarray, q: float, rs: Resamples) -> np.ndarray:
     return np.percentile(values[rs.idx], q, axis=1)
 
 
-def class_counts(pred: list[str | None], gold: list[str], classes: list[str],
-                 weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def class_counts(
+    pred: list[str | None], gold: list[str], classes: list[str], weights: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Weighted true positives, predicted and gold counts per class: each (rows, C)."""
     index = {c: i for i, c in enumerate(classes)}
     n, k = len(gold), len(classes)
@@ -102,8 +104,9 @@ def class_counts(pred: list[str | None], gold: list[str], classes: list[str],
     return tp, weights @ pred_1h, weights @ gold_1h
 
 
-def f1_precision_recall(tp: np.ndarray, n_pred: np.ndarray, n_gold: np.ndarray
-                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def f1_precision_recall(
+    tp: np.ndarray, n_pred: np.ndarray, n_gold: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-class F1, precision, recall from counts; NaN where a class is absent (recall)
     or never predicted (precision: 0, as sklearn's zero_division=0)."""
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -113,8 +116,9 @@ def f1_precision_recall(tp: np.ndarray, n_pred: np.ndarray, n_gold: np.ndarray
     return f1, precision, recall
 
 
-def macro_f1_stats(pred: list[str | None], gold: list[str], rs: Resamples
-                   ) -> tuple[float, np.ndarray]:
+def macro_f1_stats(
+    pred: list[str | None], gold: list[str], rs: Resamples
+) -> tuple[float, np.ndarray]:
     """Macro-F1 over the classes present in the gold labels: point value and resamples.
 
     A class missing from one resample is left out of that resample's average (NaN-mean).

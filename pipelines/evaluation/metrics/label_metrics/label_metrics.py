@@ -43,7 +43,9 @@ class LabelMetrics(evaluate.Metric):
         if len(references_all) != len(references):
             raise ValueError("references_all must have one list per reference")
         predictions = [p or None for p in predictions]
-        correct = [int(p is not None and p == r) for p, r in zip(predictions, references, strict=True)]
+        correct = [
+            int(p is not None and p == r) for p, r in zip(predictions, references, strict=True)
+        ]
         correct_any = [
             int(p is not None and (p == r or p in (alls or [])))
             for p, r, alls in zip(predictions, references, references_all, strict=True)

@@ -36,8 +36,9 @@ class TextRouge(evaluate.Metric):
             ),
         )
 
-    def _compute(self, predictions, references, rouge_types=None, use_stemmer=True,
-                 return_per_example=False):
+    def _compute(
+        self, predictions, references, rouge_types=None, use_stemmer=True, return_per_example=False
+    ):
         rouge_types = list(rouge_types or ROUGE_TYPES)
         scorer = rouge_scorer.RougeScorer(rouge_types, use_stemmer=use_stemmer)
         per = {t: [] for t in rouge_types}

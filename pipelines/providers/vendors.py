@@ -1,0 +1,174 @@
+"""The SDK-backed providers (OpenAI, Anthropic), the cache-only replay, and `open_provider`.
+
+Each vendor class only turns one request into its SDK's call and its answer back into text,
+token counts and a finish reason (`_send`); everything around it (cache, budget, limits,
+retries, privacy) is `clients.Provider`'s.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..config import ConfigError
+from .base import (
+    DEFAULT_KEY_ENV,
+    CacheMiss,
+    Completion,
+    MalformedResponse,
+    Messages,
+    Price,
+    ProviderConfig,
+)
+from .cache import Cache
+from .clients import Provider
+from .limits import capped_transport, reply_limit
+from .privacy import check_endpoint, is_local
+
+
+class ApiProvider(Provider):
+    """Shared set-up of the SDK-backed providers: endpoint check, key, price."""
+
+    def __init__(self, cfg: ProviderConfig, cache: Cache | None = None):
+        self.base_url = check_endpoint(cfg)  # before anything else: nothing is sent if refused
+        if cfg.model not in cfg.prices:
+            raise ConfigError(
+                f"provider model {cfg.model!r} has no entry in prices (USD per 1M input/output "
+                f"tokens); add prices: {{{cfg.model}: {{input: ..., output: ...}}}} (0 for a "
+                "free local server)"
+            )
+        env = cfg.api_key_env or DEFAULT_KEY_ENV[cfg.kind]
+        key = os.environ.get(env)
+        if not key:
+            if not is_local(self.base_url):
+                raise ConfigError(f"the API key env var {env} is not set")
+            key = "not-needed"  # local servers (vLLM, Ollama, the test server) often need none
+        self._api_key = key
+        super().__init__(cfg, cache)
+
+    def __repr__(self) -> str:  # never show the key
+        return f"{type(self).__name__}(model={self.cfg.model!r}, base_url={self.base_url!r})"
+
+    def price(self) -> Price:
+        return self.cfg.prices[self.cfg.model]
+
+    def _http_client(self, factory: Any) -> Any:
+        """The SDK's own HTTP client class, reading at most `max_reply_bytes` per reply and,
+        for a local-only endpoint, following no redirect (one could point off the machine)."""
+        limit = reply_limit(self.cfg, self.cfg.max_tokens)
+        return factory(transport=capped_transport(limit), follow_redirects=self.cfg.allow_external)
+
+
+class OpenAIProvider(ApiProvider):
+    kind = "openai"
+
+    def _client(self) -> Any:
+        import openai
+
+        return openai.AsyncOpenAI(
+            api_key=self._api_key,
+            base_url=self.base_url,
+            max_retries=0,
+            timeout=self.cfg.timeout_s,
+            http_client=self._http_client(openai.DefaultAsyncHttpxClient),
+        )
+
+    async def _send(
+        self, client: Any, messages: Messages, json_schema: dict[str, Any] | None, max_tokens: int
+    ) -> tuple[str, int | None, int | None, str | None]:
+        extra: dict[str, Any] = {}
+        if json_schema is not None and self.cfg.json_mode == "schema":
+            extra["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "answer", "schema": json_schema, "strict": False},
+            }
+        elif json_schema is not None and self.cfg.json_mode == "object":
+            extra["response_format"] = {"type": "json_object"}
+        extra[self.cfg.token_limit_param] = max_tokens
+        response = await client.chat.completions.create(
+            model=self.cfg.model, messages=messages, temperature=self.cfg.temperature, **extra
+        )
+        choices = getattr(response, "choices", None)
+        if not choices or choices[0].message is None:
+            raise MalformedResponse("response has no choices")
+        usage = response.usage
+        return (
+            choices[0].message.content or "",
+            usage.prompt_tokens if usage else None,
+            usage.completion_tokens if usage else None,
+            choices[0].finish_reason,
+        )
+
+
+class AnthropicProvider(ApiProvider):
+    kind = "anthropic"
+
+    def _client(self) -> Any:
+        import anthropic
+
+        return anthropic.AsyncAnthropic(
+            api_key=self._api_key,
+            base_url=self.base_url,
+            max_retries=0,
+            timeout=self.cfg.timeout_s,
+            http_client=self._http_client(anthropic.DefaultAsyncHttpxClient),
+        )
+
+    async def _send(
+        self, client: Any, messages: Messages, json_schema: dict[str, Any] | None, max_tokens: int
+    ) -> tuple[str, int | None, int | None, str | None]:
+        # The Messages API takes the system prompt apart from the turns.
+        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+        turns = [m for m in messages if m["role"] != "system"]
+        extra: dict[str, Any] = {"system": system} if system else {}
+        if json_schema is not None and self.cfg.json_mode == "schema":
+            extra["output_config"] = {"format": {"type": "json_schema", "schema": json_schema}}
+        # No `temperature`: this SDK's Messages API no longer takes one (the model decides).
+        response = await client.messages.create(
+            model=self.cfg.model, messages=turns, max_tokens=max_tokens, **extra
+        )
+        content = getattr(response, "content", None)
+        if content is None:
+            raise MalformedResponse("response has no content")
+        text = "".join(getattr(block, "text", "") for block in content)
+        usage = response.usage
+        return (
+            text,
+            usage.input_tokens if usage else None,
+            usage.output_tokens if usage else None,
+            response.stop_reason,
+        )
+
+
+class ReplayProvider(Provider):
+    """Answers only from the cache entries of `replay_kind`; sends nothing, ever."""
+
+    kind = "replay"
+
+    @property
+    def cache_kind(self) -> str:
+        return self.cfg.replay_kind
+
+    async def _call(
+        self, messages: Messages, json_schema: dict[str, Any] | None, max_tokens: int
+    ) -> Completion:
+        self.stats.failures += 1
+        raise CacheMiss(
+            f"replay: no cached {self.cfg.replay_kind} answer of model "
+            f"{self.cfg.model!r} for this request (prompt or params changed?)"
+        )
+
+
+def open_provider(cfg: ProviderConfig, cache: Cache | None = None) -> Provider:
+    """The provider for `cfg.kind`; raises PrivacyError/ConfigError before sending anything."""
+    kinds: dict[str, type[Provider]] = {
+        "openai": OpenAIProvider,
+        "anthropic": AnthropicProvider,
+        "replay": ReplayProvider,
+    }
+    if cfg.kind not in kinds:
+        raise ConfigError(
+            f"provider kind {cfg.kind!r} answers from records, not messages "
+            "(distil handles it); use openai, anthropic or replay here"
+        )
+    return kinds[cfg.kind](cfg, cache)
