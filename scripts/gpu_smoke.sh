@@ -16,9 +16,10 @@ import torch
 if not torch.cuda.is_available():
     sys.exit("gpu_smoke: no CUDA device visible (torch.cuda.is_available() is False)")
 
-from pipelines import train as T
 from temper.io import read_jsonl, write_jsonl
+from temper.stages import train
 from temper.task import load_task
+from temper.training.config import TrainConfig
 
 steps = int(sys.argv[1])
 task = load_task("configs/tasks/clause_review.yaml")
@@ -31,14 +32,15 @@ for split in ("train", "validation"):
 
 rows = []
 for method, precision in (("qlora", "bf16"), ("lora", "bf16")):
-    cfg = T.TrainConfig(data_dir=str(work / "data"), out_dir=str(work / "cand"),
-                        plots_dir=str(work / "plots"), checkpoint_dir=str(work / "ckpt"),
-                        method=method, precision=precision, max_steps=steps, batch_size=8,
-                        layers=None, save_steps=10_000, candidates={method: {}})
+    cfg = TrainConfig(data_dir=str(work / "data"), out_dir=str(work / "cand"),
+                      plots_dir=str(work / "plots"), checkpoint_dir=str(work / "ckpt"),
+                      accelerate="single_gpu", method=method, precision=precision,
+                      max_steps=steps, batch_size=8, layers=None, save_steps=10_000,
+                      candidates={method: {}})
     torch.cuda.reset_peak_memory_stats()
-    m = T.run(cfg, method, "models/base")
-    rows.append((method, precision, m["steps"], m["train_seconds"], m["tokens_per_s"],
-                 m["peak_cuda_mb"], m["val_loss"], m["base_val_loss"]))
+    m = train.run(cfg, [method], "models/base")[method]  # a results.TrainResult
+    rows.append((method, precision, m.steps, m.train_seconds, m.tokens_per_s or 0.0,
+                 m.peak_cuda_mb or 0.0, m.val_loss, m.base_val_loss))
 
 print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
 print("| method | precision | steps | seconds | tokens/s | peak CUDA MiB | val loss | base val loss |")

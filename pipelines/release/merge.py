@@ -11,8 +11,12 @@ from ..results import TrainResult
 from ..training.model import load_base
 
 
-def merge(candidate: str | Path, out: str | Path, base_dir: str | Path,
-          dtype_name: Literal["bfloat16", "float16", "float32"] = "bfloat16") -> dict[str, Any]:
+def merge(
+    candidate: str | Path,
+    out: str | Path,
+    base_dir: str | Path,
+    dtype_name: Literal["bfloat16", "float16", "float32"] = "bfloat16",
+) -> dict[str, Any]:
     """Merge an adapter into its base and save a standalone safetensors model (atomically).
 
     LoRA adapters merge into the base weights in their 16-bit dtype. A QLoRA adapter was
@@ -37,19 +41,26 @@ def merge(candidate: str | Path, out: str | Path, base_dir: str | Path,
             "merging a QLoRA adapter into dequantized NF4 weights: the merged 16-bit model "
             "carries the 4-bit rounding of the base; expect a small quality loss versus the "
             "4-bit base + adapter (compare with `temper evaluate` before shipping)",
-            UserWarning, stacklevel=2,
+            UserWarning,
+            stacklevel=2,
         )
         _, model = load_base(base_dir, "qlora", "bf16")
         model = model.dequantize().to(dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    tokenizer = AutoTokenizer.from_pretrained(adapter if (adapter / "tokenizer.json").exists()
-                                              else base_dir)
+    tokenizer = AutoTokenizer.from_pretrained(
+        adapter if (adapter / "tokenizer.json").exists() else base_dir
+    )
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        info = {"adapter": str(adapter), "base": str(base_dir), "method": method,
-                "dtype": dtype_name, "dequantized": method == "qlora"}
+        info = {
+            "adapter": str(adapter),
+            "base": str(base_dir),
+            "method": method,
+            "dtype": dtype_name,
+            "dequantized": method == "qlora",
+        }
         write_json(tmp / "temper_merge.json", info)
     return info

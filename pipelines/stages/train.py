@@ -53,14 +53,28 @@ log = logging.getLogger(__name__)
 
 def key_params(resolved: dict[str, Any]) -> dict[str, Any]:
     """The fields that tell candidates apart: the logged model's params, the runs' columns."""
-    keys = ("method", "rank", "alpha", "layers", "learning_rate", "epochs", "max_steps",
-            "batch_size", "max_length")
+    keys = (
+        "method",
+        "rank",
+        "alpha",
+        "layers",
+        "learning_rate",
+        "epochs",
+        "max_steps",
+        "batch_size",
+        "max_length",
+    )
     return {k: resolved[k] for k in keys}
 
 
-def run(cfg: TrainConfig, names: list[str] | None, base_dir: str | Path,
-        mlflow_cfg: MlflowConfig | None = None, params: dict[str, Any] | None = None,
-        launch_argv: Callable[[str], list[str]] | None = None) -> dict[str, TrainResult]:
+def run(
+    cfg: TrainConfig,
+    names: list[str] | None,
+    base_dir: str | Path,
+    mlflow_cfg: MlflowConfig | None = None,
+    params: dict[str, Any] | None = None,
+    launch_argv: Callable[[str], list[str]] | None = None,
+) -> dict[str, TrainResult]:
     """The stage: train every candidate in `names` (default: all of `train.candidates`).
 
     Single-process Accelerate configs train here; multi-process ones re-launch `temper train
@@ -83,9 +97,13 @@ def run(cfg: TrainConfig, names: list[str] | None, base_dir: str | Path,
     return results
 
 
-def train_candidate(cfg: TrainConfig, name: str, base_dir: str | Path,
-                    mlflow_cfg: MlflowConfig | None = None,
-                    params: dict[str, Any] | None = None) -> TrainResult:
+def train_candidate(
+    cfg: TrainConfig,
+    name: str,
+    base_dir: str | Path,
+    mlflow_cfg: MlflowConfig | None = None,
+    params: dict[str, Any] | None = None,
+) -> TrainResult:
     """Train candidate `name` in this process (under `accelerate launch`: on every rank).
 
     Writes `<out_dir>/<name>/{adapter/,train_metrics.json}` and `<plots_dir>/<name>.csv` on the
@@ -119,8 +137,14 @@ def train_candidate(cfg: TrainConfig, name: str, base_dir: str | Path,
     resolved = cfg.model_dump(exclude={"candidates"})
     paths = ("data_dir", "out_dir", "plots_dir", "checkpoint_dir")
     base_hash, data_id = model_hash(base_dir), data_hash(data_dir)
-    ckpt_key = stable_hash({"cfg": {k: v for k, v in resolved.items() if k not in paths},
-                            "data": data_id, "base": base_hash, "world": state.num_processes})
+    ckpt_key = stable_hash(
+        {
+            "cfg": {k: v for k, v in resolved.items() if k not in paths},
+            "data": data_id,
+            "base": base_hash,
+            "world": state.num_processes,
+        }
+    )
     ckpt_dir = Path(cfg.checkpoint_dir) / name / ckpt_key
     resume = state.is_main_process and any(ckpt_dir.glob("checkpoint-*"))
     resume = bool(broadcast_object(resume))
@@ -128,9 +152,18 @@ def train_candidate(cfg: TrainConfig, name: str, base_dir: str | Path,
     # Only the main process talks to MLflow (a shared store: every rank would race).
     tracking = contextlib.nullcontext()
     if mlflow_cfg is not None and state.is_main_process:
-        tracking = child_run(mlflow_cfg, params or {}, "train", f"train-{name}",
-                             **{"temper.candidate": name, "temper.base_model": str(base_dir),
-                                "temper.base_model_hash": base_hash, "temper.data_hash": data_id})
+        tracking = child_run(
+            mlflow_cfg,
+            params or {},
+            "train",
+            f"train-{name}",
+            **{
+                "temper.candidate": name,
+                "temper.base_model": str(base_dir),
+                "temper.base_model_hash": base_hash,
+                "temper.data_hash": data_id,
+            },
+        )
     with tracking as mlrun:
         if mlrun is not None:
             mlrun.log_params({**flatten({"train": resolved}), "base_model_hash": base_hash})
@@ -143,17 +176,32 @@ def train_candidate(cfg: TrainConfig, name: str, base_dir: str | Path,
             processing_class=tokenizer,
             callbacks=[make_callback(mlrun)],
         )
-        log.info("candidate %s: %d train records (%d clauses cut to %d tokens), %d trainable "
-                 "params, precision %s, checkpointing %s, %d process(es)%s", name, len(train_ds),
-                 n_cut, cfg.max_length, trainable, precision, gc, state.num_processes,
-                 ", resuming" if resume else "")
+        log.info(
+            "candidate %s: %d train records (%d clauses cut to %d tokens), %d trainable "
+            "params, precision %s, checkpointing %s, %d process(es)%s",
+            name,
+            len(train_ds),
+            n_cut,
+            cfg.max_length,
+            trainable,
+            precision,
+            gc,
+            state.num_processes,
+            ", resuming" if resume else "",
+        )
         start = time.perf_counter()
         out = trainer.train(resume_from_checkpoint=True if resume else None)
         wall = time.perf_counter() - start
         # The trainer's log history survives a resume (it is in the checkpoint): the full curve.
-        history = [{"step": e["step"], "loss": float(e["loss"]),
-                    "learning_rate": float(e.get("learning_rate", 0.0))}
-                   for e in trainer.state.log_history if "loss" in e]
+        history = [
+            {
+                "step": e["step"],
+                "loss": float(e["loss"]),
+                "learning_rate": float(e.get("learning_rate", 0.0)),
+            }
+            for e in trainer.state.log_history
+            if "loss" in e
+        ]
         rank_tokens = [int(t) for t in gather_objects(trainer.tokens_seen)]
         tokens = sum(rank_tokens)
         model = trainer.model
@@ -161,22 +209,25 @@ def train_candidate(cfg: TrainConfig, name: str, base_dir: str | Path,
 
         result = None
         if state.is_main_process:
-            val_loss = mean_loss(model, tokenizer, val_recs, cfg.max_length,
-                                 cfg.eval_batch_size, precision)
+            val_loss = mean_loss(
+                model, tokenizer, val_recs, cfg.max_length, cfg.eval_batch_size, precision
+            )
             result = TrainResult(
                 candidate=name,
                 steps=out.global_step,
                 train_loss=history[-1]["loss"] if history else None,
                 train_loss_mean=out.training_loss,
                 val_loss=val_loss,
-                base_val_loss=cached_base_loss(cfg, base_dir, precision, model, tokenizer,
-                                               val_recs),
+                base_val_loss=cached_base_loss(
+                    cfg, base_dir, precision, model, tokenizer, val_recs
+                ),
                 train_seconds=wall,
                 train_tokens=tokens,
                 tokens_per_s=tokens / wall if wall > 0 else None,
                 peak_rss_mb=peak_rss_mb(),
                 peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20
-                if torch.cuda.is_available() else None,
+                if torch.cuda.is_available()
+                else None,
                 train_records=len(train_ds),
                 clauses_cut=n_cut,
                 val_records=len(val_recs),
@@ -194,12 +245,27 @@ def train_candidate(cfg: TrainConfig, name: str, base_dir: str | Path,
             )
             write_outputs(cfg, name, model, tokenizer, result, history)
             if mlrun is not None:
-                keys = ("val_loss", "base_val_loss", "train_seconds", "tokens_per_s",
-                        "peak_rss_mb", "train_tokens", "steps", "train_loss_mean", "peak_cuda_mb")
-                model_id = log_adapter_model(mlrun, Path(cfg.out_dir) / name / "adapter", name,
-                                             flatten({"train": key_params(resolved)}))
-                mlrun.log_metrics({k: getattr(result, k) for k in keys
-                                   if getattr(result, k) is not None}, model_id=model_id)
+                keys = (
+                    "val_loss",
+                    "base_val_loss",
+                    "train_seconds",
+                    "tokens_per_s",
+                    "peak_rss_mb",
+                    "train_tokens",
+                    "steps",
+                    "train_loss_mean",
+                    "peak_cuda_mb",
+                )
+                model_id = log_adapter_model(
+                    mlrun,
+                    Path(cfg.out_dir) / name / "adapter",
+                    name,
+                    flatten({"train": key_params(resolved)}),
+                )
+                mlrun.log_metrics(
+                    {k: getattr(result, k) for k in keys if getattr(result, k) is not None},
+                    model_id=model_id,
+                )
                 result.mlflow_model_id = model_id
                 result.save(Path(cfg.out_dir) / name / "train_metrics.json")
             shutil.rmtree(ckpt_dir, ignore_errors=True)  # done: the next run starts fresh
@@ -207,24 +273,42 @@ def train_candidate(cfg: TrainConfig, name: str, base_dir: str | Path,
     return broadcast_object(result)
 
 
-def cached_base_loss(cfg: TrainConfig, base_dir: str | Path, precision: str, model: Any,
-                     tokenizer: Any, val_recs: list[dict[str, Any]]) -> float:
+def cached_base_loss(
+    cfg: TrainConfig,
+    base_dir: str | Path,
+    precision: str,
+    model: Any,
+    tokenizer: Any,
+    val_recs: list[dict[str, Any]],
+) -> float:
     """The base model's validation loss (adapter off), cached: every candidate shares it."""
-    key = stable_hash({"base": model_hash(base_dir), "data": data_hash(Path(cfg.data_dir)),
-                       "n": len(val_recs), "max_length": cfg.max_length, "precision": precision,
-                       "method": cfg.method})
+    key = stable_hash(
+        {
+            "base": model_hash(base_dir),
+            "data": data_hash(Path(cfg.data_dir)),
+            "n": len(val_recs),
+            "max_length": cfg.max_length,
+            "precision": precision,
+            "method": cfg.method,
+        }
+    )
     path = Path(cfg.checkpoint_dir) / f"base_val_loss-{key}.json"
     if path.exists():
         return float(json.loads(path.read_text())["loss"])
     with model.disable_adapter():
-        loss = mean_loss(model, tokenizer, val_recs, cfg.max_length, cfg.eval_batch_size,
-                         precision)
+        loss = mean_loss(model, tokenizer, val_recs, cfg.max_length, cfg.eval_batch_size, precision)
     write_json(path, {"loss": loss})
     return loss
 
 
-def write_outputs(cfg: TrainConfig, name: str, model: Any, tokenizer: Any, result: TrainResult,
-                  history: list[dict[str, float]]) -> None:
+def write_outputs(
+    cfg: TrainConfig,
+    name: str,
+    model: Any,
+    tokenizer: Any,
+    result: TrainResult,
+    history: list[dict[str, float]],
+) -> None:
     with atomic_dir(Path(cfg.out_dir) / name) as tmp:
         model.save_pretrained(tmp / "adapter", safe_serialization=True)
         tokenizer.save_pretrained(tmp / "adapter")

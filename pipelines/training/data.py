@@ -20,12 +20,18 @@ def load_records(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
     for lineno, rec in enumerate(records, 1):
         for key in ("prompt", "completion"):
             msgs = rec.get(key)
-            if not isinstance(msgs, list) or not msgs or not all(
-                isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role")
-                for m in msgs
+            if (
+                not isinstance(msgs, list)
+                or not msgs
+                or not all(
+                    isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role")
+                    for m in msgs
+                )
             ):
-                raise DataError(f"{path}:{lineno}: field '{key}' must be a non-empty list of "
-                                "{role, content} messages")
+                raise DataError(
+                    f"{path}:{lineno}: field '{key}' must be a non-empty list of "
+                    "{role, content} messages"
+                )
         if rec["completion"][-1]["role"] != "assistant":
             raise DataError(f"{path}:{lineno}: field 'completion' must end with an assistant turn")
     if not records:
@@ -49,8 +55,10 @@ def fit_prompt(tokenizer, rec: dict[str, Any], max_length: int) -> tuple[dict[st
     ids = tokenizer(user["content"], add_special_tokens=False)["input_ids"]
     keep = len(ids) - excess - 2  # 2 tokens of slack: re-tokenising the cut text can shift
     if keep < 8:
-        raise DataError(f"record {rec.get('id')}: max_length {max_length} leaves no room for the "
-                        "clause; raise train.max_length")
+        raise DataError(
+            f"record {rec.get('id')}: max_length {max_length} leaves no room for the "
+            "clause; raise train.max_length"
+        )
     user["content"] = tokenizer.decode(ids[:keep])
     return {**rec, "prompt": prompt}, True
 
@@ -69,12 +77,11 @@ def to_dataset(tokenizer, records: list[dict[str, Any]], max_length: int):
 
 def tokenize_pair(tokenizer, rec: dict[str, Any]) -> dict[str, list[int]]:
     """input_ids and completion-only labels of one record, as trl builds them."""
-    prompt = tokenizer.apply_chat_template(rec["prompt"], add_generation_prompt=True,
-                                           tokenize=True)
+    prompt = tokenizer.apply_chat_template(rec["prompt"], add_generation_prompt=True, tokenize=True)
     full = tokenizer.apply_chat_template(rec["prompt"] + rec["completion"], tokenize=True)
     prompt = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
     full = full["input_ids"] if hasattr(full, "keys") else full
-    labels = [-100] * len(prompt) + list(full[len(prompt):])
+    labels = [-100] * len(prompt) + list(full[len(prompt) :])
     return {"input_ids": list(full), "labels": labels}
 
 

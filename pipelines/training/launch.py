@@ -32,7 +32,9 @@ def needs_launcher(config_path: Path) -> bool:
     `accelerate launch` (one process per device, DDP/FSDP wiring)."""
     acc = read_yaml(config_path)
     return int(acc.get("num_processes", 1)) > 1 or acc.get("distributed_type", "NO") not in (
-        "NO", "no")
+        "NO",
+        "no",
+    )
 
 
 def free_port() -> int:
@@ -52,8 +54,15 @@ def launch(config_path: Path, argv: list[str]) -> None:
     import torch
 
     env = dict(os.environ)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_path),
-           "--main_process_port", str(free_port())]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config_path),
+        "--main_process_port",
+        str(free_port()),
+    ]
     if not torch.cuda.is_available():
         env["ACCELERATE_USE_CPU"] = "1"
         env.setdefault("OMP_NUM_THREADS", "1")

@@ -76,8 +76,11 @@ def load_base(base_dir: str | Path, method: str, precision: str, gc: bool = Fals
 
         compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+            bnb_4bit_quant_storage=compute,
         )
         if fsdp:
             # FSDP shards flat parameters of one dtype: store everything in the compute dtype
@@ -107,8 +110,12 @@ def add_lora(model, cfg: TrainConfig):
             raise ConfigError(f"train.layers={cfg.layers} but the model has {n_layers} blocks")
         layers = list(range(n_layers - cfg.layers, n_layers))
     lora = LoraConfig(
-        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
-        target_modules=list(cfg.target_modules), layers_to_transform=layers,
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        bias="none",
+        target_modules=list(cfg.target_modules),
+        layers_to_transform=layers,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)

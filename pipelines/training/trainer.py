@@ -24,8 +24,11 @@ def make_trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if model.training:
                 self.tokens_seen += int(inputs["attention_mask"].sum())
-            inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask",
-                                                                 "labels", "position_ids")}
+            inputs = {
+                k: v
+                for k, v in inputs.items()
+                if k in ("input_ids", "attention_mask", "labels", "position_ids")
+            }
             out = model(**inputs, completion_loss=True, num_items_in_batch=num_items_in_batch)
             loss = out.loss
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -56,8 +59,10 @@ def sft_args(cfg: TrainConfig, out: Path, precision: str, gc: bool):
     from trl import SFTConfig
 
     if cfg.packing and device_type() != "cuda":
-        raise ConfigError("train.packing needs flash-attention (CUDA) so that attention stays "
-                          "inside each packed example; set train.packing: false on CPU")
+        raise ConfigError(
+            "train.packing needs flash-attention (CUDA) so that attention stays "
+            "inside each packed example; set train.packing: false on CPU"
+        )
     return SFTConfig(
         output_dir=str(out),
         per_device_train_batch_size=cfg.batch_size,
@@ -93,8 +98,14 @@ def sft_args(cfg: TrainConfig, out: Path, precision: str, gc: bool):
     )
 
 
-def mean_loss(model, tokenizer, records: list[dict[str, Any]], max_length: int,
-              batch_size: int = 16, precision: str = "fp32") -> float:
+def mean_loss(
+    model,
+    tokenizer,
+    records: list[dict[str, Any]],
+    max_length: int,
+    batch_size: int = 16,
+    precision: str = "fp32",
+) -> float:
     """Token-mean completion loss over `records` (no grad), same loss as in training."""
     import torch
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -107,11 +118,16 @@ def mean_loss(model, tokenizer, records: list[dict[str, Any]], max_length: int,
     dtype = torch.bfloat16 if precision == "bf16" else None
     with torch.no_grad(), torch.autocast(device_type(), dtype=dtype, enabled=dtype is not None):
         for i in range(0, len(feats), batch_size):
-            batch = collate(feats[i:i + batch_size])
+            batch = collate(feats[i : i + batch_size])
             batch = {k: v.to(model.device) for k, v in batch.items()}
             n = int((batch["labels"][:, 1:] != -100).sum())
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        labels=batch["labels"], completion_loss=True, num_items_in_batch=1)
+            out = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                labels=batch["labels"],
+                completion_loss=True,
+                num_items_in_batch=1,
+            )
             total += float(out.loss)
             count += n
     model.train(was_training)
