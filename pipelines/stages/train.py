@@ -36,6 +36,7 @@ from ..training.model import (
     resolve_checkpointing,
     resolve_precision,
 )
+from ..training.progress import use_progress_bar
 from ..training.trainer import (
     broadcast_object,
     gather_objects,
@@ -176,6 +177,7 @@ def train_candidate(
             processing_class=tokenizer,
             callbacks=[make_callback(mlrun)],
         )
+        use_progress_bar(trainer, f"train {name}")
         log.info(
             "candidate %s: %d train records (%d clauses cut to %d tokens), %d trainable "
             "params, precision %s, checkpointing %s, %d process(es)%s",

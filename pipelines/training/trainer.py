@@ -4,7 +4,6 @@ validation loss, and what the ranks of a distributed run tell each other."""
 from __future__ import annotations
 
 import resource
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +88,7 @@ def sft_args(cfg: TrainConfig, out: Path, precision: str, gc: bool):
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
         report_to="none",
-        disable_tqdm=not sys.stderr.isatty(),
+        disable_tqdm=True,  # our own bar (training.progress), not a dict per logged step
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
         use_cpu=device_type() == "cpu",
