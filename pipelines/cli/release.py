@@ -71,6 +71,12 @@ def registry_client(values: dict[str, Any]) -> Any:
     return mlflow.MlflowClient()
 
 
+def promotion_context(values: dict[str, Any]) -> tuple[PromoteConfig, str, Any]:
+    """The promote config, the registered model's name and a registry client."""
+    name = section(values, "register", RegisterConfig).model_name
+    return section(values, "promote", PromoteConfig), name, registry_client(values)
+
+
 def promote_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
     """Make `challenger` the `champion` if it passes the gates and is not worse.
 
@@ -83,9 +89,7 @@ def promote_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
     setup_logging()
     values = load(params, set_)
     try:
-        cfg = section(values, "promote", PromoteConfig)
-        name = section(values, "register", RegisterConfig).model_name
-        client = registry_client(values)
+        cfg, name, client = promotion_context(values)
         decision = promote.decide(client, name, cfg, section(values, "gates", GatesConfig))
         promote.write_report(cfg.report, decision, "promote", promote.history(client, name))
     except (ConfigError, promote.PromoteError) as err:
@@ -109,9 +113,7 @@ def rollback_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
     setup_logging()
     values = load(params, set_)
     try:
-        cfg = section(values, "promote", PromoteConfig)
-        name = section(values, "register", RegisterConfig).model_name
-        client = registry_client(values)
+        cfg, name, client = promotion_context(values)
         decision = promote.rollback(client, name, cfg)
         promote.write_report(cfg.report, decision, "rollback", promote.history(client, name))
     except (ConfigError, promote.PromoteError) as err:
