@@ -179,13 +179,17 @@ def run_prepare(
         "-S", f"prepare.out_dir={out}",
         "-S", f"prepare.metrics={metrics}",
     ]  # fmt: skip
-    # The code under test: this checkout, or a git revision unpacked in `code`.
-    # (Revisions before the `temper` import name keep the package as `pipelines`.)
-    if code is None:
-        boot = "from temper.cli import app; app()"
-    else:
+    # The code under test: this checkout, or a git revision's package folder unpacked in
+    # `code`, loaded under the name `temper` ahead of the installed one (its modules import
+    # each other relatively, so this works for revisions from before the rename too).
+    boot = "from temper.cli import app; app()"
+    if code is not None:
         boot = (
-            f"import sys; sys.path.insert(0, {str(code)!r}); from pipelines.cli import app; app()"
+            "import importlib.util, sys; "
+            f"spec = importlib.util.spec_from_file_location('temper', {str(code / 'pipelines' / '__init__.py')!r}, "
+            f"submodule_search_locations=[{str(code / 'pipelines')!r}]); "
+            "module = importlib.util.module_from_spec(spec); sys.modules['temper'] = module; "
+            "spec.loader.exec_module(module); " + boot
         )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TEMPER_LOG_LEVEL": "WARNING"}
     start = time.perf_counter()
