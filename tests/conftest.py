@@ -17,6 +17,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Fixtures that load or build the real base model (or run a stage on it): a test using one
+# must be marked slow, so that `pytest -m "not slow"` stays fast.
+REAL_MODEL_FIXTURES = {"base_model_dir", "prepared_dir"}
+
+
+def pytest_collection_modifyitems(config, items):
+    unmarked = [
+        item.nodeid
+        for item in items
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ()))
+        and item.get_closest_marker("slow") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "these use the real model but are not marked slow: " + ", ".join(unmarked)
+        )
+
 
 @pytest.fixture(scope="session")
 def root() -> Path:

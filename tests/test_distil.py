@@ -128,6 +128,7 @@ def ids(path: Path) -> list[str]:
     return [r["id"] for r in read_jsonl(path)]
 
 
+@pytest.mark.slow
 def test_gold_default_labels_every_record_offline(tmp_path, prepared_dir, task):
     cfg = DistilConfig(
         prepared_dir=str(prepared_dir),

@@ -151,6 +151,7 @@ def test_promote_rechecks_the_gates_in_force_on_the_recorded_evaluation(project,
     )
 
 
+@pytest.mark.slow
 def test_version_without_recorded_evaluation_cannot_be_promoted(project):
     """A version made by hand with `temper.gates_passed=true` promotes nothing: promote needs
     the evaluation recorded at registration (exit 2, the version named)."""
@@ -178,6 +179,7 @@ def test_version_without_recorded_evaluation_cannot_be_promoted(project):
     assert "version 1: no temper/eval.json in run" in result.output
 
 
+@pytest.mark.slow
 def test_gate_command_reads_the_evaluation_and_applies_the_gates_in_force(project):
     """`temper gate` on an EvalResult: its own gates come from params (-S tightens them)."""
     write_eval(project, {"a": pattern(N, 42), "b": pattern(N, 12)}, winner="a")  # 0.7, 0.2
@@ -197,6 +199,7 @@ def test_gate_command_reads_the_evaluation_and_applies_the_gates_in_force(projec
     assert res.exit_code == 2 and "not a EvalResult" in res.output
 
 
+@pytest.mark.slow
 def test_promote_without_challenger_exits_2(project):
     result = runner.invoke(app, ["promote"])
     assert result.exit_code == 2

@@ -197,6 +197,7 @@ def test_no_winner_registers_nothing(project, base_model_dir):
     assert "metrics/eval.json: no candidate passed the gates" in result.output
 
 
+@pytest.mark.slow
 def test_winner_marked_as_failing_is_refused(project):
     """A hand-edited eval.json whose winner failed its gates registers nothing (and touches
     no store: every input is checked first)."""
@@ -208,6 +209,7 @@ def test_winner_marked_as_failing_is_refused(project):
     assert "metrics/eval.json: winner 'r16' is marked as failing its gates" in result.output
 
 
+@pytest.mark.slow
 def test_eval_json_not_written_by_evaluate_names_the_file_and_field(project):
     (project / "metrics").mkdir()
     (project / "metrics" / "eval.json").write_text(
@@ -250,6 +252,7 @@ def test_examples_outside_a_metric_are_left_out(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_fixture_predictions_are_rows_as_evaluate_writes_them(project):
     """The fixtures' prediction rows hold what `attach_scores` writes and register reads."""
     write_eval(project, {"r16": pattern(8, 6)}, winner="r16")

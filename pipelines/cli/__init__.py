@@ -45,6 +45,13 @@ COMMANDS: list[tuple[str, Callable[..., None], tuple[str, ...]]] = [
     ("ui", release.ui_cmd, ()),
 ]
 
+
+@app.callback()
+def main() -> None:
+    """Temper: distil, fine-tune (LoRA/QLoRA), evaluate, gate and register a self-hosted model."""
+    setup_logging()
+
+
 for _name, _function, _sections in COMMANDS:
     _epilog = "\n\n".join(describe(SECTIONS[s], s) for s in _sections) or None
     app.command(_name, epilog=_epilog)(_function)

@@ -86,6 +86,11 @@ HARMLESS_WARNINGS = (
 
 
 def setup_logging() -> None:
+    """Logging at TEMPER_LOG_LEVEL (default INFO), dependencies quiet unless it is DEBUG.
+
+    Runs before any command's body (the app callback), so before the heavy imports: some
+    libraries read their settings from the environment when they are imported.
+    """
     level = os.environ.get("TEMPER_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(
         level=level,
@@ -101,8 +106,18 @@ def setup_logging() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     for category, message in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Read at import: transformers' messages, MLflow's own logger (it sets INFO on import),
+    # and the bars of sub-second steps (loading weights, `datasets` maps). The long steps
+    # keep theirs: training, generation, teacher calls, the GGUF conversion.
+    quiet = {
+        "TRANSFORMERS_VERBOSITY": "error",
+        "MLFLOW_LOGGING_LEVEL": "WARNING",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
+    for key, value in quiet.items():
+        os.environ.setdefault(key, value)
 
 
 def load(params: Path, overrides: list[str] | None) -> Params:

@@ -15,7 +15,7 @@ from ..evaluation.gates import GatesConfig
 from ..release.promote import PromoteConfig
 from ..stages.register import RegisterConfig
 from ..tracking import MlflowConfig
-from .common import PARAMS, ParamsOpt, SetOpt, fail, load, model_dir, setup_logging
+from .common import PARAMS, ParamsOpt, SetOpt, fail, load, model_dir
 
 
 def gate_cmd(
@@ -86,7 +86,6 @@ def promote_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
     """
     from ..release import promote
 
-    setup_logging()
     values = load(params, set_)
     try:
         cfg, name, client = promotion_context(values)
@@ -110,7 +109,6 @@ def rollback_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
     """Point `champion` back at the previous champion (exit 2 when there is none)."""
     from ..release import promote
 
-    setup_logging()
     values = load(params, set_)
     try:
         cfg, name, client = promotion_context(values)
@@ -141,7 +139,6 @@ def pull_cmd(
     from ..release import pull
     from ..release.promote import PromoteError
 
-    setup_logging()
     values = load(params, set_)
     try:
         registry_client(values)
@@ -173,7 +170,6 @@ def merge_cmd(
     """
     from ..release.merge import merge
 
-    setup_logging()
     values = load(params, set_)
     try:
         if dtype not in ("bfloat16", "float16", "float32"):

@@ -17,14 +17,13 @@ from ..stages.prepare import PrepareConfig
 from ..stages.register import RegisterConfig
 from ..tracking import MlflowConfig
 from ..training.config import TrainConfig
-from .common import PARAMS, ParamsOpt, SetOpt, fail, load, model_dir, setup_logging, task_of
+from .common import PARAMS, ParamsOpt, SetOpt, fail, load, model_dir, task_of
 
 
 def base_model_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
     """Resolve `model.base` into a local safetensors folder (built-in default works offline)."""
     from ..stages import base_model
 
-    setup_logging()
     values = load(params, set_)
     try:
         out = base_model.run(section(values, "model", ModelConfig))
@@ -37,7 +36,6 @@ def prepare_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
     """Clean, de-duplicate, split by document and render the task's chat records."""
     from ..stages import prepare
 
-    setup_logging()
     values = load(params, set_)
     try:
         stats = prepare.run(
@@ -70,7 +68,6 @@ def distil_cmd(
     """
     from ..stages import distil
 
-    setup_logging()
     values = load(params, set_)
     try:
         cfg = section(values, "distil", DistilConfig)
@@ -117,7 +114,6 @@ def train_cmd(
     from ..stages import train
     from ..training.data import DataError
 
-    setup_logging()
     values = load(params, set_)
 
     def rank_argv(name: str) -> list[str]:
@@ -180,7 +176,6 @@ def evaluate_cmd(
     from ..evaluation.report import fmt, gate_table
     from ..stages import evaluate
 
-    setup_logging()
     values = load(params, set_)
     try:
         cfg = section(values, "evaluate", EvaluateConfig)
@@ -238,7 +233,6 @@ def register_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
     """Register the evaluation's winner as a new model version with alias `challenger`."""
     from ..stages import register
 
-    setup_logging()
     values = load(params, set_)
     try:
         summary = register.run(

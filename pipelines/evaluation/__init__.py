@@ -1,0 +1,1 @@
+"""Measuring answers: generation, scoring, the judge, gates, the report and the metrics."""

@@ -1,0 +1,1 @@
+"""Records: reading raw sources, de-duplication, token counts, sampling (the ground floor)."""

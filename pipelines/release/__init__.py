@@ -1,0 +1,1 @@
+"""Around the registry: promotion and rollback, pulling a version, merging an adapter."""

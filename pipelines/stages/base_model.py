@@ -78,11 +78,16 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantize a GGUF checkpoint into a bf16 safetensors folder that transformers loads."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16
-    )
+    hf_logging.enable_progress_bar()  # the one long step here (~20 s): show its bar
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16
+        )
+    finally:
+        hf_logging.disable_progress_bar()
     # A GGUF-loaded model refuses save_pretrained ("quantized with gguf and is not
     # serializable") although its weights are already dequantized: drop the marker first.
     if getattr(model, "hf_quantizer", None) is not None:
@@ -104,7 +109,9 @@ def copy_model_folder(src: Path, out: Path) -> None:
 def download_hub(repo_id: str, revision: str | None, out: Path) -> str:
     """Download a hub model's safetensors, config and tokenizer; return the commit hash."""
     from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.utils import enable_progress_bars
 
+    enable_progress_bars()  # a download of gigabytes: show it
     snapshot_download(repo_id, revision=revision, local_dir=out, allow_patterns=list(ALLOWED))
     return HfApi().model_info(repo_id, revision=revision).sha or (revision or "unknown")
 

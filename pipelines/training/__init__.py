@@ -1,0 +1,1 @@
+"""LoRA/QLoRA fine-tuning: the config, data, model, trainer, progress bar and launcher."""
