@@ -59,6 +59,7 @@ PARAMS = Path("params.yaml")
 # the openai/anthropic SDKs log through `httpx2` as well as `httpx`), and known-harmless
 # warnings of dependencies. All of it comes back with TEMPER_LOG_LEVEL=DEBUG.
 NOISY_LOGGERS = (
+    "absl",  # rouge-score: "Using default tokenizer." at every call
     "httpx",
     "httpx2",
     "httpcore",
@@ -114,10 +115,14 @@ def setup_logging() -> None:
         "MLFLOW_LOGGING_LEVEL": "WARNING",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     }
     for key, value in quiet.items():
         os.environ.setdefault(key, value)
+    # Not the HF_HUB_DISABLE_PROGRESS_BARS variable: it would win over the base_model stage
+    # turning the bar back on for its one long step. transformers reads this when imported.
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
 
 
 def load(params: Path, overrides: list[str] | None) -> Params:
