@@ -463,6 +463,13 @@ def test_mlflow_child_run_under_the_pipeline_run(tiny_run):
     assert logged.source_run_id == run.info.run_id and logged.status.name == "READY"
     names = {a.path for a in client.list_logged_model_artifacts(m.mlflow_model_id)}
     assert "adapter_model.safetensors" in names
+    # The training data are the run's dataset inputs, digests = the files' md5 (DVC's hash).
+    from temper.io import md5_file
+
+    inputs = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
+    assert inputs == {
+        s: md5_file(Path(cfg.data_dir) / f"{s}.jsonl") for s in ("train", "validation")
+    }
 
 
 @pytest.mark.slow
