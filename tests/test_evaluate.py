@@ -18,7 +18,7 @@ from temper.evaluation.metrics import Resamples
 from temper.evaluation.predict import api_predictions
 from temper.evaluation.scoring import answer_fields, deltas, references_for, score_system
 from temper.io import read_json, read_jsonl, write_jsonl
-from temper.results import CandidateEval, EvalResult
+from temper.results import CandidateEval, EvalResult, TrainResult
 from temper.stages.evaluate import load_records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -285,6 +285,36 @@ def test_stage_end_to_end_with_a_real_adapter(
     cands = tmp_path / "candidates"
     for name in ("tiny", "tiny2"):
         shutil.copytree(tiny_adapter(str(base_model_dir)), cands / name / "adapter")
+    # tiny's training record names a logged model of another MLflow store (a clone, a
+    # teammate's store): its evaluation run still gets the training figures, unlinked.
+    TrainResult(
+        candidate="tiny",
+        steps=3,
+        train_loss=1.0,
+        train_loss_mean=1.1,
+        val_loss=0.9,
+        base_val_loss=1.6,
+        train_seconds=2.0,
+        train_tokens=100,
+        tokens_per_s=50.0,
+        peak_rss_mb=1.0,
+        peak_cuda_mb=None,
+        train_records=4,
+        clauses_cut=0,
+        val_records=2,
+        trainable_params=10,
+        precision="fp32",
+        gradient_checkpointing=False,
+        num_processes=1,
+        rank_weight_hashes=["x"],
+        rank_tokens=[100],
+        resumed=False,
+        mlflow_run_id=None,
+        mlflow_model_id="m-0123456789abcdef",
+        base_model_hash="b",
+        data_hash="d",
+        config={"rank": 2, "method": "lora"},
+    ).save(cands / "tiny" / "train_metrics.json")
     shutil.copy(template_db(), tmp_path / "mlflow.db")
     mlflow_cfg = MlflowConfig(
         tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
@@ -364,6 +394,8 @@ def test_stage_end_to_end_with_a_real_adapter(
     assert sorted(r.data.tags["temper.system"] for r in runs) == ["baseline", "tiny", "tiny2"]
     parents = {r.data.tags["mlflow.parentRunId"] for r in runs}
     assert len(parents) == 1
+    tiny = next(r for r in runs if r.data.tags["temper.system"] == "tiny")
+    assert tiny.data.params["train.rank"] == "2" and tiny.data.metrics["train.val_loss"] == 0.9
     tiny2 = next(r for r in runs if r.data.tags["temper.system"] == "tiny2")
     assert tiny2.data.tags["temper.winner"] == "true"
     assert "clause_type.accuracy" in tiny2.data.metrics

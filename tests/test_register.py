@@ -129,12 +129,19 @@ def test_register_winner_with_children_alias_lineage_and_card(project, base_mode
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("case", ["no logged model", "logged model of another store"])
 def test_candidate_without_logged_model_is_registered_from_the_register_run(
-    project, base_model_dir
+    project, base_model_dir, case
 ):
     adapter = tiny_adapter(str(base_model_dir))
     trained = train_candidates(project, ["r16"], adapter, log_model=False)
     assert trained["r16"].mlflow_model_id is None
+    if case == "logged model of another store":
+        # A clone with its own store, a teammate's: train_metrics.json names a model this
+        # store does not hold (before the fix: a sqlite FOREIGN KEY failure in evaluate).
+        path = project / "models" / "candidates" / "r16" / "train_metrics.json"
+        stale = trained["r16"].model_copy(update={"mlflow_model_id": "m-0123456789abcdef"})
+        stale.save(path)
     write_eval(project, {"r16": pattern(20, 15)}, winner="r16")
     result = runner.invoke(app, ["register"])
     assert result.exit_code == 0, result.output

@@ -286,7 +286,7 @@ def log_mlflow(
     side by side even when only evaluate re-ran; its metrics are linked to the candidate's
     logged model, and the test set is logged as the run's dataset input.
     """
-    from ..tracking import log_dataset, log_model_input
+    from ..tracking import known_model, log_dataset, log_model_input
 
     systems: dict[str, CandidateEval | BaselineEval] = dict(result.candidates)
     if result.baseline is not None:
@@ -302,7 +302,7 @@ def log_mlflow(
         if isinstance(entry, CandidateEval) and entry.gates is not None:
             tags["temper.gates_passed"] = str(entry.gates.passed).lower()
         with child_run(mlflow_cfg, params, "evaluate", f"eval-{name}", **tags) as run:
-            model_id = train.mlflow_model_id if train is not None else None
+            model_id = known_model(run.client, train.mlflow_model_id if train else None)
             dataset = log_dataset(run, result.test_file, "test", "evaluation")
             if model_id is not None:
                 log_model_input(run, model_id)  # this run evaluates that model

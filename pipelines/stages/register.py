@@ -160,6 +160,7 @@ class Winner:
     params_hash: str
     adapter_sha: str
     attribution: str
+    model_id: str | None = None  # the candidate's logged model, when this store holds it
 
     @property
     def dataset_hash(self) -> str:
@@ -274,7 +275,7 @@ def version_tags(w: Winner, params: dict[str, Any], pipeline_run_id: str) -> dic
         "temper.cost": tag_json(w.cost),
         "temper.adapter_sha256": w.adapter_sha,
         "temper.train_run_id": str(w.train.mlflow_run_id),
-        "temper.model_id": str(w.train.mlflow_model_id),
+        "temper.model_id": str(w.model_id),
         "temper.pipeline_run_id": pipeline_run_id,
     }
     tags.update({f"metric.{k}": fmt_estimate(m) for k, m in w.entry.metrics.items()})
@@ -305,7 +306,7 @@ def log_register_run(
         "primary_metric": w.primary,
         "train_run_id": w.train.mlflow_run_id,
         "pipeline_run_id": run.parent_id,
-        "model_id": w.train.mlflow_model_id,
+        "model_id": w.model_id,
     }
     card = model_card(cfg, w, run.parent_id)
     with tempfile.TemporaryDirectory(prefix="temper-register-") as tmp:
@@ -321,15 +322,15 @@ def log_register_run(
         # This version's own card: the logged model holds the card of its latest registration
         # (one adapter registered twice, after a re-evaluation, is one logged model).
         (art / "temper" / "model_card.md").write_text(card, encoding="utf-8")
-        if w.train.mlflow_model_id is None:
+        if w.model_id is None:
             # Trained without MLflow: the adapter (and its card) go to this run instead.
             shutil.copytree(w.adapter_dir, art / "adapter")
             (art / "adapter" / "README.md").write_text(card, encoding="utf-8")
         run.client.log_artifacts(run.run_id, str(art))
         (art / "card").mkdir()
         (art / "card" / "README.md").write_text(card, encoding="utf-8")
-        if w.train.mlflow_model_id is not None:
-            run.client.log_model_artifacts(w.train.mlflow_model_id, str(art / "card"))
+        if w.model_id is not None:
+            run.client.log_model_artifacts(w.model_id, str(art / "card"))
     run.log_params({"candidate": w.name, "registered_model": cfg.model_name})
     # Not linked to the logged model: the evaluate stage's eval-<name> run already did, and
     # the same numbers twice on the model's page would look like two evaluations.
@@ -341,9 +342,9 @@ def log_register_run(
             if v is not None
         }
     )
-    if w.train.mlflow_model_id is None:
+    if w.model_id is None:
         return f"{run.client.get_run(run.run_id).info.artifact_uri}/adapter"
-    return tracking.model_source(w.train.mlflow_model_id)
+    return tracking.model_source(w.model_id)
 
 
 def run(
@@ -366,6 +367,8 @@ def run(
         raise RegisterError(f"{cfg.eval}: no candidate passed the gates: nothing registered")
 
     parent_id = tracking.pipeline_run(mlflow_cfg, params)
+    if w is not None:
+        w.model_id = tracking.known_model(mlflow.MlflowClient(), w.train.mlflow_model_id)
     client = mlflow.MlflowClient()
     tracking.ensure_candidates_view(
         client, client.get_run(parent_id).info.experiment_id, result.primary_metric
@@ -397,14 +400,14 @@ def run(
         cfg.model_name,
         source=source,
         run_id=reg.run_id,
-        model_id=w.train.mlflow_model_id,
+        model_id=w.model_id,
         tags=version_tags(w, params, parent_id),
         description=f"{w.name}: {w.primary} {fmt_estimate(primary)} on "
         f"{len(w.scores)} test clauses",
     )
     number = tracking.version_str(version.version)
-    if w.train.mlflow_model_id is not None:
-        tracking.link_version(client, w.train.mlflow_model_id, cfg.model_name, number)
+    if w.model_id is not None:
+        tracking.link_version(client, w.model_id, cfg.model_name, number)
     client.set_registered_model_alias(cfg.model_name, cfg.alias, number)
 
     client.set_tag(parent_id, "temper.winner", w.name)
@@ -420,7 +423,7 @@ def run(
         "alias": cfg.alias,
         "candidate": w.name,
         "run_id": reg.run_id,
-        "model_id": w.train.mlflow_model_id,
+        "model_id": w.model_id,
         "pipeline_run_id": parent_id,
         "source": version.source,
         "primary_metric": w.primary,

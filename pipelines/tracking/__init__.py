@@ -10,6 +10,7 @@
 
 from .registry import (
     alias_version,
+    known_model,
     lineage,
     link_version,
     model_source,
@@ -67,6 +68,7 @@ __all__ = [
     "start_server",
     "stop_server",
     "tracking_uri",
+    "known_model",
     "version_model_id",
     "version_str",
     "view_columns",

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from ..io import stable_hash
+
+log = logging.getLogger(__name__)
 
 
 def version_str(version: Any) -> str:
@@ -30,6 +33,31 @@ def alias_version(client: Any, name: str, alias: str) -> Any | None:
         if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
             return None
         raise
+
+
+def known_model(client: Any, model_id: str | None) -> str | None:
+    """`model_id` if this store holds that logged model, else None (with a warning).
+
+    A candidate's train_metrics.json names the logged model of the store it was trained
+    against; a clone with its own store, a teammate's store or a deleted model lacks it, and
+    linking metrics or a version to it would fail (a foreign key on sqlite).
+    """
+    from mlflow.exceptions import MlflowException
+
+    if model_id is None:
+        return None
+    try:
+        client.get_logged_model(model_id)
+    except MlflowException as err:
+        if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+            raise
+        log.warning(
+            "logged model %s is not in this MLflow store (trained against another "
+            "store?): nothing is linked to it",
+            model_id,
+        )
+        return None
+    return model_id
 
 
 def model_source(model_id: str) -> str:
