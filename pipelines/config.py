@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -51,23 +52,62 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
+def _parse_override(item: str) -> Any:
+    """One `-S` override parsed by Hydra's grammar, the parser `dvc exp run -S` uses, so a
+    value means the same to temper as to DVC: `key=v` sets, `+key=v` adds, `++key=v` adds
+    or sets, `~key` deletes; values are Hydra's (`null`, `1e-3`, `[a,b]`, `{k: v}`, quotes)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        return OverridesParser.create().parse_override(item)
+    except HydraException as err:
+        first = str(err).strip().splitlines()[0]
+        raise ConfigError(
+            f"override {item!r}: {first} (expected KEY=VALUE, e.g. train.rank=8)"
+        ) from None
+
+
+def override_key(item: str) -> str:
+    """The dotted key of an override (`+`, `++`, `~` dropped)."""
+    key = item.partition("=")[0].lstrip("~+")
+    return key
+
+
 def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
     """Turn `["train.lr=1e-3", "prepare.max_train_examples=null"]` into a nested dict.
 
-    Values are parsed as YAML scalars, so numbers, booleans and `null` work as on the DVC
-    command line (`dvc exp run -S key=value`).
+    Temper sets a key whether or not params.yaml has it (DVC wants `+` for a new one);
+    deletions (`~key`) are applied by `load_params`.
     """
     nested: dict[str, Any] = {}
     for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
+        parsed = _parse_override(item)
+        if parsed.is_delete() or "=" not in item:
             raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.lr=1e-3")
         node = nested
-        *parents, leaf = key.split(".")
+        *parents, leaf = parsed.key_or_group.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw)
+        node[leaf] = parsed.value()
     return nested
+
+
+def delete_key(params: dict[str, Any], item: str) -> dict[str, Any]:
+    """`~a.b`: a copy of `params` without `a.b` (an error if it is not there, as in DVC)."""
+    key = override_key(item)
+    *parents, leaf = key.split(".")
+    out = dict(params)
+    node = out
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            raise ConfigError(f"override {item!r}: there is no '{key}' to delete")
+        node[part] = dict(node[part])
+        node = node[part]
+    if leaf not in node:
+        raise ConfigError(f"override {item!r}: there is no '{key}' to delete")
+    del node[leaf]
+    return out
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -85,6 +125,68 @@ def as_overrides(values: dict[str, Any]) -> list[str]:
     """A nested mapping as `-S` overrides: `{"a": {"b": 1}}` -> `["a.b=1"]` (values as JSON,
     which is YAML, so `parse_overrides` reads them back as they were)."""
     return [f"{key}={json.dumps(value)}" for key, value in flatten(values).items()]
+
+
+_BARE = re.compile(r"[A-Za-z0-9_./-]+")
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def override_value(value: Any, where: str = "") -> str:
+    """A value in DVC's `-S` grammar (Hydra's, which temper's `-S` parses too): strings that
+    would read as something else are double-quoted, no spaces outside quotes (so that an
+    unquoted `$(temper profile x)` splits into whole arguments)."""
+    if value is None or isinstance(value, bool | int | float):
+        return json.dumps(value)
+    if isinstance(value, str):
+        if "\\" in value or "\n" in value:
+            raise ConfigError(f"{where}: a backslash or newline cannot pass through -S; use a file")
+        if _BARE.fullmatch(value) and _parse_override(f"k={value}").value() == value:
+            return value
+        return '"' + value.replace('"', '\\"') + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(override_value(v, where) for v in value) + "]"
+    if isinstance(value, dict):
+        bad = [k for k in value if not _KEY.fullmatch(str(k))]
+        if bad:
+            raise ConfigError(
+                f"{where}: key {bad[0]!r} cannot pass through -S (letters, digits, _)"
+            )
+        return "{" + ",".join(f"{k}:{override_value(v, where)}" for k, v in value.items()) + "}"
+    raise ConfigError(f"{where}: cannot pass a {type(value).__name__} through -S")
+
+
+def profile_overrides(
+    profile: dict[str, Any], params: dict[str, Any], sections: dict[str, type[Section]]
+) -> list[str]:
+    """A profile (a partial params file) as the `-S` list that turns `params` into it.
+
+    Typed sections merge field by field; any other mapping (gold columns, candidates, caps)
+    replaces the one in `params` whole (`~key` then `+key=...`: DVC would merge it). Keys
+    `params` lacks get DVC's `+`. Both `dvc exp run` and temper's `-S` read the result.
+    """
+    out: list[str] = []
+
+    def walk(values: dict[str, Any], existing: Any, model: Any, prefix: str) -> None:
+        for key, value in values.items():
+            dotted = f"{prefix}{key}"
+            if model is None:
+                sub = sections.get(key)
+            else:
+                field = model.model_fields.get(key)
+                if field is None:
+                    raise ConfigError(f"{dotted}: not a field of {model.__name__}")
+                sub = field.annotation
+            is_section = isinstance(sub, type) and issubclass(sub, Section)
+            here = isinstance(existing, dict) and key in existing
+            if isinstance(value, dict) and is_section:
+                walk(value, existing.get(key) if here else {}, sub, dotted + ".")
+            elif isinstance(value, dict) and here:
+                out.extend([f"~{dotted}", f"+{dotted}={override_value(value, dotted)}"])
+            else:
+                out.append(f"{'' if here else '+'}{dotted}={override_value(value, dotted)}")
+
+    walk(profile, params, None, "")
+    return out
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -119,14 +221,17 @@ def load_params(
     params = read_yaml(path)
     for item in overrides or []:
         # One at a time: `-S a={}` then `-S a.b=1` gives {b: 1}, not the file's `a` plus b.
-        params = deep_merge(params, parse_overrides([item]))
+        if item.startswith("~"):
+            params = delete_key(params, item)
+        else:
+            params = deep_merge(params, parse_overrides([item]))
     return Params(params, str(path), list(overrides or []))
 
 
 def _origin(dotted: str, overrides: list[str]) -> str | None:
     """The last `-S` override that set `dotted`, a mapping holding it, or a key inside it."""
     for item in reversed(overrides):
-        key = item.partition("=")[0]
+        key = override_key(item)
         if key == dotted or dotted.startswith(key + ".") or key.startswith(dotted + "."):
             return f"-S {item}"
     return None

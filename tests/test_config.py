@@ -9,9 +9,9 @@ import pytest
 from temper.cli import SECTIONS
 from temper.config import (
     ConfigError,
-    as_overrides,
     load_params,
     parse_overrides,
+    profile_overrides,
     read_yaml,
     section,
 )
@@ -34,9 +34,25 @@ def test_params_yaml_sections_all_load():
     "path", sorted((ROOT / "configs" / "profiles").glob("*.yaml")), ids=lambda p: p.stem
 )
 def test_profiles_apply_cleanly(path):
-    params = load_params(ROOT / "params.yaml", as_overrides(read_yaml(path)))
+    overrides = profile_overrides(read_yaml(path), read_yaml(ROOT / "params.yaml"), SECTIONS)
+    params = load_params(ROOT / "params.yaml", overrides)
     for name, model in SECTIONS.items():
         section(params, name, model)
+    # What the profile says is what comes out, mappings replaced whole (not merged).
+    profile = read_yaml(path)
+    for name, values in profile.items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                if not isinstance(value, dict) or key in ("max_examples", "candidates"):
+                    assert params[name][key] == value, f"{name}.{key}"
+        else:
+            assert params[name] == values
+    task = load_task(ROOT / params["task"])
+    prepare = section(params, "prepare", SECTIONS["prepare"])
+    assert set(prepare.fields.gold) <= set(task.by_name), "gold columns name task fields"
+    for source in prepare.sources:
+        assert (ROOT / source).is_file()
+        assert (ROOT / source).resolve().is_relative_to((ROOT / prepare.source_dir).resolve())
 
 
 @pytest.mark.parametrize(
@@ -78,6 +94,31 @@ def test_overrides_parse_like_dvc_set_param():
     }
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_overrides(["novalue"])
+
+
+def test_overrides_take_dvc_add_and_delete_forms():
+    params = load_params(
+        ROOT / "params.yaml",
+        ["~prepare.fields.gold", "+prepare.fields.gold={label: label}", "++train.rank=4"],
+    )
+    assert params["prepare"]["fields"]["gold"] == {"label": "label"}
+    assert params["train"]["rank"] == 4
+    with pytest.raises(ConfigError, match="no 'prepare.nothing' to delete"):
+        load_params(ROOT / "params.yaml", ["~prepare.nothing"])
+
+
+def test_profile_overrides_quote_what_needs_it_and_split_on_spaces_only_in_quotes():
+    params = {"prepare": {"fields": {"text": "clause", "gold": {"a": "b"}}}}
+    profile = {"prepare": {"fields": {"text": "Q: {q} | A: {a}", "gold": {"label": "label"}}}}
+    overrides = profile_overrides(profile, params, SECTIONS)
+    assert overrides == [
+        'prepare.fields.text="Q: {q} | A: {a}"',
+        "~prepare.fields.gold",
+        "+prepare.fields.gold={label:label}",
+    ]
+    assert all(" " not in o for o in overrides[1:])
+    with pytest.raises(ConfigError, match="newline"):
+        profile_overrides({"task": "a\nb"}, {"task": "x"}, SECTIONS)
 
 
 def test_bad_yaml_names_the_file(tmp_path):

@@ -738,3 +738,46 @@ def test_real_cuad_data_has_no_leakage(prepared_dir):
     assert stats["read"] == 5070 + 758 + 826
     # The stratified sample keeps many labels even at 64 records.
     assert len({r["gold"]["clause_type"] for r in splits["train"]}) >= 30
+
+
+# --------------------------------------------------------------------------- text templates
+
+
+def test_text_template_renders_several_columns_and_fills_nulls(tmp_path, task, tiny_model_dir):
+    rows = [
+        {**r, "hypothesis": f"Claim {i}.", "clause": None if i == 0 else r["clause"]}
+        for i, r in enumerate(three_splits(6))
+    ]
+    fields = SPLIT_FIELDS.model_copy(
+        update={"text": "Claim: {hypothesis} | Clause: {clause}", "fill": {"clause": "(none)"}}
+    )
+    cfg = config(tmp_path, [write_jsonl(tmp_path / "raw.jsonl", rows)], fields=fields)
+    run(cfg, task, tiny_model_dir)
+    texts = {
+        r["id"]: r["text"] for s in SPLITS for r in read_jsonl(tmp_path / "out" / f"{s}.jsonl")
+    }
+    assert texts["r0"] == "Claim: Claim 0. | Clause: (none)"
+    assert texts["r1"] == f"Claim: Claim 1. | Clause: {rows[1]['clause']}"
+
+
+def test_text_template_column_without_fill_names_file_line_and_field(tmp_path, task):
+    rows = [record(1, "A good clause of several words.", hypothesis=None)]
+    fields = FIELDS.model_copy(update={"text": "{hypothesis}: {clause}"})
+    cfg = config(tmp_path, [write_jsonl(tmp_path / "raw.jsonl", rows)], fields=fields)
+    with pytest.raises(InputError, match=r"raw.jsonl:1: field 'hypothesis' is null .*fill"):
+        run(cfg, task, "unused-model-dir")
+
+
+def test_text_template_with_unpaired_brace_is_a_config_error():
+    with pytest.raises(ValidationError, match="not a valid text template"):
+        FieldMap(text="Clause: {clause")
+
+
+def test_source_outside_source_dir_is_an_error_dvc_would_miss(tmp_path, task):
+    from temper.config import ConfigError
+
+    (tmp_path / "watched").mkdir()
+    raw = write_jsonl(tmp_path / "raw.jsonl", three_splits(3))
+    cfg = config(tmp_path, [raw], source_dir=str(tmp_path / "watched"))
+    with pytest.raises(ConfigError, match="outside prepare.source_dir"):
+        run(cfg, task, "unused-model-dir")

@@ -9,13 +9,13 @@ from typing import Annotated, Any
 
 import typer
 
-from ..config import ConfigError, as_overrides, read_yaml, section
+from ..config import ConfigError, profile_overrides, read_yaml, section
 from ..evaluation.config import EvaluateConfig
 from ..evaluation.gates import GatesConfig
 from ..release.promote import PromoteConfig
 from ..stages.register import RegisterConfig
 from ..tracking import MlflowConfig
-from .common import PARAMS, ParamsOpt, SetOpt, fail, load, model_dir
+from .common import PARAMS, SECTIONS, ParamsOpt, SetOpt, fail, load, model_dir
 
 
 def gate_cmd(
@@ -188,10 +188,14 @@ def merge_cmd(
 
 def profile_cmd(
     name: Annotated[str, typer.Argument(help="Profile name: a file configs/profiles/NAME.yaml.")],
+    params: ParamsOpt = PARAMS,
 ) -> None:
-    """Print a profile as `-S key=value` overrides: `dvc exp run $(temper profile full)`."""
+    """Print a profile as the `-S` overrides that turn params.yaml into it, shell-quoted:
+    `eval "dvc exp run $(temper profile nli)"` (eval keeps values with spaces whole)."""
     try:
-        overrides = as_overrides(read_yaml(Path("configs/profiles") / f"{name}.yaml"))
+        overrides = profile_overrides(
+            read_yaml(Path("configs/profiles") / f"{name}.yaml"), read_yaml(params), SECTIONS
+        )
     except ConfigError as err:
         fail(err)
     typer.echo(" ".join(f"-S {shlex.quote(o)}" for o in overrides))

@@ -12,13 +12,14 @@ from __future__ import annotations
 import csv
 import json
 import re
+import string
 import unicodedata
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..config import Section
 
@@ -165,7 +166,16 @@ class FieldMap(Section):
     """Which source column holds what."""
 
     id: str = Field("id", description="Record id column (unique).")
-    text: str = Field("text", description="Column with the text the model reads.")
+    text: str = Field(
+        "text",
+        description="Column with the text the model reads, or a template over columns, e.g. "
+        "'Hypothesis: {hypothesis}\\nExcerpt: {premise}' (a task whose input has several parts).",
+    )
+    fill: dict[str, str] = Field(
+        default_factory=dict,
+        description="Text template: what a null or missing column renders as, e.g. "
+        "{premise: '(none)'}; a column without a fill must be present.",
+    )
     group: str = Field("document_id", description="Document/group column: splits never share one.")
     split: str | None = Field(None, description="Split column to keep, if the source has one.")
     gold: dict[str, str] = Field(
@@ -175,6 +185,17 @@ class FieldMap(Section):
         default_factory=dict,
         description="Task field -> column with a list of all acceptable gold values.",
     )
+
+    @field_validator("text")
+    @classmethod
+    def _template_parses(cls, value: str) -> str:
+        try:
+            template_columns(value)
+        except ValueError as err:  # "Single '}' encountered", ...: braces that don't pair
+            raise ValueError(
+                f"{value!r} is not a valid text template ({err}; write {{{{ for a brace)"
+            ) from None
+        return value
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -186,6 +207,34 @@ def _as_list(value: Any) -> list[Any]:
         except json.JSONDecodeError:
             return [value]
     return list(value) if isinstance(value, list | tuple | np.ndarray) else [value]
+
+
+def is_template(text_field: str) -> bool:
+    """Whether `prepare.fields.text` is a template (`{column}` placeholders), not a column."""
+    return any(name for _, name, _, _ in string.Formatter().parse(text_field) if name is not None)
+
+
+def template_columns(text_field: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(text_field) if name]
+
+
+def render_text(row: dict[str, Any], where: str, fmap: FieldMap) -> str:
+    """The text of a template: each `{column}` from the row, nulls from `fmap.fill`."""
+    values = {}
+    for column in template_columns(fmap.text):
+        value = row.get(column)
+        if value is None:
+            if column not in fmap.fill:
+                what = "missing" if column not in row else "null"
+                raise InputError(
+                    f"{where}: field '{column}' is {what} (used by prepare.fields.text; "
+                    f"set prepare.fields.fill.{column} to render it anyway)"
+                )
+            value = fmap.fill[column]
+        elif isinstance(value, list | tuple):
+            value = " ".join(str(v) for v in value)
+        values[column] = value
+    return fmap.text.format_map(values)
 
 
 def extract(
@@ -207,7 +256,7 @@ def extract(
                 f"{where}: field '{column}': {value!r} is not a label of {task.name}.{field.name}"
             )
 
-    text = need(fmap.text, "text")
+    text = render_text(row, where, fmap) if is_template(fmap.text) else need(fmap.text, "text")
     if not isinstance(text, str):
         raise InputError(f"{where}: field '{fmap.text}' is {type(text).__name__}, not text")
     record: dict[str, Any] = {

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from ..config import Section
+from ..config import ConfigError, Section
 from ..io import atomic_dir, sha256_file, temp_path, write_json, write_jsonl
 from ..records.neardup import dedup_key, find_near_duplicates
 from ..records.sampling import stratified_sample
@@ -76,6 +76,12 @@ class PrepareConfig(Section):
     """`prepare:` in params.yaml."""
 
     sources: list[str] = Field(description="Raw files (.jsonl, .csv or .parquet).")
+    source_dir: str | None = Field(
+        None,
+        description="The folder that holds every source: dvc.yaml makes it prepare's dependency "
+        "(`${prepare.source_dir}`), so a source outside it is an error (DVC would not see it "
+        "change). null: not checked (library use).",
+    )
     fields: FieldMap = Field(default_factory=FieldMap, description="Source column mapping.")
     out_dir: str = Field("data/prepared", description="Folder for the split files.")
     metrics: str = Field("metrics/prepare.json", description="Stats file (DVC metrics).")
@@ -317,10 +323,24 @@ def check_splits(
     )
 
 
+def check_source_dir(cfg: PrepareConfig) -> None:
+    """Every source lies inside `source_dir`, the folder DVC watches for prepare."""
+    if cfg.source_dir is None:
+        return
+    root = Path(cfg.source_dir).resolve()
+    outside = [s for s in cfg.sources if not Path(s).resolve().is_relative_to(root)]
+    if outside:
+        raise ConfigError(
+            f"prepare.sources: {', '.join(outside)} outside prepare.source_dir={cfg.source_dir}: "
+            "DVC would not re-run prepare when it changes (move it there or set source_dir)"
+        )
+
+
 def run(cfg: PrepareConfig, task: TaskConfig, model_dir: str | Path) -> dict[str, Any]:
     """Run the prepare stage; returns the stats that are also written to `cfg.metrics`."""
     from transformers import AutoTokenizer
 
+    check_source_dir(cfg)
     ledger = Ledger(cfg)
     records = read_records(cfg, task, ledger)
     assign_splits(records, cfg.split)
