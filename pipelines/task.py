@@ -138,7 +138,7 @@ def _as_items(value: Any, null_values: list[str]) -> list[Any] | None:
 
 # Task settings added after the first format, with their defaults (see `prompt_hash`).
 _LATER: dict[str, dict[str, Any]] = {
-    "task": {"judge_prompt": None},
+    "task": {},
     "field": {"multi": False, "tolerance": 0.0, "integer": False},
 }
 
@@ -173,7 +173,9 @@ class TaskConfig(Section):
         Settings added after version 1 of this format (`_LATER`) count only when set, so a
         task that does not use them keeps its hash (and every cache entry made under it).
         """
-        dump = self.model_dump()
+        # The judge's prompt is not the student's or the teacher's: the judge keys its own
+        # cache on it (temper.evaluation.judge), so changing it re-asks only the judge.
+        dump = self.model_dump(exclude={"judge_prompt"})
         for key, default in _LATER["task"].items():
             if dump.get(key) == default:
                 dump.pop(key)
