@@ -73,8 +73,8 @@ class TaskField(Section):
             spec["enum"] = list(self.labels) + ([None] if self.nullable else [])
         elif self.kind == "label":
             item = {"type": "string", "enum": list(self.labels)}
+            # No uniqueItems: llguidance cannot decode it, and answers are scored as sets.
             spec = {"type": "array", "description": self.description, "items": item}
-            spec["uniqueItems"] = True
         elif self.kind == "list":
             spec = {"type": "array", "description": self.description, "items": {"type": "string"}}
         elif self.kind == "number":
@@ -328,8 +328,6 @@ def _problem(error: Any, answer: Any) -> str:
         return f"{where} is {_json_type(value)}, expected {names}"
     if error.validator == "enum":
         return f"{where}: {value!r} is not an allowed label"
-    if error.validator == "uniqueItems":
-        return f"{where}: labels repeat"
     return f"{where}: {error.message}"
 
 
