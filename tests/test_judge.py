@@ -178,3 +178,16 @@ def test_verdict_parsing_combining_and_sampling():
     picked = sample_indices(100, cfg)
     assert len(picked) == 25 and picked == sample_indices(100, cfg)
     assert len(sample_indices(1000, JudgeConfig(sample_frac=0.5, max_examples=40))) == 40
+
+
+def test_judge_prompt_comes_from_the_task_config(task):
+    from temper.evaluation.judge import judge_messages, system_prompt
+
+    # The CUAD task keeps its contract-specific prompt through `judge_prompt`.
+    assert system_prompt(task) == task.judge_prompt and "clause type" in task.judge_prompt
+    generic = task.model_copy(update={"judge_prompt": None, "description": "Rate invoices."})
+    prompt = system_prompt(generic)
+    assert prompt.startswith("You are an impartial expert judge of answers to this task: Rate")
+    assert "- key_term (text, may be null): The normalised key term" in prompt
+    assert '{"winner": "A"}' in prompt
+    assert judge_messages(generic, "x", "a", "b")[0]["content"] == prompt

@@ -39,6 +39,11 @@ class EvaluateConfig(Section):
     threads: int | None = Field(None, gt=0, description="torch threads (null: torch default).")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Inference dtype.")
     stop_at_json: bool = Field(True, description="Stop a row once its JSON answer is complete.")
+    constrained: bool = Field(
+        False,
+        description="Constrain the models' answers to the task's JSON schema while decoding "
+        "(llguidance): every answer is then schema-valid. Off: the model writes freely.",
+    )
     primary_metric: str = Field("clause_type.accuracy", description="Picks the winner.")
     n_resamples: int = Field(2000, gt=99, description="Bootstrap resamples.")
     confidence: float = Field(0.95, gt=0, lt=1, description="Interval level.")

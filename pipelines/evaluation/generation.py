@@ -162,13 +162,17 @@ def generate(
     prefix_cache: bool = True,
     progress: bool = True,
     desc: str = "generate",
+    schema: dict[str, Any] | None = None,
 ) -> list[Generation]:
-    """Greedy answers to chat prompts, batched by length; returned in the input order."""
+    """Greedy answers to chat prompts, batched by length; returned in the input order.
+
+    `schema`: a JSON schema every answer is constrained to (`constrained.py`); None: free.
+    """
     import copy
 
     import torch
     from tqdm.auto import tqdm
-    from transformers import StoppingCriteriaList
+    from transformers import LogitsProcessorList, StoppingCriteriaList
 
     texts = [
         tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
@@ -186,6 +190,11 @@ def generate(
     eos = tokenizer.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos])
     results: list[Generation | None] = [None] * len(texts)
+    constraint = None
+    if schema is not None:
+        from .constrained import json_logits_processor
+
+        constraint = json_logits_processor(schema, tokenizer)
     bar = tqdm(total=len(texts), desc=desc, unit="ex", disable=not progress)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
@@ -206,6 +215,8 @@ def generate(
         stopping = StoppingCriteriaList(
             [clock] + ([_JsonDone(tokenizer, prompt_len)] if stop_at_json else [])
         )
+        if constraint is not None:  # one matcher per row: a fresh processor per batch
+            extra["logits_processor"] = LogitsProcessorList([constraint.processor(max_new_tokens)])
         with torch.inference_mode():
             out = model.generate(
                 **batch,

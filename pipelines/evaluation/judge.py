@@ -37,12 +37,27 @@ VERDICT_SCHEMA = {
     "required": ["winner"],
     "additionalProperties": False,
 }
-SYSTEM = (
-    "You are an impartial expert judge of answers to a contract review task. Compare two "
-    "answers to the same clause. Judge correctness first (the clause type must be the right "
-    "label), then the key term. Ignore which answer comes first and how long it is. "
-    'Reply with JSON only: {"winner": "A"}, {"winner": "B"} or {"winner": "tie"}.'
+# The judge's system prompt for a task without its own `judge_prompt`, filled from the task
+# config: what the task is and what each answer field holds.
+SYSTEM_TEMPLATE = (
+    "You are an impartial expert judge of answers to this task: {description}\n"
+    "An answer is a JSON object with these fields:\n{fields}\n"
+    "Compare two answers to the same input. Judge correctness first, field by field in the "
+    "order above, then completeness. Ignore which answer comes first and how long it is. "
+    'Reply with JSON only: {{"winner": "A"}}, {{"winner": "B"}} or {{"winner": "tie"}}.'
 )
+
+
+def system_prompt(task: TaskConfig) -> str:
+    """The judge's system prompt: the task's `judge_prompt`, else the template filled in."""
+    if task.judge_prompt:
+        return task.judge_prompt
+    fields = "\n".join(
+        f"- {f.name} ({f.kind}{', multi-label' if f.multi else ''}"
+        f"{', may be null' if f.nullable else ''}): {f.description or 'no description'}"
+        for f in task.fields
+    )
+    return SYSTEM_TEMPLATE.format(description=task.description or task.name, fields=fields)
 
 
 def _default_provider() -> ProviderConfig:
@@ -94,7 +109,7 @@ def judge_messages(
         f"Task: {task.description}\n{task.label_list()}\n\n{task.user_message(text)}\n\n"
         f"Answer A:\n{answer_a}\n\nAnswer B:\n{answer_b}"
     )
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+    return [{"role": "system", "content": system_prompt(task)}, {"role": "user", "content": user}]
 
 
 def parse_verdict(text: str) -> str | None:
@@ -137,7 +152,9 @@ def run_judge(
     idx = sample_indices(len(records), cfg)
     own = provider is None
     provider = provider or open_provider(cfg.provider)
-    version = stable_hash({"system": SYSTEM, "task": task.prompt_hash, "protocol": 1}, 12)
+    version = stable_hash(
+        {"system": system_prompt(task), "task": task.prompt_hash, "protocol": 1}, 12
+    )
     results: dict[str, dict[str, Any]] = {}
     try:
         for name, preds in candidates.items():

@@ -39,6 +39,7 @@ def model_predictions(
         stop_at_json=cfg.stop_at_json,
         progress=cfg.progress,
         desc=desc,
+        schema=task.json_schema() if cfg.constrained else None,
     )
     seconds = time.perf_counter() - t0
     del model
@@ -83,6 +84,8 @@ def cached_baseline(
                 "stop_at_json": cfg.stop_at_json,
                 "prompt_hash": task.prompt_hash,
                 "format": 2,
+                # Only when on, so the keys of unconstrained baselines stay what they were.
+                **({"constrained": True} if cfg.constrained else {}),
             }
         )  # 2: per-request latency
         path = Path(cfg.cache_dir) / f"baseline-{key}.json"

@@ -89,7 +89,7 @@ def write_reports(
         path = out / "predictions" / f"{name}.jsonl"
         write_jsonl(path, rows)
         files.append(path)
-    label = next((f.name for f in task.fields if f.kind == "label"), None)
+    label = next((f.name for f in task.fields if f.kind == "label" and not f.multi), None)
     files += write_plot_data(out, evaluation, per_class, label)
     files += write_pngs(out, evaluation, per_class, label)
     report = render(cfg, evaluation, records, preds, per_class, label)

@@ -1,8 +1,9 @@
 """Scoring answers: per-example scores, metrics with intervals, paired deltas, costs.
 
-Per task field (from the task config): label fields get exact and any-of-gold accuracy,
-macro-F1 and per-class precision/recall (`metrics/label_metrics`); text fields ROUGE-1/2/L/Lsum
-(`metrics/text_rouge`) on the examples with a reference. An answer with no JSON object lowers
+Per task field, by its kind (`field_scores.py`): label fields get exact and any-of-gold
+accuracy, macro-F1 and per-class precision/recall; multi-label fields exact-set accuracy,
+micro- and sample-F1; text fields exact match and ROUGE-1/2/L/Lsum on the examples with a
+reference; number fields exact and within-tolerance; boolean fields accuracy; list fields set F1. An answer with no JSON object lowers
 `json_valid_rate` and is wrong on every field; one that parses but breaks the schema (an
 unknown label, a missing field) lowers `schema_valid_rate`, and its fields are still read (an
 unknown label is never right). Every metric gets a percentile-bootstrap interval; every
@@ -21,7 +22,16 @@ import numpy as np
 
 from ..task import TaskConfig, parse_answer
 from .config import EvaluateConfig
-from .metrics import Resamples, estimate, macro_f1_stats, mean_stats, percentile_stats
+from .field_scores import field_value, score_field
+from .field_scores import metric_names as field_metric_names
+from .metrics import (
+    Resamples,
+    estimate,
+    macro_f1_stats,
+    mean_stats,
+    percentile_stats,
+    ratio_stats,
+)
 
 
 def answer_fields(task: TaskConfig, text: str | None) -> dict[str, Any]:
@@ -37,12 +47,6 @@ def answer_fields(task: TaskConfig, text: str | None) -> dict[str, Any]:
     }
 
 
-def field_value(pred: dict[str, Any], name: str) -> Any:
-    answer = pred.get("answer")
-    value = answer.get(name) if isinstance(answer, dict) else None
-    return value if isinstance(value, str) else None
-
-
 def per_example(
     task: TaskConfig,
     records: list[dict[str, Any]],
@@ -50,8 +54,6 @@ def per_example(
     references: dict[str, list[Any]],
 ) -> dict[str, Any]:
     """Per-example score arrays (what the bootstrap resamples) and per-class point metrics."""
-    from .metrics import load
-
     out: dict[str, Any] = {
         # json_valid_rate: the reply holds a JSON object (what "valid JSON" gates look at);
         # schema_valid_rate: it also has exactly the schema's fields, types and labels.
@@ -60,42 +62,16 @@ def per_example(
     }
     masks: dict[str, np.ndarray] = {}
     extra: dict[str, Any] = {}
+    ratios: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for field in task.fields:
         if field.name not in references:
             continue
-        refs = references[field.name]
-        values = [field_value(p, field.name) for p in preds]
-        if field.kind == "label":
-            gold_all = [
-                (r.get("gold_all") or {}).get(field.name) or [g]
-                for r, g in zip(records, refs, strict=True)
-            ]
-            res = load("label_metrics").compute(
-                # None -> "" (no answer): arrow cannot type a column that is all None.
-                predictions=[v or "" for v in values],
-                references=[str(g) for g in refs],
-                references_all=gold_all,
-                return_per_example=True,
-            )
-            out[f"{field.name}.accuracy"] = np.array(res["correct"], float)
-            out[f"{field.name}.accuracy_any"] = np.array(res["correct_any"], float)
-            extra[f"{field.name}.per_class"] = res["per_class"]
-            extra[f"{field.name}.labels"] = (values, [str(g) for g in refs])
-        else:
-            has_ref = np.array([g is not None for g in refs])
-            res = load("text_rouge").compute(
-                predictions=[v or "" for v in values],
-                references=[g or "" for g in refs],
-                return_per_example=True,
-            )
-            for rouge in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
-                key = f"{field.name}.{rouge}"
-                out[key] = np.array(res[f"{rouge}_scores"], float)
-                masks[key] = has_ref
-            if field.nullable:
-                out[f"{field.name}.null_match"] = np.array(
-                    [(v is None) == (g is None) for v, g in zip(values, refs, strict=True)], float
-                )
+        values = [field_value(p, field) for p in preds]
+        scored = score_field(field, records, values, references[field.name])
+        out.update(scored.scores)
+        masks.update(scored.masks)
+        extra.update(scored.extra)
+        ratios.update(scored.ratios)
     latency = [p.get("latency_ms") for p in preds]
     if all(v is not None for v in latency):
         out["latency_ms_mean"] = np.array(latency, float)
@@ -103,7 +79,7 @@ def per_example(
     amortised = [p.get("amortised_ms") for p in preds]
     if all(v is not None for v in amortised):
         out["latency_ms_amortised"] = np.array(amortised, float)
-    return {"scores": out, "masks": masks, "extra": extra}
+    return {"scores": out, "masks": masks, "extra": extra, "ratios": ratios}
 
 
 def system_stats(ex: dict[str, Any], rs: Resamples) -> dict[str, tuple[float, np.ndarray]]:
@@ -121,6 +97,8 @@ def system_stats(ex: dict[str, Any], rs: Resamples) -> dict[str, tuple[float, np
         (k[: -len(".labels")], v) for k, v in ex["extra"].items() if k.endswith(".labels")
     ):
         stats[f"{key}.macro_f1"] = macro_f1_stats(pred, gold, rs)
+    for key, (num, den) in ex.get("ratios", {}).items():  # micro-F1: a ratio of sums
+        stats[key] = ratio_stats(num, den, rs)
     if "latency_ms" in ex["extra"]:
         # Per-request percentiles: each answer's own time, as its caller would see it.
         latency = ex["extra"]["latency_ms"]
@@ -159,11 +137,7 @@ def metric_names(task: TaskConfig) -> list[str]:
         "latency_ms_amortised",
     ]
     for f in task.fields:
-        if f.kind == "label":
-            names += [f"{f.name}.{m}" for m in ("accuracy", "accuracy_any", "macro_f1")]
-        else:
-            names += [f"{f.name}.{m}" for m in ("rouge1", "rouge2", "rougeL", "rougeLsum")]
-            names += [f"{f.name}.null_match"] if f.nullable else []
+        names += field_metric_names(f)
     return names
 
 
@@ -176,7 +150,7 @@ def references_for(
         if field.gold:
             refs[field.name] = [task.gold_value(field, r["gold"].get(field.name)) for r in records]
         elif teacher is not None:
-            refs[field.name] = [field_value(p, field.name) for p in teacher]
+            refs[field.name] = [field_value(p, field) for p in teacher]
     return refs
 
 

@@ -251,10 +251,20 @@ def extract(
         return row[column]
 
     def check_label(field: Any, column: str, value: Any) -> None:
-        if field.kind == "label" and value is not None and value not in field.labels:
-            raise InputError(
-                f"{where}: field '{column}': {value!r} is not a label of {task.name}.{field.name}"
-            )
+        if field.kind != "label" or value is None:
+            return
+        for label in value if isinstance(value, list) else [value]:  # a multi-label field's list
+            if label not in field.labels:
+                raise InputError(
+                    f"{where}: field '{column}': {label!r} is not a label of "
+                    f"{task.name}.{field.name}"
+                )
+
+    def gold_value(field: Any, column: str, value: Any) -> Any:
+        try:
+            return task.gold_value(field, value)
+        except ValueError as err:  # a number or boolean field's gold that is neither
+            raise InputError(f"{where}: field '{column}': {err}") from None
 
     text = render_text(row, where, fmap) if is_template(fmap.text) else need(fmap.text, "text")
     if not isinstance(text, str):
@@ -278,7 +288,7 @@ def extract(
         field = task.by_name.get(name)
         if field is None:
             raise InputError(f"prepare.fields.gold: '{name}' is not a field of task {task.name}")
-        gold[name] = task.gold_value(field, need(column, f"gold.{name}", field.nullable))
+        gold[name] = gold_value(field, column, need(column, f"gold.{name}", field.nullable))
         check_label(field, column, gold[name])
     for name, column in fmap.gold_all.items():
         field = task.by_name.get(name)
@@ -286,7 +296,7 @@ def extract(
             raise InputError(
                 f"prepare.fields.gold_all: '{name}' is not a field of task {task.name}"
             )
-        values = task.gold_value(field, _as_list(need(column, f"gold_all.{name}")))
+        values = gold_value(field, column, _as_list(need(column, f"gold_all.{name}")))
         gold_all[name] = [v for v in values if v is not None]
         for value in gold_all[name]:
             check_label(field, column, value)

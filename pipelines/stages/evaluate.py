@@ -129,7 +129,7 @@ def run(
     t_start = time.perf_counter()
     records = load_records(cfg.test, task, fields)
     if cfg.max_examples and len(records) > cfg.max_examples:
-        label = next((f.name for f in task.fields if f.kind == "label" and f.gold), None)
+        label = task.label_field()
         records = stratified_sample(records, cfg.max_examples, label, cfg.seed)
     if adapters is None:
         adapters = dict(find_candidates(cfg))

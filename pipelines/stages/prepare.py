@@ -363,7 +363,7 @@ def run(cfg: PrepareConfig, task: TaskConfig, model_dir: str | Path) -> dict[str
             length_ok.append(record)
     ledger.check_sources(length_ok)
 
-    label_field = next((f.name for f in task.fields if f.kind == "label" and f.gold), None)
+    label_field = task.label_field()
     chosen: dict[str, list[dict[str, Any]]] = {}
     stats: dict[str, Any] = {"splits": {}}
     for split in SPLITS:

@@ -73,6 +73,20 @@ def mean_stats(values: np.ndarray, rs: Resamples, mask: np.ndarray | None = None
         return (rs.counts @ (values * mask)) / (rs.counts @ mask)
 
 
+def ratio_stats(
+    num: np.ndarray, den: np.ndarray, rs: Resamples, empty: float = 1.0
+) -> tuple[float, np.ndarray]:
+    """A ratio of per-example sums (micro-F1: 2 TP / (predicted + gold)): point and resamples.
+
+    `empty` is the value where the denominator is 0 (nothing predicted, nothing to predict).
+    """
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    top, bottom = rs.counts @ num, rs.counts @ den
+    with np.errstate(invalid="ignore", divide="ignore"):
+        boot = np.where(bottom > 0, top / np.maximum(bottom, 1e-12), empty)
+    return (float(num.sum() / den.sum()) if den.sum() > 0 else empty), boot
+
+
 def masked_mean(values: np.ndarray, mask: np.ndarray | None = None) -> float:
     values = np.asarray(values, dtype=np.float64)
     if mask is None:

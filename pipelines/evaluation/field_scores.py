@@ -1,0 +1,166 @@
+"""Per-example scores of one answer field, by its kind (the metrics `metric_names` lists).
+
+- label: `accuracy`, `accuracy_any` (any of `gold_all`), `macro_f1` and per-class P/R/F1
+  (`metrics/label_metrics`); multi-label: `accuracy` (exact set), `micro_f1`, `sample_f1`
+  (`metrics/multilabel_f1`);
+- text: `exact_match` after SQuAD-style normalisation, ROUGE-1/2/L/Lsum (`metrics/text_rouge`);
+- number: `exact` and `within_tolerance` (|answer - gold| <= the field's `tolerance`);
+- boolean: `accuracy`;
+- list: `set_f1`, the per-example F1 of the normalised item sets (`metrics/multilabel_f1`);
+- every nullable field but a single label: `null_match` (null exactly where gold is null).
+
+Scores that compare with a reference are averaged over the examples that have one (a mask);
+a missing or mistyped answer is wrong, never an error. Every array here is per example, so
+the bootstrap of `scoring.py` gives each metric its interval.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..task import TaskField
+from .metrics import load
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalise_text(text: str) -> str:
+    """SQuAD's answer normalisation: lowercase, no punctuation, articles or extra whitespace.
+
+    Written out (five lines) because `evaluate.load("squad")` fetches its script from the hub.
+    """
+    text = _ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION))
+    return " ".join(text.split())
+
+
+def field_value(pred: dict[str, Any], field: TaskField) -> Any:
+    """The answer's value for a field when it has the field's type, else None (a wrong answer).
+
+    label/text: a string; number: a float; boolean: a bool; list and multi-label: a list of
+    strings.
+    """
+    answer = pred.get("answer")
+    value = answer.get(field.name) if isinstance(answer, dict) else None
+    if field.is_list:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        return list(value) if ok else None
+    if field.kind == "number":
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return float(value) if ok else None
+    if field.kind == "boolean":
+        return value if isinstance(value, bool) else None
+    return value if isinstance(value, str) else None
+
+
+@dataclass
+class FieldScores:
+    """What one field adds to a system's per-example scores."""
+
+    scores: dict[str, np.ndarray] = field(default_factory=dict)  # per-example, averaged
+    masks: dict[str, np.ndarray] = field(default_factory=dict)  # examples a score averages over
+    extra: dict[str, Any] = field(default_factory=dict)  # per-class tables, label pairs
+    ratios: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # sum / sum
+
+
+def metric_names(f: TaskField) -> list[str]:
+    """The metrics (with intervals) one field gets."""
+    if f.kind == "label" and not f.multi:
+        names = ["accuracy", "accuracy_any", "macro_f1"]
+    elif f.kind == "label":
+        names = ["accuracy", "micro_f1", "sample_f1"]
+    else:
+        names = {
+            "text": ["rouge1", "rouge2", "rougeL", "rougeLsum", "exact_match"],
+            "number": ["exact", "within_tolerance"],
+            "boolean": ["accuracy"],
+            "list": ["set_f1"],
+        }[f.kind]
+    if f.nullable and not (f.kind == "label" and not f.multi):
+        names.append("null_match")
+    return [f"{f.name}.{m}" for m in names]
+
+
+def score_field(
+    f: TaskField, records: list[dict[str, Any]], values: list[Any], refs: list[Any]
+) -> FieldScores:
+    """Per-example scores of one field: `values` are the answers (`field_value`), `refs` the
+    references (gold or teacher), one per record."""
+    out = FieldScores()
+    has_ref = np.array([g is not None for g in refs])
+    key = f"{f.name}."
+
+    def masked(name: str, per: list[Any]) -> None:
+        out.scores[key + name] = np.array(per, float)
+        out.masks[key + name] = has_ref
+
+    if f.kind == "label" and not f.multi:
+        gold_all = [
+            (r.get("gold_all") or {}).get(f.name) or [g] for r, g in zip(records, refs, strict=True)
+        ]
+        res = load("label_metrics").compute(
+            # None -> "" (no answer): arrow cannot type a column that is all None.
+            predictions=[v or "" for v in values],
+            references=[str(g) for g in refs],
+            references_all=gold_all,
+            return_per_example=True,
+        )
+        out.scores[key + "accuracy"] = np.array(res["correct"], float)
+        out.scores[key + "accuracy_any"] = np.array(res["correct_any"], float)
+        out.extra[key + "per_class"] = res["per_class"]
+        out.extra[key + "labels"] = (values, [str(g) for g in refs])
+        return out  # as before the field kinds: no null_match for single labels
+    if f.is_list:
+        norm = (lambda items: items) if f.kind == "label" else _normalise_items
+        res = load("multilabel_f1").compute(
+            predictions=[norm(v or []) for v in values],
+            references=[norm(g or []) for g in refs],
+            return_per_example=True,
+        )
+        if f.kind == "label":
+            masked("accuracy", res["exact"])
+            masked("sample_f1", res["f1"])
+            weight = has_ref.astype(float)
+            tp, pooled = np.array(res["tp"], float), np.add(res["n_pred"], res["n_gold"])
+            out.ratios[key + "micro_f1"] = (2 * tp * weight, pooled * weight)
+        else:
+            masked("set_f1", res["f1"])
+    elif f.kind == "text":
+        res = load("text_rouge").compute(
+            predictions=[v or "" for v in values],
+            references=[g or "" for g in refs],
+            return_per_example=True,
+        )
+        for rouge in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
+            masked(rouge, res[f"{rouge}_scores"])
+        masked(
+            "exact_match",
+            [
+                v is not None and g is not None and normalise_text(v) == normalise_text(g)
+                for v, g in zip(values, refs, strict=True)
+            ],
+        )
+    elif f.kind == "number":
+        pairs = list(zip(values, refs, strict=True))
+        masked("exact", [v is not None and g is not None and v == g for v, g in pairs])
+        masked(
+            "within_tolerance",
+            [v is not None and g is not None and abs(v - g) <= f.tolerance for v, g in pairs],
+        )
+    else:  # boolean
+        masked("accuracy", [v is not None and v == g for v, g in zip(values, refs, strict=True)])
+    if f.nullable:
+        out.scores[key + "null_match"] = np.array(
+            [(v is None) == (g is None) for v, g in zip(values, refs, strict=True)], float
+        )
+    return out
+
+
+def _normalise_items(items: list[str]) -> list[str]:
+    """List items compared as normalised strings (empty ones dropped)."""
+    return [n for n in (normalise_text(str(i)) for i in items) if n]
