@@ -75,4 +75,10 @@ def test_bad_override_is_a_usage_error():
 def test_profile_prints_dvc_overrides():
     result = runner.invoke(app, ["profile", "full"])
     assert result.exit_code == 0
-    assert "-S prepare.max_examples.train=null" in result.output
+    # A mapping replaces the default's whole (DVC would merge it), with no spaces outside
+    # quotes, so an unquoted $(temper profile full) splits into whole arguments.
+    assert (
+        "-S '~prepare.max_examples' "
+        "-S '+prepare.max_examples={train:null,validation:null,test:null}'"
+    ) in result.output
+    assert "-S train.layers=null" in result.output
