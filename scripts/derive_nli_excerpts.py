@@ -47,7 +47,8 @@ def main() -> None:
         for line in handle:
             doc = json.loads(line)
             documents[doc["contract_id"]] = [normalise(doc["text"][a:b]) for a, b in doc["spans"]]
-    records = [json.loads(line) for line in open(SOURCE / "nli.jsonl", encoding="utf-8")]
+    with open(SOURCE / "nli.jsonl", encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle]
     sizes = defaultdict(list)  # hypothesis -> evidence sizes (number of spans) seen
     for rec in records:
         if rec["evidence_span_ids"]:
