@@ -100,6 +100,26 @@ def nf4_config(compute_dtype: Any) -> Any:
     )
 
 
+def disable_bnb_cpu_repack(model) -> int:
+    """Keep bitsandbytes from repacking 4-bit weights for CPU inference.
+
+    bitsandbytes >= 0.49 on CPUs with AVX512-BF16 repacks the weights in place on the first
+    no-grad eval forward (generate, the Trainer's eval loop); gradients through them are wrong
+    afterwards (cosine 0.04 vs dense). Turning the fast path off keeps training correct, and evaluation scores the numbers
+    training computed (the fast path computes in bf16: logits moved by ~0.6 here).
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
 def load_causal_lm(model_dir: str | Path, **kwargs: Any) -> Any:
     """`AutoModelForCausalLM.from_pretrained` on the (checked) weights with the model's options."""
     from transformers import AutoModelForCausalLM

@@ -80,7 +80,13 @@ def load_model(
     """
     import torch
 
-    from ..model_source import adapter_method, load_causal_lm, load_tokenizer, nf4_config
+    from ..model_source import (
+        adapter_method,
+        disable_bnb_cpu_repack,
+        load_causal_lm,
+        load_tokenizer,
+        nf4_config,
+    )
     from .device import resolve
 
     place = resolve(device, dtype)
@@ -107,7 +113,9 @@ def load_model(
         if place.device == "cuda":  # a quantized model is placed while loading, not moved
             kwargs["device_map"] = {"": torch.cuda.current_device()}
     model = load_causal_lm(base_dir, **kwargs)
-    if method != "qlora":
+    if method == "qlora":
+        disable_bnb_cpu_repack(model)  # on the CPU: the numbers training computed, not bf16's
+    else:
         model = model.to(place.device)
     if path is not None:
         from peft import PeftModel

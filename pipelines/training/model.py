@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
+from ..model_source import disable_bnb_cpu_repack
 from .config import TrainConfig
 
 
@@ -41,25 +42,6 @@ def resolve_checkpointing(cfg: TrainConfig) -> bool:
     if cfg.gradient_checkpointing == "auto":
         return device_type() == "cuda"
     return cfg.gradient_checkpointing == "on"
-
-
-def disable_bnb_cpu_repack(model) -> int:
-    """Keep bitsandbytes from repacking 4-bit weights for CPU inference.
-
-    bitsandbytes >= 0.49 on CPUs with AVX512-BF16 repacks the weights in place on the first
-    no-grad eval forward (generate, the Trainer's eval loop); gradients through them are wrong
-    afterwards (cosine 0.04 vs dense). Turning the fast path off keeps training correct.
-    """
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return 0
-    count = 0
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-            count += 1
-    return count
 
 
 def base_dtype(method: str, precision: str, device: str) -> str:
