@@ -50,7 +50,9 @@ def fit_prompt(
     trl truncates the whole sequence from the right, which would cut the answer (the only part
     with a loss). For classification the clause's start carries the signal, so its tail goes.
     """
-    rec = {**rec, "prompt": adapt(tokenizer, rec["prompt"], system_ok)}
+    prompt = adapt(tokenizer, rec["prompt"], system_ok)
+    if prompt is not rec["prompt"]:  # folded; else the record itself comes back when it fits
+        rec = {**rec, "prompt": prompt}
     full = tokenizer.apply_chat_template(rec["prompt"] + rec["completion"], tokenize=True)
     full = full["input_ids"] if isinstance(full, dict) or hasattr(full, "keys") else full
     excess = len(full) - max_length
