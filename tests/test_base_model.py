@@ -69,9 +69,12 @@ def test_unknown_base_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_local_folder_is_copied_with_provenance(base_model_dir, tmp_path):
-    out = run(ModelConfig(base=str(base_model_dir), dir=str(tmp_path / "copy")))
+def test_local_folder_is_referenced_with_provenance(base_model_dir, tmp_path):
+    out = run(ModelConfig(base=str(base_model_dir), dir=str(tmp_path / "ref")))
     source = json.loads((out / "temper_source.json").read_text())
     assert source["kind"] == "local"
     original = json.loads((base_model_dir / "temper_source.json").read_text())["files"]
-    assert source["files"]["model.safetensors"] == original["model.safetensors"]
+    assert source["files"] == original, "same files, same identity as the folder itself"
+    assert model_hash(out) == model_hash(base_model_dir)
+    assert not (out / "model.safetensors").exists(), "weights are referenced, not copied"
+    assert (out / "tokenizer.json").exists()

@@ -35,9 +35,22 @@ class EvaluateConfig(Section):
     max_examples: int | None = Field(
         None, gt=0, description="Score a stratified sample of this many test examples (null: all)."
     )
-    batch_size: int = Field(16, gt=0, description="Generation batch size.")
-    threads: int | None = Field(None, gt=0, description="torch threads (null: torch default).")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Inference dtype.")
+    batch_size: int = Field(16, gt=0, description="Generation batch size on the CPU.")
+    gpu_batch_size: int | None = Field(
+        64,
+        gt=0,
+        description="Generation batch size when the model runs on a GPU (null: batch_size); "
+        "one params.yaml then suits a 2-core CPU and a GPU box alike.",
+    )
+    threads: int | None = Field(None, gt=0, description="torch CPU threads (null: torch default).")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: the GPU when torch sees one, else the CPU."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Inference dtype. auto: bfloat16 on a GPU that runs it natively, float16 "
+        "on other GPUs, float32 on the CPU.",
+    )
     stop_at_json: bool = Field(True, description="Stop a row once its JSON answer is complete.")
     constrained: bool = Field(
         False,
@@ -61,6 +74,12 @@ class EvaluateConfig(Section):
     worst_examples: int = Field(10, ge=0, description="Wrong answers listed in the report.")
     log_mlflow: bool = Field(True, description="Log to MLflow child runs.")
     progress: bool = Field(True, description="Progress bars.")
+
+    def batch_for(self, device: str) -> int:
+        """The generation batch size on a resolved device ("cpu" or "cuda")."""
+        if device == "cuda" and self.gpu_batch_size:
+            return self.gpu_batch_size
+        return self.batch_size
 
 
 class EvalError(ValueError):

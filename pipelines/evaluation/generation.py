@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..chat import render, supports_system
 from ..task import parse_answer
 
 log = logging.getLogger(__name__)
@@ -63,32 +64,74 @@ def resolve_adapter(ref: str | Path) -> Path:
 def load_model(
     base_dir: str | Path,
     adapter: str | Path | None = None,
-    dtype: str = "float32",
+    dtype: str = "auto",
     threads: int | None = None,
+    device: str = "auto",
 ) -> tuple[Any, Any]:
-    """Base model (+ LoRA adapter, merged into the weights) and its tokenizer, in eval mode.
+    """Base model (+ adapter) and its tokenizer, in eval mode, on `device` in `dtype`
+    (`auto`: see `evaluation.device`).
 
-    Merging the adapter removes the LoRA matmuls from every forward pass: generation runs at
-    base-model speed (merged and unmerged logits agree to ~1e-4, see STACK-FACTS).
+    A LoRA adapter is merged into the weights: that removes the LoRA matmuls from every forward
+    pass, so generation runs at base-model speed, and the answers are the unmerged model's
+    (merged and unmerged logits agree to ~1e-4 in float32, see STACK-FACTS; in 16 bits the
+    merged weights are rounded once more). A QLoRA adapter is scored as it is served: the
+    4-bit NF4 base plus the adapter, not merged (merging into 16-bit weights makes a different
+    model; `temper merge` warns about it). bitsandbytes runs 4-bit on the CPU as well (0.48+).
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if threads:
+    from ..model_source import (
+        adapter_method,
+        disable_bnb_cpu_repack,
+        load_causal_lm,
+        load_tokenizer,
+        nf4_config,
+    )
+    from .device import resolve
+
+    place = resolve(device, dtype)
+    if threads and place.device == "cpu":
         torch.set_num_threads(threads)
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    tokenizer = load_tokenizer(base_dir)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(
-        base_dir, dtype=getattr(torch, dtype), use_safetensors=True
-    )
-    if adapter is not None:
+    torch_dtype = getattr(torch, place.dtype)
+    path = resolve_adapter(adapter) if adapter is not None else None
+    method = adapter_method(path) if path is not None else "lora"
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if method == "qlora":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as err:
+            raise RuntimeError(
+                f"{path}: a QLoRA adapter is scored on the 4-bit base it was trained on, "
+                f"which needs bitsandbytes ({err}); install it, or `temper merge` it and "
+                "evaluate the merged model (a different model from the one trained)"
+            ) from None
+        kwargs["quantization_config"] = nf4_config(torch_dtype)
+        if place.device == "cuda":  # a quantized model is placed while loading, not moved
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+    model = load_causal_lm(base_dir, **kwargs)
+    if method == "qlora":
+        disable_bnb_cpu_repack(model)  # on the CPU: the numbers training computed, not bf16's
+    else:
+        model = model.to(place.device)
+    if path is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(resolve_adapter(adapter)))
-        model = model.merge_and_unload()
+        model = PeftModel.from_pretrained(model, str(path))
+        if method != "qlora":
+            model = model.merge_and_unload()
     model.eval()
+    log.info(
+        "loaded %s%s on %s, %s%s",
+        base_dir,
+        f" + {method} adapter {path}" if path is not None else "",
+        place.device,
+        place.dtype,
+        " (4-bit NF4 base, adapter unmerged: as served)" if method == "qlora" else "",
+    )
     return model, tokenizer
 
 
@@ -174,15 +217,15 @@ def generate(
     from tqdm.auto import tqdm
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
+    system_ok = supports_system(tokenizer)
     texts = [
-        tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-        for p in prompts
+        render(tokenizer, p, system_ok, tokenize=False, add_generation_prompt=True) for p in prompts
     ]
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     n_prefix = common_prefix_len(encoded) if prefix_cache and len(encoded) > 1 else 0
     prefix_kv = None
     if n_prefix:
-        prefix = torch.tensor([encoded[0][:n_prefix]])
+        prefix = torch.tensor([encoded[0][:n_prefix]], device=model.device)
         with torch.inference_mode():
             prefix_kv = model(input_ids=prefix, use_cache=True).cache
         encoded = [row[n_prefix:] for row in encoded]
@@ -201,12 +244,12 @@ def generate(
         t0 = time.perf_counter()
         batch = tokenizer.pad(
             {"input_ids": [encoded[i] for i in idx]}, return_tensors="pt", padding=True
-        )
+        ).to(model.device)
         extra: dict[str, Any] = {}
         if prefix_kv is not None:
             cache = copy.deepcopy(prefix_kv)
             cache.batch_repeat_interleave(len(idx))
-            ones = torch.ones(len(idx), n_prefix, dtype=batch["attention_mask"].dtype)
+            ones = torch.ones_like(batch["attention_mask"][:, :1]).expand(-1, n_prefix)
             batch["input_ids"] = torch.cat([prefix.expand(len(idx), -1), batch["input_ids"]], 1)
             batch["attention_mask"] = torch.cat([ones, batch["attention_mask"]], 1)
             extra["cache"] = cache

@@ -26,16 +26,18 @@ def model_predictions(
     desc: str,
 ) -> tuple[list[dict[str, Any]], float]:
     """Generate with the (adapted) model; returns per-example predictions and total seconds."""
+    from .device import resolve
     from .generation import generate, load_model
 
-    model, tokenizer = load_model(model_dir, adapter, cfg.dtype, cfg.threads)
+    place = resolve(cfg.device, cfg.dtype)
+    model, tokenizer = load_model(model_dir, adapter, place.dtype, cfg.threads, place.device)
     t0 = time.perf_counter()
     gens = generate(
         model,
         tokenizer,
         prompts,
         task.max_new_tokens,
-        cfg.batch_size,
+        cfg.batch_for(place.device),
         stop_at_json=cfg.stop_at_json,
         progress=cfg.progress,
         desc=desc,
@@ -71,23 +73,31 @@ def cached_baseline(
     regenerate it. The key covers the model's file hashes, every prompt and the generation
     settings; the cached run's own timing is reported (marked `cached` in eval.json).
     """
+    from ..model_source import load_options
+    from .device import resolve
+
     path = None
     if cfg.cache_dir and (Path(model_dir) / "temper_source.json").exists():
-        key = stable_hash(
-            {
-                "model": model_hash(model_dir),
-                "prompts": prompts,
-                "ids": [r["id"] for r in records],
-                "max_new_tokens": task.max_new_tokens,
-                "dtype": cfg.dtype,
-                "batch_size": cfg.batch_size,
-                "stop_at_json": cfg.stop_at_json,
-                "prompt_hash": task.prompt_hash,
-                "format": 2,
-                # Only when on, so the keys of unconstrained baselines stay what they were.
-                **({"constrained": True} if cfg.constrained else {}),
-            }
-        )  # 2: per-request latency
+        place = resolve(cfg.device, cfg.dtype)
+        key_fields = {
+            "model": model_hash(model_dir),
+            "prompts": prompts,
+            "ids": [r["id"] for r in records],
+            "max_new_tokens": task.max_new_tokens,
+            "dtype": place.dtype,  # resolved: `auto` on the CPU hits the float32 entries
+            "batch_size": cfg.batch_for(place.device),
+            "stop_at_json": cfg.stop_at_json,
+            "prompt_hash": task.prompt_hash,
+            "format": 2,  # 2: per-request latency
+        }
+        # Added only when they differ from what every earlier entry was made with (CPU, the
+        # default attention), so those entries stay valid.
+        if place.device != "cpu":
+            key_fields["device"] = place.device
+        if cfg.constrained:  # only when on, so unconstrained keys stay what they were
+            key_fields["constrained"] = True
+        key_fields.update(load_options(model_dir))
+        key = stable_hash(key_fields)
         path = Path(cfg.cache_dir) / f"baseline-{key}.json"
         if path.exists():
             hit = read_json(path)

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from ..chat import render, supports_system
 from ..task import TaskConfig
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ class TokenCounter:
 
     def __init__(self, tokenizer: Any, task: TaskConfig) -> None:
         self.tokenizer, self.task = tokenizer, task
+        self.system_ok = supports_system(tokenizer)  # else the system prompt joins the user turn
         rendered = self._render(self.TEXT, self.ANSWER)
         self.overhead: int | None = None  # None: the placeholders were not copied verbatim
         if rendered.count(self.TEXT) == rendered.count(self.ANSWER) == 1:
@@ -37,7 +39,7 @@ class TokenCounter:
 
     def _render(self, text: str, answer: str) -> str:
         messages = self.task.messages(text) + [{"role": "assistant", "content": answer}]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False)
+        return render(self.tokenizer, messages, self.system_ok, tokenize=False)
 
     def lengths(self, texts: list[str]) -> list[int]:
         """Token counts of plain texts (no special tokens added), in batches."""

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..io import atomic_dir, write_json
-from ..results import TrainResult
+from ..model_source import adapter_method, load_causal_lm
 from ..training.model import load_base
 
 
@@ -19,35 +19,37 @@ def merge(
 ) -> dict[str, Any]:
     """Merge an adapter into its base and save a standalone safetensors model (atomically).
 
-    LoRA adapters merge into the base weights in their 16-bit dtype. A QLoRA adapter was
-    trained against NF4 weights: it is merged into those weights dequantized to bf16 (what the
-    adapter saw, not the original 16-bit ones), which costs some quality compared with serving
-    the 4-bit base plus the adapter unmerged; a warning says so.
+    LoRA adapters merge into the base weights in their 16-bit dtype (evaluate merges them the
+    same way, in float32 on the CPU). A QLoRA adapter was trained, and evaluated, on NF4
+    weights plus the adapter unmerged: it is merged into those weights dequantized to 16 bits
+    (what the adapter saw, not the original 16-bit ones). The merged model is not the model
+    that was evaluated (the 4-bit rounding is baked in, the adapter is rounded to 16 bits):
+    a warning says so; evaluate the merged folder before shipping it.
     """
     import torch
     from peft import PeftConfig, PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     candidate = Path(candidate)
     adapter = candidate / "adapter" if (candidate / "adapter").is_dir() else candidate
     if not (adapter / "adapter_config.json").exists():
         raise FileNotFoundError(f"{adapter}: no adapter_config.json (not a PEFT adapter)")
     PeftConfig.from_pretrained(adapter)  # validates the adapter config
-    metrics_file = adapter.parent / "train_metrics.json"
-    method = TrainResult.load(metrics_file).method if metrics_file.exists() else "lora"
+    method = adapter_method(adapter)
     dtype = getattr(torch, dtype_name)
     if method == "qlora":
         warnings.warn(
-            "merging a QLoRA adapter into dequantized NF4 weights: the merged 16-bit model "
-            "carries the 4-bit rounding of the base; expect a small quality loss versus the "
-            "4-bit base + adapter (compare with `temper evaluate` before shipping)",
+            "merging a QLoRA adapter into dequantized NF4 weights: the merged 16-bit model is "
+            "not the one `temper evaluate` scored (4-bit base + adapter, unmerged); it carries "
+            "the base's 4-bit rounding and a 16-bit rounded adapter. Evaluate the merged "
+            "model before shipping it, or serve the 4-bit base + adapter as evaluated",
             UserWarning,
             stacklevel=2,
         )
         _, model = load_base(base_dir, "qlora", "bf16")
         model = model.dequantize().to(dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+        model = load_causal_lm(base_dir, dtype=dtype)
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     tokenizer = AutoTokenizer.from_pretrained(
         adapter if (adapter / "tokenizer.json").exists() else base_dir

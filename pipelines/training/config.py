@@ -11,6 +11,8 @@ from pydantic import Field, model_validator
 
 from ..config import ConfigError, Section
 
+# The Llama-style projection names, for reference: `all-linear` selects exactly these on
+# SmolLM2/Llama (tests/test_train.py checks it), and the right ones on other architectures.
 TARGETS_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -30,8 +32,10 @@ class TrainConfig(Section):
     rank: int = Field(16, gt=0, description="LoRA rank r.")
     alpha: float = Field(32, gt=0, description="LoRA alpha (scale = alpha / rank).")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
-    target_modules: list[str] = Field(
-        default_factory=lambda: list(TARGETS_ALL), description="Linear layers that get LoRA."
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear",
+        description="Linear layers that get LoRA: 'all-linear' (peft: every linear layer of "
+        "the blocks, the output head excluded) or a list of module names.",
     )
     layers: int | None = Field(
         None, gt=0, description="LoRA on the top N blocks only (null: all). Cuts the backward."

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..chat import adapt
 from ..io import read_jsonl, sha256_file, stable_hash
 
 
@@ -39,12 +40,19 @@ def load_records(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
     return records[:limit] if limit else records
 
 
-def fit_prompt(tokenizer, rec: dict[str, Any], max_length: int) -> tuple[dict[str, Any], bool]:
-    """Cut the last user message so prompt + completion fit `max_length` tokens.
+def fit_prompt(
+    tokenizer, rec: dict[str, Any], max_length: int, system_ok: bool | None = None
+) -> tuple[dict[str, Any], bool]:
+    """The record as the template takes it (`chat.adapt`: a system prompt folded into the user
+    turn where the template has no system role), its last user message cut so that prompt +
+    completion fit `max_length` tokens.
 
     trl truncates the whole sequence from the right, which would cut the answer (the only part
     with a loss). For classification the clause's start carries the signal, so its tail goes.
     """
+    prompt = adapt(tokenizer, rec["prompt"], system_ok)
+    if prompt is not rec["prompt"]:  # folded; else the record itself comes back when it fits
+        rec = {**rec, "prompt": prompt}
     full = tokenizer.apply_chat_template(rec["prompt"] + rec["completion"], tokenize=True)
     full = full["input_ids"] if isinstance(full, dict) or hasattr(full, "keys") else full
     excess = len(full) - max_length
@@ -67,9 +75,12 @@ def to_dataset(tokenizer, records: list[dict[str, Any]], max_length: int):
     """A `datasets.Dataset` of conversational prompt/completion pairs; returns (ds, n_cut)."""
     from datasets import Dataset
 
+    from ..chat import supports_system
+
     rows, cut = [], 0
+    system_ok = supports_system(tokenizer)
     for rec in records:
-        rec, was_cut = fit_prompt(tokenizer, rec, max_length)
+        rec, was_cut = fit_prompt(tokenizer, rec, max_length, system_ok)
         cut += was_cut
         rows.append({"prompt": rec["prompt"], "completion": rec["completion"]})
     return Dataset.from_list(rows), cut
@@ -77,6 +88,7 @@ def to_dataset(tokenizer, records: list[dict[str, Any]], max_length: int):
 
 def tokenize_pair(tokenizer, rec: dict[str, Any]) -> dict[str, list[int]]:
     """input_ids and completion-only labels of one record, as trl builds them."""
+    rec = {**rec, "prompt": adapt(tokenizer, rec["prompt"])}
     prompt = tokenizer.apply_chat_template(rec["prompt"], add_generation_prompt=True, tokenize=True)
     full = tokenizer.apply_chat_template(rec["prompt"] + rec["completion"], tokenize=True)
     prompt = prompt["input_ids"] if hasattr(prompt, "keys") else prompt

@@ -1,4 +1,5 @@
-"""The model being tuned: base weights (fp32 for LoRA, 4-bit NF4 for QLoRA), LoRA, the loss head.
+"""The model being tuned: base weights (LoRA: fp32 on the CPU, the autocast dtype on a GPU;
+QLoRA: 4-bit NF4), LoRA on the architecture's linear layers, the loss head.
 
 Two things are done by hand, because they decide the speed on a CPU:
 
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
+from ..model_source import disable_bnb_cpu_repack
 from .config import TrainConfig
 
 
@@ -42,53 +44,44 @@ def resolve_checkpointing(cfg: TrainConfig) -> bool:
     return cfg.gradient_checkpointing == "on"
 
 
-def disable_bnb_cpu_repack(model) -> int:
-    """Keep bitsandbytes from repacking 4-bit weights for CPU inference.
+def base_dtype(method: str, precision: str, device: str) -> str:
+    """The dtype the base weights are loaded in (torch name).
 
-    bitsandbytes >= 0.49 on CPUs with AVX512-BF16 repacks the weights in place on the first
-    no-grad eval forward (generate, the Trainer's eval loop); gradients through them are wrong
-    afterwards (cosine 0.04 vs dense). Turning the fast path off keeps training correct.
+    LoRA on a GPU: the autocast dtype (bf16/fp16): the base is frozen, so 16-bit weights halve
+    its memory and its matmuls run at tensor-core speed; peft keeps the adapter in fp32. On the
+    CPU fp32 master weights with bf16 autocast (what every committed CPU result used). QLoRA:
+    the non-quantized parts in fp32 (peft's `prepare_model_for_kbit_training` upcasts them).
     """
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return 0
-    count = 0
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-            count += 1
-    return count
+    if method == "lora" and device == "cuda" and precision in ("bf16", "fp16"):
+        return {"bf16": "bfloat16", "fp16": "float16"}[precision]
+    return "float32"
 
 
 def load_base(base_dir: str | Path, method: str, precision: str, gc: bool = False):
-    """Load the tokenizer and base model: fp32 master weights (LoRA) or 4-bit NF4 (QLoRA)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load the tokenizer and base model: LoRA in `base_dtype`, QLoRA in 4-bit NF4.
 
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    Through `temper.model_source`: a referenced local folder is checked, and
+    `model.attn_implementation` is passed to `from_pretrained`.
+    """
+    import torch
+
+    from ..model_source import load_causal_lm, load_tokenizer, nf4_config
+
+    tokenizer = load_tokenizer(base_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, base_dtype(method, precision, device_type()))}
     fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     if method == "qlora":
-        from transformers import BitsAndBytesConfig
-
         compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute,
-            bnb_4bit_quant_storage=compute,
-        )
+        kwargs["quantization_config"] = nf4_config(compute)
         if fsdp:
             # FSDP shards flat parameters of one dtype: store everything in the compute dtype
             # and let FSDP place the shards (no device_map), as in the FSDP-QLoRA recipe.
             kwargs["dtype"] = compute
         elif device_type() == "cuda":
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
-    model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
+    model = load_causal_lm(base_dir, **kwargs)
     if method == "qlora":
         from peft import prepare_model_for_kbit_training
 
@@ -98,6 +91,33 @@ def load_base(base_dir: str | Path, method: str, precision: str, gc: bool = Fals
             # force a backward through every block even when only the top ones are adapted.
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc)
     return tokenizer, model
+
+
+def target_modules(model, targets: str | list[str]) -> list[str]:
+    """LoRA's target modules as names: `all-linear` resolved by peft's own rule.
+
+    peft resolves "all-linear" (every linear layer but the output head) itself, but refuses it
+    together with `layers_to_transform`; so its resolver is run here and its module paths are
+    reduced to their last names (q_proj, ...) when no excluded module shares one.
+    """
+    if isinstance(targets, list):
+        return list(targets)
+    import torch
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+
+    resolved = _maybe_include_all_linear_layers(
+        LoraConfig(target_modules=targets, task_type="CAUSAL_LM"), model
+    ).target_modules
+    if isinstance(resolved, str):
+        raise ConfigError(f"train.target_modules={targets!r}: use 'all-linear' or a list of names")
+    leaves = {name.rsplit(".", 1)[-1] for name in resolved}
+    others = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name not in resolved
+    }
+    return sorted(leaves) if not leaves & others else sorted(resolved)
 
 
 def add_lora(model, cfg: TrainConfig):
@@ -114,11 +134,24 @@ def add_lora(model, cfg: TrainConfig):
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         bias="none",
-        target_modules=list(cfg.target_modules),
+        target_modules=target_modules(model, cfg.target_modules),
         layers_to_transform=layers,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
+
+
+def write_quantization_marker(adapter_dir: Path, method: str) -> None:
+    """A QLoRA adapter says so in its folder (`model_source.QUANT_FILE`): evaluate and merge
+    then load the 4-bit base it was trained on, wherever the folder goes (registry, pull)."""
+    from ..io import write_json
+    from ..model_source import QUANT_FILE
+
+    if method == "qlora":
+        write_json(
+            adapter_dir / QUANT_FILE,
+            {"method": "qlora", "quant_type": "nf4", "double_quant": True, "bits": 4},
+        )
 
 
 def add_completion_loss(model) -> None:
