@@ -35,6 +35,7 @@ from ..training.model import (
     load_base,
     resolve_checkpointing,
     resolve_precision,
+    write_quantization_marker,
 )
 from ..training.progress import use_progress_bar
 from ..training.trainer import (
@@ -314,6 +315,9 @@ def write_outputs(
     with atomic_dir(Path(cfg.out_dir) / name) as tmp:
         model.save_pretrained(tmp / "adapter", safe_serialization=True)
         tokenizer.save_pretrained(tmp / "adapter")
+        # A QLoRA adapter says so in its own folder, so that wherever it goes (registry,
+        # pull) it is scored and served on the 4-bit base it was trained on.
+        write_quantization_marker(tmp / "adapter", cfg.method)
         result.save(tmp / "train_metrics.json")
     Path(cfg.plots_dir).mkdir(parents=True, exist_ok=True)
     with atomic_open(Path(cfg.plots_dir) / f"{name}.csv") as handle:
