@@ -156,7 +156,7 @@ def test_unknown_key_suggests_the_field_meant():
 
 
 # Examples in the docs that show an error on purpose.
-BAD_ON_PURPOSE = {"prepare.max_tokens=abc"}
+BAD_ON_PURPOSE = {"prepare.max_tokens=abc", "train.lr=5e-4"}
 
 
 def shipped_examples() -> list[tuple[str, str]]:

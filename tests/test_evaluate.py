@@ -607,3 +607,23 @@ def test_raw_file_is_scored_whatever_its_split_column_holds(tmp_path, task):
     recs = load_records(raw, task, fmap)
     assert [r["id"] for r in recs] == ["p0", "p1"]
     assert recs[0]["gold"] == {"clause_type": "Governing Law", "key_term": "Texas"}
+
+
+def test_report_names_the_split_that_chose_and_the_test_against_the_baseline():
+    from temper.evaluation.report import no_winner, selection_lines
+
+    result = selected(
+        evaluation(a=entry(0.8, -0.02, 1.0), b=entry(0.6, -0.02, 1.0)), "test", {"a": 0.8, "b": 0.6}, "a"
+    )  # fmt: skip
+    data = result.model_dump(mode="json")
+    data["gates_config"] = GatesConfig().model_dump()
+    data["baseline"] = {"name": "baseline", "kind": "api", "metrics": {}}
+    text = "\n".join(selection_lines(data))
+    assert "warning: winner chosen on the test split (n=10)" in text and "optimistic" in text
+    assert "test against the api baseline: non-inferiority" in text and "> -0.05" in text
+    data["selection"]["split"], data["selection"]["chosen"] = "validation", "b"
+    data["gates_config"]["vs_baseline"] = "superiority"
+    text = "\n".join(selection_lines(data))
+    assert "winner chosen on validation (n=5, `v.jsonl`), reported on test (n=10)" in text
+    assert "superiority" in text and ">= 0.0" in text
+    assert no_winner(data) == "none (b, chosen on validation, fails its gates on test)"

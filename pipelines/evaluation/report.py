@@ -117,8 +117,6 @@ def no_winner(evaluation: dict[str, Any]) -> str:
 
 def selection_lines(evaluation: dict[str, Any]) -> list[str]:
     """How the winner was chosen and which test against the baseline gated it."""
-    from .gates import GatesConfig, baseline_test
-
     lines = []
     sel = evaluation.get("selection")
     n_test = evaluation["n_examples"]
@@ -136,13 +134,16 @@ def selection_lines(evaluation: dict[str, Any]) -> list[str]:
             f"- **warning: winner chosen on the test split (n={n_test}) it is reported on "
             "(`evaluate.validation: null`): its test figures are optimistic (selection bias)**"
         )
-    gates = GatesConfig.model_validate(
-        {k: v for k, v in evaluation["gates_config"].items() if k in GatesConfig.model_fields}
-    )
+    gates = evaluation["gates_config"]
     base = evaluation.get("baseline")
     if base:
-        test = baseline_test(gates, base["kind"])
-        limit = gates.min_delta_low if test == "superiority" else gates.non_inferiority_margin
+        # The rule of gates.baseline_test, read from the recorded config (not imported: the
+        # register stage reads this module through tracking.card, with its own DVC deps).
+        vs = gates.get("vs_baseline") or "auto"
+        test = (
+            vs if vs != "auto" else ("non_inferiority" if base["kind"] == "api" else "superiority")
+        )
+        limit = gates.get("min_delta_low" if test == "superiority" else "non_inferiority_margin")
         rule = (
             "gate off (null)"
             if limit is None
@@ -154,7 +155,7 @@ def selection_lines(evaluation: dict[str, Any]) -> list[str]:
         )
         lines.append(
             f"- test against the {base['kind']} baseline: {test.replace('_', '-')} "
-            f"(`gates.vs_baseline: {gates.vs_baseline}`; {rule})"
+            f"(`gates.vs_baseline: {vs}`; {rule})"
         )
     return lines
 
