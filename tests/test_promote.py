@@ -114,7 +114,8 @@ def test_challenger_that_failed_gates_or_other_eval_set_is_refused(project, base
 
     client.set_model_version_tag(MODEL, v2, "temper.gates_passed", "true")
     client.set_model_version_tag(MODEL, v2, "temper.eval_set", "another-set")
-    result = runner.invoke(app, ["promote"])
+    # (promote.rescore: auto would re-score the champion here: see the rescore test)
+    result = runner.invoke(app, ["promote", "-S", "promote.rescore=never"])
     assert result.exit_code == 1 and "different sets" in result.output
     assert champion(project) == "1"
 
