@@ -7,9 +7,11 @@ Unknown keys are errors, so a typo in `params.yaml` fails loudly instead of bein
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -68,6 +70,11 @@ def _parse_override(item: str) -> Any:
         ) from None
 
 
+def parse_value(raw: str) -> Any:
+    """A `-S` value as DVC reads it (`5e-4` a float, `[a,b]`, `{k: v}`, `null`, quotes)."""
+    return _parse_override(f"k={raw}").value()
+
+
 def override_key(item: str) -> str:
     """The dotted key of an override (`+`, `++`, `~` dropped)."""
     key = item.partition("=")[0].lstrip("~+")
@@ -88,7 +95,10 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
         node = nested
         *parents, leaf = parsed.key_or_group.split(".")
         for part in parents:
-            node = node.setdefault(part, {})
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a mapping")
+            node = child
         node[leaf] = parsed.value()
     return nested
 
@@ -237,6 +247,20 @@ def _origin(dotted: str, overrides: list[str]) -> str | None:
     return None
 
 
+def value_origin(params: dict[str, Any], dotted: str) -> str:
+    """Where a resolved value came from: the last `-S` override that set it, the params file
+    (the key is in it), or the code's default."""
+    found = _origin(dotted, getattr(params, "overrides", []))
+    if found:
+        return found
+    node: Any = params
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return "default"
+        node = node[part]
+    return str(getattr(params, "source", DEFAULT_PARAMS))
+
+
 def section(params: dict[str, Any], name: str, model: type[S], source: str | None = None) -> S:
     """Validate `params[name]` into `model`, with an error that names the field and where its
     value came from: the params file or the `-S` override (when `params` is a `Params`)."""
@@ -248,7 +272,10 @@ def section(params: dict[str, Any], name: str, model: type[S], source: str | Non
         errors = []
         for e in err.errors():
             dotted = ".".join([name, *(str(p) for p in e["loc"])])
-            errors.append((dotted, _origin(dotted, overrides) or file, e["msg"]))
+            msg = e["msg"]
+            if e["type"] == "extra_forbidden":
+                msg += _did_you_mean(model, [str(p) for p in e["loc"]])
+            errors.append((dotted, _origin(dotted, overrides) or file, msg))
         origins = list(dict.fromkeys(origin for _, origin, _ in errors))
         if len(origins) == 1:
             lines = [f"  {dotted}: {msg}" for dotted, _, msg in errors]
@@ -258,6 +285,21 @@ def section(params: dict[str, Any], name: str, model: type[S], source: str | Non
         raise ConfigError(f"{header}: invalid '{name}' section:\n" + "\n".join(lines)) from None
 
 
+def _did_you_mean(model: type[Section], loc: list[str]) -> str:
+    """` (did you mean 'learning_rate'?)` for an unknown key: a close spelling, or the field
+    whose words' initials it is (`lr` -> `learning_rate`)."""
+    for part in loc[:-1]:  # walk into nested sections (distil.provider.x)
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, Section)):
+            return ""
+        model = annotation
+    key, names = loc[-1], list(model.model_fields)
+    found = difflib.get_close_matches(key, names, n=2, cutoff=0.6)
+    found += [n for n in names if "".join(w[0] for w in n.split("_")) == key and n not in found]
+    return f" (did you mean {' or '.join(repr(f) for f in found)}?)" if found else ""
+
+
 def _type_name(annotation: Any) -> str:
     name = getattr(annotation, "__name__", None)
     if name and not getattr(annotation, "__args__", None):
@@ -265,23 +307,45 @@ def _type_name(annotation: Any) -> str:
     return str(annotation).replace("typing.", "").replace("NoneType", "None")
 
 
-def describe(model: type[Section], prefix: str) -> str:
-    """A help text listing every field of a config section: name, default, type, meaning.
+def describe(
+    model: type[Section],
+    prefix: str,
+    values: dict[str, Any] | None = None,
+    origin: Callable[[str], str] | None = None,
+) -> str:
+    """A help text listing every field of a config section: name, value, type, meaning.
 
     Generated from the model itself (nested sections flattened to dotted names), so
-    `temper <stage> --help` cannot drift from the code.
+    `temper <stage> --help` cannot drift from the code. With `values` (the section as the
+    commands resolve it, dumped) a field whose value differs from the code's default shows
+    both: `train.layers = 8 (params.yaml; default: None)`, `origin(dotted)` naming the source.
     """
     rows = []
     for name, field in model.model_fields.items():
         annotation = field.annotation
+        dotted = f"{prefix}.{name}"
         if isinstance(annotation, type) and issubclass(annotation, Section):
-            rows.append(describe(annotation, f"{prefix}.{name}"))
+            nested = (values or {}).get(name) if values is not None else None
+            rows.append(describe(annotation, dotted, nested, origin))
             continue
-        if field.is_required():
-            default = "required"
-        else:
-            default = repr(field.get_default(call_default_factory=True))
-        rows.append(
-            f"{prefix}.{name} = {default} ({_type_name(annotation)}): {field.description or ''}"
+        default_value = (
+            None if field.is_required() else field.get_default(call_default_factory=True)
         )
+        default = "required" if field.is_required() else repr(default_value)
+        shown = default
+        if values is not None and name in values:
+            value = values[name]
+            if field.is_required() or value != _dumped(default_value):
+                where = origin(dotted) if origin else "params"
+                shown = f"{value!r} ({where}; default: {default})"
+        rows.append(f"{dotted} = {shown} ({_type_name(annotation)}): {field.description or ''}")
     return "\n\n".join(rows)
+
+
+def _dumped(value: Any) -> Any:
+    """A default as it appears in a `model_dump(mode="json")` (sections become dicts)."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, tuple):
+        return list(value)
+    return value

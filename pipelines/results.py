@@ -75,7 +75,7 @@ class Estimate(Result):
 
 class GateCheck(Result):
     gate: str
-    op: Literal[">=", "<="]
+    op: Literal[">=", "<=", ">"]
     threshold: float
     value: float | None
     passed: bool
@@ -118,6 +118,8 @@ class CandidateEval(Result):
     seconds: float
     metrics: dict[str, Estimate]
     delta_vs_baseline: dict[str, Estimate] | None = None
+    # The same metrics on the validation split: what picks the winner (see Selection).
+    validation_metrics: dict[str, Estimate] | None = None
     judge: JudgeResult | None = None
     gates: GateResult | None = None
 
@@ -148,6 +150,24 @@ class JudgeInfo(Result):
     sample_frac: float
 
 
+class Selection(Result):
+    """How the winner was chosen: the split, the metric and each candidate's value on it.
+
+    On `validation` the winner is the candidate with the highest value (ties: the first name
+    in alphabetical order), and it wins only if it passes its gates on the test split; the
+    test split then reports it without having chosen it. On `test` (no validation file) the
+    best candidate that passes its gates wins, and the figures on test are optimistic."""
+
+    split: Literal["validation", "test"]
+    file: str
+    sha256: str
+    n_examples: int
+    metric: str
+    values: dict[str, float | None]
+    chosen: str | None
+    tie_break: str = "highest value, then first name in alphabetical order"
+
+
 class EvalResult(Result):
     """`metrics/eval.json`: written by the evaluate stage; read by register, gate, promote."""
 
@@ -161,8 +181,9 @@ class EvalResult(Result):
     baseline: BaselineEval | None
     candidates: dict[str, CandidateEval]
     winner: str | None
+    selection: Selection | None = None  # None: written before selection on validation
     judge: JudgeInfo
-    gates_config: dict[str, float | None]
+    gates_config: dict[str, float | str | None]
     seconds: float
 
     def candidate(self, name: str, path: str | Path = "eval.json") -> CandidateEval:

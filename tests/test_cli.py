@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
 from temper.cli import SECTIONS, app
+
+ROOT = Path(__file__).resolve().parents[1]
 
 runner = CliRunner()
 
@@ -82,3 +86,62 @@ def test_profile_prints_dvc_overrides():
         "-S '+prepare.max_examples={train:null,validation:null,test:null}'"
     ) in result.output
     assert "-S train.layers=null" in result.output
+
+
+def test_help_shows_the_value_in_effect_beside_the_default(tmp_path, monkeypatch):
+    """params.yaml of the working directory, then -p and -S given before --help."""
+    import yaml
+
+    from temper.config import read_yaml
+
+    monkeypatch.chdir(tmp_path)
+    params = read_yaml(ROOT / "params.yaml")
+    params["train"]["layers"] = 8
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    text = " ".join(runner.invoke(app, ["train", "--help"], terminal_width=200).output.split())
+    assert "train.layers = 8 (params.yaml; default: None)" in text
+    assert "train.rank = 16 (int)" in text  # same as the default: shown once
+    res = runner.invoke(app, ["train", "-S", "train.layers=4", "--help"], terminal_width=200)
+    assert "train.layers = 4 (-S train.layers=4; default: None)" in " ".join(res.output.split())
+    other = tmp_path / "exp.yaml"
+    other.write_text(yaml.safe_dump({**params, "train": {**params["train"], "layers": 2}}))
+    res = runner.invoke(app, ["train", "--help", "-p", str(other)], terminal_width=200)
+    assert f"train.layers = 2 ({other}; default: None)" in " ".join(res.output.split())
+
+
+@pytest.mark.parametrize("content", [None, "train: [1\n", "train:\n  rank: lots\n"])
+def test_help_never_fails_on_a_missing_or_broken_params_file(tmp_path, monkeypatch, content):
+    monkeypatch.chdir(tmp_path)
+    if content is not None:
+        (tmp_path / "params.yaml").write_text(content)
+    res = runner.invoke(app, ["train", "--help"], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "Showing the code's defaults" in text
+    assert {None: "file not found", "train: [1\n": "invalid YAML", "train:\n  rank: lots\n": "train.rank"}[content] in text  # fmt: skip
+    assert "train.layers = None (int | None)" in text
+
+
+def test_config_prints_the_resolved_params(tmp_path):
+    import json
+
+    import yaml
+
+    params = str(ROOT / "params.yaml")
+    res = runner.invoke(app, ["config", "-p", params])
+    assert res.exit_code == 0, res.output
+    out = yaml.safe_load(res.output)
+    assert set(SECTIONS) <= set(out) and out["task"] == "configs/tasks/clause_review.yaml"
+    assert out["train"]["layers"] == 8
+    assert out["distil"]["provider"]["kind"] == "gold"
+    assert out["evaluate"]["threads"] is None and "dtype" in out["evaluate"]  # defaults filled
+    res = runner.invoke(
+        app,
+        ["config", "-p", params, "-S", "train.learning_rate=5e-4", "--section", "train", "--json"],
+    )
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["learning_rate"] == 0.0005
+    res = runner.invoke(app, ["config", "-p", params, "-S", "train.lr=1"])
+    assert res.exit_code == 2 and "did you mean 'learning_rate'" in res.output
+    res = runner.invoke(app, ["config", "-p", params, "--section", "nope"])
+    assert res.exit_code == 2 and "no section 'nope'" in res.output

@@ -174,3 +174,71 @@ def test_override_of_an_empty_mapping_or_null_clears_the_mapping(value):
         "validation": 128,
         "test": 7,
     }
+
+
+def test_exponent_numbers_and_dvc_plus_keys_parse_as_under_dvc():
+    """`-S train.learning_rate=5e-4` is a float (YAML 1.1 would read a string) and
+    `-S '+train.candidates.new={rank: 8}'` (DVC's "add a key") means the same as without +."""
+    assert parse_overrides(["train.learning_rate=5e-4"]) == {"train": {"learning_rate": 0.0005}}
+    assert parse_overrides(["++a.b=1e3", "+c={rank: 8}"]) == {"a": {"b": 1000.0}, "c": {"rank": 8}}
+    assert parse_overrides(["a.b=x5e-4"]) == {"a": {"b": "x5e-4"}}
+    params = load_params(ROOT / "params.yaml", ["+train.candidates.r16.rank=8"])
+    cfg = section(params, "train", SECTIONS["train"])
+    assert cfg.candidates["r16"] == {"learning_rate": 0.0015, "rank": 8}
+
+
+def test_unknown_key_suggests_the_field_meant():
+    params = load_params(ROOT / "params.yaml", ["train.lr=5e-4"])
+    with pytest.raises(ConfigError, match=r"train\.lr: .*did you mean 'learning_rate'"):
+        section(params, "train", SECTIONS["train"])
+    params = load_params(ROOT / "params.yaml", ["distil.provider.modle=x"])
+    with pytest.raises(ConfigError, match=r"did you mean 'model'"):
+        section(params, "distil", SECTIONS["distil"])
+
+
+# Examples in the docs that show an error on purpose.
+BAD_ON_PURPOSE = {"prepare.max_tokens=abc", "train.lr=5e-4"}
+
+
+def shipped_examples() -> list[tuple[str, str]]:
+    """(file, override) of every `-S`/`--set key=value` example in params.yaml's comments,
+    the README and docs/ (wrapped lines joined: an example may be cut by the line end)."""
+    import re
+
+    texts = {"params.yaml": " ".join(line.split("#", 1)[1] for line in (ROOT / "params.yaml").read_text().splitlines() if "#" in line)}  # fmt: skip
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        texts[str(path.relative_to(ROOT))] = " ".join(path.read_text().splitlines())
+    found = []
+    for name, text in texts.items():
+        for m in re.finditer(r"(?:-S|--set)\s+('[^']+'|\"[^\"]+\"|[^\s`)]+)", text):
+            item = m.group(1).strip("'\"").rstrip(":,.")
+            key = item.partition("=")[0].lstrip("+")
+            if "=" in item and key.split(".")[0] in SECTIONS and item not in BAD_ON_PURPOSE:
+                found.append((name, item))
+    return found
+
+
+def test_the_docs_have_examples_to_check():
+    files = {name for name, _ in shipped_examples()}
+    assert {"params.yaml", "README.md"} <= files and len(shipped_examples()) >= 10
+
+
+@pytest.mark.parametrize(("where", "item"), shipped_examples(), ids=lambda x: str(x)[:60])
+def test_every_documented_override_runs_as_written(where, item):
+    """Each example resolves: its key is a real field of the typed config (or a key of a
+    mapping field such as train.candidates), the section validates, and the value lands."""
+    from temper.cli.params_help import resolved
+    from temper.config import parse_value
+
+    params = load_params(ROOT / "params.yaml", [item])
+    key, _, raw = item.partition("=")
+    parts = key.lstrip("+").split(".")
+    node = resolved(params, parts[0])[parts[0]]
+    for part in parts[1:]:
+        assert isinstance(node, dict) and part in node, f"{where}: {key} is not a field"
+        node = node[part]
+    value = parse_value(raw)
+    if isinstance(value, dict) and value:  # a non-empty mapping merges into the file's
+        assert node == {**node, **value}, f"{where}: -S {item} gave {node!r}"
+    elif value is not None:  # null may resolve to a field's empty value
+        assert node == value, f"{where}: -S {item} gave {node!r}"

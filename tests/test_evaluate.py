@@ -216,6 +216,74 @@ def test_gates(tmp_path):
     assert not no_base.passed  # no baseline: a delta gate cannot pass
 
 
+def test_non_inferiority_vs_the_api_teacher_superiority_vs_the_base_model():
+    """auto: the API teacher need only not be beaten by more than the margin (strictly); the
+    base model must be beaten. Each check names the test it ran."""
+    from temper.evaluation.gates import baseline_test
+
+    cfg = GatesConfig(min_primary=None, min_json_valid_rate=None, min_judge_win_rate=None)
+    assert cfg.vs_baseline == "auto" and cfg.non_inferiority_margin == 0.05
+    slightly_worse = entry(0.7, -0.03, 1.0)
+    api = check(cfg, "clause_type.accuracy", slightly_worse, "api")
+    assert api.passed and [c.gate for c in api.checks] == ["non_inferiority"]
+    assert api.checks[0].threshold == -0.05 and api.checks[0].op == ">"
+    assert "non-inferiority vs API teacher" in api.checks[0].note
+    base = check(cfg, "clause_type.accuracy", slightly_worse, "base_model")
+    assert not base.passed and [c.gate for c in base.checks] == ["min_delta_low"]
+    assert "superiority vs base model" in base.checks[0].note
+    at_margin = check(cfg, "clause_type.accuracy", entry(0.7, -0.05, 1.0), "api")
+    assert not at_margin.passed  # ci_low must be strictly above -margin
+    forced = cfg.model_copy(update={"vs_baseline": "superiority"})
+    assert not check(forced, "clause_type.accuracy", slightly_worse, "api").passed
+    assert baseline_test(cfg.model_copy(update={"vs_baseline": "non_inferiority"}), None) == (
+        "non_inferiority"
+    )
+    off = cfg.model_copy(update={"non_inferiority_margin": None})
+    assert check(off, "clause_type.accuracy", entry(0.7, -0.5, 1.0), "api").checks == []
+    no_base = check(cfg, "clause_type.accuracy", entry(0.7, None, 1.0), "api")
+    assert not no_base.passed  # no deltas: cannot show non-inferiority either
+
+
+def selected(result: EvalResult, split: str, values: dict, chosen: str | None) -> EvalResult:
+    from temper.results import Selection
+
+    result.selection = Selection(
+        split=split,
+        file="v.jsonl",
+        sha256="1" * 64,
+        n_examples=5,
+        metric="clause_type.accuracy",
+        values=values,
+        chosen=chosen,
+    )
+    return result
+
+
+def test_winner_is_chosen_on_validation_and_must_pass_its_gates_on_test():
+    from temper.evaluation.gates import best, gate_all
+
+    cfg = GatesConfig(min_primary=0.5, min_delta_low=None, min_judge_win_rate=None)
+    # a is better on test, b on validation: b wins (test figures do not pick).
+    result = selected(
+        evaluation(a=entry(0.8, None, 1.0), b=entry(0.6, None, 1.0)),
+        "validation",
+        {"a": 0.5, "b": 0.55},
+        "b",
+    )
+    assert gate_all(cfg, result) == "b"
+    # The chosen one fails its gates on test: no winner, not the runner-up by its test score.
+    result.candidates["b"] = entry(0.4, None, 1.0)
+    assert gate_all(cfg, result) is None
+    # On test (no validation split): the best passing candidate on test.
+    result = selected(
+        evaluation(a=entry(0.8, None, 1.0), b=entry(0.6, None, 1.0)), "test", {}, None
+    )
+    assert gate_all(cfg, result) == "a"
+    # Ties go to the first name in alphabetical order; a missing value ranks last.
+    assert best({"b": 0.5, "a": 0.5, "c": 0.4}) == "a"
+    assert best({"b": None, "a": 0.1}) == "a" and best({}) is None
+
+
 def test_gate_command_exit_codes(tmp_path):
     path = tmp_path / "eval.json"
     evaluation(a=entry(0.7, 0.02, 0.99), b=entry(0.6, 0.01, 0.90)).save(path)
@@ -322,6 +390,7 @@ def test_stage_end_to_end_with_a_real_adapter(
     )
     cfg = EvaluateConfig(
         test=str(prepared_dir / "test.jsonl"),
+        validation=str(prepared_dir / "validation.jsonl"),
         candidates_dir=str(cands),
         baseline="auto",
         baseline_file=str(tmp_path / "none.jsonl"),
@@ -360,7 +429,14 @@ def test_stage_end_to_end_with_a_real_adapter(
         assert api.requests == 3 * 2
 
     saved = read_json(cfg.metrics)
-    assert saved["winner"] == result.winner == "tiny2"  # equal scores: name breaks the tie
+    # Chosen on validation; equal scores (tiny2 is a copy): the first name breaks the tie.
+    assert saved["winner"] == result.winner == "tiny"
+    sel = saved["selection"]
+    assert sel["split"] == "validation" and sel["n_examples"] == 6 and sel["chosen"] == "tiny"
+    assert sel["file"] == cfg.validation and sel["metric"] == "clause_type.accuracy"
+    for name in ("tiny", "tiny2"):
+        val = saved["candidates"][name]["validation_metrics"]["clause_type.accuracy"]
+        assert sel["values"][name] == val["value"] and val["ci_low"] <= val["value"]
     assert saved["baseline"]["kind"] == "base_model" and saved["n_examples"] == 6
     assert saved["baseline"]["cached"] is False
     for name in ("tiny", "tiny2"):
@@ -374,6 +450,8 @@ def test_stage_end_to_end_with_a_real_adapter(
         rows = read_jsonl(tmp_path / "reports" / "predictions" / f"{name}.jsonl")
         assert len(rows) == 6 and all("clause_type.accuracy" in r["scores"] for r in rows)
     report = (tmp_path / "reports" / "eval.md").read_text()
+    assert "winner chosen on validation (n=6" in report and "reported on test (n=6)" in report
+    assert "test against the base_model baseline: superiority" in report
     for heading in (
         "## Metrics",
         "## Gates",
@@ -397,7 +475,9 @@ def test_stage_end_to_end_with_a_real_adapter(
     tiny = next(r for r in runs if r.data.tags["temper.system"] == "tiny")
     assert tiny.data.params["train.rank"] == "2" and tiny.data.metrics["train.val_loss"] == 0.9
     tiny2 = next(r for r in runs if r.data.tags["temper.system"] == "tiny2")
-    assert tiny2.data.tags["temper.winner"] == "true"
+    tiny1 = next(r for r in runs if r.data.tags["temper.system"] == "tiny")
+    assert tiny1.data.tags["temper.winner"] == "true"
+    assert "validation.clause_type.accuracy" in tiny1.data.metrics
     assert "clause_type.accuracy" in tiny2.data.metrics
     arts = [a.path for a in client.list_artifacts(tiny2.info.run_id, "evaluate")]
     assert "evaluate/eval.md" in arts and "evaluate/tiny2.jsonl" in arts
@@ -527,3 +607,23 @@ def test_raw_file_is_scored_whatever_its_split_column_holds(tmp_path, task):
     recs = load_records(raw, task, fmap)
     assert [r["id"] for r in recs] == ["p0", "p1"]
     assert recs[0]["gold"] == {"clause_type": "Governing Law", "key_term": "Texas"}
+
+
+def test_report_names_the_split_that_chose_and_the_test_against_the_baseline():
+    from temper.evaluation.report import no_winner, selection_lines
+
+    result = selected(
+        evaluation(a=entry(0.8, -0.02, 1.0), b=entry(0.6, -0.02, 1.0)), "test", {"a": 0.8, "b": 0.6}, "a"
+    )  # fmt: skip
+    data = result.model_dump(mode="json")
+    data["gates_config"] = GatesConfig().model_dump()
+    data["baseline"] = {"name": "baseline", "kind": "api", "metrics": {}}
+    text = "\n".join(selection_lines(data))
+    assert "warning: winner chosen on the test split (n=10)" in text and "optimistic" in text
+    assert "test against the api baseline: non-inferiority" in text and "> -0.05" in text
+    data["selection"]["split"], data["selection"]["chosen"] = "validation", "b"
+    data["gates_config"]["vs_baseline"] = "superiority"
+    text = "\n".join(selection_lines(data))
+    assert "winner chosen on validation (n=5, `v.jsonl`), reported on test (n=10)" in text
+    assert "superiority" in text and ">= 0.0" in text
+    assert no_winner(data) == "none (b, chosen on validation, fails its gates on test)"

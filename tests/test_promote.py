@@ -114,7 +114,8 @@ def test_challenger_that_failed_gates_or_other_eval_set_is_refused(project, base
 
     client.set_model_version_tag(MODEL, v2, "temper.gates_passed", "true")
     client.set_model_version_tag(MODEL, v2, "temper.eval_set", "another-set")
-    result = runner.invoke(app, ["promote"])
+    # (promote.rescore: auto would re-score the champion here: see the rescore test)
+    result = runner.invoke(app, ["promote", "-S", "promote.rescore=never"])
     assert result.exit_code == 1 and "different sets" in result.output
     assert champion(project) == "1"
 
@@ -286,3 +287,50 @@ def test_pull_refuses_a_base_model_with_another_hash(project, base_model_dir, tm
     result = runner.invoke(app, ["pull", f"{MODEL}@challenger", "-S", f"model.dir={other}"])
     assert result.exit_code == 2
     assert "needs base model smollm2-135m-instruct with hash" in result.output
+
+
+@pytest.mark.slow
+def test_promote_rescores_the_champion_on_the_challengers_evaluation_set(project, base_model_dir):
+    """Different evaluation sets: `auto` re-scores the champion (its adapter downloaded through
+    the registry, the real base model generating a few tokens) on the challenger's examples and
+    pairs those; `never` refuses as before. The tiny random adapter answers no clause right in
+    8 tokens, so the re-scored champion is measurably 0 and a perfect challenger wins."""
+    task_file = project / "configs" / "tasks" / "clause_review.yaml"
+    task_file.write_text(task_file.read_text().replace("max_new_tokens: 48", "max_new_tokens: 8"))
+    fast = ["-S", "evaluate.threads=1", "-S", "evaluate.batch_size=5", "-S", "evaluate.progress=false"]  # fmt: skip
+    v1 = register(project, base_model_dir, pattern(4, 4))  # 4 examples, all right
+    assert runner.invoke(app, ["promote"]).exit_code == 0 and champion(project) == v1
+    v2 = register(project, base_model_dir, pattern(5, 5))  # another set: 5 examples
+    tags = store_client(project).get_model_version(MODEL, v2).tags
+    assert (
+        tags["temper.eval_set"]
+        != store_client(project).get_model_version(MODEL, v1).tags["temper.eval_set"]
+    )
+
+    result = runner.invoke(app, ["promote", "--no-rescore", *fast])
+    assert result.exit_code == 1 and "different sets" in result.output
+    assert "--rescore" in result.output and champion(project) == v1
+
+    result = runner.invoke(app, ["promote", *fast])  # promote.rescore: auto
+    assert result.exit_code == 0, result.output
+    assert "champion re-scored on the challenger's 5 examples" in result.output
+    assert champion(project) == v2
+    tags = store_client(project).get_model_version(MODEL, v2).tags
+    assert tags["temper.promotion.rescored"] == "true"
+    report = (project / "reports" / "promotion.md").read_text()
+    decision = json.loads(report.split("```json\n", 1)[1].split("```", 1)[0])
+    assert decision["rescored"] is True and decision["n_examples"] == 5
+    assert decision["challenger_value"] == 1.0 and decision["champion_value"] == 0.0
+    assert decision["delta"] == 1.0
+
+
+@pytest.mark.slow
+def test_rescore_refuses_a_changed_evaluation_file(project, base_model_dir):
+    register(project, base_model_dir, pattern(4, 4))
+    assert runner.invoke(app, ["promote"]).exit_code == 0
+    register(project, base_model_dir, pattern(5, 5))
+    test_file = project / "data" / "prepared" / "test.jsonl"
+    test_file.write_text(test_file.read_text() + "\n")
+    result = runner.invoke(app, ["promote"])
+    assert result.exit_code == 2
+    assert "differs from the challenger's evaluation set" in result.output

@@ -341,6 +341,7 @@ def test_real_evaluate_output_through_register_gate_promote_and_pull(
         params_update={
             "evaluate": {
                 "test": str(test_file),
+                "validation": str(prepared_dir / "validation.jsonl"),
                 "few_shot_from": str(prepared_dir / "train.jsonl"),
                 "baseline": "base_model",
                 "baseline_few_shot": 1,
@@ -408,7 +409,9 @@ def test_real_evaluate_output_through_register_gate_promote_and_pull(
     result = runner.invoke(app, ["gate"])
     assert result.exit_code == 0 and "winner: r16" in result.output, result.output
     result = runner.invoke(app, ["gate", "-S", "gates.min_primary=0.99"])
-    assert result.exit_code == 1 and "no candidate passes the gates" in result.output
+    assert result.exit_code == 1
+    assert "no winner: r16, chosen on validation, fails its gates on test" in result.output
+    assert evaluation.selection.split == "validation" and evaluation.selection.chosen == "r16"
 
     # Promote re-checks too: the tag says passed, the gates in force say no.
     result = runner.invoke(app, ["promote", "-S", "gates.min_primary=0.99"])
@@ -478,3 +481,47 @@ def test_real_evaluate_output_through_register_gate_promote_and_pull(
     assert result.exit_code == 0, result.output
     assert tracking.version_str(client.get_model_version_by_alias(MODEL, "champion").version) == "2"
     assert mlflow.get_tracking_uri().startswith(f"sqlite:///{project}")
+
+
+@pytest.mark.slow
+def test_dvc_experiment_registers_without_moving_the_alias(project, base_model_dir, monkeypatch):
+    """Under a real `dvc exp run` (DVC sets DVC_EXP_NAME for the stage) the version is
+    registered and tagged with the experiment's name, and @challenger stays where it was;
+    `register.move_alias_in_experiments: true` moves it; `dvc repro` / a plain run moves it."""
+    import subprocess
+
+    adapter = tiny_adapter(str(base_model_dir))
+    train_candidates(project, ["r16"], adapter)
+    write_eval(project, {"r16": pattern(40, 30)}, winner="r16")
+    assert runner.invoke(app, ["register"]).exit_code == 0  # plain run: v1 @challenger
+    client = store_client(project)
+    assert "temper.experiment" not in client.get_model_version(MODEL, "1").tags
+
+    (project / "dvc.yaml").write_text(
+        "stages:\n  register:\n    cmd: temper register\n    params: [register]\n"
+    )
+    git(project, "add", "dvc.yaml")
+    git(project, "commit", "-q", "-m", "register stage")
+    subprocess.run(["dvc", "init", "-q"], cwd=project, check=True)
+    git(project, "add", ".dvc")
+    git(project, "commit", "-q", "-m", "dvc init")
+    run = subprocess.run(
+        ["dvc", "exp", "run", "-n", "try-lr", "-S", "register.require_winner=false"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "alias not moved" in run.stdout + run.stderr
+    v2 = client.get_model_version(MODEL, "2")
+    assert v2.tags["temper.experiment"] == "try-lr" and not v2.aliases
+    assert tracking.version_str(client.get_model_version_by_alias(MODEL, "challenger").version) == "1"  # fmt: skip
+    summary = json.loads((project / "metrics" / "register.json").read_text())
+    assert summary["alias"] is None and summary["experiment"] == "try-lr"
+
+    # Asked for: the alias moves in an experiment too (the variable DVC sets, set by hand).
+    monkeypatch.setenv("DVC_EXP_NAME", "try-again")
+    result = runner.invoke(app, ["register", "-S", "register.move_alias_in_experiments=true"])
+    assert result.exit_code == 0, result.output
+    v3 = client.get_model_version_by_alias(MODEL, "challenger")
+    assert tracking.version_str(v3.version) == "3" and v3.tags["temper.experiment"] == "try-again"

@@ -3,7 +3,8 @@
 Each command loads `params.yaml` (override with `-S section.key=value`, as `dvc exp run -S`
 does), validates the sections it needs into their typed configs, calls one entry function and
 prints a one-line summary. `COMMANDS` below is the table of commands; the help text of each
-lists every knob of its sections (generated from the typed configs). Heavy libraries are
+lists every knob of its sections (generated from the typed configs), with the value in effect
+(params.yaml, `-p`, `-S`) beside the default; `temper config` prints the resolved params. Heavy libraries are
 imported inside the commands so `--help` stays fast. `stages.py` holds the commands dvc.yaml
 runs, `release.py` the ones CI and people run around them.
 """
@@ -14,9 +15,9 @@ from collections.abc import Callable
 
 import typer
 
-from ..config import describe
 from . import release, stages
 from .common import SECTIONS, setup_logging
+from .params_help import config_cmd, help_command
 
 __all__ = ["COMMANDS", "SECTIONS", "app", "setup_logging"]
 
@@ -43,6 +44,7 @@ COMMANDS: list[tuple[str, Callable[..., None], tuple[str, ...]]] = [
     ("merge", release.merge_cmd, ()),
     ("profile", release.profile_cmd, ()),
     ("ui", release.ui_cmd, ()),
+    ("config", config_cmd, ()),
 ]
 
 
@@ -53,5 +55,7 @@ def main() -> None:
 
 
 for _name, _function, _sections in COMMANDS:
-    _epilog = "\n\n".join(describe(SECTIONS[s], s) for s in _sections) or None
-    app.command(_name, epilog=_epilog)(_function)
+    if _sections:  # help built when asked for: it reads the params in effect then
+        app.command(_name, cls=help_command(_sections))(_function)
+    else:
+        app.command(_name)(_function)

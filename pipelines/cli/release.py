@@ -15,7 +15,7 @@ from ..evaluation.gates import GatesConfig
 from ..release.promote import PromoteConfig
 from ..stages.register import RegisterConfig
 from ..tracking import MlflowConfig
-from .common import PARAMS, SECTIONS, ParamsOpt, SetOpt, fail, load, model_dir
+from .common import PARAMS, SECTIONS, ParamsOpt, SetOpt, fail, load, model_dir, task_of
 
 
 def gate_cmd(
@@ -36,7 +36,7 @@ def gate_cmd(
     Thresholds come from the params (so `-S gates.min_primary=0.8` tries a stricter gate
     without re-running the evaluation). Exit codes: 0 pass, 1 fail, 2 bad input.
     """
-    from ..evaluation.gates import check, pick_winner
+    from ..evaluation.gates import gate_all
     from ..evaluation.report import gate_table
     from ..results import EvalResult, ResultError
 
@@ -48,16 +48,20 @@ def gate_cmd(
             result.candidate(candidate, eval_file)
     except (ConfigError, ResultError) as err:
         fail(err, 2)
-    for entry in result.candidates.values():
-        entry.gates = check(gates_cfg, result.primary_metric, entry)
+    winner = gate_all(gates_cfg, result)
     typer.echo(gate_table(result))
     if candidate is not None:
         ok = bool(result.candidates[candidate].gates.passed)
         typer.echo(f"{candidate}: {'PASS' if ok else 'FAIL'}")
     else:
-        winner = pick_winner(result)
         ok = winner is not None
-        typer.echo(f"winner: {winner}" if ok else "no candidate passes the gates")
+        sel = result.selection
+        if ok:
+            typer.echo(f"winner: {winner}")
+        elif sel is not None and sel.split == "validation" and sel.chosen is not None:
+            typer.echo(f"no winner: {sel.chosen}, chosen on validation, fails its gates on test")
+        else:
+            typer.echo("no candidate passes the gates")
     raise typer.Exit(0 if ok else 1)
 
 
@@ -77,10 +81,23 @@ def promotion_context(values: dict[str, Any]) -> tuple[PromoteConfig, str, Any]:
     return section(values, "promote", PromoteConfig), name, registry_client(values)
 
 
-def promote_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
+def promote_cmd(
+    params: ParamsOpt = PARAMS,
+    set_: SetOpt = None,
+    rescore: Annotated[
+        bool | None,
+        typer.Option(
+            "--rescore/--no-rescore",
+            help="Re-score the champion on the challenger's evaluation set: always / never "
+            "(default: promote.rescore, auto = when the sets differ).",
+        ),
+    ] = None,
+) -> None:
     """Make `challenger` the `champion` if it passes the gates and is not worse.
 
     The gates in force (`gates:`) are checked again on the challenger's recorded evaluation.
+    When the two were evaluated on different sets, the champion is re-scored on the
+    challenger's (its adapter from the registry, the base model of `model.dir`).
     Exit codes: 0 promoted (or already champion), 1 refused, 2 cannot decide (missing alias,
     scores or config). The decision is written to the version's tags and promote.report.
     """
@@ -89,7 +106,25 @@ def promote_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
     values = load(params, set_)
     try:
         cfg, name, client = promotion_context(values)
-        decision = promote.decide(client, name, cfg, section(values, "gates", GatesConfig))
+        if rescore is not None:
+            cfg = cfg.model_copy(update={"rescore": "always" if rescore else "never"})
+
+        def rescorer(version: str, evaluation: Any, ids: list[str]) -> dict[str, float]:
+            from ..release.rescore import champion_scores
+
+            return champion_scores(
+                name,
+                version,
+                evaluation,
+                ids,
+                task_of(values),
+                model_dir(values),
+                section(values, "evaluate", EvaluateConfig),
+            )
+
+        decision = promote.decide(
+            client, name, cfg, section(values, "gates", GatesConfig), rescorer
+        )
         promote.write_report(cfg.report, decision, "promote", promote.history(client, name))
     except (ConfigError, promote.PromoteError) as err:
         fail(err, 2)

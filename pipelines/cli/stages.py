@@ -187,6 +187,7 @@ def evaluate_cmd(
                 "reports_dir": str(out),
                 "baseline": baseline,
                 "log_mlflow": False,
+                "validation": None,  # ad hoc: nothing to select, or select on the given file
             }
             if data is not None:
                 update["test"] = str(data)
@@ -226,6 +227,12 @@ def evaluate_cmd(
             f"{fmt(result.baseline.metrics[primary].model_dump())}"
         )
     typer.echo(gate_table(result))
+    sel = result.selection
+    if sel is not None and len(sel.values) > 1:
+        typer.echo(
+            f"winner chosen on {sel.split} (n={sel.n_examples}), reported on test "
+            f"(n={result.n_examples})" + (": optimistic" if sel.split == "test" else "")
+        )
     typer.echo(f"winner: {result.winner}  (report: {cfg.reports_dir}/eval.md)")
 
 
@@ -244,9 +251,14 @@ def register_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
     except (ConfigError, register.RegisterError, FileNotFoundError) as err:
         fail(err)
     if summary["registered"]:
+        alias = (
+            f"@{summary['alias']}"
+            if summary["alias"]
+            else f"dvc experiment {summary['experiment']}: alias not moved"
+        )
         typer.echo(
             f"registered {summary['model_name']} version {summary['version']} "
-            f"(@{summary['alias']}) from candidate {summary['candidate']}: "
+            f"({alias}) from candidate {summary['candidate']}: "
             f"{summary['primary_metric']} {summary[summary['primary_metric']]:.4f}"
         )
     else:

@@ -13,6 +13,12 @@ class EvaluateConfig(Section):
     """`evaluate:` in params.yaml."""
 
     test: str = Field("data/prepared/test.jsonl", description="Prepared test split.")
+    validation: str | None = Field(
+        "data/prepared/validation.jsonl",
+        description="Prepared validation split: every candidate is scored on it too and the "
+        "winner is the best there on primary_metric (ties: first name), then gated and "
+        "reported on test. null: pick on test (optimistic; the report warns).",
+    )
     candidates_dir: str = Field("models/candidates", description="Folder of <name>/adapter/.")
     candidates: list[str] | None = Field(None, description="Candidates to score (null: all).")
     baseline: Literal["auto", "api", "base_model", "none"] = Field(

@@ -2,9 +2,17 @@
 
 Every gate may be null (off). The judge gate counts only when the judge is calibrated: an
 uncalibrated judge's win rate is reported but decides nothing.
+
+Against the baseline the test depends on what the baseline is (`vs_baseline`): the base model
+prompted like the teacher must be beaten (superiority: the lower bound of the paired interval
+of candidate - baseline >= `min_delta_low`); the API teacher need only not be beaten by more
+than a margin (non-inferiority: lower bound > -`non_inferiority_margin`), since matching the
+API at a fraction of its cost is the point. `auto` picks by the baseline's kind.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import Field
 
@@ -20,6 +28,17 @@ class GatesConfig(Section):
         0.0,
         description="Minimum lower bound of the paired 95% interval of the primary "
         "metric's difference candidate - baseline (0: must be significantly better).",
+    )
+    vs_baseline: Literal["auto", "superiority", "non_inferiority"] = Field(
+        "auto",
+        description="The test against the baseline. auto: non_inferiority when the baseline "
+        "is the API teacher (evaluate.baseline_file), superiority when it is the base model.",
+    )
+    non_inferiority_margin: float | None = Field(
+        0.05,
+        ge=0,
+        description="Non-inferiority passes when the lower bound of the paired interval of "
+        "the primary metric's candidate - baseline is > -margin (null: no such gate).",
     )
     min_json_valid_rate: float | None = Field(
         0.95, ge=0, le=1, description="Minimum share of answers that hold a JSON object."
@@ -46,8 +65,17 @@ class GatesConfig(Section):
     )
 
 
-def check(cfg: GatesConfig, primary: str, entry: CandidateEval) -> GateResult:
-    """Gate results of one candidate's evaluation."""
+def baseline_test(cfg: GatesConfig, baseline_kind: str | None) -> str:
+    """The test against the baseline in force: `superiority` or `non_inferiority`."""
+    if cfg.vs_baseline != "auto":
+        return cfg.vs_baseline
+    return "non_inferiority" if baseline_kind == "api" else "superiority"
+
+
+def check(
+    cfg: GatesConfig, primary: str, entry: CandidateEval, baseline_kind: str | None = None
+) -> GateResult:
+    """Gate results of one candidate's evaluation (`baseline_kind`: api, base_model, None)."""
     delta = entry.delta_vs_baseline or {}
     judge = entry.judge
     checks: list[GateCheck] = []
@@ -58,20 +86,41 @@ def check(cfg: GatesConfig, primary: str, entry: CandidateEval) -> GateResult:
     def add(name: str, threshold: float | None, got: float | None, op: str, note: str = "") -> None:
         if threshold is None:
             return
-        ok = got is not None and (got >= threshold if op == ">=" else got <= threshold)
+        ok = (
+            got is not None
+            and {
+                ">=": got >= threshold,
+                "<=": got <= threshold,
+                ">": got > threshold,
+            }[op]
+        )
         checks.append(
             GateCheck(gate=name, threshold=threshold, op=op, value=got, passed=bool(ok), note=note)
         )
 
     metrics = entry.metrics
     add("min_primary", cfg.min_primary, value(metrics, primary), ">=", primary)
-    add(
-        "min_delta_low",
-        cfg.min_delta_low,
-        value(delta, primary, "ci_low"),
-        ">=",
-        f"lower CI of {primary} delta" if delta else "no baseline: cannot pass",
-    )
+    who = {"api": "API teacher", "base_model": "base model"}.get(baseline_kind or "", "baseline")
+    if baseline_test(cfg, baseline_kind) == "superiority":
+        add(
+            "min_delta_low",
+            cfg.min_delta_low,
+            value(delta, primary, "ci_low"),
+            ">=",
+            f"superiority vs {who}: lower CI of {primary} delta"
+            if delta
+            else "no baseline: cannot pass",
+        )
+    elif cfg.non_inferiority_margin is not None:
+        add(
+            "non_inferiority",
+            -cfg.non_inferiority_margin,
+            value(delta, primary, "ci_low"),
+            ">",
+            f"non-inferiority vs {who}: lower CI of {primary} delta > -margin"
+            if delta
+            else "no baseline: cannot pass",
+        )
     add("min_json_valid_rate", cfg.min_json_valid_rate, value(metrics, "json_valid_rate"), ">=")
     add(
         "min_schema_valid_rate",
@@ -111,11 +160,35 @@ def check(cfg: GatesConfig, primary: str, entry: CandidateEval) -> GateResult:
     return GateResult(passed=all(c.passed for c in checks), checks=checks)
 
 
+def best(values: dict[str, float | None]) -> str | None:
+    """The name with the highest value; ties go to the first name in alphabetical order (a
+    missing value counts as the lowest)."""
+    ranked = sorted(values, key=lambda n: (-(values[n] if values[n] is not None else -1e300), n))
+    return ranked[0] if ranked else None
+
+
+def passes(result: EvalResult, name: str) -> bool:
+    gates = result.candidates[name].gates
+    return gates is not None and gates.passed
+
+
 def pick_winner(result: EvalResult) -> str | None:
-    """The best candidate on the primary metric among those that pass their gates."""
-    passing = [n for n, c in result.candidates.items() if c.gates is not None and c.gates.passed]
-    return max(
-        passing,
-        key=lambda n: (result.candidates[n].metrics[result.primary_metric].value or 0.0, n),
-        default=None,
+    """The winner under `result.selection`: on validation, the candidate chosen there if it
+    passes its gates on test (else none: picking the next one by its test figures would
+    select on test after all); without a validation split, the best passing candidate on
+    test (ties as in `best`)."""
+    sel = result.selection
+    if sel is not None and sel.split == "validation":
+        return sel.chosen if sel.chosen is not None and passes(result, sel.chosen) else None
+    primary = result.primary_metric
+    return best(
+        {n: c.metrics[primary].value for n, c in result.candidates.items() if passes(result, n)}
     )
+
+
+def gate_all(cfg: GatesConfig, result: EvalResult) -> str | None:
+    """Gate every candidate of `result` (in place) and return the winner."""
+    kind = result.baseline.kind if result.baseline is not None else None
+    for entry in result.candidates.values():
+        entry.gates = check(cfg, result.primary_metric, entry, kind)
+    return pick_winner(result)

@@ -108,6 +108,58 @@ def systems(evaluation: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def no_winner(evaluation: dict[str, Any]) -> str:
+    sel = evaluation.get("selection") or {}
+    if sel.get("split") == "validation" and sel.get("chosen"):
+        return f"none ({sel['chosen']}, chosen on validation, fails its gates on test)"
+    return "none (no candidate passed the gates)"
+
+
+def selection_lines(evaluation: dict[str, Any]) -> list[str]:
+    """How the winner was chosen and which test against the baseline gated it."""
+    lines = []
+    sel = evaluation.get("selection")
+    n_test = evaluation["n_examples"]
+    if sel and sel["split"] == "validation":
+        values = ", ".join(
+            f"{n} {'n/a' if v is None else f'{v:.3f}'}" for n, v in sel["values"].items()
+        )
+        lines.append(
+            f"- winner chosen on validation (n={sel['n_examples']}, `{sel['file']}`), "
+            f"reported on test (n={n_test}); `{sel['metric']}` on validation: {values} "
+            f"(ties: {sel['tie_break']})"
+        )
+    elif sel and len(sel["values"]) > 1:
+        lines.append(
+            f"- **warning: winner chosen on the test split (n={n_test}) it is reported on "
+            "(`evaluate.validation: null`): its test figures are optimistic (selection bias)**"
+        )
+    gates = evaluation["gates_config"]
+    base = evaluation.get("baseline")
+    if base:
+        # The rule of gates.baseline_test, read from the recorded config (not imported: the
+        # register stage reads this module through tracking.card, with its own DVC deps).
+        vs = gates.get("vs_baseline") or "auto"
+        test = (
+            vs if vs != "auto" else ("non_inferiority" if base["kind"] == "api" else "superiority")
+        )
+        limit = gates.get("min_delta_low" if test == "superiority" else "non_inferiority_margin")
+        rule = (
+            "gate off (null)"
+            if limit is None
+            else (
+                f"lower CI bound of candidate - baseline >= {limit}"
+                if test == "superiority"
+                else f"lower CI bound of candidate - baseline > -{limit}"
+            )
+        )
+        lines.append(
+            f"- test against the {base['kind']} baseline: {test.replace('_', '-')} "
+            f"(`gates.vs_baseline: {vs}`; {rule})"
+        )
+    return lines
+
+
 def render(
     cfg: Any,
     evaluation: dict[str, Any],
@@ -127,7 +179,8 @@ def render(
         f"- baseline: {base['kind'] + (' (' + base.get('source', '') + ')' if base.get('source') else '') if base else 'none'}",
         f"- primary metric: `{evaluation['primary_metric']}`; intervals: {conf}% percentile "
         f"bootstrap, {evaluation['n_resamples']} resamples (paired for deltas)",
-        f"- **winner: {evaluation['winner'] or 'none (no candidate passed the gates)'}**",
+        f"- **winner: {evaluation['winner'] or no_winner(evaluation)}**",
+        *selection_lines(evaluation),
         f"- evaluation took {evaluation['seconds']:.0f} s",
         "",
         "## Metrics",

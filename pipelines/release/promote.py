@@ -4,7 +4,9 @@
 not worse than the champion on the same evaluation set: the paired bootstrap interval of
 (challenger - champion) on the per-example scores of the primary metric must have its lower
 bound at or above `-promote.margin`. Both versions' scores were stored at registration
-(`temper/scores.jsonl`), so no model is re-run here. The decision goes on the challenger as tags
+(`temper/scores.jsonl`), so no model is re-run when both were evaluated on one set. When the
+sets differ (`temper.eval_set`), `promote.rescore: auto` (or `--rescore`) generates the
+champion's answers on the challenger's set (`release/rescore.py`) and pairs those instead. The decision goes on the challenger as tags
 and into `reports/promotion.md`; the CLI turns it into an exit code for CI.
 
 `rollback`: the champion alias goes back to the previous champion (history kept in the
@@ -20,9 +22,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -56,6 +59,16 @@ class PromoteConfig(Section):
     n_resamples: int = Field(2000, ge=100, description="Bootstrap resamples.")
     seed: int = Field(0, description="Bootstrap seed (the decision is reproducible).")
     report: str = Field("reports/promotion.md", description="Decision report (Markdown).")
+    rescore: Literal["auto", "never", "always"] = Field(
+        "auto",
+        description="Re-score the champion on the challenger's evaluation set (its adapter "
+        "from the registry, the base model here). auto: when the sets differ; never: refuse "
+        "then; always: even when they are the same.",
+    )
+
+
+# (champion version, challenger's recorded evaluation, example ids) -> champion's scores.
+Rescorer = Callable[[str, EvalResult, list[str]], dict[str, float]]
 
 
 @dataclass
@@ -78,6 +91,7 @@ class Decision:
     margin: float | None = None
     gates_passed: bool | None = None  # the version's tag, set by evaluate's gates
     gates_passed_now: bool | None = None  # False: the gates in force refuse its evaluation
+    rescored: bool = False  # the champion's scores were generated now, on the challenger's set
     at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 
@@ -160,7 +174,8 @@ def recheck_gates(mv: Any, gates_cfg: GatesConfig) -> tuple[bool, str]:
         raise PromoteError(
             f"version {mv.version}: its recorded evaluation has no candidate {candidate!r}"
         )
-    gates = check(gates_cfg, evaluation.primary_metric, evaluation.candidates[candidate])
+    kind = evaluation.baseline.kind if evaluation.baseline is not None else None
+    gates = check(gates_cfg, evaluation.primary_metric, evaluation.candidates[candidate], kind)
 
     def why(c: Any) -> str:
         if c.value is None:
@@ -171,9 +186,14 @@ def recheck_gates(mv: Any, gates_cfg: GatesConfig) -> tuple[bool, str]:
 
 
 def decide(
-    client: Any, name: str, cfg: PromoteConfig, gates_cfg: GatesConfig | None = None
+    client: Any,
+    name: str,
+    cfg: PromoteConfig,
+    gates_cfg: GatesConfig | None = None,
+    rescorer: Rescorer | None = None,
 ) -> Decision:
-    """Compare challenger with champion and move the champion alias if the rules allow."""
+    """Compare challenger with champion and move the champion alias if the rules allow
+    (`rescorer`: how to re-score the champion when `cfg.rescore` asks for it)."""
     challenger = tracking.alias_version(client, name, cfg.challenger_alias)
     if challenger is None:
         raise PromoteError(f"{name}@{cfg.challenger_alias} does not exist (run `temper register`)")
@@ -230,14 +250,21 @@ def decide(
             "(re-checked on its recorded evaluation)",
         )
     else:
-        decision = compare(client, challenger, champion, cfg, {**base, "gates_passed_now": True})
+        decision = compare(
+            client, challenger, champion, cfg, {**base, "gates_passed_now": True}, rescorer
+        )
 
     record(client, name, challenger, decision, cfg)
     return decision
 
 
 def compare(
-    client: Any, challenger: Any, champion: Any, cfg: PromoteConfig, base: dict[str, Any]
+    client: Any,
+    challenger: Any,
+    champion: Any,
+    cfg: PromoteConfig,
+    base: dict[str, Any],
+    rescorer: Rescorer | None = None,
 ) -> Decision:
     ch_tags, cp_tags = challenger.tags, champion.tags
     cp_v = base["champion_before"]
@@ -250,18 +277,28 @@ def compare(
             reason=f"primary metrics differ ({primary} vs "
             f"{cp_tags.get('temper.primary_metric')}): not comparable",
         )
-    if ch_tags.get("temper.eval_set") != cp_tags.get("temper.eval_set"):
+    same_set = ch_tags.get("temper.eval_set") == cp_tags.get("temper.eval_set")
+    rescore = cfg.rescore == "always" or (cfg.rescore == "auto" and not same_set)
+    if not same_set and not rescore:
         return Decision(
             **base,
             champion_after=cp_v,
             promoted=False,
             reason="challenger and champion were evaluated on different sets "
-            "(temper.eval_set differs): re-evaluate on one set first",
+            "(temper.eval_set differs): re-evaluate on one set first, or re-score the "
+            "champion on the challenger's set (`temper promote --rescore`)",
         )
-    a, b = version_scores(client, challenger), version_scores(client, champion)
+    a = version_scores(client, challenger)
     ids = sorted(a)
-    if sorted(b) != ids:
-        raise PromoteError("score files disagree with temper.eval_set (same hash, other ids)")
+    if rescore:
+        if rescorer is None:
+            raise PromoteError("re-scoring the champion needs the base model and the task")
+        b = rescorer(cp_v, recorded_evaluation(challenger), ids)
+        base = {**base, "rescored": True}
+    else:
+        b = version_scores(client, champion)
+        if sorted(b) != ids:
+            raise PromoteError("score files disagree with temper.eval_set (same hash, other ids)")
     delta, lo, hi = paired_interval(
         [a[i] for i in ids], [b[i] for i in ids], cfg.confidence, cfg.n_resamples, cfg.seed
     )
@@ -274,6 +311,7 @@ def compare(
         n_examples=len(ids),
     )
     pct = round(cfg.confidence * 100)
+    how = f" (champion re-scored on the challenger's {len(ids)} examples)" if rescore else ""
     if lo >= -cfg.margin:
         return Decision(
             **base,
@@ -281,7 +319,7 @@ def compare(
             champion_after=base["challenger"],
             promoted=True,
             reason=f"not worse: {pct}% paired interval of {primary} difference "
-            f"[{lo:+.4f}, {hi:+.4f}] has lower bound >= -{cfg.margin}",
+            f"[{lo:+.4f}, {hi:+.4f}] has lower bound >= -{cfg.margin}{how}",
         )
     return Decision(
         **base,
@@ -289,7 +327,7 @@ def compare(
         champion_after=cp_v,
         promoted=False,
         reason=f"worse than champion v{cp_v}: {pct}% paired interval of {primary} "
-        f"difference [{lo:+.4f}, {hi:+.4f}] goes below -{cfg.margin}",
+        f"difference [{lo:+.4f}, {hi:+.4f}] goes below -{cfg.margin}{how}",
     )
 
 
@@ -309,6 +347,7 @@ def record(client: Any, name: str, challenger: Any, d: Decision, cfg: PromoteCon
     client.set_model_version_tag(name, v, "temper.promotion.reason", d.reason)
     client.set_model_version_tag(name, v, "temper.promotion.at", d.at)
     client.set_model_version_tag(name, v, "temper.promotion.vs", d.champion_before or "none")
+    client.set_model_version_tag(name, v, "temper.promotion.rescored", str(d.rescored).lower())
     if d.delta is not None:
         client.set_model_version_tag(
             name,
@@ -374,7 +413,13 @@ def write_report(path: str | Path, d: Decision, action: str, hist: list[str]) ->
         lines += [
             f"Paired difference (challenger - champion) over {d.n_examples} examples: "
             f"{d.delta:+.4f}, interval [{d.delta_low:+.4f}, {d.delta_high:+.4f}]; "
-            f"rule: lower bound >= -{d.margin}.",
+            f"rule: lower bound >= -{d.margin}."
+            + (
+                " The champion was re-scored now on the challenger's evaluation set "
+                "(the sets differed)."
+                if d.rescored
+                else ""
+            ),
             "",
         ]
     if d.gates_passed is not None:

@@ -1,6 +1,11 @@
 """Stage evaluate: every candidate adapter and a baseline on the test split, measured and gated.
 
-Inputs: `data/prepared/test.jsonl`, `models/candidates/<name>/adapter/`, and either the API
+The winner is chosen on the validation split (each candidate's primary metric there; ties go
+to the first name) and then gated and reported on the test split, so the figures the model
+card shows were not used to pick it. `evaluate.validation: null` picks on test, with a warning.
+
+Inputs: `data/prepared/test.jsonl`, `data/prepared/validation.jsonl`,
+`models/candidates/<name>/adapter/`, and either the API
 teacher's answers `data/distilled/baseline_test.jsonl` (API baseline) or the base model
 prompted like the teacher (label list + few-shot turns from the train split).
 Outputs: `metrics/eval.json`, `reports/predictions/<name>.jsonl`, `reports/eval.md`,
@@ -20,7 +25,7 @@ from typing import Any
 
 from ..config import ConfigError, flatten
 from ..evaluation.config import EvalError, EvaluateConfig
-from ..evaluation.gates import GatesConfig, check, pick_winner
+from ..evaluation.gates import GatesConfig, best, gate_all
 from ..evaluation.judge import JudgeConfig
 from ..evaluation.metrics import Resamples
 from ..evaluation.predict import (
@@ -140,6 +145,7 @@ def run(
     n = len(records)
     log.info("evaluate: %d examples, candidates %s", n, sorted(adapters))
     rs = Resamples.draw(n, cfg.n_resamples, cfg.seed, cfg.confidence)
+    val_records = validation_records(cfg, task, len(adapters))
 
     # Baseline.
     mode = cfg.baseline
@@ -206,6 +212,10 @@ def run(
             entry["adapter_sha256"] = adapter_hash(adapter)
         if base_stats is not None:
             entry["delta_vs_baseline"] = deltas(stats, base_stats, rs)
+        if val_records is not None:
+            entry["validation_metrics"] = validation_metrics(
+                val_records, model_dir, adapter, task, cfg, name
+            )
         evaluation["candidates"][name] = entry
         all_preds[name] = attach_scores(preds, records, ex)
         per_class[name] = ex["extra"]
@@ -241,10 +251,11 @@ def run(
 
     evaluation["gates_config"] = gates_cfg.model_dump()
     evaluation["seconds"] = round(time.perf_counter() - t_start, 1)
+    evaluation["selection"] = selection(cfg, val_records, evaluation["candidates"], n)
     result = EvalResult.model_validate(finite(evaluation))
-    for entry in result.candidates.values():
-        entry.gates = check(gates_cfg, result.primary_metric, entry)
-    result.winner = pick_winner(result)
+    result.winner = gate_all(gates_cfg, result)
+    if result.selection.split == "test":
+        result.selection.chosen = result.winner
 
     from ..evaluation.report import write_reports
 
@@ -256,6 +267,73 @@ def run(
     return result
 
 
+def validation_records(
+    cfg: EvaluateConfig, task: TaskConfig, n_candidates: int
+) -> list[dict[str, Any]] | None:
+    """The validation records that pick the winner (sampled like the test split), or None."""
+    if cfg.validation is None:
+        if n_candidates > 1:
+            log.warning(
+                "evaluate.validation is null: the winner is picked on the test split, the "
+                "split its figures are reported on (optimistic); set evaluate.validation"
+            )
+        return None
+    if not Path(cfg.validation).exists():
+        raise EvalError(
+            f"{cfg.validation}: file not found (evaluate.validation; null picks on test)"
+        )
+    records = load_records(cfg.validation, task)
+    if cfg.max_examples and len(records) > cfg.max_examples:
+        label = next((f.name for f in task.fields if f.kind == "label" and f.gold), None)
+        records = stratified_sample(records, cfg.max_examples, label, cfg.seed)
+    return records
+
+
+def validation_metrics(
+    records: list[dict[str, Any]],
+    model_dir: str | Path,
+    adapter: str | Path,
+    task: TaskConfig,
+    cfg: EvaluateConfig,
+    name: str,
+) -> dict[str, Any]:
+    """One candidate's metrics on the validation split (gold references, no baseline)."""
+    prompts = [r["prompt"] for r in records]
+    preds, seconds = model_predictions(
+        records, prompts, model_dir, adapter, task, cfg, f"{name} (validation)"
+    )
+    rs = Resamples.draw(len(records), cfg.n_resamples, cfg.seed, cfg.confidence)
+    cost = self_hosted_cost(preds, seconds, len(records), cfg)
+    metrics, _, _ = score_system(
+        task, records, preds, references_for(task, records, None), rs, cost
+    )
+    return metrics
+
+
+def selection(
+    cfg: EvaluateConfig,
+    val_records: list[dict[str, Any]] | None,
+    candidates: dict[str, dict[str, Any]],
+    n_test: int,
+) -> dict[str, Any]:
+    """The `selection` block of eval.json: split, metric, each candidate's value, the choice
+    (on test the choice is made after the gates, by `gates.pick_winner`)."""
+    primary = cfg.primary_metric
+    split = "validation" if val_records is not None else "test"
+    key = "validation_metrics" if val_records is not None else "metrics"
+    values = {n: e[key][primary]["value"] for n, e in candidates.items()}
+    file = cfg.validation if val_records is not None else cfg.test
+    return {
+        "split": split,
+        "file": file,
+        "sha256": sha256_file(file),
+        "n_examples": len(val_records) if val_records is not None else n_test,
+        "metric": primary,
+        "values": values,
+        "chosen": best(values) if val_records is not None else None,
+    }
+
+
 def flat_metrics(entry: CandidateEval | BaselineEval) -> dict[str, float]:
     """A system's metrics as MLflow metrics: `<m>`, `<m>.ci_low`, `<m>.ci_high`, deltas.
 
@@ -264,6 +342,8 @@ def flat_metrics(entry: CandidateEval | BaselineEval) -> dict[str, float]:
     flat: dict[str, Any] = {}
     for key, m in entry.metrics.items():
         flat.update({key: m.value, f"{key}.ci_low": m.ci_low, f"{key}.ci_high": m.ci_high})
+    for key, m in (getattr(entry, "validation_metrics", None) or {}).items():
+        flat[f"validation.{key}"] = m.value
     for key, d in (getattr(entry, "delta_vs_baseline", None) or {}).items():
         flat.update({f"delta.{key}": d.value, f"delta.{key}.ci_low": d.ci_low})
     judge = getattr(entry, "judge", None)

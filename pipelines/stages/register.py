@@ -15,12 +15,17 @@ run_id=<register run>, model_id=...)`, and the logged model gets the version in 
 used: it would make the *train* run the version's run, and promote reads the evaluation and
 scores from the version's run. Without a logged model (a candidate trained without MLflow) the
 adapter is copied into the register run and registered from there.
+
+Under `dvc exp run` (DVC sets `DVC_EXP_NAME`) the version is registered and tagged
+`temper.experiment=<name>`, but the alias stays where it was unless
+`register.move_alias_in_experiments` is true: an experiment is not a release candidate.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -84,6 +89,11 @@ class RegisterConfig(Section):
     out: str = Field("metrics/register.json", description="Summary written by the stage.")
     require_winner: bool = Field(
         False, description="Fail when no candidate passed the gates (else: register nothing)."
+    )
+    move_alias_in_experiments: bool = Field(
+        False,
+        description="Under `dvc exp run` (DVC_EXP_NAME set) move the alias to the new version "
+        "too (false: register and tag it temper.experiment=<name>, leave the alias).",
     )
 
 
@@ -408,7 +418,14 @@ def run(
     number = tracking.version_str(version.version)
     if w.model_id is not None:
         tracking.link_version(client, w.model_id, cfg.model_name, number)
-    client.set_registered_model_alias(cfg.model_name, cfg.alias, number)
+    experiment = os.environ.get("DVC_EXP_NAME") or None  # set by `dvc exp run`, not `repro`
+    moved = experiment is None or cfg.move_alias_in_experiments
+    if experiment is not None:
+        client.set_model_version_tag(cfg.model_name, number, "temper.experiment", experiment)
+    if moved:
+        client.set_registered_model_alias(cfg.model_name, cfg.alias, number)
+    else:
+        log.info("dvc experiment %s: alias @%s not moved", experiment, cfg.alias)
 
     client.set_tag(parent_id, "temper.winner", w.name)
     client.set_tag(parent_id, "temper.registered_model", cfg.model_name)
@@ -420,7 +437,8 @@ def run(
         "registered": True,
         "model_name": cfg.model_name,
         "version": number,
-        "alias": cfg.alias,
+        "alias": cfg.alias if moved else None,
+        "experiment": experiment,
         "candidate": w.name,
         "run_id": reg.run_id,
         "model_id": w.model_id,
@@ -435,7 +453,7 @@ def run(
         "registered %s version %s (@%s) from candidate %s",
         cfg.model_name,
         number,
-        cfg.alias,
+        cfg.alias if moved else "alias not moved",
         w.name,
     )
     return summary

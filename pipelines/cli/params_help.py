@@ -1,0 +1,131 @@
+"""The params as the commands see them: `temper config`, and help that shows values in effect.
+
+A stage command resolves its params as `params.yaml` (or the `-p` file) with the `-S`
+overrides applied in order, then validates each section into its typed config
+(`cli.common.load` + `config.section`). `temper config` prints exactly that; each command's
+`--help` lists its sections' fields with the value in effect beside the code's default,
+reading the `-p`/`-S` given on the same command line (help is built when it is asked for,
+not at import, so it follows the working directory). A missing or broken params file never
+breaks `--help`: the defaults are shown with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+import yaml
+from typer.core import TyperCommand
+
+from ..config import ConfigError, Params, describe, load_params, section, value_origin
+from .common import PARAMS, SECTIONS, ParamsOpt, SetOpt, fail, load
+
+
+def params_args(args: list[str]) -> tuple[Path, list[str]]:
+    """The `-p/--params` file and `-S/--set` overrides in a raw command line (before click
+    parses it: `--help` is eager and stops parsing before the other options are read)."""
+    path, overrides = PARAMS, []
+    it = iter(args)
+    for arg in it:
+        for flags, kind in ((("-p", "--params"), "p"), (("-S", "--set"), "s")):
+            value = None
+            if arg in flags:
+                value = next(it, None)
+            elif arg.startswith(flags[1] + "="):
+                value = arg.split("=", 1)[1]
+            elif arg.startswith(flags[0]) and len(arg) > 2 and not arg.startswith("--"):
+                value = arg[2:]
+            if value is not None:
+                if kind == "p":
+                    path = Path(value)
+                else:
+                    overrides.append(value)
+    return path, overrides
+
+
+def resolved_help(sections: tuple[str, ...], path: Path, overrides: list[str]) -> str:
+    """The epilog of a command's help: every field of its sections, with values in effect."""
+    try:
+        params: Params | None = load_params(path, overrides)
+        note = f"Values in effect: {path}" + (
+            " with " + " ".join(f"-S {o}" for o in overrides) if overrides else ""
+        )
+        note += (
+            ". A field set to something else than the code's default shows "
+            "`value (where it was set; default: ...)`."
+        )
+    except ConfigError as err:
+        params = None
+        note = f"Showing the code's defaults: {err}"
+    parts = [note]
+    for name in sections:
+        model = SECTIONS[name]
+        values = None
+        if params is not None:
+            try:
+                values = section(params, name, model).model_dump(mode="json")
+            except ConfigError as err:
+                parts.append(f"Showing the code's defaults for '{name}': {err}")
+        parts.append(
+            describe(model, name, values, lambda dotted, p=params: value_origin(p, dotted))
+        )
+    return "\n\n".join(parts)
+
+
+def help_command(sections: tuple[str, ...]) -> type[TyperCommand]:
+    """A command class whose help lists `sections` with the values in effect."""
+
+    class ParamsHelpCommand(TyperCommand):
+        def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+            ctx.meta["temper.argv"] = list(args)  # read by format_epilog if --help comes
+            return super().parse_args(ctx, args)
+
+        def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+            path, overrides = params_args(ctx.meta.get("temper.argv", []))
+            formatter.write_paragraph()
+            with formatter.indentation():
+                formatter.write_text(resolved_help(sections, path, overrides))
+
+    return ParamsHelpCommand
+
+
+def resolved(values: Params, only: str | None = None) -> dict[str, Any]:
+    """The params as the stage commands use them: each section validated into its typed
+    config (defaults filled in) and dumped; keys without a typed section (`task`) as given."""
+    if only is not None and only not in values and only not in SECTIONS:
+        raise ConfigError(f"no section {only!r} (have: {', '.join(sorted(SECTIONS))}, task)")
+    out: dict[str, Any] = {}
+    for name in list(values) + [s for s in SECTIONS if s not in values]:
+        if only is not None and name != only:
+            continue
+        if name in SECTIONS:
+            out[name] = section(values, name, SECTIONS[name]).model_dump(mode="json")
+        else:
+            out[name] = values[name]
+    return out
+
+
+def config_cmd(
+    params: ParamsOpt = PARAMS,
+    set_: SetOpt = None,
+    section_name: Annotated[
+        str | None, typer.Option("--section", "-s", help="Print only this section.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of YAML.")] = False,
+) -> None:
+    """Print the resolved params (file + `-S` overrides, defaults filled in) as the stages
+    see them: `temper config -S train.rank=8 --section train`. Exit 2 on a bad config."""
+    values = load(params, set_)
+    try:
+        out = resolved(values, section_name)
+    except ConfigError as err:
+        fail(err, 2)
+    if section_name is not None:
+        out = out[section_name]
+    if as_json:
+        typer.echo(json.dumps(out, indent=2))
+    else:
+        typer.echo(yaml.safe_dump(out, sort_keys=False, allow_unicode=True).rstrip())
