@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "pipelines"  # imported as `temper`
 STAGES = ("base_model", "prepare", "distil", "train", "evaluate", "register")
 SHARED = ("providers", "tracking", "evaluation", "training", "teacher")
-GROUND = ("config", "io", "task", "results", "records", "chat", "model_source")
+GROUND = ("config", "io", "task", "results", "records", "chat", "model_source", "models")
 
 
 def module_name(path: Path) -> str:

@@ -239,9 +239,13 @@ def test_uri_forms(uri, name, alias, version):
 
 
 @pytest.mark.slow
-def test_pull_champion_loads_with_peft_and_generates(project, base_model_dir, tmp_path_factory):
+def test_pull_champion_loads_as_a_bundle_and_the_adapter_is_live(
+    project, base_model_dir, tmp_path_factory
+):
     import torch
-    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from temper.evaluation.bundle import load_bundle
 
     register(project, base_model_dir, pattern(N, 42))
     assert runner.invoke(app, ["promote"]).exit_code == 0
@@ -249,44 +253,44 @@ def test_pull_champion_loads_with_peft_and_generates(project, base_model_dir, tm
     result = runner.invoke(app, ["pull", f"models:/{MODEL}@champion", "--out", str(out)])
     assert result.exit_code == 0, result.output
 
-    info = json.loads((out / "temper_pull.json").read_text())
-    assert info["version"] == "1" and "champion" in info["aliases"]
-    config = json.loads((out / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == str(base_model_dir.resolve())
+    manifest = json.loads((out / "serving.json").read_text())
+    assert manifest["registry"]["version"] == "1" and "champion" in manifest["registry"]["aliases"]
     assert "CUAD" in (out / "README.md").read_text()
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
 
-    model, tokenizer = pull.load_pulled(out)  # AutoPeftModelForCausalLM on the folder
-    assert isinstance(model, PeftModel)
-    assert model.peft_config["default"].base_model_name_or_path == str(base_model_dir.resolve())
-    prompt = tokenizer.apply_chat_template(
+    loaded = load_bundle(out, base_dir=base_model_dir)  # merged adapter, the bundle's tokenizer
+    prompt = loaded.tokenizer.apply_chat_template(
         [{"role": "user", "content": "Classify: This Agreement is governed by New York law."}],
         add_generation_prompt=True,
         return_tensors="pt",
         return_dict=True,
     )
     with torch.no_grad():
-        adapted = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+        adapted = loaded.model.generate(**prompt, max_new_tokens=8, do_sample=False)
+        logits_a = loaded.model(**prompt).logits[0, -1]
     new = adapted[0, prompt["input_ids"].shape[1] :]
     assert 0 < len(new) <= 8
     # The adapter is live: its non-zero LoRA weights change the next-token logits.
+    plain = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32)
     with torch.no_grad():
-        logits_a = model(**prompt).logits[0, -1]
-        with model.disable_adapter():
-            logits_b = model(**prompt).logits[0, -1]
+        logits_b = plain(**prompt).logits[0, -1]
     assert not torch.allclose(logits_a, logits_b)
 
 
 @pytest.mark.slow
-def test_pull_refuses_a_base_model_with_another_hash(project, base_model_dir, tmp_path):
+def test_pull_with_base_refuses_a_base_model_with_another_hash(project, base_model_dir, tmp_path):
     register(project, base_model_dir, pattern(N, 42))
     other = tmp_path / "other-base"
     other.mkdir()
     source = json.loads((base_model_dir / "temper_source.json").read_text())
     source["files"]["model.safetensors"] = "0" * 64
     (other / "temper_source.json").write_text(json.dumps(source))
-    result = runner.invoke(app, ["pull", f"{MODEL}@challenger", "-S", f"model.dir={other}"])
+    result = runner.invoke(
+        app, ["pull", f"{MODEL}@challenger", "--with-base", "-S", f"model.dir={other}"]
+    )
     assert result.exit_code == 2
-    assert "needs base model smollm2-135m-instruct with hash" in result.output
+    assert "but this bundle was trained on smollm2-135m-instruct" in result.output
+    assert "with hash" in result.output and "--with-base" in result.output
 
 
 @pytest.mark.slow

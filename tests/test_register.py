@@ -331,7 +331,7 @@ def test_real_evaluate_output_through_register_gate_promote_and_pull(
     next to evaluation on the candidate's eval run."""
     import mlflow
 
-    from temper.release.pull import load_pulled
+    from temper.evaluation.bundle import load_bundle
 
     test_file = prepared_dir / "test.jsonl"
     (tmp_path / "project").mkdir()
@@ -430,19 +430,21 @@ def test_real_evaluate_output_through_register_gate_promote_and_pull(
     assert sorted(mv.aliases) == ["challenger", "champion"]
     assert mv.tags["temper.promotion"] == "promoted"
 
-    # Pull: the logged model's files + the card, hash-checked, bound to the base model, loads.
+    # Pull: the logged model's files + the card + the serving files, hash-checked; loads.
     out = tmp_path / "pulled"
     result = runner.invoke(app, ["pull", f"models:/{MODEL}@champion", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    info = json.loads((out / "temper_pull.json").read_text())
-    assert info["model_id"] == model_id and info["version"] == "1"
-    assert info["adapter_sha256"] == reg.adapter_hash(adapter)
+    manifest = json.loads((out / "serving.json").read_text())
+    assert manifest["registry"]["model_id"] == model_id
+    assert manifest["registry"]["version"] == "1"
+    assert manifest["adapter_sha256"] == reg.adapter_hash(adapter)
+    assert manifest["generation"]["max_new_tokens"] == 48
     card = (out / "README.md").read_text()
     assert f"| clause_type.accuracy | {reg.fmt_estimate(primary)} |" in card
     assert "CUAD" in card
-    model, _ = load_pulled(out)
-    assert model.peft_config["default"].base_model_name_or_path == str(base_model_dir.resolve())
-    del model
+    loaded = load_bundle(out, base_dir=base_model_dir)
+    assert loaded.task.prompt_hash == evaluation.task.prompt_hash
+    del loaded
 
     # A re-run with a changed upstream param: new pipeline run, same candidate (DVC would not
     # retrain it), evaluate and register again.
@@ -525,3 +527,31 @@ def test_dvc_experiment_registers_without_moving_the_alias(project, base_model_d
     assert result.exit_code == 0, result.output
     v3 = client.get_model_version_by_alias(MODEL, "challenger")
     assert tracking.version_str(v3.version) == "3" and v3.tags["temper.experiment"] == "try-again"
+
+
+@pytest.mark.slow
+def test_card_and_description_come_from_the_task_and_the_data_readme_is_optional(
+    project, base_model_dir
+):
+    import mlflow
+
+    train_candidates(project, ["r16"], tiny_adapter(str(base_model_dir)))
+    write_eval(project, {"r16": pattern(20, 15)}, winner="r16")
+    result = runner.invoke(app, ["register", "-S", "register.data_readme=data/missing.md"])
+    assert result.exit_code == 0, result.output
+    client = store_client(project)
+    description = client.get_registered_model(MODEL).description
+    assert description.startswith("Temper: LoRA adapters for task clause_review: Given one")
+    mv = client.get_model_version_by_alias(MODEL, "challenger")
+    assert mv.description.endswith("on 20 test examples (clause_review)")
+    assert mv.tags["temper.task"] == "clause_review"
+    assert json.loads(mv.tags["temper.serving.generation"])["max_new_tokens"] == 48
+    assert json.loads(mv.tags["temper.serving.base"])["name"] == "smollm2-135m-instruct"
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}/1", dst_path="dl"))
+    card = (local / "README.md").read_text()
+    assert "No data README given" in card and "CC BY 4.0" not in card
+    assert "name its CUAD clause type" in card  # the task's description
+    assert (
+        "| `clause_type` | label | 38 |" in card and "| `key_term` | text (nullable) | - |" in card
+    )
+    assert "${" not in card

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import typer
 
-from . import release, stages
+from . import predict, release, stages
 from .common import SECTIONS, setup_logging
 from .params_help import config_cmd, help_command
 
@@ -41,6 +41,7 @@ COMMANDS: list[tuple[str, Callable[..., None], tuple[str, ...]]] = [
     ("promote", release.promote_cmd, ("promote", "gates")),
     ("rollback", release.rollback_cmd, ("promote",)),
     ("pull", release.pull_cmd, ()),
+    ("predict", predict.predict_cmd, ("evaluate",)),
     ("merge", release.merge_cmd, ()),
     ("profile", release.profile_cmd, ()),
     ("ui", release.ui_cmd, ()),

@@ -167,22 +167,31 @@ def pull_cmd(
             "--out", "-o", help="Target folder (default models/pulled/<name>-v<version>)."
         ),
     ] = None,
+    with_base: Annotated[
+        bool, typer.Option("--with-base", help="Copy the base weights in: fully self-contained.")
+    ] = False,
+    base: Annotated[
+        Path | None, typer.Option(help="Base model folder for --with-base (default: model.dir).")
+    ] = None,
     params: ParamsOpt = PARAMS,
     set_: SetOpt = None,
 ) -> None:
-    """Download a registered adapter and bind it to the local base model (checked by hash)."""
+    """Write a registered version as a portable bundle (relative paths only): adapter (checked
+    by hash), task.yaml, tokenizer + chat template, serving.json (base identity, generation
+    settings), README; `--with-base` adds the base weights."""
+    from ..evaluation.bundle import BundleError
     from ..release import pull
     from ..release.promote import PromoteError
 
     values = load(params, set_)
     try:
         registry_client(values)
-        path = pull.pull(uri, out, model_dir(values))
-    except (ConfigError, PromoteError) as err:
+        path = pull.pull(uri, out, base or Path(model_dir(values)), with_base)
+    except (ConfigError, PromoteError, BundleError) as err:
         fail(err, 2)
     typer.echo(
-        f"pulled into {path}: load with peft.PeftModel.from_pretrained(base, '{path}') "
-        "or temper.release.pull.load_pulled"
+        f"pulled into {path}: load with temper.evaluation.bundle.load_bundle('{path}') "
+        f"or run `temper predict --model {path} --input FILE`"
     )
 
 

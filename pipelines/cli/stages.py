@@ -238,17 +238,21 @@ def evaluate_cmd(
 
 def register_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
     """Register the evaluation's winner as a new model version with alias `challenger`."""
+    from ..evaluation.bundle import BundleError, generation_settings
     from ..stages import register
 
     values = load(params, set_)
     try:
+        task = task_of(values)
         summary = register.run(
             section(values, "register", RegisterConfig),
             values,
             section(values, "mlflow", MlflowConfig),
             model_dir(values),
+            task,
+            generation_settings(task, section(values, "evaluate", EvaluateConfig)),
         )
-    except (ConfigError, register.RegisterError, FileNotFoundError) as err:
+    except (ConfigError, register.RegisterError, BundleError, FileNotFoundError) as err:
         fail(err)
     if summary["registered"]:
         alias = (

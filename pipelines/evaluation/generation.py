@@ -20,7 +20,11 @@ latency. What this does:
   the decoding step that finished it, as a caller would see it if its answer went back the
   moment it was done (a server returns it then); also the time to its first token, the
   batch's wall time divided by the batch size (the *amortised* cost per example, a
-  throughput figure, not a latency) and the number of tokens it generated.
+  throughput figure, not a latency) and the number of tokens it generated;
+- with `token_scores=True`, each answer also gets its token ids and the log-probability the
+  model gave each of them (log-softmax of the raw logits, before any logits processor), from
+  which `evaluation.confidence` derives label confidences. Off by default: it keeps every
+  step's logits of a batch until the batch ends.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ class Generation:
     latency_ms: float  # this answer's own time: batch start to the step that finished it
     first_token_ms: float  # batch start to its first new token (prefill + one step)
     amortised_ms: float  # the batch's wall time / its size: throughput, not a latency
+    token_ids: list[int] | None = None  # with token_scores: the generated ids (EOS included)
+    token_logprobs: list[float] | None = None  # with token_scores: log p of each of them
 
 
 def resolve_adapter(ref: str | Path) -> Path:
@@ -206,6 +212,7 @@ def generate(
     progress: bool = True,
     desc: str = "generate",
     schema: dict[str, Any] | None = None,
+    token_scores: bool = False,
 ) -> list[Generation]:
     """Greedy answers to chat prompts, batched by length; returned in the input order.
 
@@ -269,11 +276,20 @@ def generate(
                 use_cache=True,
                 pad_token_id=tokenizer.pad_token_id,
                 stopping_criteria=stopping,
+                **(
+                    {"output_logits": True, "return_dict_in_generate": True} if token_scores else {}
+                ),
             )
+        logprobs = None
+        if token_scores:
+            # step t's logits score the token at prompt_len + t: log p of the one chosen
+            steps = torch.stack(out.logits, 1).float().log_softmax(-1)
+            out = out.sequences
+            logprobs = steps.gather(-1, out[:, prompt_len:, None])[..., 0].tolist()
         elapsed_ms = (time.perf_counter() - t0) * 1000
         stamps = [(s - t0) * 1000 for s in clock.stamps] or [elapsed_ms]
         new = out[:, prompt_len:].tolist()
-        for i, row in zip(idx, new, strict=True):
+        for k, (i, row) in enumerate(zip(idx, new, strict=True)):
             n = _count_new(row, eos_ids)
             results[i] = Generation(
                 text=tokenizer.decode(row[:n], skip_special_tokens=True).strip(),
@@ -282,6 +298,9 @@ def generate(
                 first_token_ms=stamps[0],
                 amortised_ms=elapsed_ms / len(idx),
             )
+            if logprobs is not None:
+                results[i].token_ids = row[:n]
+                results[i].token_logprobs = logprobs[k][:n]
         bar.update(len(idx))
     bar.close()
     return [r for r in results if r is not None]

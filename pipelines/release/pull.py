@@ -1,23 +1,49 @@
-"""`temper pull`: a registered adapter, checked and bound to the local base model.
+"""`temper pull`: a registered version as a self-contained bundle folder (relative paths only).
 
-Download a version's adapter, check it against its recorded hash, find its base model by hash
-and point the adapter config at it, so `PeftModel.from_pretrained` loads it directly.
+Downloads the version's adapter (checked against its recorded hash) and the serving files that
+registration logged under `serving/` of the version's run (task.yaml, tokenizer + chat
+template, serving.json with the base model's identity and the generation settings), and writes
+a README. With `with_base` the base weights are copied in too (checked against the recorded
+base hash), so the folder needs nothing else. `temper.evaluation.bundle.load_bundle` loads
+the result on any machine; see that module for the layout.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 from .. import tracking
-from ..io import adapter_hash, atomic_dir, model_hash, read_json, write_json
+from ..evaluation import bundle
+from ..io import adapter_hash, atomic_dir, write_json
+from ..models import describe
 from .promote import PromoteError
 
 log = logging.getLogger(__name__)
 
 URI_RE = re.compile(r"^(?:models:/)?(?P<name>[^@/]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))?$")
+
+README = """# {model} v{version}: a Temper bundle
+
+Task `{task}`. Everything here is addressed by relative paths (see `serving.json`):
+`adapter/` (LoRA, sha256 `{adapter_sha}`), `task.yaml`, `tokenizer/` (with its chat template),
+{base_line}
+
+Load it, on any machine:
+
+```python
+from temper.evaluation.bundle import load_bundle
+b = load_bundle("path/to/this/folder")        # or base_dir=... for a local copy of the base
+```
+
+or run it on a file: `temper predict --model path/to/this/folder --input records.jsonl`.
+
+---
+
+"""
 
 
 def resolve(client: Any, uri: str, default_alias: str = "champion") -> Any:
@@ -35,75 +61,100 @@ def resolve(client: Any, uri: str, default_alias: str = "champion") -> Any:
     return mv
 
 
-def pull(uri: str, out_dir: str | Path | None, base_dir: str | Path) -> Path:
-    """Download a version's adapter and bind it to the local base model with the same hash."""
+def download_adapter(mv: Any, dst: Path) -> str:
+    """Download version `mv`'s adapter into `dst` and check it against its recorded hash."""
+    import mlflow
+
+    mlflow.artifacts.download_artifacts(
+        artifact_uri=f"models:/{mv.name}/{tracking.version_str(mv.version)}", dst_path=str(dst)
+    )
+    have, want = adapter_hash(dst), mv.tags.get("temper.adapter_sha256")
+    if want and have != want:
+        raise PromoteError(
+            f"{mv.name} v{tracking.version_str(mv.version)}: downloaded adapter hash {have} "
+            f"differs from the registered {want}"
+        )
+    return have
+
+
+def pull_adapter(uri: str, out: str | Path) -> Path:
+    """Only the adapter of version `uri` (hash-checked) into `out`: what re-scoring needs,
+    for versions registered before bundles too."""
+    import mlflow
+
+    mv = resolve(mlflow.MlflowClient(), uri)
+    with atomic_dir(out) as tmp, tracking.quiet_downloads():
+        download_adapter(mv, tmp)
+    return Path(out)
+
+
+def pull(
+    uri: str,
+    out_dir: str | Path | None,
+    base_dir: str | Path | None = None,
+    with_base: bool = False,
+) -> Path:
+    """Write version `uri` as a bundle into `out_dir` (default models/pulled/<name>-v<n>).
+    `base_dir` is only read with `with_base` (its hash must be the registered one)."""
     import mlflow
 
     client = mlflow.MlflowClient()
     mv = resolve(client, uri)
     version = tracking.version_str(mv.version)
     tags = mv.tags
-    want = tags.get("temper.base_model_hash")
-    base_dir = Path(base_dir).resolve()
-    if not (base_dir / "temper_source.json").exists():
-        raise PromoteError(
-            f"{base_dir}: no base model here (run `temper base-model` with "
-            f"model.base={tags.get('temper.base_model')})"
-        )
-    have = model_hash(base_dir)
-    if want and have != want:
-        raise PromoteError(
-            f"{mv.name} v{version} needs base model "
-            f"{tags.get('temper.base_model')} with hash {want}; {base_dir} has "
-            f"hash {have} (set model.base / model.dir and run `temper base-model`)"
-        )
+    label = f"{mv.name} v{version}"
     out = Path(out_dir) if out_dir else Path("models/pulled") / f"{mv.name}-v{version}"
-    with atomic_dir(out) as tmp:
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{mv.name}/{version}", dst_path=str(tmp)
-        )
-        got = adapter_hash(tmp)
-        if tags.get("temper.adapter_sha256") and got != tags["temper.adapter_sha256"]:
-            raise PromoteError(
-                f"{mv.name} v{version}: downloaded adapter hash {got} differs "
-                f"from the registered {tags['temper.adapter_sha256']}"
+    with atomic_dir(out) as tmp, tracking.quiet_downloads():
+        try:
+            got = mlflow.artifacts.download_artifacts(
+                run_id=mv.run_id, artifact_path="serving", dst_path=str(tmp / ".dl")
             )
-        config_path = tmp / "adapter_config.json"
-        config = read_json(config_path)
-        config["base_model_name_or_path"] = str(base_dir)
-        write_json(config_path, config)
-        write_json(
-            tmp / "temper_pull.json",
-            {
-                "model": mv.name,
-                "version": version,
-                "aliases": [str(a) for a in mv.aliases],
-                "run_id": mv.run_id,
-                "source": mv.source,
-                "model_id": tracking.version_model_id(mv),
-                "base_model": tags.get("temper.base_model"),
-                "base_model_hash": have,
-                "base_model_dir": str(base_dir),
-                "adapter_sha256": got,
-                "git_commit": tags.get("temper.git_commit"),
-            },
+        except Exception as err:  # noqa: BLE001 - MLflow raises several kinds for "absent"
+            raise PromoteError(
+                f"{label}: its run {mv.run_id} has no serving/ files (registered before "
+                f"bundles existed?): register it again with `temper register` ({err})"
+            ) from None
+        for item in Path(got).iterdir():
+            shutil.move(str(item), tmp / item.name)
+        shutil.rmtree(tmp / ".dl")
+        manifest = bundle.read_manifest(tmp)
+        adapter = tmp / manifest.adapter
+        have = download_adapter(mv, adapter)
+        if have != manifest.adapter_sha256:
+            raise PromoteError(
+                f"{label}: adapter hash {have} differs from serving.json's "
+                f"{manifest.adapter_sha256}"
+            )
+        if with_base:
+            if base_dir is None:
+                raise PromoteError("--with-base needs the base model folder (--base or model.dir)")
+            bundle.check_base(Path(base_dir), manifest.base, "--base")
+            bundle.copy_base(base_dir, tmp / "base")
+            manifest.base_weights = "base"
+        manifest.registry = {
+            "model": mv.name,
+            "version": version,
+            "aliases": sorted(str(a) for a in mv.aliases),
+            "run_id": mv.run_id,
+            "model_id": tracking.version_model_id(mv),
+            "git_commit": tags.get("temper.git_commit"),
+        }
+        write_json(tmp / bundle.MANIFEST, manifest.model_dump(mode="json"))
+        card_file = adapter / "README.md"
+        card = card_file.read_text(encoding="utf-8") if card_file.exists() else ""
+        base_line = (
+            "`base/` (the base model's weights)."
+            if with_base
+            else f"and the base model's identity ({describe(manifest.base)}, "
+            f"hash `{manifest.base['hash']}`), fetched by identity on load."
         )
-    log.info("pulled %s v%s into %s (base %s)", mv.name, version, out, base_dir)
+        head = README.format(
+            model=mv.name,
+            version=version,
+            task=manifest.task_name,
+            adapter_sha=have,
+            base_line=base_line,
+        )
+        (tmp / "README.md").write_text(head + card, encoding="utf-8")
+    log.info("pulled %s into %s", label, out)
     return out
-
-
-def load_pulled(path: str | Path, dtype: str = "float32"):
-    """(model, tokenizer) from a pulled folder, the plain peft way: AutoPeftModel reads the
-    base model's folder from the adapter config that `pull` rewrote."""
-    import torch
-    from peft import AutoPeftModelForCausalLM
-    from transformers import AutoTokenizer
-
-    path = Path(path)
-    model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
-    base = read_json(path / "temper_pull.json")["base_model_dir"]
-    tokenizer = AutoTokenizer.from_pretrained(
-        path if (path / "tokenizer_config.json").exists() else base
-    )
-    model.eval()
-    return model, tokenizer

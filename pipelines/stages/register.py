@@ -7,7 +7,10 @@ Reads `metrics/eval.json` (`results.EvalResult`), the winner's `models/candidate
 and the per-example scores that `temper promote` compares; writes the model card into the
 candidate's logged model (the adapter that training logged) and creates the model version
 from it, pointing the alias `challenger` at it. Everything needed to rebuild the version (data
-hashes, params, git commit, base model hash) is on the version as tags.
+hashes, params, git commit, base model hash) is on the version as tags. What serving needs
+(the resolved task config, the tokenizer with its chat template, the base model's identity and
+the generation settings) goes to `serving/` of the register run (`evaluation.bundle`), with
+`temper.serving.*` tags; `temper pull` turns it into a portable bundle.
 
 The version is created with `MlflowClient.create_model_version(source="models:/<model_id>",
 run_id=<register run>, model_id=...)`, and the logged model gets the version in its
@@ -37,6 +40,7 @@ from pydantic import Field
 
 from .. import tracking
 from ..config import Section
+from ..evaluation import bundle
 from ..io import (
     adapter_hash,
     model_hash,
@@ -46,10 +50,13 @@ from ..io import (
     write_json,
     write_jsonl,
 )
+from ..models import describe, identity
 from ..results import CandidateEval, DistilResult, EvalResult, ResultError, TrainResult
+from ..task import TaskConfig
 from ..tracking.card import (
     attribution,
     estimates_markdown,
+    fields_markdown,
     fmt_estimate,
     gates_markdown,
     render_card,
@@ -83,8 +90,11 @@ class RegisterConfig(Section):
         "metrics/distil.json", description="Teacher and labelling cost (optional file)."
     )
     card_template: str = Field("configs/model_card.md", description="Model card template.")
-    data_readme: str = Field(
-        "data/raw/contracts/README.md", description="Source of the data attribution text."
+    data_readme: str | None = Field(
+        "data/raw/contracts/README.md",
+        description="Optional data README whose '## License and required attribution' section "
+        "the card copies verbatim; null or a missing file: the card says 'no data README "
+        "given' and a warning is logged.",
     )
     out: str = Field("metrics/register.json", description="Summary written by the stage.")
     require_winner: bool = Field(
@@ -170,6 +180,9 @@ class Winner:
     params_hash: str
     adapter_sha: str
     attribution: str
+    task: TaskConfig
+    generation: bundle.GenerationSettings
+    base_dir: Path
     model_id: str | None = None  # the candidate's logged model, when this store holds it
 
     @property
@@ -182,7 +195,12 @@ class Winner:
 
 
 def collect(
-    cfg: RegisterConfig, result: EvalResult, params: dict[str, Any], base_dir: str | Path
+    cfg: RegisterConfig,
+    result: EvalResult,
+    params: dict[str, Any],
+    base_dir: str | Path,
+    task: TaskConfig,
+    generation: bundle.GenerationSettings,
 ) -> Winner:
     """Read and check every input of the winner (nothing is written yet)."""
     name = result.winner
@@ -209,10 +227,14 @@ def collect(
         cost["baseline"] = f"{result.baseline.name} ({result.baseline.kind})"
         if result.baseline.usd_total is not None:
             cost["baseline_usd_on_test"] = result.baseline.usd_total
-    try:
-        text = attribution(cfg.data_readme)
-    except (OSError, ValueError) as err:
-        raise RegisterError(str(err)) from None
+    if cfg.data_readme and Path(cfg.data_readme).exists():
+        try:
+            text = attribution(cfg.data_readme)
+        except (OSError, ValueError) as err:
+            raise RegisterError(str(err)) from None
+    else:
+        log.warning("register.data_readme %s: not found: the card says so", cfg.data_readme)
+        text = "No data README given (`register.data_readme`): no licence or attribution recorded."
     return Winner(
         name=name,
         adapter_dir=adapter_dir,
@@ -220,7 +242,7 @@ def collect(
         primary=result.primary_metric,
         scores=example_scores(Path(cfg.predictions_dir) / f"{name}.jsonl", result.primary_metric),
         train=TrainResult.load(cand_dir / "train_metrics.json"),
-        base_name=source.get("name") or source.get("repo_id") or str(base_dir),
+        base_name=source.get("name") or source.get("repo_id") or describe(identity(base_dir)),
         base_hash=model_hash(base_dir),
         data_hashes=data_hashes(cfg.lock, cfg.data_outs),
         cost=cost,
@@ -228,6 +250,9 @@ def collect(
         params_hash=stable_hash(params),
         adapter_sha=adapter_hash(adapter_dir),
         attribution=text,
+        task=task,
+        generation=generation,
+        base_dir=base_dir,
     )
 
 
@@ -236,6 +261,10 @@ def model_card(cfg: RegisterConfig, w: Winner, pipeline_run_id: str) -> str:
         cfg.card_template,
         {
             "model_name": cfg.model_name,
+            "task_name": w.task.name,
+            "task_description": w.task.description.strip() or "(no description in the task config)",
+            "fields_table": fields_markdown(w.task),
+            "labels_count": sum(len(f.labels) for f in w.task.fields if f.kind == "label"),
             "candidate": w.name,
             "base_model": w.base_name,
             "base_model_hash": w.base_hash,
@@ -287,6 +316,11 @@ def version_tags(w: Winner, params: dict[str, Any], pipeline_run_id: str) -> dic
         "temper.train_run_id": str(w.train.mlflow_run_id),
         "temper.model_id": str(w.model_id),
         "temper.pipeline_run_id": pipeline_run_id,
+        "temper.task": w.task.name,
+        "temper.task_prompt_hash": w.task.prompt_hash,
+        "temper.serving": f"serving/{bundle.MANIFEST}",
+        "temper.serving.base": tag_json(identity(w.base_dir), "serving/serving.json"),
+        "temper.serving.generation": tag_json(w.generation.model_dump(), "serving/serving.json"),
     }
     tags.update({f"metric.{k}": fmt_estimate(m) for k, m in w.entry.metrics.items()})
     return tags
@@ -332,6 +366,7 @@ def log_register_run(
         # This version's own card: the logged model holds the card of its latest registration
         # (one adapter registered twice, after a re-evaluation, is one logged model).
         (art / "temper" / "model_card.md").write_text(card, encoding="utf-8")
+        bundle.write_serving(art / "serving", w.task, w.base_dir, w.generation, w.adapter_sha)
         if w.model_id is None:
             # Trained without MLflow: the adapter (and its card) go to this run instead.
             shutil.copytree(w.adapter_dir, art / "adapter")
@@ -362,6 +397,8 @@ def run(
     params: dict[str, Any],
     mlflow_cfg: tracking.MlflowConfig,
     base_dir: str | Path,
+    task: TaskConfig,
+    generation: bundle.GenerationSettings,
 ) -> dict[str, Any]:
     """Register the winner (if any) and return the summary written to `cfg.out`."""
     import mlflow
@@ -372,7 +409,7 @@ def run(
     except ResultError as err:
         raise RegisterError(str(err)) from None
     # Every input is read and checked before anything is written to the store.
-    w = collect(cfg, result, params, base_dir) if result.winner else None
+    w = collect(cfg, result, params, base_dir, task, generation) if result.winner else None
     if w is None and cfg.require_winner:
         raise RegisterError(f"{cfg.eval}: no candidate passed the gates: nothing registered")
 
@@ -399,7 +436,8 @@ def run(
     try:
         client.create_registered_model(
             cfg.model_name,
-            description="Temper: LoRA adapters for contract-clause review. "
+            description=f"Temper: LoRA adapters for task {w.task.name}: "
+            f"{w.task.description.strip() or '(no description)'} "
             "Each version carries its model card in README.md.",
         )
     except MlflowException as err:
@@ -413,7 +451,7 @@ def run(
         model_id=w.model_id,
         tags=version_tags(w, params, parent_id),
         description=f"{w.name}: {w.primary} {fmt_estimate(primary)} on "
-        f"{len(w.scores)} test clauses",
+        f"{len(w.scores)} test examples ({w.task.name})",
     )
     number = tracking.version_str(version.version)
     if w.model_id is not None:

@@ -1,5 +1,8 @@
 """The model card of a registered version (`adapter/README.md`), from `configs/model_card.md`.
 
+The template is generic: what the model does comes from the task config (`${task_description}`,
+`${fields_table}`, `${labels_count}`), the numbers from the evaluation.
+
 The template is plain `string.Template` text (`${name}` fields): a card is Markdown that a
 person edits, and anything richer than substitution would hide it behind code.
 """
@@ -12,6 +15,7 @@ from typing import Any
 
 from ..evaluation.report import md_table
 from ..results import Estimate, GateResult
+from ..task import TaskConfig
 
 
 def fmt_num(value: float) -> str:
@@ -49,6 +53,20 @@ def estimates_markdown(estimates: dict[str, Estimate], header: str) -> str:
     if not estimates:
         return "(none reported)"
     return md_table(["metric", header], [[k, fmt_estimate(m)] for k, m in estimates.items()])
+
+
+def fields_markdown(task: TaskConfig) -> str:
+    """The answer's fields: name, kind, number of allowed labels, description."""
+    rows = [
+        [
+            f"`{f.name}`",
+            f.kind + (" (nullable)" if f.nullable else ""),
+            str(len(f.labels)) if f.kind == "label" else "-",
+            " ".join(f.description.split()) or "-",
+        ]
+        for f in task.fields
+    ]
+    return md_table(["field", "kind", "labels", "description"], rows)
 
 
 def attribution(readme: str | Path) -> str:
