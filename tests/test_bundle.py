@@ -109,7 +109,8 @@ def test_pulled_bundle_moved_elsewhere_loads_without_registry_and_answers_the_sa
     assert manifest["generation"] == {
         "max_new_tokens": 48,
         "stop_at_json": True,
-        "dtype": "float32",
+        "dtype": "auto",
+        "constrained": False,
         "greedy": True,
     }
     assert manifest["registry"]["version"] == "1" and manifest["registry"]["model"] == MODEL
