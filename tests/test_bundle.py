@@ -63,6 +63,10 @@ def register_and_pull(tmp: Path, base_model_dir: Path, adapter: Path, monkeypatc
     return out
 
 
+def project_dir(tmp: Path) -> Path:
+    return tmp / "project"
+
+
 def strings(obj):
     if isinstance(obj, dict):
         for v in obj.values():
@@ -218,6 +222,23 @@ def test_predict_on_unlabelled_clauses_jsonl_csv_parquet(tmp_path, base_model_di
     summary = json.loads((tmp_path / "preds.summary.json").read_text())
     assert summary["predicted"] == 100 and summary["skipped"] == 0
     assert summary["model"]["version"] == "1"
+
+    # A registry URI is pulled on the fly (here with the task's own 48-token budget).
+    two = tmp_path / "two.jsonl"
+    two.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    result = runner.invoke(
+        app,
+        ["predict", "-m", f"models:/{MODEL}@challenger", "-i", str(two), "-o", "two.jsonl"],
+    )
+    assert result.exit_code == 0, result.output
+    got_two = [
+        json.loads(x) for x in (project_dir(tmp_path) / "two.jsonl").read_text().splitlines()
+    ]
+    assert [p["id"] for p in got_two] == [r["id"] for r in rows[:2]]
+    assert (
+        json.loads((project_dir(tmp_path) / "two.summary.json").read_text())["model"]
+        == summary["model"]
+    )
 
     # CSV and Parquet: the same 6 records (ids from the id column, or row numbers without
     # one), bad ones skipped and counted; the self-contained bundle (base inside) answers.

@@ -20,6 +20,7 @@ version's run (`write_serving`).
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -88,6 +89,19 @@ def generation_settings(task: TaskConfig, cfg: EvaluateConfig) -> GenerationSett
         dtype=cfg.dtype,
         constrained=cfg.constrained,
     )
+
+
+def serving_tags(
+    task: TaskConfig, base: dict[str, Any], generation: GenerationSettings
+) -> dict[str, str]:
+    """The version tags that repeat the essentials of its serving files."""
+    return {
+        "temper.task": task.name,
+        "temper.task_prompt_hash": task.prompt_hash,
+        "temper.serving": f"serving/{MANIFEST}",
+        "temper.serving.base": json.dumps(base, sort_keys=True),
+        "temper.serving.generation": json.dumps(generation.model_dump(), sort_keys=True),
+    }
 
 
 def write_serving(

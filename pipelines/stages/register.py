@@ -56,10 +56,10 @@ from ..task import TaskConfig
 from ..tracking.card import (
     attribution,
     estimates_markdown,
-    fields_markdown,
     fmt_estimate,
     gates_markdown,
     render_card,
+    task_values,
 )
 
 log = logging.getLogger(__name__)
@@ -227,14 +227,10 @@ def collect(
         cost["baseline"] = f"{result.baseline.name} ({result.baseline.kind})"
         if result.baseline.usd_total is not None:
             cost["baseline_usd_on_test"] = result.baseline.usd_total
-    if cfg.data_readme and Path(cfg.data_readme).exists():
-        try:
-            text = attribution(cfg.data_readme)
-        except (OSError, ValueError) as err:
-            raise RegisterError(str(err)) from None
-    else:
-        log.warning("register.data_readme %s: not found: the card says so", cfg.data_readme)
-        text = "No data README given (`register.data_readme`): no licence or attribution recorded."
+    try:
+        text = attribution(cfg.data_readme)
+    except (OSError, ValueError) as err:
+        raise RegisterError(str(err)) from None
     return Winner(
         name=name,
         adapter_dir=adapter_dir,
@@ -261,10 +257,7 @@ def model_card(cfg: RegisterConfig, w: Winner, pipeline_run_id: str) -> str:
         cfg.card_template,
         {
             "model_name": cfg.model_name,
-            "task_name": w.task.name,
-            "task_description": w.task.description.strip() or "(no description in the task config)",
-            "fields_table": fields_markdown(w.task),
-            "labels_count": sum(len(f.labels) for f in w.task.fields if f.kind == "label"),
+            **task_values(w.task),
             "candidate": w.name,
             "base_model": w.base_name,
             "base_model_hash": w.base_hash,
@@ -316,11 +309,7 @@ def version_tags(w: Winner, params: dict[str, Any], pipeline_run_id: str) -> dic
         "temper.train_run_id": str(w.train.mlflow_run_id),
         "temper.model_id": str(w.model_id),
         "temper.pipeline_run_id": pipeline_run_id,
-        "temper.task": w.task.name,
-        "temper.task_prompt_hash": w.task.prompt_hash,
-        "temper.serving": f"serving/{bundle.MANIFEST}",
-        "temper.serving.base": tag_json(identity(w.base_dir), "serving/serving.json"),
-        "temper.serving.generation": tag_json(w.generation.model_dump(), "serving/serving.json"),
+        **bundle.serving_tags(w.task, identity(w.base_dir), w.generation),
     }
     tags.update({f"metric.{k}": fmt_estimate(m) for k, m in w.entry.metrics.items()})
     return tags

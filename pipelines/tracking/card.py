@@ -9,6 +9,7 @@ person edits, and anything richer than substitution would hide it behind code.
 
 from __future__ import annotations
 
+import logging
 import string
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from typing import Any
 from ..evaluation.report import md_table
 from ..results import Estimate, GateResult
 from ..task import TaskConfig
+
+log = logging.getLogger(__name__)
 
 
 def fmt_num(value: float) -> str:
@@ -69,8 +72,25 @@ def fields_markdown(task: TaskConfig) -> str:
     return md_table(["field", "kind", "labels", "description"], rows)
 
 
-def attribution(readme: str | Path) -> str:
-    """The dataset README's 'License and required attribution' section, verbatim."""
+def task_values(task: TaskConfig) -> dict[str, Any]:
+    """The card's fields that describe what the model does, from the task config."""
+    return {
+        "task_name": task.name,
+        "task_description": task.description.strip() or "(no description in the task config)",
+        "fields_table": fields_markdown(task),
+        "labels_count": sum(len(f.labels) for f in task.fields if f.kind == "label"),
+    }
+
+
+NO_README = "No data README given (`register.data_readme`): no licence or attribution recorded."
+
+
+def attribution(readme: str | Path | None) -> str:
+    """The dataset README's 'License and required attribution' section, verbatim; optional:
+    with no README (null or a missing file) a note saying so, and a warning."""
+    if not readme or not Path(readme).exists():
+        log.warning("register.data_readme %s: not found: the model card says so", readme)
+        return NO_README
     text = Path(readme).read_text(encoding="utf-8")
     start = text.find("## License and required attribution")
     if start < 0:
