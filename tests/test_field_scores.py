@@ -110,3 +110,12 @@ def test_answers_are_read_by_type():
 def test_squad_normalisation():
     assert normalise_text("The  Acme, Corp.") == "acme corp"
     assert normalise_text("an Apple a day") == "apple day"
+
+
+def test_corpus_level_metrics_are_paired_through_their_per_example_companion():
+    from temper.evaluation.field_scores import paired_metric
+
+    assert paired_metric("label.macro_f1") == "label.accuracy"
+    assert paired_metric("labels.micro_f1") == "labels.sample_f1"
+    assert paired_metric("clause_type.accuracy") == "clause_type.accuracy"
+    assert paired_metric("latency_ms_mean") == "latency_ms_mean"

@@ -39,6 +39,19 @@ def normalise_text(text: str) -> str:
     return " ".join(text.split())
 
 
+# Corpus-level metrics (ratios over the whole set: macro-F1, micro-F1) have no score per
+# example, and promote's paired comparison needs one: it compares such a primary metric
+# through the per-example metric it summarises.
+PER_EXAMPLE_COMPANION = {"macro_f1": "accuracy", "micro_f1": "sample_f1"}
+
+
+def paired_metric(metric: str) -> str:
+    """The per-example metric a paired comparison of `metric` uses (itself when it is one)."""
+    field, _, name = metric.rpartition(".")
+    companion = PER_EXAMPLE_COMPANION.get(name)
+    return f"{field}.{companion}" if field and companion else metric
+
+
 def field_value(pred: dict[str, Any], field: TaskField) -> Any:
     """The answer's value for a field when it has the field's type, else None (a wrong answer).
 

@@ -115,6 +115,13 @@ def no_winner(evaluation: dict[str, Any]) -> str:
     return "none (no candidate passed the gates)"
 
 
+def task_line(evaluation: dict[str, Any]) -> list[str]:
+    task = evaluation.get("task") or {}
+    if not task.get("name"):
+        return []
+    return [f"- task: `{task['name']}` (prompt hash {task.get('prompt_hash', '?')})"]
+
+
 def selection_lines(evaluation: dict[str, Any]) -> list[str]:
     """How the winner was chosen and which test against the baseline gated it."""
     lines = []
@@ -174,6 +181,7 @@ def render(
     lines = [
         "# Evaluation report",
         "",
+        *task_line(evaluation),
         f"- test set: `{evaluation['test_file']}` ({evaluation['n_examples']} examples, "
         f"sha256 {evaluation['test_sha256'][:12]})",
         f"- baseline: {base['kind'] + (' (' + base.get('source', '') + ')' if base.get('source') else '') if base else 'none'}",

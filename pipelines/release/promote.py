@@ -299,6 +299,9 @@ def compare(
         b = version_scores(client, champion)
         if sorted(b) != ids:
             raise PromoteError("score files disagree with temper.eval_set (same hash, other ids)")
+    paired = ch_tags.get("temper.paired_metric") or primary
+    if paired != primary:  # a corpus-level metric (macro-F1) is paired per example through this
+        primary = f"{paired} (per-example companion of {primary})"
     delta, lo, hi = paired_interval(
         [a[i] for i in ids], [b[i] for i in ids], cfg.confidence, cfg.n_resamples, cfg.seed
     )

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..evaluation.config import EvaluateConfig
+from ..evaluation.field_scores import paired_metric
 from ..io import read_jsonl, sha256_file
 from ..results import EvalResult
 from ..task import TaskConfig
@@ -60,14 +61,14 @@ def champion_scores(
     model_dir: str | Path,
     eval_cfg: EvaluateConfig,
 ) -> dict[str, float]:
-    """The champion's per-example scores of `evaluation.primary_metric` on `ids` of the
+    """The champion's per-example scores of the primary metric (`paired_metric`) on `ids` of the
     challenger's evaluation set, generated now (greedy, as the evaluate stage does)."""
     from ..evaluation.predict import model_predictions
     from ..evaluation.scoring import attach_scores, per_example, references_for
     from .pull import pull_adapter
 
     records = evaluation_records(evaluation, ids)
-    primary = evaluation.primary_metric
+    primary = paired_metric(evaluation.primary_metric)  # what the version's scores hold
     with tempfile.TemporaryDirectory(prefix="temper-rescore-") as tmp:
         adapter = pull_adapter(f"models:/{name}/{champion_version}", Path(tmp) / "champion")
         log.info(

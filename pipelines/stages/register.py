@@ -41,6 +41,7 @@ from pydantic import Field
 from .. import tracking
 from ..config import Section
 from ..evaluation import bundle
+from ..evaluation.field_scores import paired_metric
 from ..io import (
     adapter_hash,
     model_hash,
@@ -236,7 +237,9 @@ def collect(
         adapter_dir=adapter_dir,
         entry=entry,
         primary=result.primary_metric,
-        scores=example_scores(Path(cfg.predictions_dir) / f"{name}.jsonl", result.primary_metric),
+        scores=example_scores(
+            Path(cfg.predictions_dir) / f"{name}.jsonl", paired_metric(result.primary_metric)
+        ),
         train=TrainResult.load(cand_dir / "train_metrics.json"),
         base_name=source.get("name") or source.get("repo_id") or describe(identity(base_dir)),
         base_hash=model_hash(base_dir),
@@ -297,6 +300,7 @@ def version_tags(w: Winner, params: dict[str, Any], pipeline_run_id: str) -> dic
         "temper.params_hash": w.params_hash,
         "temper.params": tag_json(params, "temper/params.json"),
         "temper.primary_metric": w.primary,
+        "temper.paired_metric": paired_metric(w.primary),  # what temper/scores.jsonl holds
         "temper.metrics": tag_json(metrics),
         "temper.delta_vs_baseline": tag_json(deltas),
         "temper.gates": tag_json(w.entry.gates.model_dump()),
