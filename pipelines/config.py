@@ -171,8 +171,8 @@ def profile_overrides(
     """A profile (a partial params file) as the `-S` list that turns `params` into it.
 
     Typed sections merge field by field; any other mapping (gold columns, candidates, caps)
-    replaces the one in `params` whole (`~key` then `+key=...`: DVC would merge it). Keys
-    `params` lacks get DVC's `+`. Both `dvc exp run` and temper's `-S` read the result.
+    replaces the one in `params` whole (`~key` then `+key.leaf=...`: DVC would merge it).
+    Keys `params` lacks get DVC's `+`. Both `dvc exp run` and temper's `-S` read the result.
     """
     out: list[str] = []
 
@@ -190,8 +190,12 @@ def profile_overrides(
             here = isinstance(existing, dict) and key in existing
             if isinstance(value, dict) and is_section:
                 walk(value, existing.get(key) if here else {}, sub, dotted + ".")
-            elif isinstance(value, dict) and here:
-                out.extend([f"~{dotted}", f"+{dotted}={override_value(value, dotted)}"])
+            elif isinstance(value, dict):
+                # Replaced whole: deleted, then added leaf by leaf (`+a.b.c=1`), which keeps
+                # braces out of the list (a shell's eval would brace-expand `{b:1,c:2}`).
+                out.extend([f"~{dotted}"] if here else [])
+                leaves = flatten(value, dotted + ".") if value else {dotted: {}}
+                out.extend(f"+{k}={override_value(v, k)}" for k, v in leaves.items())
             else:
                 out.append(f"{'' if here else '+'}{dotted}={override_value(value, dotted)}")
 

@@ -79,12 +79,13 @@ def test_bad_override_is_a_usage_error():
 def test_profile_prints_dvc_overrides():
     result = runner.invoke(app, ["profile", "full"])
     assert result.exit_code == 0
-    # A mapping replaces the default's whole (DVC would merge it), with no spaces outside
-    # quotes, so an unquoted $(temper profile full) splits into whole arguments.
+    # A mapping replaces the default's whole (DVC would merge it), leaf by leaf and unquoted,
+    # so an unquoted $(temper profile full) splits into whole arguments.
     assert (
-        "-S '~prepare.max_examples' "
-        "-S '+prepare.max_examples={train:null,validation:null,test:null}'"
+        "-S ~prepare.max_examples -S +prepare.max_examples.train=null "
+        "-S +prepare.max_examples.validation=null -S +prepare.max_examples.test=null"
     ) in result.output
+    assert "'" not in result.output and "{" not in result.output
     assert "-S train.layers=null" in result.output
 
 

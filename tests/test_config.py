@@ -114,7 +114,7 @@ def test_profile_overrides_quote_what_needs_it_and_split_on_spaces_only_in_quote
     assert overrides == [
         'prepare.fields.text="Q: {q} | A: {a}"',
         "~prepare.fields.gold",
-        "+prepare.fields.gold={label:label}",
+        "+prepare.fields.gold.label=label",
     ]
     assert all(" " not in o for o in overrides[1:])
     with pytest.raises(ConfigError, match="newline"):

@@ -242,7 +242,16 @@ def profile_cmd(
         )
     except ConfigError as err:
         fail(err)
-    typer.echo(" ".join(f"-S {shlex.quote(o)}" for o in overrides))
+    # Unquoted unless a value has a space: `$(temper profile full)` then splits into whole
+    # arguments. A value with spaces is quoted and needs `eval "dvc exp run $(...)"`.
+    spaced = [o for o in overrides if any(c.isspace() for c in o)]
+    if spaced:
+        typer.echo(
+            f"note: {len(spaced)} value(s) with spaces are quoted: run it as "
+            f'eval "dvc exp run $(temper profile {name})"',
+            err=True,
+        )
+    typer.echo(" ".join(f"-S {shlex.quote(o) if o in spaced else o}" for o in overrides))
 
 
 def ui_cmd(
