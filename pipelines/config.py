@@ -10,7 +10,6 @@ from __future__ import annotations
 import difflib
 import json
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -54,7 +53,7 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
-def _parse_override(item: str) -> Any:
+def parse_override(item: str) -> Any:
     """One `-S` override parsed by Hydra's grammar, the parser `dvc exp run -S` uses, so a
     value means the same to temper as to DVC: `key=v` sets, `+key=v` adds, `++key=v` adds
     or sets, `~key` deletes; values are Hydra's (`null`, `1e-3`, `[a,b]`, `{k: v}`, quotes)."""
@@ -72,7 +71,7 @@ def _parse_override(item: str) -> Any:
 
 def parse_value(raw: str) -> Any:
     """A `-S` value as DVC reads it (`5e-4` a float, `[a,b]`, `{k: v}`, `null`, quotes)."""
-    return _parse_override(f"k={raw}").value()
+    return parse_override(f"k={raw}").value()
 
 
 def override_key(item: str) -> str:
@@ -89,7 +88,7 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
     """
     nested: dict[str, Any] = {}
     for item in overrides or []:
-        parsed = _parse_override(item)
+        parsed = parse_override(item)
         if parsed.is_delete() or "=" not in item:
             raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.lr=1e-3")
         node = nested
@@ -135,72 +134,6 @@ def as_overrides(values: dict[str, Any]) -> list[str]:
     """A nested mapping as `-S` overrides: `{"a": {"b": 1}}` -> `["a.b=1"]` (values as JSON,
     which is YAML, so `parse_overrides` reads them back as they were)."""
     return [f"{key}={json.dumps(value)}" for key, value in flatten(values).items()]
-
-
-_BARE = re.compile(r"[A-Za-z0-9_./-]+")
-_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-def override_value(value: Any, where: str = "") -> str:
-    """A value in DVC's `-S` grammar (Hydra's, which temper's `-S` parses too): strings that
-    would read as something else are double-quoted, no spaces outside quotes (so that an
-    unquoted `$(temper profile x)` splits into whole arguments)."""
-    if value is None or isinstance(value, bool | int | float):
-        return json.dumps(value)
-    if isinstance(value, str):
-        if "\\" in value or "\n" in value:
-            raise ConfigError(f"{where}: a backslash or newline cannot pass through -S; use a file")
-        if _BARE.fullmatch(value) and _parse_override(f"k={value}").value() == value:
-            return value
-        return '"' + value.replace('"', '\\"') + '"'
-    if isinstance(value, list | tuple):
-        return "[" + ",".join(override_value(v, where) for v in value) + "]"
-    if isinstance(value, dict):
-        bad = [k for k in value if not _KEY.fullmatch(str(k))]
-        if bad:
-            raise ConfigError(
-                f"{where}: key {bad[0]!r} cannot pass through -S (letters, digits, _)"
-            )
-        return "{" + ",".join(f"{k}:{override_value(v, where)}" for k, v in value.items()) + "}"
-    raise ConfigError(f"{where}: cannot pass a {type(value).__name__} through -S")
-
-
-def profile_overrides(
-    profile: dict[str, Any], params: dict[str, Any], sections: dict[str, type[Section]]
-) -> list[str]:
-    """A profile (a partial params file) as the `-S` list that turns `params` into it.
-
-    Typed sections merge field by field; any other mapping (gold columns, candidates, caps)
-    replaces the one in `params` whole (`~key` then `+key.leaf=...`: DVC would merge it).
-    Keys `params` lacks get DVC's `+`. Both `dvc exp run` and temper's `-S` read the result.
-    """
-    out: list[str] = []
-
-    def walk(values: dict[str, Any], existing: Any, model: Any, prefix: str) -> None:
-        for key, value in values.items():
-            dotted = f"{prefix}{key}"
-            if model is None:
-                sub = sections.get(key)
-            else:
-                field = model.model_fields.get(key)
-                if field is None:
-                    raise ConfigError(f"{dotted}: not a field of {model.__name__}")
-                sub = field.annotation
-            is_section = isinstance(sub, type) and issubclass(sub, Section)
-            here = isinstance(existing, dict) and key in existing
-            if isinstance(value, dict) and is_section:
-                walk(value, existing.get(key) if here else {}, sub, dotted + ".")
-            elif isinstance(value, dict):
-                # Replaced whole: deleted, then added leaf by leaf (`+a.b.c=1`), which keeps
-                # braces out of the list (a shell's eval would brace-expand `{b:1,c:2}`).
-                out.extend([f"~{dotted}"] if here else [])
-                leaves = flatten(value, dotted + ".") if value else {dotted: {}}
-                out.extend(f"+{k}={override_value(v, k)}" for k, v in leaves.items())
-            else:
-                out.append(f"{'' if here else '+'}{dotted}={override_value(value, dotted)}")
-
-    walk(profile, params, None, "")
-    return out
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from temper.cli import SECTIONS
+from temper.cli.profiles import profile_overrides
 from temper.config import (
     ConfigError,
     load_params,
     parse_overrides,
-    profile_overrides,
     read_yaml,
     section,
 )

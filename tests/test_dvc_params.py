@@ -11,7 +11,8 @@ from pathlib import Path
 import yaml
 
 from temper.cli import SECTIONS
-from temper.config import load_params, profile_overrides, read_yaml
+from temper.cli.profiles import profile_overrides
+from temper.config import load_params, read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 

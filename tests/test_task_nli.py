@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from temper.cli import SECTIONS
-from temper.config import profile_overrides, read_yaml
+from temper.cli.profiles import profile_overrides
+from temper.config import read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [

@@ -9,13 +9,14 @@ from typing import Annotated, Any
 
 import typer
 
-from ..config import ConfigError, profile_overrides, read_yaml, section
+from ..config import ConfigError, read_yaml, section
 from ..evaluation.config import EvaluateConfig
 from ..evaluation.gates import GatesConfig
 from ..release.promote import PromoteConfig
 from ..stages.register import RegisterConfig
 from ..tracking import MlflowConfig
 from .common import PARAMS, SECTIONS, ParamsOpt, SetOpt, fail, load, model_dir, task_of
+from .profiles import profile_overrides
 
 
 def gate_cmd(
