@@ -79,7 +79,12 @@ def test_nli_profile_runs_prepare_to_register_with_no_code_change(tmp_path, base
 
     import mlflow
 
-    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    # Both URIs given: an earlier test of the session may have set a global registry URI.
+    store = f"sqlite:///{repo / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
     assert client.get_experiment_by_name("temper-contract-nli") is not None
     versions = client.search_model_versions("name='temper-contract-nli'")
     assert len(versions) == 1
+    register = json.loads((repo / "metrics" / "register.json").read_text())
+    assert register["registered"] and register["model_name"] == "temper-contract-nli"
+    assert register["experiment"] and register["alias"] is None  # an experiment leaves @challenger
