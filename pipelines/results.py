@@ -118,6 +118,8 @@ class CandidateEval(Result):
     seconds: float
     metrics: dict[str, Estimate]
     delta_vs_baseline: dict[str, Estimate] | None = None
+    # Paired differences candidate - classical yardstick on its fields (see ClassicalEval).
+    delta_vs_classical: dict[str, Estimate] | None = None
     # The same metrics on the validation split: what picks the winner (see Selection).
     validation_metrics: dict[str, Estimate] | None = None
     judge: JudgeResult | None = None
@@ -136,6 +138,23 @@ class BaselineEval(Result):
     few_shot_ids: list[str] | None = None  # base_model: the few-shot turns
     seconds: float | None = None
     cached: bool | None = None  # base_model: answers reused from evaluate.cache_dir
+
+
+class ClassicalEval(Result):
+    """The classical yardstick: TF-IDF (word 1-2 grams) + logistic regression, one per label
+    field, trained on the distilled training records the candidates saw and scored on the
+    same test records. Its metrics cover those label fields only."""
+
+    name: str = "classical"
+    kind: Literal["tfidf_logreg"] = "tfidf_logreg"
+    metrics: dict[str, Estimate]
+    fields: list[str]
+    train_file: str
+    train_sha256: str
+    n_train: int
+    settings: dict[str, Any]  # the vectoriser's and the classifier's parameters
+    seconds: float
+    cached: bool
 
 
 class TaskRef(Result):
@@ -180,6 +199,7 @@ class EvalResult(Result):
     task: TaskRef
     baseline: BaselineEval | None
     candidates: dict[str, CandidateEval]
+    classical: ClassicalEval | None = None  # None: no label field, or evaluate.classical off
     winner: str | None
     selection: Selection | None = None  # None: written before selection on validation
     judge: JudgeInfo
