@@ -86,6 +86,10 @@ def test_scores_by_hand(task):
     # both found: F1 = 2 * (2/5 * 1) / (2/5 + 1) = 4/7; r3 (unparseable) = 0.
     assert metrics["key_term.rouge1"]["value"] == pytest.approx((4 / 7 + 0) / 2)
     assert metrics["key_term.null_match"]["value"] == 0.75
+    # Key-term quality counts the clauses with a gold key term (r1, r3); null agreement the
+    # others (r0, r2), both answered null.
+    assert metrics["key_term.exact_match"]["value"] == 0.0
+    assert metrics["key_term.null_agreement"]["value"] == 1.0
     assert metrics["usd_per_1k"] == {"value": 0.5}
     # Latency is per request (each answer's own time); the amortised figure is apart.
     assert metrics["latency_ms_mean"]["value"] == pytest.approx(11.5)
@@ -350,6 +354,10 @@ def test_stage_end_to_end_with_a_real_adapter(
     from temper.stages import evaluate
     from temper.tracking import MlflowConfig
 
+    # The yardstick's training records, in the distilled format (text + the teacher's answer).
+    distilled = tmp_path / "distilled_train.jsonl"
+    train_rows = read_jsonl(prepared_dir / "train.jsonl")
+    write_jsonl(distilled, [{"text": r["text"], "answer": r["gold"]} for r in train_rows])
     cands = tmp_path / "candidates"
     for name in ("tiny", "tiny2"):
         shutil.copytree(tiny_adapter(str(base_model_dir)), cands / name / "adapter")
@@ -405,6 +413,7 @@ def test_stage_end_to_end_with_a_real_adapter(
         reports_dir=str(tmp_path / "reports"),
         worst_examples=3,
         progress=False,
+        classical_train=str(distilled),
     )
     gates = GatesConfig(
         min_primary=0.0, min_delta_low=None, min_json_valid_rate=None, min_judge_win_rate=0.9
@@ -449,6 +458,24 @@ def test_stage_end_to_end_with_a_real_adapter(
         assert entry["metrics"]["tokens_per_s"]["value"] > 0
         rows = read_jsonl(tmp_path / "reports" / "predictions" / f"{name}.jsonl")
         assert len(rows) == 6 and all("clause_type.accuracy" in r["scores"] for r in rows)
+        # Constrained decoding (the default): every answer fits the schema, and every
+        # answer carries the probability the model gave its label.
+        assert entry["metrics"]["schema_valid_rate"]["value"] == 1.0
+        assert all(0 < r["confidence"]["clause_type"] <= 1 for r in rows)
+        for key in ("ece", "mean_confidence", "accuracy_at_coverage_50"):
+            assert 0 <= entry["metrics"][f"clause_type.{key}"]["value"] <= 1
+        # Paired against the yardstick on its own field only.
+        assert set(entry["delta_vs_classical"]) == {
+            "clause_type.accuracy",
+            "clause_type.accuracy_any",
+            "clause_type.macro_f1",
+        }
+    classical = saved["classical"]
+    assert classical["n_train"] == len(train_rows) and classical["fields"] == ["clause_type"]
+    assert classical["cached"] is False and classical["train_file"] == str(distilled)
+    assert not any(k.startswith("key_term") for k in classical["metrics"])
+    cl_rows = read_jsonl(tmp_path / "reports" / "predictions" / "classical.jsonl")
+    assert len(cl_rows) == 6 and all(0 < r["confidence"]["clause_type"] <= 1 for r in cl_rows)
     report = (tmp_path / "reports" / "eval.md").read_text()
     assert "winner chosen on validation (n=6" in report and "reported on test (n=6)" in report
     assert "test against the base_model baseline: superiority" in report
@@ -459,9 +486,13 @@ def test_stage_end_to_end_with_a_real_adapter(
         "**no** (not gated)",
         "## Per category",
         "## Worst examples",
+        "## Candidate - classical yardstick (paired)",
+        "## Key terms (`key_term`)",
+        "## Calibration",
+        "gate off (`gates.min_delta_vs_classical_low: null`)",
     ):
         assert heading in report
-    for png in ("per_class_accuracy.png", "deltas.png"):
+    for png in ("per_class_accuracy.png", "deltas.png", "reliability.png"):
         assert (tmp_path / "reports" / png).read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "reports" / "plots" / "deltas.csv").read_text().startswith("row,")
 
@@ -469,7 +500,8 @@ def test_stage_end_to_end_with_a_real_adapter(
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name(mlflow_cfg.experiment)
     runs = client.search_runs([exp.experiment_id], "tags.`temper.stage` = 'evaluate'")
-    assert sorted(r.data.tags["temper.system"] for r in runs) == ["baseline", "tiny", "tiny2"]
+    systems = sorted(r.data.tags["temper.system"] for r in runs)
+    assert systems == ["baseline", "classical", "tiny", "tiny2"]
     parents = {r.data.tags["mlflow.parentRunId"] for r in runs}
     assert len(parents) == 1
     tiny = next(r for r in runs if r.data.tags["temper.system"] == "tiny")

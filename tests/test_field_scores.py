@@ -59,6 +59,7 @@ def test_metrics_per_kind_by_hand():
     # Text: exact after normalisation ("The  Acme Corp." == "acme corp"), over the 3 with gold.
     assert value["note.exact_match"] == pytest.approx(1 / 3)
     assert value["note.null_match"] == 0.75  # r3 answered nothing (null) where gold is "x"
+    assert value["note.null_agreement"] == 1.0  # r1, the one null gold, answered null
     # Number: 10.4 vs 10 (within 0.5, not exact), 2 vs 2, 3 vs 1, none vs 5.
     assert value["amount.exact"] == 0.25 and value["amount.within_tolerance"] == 0.5
     # Boolean: right, right ("no" -> False), "no" is not a boolean: wrong, no answer.
@@ -67,7 +68,7 @@ def test_metrics_per_kind_by_hand():
     # {}/{} 1, none/{c} 0.
     assert value["parties.set_f1"] == pytest.approx((1 + 0.5 + 1 + 0) / 4)
     names = [n for n in metric_names(TASK) if not n.startswith("latency")]  # none timed here
-    assert set(names) <= set(metrics) and len(names) == 15
+    assert set(names) <= set(metrics) and len(names) == 16
     for name in names:
         m = metrics[name]
         assert m["ci_low"] <= m["value"] <= m["ci_high"], name

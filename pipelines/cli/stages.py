@@ -226,6 +226,17 @@ def evaluate_cmd(
             f"baseline ({result.baseline.kind}): {primary} "
             f"{fmt(result.baseline.metrics[primary].model_dump())}"
         )
+    if result.classical is not None:
+        typer.echo(
+            f"classical yardstick (TF-IDF + logistic regression, {result.classical.n_train} "
+            f"training records): {primary} {fmt(result.classical.metrics[primary].model_dump())}"
+            if primary in result.classical.metrics
+            else "classical yardstick: no figure for the primary metric"
+        )
+        for name, entry in result.candidates.items():
+            d = (entry.delta_vs_classical or {}).get(primary)
+            if d is not None:
+                typer.echo(f"{name} - classical yardstick: {primary} {fmt(d.model_dump())}")
     typer.echo(gate_table(result))
     sel = result.selection
     if sel is not None and len(sel.values) > 1:

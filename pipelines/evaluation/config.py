@@ -59,9 +59,16 @@ class EvaluateConfig(Section):
     )
     stop_at_json: bool = Field(True, description="Stop a row once its JSON answer is complete.")
     constrained: bool = Field(
-        False,
+        True,
         description="Constrain the models' answers to the task's JSON schema while decoding "
-        "(llguidance): every answer is then schema-valid. Off: the model writes freely.",
+        "(llguidance): every answer is then schema-valid, each label one of its labels. "
+        "Off: the model writes freely (schema_valid_rate shows how often it strays).",
+    )
+    classical_train: str | None = Field(
+        "data/distilled/train.jsonl",
+        description="Training records of the classical yardstick (TF-IDF + logistic "
+        "regression per label field): the distilled records the candidates were trained on. "
+        "null: no yardstick.",
     )
     primary_metric: str = Field("clause_type.accuracy", description="Picks the winner.")
     n_resamples: int = Field(2000, gt=99, description="Bootstrap resamples.")

@@ -7,7 +7,10 @@
 - number: `exact` and `within_tolerance` (|answer - gold| <= the field's `tolerance`);
 - boolean: `accuracy`;
 - list: `set_f1`, the per-example F1 of the normalised item sets (`metrics/multilabel_f1`);
-- every nullable field but a single label: `null_match` (null exactly where gold is null).
+- every nullable field but a single label: `null_match` (null exactly where gold is null, on
+  every example) and `null_agreement` (null on the examples whose gold is null): the quality
+  scores above cover only the examples with a gold value, so together they say both how well
+  a key term is extracted where there is one and how rarely one is invented where there is not.
 
 Scores that compare with a reference are averaged over the examples that have one (a mask);
 a missing or mistyped answer is wrong, never an error. Every array here is per example, so
@@ -95,7 +98,7 @@ def metric_names(f: TaskField) -> list[str]:
             "list": ["set_f1"],
         }[f.kind]
     if f.nullable and not (f.kind == "label" and not f.multi):
-        names.append("null_match")
+        names += ["null_match", "null_agreement"]
     return [f"{f.name}.{m}" for m in names]
 
 
@@ -171,6 +174,8 @@ def score_field(
         out.scores[key + "null_match"] = np.array(
             [(v is None) == (g is None) for v, g in zip(values, refs, strict=True)], float
         )
+        out.scores[key + "null_agreement"] = np.array([v is None for v in values], float)
+        out.masks[key + "null_agreement"] = ~has_ref
     return out
 
 

@@ -40,6 +40,13 @@ class GatesConfig(Section):
         description="Non-inferiority passes when the lower bound of the paired interval of "
         "the primary metric's candidate - baseline is > -margin (null: no such gate).",
     )
+    min_delta_vs_classical_low: float | None = Field(
+        None,
+        description="Minimum lower bound of the paired interval of the primary metric's "
+        "difference candidate - classical yardstick (TF-IDF + logistic regression trained on "
+        "the same records; e.g. -0.05: no more than 5 points worse). null: off (the report "
+        "shows the difference either way).",
+    )
     min_json_valid_rate: float | None = Field(
         0.95, ge=0, le=1, description="Minimum share of answers that hold a JSON object."
     )
@@ -121,6 +128,16 @@ def check(
             if delta
             else "no baseline: cannot pass",
         )
+    classical = entry.delta_vs_classical or {}
+    add(
+        "min_delta_vs_classical_low",
+        cfg.min_delta_vs_classical_low,
+        value(classical, primary, "ci_low"),
+        ">=",
+        f"lower CI of {primary} delta vs the classical yardstick"
+        if primary in classical
+        else "no yardstick for this metric: cannot pass",
+    )
     add("min_json_valid_rate", cfg.min_json_valid_rate, value(metrics, "json_valid_rate"), ">=")
     add(
         "min_schema_valid_rate",

@@ -26,6 +26,7 @@ def model_predictions(
     desc: str,
 ) -> tuple[list[dict[str, Any]], float]:
     """Generate with the (adapted) model; returns per-example predictions and total seconds."""
+    from .confidence import label_confidences
     from .device import resolve
     from .generation import generate, load_model
 
@@ -42,21 +43,29 @@ def model_predictions(
         progress=cfg.progress,
         desc=desc,
         schema=task.json_schema() if cfg.constrained else None,
+        token_scores=True,
     )
     seconds = time.perf_counter() - t0
     del model
-    preds = [
-        {
-            "id": r["id"],
-            "output": g.text,
-            "latency_ms": round(g.latency_ms, 2),
-            "first_token_ms": round(g.first_token_ms, 2),
-            "amortised_ms": round(g.amortised_ms, 2),
-            "new_tokens": g.new_tokens,
-            **answer_fields(task, g.text),
-        }
-        for r, g in zip(records, gens, strict=True)
-    ]
+    preds = []
+    for r, g in zip(records, gens, strict=True):
+        fields = answer_fields(task, g.text)
+        conf = label_confidences(
+            task, tokenizer, g.token_ids or [], g.token_logprobs or [], fields["answer"]
+        )
+        preds.append(
+            {
+                "id": r["id"],
+                "output": g.text,
+                "latency_ms": round(g.latency_ms, 2),
+                "first_token_ms": round(g.first_token_ms, 2),
+                "amortised_ms": round(g.amortised_ms, 2),
+                "new_tokens": g.new_tokens,
+                **fields,
+                # the probability the model gave each label it answered (None: no label)
+                "confidence": {k: None if v is None else round(v, 6) for k, v in conf.items()},
+            }
+        )
     return preds, seconds
 
 
@@ -88,7 +97,7 @@ def cached_baseline(
             "batch_size": cfg.batch_for(place.device),
             "stop_at_json": cfg.stop_at_json,
             "prompt_hash": task.prompt_hash,
-            "format": 2,  # 2: per-request latency
+            "format": 3,  # 2: per-request latency; 3: label confidences
         }
         # Added only when they differ from what every earlier entry was made with (CPU, the
         # default attention), so those entries stay valid.

@@ -6,8 +6,6 @@ atomically; plots use matplotlib's Agg backend (no display on CI machines).
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from pathlib import Path
 from typing import Any
@@ -82,7 +80,10 @@ def write_reports(
     records: list[dict[str, Any]],
     preds: dict[str, list[dict[str, Any]]],
     per_class: dict[str, dict[str, Any]],
+    bins: dict[str, Any] | None = None,
 ) -> list[Path]:
+    from .plots import write_plot_data, write_pngs, write_reliability
+
     out = Path(cfg.reports_dir)
     files: list[Path] = []
     for name, rows in preds.items():
@@ -92,6 +93,7 @@ def write_reports(
     label = next((f.name for f in task.fields if f.kind == "label" and not f.multi), None)
     files += write_plot_data(out, evaluation, per_class, label)
     files += write_pngs(out, evaluation, per_class, label)
+    files += write_reliability(out, bins or {})
     report = render(cfg, evaluation, records, preds, per_class, label)
     path = out / "eval.md"
     with atomic_open(path) as handle:
@@ -104,6 +106,8 @@ def systems(evaluation: dict[str, Any]) -> dict[str, dict[str, Any]]:
     out = {}
     if evaluation.get("baseline"):
         out["baseline"] = evaluation["baseline"]
+    if evaluation.get("classical"):
+        out["classical"] = evaluation["classical"]
     out.update(evaluation["candidates"])
     return out
 
@@ -221,6 +225,9 @@ def render(
             for k in dkeys
         ]
         lines += [md_table(["metric"] + list(cands), rows), "", "![deltas](deltas.png)", ""]
+    lines += classical_lines(evaluation)
+    lines += key_term_lines(sysm, preds)
+    lines += calibration_lines(sysm)
     lines += ["## Gates", "", gate_table(EvalResult.model_validate(evaluation)), ""]
     judged = {n: c["judge"] for n, c in evaluation["candidates"].items() if c.get("judge")}
     lines += ["## LLM judge", ""]
@@ -323,97 +330,98 @@ def render(
     return "\n".join(lines) + "\n"
 
 
-def write_plot_data(
-    out: Path, evaluation: dict[str, Any], per_class: dict[str, Any], label: str | None
-) -> list[Path]:
-    """CSV files for `dvc plots` (per-class accuracy per system; deltas with intervals)."""
-    files = []
-    if label:
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        # `row` joins class and system: DVC's bar templates take one category column.
-        writer.writerow(["row", "class", "system", "accuracy"])
-        for name, extra in per_class.items():
-            for c, m in sorted(extra.get(f"{label}.per_class", {}).items()):
-                writer.writerow([f"{c} ({name})", c, name, round(m["recall"], 4)])
-        files.append(_write(out / "plots" / "per_class_accuracy.csv", buf.getvalue()))
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["row", "metric", "candidate", "delta", "ci_low", "ci_high"])
-    for name, entry in evaluation["candidates"].items():
-        for key, d in sorted((entry.get("delta_vs_baseline") or {}).items()):
-            if d["value"] is not None and not key.startswith("latency"):
-                writer.writerow(
-                    [f"{name}: {key}", key, name, round(d["value"], 4), d["ci_low"], d["ci_high"]]
-                )
-    files.append(_write(out / "plots" / "deltas.csv", buf.getvalue()))
-    return files
-
-
-def _write(path: Path, text: str) -> Path:
-    with atomic_open(path) as handle:
-        handle.write(text)
-    return path
-
-
-def write_pngs(
-    out: Path, evaluation: dict[str, Any], per_class: dict[str, Any], label: str | None
-) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    files = []
-    if label and per_class:
-        names = [n for n in per_class if f"{label}.per_class" in per_class[n]]
-        classes = sorted({c for n in names for c in per_class[n][f"{label}.per_class"]})
-        fig, ax = plt.subplots(figsize=(8, max(4, 0.28 * len(classes))))
-        height = 0.8 / max(len(names), 1)
-        y = np.arange(len(classes))
-        for k, n in enumerate(names):
-            vals = [per_class[n][f"{label}.per_class"].get(c, {}).get("recall", 0) for c in classes]
-            ax.barh(y + k * height, vals, height, label=n)
-        ax.set_yticks(y + height * (len(names) - 1) / 2, classes, fontsize=7)
-        ax.invert_yaxis()
-        ax.set_xlabel("accuracy within class (recall)")
-        ax.set_xlim(0, 1)
-        ax.legend(fontsize=7)
-        ax.set_title(f"{label}: per-class accuracy")
-        fig.tight_layout()
-        files.append(_save(fig, out / "per_class_accuracy.png"))
-        plt.close(fig)
+def classical_lines(evaluation: dict[str, Any]) -> list[str]:
+    """The paired differences candidate - classical yardstick, and its gate."""
+    cl = evaluation.get("classical")
+    if not cl:
+        return []
+    cands = evaluation["candidates"]
+    keys = sorted({k for c in cands.values() for k in (c.get("delta_vs_classical") or {})})
+    keys = [k for k in keys if not k.endswith((".ece", ".mean_confidence")) and "coverage" not in k]
     rows = [
-        (f"{name}: {key}", d)
-        for name, entry in evaluation["candidates"].items()
-        for key, d in sorted((entry.get("delta_vs_baseline") or {}).items())
-        if d["value"] is not None and d["ci_low"] is not None and not key.startswith("latency")
+        [k] + [fmt((c.get("delta_vs_classical") or {}).get(k)) for c in cands.values()]
+        for k in keys
     ]
-    fig, ax = plt.subplots(figsize=(8, max(3, 0.3 * len(rows))))
-    if rows:
-        y = np.arange(len(rows))
-        vals = np.array([d["value"] for _, d in rows])
-        err = np.array(
-            [
-                [d["value"] - d["ci_low"] for _, d in rows],
-                [d["ci_high"] - d["value"] for _, d in rows],
-            ]
-        )
-        ax.errorbar(vals, y, xerr=np.clip(err, 0, None), fmt="o", capsize=3)
-        ax.set_yticks(y, [r for r, _ in rows], fontsize=7)
-        ax.invert_yaxis()
-        ax.axvline(0, color="grey", lw=0.8)
-    else:
-        ax.text(0.5, 0.5, "no baseline: no deltas", ha="center", va="center")
-    ax.set_xlabel(f"candidate - baseline ({int(evaluation['confidence'] * 100)}% paired CI)")
-    fig.tight_layout()
-    files.append(_save(fig, out / "deltas.png"))
-    plt.close(fig)
-    return files
+    limit = (evaluation.get("gates_config") or {}).get("min_delta_vs_classical_low")
+    gate = (
+        "gate off (`gates.min_delta_vs_classical_low: null`)"
+        if limit is None
+        else f"gate: lower CI bound of candidate - yardstick >= {limit}"
+    )
+    return [
+        "## Candidate - classical yardstick (paired)",
+        "",
+        f"TF-IDF (word 1-2 grams) + logistic regression per label field, trained on the "
+        f"{cl['n_train']} records of `{cl['train_file']}` (the candidates' training records, "
+        f"sha256 {cl['train_sha256'][:12]}) in {cl['seconds']:.1f} s"
+        + (" (cached)" if cl.get("cached") else "")
+        + f"; {gate}.",
+        "",
+        md_table(["metric"] + list(cands), rows),
+        "",
+    ]
 
 
-def _save(fig: Any, path: Path) -> Path:
-    with atomic_open(path, "wb") as handle:
-        fig.savefig(handle, format="png", dpi=110)
-    return path
+def key_term_lines(
+    sysm: dict[str, dict[str, Any]], preds: dict[str, list[dict[str, Any]]]
+) -> list[str]:
+    """Nullable text fields: quality where gold has a value, null agreement where it has none."""
+    fields = sorted(
+        {
+            k.rsplit(".", 1)[0]
+            for e in sysm.values()
+            for k in e["metrics"]
+            if k.endswith(".null_agreement")
+        }
+    )
+    lines: list[str] = []
+    for field in fields:
+        rows_of = next((r for r in preds.values() if r), [])
+        n_gold = sum(f"{field}.rougeL" in r["scores"] for r in rows_of)
+        n_null = sum(f"{field}.null_agreement" in r["scores"] for r in rows_of)
+        names = [n for n, e in sysm.items() if f"{field}.null_agreement" in e["metrics"]]
+        metrics = [
+            (f"ROUGE-L (n={n_gold} with a gold {field})", "rougeL"),
+            (f"exact match after normalisation (n={n_gold})", "exact_match"),
+            (f"answers null where gold is null (n={n_null})", "null_agreement"),
+        ]
+        rows = [
+            [text] + [fmt(sysm[n]["metrics"].get(f"{field}.{key}")) for n in names]
+            for text, key in metrics
+        ]
+        lines += [f"## Key terms (`{field}`)", "", md_table(["metric"] + names, rows), ""]
+    return lines
+
+
+def calibration_lines(sysm: dict[str, dict[str, Any]]) -> list[str]:
+    """ECE and accuracy at coverage of every system that records label confidences."""
+    fields = sorted(
+        {k.rsplit(".", 1)[0] for e in sysm.values() for k in e["metrics"] if k.endswith(".ece")}
+    )
+    if not fields:
+        return []
+    from .calibration import BINS, COVERAGES
+
+    lines = [
+        "## Calibration",
+        "",
+        f"Confidence: the probability the system gave the label it answered (the model: its "
+        f"tokens' probability; the yardstick: the classifier's). ECE over {BINS} equal-width "
+        "bins; accuracy at coverage p: the accuracy of the p% most confident answers (what a "
+        "router that defers the rest would serve).",
+        "",
+    ]
+    for field in fields:
+        names = [n for n, e in sysm.items() if f"{field}.ece" in e["metrics"]]
+        keys = [
+            ("ECE", "ece"),
+            ("mean confidence", "mean_confidence"),
+            ("accuracy (all)", "accuracy"),
+        ]
+        keys += [(f"accuracy at coverage {p}%", f"accuracy_at_coverage_{p}") for p in COVERAGES]
+        rows = [
+            [text] + [fmt(sysm[n]["metrics"].get(f"{field}.{k}")) for n in names]
+            for text, k in keys
+        ]
+        lines += [f"`{field}`:", "", md_table(["metric"] + names, rows), ""]
+    return lines + ["![reliability](reliability.png)", ""]

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, flatten
+from ..evaluation.calibration import system_calibration
+from ..evaluation.classical import classical_predictions, own_metrics
 from ..evaluation.config import EvalError, EvaluateConfig
 from ..evaluation.gates import GatesConfig, best, gate_all
 from ..evaluation.judge import JudgeConfig
@@ -44,13 +46,21 @@ from ..evaluation.scoring import (
 )
 from ..io import adapter_hash, read_jsonl, sha256_file
 from ..records.sampling import stratified_sample
-from ..results import BaselineEval, CandidateEval, EvalResult, TrainResult, finite
+from ..results import (
+    BaselineEval,
+    CandidateEval,
+    ClassicalEval,
+    EvalResult,
+    TrainResult,
+    finite,
+)
 from ..task import TaskConfig
 from ..tracking import MlflowConfig, child_run
 
 log = logging.getLogger(__name__)
 
 BASELINE = "baseline"
+CLASSICAL = "classical"
 
 
 def load_records(path: str | Path, task: TaskConfig, fields: Any = None) -> list[dict[str, Any]]:
@@ -186,15 +196,37 @@ def run(
     }
     all_preds: dict[str, list[dict[str, Any]]] = {}
     per_class: dict[str, Any] = {}
+    bins: dict[str, Any] = {}  # reliability bins per system and label field
+    label_fields = [f.name for f in task.fields if f.kind == "label" and not f.multi]
+
+    def calibrate(name: str, preds: list[dict[str, Any]], ex: dict[str, Any]) -> dict[str, Any]:
+        metrics, bins[name] = system_calibration(preds, ex["scores"], label_fields)
+        return metrics
+
     base_stats = None
     if base_preds is not None:
         metrics, base_stats, base_ex = score_system(task, records, base_preds, refs, rs, base_cost)
-        base_info["metrics"] = metrics
+        base_info["metrics"] = {**metrics, **calibrate(BASELINE, base_preds, base_ex)}
         evaluation["baseline"] = base_info
         all_preds[BASELINE] = attach_scores(base_preds, records, base_ex)
         per_class[BASELINE] = base_ex["extra"]
     else:
         evaluation["baseline"] = None
+
+    # The classical yardstick, trained on the records the candidates saw (seconds; cached).
+    classical_stats = None
+    classical = classical_predictions(records, task, cfg)
+    if classical is not None:
+        cl_preds, cl_info = classical
+        metrics, classical_stats, cl_ex = score_system(task, records, cl_preds, refs, rs, {})
+        evaluation["classical"] = {
+            **cl_info,
+            "metrics": own_metrics(
+                {**metrics, **calibrate(CLASSICAL, cl_preds, cl_ex)}, label_fields
+            ),
+        }
+        all_preds[CLASSICAL] = attach_scores(cl_preds, records, cl_ex)
+        per_class[CLASSICAL] = cl_ex["extra"]
 
     cand_stats: dict[str, Any] = {}
     for name, adapter in adapters.items():
@@ -204,7 +236,7 @@ def run(
             task, records, preds, refs, rs, self_hosted_cost(preds, seconds, n, cfg)
         )
         entry: dict[str, Any] = {
-            "metrics": metrics,
+            "metrics": {**metrics, **calibrate(name, preds, ex)},
             "adapter": str(adapter),
             "seconds": round(seconds, 1),
         }
@@ -212,6 +244,10 @@ def run(
             entry["adapter_sha256"] = adapter_hash(adapter)
         if base_stats is not None:
             entry["delta_vs_baseline"] = deltas(stats, base_stats, rs)
+        if classical_stats is not None:
+            entry["delta_vs_classical"] = own_metrics(
+                deltas(stats, classical_stats, rs), label_fields
+            )
         if val_records is not None:
             entry["validation_metrics"] = validation_metrics(
                 val_records, model_dir, adapter, task, cfg, name
@@ -259,7 +295,9 @@ def run(
 
     from ..evaluation.report import write_reports
 
-    files = write_reports(cfg, task, result.model_dump(mode="json"), records, all_preds, per_class)
+    files = write_reports(
+        cfg, task, result.model_dump(mode="json"), records, all_preds, per_class, bins
+    )
     result.save(cfg.metrics)
     if cfg.log_mlflow and mlflow_cfg is not None:
         log_mlflow(mlflow_cfg, params or {}, result, cfg, files + [Path(cfg.metrics)])
@@ -334,7 +372,7 @@ def selection(
     }
 
 
-def flat_metrics(entry: CandidateEval | BaselineEval) -> dict[str, float]:
+def flat_metrics(entry: CandidateEval | BaselineEval | ClassicalEval) -> dict[str, float]:
     """A system's metrics as MLflow metrics: `<m>`, `<m>.ci_low`, `<m>.ci_high`, deltas.
 
     Rounded to 6 decimals: bootstrap quantiles come out as 0.54999999999 and the MLflow UI
@@ -346,6 +384,8 @@ def flat_metrics(entry: CandidateEval | BaselineEval) -> dict[str, float]:
         flat[f"validation.{key}"] = m.value
     for key, d in (getattr(entry, "delta_vs_baseline", None) or {}).items():
         flat.update({f"delta.{key}": d.value, f"delta.{key}.ci_low": d.ci_low})
+    for key, d in (getattr(entry, "delta_vs_classical", None) or {}).items():
+        flat.update({f"delta_classical.{key}": d.value, f"delta_classical.{key}.ci_low": d.ci_low})
     judge = getattr(entry, "judge", None)
     if judge is not None:
         flat.update({"judge.win_rate": judge.win_rate.value, "judge.flip_rate": judge.flip_rate})
@@ -368,9 +408,11 @@ def log_mlflow(
     """
     from ..tracking import known_model, log_dataset, log_model_input
 
-    systems: dict[str, CandidateEval | BaselineEval] = dict(result.candidates)
+    systems: dict[str, CandidateEval | BaselineEval | ClassicalEval] = dict(result.candidates)
     if result.baseline is not None:
         systems[BASELINE] = result.baseline
+    if result.classical is not None:
+        systems[CLASSICAL] = result.classical
     for name, entry in systems.items():
         train = None
         train_file = Path(cfg.candidates_dir) / name / "train_metrics.json"
