@@ -461,7 +461,8 @@ def test_stage_end_to_end_with_a_real_adapter(
         # Constrained decoding (the default): every answer fits the schema, and every
         # answer carries the probability the model gave its label.
         assert entry["metrics"]["schema_valid_rate"]["value"] == 1.0
-        assert all(0 < r["confidence"]["clause_type"] <= 1 for r in rows)
+        # (rounded to 6 decimals: an untrained adapter's forced label can round to 0)
+        assert all(0 <= r["confidence"]["clause_type"] <= 1 for r in rows)
         for key in ("ece", "mean_confidence", "accuracy_at_coverage_50"):
             assert 0 <= entry["metrics"][f"clause_type.{key}"]["value"] <= 1
         # Paired against the yardstick on its own field only.
