@@ -5,8 +5,8 @@
 
 Each argument is an `eval.json` of a measured run (the evaluate stage's output): its
 yardstick was trained on the very records its candidates saw (`classical.n_train`), so each
-file gives one x with both curves. The adapter is the run's winner (else its best candidate
-on test). Writes `<out>.png` and `<out>.json` (the points, with 95% intervals and each run's
+file gives one x with both curves. The adapter is `--candidate` where the file has it, else the
+run's winner, else its best candidate on test. Writes `<out>.png` and `<out>.json` (the points, with 95% intervals and each run's
 test-set size: the quick runs score a 320-clause sample, the full run all 816 test clauses).
 
 Prints `RESULT learning_curve_points <n>`.
@@ -19,13 +19,14 @@ import json
 from pathlib import Path
 
 
-def point(path: Path, metric: str) -> dict:
+def point(path: Path, metric: str, candidate: str | None = None) -> dict:
     ev = json.loads(path.read_text())
     cl = ev.get("classical")
     if not cl:
         raise SystemExit(f"{path}: no classical yardstick (evaluated before it existed?)")
     cands = ev["candidates"]
-    name = ev.get("winner") or max(cands, key=lambda n: cands[n]["metrics"][metric]["value"])
+    name = candidate if candidate in cands else ev.get("winner")
+    name = name or max(cands, key=lambda n: cands[n]["metrics"][metric]["value"])
     adapter, yard = cands[name]["metrics"][metric], cl["metrics"][metric]
     delta = (cands[name].get("delta_vs_classical") or {}).get(metric, {})
     return {
@@ -44,8 +45,13 @@ def main() -> None:
     parser.add_argument("evals", nargs="+", type=Path)
     parser.add_argument("--metric", default="clause_type.accuracy")
     parser.add_argument("--out", type=Path, default=Path("docs/learning_curve"))
+    parser.add_argument(
+        "--candidate", default=None, help="the adapter to plot where a file has it (else winner)"
+    )
     args = parser.parse_args()
-    points = sorted((point(p, args.metric) for p in args.evals), key=lambda p: p["n_train"])
+    points = sorted(
+        (point(p, args.metric, args.candidate) for p in args.evals), key=lambda p: p["n_train"]
+    )
 
     import matplotlib
 
@@ -71,6 +77,7 @@ def main() -> None:
             fontsize=7,
         )
     ax.set_xscale("log")
+    ax.minorticks_off()  # log-scale minor labels (2x10^2, ...) would crowd the measured x
     ax.set_xticks(x, [str(v) for v in x])
     ax.set_xlabel("training examples (the same records for both)")
     ax.set_ylabel(f"{args.metric} on test (95% CI)")

@@ -132,6 +132,8 @@ def make_project(tmp: Path, base_dir: Path, params_update: dict[str, Any] | None
         rows = [
             {
                 "id": f"{split}-{i}",
+                "text": f"Clause {i} of {split}.",  # as distil writes: text + parsed answer
+                "answer": {"clause_type": "Governing Law"},
                 "prompt": [{"role": "user", "content": f"Clause {i} of {split}."}],
                 "completion": [
                     {"role": "assistant", "content": '{"clause_type": "Governing Law"}'}

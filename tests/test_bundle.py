@@ -114,7 +114,7 @@ def test_pulled_bundle_moved_elsewhere_loads_without_registry_and_answers_the_sa
         "max_new_tokens": 48,
         "stop_at_json": True,
         "dtype": "auto",
-        "constrained": False,
+        "constrained": True,  # evaluate.constrained, on by default: served as evaluated
         "greedy": True,
     }
     assert manifest["registry"]["version"] == "1" and manifest["registry"]["model"] == MODEL

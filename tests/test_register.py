@@ -394,7 +394,7 @@ def test_real_evaluate_output_through_register_gate_promote_and_pull(
         for r in children(client, parent_1)
         if r.data.tags.get("temper.stage") == "evaluate"
     }
-    assert sorted(eval_runs) == ["eval-baseline", "eval-r16"]
+    assert sorted(eval_runs) == ["eval-baseline", "eval-classical", "eval-r16"]
     assert linked["clause_type.accuracy"].run_id == eval_runs["eval-r16"].info.run_id
     for run in eval_runs.values():
         assert inputs(run) == {"test": test_md5}
@@ -461,7 +461,12 @@ def test_real_evaluate_output_through_register_gate_promote_and_pull(
     versions = json.loads(client.get_logged_model(model_id).tags["mlflow.modelVersions"])
     assert versions == [{"name": MODEL, "version": "1"}, {"name": MODEL, "version": "2"}]
     runs_2 = {r.info.run_name: r for r in children(client, parent_2)}
-    assert sorted(runs_2) == ["eval-baseline", "eval-r16", "register-r16"]  # no train run here
+    assert sorted(runs_2) == [
+        "eval-baseline",
+        "eval-classical",
+        "eval-r16",
+        "register-r16",
+    ]  # no train
     eval_2 = runs_2["eval-r16"].data
     assert eval_2.params["train.rank"] == "16"
     assert eval_2.params["train.learning_rate"] == str(trained.config["learning_rate"])
