@@ -184,7 +184,7 @@ def test_exponent_numbers_and_dvc_plus_keys_parse_as_under_dvc():
     assert parse_overrides(["a.b=x5e-4"]) == {"a": {"b": "x5e-4"}}
     params = load_params(ROOT / "params.yaml", ["+train.candidates.r16.rank=8"])
     cfg = section(params, "train", SECTIONS["train"])
-    assert cfg.candidates["r16"] == {"learning_rate": 0.0015, "rank": 8}
+    assert cfg.candidates["r16"] == {"learning_rate": 0.0015, "epochs": 2.0, "rank": 8}
 
 
 def test_unknown_key_suggests_the_field_meant():
