@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import typer
 
-from . import predict, release, stages
+from . import predict, release, serve, stages
 from .common import SECTIONS, setup_logging
 from .params_help import config_cmd, help_command
 
@@ -42,6 +42,7 @@ COMMANDS: list[tuple[str, Callable[..., None], tuple[str, ...]]] = [
     ("rollback", release.rollback_cmd, ("promote",)),
     ("pull", release.pull_cmd, ()),
     ("predict", predict.predict_cmd, ("evaluate",)),
+    ("serve", serve.serve_cmd, ("serve",)),
     ("merge", release.merge_cmd, ()),
     ("profile", release.profile_cmd, ()),
     ("ui", release.ui_cmd, ()),

@@ -20,6 +20,7 @@ from ..config import (
 from ..evaluation.config import EvaluateConfig
 from ..evaluation.gates import GatesConfig
 from ..evaluation.judge import JudgeConfig
+from ..online.serve.config import ServeConfig
 from ..release.promote import PromoteConfig
 from ..stages.base_model import ModelConfig
 from ..stages.distil import DistilConfig
@@ -41,6 +42,7 @@ SECTIONS: dict[str, type[Section]] = {
     "mlflow": MlflowConfig,
     "register": RegisterConfig,
     "promote": PromoteConfig,
+    "serve": ServeConfig,
 }
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="The params file.")]

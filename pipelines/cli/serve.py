@@ -1,0 +1,87 @@
+"""`temper serve`: the registered champion behind an OpenAI-compatible endpoint."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ..config import ConfigError, section
+from .common import PARAMS, ParamsOpt, SetOpt, fail, load, model_dir
+
+
+def serve_cmd(
+    params: ParamsOpt = PARAMS,
+    set_: SetOpt = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (default serve.host).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default serve.port).")] = None,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Serve this (repeatable; default serve.models): "
+            "models:/<name>@<alias>, models:/<name>/<version> or a pulled bundle folder.",
+        ),
+    ] = None,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="temper: serve here (CPU, or CUDA when present); vllm: check the adapters "
+            "and print the `vllm serve` command for them (GPU machines)."
+        ),
+    ] = "temper",
+) -> None:
+    """Serve registered versions with the OpenAI chat-completions API (docs/serve.md).
+
+    Clients switch by changing `base_url` to http://<host>:<port>/v1. Watched aliases are
+    hot-swapped when `temper promote` / `rollback` moves them. Exit codes: 0 stopped, 2 bad
+    configuration (e.g. a non-loopback bind without API keys).
+    """
+    from ..evaluation.bundle import BundleError
+    from ..online.serve import ServeConfig, serve
+    from ..release.promote import PromoteError
+    from .release import registry_client
+
+    values = load(params, set_)
+    try:
+        cfg = section(values, "serve", ServeConfig)
+        update = {"host": host, "port": port, "models": model or None}
+        cfg = cfg.model_copy(update={k: v for k, v in update.items() if v is not None})
+        cfg = type(cfg).model_validate(cfg.model_dump())
+        if any(m.startswith("models:/") for m in cfg.models):
+            registry_client(values)
+        if engine == "vllm":
+            typer.echo(vllm_command(cfg, model_dir(values)))
+            return
+        if engine != "temper":
+            raise ConfigError(f"--engine {engine!r}: use temper or vllm")
+        serve(cfg, base_hint=model_dir(values))
+    except (ConfigError, BundleError, PromoteError) as err:
+        fail(err, 2)
+
+
+def vllm_command(cfg, base_hint: str) -> str:
+    """Pull what `cfg` serves, check it for vLLM, and return the command line."""
+    from ..evaluation import bundle
+    from ..online.serve import auth
+    from ..online.serve.adapters import Loader, ModelTable, Source
+    from ..online.serve.vllm import VllmIncompatible, command, render
+
+    sources = [Source.parse(spec) for spec in cfg.models]
+    loader = Loader(cfg.cache_dir, cfg.base_dir, "cpu", base_hint)
+    table = ModelTable(sources, loader, cfg.watch_interval_s, metrics=None)
+    served = [(s, loader.folder(s, table.resolve_version(s))) for s in sources]
+    manifest = bundle.read_manifest(served[0][1])
+    ident = manifest.base
+    base = (
+        ident["repo_id"]
+        if ident.get("kind") == "hub"
+        else str(loader.base_for(served[0][1], manifest).resolve())
+    )
+    keys = bool(auth.load_keys(cfg.api_keys_file, cfg.api_keys_env))
+    try:
+        argv = command(served, base, cfg.host, cfg.port, keys)
+    except VllmIncompatible as err:
+        raise ConfigError(f"not servable by vLLM: {err}") from None
+    return render(argv)

@@ -1,0 +1,66 @@
+"""`temper serve`: registered versions behind an OpenAI-compatible HTTP API (docs/serve.md).
+
+config (the `serve:` section) -> auth (keys, bind check) -> adapters (pull, load, hot swap)
+-> scheduler (micro-batches) -> engine (one batch through `model.generate`) -> completions
+(request -> job -> OpenAI body / SSE) -> app (routes, the request gate, start and stop);
+metrics and logs beside them; vllm prints the GPU engine's command for the same version.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .config import ServeConfig
+
+log = logging.getLogger("temper.serve")
+
+__all__ = ["ServeConfig", "serve"]
+
+
+def serve(cfg: ServeConfig, base_hint: str | None = None) -> None:
+    """Run the server until SIGINT/SIGTERM (then: stop accepting, drain, exit).
+
+    `base_hint`: a local base model folder used when its hash is a bundle's (model.dir).
+    """
+    import uvicorn
+
+    from . import auth, logs
+    from .adapters import Loader, ModelTable, Source
+    from .app import create_app
+    from .metrics import ServeMetrics
+
+    logs.setup(cfg.log_file)
+    keys = auth.load_keys(cfg.api_keys_file, cfg.api_keys_env)
+    auth.check_bind(cfg.host, keys)
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    sources = [Source.parse(spec) for spec in cfg.models]
+    metrics = ServeMetrics()
+    table = ModelTable(
+        sources,
+        Loader(cfg.cache_dir, cfg.base_dir, cfg.device, base_hint),
+        cfg.watch_interval_s,
+        metrics,
+    )
+    app = create_app(cfg, table, keys, metrics)
+    log.info(
+        "starting",
+        extra={
+            "host": cfg.host,
+            "port": cfg.port,
+            "models": [s.spec for s in sources],
+            "api_keys": len(keys),  # how many, never which
+        },
+    )
+    config = uvicorn.Config(
+        app,
+        host=cfg.host,
+        port=cfg.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(cfg.drain_timeout_s) or None,
+        lifespan="on",
+    )
+    uvicorn.Server(config).run()

@@ -1,0 +1,291 @@
+"""The served adapters: loaded from the registry over one base model, swapped when aliases move.
+
+Each entry of `serve.models` becomes a `Served`: a registered version pulled as a bundle
+(`temper pull`'s folder, so the task, prompts, tokenizer and generation settings are the
+version's own) or a pulled folder given directly. The base model is read from disk once per
+base (by its hash); each LoRA adapter is merged into its own copy of it, the way evaluation
+scored it (`evaluation.generation.load_model` merges too), so an answer here is the evaluated
+model's answer, at base-model speed. For a 135M base a copy costs ~0.5 GB; for big bases on
+GPUs, vLLM's multi-LoRA serving over one base is the path (docs/serve.md).
+
+Hot swap: a watcher thread reads each watched alias every `watch_interval_s`. When it points
+at a new version, that version is pulled and loaded beside the current one, then the table
+entry is replaced in one assignment. Requests already admitted hold the old `Served` and
+finish on it; once its in-flight count is zero it is dropped and its memory freed. A registry
+that cannot be reached leaves the current version serving and says so (log, metric).
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import logging
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ...evaluation import bundle
+from ...task import TaskConfig
+
+log = logging.getLogger(__name__)
+
+URI = re.compile(r"^models:/(?P<name>[^@/]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+@dataclass
+class Source:
+    """One `serve.models` entry: where its versions come from and the id clients use."""
+
+    spec: str
+    id: str
+    name: str | None = None  # registered model name (None: a local folder)
+    alias: str | None = None  # watched alias
+    version: str | None = None  # pinned version
+
+    @classmethod
+    def parse(cls, spec: str) -> Source:
+        m = URI.match(spec.strip())
+        if m and m["alias"]:
+            return cls(spec, m["alias"], m["name"], alias=m["alias"])
+        if m:
+            return cls(spec, f"{m['name']}-v{m['version']}", m["name"], version=m["version"])
+        path = Path(spec)
+        if not (path / bundle.MANIFEST).exists():
+            raise bundle.BundleError(
+                f"serve.models: {spec!r} is neither models:/<name>@<alias>, "
+                f"models:/<name>/<version> nor a pulled bundle folder (no {bundle.MANIFEST})"
+            )
+        return cls(spec, path.resolve().name)
+
+
+@dataclass(eq=False)
+class Served:
+    """A loaded version: the merged model, its tokenizer, task and generation settings."""
+
+    source: Source
+    version: str | None
+    model: Any
+    tokenizer: Any
+    task: TaskConfig
+    generation: bundle.GenerationSettings
+    base: dict[str, Any]
+    path: Path
+    inflight: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    constraints: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.source.name}-v{self.version}" if self.version else self.source.id
+
+    @property
+    def fingerprint(self) -> str:
+        """`system_fingerprint` of its answers: which version answered."""
+        return self.label
+
+    def constraint(self, schema: dict[str, Any]) -> Any:
+        """The compiled grammar for `schema` (compiled once per schema, ~0.4 s)."""
+        import json
+
+        from ...evaluation.constrained import json_logits_processor
+
+        key = json.dumps(schema, sort_keys=True)
+        with self.lock:
+            if key not in self.constraints:
+                self.constraints[key] = json_logits_processor(schema, self.tokenizer)
+            return self.constraints[key]
+
+    def enter(self) -> None:
+        with self.lock:
+            self.inflight += 1
+
+    def leave(self) -> None:
+        with self.lock:
+            self.inflight -= 1
+
+
+class Loader:
+    """Pulls versions and loads them, reading each base model from disk once."""
+
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        base_dir: str | Path | None,
+        device: str,
+        base_hint: str | Path | None = None,
+    ):
+        self.cache_dir = Path(cache_dir)
+        self.base_dir = Path(base_dir) if base_dir else None  # must match: an error if not
+        self.base_hint = Path(base_hint) if base_hint else None  # used when it matches
+        self.device = device
+        self.bases: dict[str, tuple[Any, Any]] = {}  # base hash -> (model, dtype)
+
+    def folder(self, source: Source, version: str | None) -> Path:
+        if source.name is None:
+            return Path(source.spec)
+        out = self.cache_dir / f"{source.name}-v{version}"
+        if not (out / bundle.MANIFEST).exists():
+            from ...release import pull
+
+            pull.pull(f"models:/{source.name}/{version}", out)
+        return out
+
+    def base_for(self, path: Path, manifest: bundle.Manifest) -> Path:
+        """`base_dir` (checked), else the hint (the project's model.dir) when its hash is the
+        bundle's, else the base found by the bundle's identity."""
+        hint = self.base_hint
+        if self.base_dir is None and hint is not None and (hint / "config.json").exists():
+            try:
+                if bundle.folder_hash(hint) == manifest.base["hash"]:
+                    return hint
+            except (OSError, KeyError, ValueError):
+                pass
+        return bundle.find_base(path, manifest, self.base_dir)
+
+    def load(self, source: Source, version: str | None) -> Served:
+        from peft import PeftModel
+
+        from ...evaluation.generation import load_model
+        from ...io import adapter_hash
+        from ...model_source import adapter_method
+        from ...task import load_task
+
+        path = self.folder(source, version)
+        manifest = bundle.read_manifest(path)
+        adapter = path / manifest.adapter
+        if adapter_hash(adapter) != manifest.adapter_sha256:
+            raise bundle.BundleError(f"{adapter}: adapter hash differs from {bundle.MANIFEST}")
+        task = load_task(path / manifest.task)
+        tokenizer = bundle.load_tokenizer(path / manifest.tokenizer)
+        if adapter_method(adapter) == "qlora":  # a 4-bit base is not copied: load it as is
+            loaded = bundle.load_bundle(path, self.base_dir, device=self.device)
+            model = loaded.model
+        else:
+            key = manifest.base["hash"]
+            if key not in self.bases:
+                base_dir = self.base_for(path, manifest)
+                base, _ = load_model(base_dir, None, manifest.generation.dtype, None, self.device)
+                self.bases[key] = base
+            model = PeftModel.from_pretrained(copy.deepcopy(self.bases[key]), str(adapter))
+            model = model.merge_and_unload().eval()
+        log.info("loaded %s from %s", f"{source.id} ({source.name} v{version})", path)
+        return Served(
+            source,
+            version,
+            model,
+            tokenizer,
+            task,
+            manifest.generation,
+            manifest.base,
+            path,
+        )
+
+
+class ModelTable:
+    """The served id -> `Served` map, kept current with the registry by a watcher thread."""
+
+    def __init__(self, sources: list[Source], loader: Loader, interval_s: float, metrics: Any):
+        ids = [s.id for s in sources]
+        if len(set(ids)) != len(ids):
+            raise bundle.BundleError(f"serve.models: two entries share an id ({ids})")
+        self.sources, self.loader, self.interval = sources, loader, interval_s
+        self.metrics = metrics
+        self.current: dict[str, Served] = {}
+        self.retired: list[Served] = []
+        self.registry_ok = True
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.client: Any = None
+
+    def resolve_version(self, source: Source) -> str | None:
+        from ...tracking import alias_version, version_str
+
+        if source.name is None:
+            return None
+        if source.version is not None:
+            return source.version
+        if self.client is None:
+            import mlflow
+
+            self.client = mlflow.MlflowClient()
+        mv = alias_version(self.client, source.name, source.alias or "")
+        if mv is None:
+            raise bundle.BundleError(f"{source.name}@{source.alias} does not exist in the registry")
+        return version_str(mv.version)
+
+    def load_all(self) -> None:
+        """The first load (the server answers 503 until it is done)."""
+        for source in self.sources:
+            served = self.loader.load(source, self.resolve_version(source))
+            self.current[source.id] = served
+            self.metrics.adapter_loaded(served, True)
+
+    def get(self, model_id: str) -> Served | None:
+        """The entry for a request's `model`: the id, or the spec it was configured with."""
+        hit = self.current.get(model_id)
+        if hit is None:
+            for source in self.sources:
+                if model_id in (source.spec, f"{source.name}@{source.alias}"):
+                    hit = self.current.get(source.id)
+        return hit
+
+    def check(self) -> None:
+        """One watch round: swap every alias that moved; free retired versions now idle."""
+        try:
+            moved = []
+            for source in self.sources:
+                if source.alias is None:
+                    continue
+                version = self.resolve_version(source)
+                cur = self.current.get(source.id)
+                if cur is None or cur.version != version:
+                    moved.append((source, version))
+            if not self.registry_ok:
+                log.warning("registry reachable again")
+            self.registry_ok = True
+        except Exception as err:  # noqa: BLE001 - any failure to read keeps the current versions
+            if self.registry_ok:
+                log.warning("registry unreachable, keeping the current versions: %s", err)
+            self.registry_ok = False
+            moved = []
+        self.metrics.registry_up(self.registry_ok)
+        for source, version in moved:
+            old = self.current.get(source.id)
+            try:
+                new = self.loader.load(source, version)
+            except Exception as err:  # noqa: BLE001 - a bad new version keeps the old one
+                log.error("could not load %s v%s, keeping the current: %s", source.id, version, err)
+                self.metrics.swap_failed(source.id)
+                continue
+            self.current[source.id] = new  # the switch: one assignment
+            self.metrics.adapter_loaded(new, True)
+            log.info("swapped %s: v%s -> v%s", source.id, old.version if old else None, new.version)
+            if old is not None:
+                self.retired.append(old)
+        self.free_idle()
+
+    def free_idle(self) -> None:
+        idle = [s for s in self.retired if s.inflight == 0]
+        if idle:
+            self.retired = [s for s in self.retired if s.inflight > 0]
+            for served in idle:
+                self.metrics.adapter_loaded(served, False)
+                log.info("freed %s (no requests left on it)", served.label)
+            del idle, served
+            gc.collect()
+
+    def watch(self) -> None:
+        def loop() -> None:
+            while not self.stop.wait(self.interval):
+                self.check()
+
+        if any(s.alias for s in self.sources):
+            self.thread = threading.Thread(target=loop, name="temper-watch", daemon=True)
+            self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout=5)

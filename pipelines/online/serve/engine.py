@@ -1,0 +1,225 @@
+"""One micro-batch of chat completions through `model.generate`, each row with its own limits.
+
+Why a separate loop from `evaluation.generation.generate` (which scores whole test sets): a
+server's rows differ in budget, stop sequences and streaming, and a client may leave while its
+row is still running. So here every decoding step passes through `_Rows`, a stopping criterion
+that sees each row's new token, and for each row alone: records the token's log-probability
+(raw logits, before the schema mask, as `evaluation.confidence` defines them), decodes its text,
+streams the new characters, and ends the row at EOS, a stop sequence, a complete JSON answer,
+its own `max_tokens`, or a cancel. The rest is the evaluation's: left padding, greedy decoding
+(or sampling when a request asks for a temperature), and the schema's logits processor from
+`evaluation.constrained`. A row that ends early is padded by `generate` until the batch ends
+(no continuous batching: that is vLLM's job on a GPU, see docs/serve.md).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...task import parse_answer
+
+
+@dataclass
+class Job:
+    """One request's generation: its inputs, where its output goes, and how it ended."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    key: tuple[Any, ...]  # requests with equal keys may share a batch
+    stops: list[str] = field(default_factory=list)
+    stop_at_json: bool = False
+    strip: bool = False  # task mode: the answer without surrounding blanks, as evaluated
+    top_logprobs: int = 0
+    emit: Any = None  # callable(text_delta, token_entries) for streaming, or None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    enqueued: float = field(default_factory=time.perf_counter)
+    # filled in by the engine
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top: list[list[tuple[int, float]]] = field(default_factory=list)
+    finish_reason: str | None = None
+    started: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
+    error: BaseException | None = None
+
+
+@dataclass
+class Sampling:
+    """How a batch picks tokens: greedy, or sampling with a temperature (and a seed)."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return not self.temperature
+
+    def key(self) -> tuple[Any, ...]:
+        return ("greedy",) if self.greedy else (self.temperature, self.top_p, self.seed)
+
+
+class _Recorder:
+    """Logits processor (first in the list): keeps this step's log-softmax of the raw logits,
+    so the stopping criterion can read the chosen token's log-probability."""
+
+    def __init__(self) -> None:
+        self.last: Any = None
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        self.last = scores.float().log_softmax(-1)
+        return scores
+
+
+class _Rows:
+    """Stopping criterion doing each row's bookkeeping after every decoding step."""
+
+    def __init__(self, jobs: list[Job], tokenizer: Any, recorder: _Recorder, eos: set[int]):
+        self.jobs, self.tokenizer, self.recorder, self.eos = jobs, tokenizer, recorder, eos
+        self.done = [False] * len(jobs)
+        self.sent = [0] * len(jobs)  # characters already streamed per row
+        self.hold = [max((len(s) for s in j.stops), default=1) - 1 for j in jobs]
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        now = time.perf_counter()
+        last = input_ids[:, -1].tolist()
+        logp = self.recorder.last
+        for row, job in enumerate(self.jobs):
+            if self.done[row]:
+                continue
+            if job.first_token is None:
+                job.first_token = now
+            token = last[row]
+            if token in self.eos:
+                self._finish(row, "stop", now)
+                continue
+            job.token_ids.append(token)
+            entries: list[dict[str, Any]] = []
+            if logp is not None:
+                job.logprobs.append(float(logp[row, token]))
+                if job.top_logprobs:
+                    values, ids = logp[row].topk(job.top_logprobs)
+                    job.top.append(list(zip(ids.tolist(), values.tolist(), strict=True)))
+                entries = [self._entry(row, len(job.token_ids) - 1)]
+            text = self.tokenizer.decode(job.token_ids, skip_special_tokens=True)
+            job.text = text
+            reason = self._why_stop(job, text, token)
+            if reason == "stop_sequence":
+                cut = min(text.find(s) for s in job.stops if s in text)
+                job.text = text[:cut]
+                reason = "stop"
+            if job.cancelled.is_set():
+                reason = "cancelled"
+            self._stream(row, entries, final=reason is not None)
+            if reason is not None:
+                self._finish(row, reason, now)
+        return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
+
+    def _why_stop(self, job: Job, text: str, token: int) -> str | None:
+        if job.stops and any(s in text for s in job.stops):
+            return "stop_sequence"
+        closing = job.stop_at_json and "}" in self.tokenizer.decode([token])
+        if closing and parse_answer(text) is not None:
+            return "stop"
+        if len(job.token_ids) >= job.max_new_tokens:
+            return "length"
+        return None
+
+    def _entry(self, row: int, i: int) -> dict[str, Any]:
+        job, tok = self.jobs[row], self.tokenizer
+        token = tok.decode([job.token_ids[i]])
+        entry: dict[str, Any] = {
+            "token": token,
+            "logprob": job.logprobs[i],
+            "bytes": list(token.encode("utf-8")),
+            "top_logprobs": [],
+        }
+        if job.top_logprobs:
+            entry["top_logprobs"] = [
+                {"token": (t := tok.decode([tid])), "logprob": lp, "bytes": list(t.encode())}
+                for tid, lp in job.top[i]
+            ]
+        return entry
+
+    def _stream(self, row: int, entries: list[dict[str, Any]], final: bool) -> None:
+        job = self.jobs[row]
+        if job.emit is None:
+            return
+        text = job.text
+        if job.strip and self.sent[row] == 0:
+            text = text.lstrip()
+            job.text = text
+        upto = len(text) if final else max(self.sent[row], len(text) - self.hold[row])
+        if not final and text[:upto].endswith("\ufffd"):
+            upto -= 1  # half a multi-byte character: wait for the rest
+        delta = text[self.sent[row] : upto]
+        self.sent[row] = max(self.sent[row], upto)
+        if delta or entries:
+            job.emit(delta, entries)
+
+    def _finish(self, row: int, reason: str, now: float) -> None:
+        job = self.jobs[row]
+        if job.emit is not None and self.sent[row] < len(job.text):
+            self._stream(row, [], final=True)
+        if job.strip and job.emit is None:
+            job.text = job.text.strip()
+        job.finish_reason, job.finished = reason, now
+        self.done[row] = True
+
+
+def run_batch(
+    model: Any,
+    tokenizer: Any,
+    jobs: list[Job],
+    sampling: Sampling,
+    constraint: Any = None,
+    record_logprobs: bool = True,
+) -> None:
+    """Generate every job of one batch in place (their text, tokens, finish reason, times).
+
+    `constraint`: an `evaluation.constrained.JsonConstraint` every row is held to, or None.
+    """
+    import torch
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    start = time.perf_counter()
+    for job in jobs:
+        job.started = start
+    batch = tokenizer.pad(
+        {"input_ids": [j.prompt_ids for j in jobs]}, return_tensors="pt", padding=True
+    ).to(model.device)
+    budget = max(j.max_new_tokens for j in jobs)
+    eos = tokenizer.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos])
+    recorder = _Recorder()
+    processors: list[Any] = [recorder] if record_logprobs else []
+    if constraint is not None:
+        processors.append(constraint.processor(budget))
+    rows = _Rows(jobs, tokenizer, recorder, eos_ids)
+    kwargs: dict[str, Any] = {"do_sample": False}
+    if not sampling.greedy:
+        kwargs = {"do_sample": True, "temperature": sampling.temperature, "top_k": 0}
+        kwargs["top_p"] = sampling.top_p or 1.0
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+    with torch.inference_mode():
+        model.generate(
+            **batch,
+            max_new_tokens=budget,
+            use_cache=True,
+            pad_token_id=tokenizer.pad_token_id,
+            logits_processor=LogitsProcessorList(processors),
+            stopping_criteria=StoppingCriteriaList([rows]),
+            **kwargs,
+        )
+    end = time.perf_counter()
+    for row in range(len(jobs)):  # rows still open when generate stopped: out of budget
+        if not rows.done[row]:
+            rows._finish(row, "length", end)

@@ -1,0 +1,104 @@
+"""Prometheus metrics of `temper serve`, named after the OpenTelemetry GenAI conventions.
+
+`gen_ai.server.request.duration`, `gen_ai.server.time_to_first_token` and
+`gen_ai.server.time_per_output_token` become `gen_ai_server_*_seconds` histograms (OTel's
+Prometheus naming: dots to underscores, the unit as a suffix) labelled by
+`gen_ai_request_model`, and token counts `gen_ai_server_token_usage_total` by
+`gen_ai_token_type` (input / output), so dashboards written for those names carry over. The
+server's own state is `temper_*`. Each app has its own registry (no process-global state),
+exposed at GET /metrics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
+PER_TOKEN = (0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2)
+
+
+class ServeMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        model = ["gen_ai_operation_name", "gen_ai_request_model"]
+        self.duration = Histogram(
+            "gen_ai_server_request_duration_seconds",
+            "Time from request to last byte of the answer.",
+            [*model, "error_type"],
+            buckets=LATENCY,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "gen_ai_server_time_to_first_token_seconds",
+            "Time from request to the first generated token.",
+            model,
+            buckets=LATENCY,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "gen_ai_server_time_per_output_token_seconds",
+            "Time per generated token after the first.",
+            model,
+            buckets=PER_TOKEN,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "gen_ai_server_token_usage",
+            "Tokens processed, by type (input: prompt, output: completion).",
+            [*model, "gen_ai_token_type"],
+            registry=r,
+        )
+        self.requests = Counter(
+            "temper_requests", "HTTP requests by route and status.", ["route", "status"], registry=r
+        )
+        self.queue = Gauge("temper_queue_depth", "Requests waiting for a batch.", registry=r)
+        self.batch = Histogram(
+            "temper_batch_size",
+            "Requests per generated batch.",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
+        self.loaded = Gauge(
+            "temper_adapter_loaded",
+            "1 for each loaded adapter version (0 once freed).",
+            ["model_id", "registered_model", "version"],
+            registry=r,
+        )
+        self.registry_gauge = Gauge(
+            "temper_registry_up", "1 when the last registry check succeeded.", registry=r
+        )
+        self.swaps_failed = Counter(
+            "temper_swap_failures",
+            "New versions that could not be loaded.",
+            ["model_id"],
+            registry=r,
+        )
+        self.registry_gauge.set(1)
+
+    def adapter_loaded(self, served: Any, on: bool) -> None:
+        labels = (served.source.id, served.source.name or "", served.version or "")
+        self.loaded.labels(*labels).set(1 if on else 0)
+
+    def registry_up(self, ok: bool) -> None:
+        self.registry_gauge.set(1 if ok else 0)
+
+    def swap_failed(self, model_id: str) -> None:
+        self.swaps_failed.labels(model_id).inc()
+
+    def on_batch(self, size: int, left: int) -> None:
+        self.batch.observe(size)
+        self.queue.set(left)
+
+    def answered(self, model: str, job: Any, prompt_tokens: int, t0: float) -> None:
+        """Record one finished generation (`job` an engine.Job, `t0` the request's start)."""
+        labels = ("chat", model)
+        if job.first_token is not None:
+            self.ttft.labels(*labels).observe(job.first_token - t0)
+        n = len(job.token_ids)
+        if n > 1 and job.finished is not None and job.first_token is not None:
+            self.tpot.labels(*labels).observe((job.finished - job.first_token) / (n - 1))
+        self.tokens.labels(*labels, "input").inc(prompt_tokens)
+        self.tokens.labels(*labels, "output").inc(n)
