@@ -39,7 +39,7 @@ def serve_cmd(
     configuration (e.g. a non-loopback bind without API keys).
     """
     from ..evaluation.bundle import BundleError
-    from ..online.serve import ServeConfig, serve
+    from ..online.serve import ServeConfig, auth, serve
     from ..release.promote import PromoteError
     from .release import registry_client
 
@@ -49,6 +49,9 @@ def serve_cmd(
         update = {"host": host, "port": port, "models": model or None}
         cfg = cfg.model_copy(update={k: v for k, v in update.items() if v is not None})
         cfg = type(cfg).model_validate(cfg.model_dump())
+        keys = auth.load_keys(cfg.api_keys_file, cfg.api_keys_env)
+        if engine == "temper":
+            auth.check_bind(cfg.host, keys)  # before anything is opened or loaded
         if any(m.startswith("models:/") for m in cfg.models):
             registry_client(values)
         if engine == "vllm":
@@ -56,7 +59,7 @@ def serve_cmd(
             return
         if engine != "temper":
             raise ConfigError(f"--engine {engine!r}: use temper or vllm")
-        serve(cfg, base_hint=model_dir(values))
+        serve(cfg, keys, base_hint=model_dir(values))
     except (ConfigError, BundleError, PromoteError) as err:
         fail(err, 2)
 

@@ -17,9 +17,10 @@ log = logging.getLogger("temper.serve")
 __all__ = ["ServeConfig", "serve"]
 
 
-def serve(cfg: ServeConfig, base_hint: str | None = None) -> None:
+def serve(cfg: ServeConfig, keys: list[str], base_hint: str | None = None) -> None:
     """Run the server until SIGINT/SIGTERM (then: stop accepting, drain, exit).
 
+    `keys`: the accepted API keys' digests (`auth.load_keys`; none: loopback only).
     `base_hint`: a local base model folder used when its hash is a bundle's (model.dir).
     """
     import uvicorn
@@ -30,7 +31,6 @@ def serve(cfg: ServeConfig, base_hint: str | None = None) -> None:
     from .metrics import ServeMetrics
 
     logs.setup(cfg.log_file)
-    keys = auth.load_keys(cfg.api_keys_file, cfg.api_keys_env)
     auth.check_bind(cfg.host, keys)
     if cfg.threads:
         import torch

@@ -216,8 +216,10 @@ class ModelTable:
         return version_str(mv.version)
 
     def load_all(self) -> None:
-        """The first load (the server answers 503 until it is done)."""
+        """The first load (the server answers 503 until it is done; retried on failure)."""
         for source in self.sources:
+            if source.id in self.current:
+                continue
             served = self.loader.load(source, self.resolve_version(source))
             self.current[source.id] = served
             self.metrics.adapter_loaded(served, True)

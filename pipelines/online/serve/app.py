@@ -157,12 +157,21 @@ class Server:
         self.load_error: str | None = None
 
     def load(self) -> None:
-        try:
-            self.table.load_all()
-        except Exception as err:  # noqa: BLE001 - reported by /readyz and every request
-            self.load_error = f"{type(err).__name__}: {err}"
-            log.error("could not load the models: %s", self.load_error)
+        """Load every model; on failure (no such alias yet, registry down) retry every
+        watch interval, answering 503 with the reason meanwhile."""
+        while not self.table.stop.is_set():
+            try:
+                self.table.load_all()
+                break
+            except Exception as err:  # noqa: BLE001 - reported by /readyz and every request
+                error = f"{type(err).__name__}: {err}"
+                if error != self.load_error:
+                    log.error("could not load the models (retrying): %s", error)
+                self.load_error = error
+            self.table.stop.wait(self.cfg.watch_interval_s)
+        else:
             return
+        self.load_error = None
         self.ready.set()
         log.info("ready", extra={"models": [s.label for s in self.table.current.values()]})
         self.table.watch()
@@ -170,7 +179,7 @@ class Server:
     def require_ready(self) -> None:
         if not self.ready.is_set():
             message = (
-                f"The models failed to load: {self.load_error}"
+                f"The models could not be loaded yet (retrying): {self.load_error}"
                 if self.load_error
                 else "The models are still loading"
             )

@@ -98,6 +98,8 @@ def make_job(cfg: ServeConfig, served: Served, req: ChatRequest) -> tuple[Job, C
             raise ApiError(
                 400, f"response_format: schema not usable: {err}", param="response_format"
             ) from None
+    # A JSON answer ends when its object closes; free text (`response_format: text`) runs on.
+    json_wanted = schema is not None or (cfg.prompt == "task" and req.response_format is None)
     budget = req.budget(cfg.max_tokens_limit)
     if budget is None:
         budget = served.generation.max_new_tokens if cfg.prompt == "task" else cfg.max_tokens_limit
@@ -110,8 +112,7 @@ def make_job(cfg: ServeConfig, served: Served, req: ChatRequest) -> tuple[Job, C
         max_new_tokens=budget,
         key=key,
         stops=req.stop or [],
-        stop_at_json=served.generation.stop_at_json
-        and (cfg.prompt == "task" or schema is not None),
+        stop_at_json=served.generation.stop_at_json and json_wanted,
         strip=cfg.prompt == "task",
         top_logprobs=(req.top_logprobs or 0) if req.logprobs else 0,
     )

@@ -17,7 +17,11 @@ from typing import Any
 from ...providers.privacy import REDACTIONS, redact
 
 # LogRecord's own attributes: everything else on a record came in through `extra=`.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "color_message",  # uvicorn's coloured copy of msg
+}
 
 
 class JsonFormatter(logging.Formatter):

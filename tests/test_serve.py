@@ -1,0 +1,531 @@
+"""`temper serve` end to end: a real server process on 127.0.0.1 over a real sqlite MLflow
+registry, real LoRA adapters on the real base model, driven by the unmodified `openai` SDK
+(sync and async) and plain httpx. Only the adapters' weights are made up (registry_fixtures):
+what is tested is that the server answers with the registered version, as evaluated.
+
+The module's server is started before any version is champion (so it must answer 503 until
+`temper promote` names one), with an API key, a small queue (so 429 is reachable), and a one
+second watch interval (so a promotion is picked up quickly).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from registry_fixtures import (
+    MODEL,
+    ROOT,
+    make_project,
+    pattern,
+    tiny_adapter,
+    train_candidates,
+    write_eval,
+)
+from typer.testing import CliRunner
+
+from temper.cli import app
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+KEY = "sk-temper-test-3f9a1c77e2"
+CLAUSE = (
+    "This Agreement shall be governed by and construed in accordance with the laws of the "
+    "State of New York, without regard to its conflict of laws principles."
+)
+PRIVATE = "Contact jane.roe@example.com about the Harbourview escrow."
+# An answer that must be long (the grammar holds the model to 300 characters at least): a
+# request that is surely still running a second or two after it started.
+LONG = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "essay",
+        "schema": {
+            "type": "object",
+            "properties": {"essay": {"type": "string", "minLength": 300}},
+            "required": ["essay"],
+        },
+    },
+}
+# An answer that must be long (the grammar holds the model to 300 characters at least): a
+# request that is surely still running a second or two after it started.
+LONG = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "essay",
+        "schema": {
+            "type": "object",
+            "properties": {"essay": {"type": "string", "minLength": 300}},
+            "required": ["essay"],
+        },
+    },
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gentle_adapter(base_dir: Path, folder: Path) -> Path:
+    """A real LoRA adapter that changes the logits a little (the base model keeps answering)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1e-3)
+    peft_model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def register(project: Path, adapter: Path, right: int) -> str:
+    train_candidates(project, ["r16"], adapter)
+    write_eval(project, {"r16": pattern(20, right)}, winner="r16")
+    result = runner.invoke(app, ["register"])
+    assert result.exit_code == 0, result.output
+    return json.loads((project / "metrics" / "register.json").read_text())["version"]
+
+
+class Running:
+    """A `temper serve` process and how to reach it."""
+
+    def __init__(self, project: Path, port: int, log: Path, proc: subprocess.Popen):
+        self.project, self.port, self.log, self.proc = project, port, log, proc
+        self.url = f"http://127.0.0.1:{port}"
+        self.before_ready: httpx.Response | None = None
+
+    def client(self, key: str = KEY, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, **kw)
+
+    def log_lines(self) -> list[dict]:
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
+
+    def metrics(self) -> str:
+        return httpx.get(f"{self.url}/metrics").text
+
+
+def start(project: Path, port: int, log: Path, *extra: str, env_keys: str | None = KEY):
+    env = {k: v for k, v in os.environ.items() if k != "TEMPER_API_KEYS"}
+    if env_keys:
+        env["TEMPER_API_KEYS"] = env_keys
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "temper",
+            "serve",
+            "--port",
+            str(port),
+            *extra,
+            "-S",
+            f"serve.log_file={log}",
+        ],
+        cwd=project,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(log.with_suffix(".stderr"), "w"),  # noqa: SIM115 - lives with the process
+        start_new_session=True,
+    )
+
+
+def wait_until(check, timeout: float, what: str):
+    end = time.time() + timeout
+    while time.time() < end:
+        with contextlib.suppress(httpx.TransportError):
+            got = check()
+            if got:
+                return got
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, base_model_dir):
+    project = tmp_path_factory.mktemp("serve-project")
+    make_project(project, base_model_dir)
+    with contextlib.chdir(project):
+        register(project, gentle_adapter(base_model_dir, project.parent / "gentle"), 15)
+        port = free_port()
+        log = project.parent / "serve.log"
+        proc = start(
+            project,
+            port,
+            log,
+            "-S",
+            "serve.watch_interval_s=1",
+            "-S",
+            "serve.max_batch_size=2",
+            "-S",
+            "serve.max_queue=4",
+            "-S",
+            "serve.max_body_bytes=200000",
+        )
+        s = Running(project, port, log, proc)
+        auth = {"authorization": f"Bearer {KEY}"}
+        # Up, but no champion yet: every model route answers 503 (and says why).
+        s.before_ready = wait_until(
+            lambda: httpx.get(f"{s.url}/v1/models", headers=auth), 60, "the server to listen"
+        )
+        assert httpx.get(f"{s.url}/healthz").status_code == 200
+        result = runner.invoke(app, ["promote"])
+        assert result.exit_code == 0, result.output
+        wait_until(lambda: httpx.get(f"{s.url}/readyz").status_code == 200, 120, "ready")
+        yield s
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_openai_sdk_models_chat_stream_schema_logprobs(server, base_model_dir):
+    assert server.before_ready.status_code == 503
+    assert "could not be loaded yet" in server.before_ready.json()["error"]["message"]
+    client = server.client()
+    models = client.models.list().data
+    assert [m.id for m in models] == ["champion"]
+    assert models[0].model_extra["version"] == "1" and "smollm2" in models[0].model_extra["parent"]
+
+    # The evaluated answer: the pulled version through the evaluation's own generation.
+    from temper.evaluation import bundle
+    from temper.evaluation.generation import generate
+
+    pulled = server.project / ".cache" / "serve" / f"{MODEL}-v1"
+    loaded = bundle.load_bundle(pulled, base_model_dir)
+    schema = loaded.task.json_schema() if loaded.generation.constrained else None
+    want = generate(
+        loaded.model,
+        loaded.tokenizer,
+        [loaded.task.messages(CLAUSE)],
+        loaded.generation.max_new_tokens,
+        schema=schema,
+        progress=False,
+        token_scores=True,
+    )[0]
+    eos = loaded.tokenizer.eos_token_id
+
+    r = client.chat.completions.create(
+        model="champion", messages=[{"role": "user", "content": CLAUSE}]
+    )
+    answer = r.choices[0].message.content
+    assert answer == want.text
+    assert loaded.task.validate_answer(json.loads(answer)) == []
+    assert r.choices[0].finish_reason == "stop"
+    assert r.system_fingerprint == f"{MODEL}-v1"
+    # The evaluation counts an EOS among its new tokens; OpenAI's usage does not.
+    assert r.usage.completion_tokens == len([t for t in want.token_ids if t != eos])
+    assert r.usage.prompt_tokens > 20
+    assert 0 < r.model_extra["temper"]["confidence"]["clause_type"] <= 1
+
+    parts, usage = [], None
+    stream = client.chat.completions.create(
+        model="champion",
+        messages=[{"role": "user", "content": CLAUSE}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    finish = None
+    for chunk in stream:
+        if chunk.choices:
+            parts.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+        else:
+            usage = chunk.usage
+    assert "".join(parts) == answer and finish == "stop"
+    assert usage.completion_tokens == r.usage.completion_tokens
+    assert usage.prompt_tokens == r.usage.prompt_tokens
+
+    custom = {
+        "type": "object",
+        "properties": {
+            "risky": {"type": "boolean"},
+            "party": {"type": "string", "maxLength": 30},
+        },
+        "required": ["risky", "party"],
+        "additionalProperties": False,
+    }
+    r = client.chat.completions.create(
+        model="champion",
+        messages=[{"role": "user", "content": CLAUSE}],
+        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": custom}},
+        max_tokens=60,
+    )
+    jsonschema.validate(json.loads(r.choices[0].message.content), custom)
+    r = client.chat.completions.create(
+        model="champion",
+        messages=[{"role": "user", "content": CLAUSE}],
+        response_format={"type": "json_object"},
+    )
+    assert loaded.task.validate_answer(json.loads(r.choices[0].message.content)) == []
+
+    r = client.chat.completions.create(
+        model="champion",
+        messages=[{"role": "user", "content": CLAUSE}],
+        logprobs=True,
+        top_logprobs=3,
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert all(t.logprob <= 0 and len(t.top_logprobs) == 3 for t in content)
+    assert "".join(t.token for t in content).strip() == r.choices[0].message.content
+
+    r = client.chat.completions.create(
+        model="champion", messages=[{"role": "user", "content": CLAUSE}], stop=["type"]
+    )
+    assert r.choices[0].finish_reason == "stop" and "type" not in r.choices[0].message.content
+    r = client.chat.completions.create(
+        model="champion",
+        messages=[{"role": "user", "content": CLAUSE}],
+        max_tokens=3,
+        response_format={"type": "text"},
+    )
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
+    sampled = [
+        client.chat.completions.create(
+            model="champion",
+            messages=[{"role": "user", "content": CLAUSE}],
+            temperature=0.9,
+            seed=7,
+            response_format={"type": "text"},
+            max_tokens=12,
+        )
+        .choices[0]
+        .message.content
+        for _ in range(2)
+    ]
+    assert sampled[0] == sampled[1]  # a seeded sample repeats
+
+    async def together():
+        aclient = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+        texts = [f"{CLAUSE} Section {i}." for i in range(4)]
+        rs = await asyncio.gather(
+            *(
+                aclient.chat.completions.create(
+                    model="champion", messages=[{"role": "user", "content": t}]
+                )
+                for t in texts
+            )
+        )
+        await aclient.close()
+        return rs
+
+    before = batches(server)
+    rs = asyncio.run(together())
+    assert all(
+        loaded.task.validate_answer(json.loads(x.choices[0].message.content)) == [] for x in rs
+    )
+    assert batches(server) - before < 4  # four concurrent requests, fewer batches
+    text = server.metrics()
+    for name in (
+        "gen_ai_server_request_duration_seconds_bucket",
+        "gen_ai_server_time_to_first_token_seconds_count",
+        "gen_ai_server_time_per_output_token_seconds_count",
+        'gen_ai_server_token_usage_total{gen_ai_operation_name="chat",'
+        'gen_ai_request_model="champion",gen_ai_token_type="output"}',
+        "temper_queue_depth",
+        'temper_adapter_loaded{model_id="champion",registered_model="temper-clause-review",'
+        'version="1"} 1.0',
+    ):
+        assert name in text, name
+
+
+def batches(server: Running) -> float:
+    for line in server.metrics().splitlines():
+        if line.startswith("temper_batch_size_count"):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_every_error_status_in_openai_shape(server):
+    client = server.client()
+    chat = {"model": "champion", "messages": [{"role": "user", "content": CLAUSE}]}
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(**chat, extra_body={"bogus": 1})
+    assert bad.value.body["param"] == "bogus" and bad.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(**chat, max_tokens=100_000)
+    with pytest.raises(openai.AuthenticationError) as denied:
+        server.client(key="sk-wrong").chat.completions.create(**chat)
+    assert denied.value.body["code"] == "invalid_api_key"
+    missing = httpx.post(f"{server.url}/v1/chat/completions", json=chat)
+    assert missing.status_code == 401 and "Missing API key" in missing.json()["error"]["message"]
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.chat.completions.create(**{**chat, "model": "nope"})
+    assert unknown.value.body["code"] == "model_not_found"
+    big = {"model": "champion", "messages": [{"role": "user", "content": "x" * 300_000}]}
+    with pytest.raises(openai.APIStatusError) as large:
+        client.chat.completions.create(**big)
+    assert large.value.status_code == 413
+    assert large.value.body["code"] == "request_too_large"
+
+    async def burst():
+        aclient = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+        got = await asyncio.gather(
+            *(
+                aclient.chat.completions.with_raw_response.create(
+                    **chat, response_format={"type": "text"}, max_tokens=8
+                )
+                for _ in range(12)
+            ),
+            return_exceptions=True,
+        )
+        await aclient.close()
+        return got
+
+    got = asyncio.run(burst())
+    limited = [g for g in got if isinstance(g, openai.RateLimitError)]
+    assert limited, got  # 2 running + 4 queued at most: the rest are refused
+    assert limited[0].response.headers["retry-after"] == "1"
+    assert all(not isinstance(g, Exception) or isinstance(g, openai.RateLimitError) for g in got)
+    rid = httpx.get(
+        f"{server.url}/v1/models",
+        headers={"authorization": f"Bearer {KEY}", "x-request-id": "trace-42"},
+    )
+    assert rid.headers["x-request-id"] == "trace-42"
+
+
+def test_a_client_leaving_mid_stream_frees_its_slot(server):
+    body = {
+        "model": "champion",
+        "messages": [{"role": "user", "content": CLAUSE}],
+        "stream": True,
+        "max_tokens": 400,
+        "response_format": LONG,
+    }
+    headers = {"authorization": f"Bearer {KEY}", "x-request-id": "leaver-1"}
+    with httpx.stream(
+        "POST", f"{server.url}/v1/chat/completions", json=body, headers=headers, timeout=60
+    ) as response:
+        assert response.status_code == 200
+        for i, _ in enumerate(response.iter_lines()):
+            if i >= 4:
+                break
+    line = wait_until(
+        lambda: next((x for x in server.log_lines() if x.get("request_id") == "leaver-1"), None),
+        30,
+        "the request's log line",
+    )
+    assert line.get("cancelled") is True
+    assert line["status"] == 200
+    assert line["status"] == 200
+
+
+def test_promotion_swaps_versions_under_load_without_failures(server):
+    with contextlib.chdir(server.project):
+        v2 = register(server.project, tiny_adapter(str(server.project / "models" / "base")), 16)
+    assert v2 == "2"
+    client = server.client(timeout=60)
+    results: list[tuple[float, str | None, str | None]] = []
+    stop = threading.Event()
+
+    def keep_asking(i: int) -> None:
+        while not stop.is_set():
+            try:
+                r = client.chat.completions.create(
+                    model="champion",
+                    messages=[{"role": "user", "content": f"{CLAUSE} ({i})"}],
+                    max_tokens=16,
+                )
+                results.append((time.time(), r.system_fingerprint, None))
+            except Exception as err:  # noqa: BLE001 - every failure is counted
+                results.append((time.time(), None, repr(err)))
+
+    threads = [threading.Thread(target=keep_asking, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: len(results) >= 4, 120, "answers from v1")
+    with contextlib.chdir(server.project):
+        result = runner.invoke(app, ["promote"])
+    assert result.exit_code == 0, result.output
+    promoted = time.time()
+    wait_until(lambda: any(f == f"{MODEL}-v2" for _, f, _ in results), 120, "answers from v2")
+    switched = min(t for t, f, _ in results if f == f"{MODEL}-v2")
+    n = len(results)
+    wait_until(lambda: len(results) >= n + 4, 120, "more answers")
+    stop.set()
+    for t in threads:
+        t.join()
+    failures = [e for _, _, e in results if e]
+    assert failures == [], failures
+    after = [f for t, f, _ in results if t > switched + 5]
+    assert after and set(after) == {f"{MODEL}-v2"}
+    assert {f for t, f, _ in results if t < promoted} == {f"{MODEL}-v1"}
+    # Within the watch interval (1 s) plus pulling and loading the new version.
+    assert switched - promoted < 60, switched - promoted
+    text = server.metrics()
+    assert 'version="2"} 1.0' in text
+    wait_until(lambda: 'version="1"} 0.0' in server.metrics(), 30, "v1 freed")
+    messages = [x["msg"] for x in server.log_lines()]
+    assert any("swapped champion: v1 -> v2" in m for m in messages)
+    assert any("freed temper-clause-review-v1" in m for m in messages)
+
+
+def test_sigterm_drains_in_flight_requests_and_the_log_holds_no_key_or_prompt(server):
+    client = server.client(timeout=60)
+    with pytest.raises(openai.AuthenticationError):  # a wrong key, and prompt text
+        server.client(key="sk-wrong").chat.completions.create(
+            model="champion", messages=[{"role": "user", "content": PRIVATE}]
+        )
+    out: dict = {}
+
+    def ask():
+        try:
+            out["r"] = client.chat.completions.create(
+                model="champion",
+                messages=[{"role": "user", "content": PRIVATE}],
+                max_tokens=200,
+                response_format=LONG,
+            )
+        except Exception as err:  # noqa: BLE001
+            out["err"] = err
+
+    t = threading.Thread(target=ask)
+    t.start()
+    time.sleep(1.0)  # in flight
+    os.killpg(server.proc.pid, signal.SIGTERM)
+    t.join(60)
+    assert "err" not in out, out.get("err")
+    assert out["r"].choices[0].message.content
+    # uvicorn drains, shuts the app down, then re-raises the SIGTERM it caught (so the exit
+    # status says what stopped the process, as for any SIGTERM'd program).
+    assert server.proc.wait(60) in (0, -signal.SIGTERM)
+    lines = server.log_lines()
+    down = next(i for i, x in enumerate(lines) if x["msg"] == "Shutting down")
+    drained = [x for x in lines[down:] if x["msg"] == "request"]
+    assert drained and drained[0]["status"] == 200  # finished after the signal, not cut off
+    assert lines[-2]["msg"] == "Application shutdown complete."
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{server.url}/healthz")
+    log = server.log.read_text()
+    assert KEY not in log and "sk-wrong" not in log
+    assert "jane.roe" not in log and "Harbourview" not in log and "governed by" not in log
+    assert '"request_id"' in log and '"status": 401' in log
+
+
+def test_non_loopback_bind_without_keys_refuses_to_start(tmp_path):
+    port = free_port()
+    log = tmp_path / "refused.log"
+    proc = start(ROOT, port, log, "--host", "0.0.0.0", env_keys=None)
+    assert proc.wait(120) == 2
+    assert "no API key is set" in log.with_suffix(".stderr").read_text()
