@@ -350,6 +350,65 @@ def test_openai_sdk_models_chat_stream_schema_logprobs(server, base_model_dir):
         assert name in text, name
 
 
+def test_the_registered_version_is_an_mlflow_pyfunc_model(server, base_model_dir):
+    """`mlflow.pyfunc.load_model` and `mlflow models serve` answer as `temper serve` does."""
+    import mlflow
+    import pandas as pd
+
+    uri = f"sqlite:///{server.project / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    served = server.client().chat.completions.create(
+        model="champion", messages=[{"role": "user", "content": CLAUSE}]
+    )
+    model = mlflow.pyfunc.load_model(
+        f"models:/{MODEL}@champion", model_config={"base_dir": str(base_model_dir)}
+    )
+    out = model.predict(pd.DataFrame({"text": [CLAUSE, PRIVATE]}))
+    assert list(out.columns[:2]) == ["clause_type", "key_term"] and len(out) == 2
+    assert out["output"][0] == served.choices[0].message.content
+    assert out["schema_valid"].all() and 0 < out["confidence.clause_type"][0] <= 1
+
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "TEMPER_BASE_DIR": str(base_model_dir)}
+    proc = subprocess.Popen(
+        [
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            f"models:/{MODEL}@champion",
+            "--env-manager",
+            "local",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=server.project,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_until(
+            lambda: httpx.get(f"http://127.0.0.1:{port}/ping").status_code == 200,
+            180,
+            "mlflow models serve",
+        )
+        got = httpx.post(
+            f"http://127.0.0.1:{port}/invocations",
+            json={"dataframe_split": {"columns": ["text"], "data": [[CLAUSE]]}},
+            timeout=120,
+        )
+        assert got.status_code == 200, got.text
+        assert got.json()["predictions"][0]["output"] == served.choices[0].message.content
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
 def batches(server: Running) -> float:
     for line in server.metrics().splitlines():
         if line.startswith("temper_batch_size_count"):

@@ -97,43 +97,33 @@ def summary_path(out: str | Path) -> Path:
     return out.with_name(f"{out.stem}.summary.json")
 
 
-def predict(
-    bundle: Bundle,
-    input_path: str | Path,
-    out: str | Path,
-    text_field: str = "text",
-    batch_size: int = 16,
-    on_error: OnError = "fail",
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Answer every record of `input_path` into `out` (JSONL); returns the summary."""
+def answer_texts(
+    bundle: Bundle, texts: list[str], batch_size: int = 16, progress: bool = True
+) -> list[dict[str, Any]]:
+    """The bundle's answers to `texts`, as evaluated: parsed answer, raw output, schema
+    validity and problems, label confidences, generated tokens (one dict per text)."""
     from .generation import generate
 
-    records, skipped = read_records(input_path, text_field, on_error)
-    for problem in skipped[:5]:
-        log.warning("skipped %s", problem)
+    if not texts:
+        return []
     task, gen, tokenizer = bundle.task, bundle.generation, bundle.tokenizer
-    t0 = time.perf_counter()
-    gens = []
-    if records:
-        gens = generate(
-            bundle.model,
-            tokenizer,
-            [task.messages(r["text"]) for r in records],
-            gen.max_new_tokens,
-            batch_size,
-            stop_at_json=gen.stop_at_json,
-            progress=progress,
-            desc="predict",
-            schema=task.json_schema() if gen.constrained else None,
-            token_scores=True,
-        )
+    gens = generate(
+        bundle.model,
+        tokenizer,
+        [task.messages(t) for t in texts],
+        gen.max_new_tokens,
+        batch_size,
+        stop_at_json=gen.stop_at_json,
+        progress=progress,
+        desc="predict",
+        schema=task.json_schema() if gen.constrained else None,
+        token_scores=True,
+    )
     rows = []
-    for rec, g in zip(records, gens, strict=True):
+    for g in gens:
         parsed = answer_fields(task, g.text)
         rows.append(
             {
-                "id": rec["id"],
                 "answer": parsed["answer"],
                 "output": g.text,
                 "schema_valid": parsed["valid"],
@@ -144,6 +134,31 @@ def predict(
                 "new_tokens": g.new_tokens,
             }
         )
+    return rows
+
+
+def predict(
+    bundle: Bundle,
+    input_path: str | Path,
+    out: str | Path,
+    text_field: str = "text",
+    batch_size: int = 16,
+    on_error: OnError = "fail",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Answer every record of `input_path` into `out` (JSONL); returns the summary."""
+    records, skipped = read_records(input_path, text_field, on_error)
+    for problem in skipped[:5]:
+        log.warning("skipped %s", problem)
+    t0 = time.perf_counter()
+    rows = [
+        {"id": rec["id"], **row}
+        for rec, row in zip(
+            records,
+            answer_texts(bundle, [r["text"] for r in records], batch_size, progress),
+            strict=True,
+        )
+    ]
     seconds = time.perf_counter() - t0
     write_jsonl(out, rows)
     summary = {
@@ -155,7 +170,7 @@ def predict(
         "skipped_records": skipped[:100],
         "schema_valid": sum(r["schema_valid"] for r in rows),
         "seconds": round(seconds, 2),
-        "task": task.name,
+        "task": bundle.task.name,
         "model": (bundle.manifest.registry if bundle.manifest else None) or str(bundle.path),
     }
     write_json(summary_path(out), summary)

@@ -41,6 +41,11 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "serving.json"
 FORMAT = 1
+# What registration adds beside the adapter's files in its logged model, so that the version
+# also loads as an MLflow pyfunc model (`write_pyfunc`), and the file MLflow writes into a
+# downloaded registered model: none of it is the adapter (`strip_pyfunc` before hashing).
+PYFUNC_FILES = ("MLmodel", "serving", "registered_model_meta")
+PYFUNC_LOADER = "temper.online.pyfunc"
 
 
 class BundleError(ValueError):
@@ -138,6 +143,34 @@ def write_serving(
     )
     write_json(out / MANIFEST, manifest.model_dump(mode="json"))
     return manifest
+
+
+def write_pyfunc(out: str | Path, serving: str | Path) -> None:
+    """Make `out` (a logged model's files: the adapter, its card) an MLflow pyfunc model:
+    an `MLmodel` whose python_function flavor loads with `PYFUNC_LOADER`, and the serving
+    files under `serving/`. `mlflow.pyfunc.load_model("models:/<name>@<alias>")` then answers
+    a DataFrame of texts; `mlflow models serve` serves it (docs/serve.md)."""
+    import mlflow.pyfunc
+    from mlflow.models import Model
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    out = Path(out)
+    model = Model()
+    mlflow.pyfunc.add_to_model(model, loader_module=PYFUNC_LOADER, data=".")
+    model.signature = ModelSignature(inputs=Schema([ColSpec("string", "text")]))
+    model.save(str(out / "MLmodel"))
+    shutil.copytree(serving, out / "serving")
+
+
+def strip_pyfunc(folder: str | Path) -> None:
+    """Remove the pyfunc files from a downloaded adapter folder (they are not the adapter)."""
+    for name in PYFUNC_FILES:
+        path = Path(folder) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def read_manifest(folder: str | Path) -> Manifest:

@@ -68,6 +68,7 @@ def download_adapter(mv: Any, dst: Path) -> str:
     mlflow.artifacts.download_artifacts(
         artifact_uri=f"models:/{mv.name}/{tracking.version_str(mv.version)}", dst_path=str(dst)
     )
+    bundle.strip_pyfunc(dst)  # the version's MLflow pyfunc files are not the adapter
     have, want = adapter_hash(dst), mv.tags.get("temper.adapter_sha256")
     if want and have != want:
         raise PromoteError(

@@ -364,9 +364,11 @@ def log_register_run(
             # Trained without MLflow: the adapter (and its card) go to this run instead.
             shutil.copytree(w.adapter_dir, art / "adapter")
             (art / "adapter" / "README.md").write_text(card, encoding="utf-8")
+            bundle.write_pyfunc(art / "adapter", art / "serving")
         run.client.log_artifacts(run.run_id, str(art))
         (art / "card").mkdir()
         (art / "card" / "README.md").write_text(card, encoding="utf-8")
+        bundle.write_pyfunc(art / "card", art / "serving")  # also an MLflow pyfunc model
         if w.model_id is not None:
             run.client.log_model_artifacts(w.model_id, str(art / "card"))
     run.log_params({"candidate": w.name, "registered_model": cfg.model_name})
