@@ -409,6 +409,16 @@ def test_the_registered_version_is_an_mlflow_pyfunc_model(server, base_model_dir
         proc.wait(30)
 
 
+def test_engine_vllm_checks_the_adapter_and_prints_the_command(server):
+    with contextlib.chdir(server.project):
+        result = runner.invoke(app, ["serve", "--engine", "vllm"])
+    assert result.exit_code == 0, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("vllm serve ") and "--enable-lora" in line
+    assert f"--lora-modules champion={server.project}/.cache/serve/{MODEL}-v" in line
+    assert "--max-lora-rank 8" in line  # rank 2 adapters: vLLM's smallest choice above 1
+
+
 def batches(server: Running) -> float:
     for line in server.metrics().splitlines():
         if line.startswith("temper_batch_size_count"):
