@@ -19,7 +19,8 @@ from registry_fixtures import (
 from typer.testing import CliRunner
 
 from temper.cli import app
-from temper.release import promote, pull
+from temper.release import promote
+from temper.tracking import pull
 
 runner = CliRunner()
 N = 60  # test examples per evaluation

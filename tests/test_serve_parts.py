@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 from pathlib import Path
@@ -204,3 +205,39 @@ def test_json_log_lines_carry_extras_but_not_uvicorns_colours():
     line = json.loads(JsonFormatter().format(record))
     assert line["msg"] == "request" and line["request_id"] == "abc" and line["status"] == 200
     assert "color_message" not in line and line["level"] == "info"
+
+
+def test_unreachable_registry_keeps_the_current_version_and_says_so(tmp_path, monkeypatch, caplog):
+    """A real MLflow client against a port nobody listens on: the watch round fails, the
+    served version stays, the log and `temper_registry_up` say so, and recovery is logged."""
+    import mlflow
+    from prometheus_client import generate_latest
+
+    from temper.evaluation.bundle import GenerationSettings
+    from temper.online.serve.adapters import Loader, ModelTable, Served, Source
+    from temper.online.serve.metrics import ServeMetrics
+    from temper.task import load_task
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    source = Source.parse("models:/temper-clause-review@champion")
+    metrics = ServeMetrics()
+    table = ModelTable([source], Loader(tmp_path, None, "cpu"), 1.0, metrics)
+    task = load_task(Path(__file__).resolve().parents[1] / "configs/tasks/clause_review.yaml")
+    current = Served(
+        source, "3", None, None, task, GenerationSettings(max_new_tokens=8), {}, tmp_path
+    )
+    table.current["champion"] = current
+    table.client = mlflow.MlflowClient(tracking_uri=dead, registry_uri=dead)
+    with caplog.at_level(logging.WARNING, logger="temper.online.serve.adapters"):
+        table.check()
+        table.check()  # said once, not per round
+    assert table.get("champion") is current and not table.registry_ok
+    assert b"temper_registry_up 0.0" in generate_latest(metrics.registry)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert (
+        len(warnings) == 1 and "registry unreachable, keeping the current versions" in warnings[0]
+    )

@@ -33,7 +33,7 @@ def open_model(
 
     path = Path(model)
     if not (path / bundle.MANIFEST).exists() and not (path / "adapter_config.json").exists():
-        from ..release import pull
+        from ..tracking import pull
         from .release import registry_client
 
         registry_client(values)
@@ -86,7 +86,7 @@ def predict_cmd(
     0 done, 1 bad input or model, 2 bad options.
     """
     from ..evaluation import batch_predict, bundle
-    from ..release.promote import PromoteError
+    from ..tracking.pull import PullError
 
     if on_error not in ("fail", "skip"):
         fail(ValueError(f"--on-error {on_error!r}: use fail or skip"), 2)
@@ -102,7 +102,7 @@ def predict_cmd(
         ConfigError,
         batch_predict.InputError,
         bundle.BundleError,
-        PromoteError,
+        PullError,
         FileNotFoundError,
     ) as err:
         fail(err)

@@ -181,14 +181,13 @@ def pull_cmd(
     by hash), task.yaml, tokenizer + chat template, serving.json (base identity, generation
     settings), README; `--with-base` adds the base weights."""
     from ..evaluation.bundle import BundleError
-    from ..release import pull
-    from ..release.promote import PromoteError
+    from ..tracking import pull
 
     values = load(params, set_)
     try:
         registry_client(values)
         path = pull.pull(uri, out, base or Path(model_dir(values)), with_base)
-    except (ConfigError, PromoteError, BundleError) as err:
+    except (ConfigError, pull.PullError, BundleError) as err:
         fail(err, 2)
     typer.echo(
         f"pulled into {path}: load with temper.evaluation.bundle.load_bundle('{path}') "

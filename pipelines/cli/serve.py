@@ -40,7 +40,7 @@ def serve_cmd(
     """
     from ..evaluation.bundle import BundleError
     from ..online.serve import ServeConfig, auth, serve
-    from ..release.promote import PromoteError
+    from ..tracking.pull import PullError
     from .release import registry_client
 
     values = load(params, set_)
@@ -60,7 +60,7 @@ def serve_cmd(
         if engine != "temper":
             raise ConfigError(f"--engine {engine!r}: use temper or vllm")
         serve(cfg, keys, base_hint=model_dir(values))
-    except (ConfigError, BundleError, PromoteError) as err:
+    except (ConfigError, BundleError, PullError) as err:
         fail(err, 2)
 
 

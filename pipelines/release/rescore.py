@@ -65,12 +65,15 @@ def champion_scores(
     challenger's evaluation set, generated now (greedy, as the evaluate stage does)."""
     from ..evaluation.predict import model_predictions
     from ..evaluation.scoring import attach_scores, per_example, references_for
-    from .pull import pull_adapter
+    from ..tracking.pull import PullError, pull_adapter
 
     records = evaluation_records(evaluation, ids)
     primary = paired_metric(evaluation.primary_metric)  # what the version's scores hold
     with tempfile.TemporaryDirectory(prefix="temper-rescore-") as tmp:
-        adapter = pull_adapter(f"models:/{name}/{champion_version}", Path(tmp) / "champion")
+        try:
+            adapter = pull_adapter(f"models:/{name}/{champion_version}", Path(tmp) / "champion")
+        except PullError as err:
+            raise PromoteError(f"re-scoring: {err}") from None
         log.info(
             "promote: re-scoring champion v%s on the challenger's %d examples",
             champion_version,

@@ -6,6 +6,7 @@
   logged model; lineage.
 - `card`: the model card of a registered version.
 - `server`: a lean `mlflow server` and the runs-table view Temper links to.
+- `pull`: a registered version as a portable bundle folder (`temper pull`, `temper serve`).
 """
 
 from .registry import (

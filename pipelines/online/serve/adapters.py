@@ -127,7 +127,7 @@ class Loader:
             return Path(source.spec)
         out = self.cache_dir / f"{source.name}-v{version}"
         if not (out / bundle.MANIFEST).exists():
-            from ...release import pull
+            from ...tracking import pull
 
             pull.pull(f"models:/{source.name}/{version}", out)
         return out

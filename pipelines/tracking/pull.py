@@ -5,7 +5,8 @@ registration logged under `serving/` of the version's run (task.yaml, tokenizer 
 template, serving.json with the base model's identity and the generation settings), and writes
 a README. With `with_base` the base weights are copied in too (checked against the recorded
 base hash), so the folder needs nothing else. `temper.evaluation.bundle.load_bundle` loads
-the result on any machine; see that module for the layout.
+the result on any machine; see that module for the layout. Here on the shared floor (registry
+I/O) because both the release commands and the online server pull versions.
 """
 
 from __future__ import annotations
@@ -20,9 +21,13 @@ from .. import tracking
 from ..evaluation import bundle
 from ..io import adapter_hash, atomic_dir, write_json
 from ..models import describe
-from .promote import PromoteError
 
 log = logging.getLogger(__name__)
+
+
+class PullError(ValueError):
+    """A version that cannot be resolved or pulled (the message says which and why)."""
+
 
 URI_RE = re.compile(r"^(?:models:/)?(?P<name>[^@/]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))?$")
 
@@ -50,14 +55,14 @@ def resolve(client: Any, uri: str, default_alias: str = "champion") -> Any:
     """`models:/name@alias`, `models:/name/3`, `name@alias`, `name/3` or `name` (champion)."""
     m = URI_RE.match(uri.strip())
     if not m:
-        raise PromoteError(f"{uri!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
+        raise PullError(f"{uri!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
     name = m["name"]
     if m["version"]:
         return client.get_model_version(name, m["version"])
     alias = m["alias"] or default_alias
     mv = tracking.alias_version(client, name, alias)
     if mv is None:
-        raise PromoteError(f"{name}@{alias} does not exist in the registry")
+        raise PullError(f"{name}@{alias} does not exist in the registry")
     return mv
 
 
@@ -71,7 +76,7 @@ def download_adapter(mv: Any, dst: Path) -> str:
     bundle.strip_pyfunc(dst)  # the version's MLflow pyfunc files are not the adapter
     have, want = adapter_hash(dst), mv.tags.get("temper.adapter_sha256")
     if want and have != want:
-        raise PromoteError(
+        raise PullError(
             f"{mv.name} v{tracking.version_str(mv.version)}: downloaded adapter hash {have} "
             f"differs from the registered {want}"
         )
@@ -111,7 +116,7 @@ def pull(
                 run_id=mv.run_id, artifact_path="serving", dst_path=str(tmp / ".dl")
             )
         except Exception as err:  # noqa: BLE001 - MLflow raises several kinds for "absent"
-            raise PromoteError(
+            raise PullError(
                 f"{label}: its run {mv.run_id} has no serving/ files (registered before "
                 f"bundles existed?): register it again with `temper register` ({err})"
             ) from None
@@ -122,13 +127,13 @@ def pull(
         adapter = tmp / manifest.adapter
         have = download_adapter(mv, adapter)
         if have != manifest.adapter_sha256:
-            raise PromoteError(
+            raise PullError(
                 f"{label}: adapter hash {have} differs from serving.json's "
                 f"{manifest.adapter_sha256}"
             )
         if with_base:
             if base_dir is None:
-                raise PromoteError("--with-base needs the base model folder (--base or model.dir)")
+                raise PullError("--with-base needs the base model folder (--base or model.dir)")
             bundle.check_base(Path(base_dir), manifest.base, "--base")
             bundle.copy_base(base_dir, tmp / "base")
             manifest.base_weights = "base"
