@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from temper import tracking
 from temper.cli import app
+from temper.evaluation import bundle
 from temper.io import md5_file
 from temper.results import EvalResult
 from temper.stages import register as reg
@@ -113,6 +114,10 @@ def test_register_winner_with_children_alias_lineage_and_card(project, base_mode
         )
     )
     assert (local / "adapter_model.safetensors").exists()
+    # ... and the MLflow pyfunc files (MLmodel, serving/), which are not the adapter.
+    assert (local / "MLmodel").exists() and (local / "serving" / "serving.json").exists()
+    assert "temper.online.pyfunc" in (local / "MLmodel").read_text()
+    bundle.strip_pyfunc(local)
     assert reg.adapter_hash(local) == reg.adapter_hash(adapter)
     card = (local / "README.md").read_text()
     assert "CUAD v1 (Contract Understanding Atticus Dataset)" in card
@@ -156,6 +161,8 @@ def test_candidate_without_logged_model_is_registered_from_the_register_run(
     import mlflow
 
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}/1", dst_path="dl"))
+    assert (local / "MLmodel").exists()  # also a pyfunc model when registered from the run
+    bundle.strip_pyfunc(local)
     assert reg.adapter_hash(local) == reg.adapter_hash(adapter)
     assert "| clause_type.accuracy | 0.75 [0.7, 0.8] |" in (local / "README.md").read_text()
 
