@@ -395,3 +395,25 @@ def write_eval(tmp: Path, correct: dict[str, list[int]], winner: str | None = No
 def pattern(n: int, right: int) -> list[int]:
     """n examples of which the first `right` are correct."""
     return [1] * right + [0] * (n - right)
+
+
+def gentle_adapter(base_dir: Path, folder: Path) -> Path:
+    """A real LoRA adapter whose B matrices are small: it changes the logits a little but keeps
+    the base model's habit of answering in JSON (the fixtures' tiny adapter makes it chatter),
+    so label confidences have answers to score."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1e-3)
+    peft_model.save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -14,7 +14,15 @@ import shutil
 from pathlib import Path
 
 import pytest
-from registry_fixtures import MODEL, ROOT, make_project, pattern, train_candidates, write_eval
+from registry_fixtures import (
+    MODEL,
+    ROOT,
+    gentle_adapter,
+    make_project,
+    pattern,
+    train_candidates,
+    write_eval,
+)
 from typer.testing import CliRunner
 
 from temper import models
@@ -23,28 +31,6 @@ from temper.evaluation import batch_predict, bundle
 from temper.io import adapter_hash
 
 runner = CliRunner()
-
-
-def gentle_adapter(base_dir: Path, folder: Path) -> Path:
-    """A real LoRA adapter whose B matrices are small: it changes the logits a little but keeps
-    the base model's habit of answering in JSON (the fixtures' tiny adapter makes it chatter),
-    so label confidences have answers to score."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    peft_model = get_peft_model(
-        model,
-        LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
-    )
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 1e-3)
-    peft_model.save_pretrained(folder, safe_serialization=True)
-    return folder
 
 
 def register_and_pull(tmp: Path, base_model_dir: Path, adapter: Path, monkeypatch) -> Path:

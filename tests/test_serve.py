@@ -29,6 +29,7 @@ import pytest
 from registry_fixtures import (
     MODEL,
     ROOT,
+    gentle_adapter,
     make_project,
     pattern,
     tiny_adapter,
@@ -60,45 +61,12 @@ LONG = {
         },
     },
 }
-# An answer that must be long (the grammar holds the model to 300 characters at least): a
-# request that is surely still running a second or two after it started.
-LONG = {
-    "type": "json_schema",
-    "json_schema": {
-        "name": "essay",
-        "schema": {
-            "type": "object",
-            "properties": {"essay": {"type": "string", "minLength": 300}},
-            "required": ["essay"],
-        },
-    },
-}
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def gentle_adapter(base_dir: Path, folder: Path) -> Path:
-    """A real LoRA adapter that changes the logits a little (the base model keeps answering)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    peft_model = get_peft_model(
-        model,
-        LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
-    )
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 1e-3)
-    peft_model.save_pretrained(folder, safe_serialization=True)
-    return folder
 
 
 def register(project: Path, adapter: Path, right: int) -> str:
@@ -434,6 +402,11 @@ def test_every_error_status_in_openai_shape(server):
     assert bad.value.body["param"] == "bogus" and bad.value.body["type"] == "invalid_request_error"
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.chat.completions.create(**chat, max_tokens=100_000)
+    with pytest.raises(openai.BadRequestError) as long:
+        client.chat.completions.create(
+            model="champion", messages=[{"role": "user", "content": "clause " * 2500}]
+        )
+    assert long.value.body["code"] == "context_length_exceeded"
     with pytest.raises(openai.AuthenticationError) as denied:
         server.client(key="sk-wrong").chat.completions.create(**chat)
     assert denied.value.body["code"] == "invalid_api_key"

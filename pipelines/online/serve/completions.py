@@ -210,20 +210,23 @@ class Completions:
         cid, created = completion_id(), now()
         with_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-        def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> str:
+        def event(choices: list[dict[str, Any]], **extra: Any) -> str:
             body = {
                 "id": cid,
                 "object": "chat.completion.chunk",
                 "created": created,
                 "model": req.model,
                 "system_fingerprint": served.fingerprint,
-                "choices": [
-                    {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-                ],
+                "choices": choices,
+                **({"usage": None} if with_usage else {}),
+                **extra,
             }
-            if with_usage:
-                body["usage"] = None
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> str:
+            return event(
+                [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]
+            )
 
         deadline = t0 + self.cfg.request_timeout_s
         try:
@@ -250,17 +253,11 @@ class Completions:
             yield chunk({}, finish=job.finish_reason)
             self._record(req, served, job, n_prompt, t0, info)
             if with_usage:
-                body = {
-                    "id": cid,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": req.model,
-                    "system_fingerprint": served.fingerprint,
-                    "choices": [],
-                    "usage": usage(n_prompt, len(job.token_ids)),
-                    "temper": extras(served, job),
-                }
-                yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+                yield event(
+                    [],
+                    usage=usage(n_prompt, len(job.token_ids)),
+                    temper=extras(served, job),
+                )
             yield "data: [DONE]\n\n"
         finally:
             if job.finish_reason is None:  # the client left (or we timed out): free the slot

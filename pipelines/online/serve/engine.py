@@ -109,6 +109,8 @@ class _Rows:
                     job.top.append(list(zip(ids.tolist(), values.tolist(), strict=True)))
                 entries = [self._entry(row, len(job.token_ids) - 1)]
             text = self.tokenizer.decode(job.token_ids, skip_special_tokens=True)
+            if job.strip:  # task mode: no leading blanks (the evaluation strips its answers)
+                text = text.lstrip()
             job.text = text
             reason = self._why_stop(job, text, token)
             if reason == "stop_sequence":
@@ -153,9 +155,6 @@ class _Rows:
         if job.emit is None:
             return
         text = job.text
-        if job.strip and self.sent[row] == 0:
-            text = text.lstrip()
-            job.text = text
         upto = len(text) if final else max(self.sent[row], len(text) - self.hold[row])
         if not final and text[:upto].endswith("\ufffd"):
             upto -= 1  # half a multi-byte character: wait for the rest
