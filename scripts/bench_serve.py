@@ -41,10 +41,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(model: str, batch: int, log: Path) -> tuple[subprocess.Popen, str]:
+def start(model: str, batch: int, log: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [sys.executable, "-m", "temper", "serve", "--port", str(port), "-m", model]
-    command += ["-S", f"serve.max_batch_size={batch}", "-S", "serve.max_queue=256"]
+    command += ["-S", f"serve.max_batch_size={batch}", "-S", "serve.max_queue=256", *extra]
     command += ["-S", f"serve.log_file={log}"]
     proc = subprocess.Popen(
         command,
@@ -135,6 +135,9 @@ def main() -> None:
     parser.add_argument("--model", default="models:/temper-clause-review@champion")
     parser.add_argument("-n", "--requests", type=int, default=32)
     parser.add_argument("--batch", type=int, default=16, help="max_batch_size when batched")
+    parser.add_argument(
+        "-S", "--set", action="append", default=[], help="serve.<key>=<value> for both servers"
+    )
     parser.add_argument("--test", default=str(ROOT / "data" / "prepared" / "test.jsonl"))
     parser.add_argument("--out", default=str(ROOT / "reports" / "bench_serve.json"))
     args = parser.parse_args()
@@ -152,7 +155,7 @@ def main() -> None:
     for mode, batch in (("batched", args.batch), ("one-at-a-time", 1)):
         log = Path(args.out).with_name(f"bench_serve_{mode}.log")
         log.parent.mkdir(parents=True, exist_ok=True)
-        proc, url = start(args.model, batch, log)
+        proc, url = start(args.model, batch, log, [a for kv in args.set for a in ("-S", kv)])
         try:
             asyncio.run(run_level(url, served_id, texts[:2], 2))  # warm-up: grammar, caches
             for c in CONCURRENCY:
@@ -169,7 +172,7 @@ def main() -> None:
         "| concurrency | mode | req/s | p50 latency s | p95 latency s | p50 TTFT s | tok/s "
         "| mean batch |"
     )
-    print(f"\n{args.requests} requests of real test clauses, model {args.model}")
+    print(f"\n{args.requests} requests of real test clauses, model {args.model} {args.set}")
     print(f"machine: {os.cpu_count()} CPUs, load average at start {load[0]:.2f} {load[1]:.2f}\n")
     print(head)
     print("|" + "---|" * 8)

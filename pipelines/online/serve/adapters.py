@@ -75,6 +75,7 @@ class Served:
     inflight: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     constraints: dict[str, Any] = field(default_factory=dict)
+    prefixes: dict[tuple[int, ...], Any] = field(default_factory=dict)  # prompt prefix KV
 
     @property
     def label(self) -> str:

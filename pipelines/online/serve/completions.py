@@ -44,7 +44,15 @@ class Context:
 
 def run(batch: Batch) -> None:
     ctx: Context = batch.context
-    run_batch(ctx.served.model, ctx.served.tokenizer, batch.jobs, ctx.sampling, ctx.constraint)
+    served = ctx.served
+    run_batch(
+        served.model,
+        served.tokenizer,
+        batch.jobs,
+        ctx.sampling,
+        ctx.constraint,
+        prefixes=served.prefixes,
+    )
 
 
 def prompt_messages(cfg: ServeConfig, served: Served, req: ChatRequest) -> list[dict[str, str]]:

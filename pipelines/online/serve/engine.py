@@ -19,7 +19,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ...evaluation.generation import common_prefix_len
 from ...task import parse_answer
+
+MIN_PREFIX = 8  # shorter shared prefixes are not worth a cache copy
+MAX_PREFIXES = 8  # prefix caches kept per served version
 
 
 @dataclass
@@ -180,10 +184,17 @@ def run_batch(
     sampling: Sampling,
     constraint: Any = None,
     record_logprobs: bool = True,
+    prefixes: dict[tuple[int, ...], Any] | None = None,
 ) -> None:
     """Generate every job of one batch in place (their text, tokens, finish reason, times).
 
     `constraint`: an `evaluation.constrained.JsonConstraint` every row is held to, or None.
+    `prefixes`: a store of prefix KV caches kept across batches (the served version's).
+
+    The token prefix every row shares (in task mode: the chat template and the task's system
+    prompt, about 60 tokens) is run once and its KV cache reused, per batch from `prefixes`;
+    rows are laid out [shared prefix | left padding | own suffix], as `evaluation.generation`
+    does (position ids follow the attention mask, so padding does not shift them).
     """
     import torch
     from transformers import LogitsProcessorList, StoppingCriteriaList
@@ -191,9 +202,19 @@ def run_batch(
     start = time.perf_counter()
     for job in jobs:
         job.started = start
+    rows = [j.prompt_ids for j in jobs]
+    n_prefix = common_prefix_len(rows) if len(rows) > 1 else 0
+    n_prefix = n_prefix if n_prefix >= MIN_PREFIX else 0
     batch = tokenizer.pad(
-        {"input_ids": [j.prompt_ids for j in jobs]}, return_tensors="pt", padding=True
+        {"input_ids": [r[n_prefix:] for r in rows]}, return_tensors="pt", padding=True
     ).to(model.device)
+    extra: dict[str, Any] = {}
+    if n_prefix:
+        prefix, cache = _prefix_cache(model, rows[0][:n_prefix], prefixes, len(rows))
+        ones = torch.ones_like(batch["attention_mask"][:, :1]).expand(-1, n_prefix)
+        batch["input_ids"] = torch.cat([prefix.expand(len(rows), -1), batch["input_ids"]], 1)
+        batch["attention_mask"] = torch.cat([ones, batch["attention_mask"]], 1)
+        extra["cache"] = cache
     budget = max(j.max_new_tokens for j in jobs)
     eos = tokenizer.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos])
@@ -201,7 +222,7 @@ def run_batch(
     processors: list[Any] = [recorder] if record_logprobs else []
     if constraint is not None:
         processors.append(constraint.processor(budget))
-    rows = _Rows(jobs, tokenizer, recorder, eos_ids)
+    tracker = _Rows(jobs, tokenizer, recorder, eos_ids)
     kwargs: dict[str, Any] = {"do_sample": False}
     if not sampling.greedy:
         kwargs = {"do_sample": True, "temperature": sampling.temperature, "top_k": 0}
@@ -215,10 +236,32 @@ def run_batch(
             use_cache=True,
             pad_token_id=tokenizer.pad_token_id,
             logits_processor=LogitsProcessorList(processors),
-            stopping_criteria=StoppingCriteriaList([rows]),
+            stopping_criteria=StoppingCriteriaList([tracker]),
             **kwargs,
+            **extra,
         )
     end = time.perf_counter()
     for row in range(len(jobs)):  # rows still open when generate stopped: out of budget
-        if not rows.done[row]:
-            rows._finish(row, "length", end)
+        if not tracker.done[row]:
+            tracker._finish(row, "length", end)
+
+
+def _prefix_cache(model: Any, ids: list[int], store: dict | None, n_rows: int) -> tuple[Any, Any]:
+    """The prefix as a [1, n] tensor and its KV cache repeated for `n_rows` rows."""
+    import copy
+
+    import torch
+
+    prefix = torch.tensor([ids], device=model.device)
+    key = tuple(ids)
+    kv = store.get(key) if store is not None else None
+    if kv is None:
+        with torch.inference_mode():
+            kv = model(input_ids=prefix, use_cache=True).cache
+        if store is not None:
+            if len(store) >= MAX_PREFIXES:
+                store.pop(next(iter(store)))
+            store[key] = kv
+    cache = copy.deepcopy(kv)  # generate extends the cache in place: keep the stored one
+    cache.batch_repeat_interleave(n_rows)
+    return prefix, cache

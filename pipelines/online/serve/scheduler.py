@@ -1,11 +1,13 @@
 """Micro-batching: requests that arrive together are generated together.
 
 One worker thread owns the model (generation is compute-bound: two at once on the same cores
-only slow each other down). It takes the oldest queued job, waits at most `max_wait_ms` for
-more jobs that may share its batch (same served version, same schema, same sampling), and runs
-up to `max_batch_size` of them in one `engine.run_batch`. A full queue refuses new jobs (the
-server answers 429 with retry-after); a job cancelled while queued (client gone, timeout) is
-dropped before it costs anything, one cancelled while running ends at its next token.
+only slow each other down). It takes the oldest queued job and waits at most `max_wait_ms`
+(counted from the job's arrival, or from the end of the previous batch if that is later, so
+the clients just answered can join) for more jobs that may share its batch (same served
+version, same schema, same sampling), then runs up to `max_batch_size` of them in one
+`engine.run_batch`. A full queue refuses new jobs (the server answers 429 with retry-after); a
+job cancelled while queued (client gone, timeout) is dropped before it costs anything, one
+cancelled while running ends at its next token.
 
 Hand-written rather than a library: the batching policy is a dozen lines around a condition
 variable, and what it batches (rows of `model.generate` with their own stops) is ours.
@@ -54,6 +56,7 @@ class Scheduler:
         self.cond = threading.Condition()
         self.stopping = False
         self.running = 0
+        self.free_since = 0.0  # perf_counter() when the last batch ended
         self.thread = threading.Thread(target=self._work, name="temper-batcher", daemon=True)
 
     def start(self) -> None:
@@ -90,7 +93,9 @@ class Scheduler:
             if not self.queue:
                 return []
             first = self.queue[0][0]
-            deadline = first.enqueued + self.max_wait
+            # Wait from when the worker became free too: the clients of the batch just answered
+            # are sending their next requests, which should join this batch, not the next.
+            deadline = max(first.enqueued, self.free_since) + self.max_wait
             while True:
                 mates = [q for q in self.queue if q[0].key == first.key][: self.max_batch]
                 left = deadline - time.perf_counter()
@@ -120,6 +125,7 @@ class Scheduler:
                 done(job)
             with self.cond:
                 self.running = 0
+                self.free_since = time.perf_counter()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish what is queued and running, then end the worker."""
