@@ -1,8 +1,12 @@
-"""The online wing: what meets traffic (serving, routing, cache, monitoring).
+"""The online wing: what meets traffic (serving now; routing, cache and monitoring to come).
+
+- `serve/`: `temper serve`, registered versions behind an OpenAI-compatible API
+  (micro-batching, hot swap on promotion, keys, metrics; docs/serve.md).
+- `pyfunc`: the loader module that makes a registered version an MLflow pyfunc model.
 
 It reads what the offline wing wrote (registered versions in the MLflow registry, reports,
-configs) and uses the shared floor (`evaluation.generation` for constrained generation and
-label confidence, `providers` for the API tiers, `tracking` for the registry); it never imports
-a stage module (tests/test_layout.py). Nothing lives here yet: `temper serve`, the router, the
-cache and the monitor arrive with issues 14-16.
+configs) and uses the shared floor (`evaluation` for generation, constrained decoding, label
+confidence and bundles, `tracking` for the registry and pulls); it never imports a stage or
+the release wing (tests/test_layout.py). The router, the cache and the monitor arrive with
+issues 15-16.
 """
