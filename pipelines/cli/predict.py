@@ -17,11 +17,9 @@ def local_base(values: dict[str, Any], folder: Path) -> Path | None:
     """`model.dir` when it holds the bundle's base model (saves materialising it again)."""
     from ..evaluation import bundle
 
-    base = Path(model_dir(values))
     try:
-        want = bundle.read_manifest(folder).base["hash"]
-        return base if bundle.folder_hash(base) == want else None
-    except (OSError, KeyError, bundle.BundleError):
+        return bundle.matching_base(model_dir(values), bundle.read_manifest(folder))
+    except bundle.BundleError:
         return None
 
 

@@ -45,10 +45,13 @@ def serve_cmd(
 
     values = load(params, set_)
     try:
-        cfg = section(values, "serve", ServeConfig)
-        update = {"host": host, "port": port, "models": model or None}
-        cfg = cfg.model_copy(update={k: v for k, v in update.items() if v is not None})
-        cfg = type(cfg).model_validate(cfg.model_dump())
+        options = {"host": host, "port": port, "models": model or None}
+        cfg = ServeConfig.model_validate(
+            {
+                **section(values, "serve", ServeConfig).model_dump(),
+                **{k: v for k, v in options.items() if v is not None},
+            }
+        )
         keys = auth.load_keys(cfg.api_keys_file, cfg.api_keys_env)
         if engine == "temper":
             auth.check_bind(cfg.host, keys)  # before anything is opened or loaded
@@ -66,15 +69,17 @@ def serve_cmd(
 
 def vllm_command(cfg, base_hint: str) -> str:
     """Pull what `cfg` serves, check it for vLLM, and return the command line."""
+    import mlflow
+
     from ..evaluation import bundle
     from ..online.serve import auth
-    from ..online.serve.adapters import Loader, ModelTable, Source
+    from ..online.serve.adapters import Loader, Source, resolve_version
     from ..online.serve.vllm import VllmIncompatible, command, render
 
     sources = [Source.parse(spec) for spec in cfg.models]
     loader = Loader(cfg.cache_dir, cfg.base_dir, "cpu", base_hint)
-    table = ModelTable(sources, loader, cfg.watch_interval_s, metrics=None)
-    served = [(s, loader.folder(s, table.resolve_version(s))) for s in sources]
+    client = mlflow.MlflowClient()
+    served = [(s, loader.folder(s, resolve_version(client, s))) for s in sources]
     manifest = bundle.read_manifest(served[0][1])
     ident = manifest.base
     base = (

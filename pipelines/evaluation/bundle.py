@@ -253,17 +253,9 @@ def load_tokenizer(folder: str | Path) -> Any:
     return tokenizer
 
 
-def load_bundle(
-    folder: str | Path,
-    base_dir: str | Path | None = None,
-    dtype: str | None = None,
-    threads: int | None = None,
-    device: str = "auto",
-) -> Bundle:
-    """Load a pulled bundle: adapter checked against its hash, base found by identity;
-    `dtype` (default: the bundle's) and `device` as `generation.load_model` takes them."""
-    from .generation import load_model
-
+def open_bundle(folder: str | Path) -> tuple[Manifest, TaskConfig, Path]:
+    """A bundle's manifest, task and adapter folder, checked against the manifest: the
+    adapter by its hash, the task by its prompt hash. Nothing is loaded yet."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     adapter = folder / manifest.adapter
@@ -278,6 +270,33 @@ def load_bundle(
     task = load_task(folder / manifest.task)
     if task.prompt_hash != manifest.prompt_hash:
         raise BundleError(f"{folder / manifest.task}: prompt hash differs from {MANIFEST}'s")
+    return manifest, task, adapter
+
+
+def matching_base(candidate: str | Path | None, manifest: Manifest) -> Path | None:
+    """`candidate` (e.g. the project's model.dir) when it holds the bundle's base model, else
+    None: a local copy that spares materialising the base again."""
+    if candidate is None or not (Path(candidate) / "config.json").exists():
+        return None
+    try:
+        return Path(candidate) if folder_hash(Path(candidate)) == manifest.base["hash"] else None
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def load_bundle(
+    folder: str | Path,
+    base_dir: str | Path | None = None,
+    dtype: str | None = None,
+    threads: int | None = None,
+    device: str = "auto",
+) -> Bundle:
+    """Load a pulled bundle: adapter checked against its hash, base found by identity;
+    `dtype` (default: the bundle's) and `device` as `generation.load_model` takes them."""
+    from .generation import load_model
+
+    folder = Path(folder)
+    manifest, task, adapter = open_bundle(folder)
     base = find_base(folder, manifest, base_dir)
     generation = manifest.generation
     model, _ = load_model(base, adapter, dtype or generation.dtype, threads, device)

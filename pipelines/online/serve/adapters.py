@@ -60,6 +60,20 @@ class Source:
         return cls(spec, path.resolve().name)
 
 
+def resolve_version(client: Any, source: Source) -> str | None:
+    """The version a source names now: its pinned one, or its alias's (None: a folder)."""
+    from ...tracking import alias_version, version_str
+
+    if source.name is None:
+        return None
+    if source.version is not None:
+        return source.version
+    mv = alias_version(client, source.name, source.alias or "")
+    if mv is None:
+        raise bundle.BundleError(f"{source.name}@{source.alias} does not exist in the registry")
+    return version_str(mv.version)
+
+
 @dataclass(eq=False)
 class Served:
     """A loaded version: the merged model, its tokenizer, task and generation settings."""
@@ -121,7 +135,7 @@ class Loader:
         self.base_dir = Path(base_dir) if base_dir else None  # must match: an error if not
         self.base_hint = Path(base_hint) if base_hint else None  # used when it matches
         self.device = device
-        self.bases: dict[str, tuple[Any, Any]] = {}  # base hash -> (model, dtype)
+        self.bases: dict[str, Any] = {}  # base hash -> the base model, read once, unmerged
 
     def folder(self, source: Source, version: str | None) -> Path:
         if source.name is None:
@@ -136,32 +150,23 @@ class Loader:
     def base_for(self, path: Path, manifest: bundle.Manifest) -> Path:
         """`base_dir` (checked), else the hint (the project's model.dir) when its hash is the
         bundle's, else the base found by the bundle's identity."""
-        hint = self.base_hint
-        if self.base_dir is None and hint is not None and (hint / "config.json").exists():
-            try:
-                if bundle.folder_hash(hint) == manifest.base["hash"]:
-                    return hint
-            except (OSError, KeyError, ValueError):
-                pass
+        if self.base_dir is None:
+            hint = bundle.matching_base(self.base_hint, manifest)
+            if hint is not None:
+                return hint
         return bundle.find_base(path, manifest, self.base_dir)
 
     def load(self, source: Source, version: str | None) -> Served:
         from peft import PeftModel
 
         from ...evaluation.generation import load_model
-        from ...io import adapter_hash
         from ...model_source import adapter_method
-        from ...task import load_task
 
         path = self.folder(source, version)
-        manifest = bundle.read_manifest(path)
-        adapter = path / manifest.adapter
-        if adapter_hash(adapter) != manifest.adapter_sha256:
-            raise bundle.BundleError(f"{adapter}: adapter hash differs from {bundle.MANIFEST}")
-        task = load_task(path / manifest.task)
+        manifest, task, adapter = bundle.open_bundle(path)
         tokenizer = bundle.load_tokenizer(path / manifest.tokenizer)
         if adapter_method(adapter) == "qlora":  # a 4-bit base is not copied: load it as is
-            loaded = bundle.load_bundle(path, self.base_dir, device=self.device)
+            loaded = bundle.load_bundle(path, self.base_for(path, manifest), device=self.device)
             model = loaded.model
         else:
             key = manifest.base["hash"]
@@ -201,20 +206,11 @@ class ModelTable:
         self.client: Any = None
 
     def resolve_version(self, source: Source) -> str | None:
-        from ...tracking import alias_version, version_str
-
-        if source.name is None:
-            return None
-        if source.version is not None:
-            return source.version
-        if self.client is None:
+        if source.name is not None and source.version is None and self.client is None:
             import mlflow
 
             self.client = mlflow.MlflowClient()
-        mv = alias_version(self.client, source.name, source.alias or "")
-        if mv is None:
-            raise bundle.BundleError(f"{source.name}@{source.alias} does not exist in the registry")
-        return version_str(mv.version)
+        return resolve_version(self.client, source)
 
     def load_all(self) -> None:
         """The first load (the server answers 503 until it is done; retried on failure)."""

@@ -159,7 +159,7 @@ class Server:
     def load(self) -> None:
         """Load every model; on failure (no such alias yet, registry down) retry every
         watch interval, answering 503 with the reason meanwhile."""
-        while not self.table.stop.is_set():
+        while True:
             try:
                 self.table.load_all()
                 break
@@ -168,9 +168,8 @@ class Server:
                 if error != self.load_error:
                     log.error("could not load the models (retrying): %s", error)
                 self.load_error = error
-            self.table.stop.wait(self.cfg.watch_interval_s)
-        else:
-            return
+            if self.table.stop.wait(self.cfg.watch_interval_s):
+                return  # shutting down before anything loaded
         self.load_error = None
         self.ready.set()
         log.info("ready", extra={"models": [s.label for s in self.table.current.values()]})

@@ -25,7 +25,7 @@ from ...evaluation.confidence import label_confidences
 from ...task import parse_answer
 from .adapters import Served
 from .config import ServeConfig
-from .engine import Job, Sampling, run_batch
+from .engine import Job, Sampling, run_batch, token_entry
 from .logs import redacted
 from .protocol import ApiError, ChatRequest, completion_id, now, usage
 from .scheduler import Batch, QueueFull, Scheduler
@@ -122,6 +122,7 @@ def make_job(cfg: ServeConfig, served: Served, req: ChatRequest) -> tuple[Job, C
         stops=req.stop or [],
         stop_at_json=served.generation.stop_at_json and json_wanted,
         strip=cfg.prompt == "task",
+        want_logprobs=req.logprobs,
         top_logprobs=(req.top_logprobs or 0) if req.logprobs else 0,
     )
     return job, Context(served, constraint, sampling), len(ids)
@@ -293,20 +294,4 @@ class Completions:
 
 
 def _all_entries(job: Job, served: Served) -> list[dict[str, Any]]:
-    tok = served.tokenizer
-    out = []
-    for i, token_id in enumerate(job.token_ids):
-        token = tok.decode([token_id])
-        entry: dict[str, Any] = {
-            "token": token,
-            "logprob": job.logprobs[i] if i < len(job.logprobs) else None,
-            "bytes": list(token.encode("utf-8")),
-            "top_logprobs": [],
-        }
-        if job.top_logprobs and i < len(job.top):
-            entry["top_logprobs"] = [
-                {"token": (t := tok.decode([tid])), "logprob": lp, "bytes": list(t.encode())}
-                for tid, lp in job.top[i]
-            ]
-        out.append(entry)
-    return out
+    return [token_entry(served.tokenizer, job, i) for i in range(len(job.token_ids))]

@@ -36,6 +36,7 @@ class Job:
     stops: list[str] = field(default_factory=list)
     stop_at_json: bool = False
     strip: bool = False  # task mode: the answer without surrounding blanks, as evaluated
+    want_logprobs: bool = False  # the client asked for `logprobs`
     top_logprobs: int = 0
     emit: Any = None  # callable(text_delta, token_entries) for streaming, or None
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -66,6 +67,21 @@ class Sampling:
 
     def key(self) -> tuple[Any, ...]:
         return ("greedy",) if self.greedy else (self.temperature, self.top_p, self.seed)
+
+
+def token_entry(tokenizer: Any, job: Job, i: int) -> dict[str, Any]:
+    """The OpenAI `logprobs.content` entry of the job's i-th generated token."""
+
+    def piece(token_id: int) -> tuple[str, list[int]]:
+        text = tokenizer.decode([token_id])
+        return text, list(text.encode("utf-8"))
+
+    token, raw = piece(job.token_ids[i])
+    top = []
+    for token_id, logprob in job.top[i] if job.top_logprobs else []:
+        text, raw_top = piece(token_id)
+        top.append({"token": text, "logprob": logprob, "bytes": raw_top})
+    return {"token": token, "logprob": job.logprobs[i], "bytes": raw, "top_logprobs": top}
 
 
 class _Recorder:
@@ -111,7 +127,8 @@ class _Rows:
                 if job.top_logprobs:
                     values, ids = logp[row].topk(job.top_logprobs)
                     job.top.append(list(zip(ids.tolist(), values.tolist(), strict=True)))
-                entries = [self._entry(row, len(job.token_ids) - 1)]
+                if job.emit is not None and job.want_logprobs:
+                    entries = [token_entry(self.tokenizer, job, len(job.token_ids) - 1)]
             text = self.tokenizer.decode(job.token_ids, skip_special_tokens=True)
             if job.strip:  # task mode: no leading blanks (the evaluation strips its answers)
                 text = text.lstrip()
@@ -137,22 +154,6 @@ class _Rows:
         if len(job.token_ids) >= job.max_new_tokens:
             return "length"
         return None
-
-    def _entry(self, row: int, i: int) -> dict[str, Any]:
-        job, tok = self.jobs[row], self.tokenizer
-        token = tok.decode([job.token_ids[i]])
-        entry: dict[str, Any] = {
-            "token": token,
-            "logprob": job.logprobs[i],
-            "bytes": list(token.encode("utf-8")),
-            "top_logprobs": [],
-        }
-        if job.top_logprobs:
-            entry["top_logprobs"] = [
-                {"token": (t := tok.decode([tid])), "logprob": lp, "bytes": list(t.encode())}
-                for tid, lp in job.top[i]
-            ]
-        return entry
 
     def _stream(self, row: int, entries: list[dict[str, Any]], final: bool) -> None:
         job = self.jobs[row]
