@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import typer
 
-from . import predict, release, serve, stages
+from . import cache, cost, predict, release, serve, stages
 from .common import SECTIONS, setup_logging
 from .params_help import config_cmd, help_command
 
@@ -42,7 +42,9 @@ COMMANDS: list[tuple[str, Callable[..., None], tuple[str, ...]]] = [
     ("rollback", release.rollback_cmd, ("promote",)),
     ("pull", release.pull_cmd, ()),
     ("predict", predict.predict_cmd, ("evaluate",)),
-    ("serve", serve.serve_cmd, ("serve",)),
+    ("serve", serve.serve_cmd, ("serve", "route")),
+    ("cost", cost.cost_cmd, ("cost",)),
+    ("cache-eval", cache.cache_eval_cmd, ("cache_eval", "cache")),
     ("merge", release.merge_cmd, ()),
     ("profile", release.profile_cmd, ()),
     ("ui", release.ui_cmd, ()),

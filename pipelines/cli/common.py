@@ -20,9 +20,13 @@ from ..config import (
 from ..evaluation.config import EvaluateConfig
 from ..evaluation.gates import GatesConfig
 from ..evaluation.judge import JudgeConfig
+from ..online.route.config import RouteConfig
+from ..online.cache.config import CacheConfig
 from ..online.serve.config import ServeConfig
 from ..release.promote import PromoteConfig
 from ..stages.base_model import ModelConfig
+from ..stages.cache_eval import CacheEvalConfig
+from ..stages.cost import CostConfig
 from ..stages.distil import DistilConfig
 from ..stages.prepare import PrepareConfig
 from ..stages.register import RegisterConfig
@@ -43,6 +47,10 @@ SECTIONS: dict[str, type[Section]] = {
     "register": RegisterConfig,
     "promote": PromoteConfig,
     "serve": ServeConfig,
+    "cache": CacheConfig,
+    "cache_eval": CacheEvalConfig,
+    "route": RouteConfig,
+    "cost": CostConfig,
 }
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="The params file.")]

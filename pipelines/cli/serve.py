@@ -39,6 +39,7 @@ def serve_cmd(
     configuration (e.g. a non-loopback bind without API keys).
     """
     from ..evaluation.bundle import BundleError
+    from ..online.route import RouteConfig
     from ..online.serve import ServeConfig, auth, serve
     from ..tracking.pull import PullError
     from .release import registry_client
@@ -62,7 +63,7 @@ def serve_cmd(
             return
         if engine != "temper":
             raise ConfigError(f"--engine {engine!r}: use temper or vllm")
-        serve(cfg, keys, base_hint=model_dir(values))
+        serve(cfg, keys, base_hint=model_dir(values), route=section(values, "route", RouteConfig))
     except (ConfigError, BundleError, PullError) as err:
         fail(err, 2)
 

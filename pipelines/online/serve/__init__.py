@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 
+from ...config import ConfigError
+from ..route.config import RouteConfig
 from .config import ServeConfig
 
 log = logging.getLogger("temper.serve")
@@ -17,11 +19,17 @@ log = logging.getLogger("temper.serve")
 __all__ = ["ServeConfig", "serve"]
 
 
-def serve(cfg: ServeConfig, keys: list[str], base_hint: str | None = None) -> None:
+def serve(
+    cfg: ServeConfig,
+    keys: list[str],
+    base_hint: str | None = None,
+    route: RouteConfig | None = None,
+) -> None:
     """Run the server until SIGINT/SIGTERM (then: stop accepting, drain, exit).
 
     `keys`: the accepted API keys' digests (`auth.load_keys`; none: loopback only).
     `base_hint`: a local base model folder used when its hash is a bundle's (model.dir).
+    `route`: with `enabled`, unsure answers go to its API tiers (temper.online.route).
     """
     import uvicorn
 
@@ -36,6 +44,13 @@ def serve(cfg: ServeConfig, keys: list[str], base_hint: str | None = None) -> No
         import torch
 
         torch.set_num_threads(cfg.threads)
+    router = None
+    if route is not None and route.enabled:
+        from ..route import Router
+
+        if cfg.prompt != "task":
+            raise ConfigError("route.enabled needs serve.prompt=task (API tiers answer the task)")
+        router = Router.open(route)  # privacy guard and prices checked before anything loads
     sources = [Source.parse(spec) for spec in cfg.models]
     metrics = ServeMetrics()
     table = ModelTable(
@@ -44,7 +59,7 @@ def serve(cfg: ServeConfig, keys: list[str], base_hint: str | None = None) -> No
         cfg.watch_interval_s,
         metrics,
     )
-    app = create_app(cfg, table, keys, metrics)
+    app = create_app(cfg, table, keys, metrics, router)
     log.info(
         "starting",
         extra={
@@ -52,6 +67,7 @@ def serve(cfg: ServeConfig, keys: list[str], base_hint: str | None = None) -> No
             "port": cfg.port,
             "models": [s.spec for s in sources],
             "api_keys": len(keys),  # how many, never which
+            "route_tiers": list(router.tiers) if router else [],
         },
     )
     config = uvicorn.Config(

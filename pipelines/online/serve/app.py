@@ -33,6 +33,7 @@ from .completions import Completions, run
 from .config import ServeConfig
 from .metrics import ServeMetrics
 from .protocol import ApiError, ChatRequest, validation_error
+from .routing import RoutedCompletions, as_events, routable
 from .scheduler import Scheduler
 
 log = logging.getLogger("temper.serve")
@@ -147,12 +148,18 @@ class Gate:
 class Server:
     """What the routes share: config, the model table, the batcher, metrics, readiness."""
 
-    def __init__(self, cfg: ServeConfig, table: ModelTable, metrics: ServeMetrics):
+    def __init__(
+        self, cfg: ServeConfig, table: ModelTable, metrics: ServeMetrics, router: Any = None
+    ):
         self.cfg, self.table, self.metrics = cfg, table, metrics
         self.scheduler = Scheduler(
             run, cfg.max_batch_size, cfg.max_wait_ms / 1000, cfg.max_queue, metrics.on_batch
         )
         self.completions = Completions(cfg, self.scheduler, metrics)
+        self.router = router  # a route.Router, or None: the served version answers alone
+        self.routed = (
+            RoutedCompletions(self.completions, router, router.cfg) if router is not None else None
+        )
         self.ready = threading.Event()
         self.load_error: str | None = None
 
@@ -185,8 +192,14 @@ class Server:
             raise ApiError(503, message, type_="service_unavailable", headers={"retry-after": "5"})
 
 
-def create_app(cfg: ServeConfig, table: ModelTable, keys: list[str], metrics: ServeMetrics):
-    server = Server(cfg, table, metrics)
+def create_app(
+    cfg: ServeConfig,
+    table: ModelTable,
+    keys: list[str],
+    metrics: ServeMetrics,
+    router: Any = None,
+):
+    server = Server(cfg, table, metrics, router)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -196,6 +209,8 @@ def create_app(cfg: ServeConfig, table: ModelTable, keys: list[str], metrics: Se
         yield
         table.close()
         await asyncio.to_thread(server.scheduler.stop, cfg.drain_timeout_s)
+        if router is not None:
+            await router.aclose()
 
     app = FastAPI(title="temper serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
@@ -280,6 +295,28 @@ def create_app(cfg: ServeConfig, table: ModelTable, keys: list[str], metrics: Se
         served = table.get(req.model)
         if served is None:
             raise not_found(req.model)
+        if server.routed is not None and routable(cfg.prompt, req):
+            body, headers = await server.routed.answer(req, served, info)
+            if req.stream:
+                usage = bool(req.stream_options and req.stream_options.include_usage)
+                return StreamingResponse(
+                    as_events(body, usage),
+                    media_type="text/event-stream",
+                    headers={**headers, "cache-control": "no-cache"},
+                )
+            return JSONResponse(body, headers=headers)
+        if req.route is not None and req.route.tier not in (None, "self"):
+            raise ApiError(
+                400,
+                f"route.tier {req.route.tier!r}: this server does not route "
+                + (
+                    "(route.enabled is false)"
+                    if server.routed is None
+                    else "this request "
+                    "(only task answers without a custom response_format are routed)"
+                ),
+                param="route.tier",
+            )
         if req.stream:
             events = await server.completions.stream(req, served, info)
             return StreamingResponse(

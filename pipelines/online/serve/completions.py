@@ -180,11 +180,11 @@ class Completions:
             self.scheduler.cancel(job)
             raise
         self._check(job)
-        self._record(req, served, job, n_prompt, t0, info)
+        self.record(req, served, job, n_prompt, t0, info)
         choice = {
             "index": 0,
             "message": {"role": "assistant", "content": job.text},
-            "logprobs": {"content": _all_entries(job, served)} if req.logprobs else None,
+            "logprobs": {"content": all_entries(job, served)} if req.logprobs else None,
             "finish_reason": job.finish_reason,
         }
         return {
@@ -260,7 +260,7 @@ class Completions:
                 yield f"data: {json.dumps(err.body())}\n\n"
                 return
             yield chunk({}, finish=job.finish_reason)
-            self._record(req, served, job, n_prompt, t0, info)
+            self.record(req, served, job, n_prompt, t0, info)
             if with_usage:
                 yield event(
                     [],
@@ -277,7 +277,7 @@ class Completions:
         if job.error is not None:
             raise ApiError(500, f"generation failed: {job.error}", type_="server_error")
 
-    def _record(self, req, served, job, n_prompt, t0, info) -> None:
+    def record(self, req, served, job, n_prompt, t0, info) -> None:
         self.metrics.answered(req.model, job, n_prompt, t0)
         self.metrics.duration.labels("chat", req.model, "").observe(time.perf_counter() - t0)
         info.update(
@@ -293,5 +293,5 @@ class Completions:
             info["answer"] = redacted(job.text)
 
 
-def _all_entries(job: Job, served: Served) -> list[dict[str, Any]]:
+def all_entries(job: Job, served: Served) -> list[dict[str, Any]]:
     return [token_entry(served.tokenizer, job, i) for i in range(len(job.token_ids))]

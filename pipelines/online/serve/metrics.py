@@ -76,6 +76,21 @@ class ServeMetrics:
             ["model_id"],
             registry=r,
         )
+        self.routed = Counter(
+            "temper_route_answers",
+            "Answers by the tier that gave them (last_resort: the self tier's, flagged).",
+            ["tier", "last_resort"],
+            registry=r,
+        )
+        self.tier_failures = Counter(
+            "temper_route_tier_failures",
+            "API tier attempts that gave no answer, by reason.",
+            ["tier", "reason"],
+            registry=r,
+        )
+        self.route_usd = Counter(
+            "temper_route_cost_usd", "What the answers cost, by tier (USD).", ["tier"], registry=r
+        )
         self.registry_gauge.set(1)
 
     def adapter_loaded(self, served: Any, on: bool) -> None:
@@ -87,6 +102,13 @@ class ServeMetrics:
 
     def swap_failed(self, model_id: str) -> None:
         self.swaps_failed.labels(model_id).inc()
+
+    def route(self, routed: Any) -> None:
+        """Record one routed answer (`routed` a route.Routed)."""
+        self.routed.labels(routed.tier, str(routed.last_resort).lower()).inc()
+        self.route_usd.labels(routed.tier).inc(routed.usd)
+        for attempt in routed.attempts:
+            self.tier_failures.labels(attempt["tier"], attempt["reason"]).inc()
 
     def on_batch(self, size: int, left: int) -> None:
         self.batch.observe(size)

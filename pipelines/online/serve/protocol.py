@@ -86,6 +86,14 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class RouteOptions(_Strict):
+    """`route` (an extension, the openai SDK's `extra_body`): force a tier, or keep the
+    request on this machine. Neither goes beyond the server's `route:` config."""
+
+    tier: str | None = None
+    allow_external: bool | None = None
+
+
 class ChatRequest(_Strict):
     """POST /v1/chat/completions. Omitted `temperature` means the registered version's own
     decoding (greedy, as it was evaluated), not OpenAI's default of 1."""
@@ -109,6 +117,7 @@ class ChatRequest(_Strict):
     presence_penalty: float = Field(0.0, ge=0, le=0, description="Not supported: 0 only.")
     metadata: dict[str, str] | None = None
     store: bool | None = None
+    route: RouteOptions | None = None
 
     @field_validator("stop")
     @classmethod

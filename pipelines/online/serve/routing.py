@@ -1,0 +1,150 @@
+"""Routed chat completions: the served version answers first, the router decides who answers.
+
+Used for task prompts whose answer is the task's schema (no `response_format`, or
+`json_object`): those are what an API tier can answer the same way. A request may carry
+`route: {"tier": ..., "allow_external": false}` (the openai SDK's `extra_body`): force a tier,
+or keep the text on this machine; neither can go beyond the server's `route:` config. The body
+is the OpenAI one with the answering tier's text and token counts, plus `temper.route` (tier,
+cost, the self tier's confidence, failed attempts, whether the self answer is a last resort);
+the headers `x-temper-tier` and `x-temper-cost-usd` say the same for proxies and logs. A
+streamed routed request is decided first, then sent as SSE chunks (a deferred answer cannot
+stream tokens it does not have yet).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ..route import NoTierAnswered, Routed, Router, RouteRefused, SelfAnswer, decisive_confidence
+from ..route.config import RouteConfig
+from .adapters import Served
+from .completions import Completions, all_entries, extras, make_job
+from .protocol import ApiError, ChatRequest, completion_id, now, usage
+
+
+def routable(prompt: str, req: ChatRequest) -> bool:
+    fmt = req.response_format
+    return prompt == "task" and (fmt is None or fmt.type == "json_object")
+
+
+class RoutedCompletions:
+    """A request through the router; the self tier is the server's own batcher."""
+
+    def __init__(self, completions: Completions, router: Router, cfg: RouteConfig):
+        self.completions, self.router, self.cfg = completions, router, cfg
+
+    async def answer(
+        self, req: ChatRequest, served: Served, info: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        """The body and headers of a routed answer (ApiError 400 / 503 otherwise)."""
+        t0 = time.perf_counter()
+        serve_cfg = self.completions.cfg
+        job, ctx, n_prompt = make_job(serve_cfg, served, req)  # a bad request fails here
+        text = next(m.text() for m in reversed(req.messages) if m.role == "user")
+        loop = asyncio.get_running_loop()
+
+        async def self_answer() -> SelfAnswer:
+            try:
+                future = self.completions.submit(job, ctx, loop)
+            except ApiError:  # the queue is full: an API tier may take it
+                return SelfAnswer(error="overloaded")
+            try:
+                await asyncio.wait_for(asyncio.shield(future), serve_cfg.request_timeout_s)
+            except TimeoutError:
+                self.completions.scheduler.cancel(job)
+                return SelfAnswer(error="timeout")
+            except asyncio.CancelledError:
+                self.completions.scheduler.cancel(job)
+                raise
+            if job.error is not None:
+                return SelfAnswer(error="error")
+            self.completions.record(req, served, job, n_prompt, t0, info)
+            extra = extras(served, job)
+            seconds = time.perf_counter() - t0
+            return SelfAnswer(
+                text=job.text,
+                confidence=decisive_confidence(extra.get("confidence") or {}, self.cfg.field),
+                usd=seconds * self.cfg.self_usd_per_hour / 3600,
+                input_tokens=n_prompt,
+                output_tokens=len(job.token_ids),
+                extra=extra,
+            )
+
+        opts = req.route
+        try:
+            routed = await self.router.route(
+                served.task,
+                text,
+                self_answer,
+                tier=opts.tier if opts else None,
+                allow_external=opts.allow_external if opts else None,
+            )
+        except RouteRefused as err:
+            raise ApiError(400, str(err), param="route") from None
+        except NoTierAnswered as err:
+            raise ApiError(
+                503, str(err), type_="service_unavailable", code="no_tier_available"
+            ) from None
+        self.completions.metrics.route(routed)
+        info.update(tier=routed.tier, cost_usd=round(routed.usd, 8), deferred_to=routed.deferred_to)
+        return self._body(req, served, job, routed), {
+            "x-temper-tier": routed.tier,
+            "x-temper-cost-usd": f"{routed.usd:.8f}",
+        }
+
+    def _body(self, req: ChatRequest, served: Served, job: Any, routed: Routed) -> dict[str, Any]:
+        by_self = routed.tier == "self"
+        mine = routed.self_answer
+        temper = dict(mine.extra) if mine and mine.extra else {}
+        if not by_self:
+            temper.pop("confidence", None)  # those were the self tier's labels, not these
+        temper.setdefault("model_version", served.version)
+        temper["route"] = routed.summary()
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": routed.text},
+            "logprobs": {"content": all_entries(job, served)} if req.logprobs and by_self else None,
+            "finish_reason": (job.finish_reason or "stop") if by_self else "stop",
+        }
+        return {
+            "id": completion_id(),
+            "object": "chat.completion",
+            "created": now(),
+            "model": req.model,
+            "system_fingerprint": served.fingerprint,
+            "choices": [choice],
+            "usage": usage(routed.input_tokens, routed.output_tokens),
+            "temper": temper,
+        }
+
+
+async def as_events(body: dict[str, Any], include_usage: bool) -> AsyncIterator[str]:
+    """A finished chat.completion as the SSE chunks of a stream."""
+    choice = body["choices"][0]
+
+    def event(choices: list[dict[str, Any]], **extra: Any) -> str:
+        chunk = {
+            "id": body["id"],
+            "object": "chat.completion.chunk",
+            "created": body["created"],
+            "model": body["model"],
+            "system_fingerprint": body["system_fingerprint"],
+            "choices": choices,
+            **({"usage": None} if include_usage else {}),
+            **extra,
+        }
+        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+
+    def delta(d: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> str:
+        return event([{"index": 0, "delta": d, "logprobs": logprobs, "finish_reason": finish}])
+
+    yield delta({"role": "assistant", "content": ""})
+    yield delta({"content": choice["message"]["content"]}, logprobs=choice["logprobs"])
+    yield delta({}, finish=choice["finish_reason"])
+    if include_usage:
+        yield event([], usage=body["usage"], temper=body["temper"])
+    yield "data: [DONE]\n\n"

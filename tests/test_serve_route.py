@@ -1,0 +1,157 @@
+"""`temper serve` with the router: a real server process, the real base model with a registered
+LoRA version, and two API tiers that are fake vendor servers on loopback spoken to by the real
+openai and anthropic SDKs (tests/fake_api.py). The mid tier always fails (500); the frontier
+answers, up to its daily request cap. The self threshold is 1.0, so every answer the model is
+not certain of is deferred: what is tested is that every request is still answered, each says
+which tier answered and what it cost, the cap holds, and nothing leaves the machine when a
+request forbids it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+
+import httpx
+import openai
+import pytest
+from fake_api import FakeAPI, Faults
+from registry_fixtures import gentle_adapter, make_project
+from test_serve import Running, free_port, register, runner, start, wait_until
+
+from temper.cli import app
+
+pytestmark = pytest.mark.slow
+FRONTIER_CAP = 3
+CLAUSES = [
+    "This Agreement shall be governed by the laws of the State of New York.",
+    "Either party may terminate this Agreement upon ninety (90) days written notice.",
+    "Licensee shall not assign this Agreement without the prior written consent of Licensor.",
+    "This Agreement shall automatically renew for successive one (1) year terms.",
+    "Neither party shall solicit the employees of the other party during the Term.",
+    "The Effective Date of this Agreement is January 1, 2020.",
+]
+ANSWER = {"clause_type": "Governing Law", "key_term": "New York"}
+
+
+def tier(name: str, kind: str, api: FakeAPI, **kw) -> dict:
+    return {
+        "name": name,
+        "provider": {
+            "kind": kind,
+            "model": f"{name}-model",
+            "base_url": api.openai_url if kind == "openai" else api.anthropic_url,
+            "prices": {f"{name}-model": {"input": 0.5, "output": 2.0}},
+            "max_retries": 0,
+        },
+        **kw,
+    }
+
+
+@pytest.fixture(scope="module")
+def routed(tmp_path_factory, base_model_dir):
+    mid = FakeAPI(lambda m: json.dumps(ANSWER), faults=Faults(rate_500=1.0)).start()
+    frontier = FakeAPI(lambda m: json.dumps(ANSWER)).start()
+    project = tmp_path_factory.mktemp("route-project")
+    route = {
+        "enabled": True,
+        "self_threshold": 1.0,
+        "tiers": [
+            tier("mid", "openai", mid, min_confidence=0.0, down_after=3, cooldown_s=600),
+            tier("frontier", "anthropic", frontier, daily_requests=FRONTIER_CAP),
+        ],
+    }
+    make_project(project, base_model_dir, {"route": route})
+    with contextlib.chdir(project):
+        register(project, gentle_adapter(base_model_dir, project.parent / "gentle"), 15)
+        assert runner.invoke(app, ["promote"]).exit_code == 0
+        port = free_port()
+        log = project.parent / "serve.log"
+        proc = start(project, port, log)
+        s = Running(project, port, log, proc)
+        wait_until(lambda: httpx.get(f"{s.url}/readyz").status_code == 200, 180, "ready")
+        yield s, mid, frontier
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    mid.stop()
+    frontier.stop()
+
+
+def ask(client: openai.OpenAI, text: str, **route):
+    raw = client.chat.completions.with_raw_response.create(
+        model="champion",
+        messages=[{"role": "user", "content": text}],
+        extra_body={"route": route} if route else None,
+    )
+    return raw.headers, raw.parse()
+
+
+def test_every_request_answered_tiers_reported_caps_respected(routed):
+    server, mid, frontier = routed
+    client = server.client()
+    answers = [ask(client, text) for text in CLAUSES]
+    routes = [body.model_extra["temper"]["route"] for _, body in answers]
+    for (headers, body), route in zip(answers, routes, strict=True):
+        assert headers["x-temper-tier"] == route["tier"]
+        assert float(headers["x-temper-cost-usd"]) == pytest.approx(route["cost_usd"], abs=1e-8)
+        assert json.loads(body.choices[0].message.content)  # an answer, whichever tier
+        if route["tier"] == "self":
+            assert route["self_confidence"] == 1.0 or route["last_resort"]
+    deferred = [r for r in routes if r["deferred_to"] is not None]
+    assert len(deferred) >= FRONTIER_CAP + 1, routes  # the model is rarely certain
+    by_frontier = [r for r in routes if r["tier"] == "frontier"]
+    assert len(by_frontier) == FRONTIER_CAP == frontier.requests  # the daily cap holds
+    assert all(r["cost_usd"] > 0 for r in by_frontier)
+    # The failing mid tier was tried first each time until its breaker opened.
+    assert mid.requests == 3
+    assert deferred[3]["attempts"][0] == {"tier": "mid", "reason": "down"}
+    last = [r for r in deferred if r["tier"] == "self"]
+    assert last and all(r["last_resort"] for r in last)
+    assert {"tier": "frontier", "reason": "over_budget"} in last[0]["attempts"]
+    metrics = server.metrics()
+    assert (
+        f'temper_route_answers_total{{last_resort="false",tier="frontier"}} {FRONTIER_CAP}.0'
+        in (metrics)
+    )
+    assert 'temper_route_tier_failures_total{reason="error",tier="mid"} 3.0' in metrics
+
+
+def test_allow_external_false_sends_nothing_out(routed):
+    server, mid, frontier = routed
+    client = server.client()
+    before = (mid.requests, frontier.requests)
+    for text in CLAUSES[:3]:
+        headers, body = ask(client, f"{text} (internal)", allow_external=False)
+        route = body.model_extra["temper"]["route"]
+        assert headers["x-temper-tier"] == "self" and route["tier"] == "self"
+        assert route["external_blocked"] or route["deferred_to"] is None
+    assert (mid.requests, frontier.requests) == before
+    with pytest.raises(openai.BadRequestError, match="external tiers are not allowed"):
+        ask(client, CLAUSES[0], tier="frontier", allow_external=False)
+    with pytest.raises(openai.BadRequestError, match="unknown tier"):
+        ask(client, CLAUSES[0], tier="gpt-5")
+    assert (mid.requests, frontier.requests) == before
+
+
+def test_streamed_routed_answer_matches_and_says_its_tier(routed):
+    server, *_ = routed
+    client = server.client()
+    _, body = ask(client, CLAUSES[0], tier="self")
+    parts, tail = [], None
+    for chunk in client.chat.completions.create(
+        model="champion",
+        messages=[{"role": "user", "content": CLAUSES[0]}],
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"route": {"tier": "self"}},
+    ):
+        if chunk.choices:
+            parts.append(chunk.choices[0].delta.content or "")
+        else:
+            tail = chunk
+    assert "".join(parts) == body.choices[0].message.content
+    assert tail.usage.completion_tokens == body.usage.completion_tokens
+    assert tail.model_extra["temper"]["route"]["tier"] == "self"
