@@ -297,3 +297,137 @@ class TrainResult(Result):
     @property
     def method(self) -> str:
         return str(self.config.get("method", "lora"))
+
+
+# --------------------------------------------------------------------------- route
+
+
+class RouteResult(Result):
+    """`reports/route.json`: written by the route stage; read by register and `temper cost`."""
+
+    winner: str
+    oracle: bool  # every API tier is the gold labels: an upper bound, not a measurement
+    fitted_on: Literal["validation", "test"]
+    target: str
+    target_value: float
+    target_reached: bool
+    threshold: float  # the self tier keeps answers at least this confident
+    n_fit: int
+    n_test: int
+    tiers: list[str]  # "self", then the API tiers in escalation order
+    shares: dict[str, float]  # fraction of test requests each tier answered
+    share_estimates: dict[str, Estimate]
+    accuracy: Estimate  # of the routed answers (API tiers: the oracle when `oracle`)
+    self_only_accuracy: Estimate  # the self tier answering everything
+    kept_accuracy: Estimate  # of the answers the self tier kept
+    usd_per_1k: Estimate  # routed cost per 1,000 requests
+    all_api_usd_per_1k: dict[str, float]  # every request to one API tier
+    self_usd_per_1k: float
+    self_latency_ms_p50: float | None
+    self_latency_ms_p95: float | None
+    prices: dict[str, str]  # tier -> the price-table model it was charged as
+    prices_verified: bool
+    prices_as_of: str
+    curve_fit: list[dict[str, float | None]]
+    curve_test: list[dict[str, float | None]]
+
+
+# --------------------------------------------------------------------------- cost
+
+
+class CostOption(Result):
+    """One way to serve the traffic profile, per month."""
+
+    monthly_usd: float
+    api_usd: float  # API calls
+    machine_usd: float  # self-hosted machine hours
+    machine_hours: float
+    machines: float  # machines running on average (machine_hours / hours in the month)
+
+
+class CostInputs(Result):
+    """The measured inputs `temper cost` used, each with where it came from."""
+
+    throughput_rps: float  # requests/s of one self-hosted machine, batched
+    throughput_source: str
+    shares: dict[str, float]  # fraction of requests each tier answers ("self", API tiers)
+    shares_source: str
+    oracle: bool  # the shares come from the route stage's offline oracle tiers
+    cache_hit_rate: float  # fraction of requests the semantic cache answers
+    cache_source: str
+
+
+class CostResult(Result):
+    """`reports/cost.json`: written by `temper cost`; read by the README and people."""
+
+    config: dict[str, Any]  # the `cost:` section as run (traffic profile, models, machine)
+    monthly_requests: float
+    hours_per_month: float
+    inputs: CostInputs
+    prices: dict[str, Any]  # the price-table rows used, with source and date
+    per_request_usd: dict[str, float]  # each API model (cached prefix priced), self marginal
+    options: dict[str, CostOption]  # all_api, self_hosted, hybrid
+    cheapest: str
+    break_even_requests_per_month: float | None  # self-hosted = all-API (None: never)
+    hybrid_break_even_requests_per_month: float | None  # hybrid = all-API (None: never)
+    triggers: dict[str, bool]
+    notes: list[str]
+
+
+# --------------------------------------------------------------------------- cache_eval
+
+
+class Rate(Result):
+    """k of n, with its Wilson 95% interval (all None when n is 0)."""
+
+    k: int
+    n: int
+    value: float | None
+    ci_low: float | None
+    ci_high: float | None
+
+
+class CacheRow(Result):
+    """One cache setting replayed: the exact layer alone (`threshold` None) or exact +
+    similarity at `threshold`."""
+
+    threshold: float | None
+    requests: int
+    hits: int
+    exact_hits: int
+    similar_hits: int
+    wrong_hits: int
+    hit_rate: Rate  # hits / requests
+    wrong_among_hits: Rate  # wrong hits / hits: the rule's rate
+    wrong_any_label: Rate  # hits wrong even when any gold label of the clause counts / hits
+    added_error: Rate  # wrong hits / requests (the oracle's added error)
+    wrong_by_origin: dict[str, int]  # wrong hits by the request's origin
+
+
+class CacheDefault(Result):
+    """The setting the rule picks: the highest hit rate whose wrong-among-hits upper bound
+    is within the bound; the exact layer alone (`threshold` None) when none is."""
+
+    threshold: float | None
+    hit_rate: float
+    hit_rate_ci: list[float | None]
+    wrong_among_hits: Rate
+    added_error: Rate
+    bound_met: bool
+    rule: str
+
+
+class CacheEvalResult(Result):
+    """`reports/cache.json`: written by the cache_eval stage; read by `temper cost` (the
+    default's hit rate and threshold) and docs/cache.md."""
+
+    default: CacheDefault
+    exact: CacheRow
+    thresholds: list[CacheRow]
+    replay: dict[str, int]  # requests by origin
+    answer_source: str
+    embedder: str
+    max_tokens: int
+    long_inputs: int  # requests past max_tokens: never looked up on similarity
+    match_numbers: bool  # similarity hits needed the same numbers in both texts
+    seed: int

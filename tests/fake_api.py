@@ -19,6 +19,11 @@ with a seeded RNG from `Faults` rates):
   finish_reason length / stop_reason max_tokens), "huge" (200 with a 2 MB answer, usage
   counting all of it whatever max_tokens said), "overbill" (a normal answer whose usage claims
   500,000 output tokens).
+Prompt caching (`prompt_cache=True`), as the vendors report it: Anthropic caches the prefix up
+to the last `cache_control` breakpoint (first sight: `cache_creation_input_tokens`, repeats:
+`cache_read_input_tokens`, both left out of `input_tokens`); OpenAI caches the leading system
+messages by itself (repeats: `prompt_tokens_details.cached_tokens`, part of `prompt_tokens`).
+`log[i]["cache_control"]` lists where a request put breakpoints ("system", "turn <i>").
 Billing, as a vendor would: every request the server processes to the end is billed its
 usage (`billed_input_tokens`, `billed_output_tokens`), also when the client gave up waiting;
 `in_flight` counts requests still being processed.
@@ -91,12 +96,15 @@ class FakeAPI:
         fault_fn: Callable[[list[dict[str, Any]]], str | None] | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
+        prompt_cache: bool = False,
     ):
         self.responder = responder or echo_responder
         self.latency_s = latency_s
         self.faults = faults or Faults()
         self.api_key = api_key
         self.fault_fn = fault_fn
+        self.prompt_cache = prompt_cache
+        self._prefixes: set[str] = set()  # prompt-cache entries (never expire here)
         self.host, self.port = host, port
         self._rng = random.Random(self.faults.seed)
         self._queued: deque[str | None] = deque()
@@ -237,7 +245,12 @@ class FakeAPI:
         messages = list(body.get("messages", []))
         if flavour == "anthropic" and body.get("system"):
             messages = [{"role": "system", "content": body["system"]}, *messages]
+        marks = [i for i, m in enumerate(messages) if _marked(m["content"])]
         messages = [{"role": m["role"], "content": _text(m["content"])} for m in messages]
+        if flavour == "openai":  # automatic: the leading system messages
+            cut = next((i for i, m in enumerate(messages) if m["role"] != "system"), 0)
+        else:
+            cut = marks[-1] + 1 if marks else 0
         fault = self._draw(messages)
         user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
         with self._lock:
@@ -251,6 +264,9 @@ class FakeAPI:
                 "messages": messages,
                 "response_format": body.get("response_format"),
                 "output_config": body.get("output_config"),
+                "cache_control": [
+                    "system" if messages[i]["role"] == "system" else f"turn {i}" for i in marks
+                ],
                 "limits": {
                     k: body[k] for k in ("max_tokens", "max_completion_tokens") if k in body
                 },
@@ -298,6 +314,16 @@ class FakeAPI:
         tin, tout = sum(tokens(m["content"]) for m in messages), tokens(text)
         if fault == "overbill":
             tout = 500_000
+        read = written = 0
+        if self.prompt_cache and cut:
+            prefix = messages_key(messages[:cut])
+            size = sum(tokens(m["content"]) for m in messages[:cut])
+            with self._lock:
+                if prefix in self._prefixes:
+                    read = size
+                elif flavour == "anthropic":  # OpenAI reports no writes
+                    written = size
+                self._prefixes.add(prefix)
         with self._lock:  # processed to the end: billed, whether or not the client still waits
             self.billed_input_tokens += tin
             self.billed_output_tokens += tout
@@ -318,6 +344,7 @@ class FakeAPI:
                     "prompt_tokens": tin,
                     "completion_tokens": tout,
                     "total_tokens": tin + tout,
+                    "prompt_tokens_details": {"cached_tokens": read},
                 },
             }
         else:
@@ -329,7 +356,12 @@ class FakeAPI:
                 "content": [{"type": "text", "text": text}],
                 "stop_reason": "end_turn" if finished else "max_tokens",
                 "stop_sequence": None,
-                "usage": {"input_tokens": tin, "output_tokens": tout},
+                "usage": {
+                    "input_tokens": tin - read - written,
+                    "output_tokens": tout,
+                    "cache_read_input_tokens": read,
+                    "cache_creation_input_tokens": written,
+                },
             }
         if finished:
             with self._lock:
@@ -356,6 +388,13 @@ class FakeAPI:
             self.status[status] += 1
             entry["status"] = status
         return response
+
+
+def _marked(content: Any) -> bool:
+    """Whether a message's content carries an Anthropic `cache_control` breakpoint."""
+    return isinstance(content, list) and any(
+        isinstance(block, dict) and "cache_control" in block for block in content
+    )
 
 
 def _text(content: Any) -> str:

@@ -44,6 +44,7 @@ STAGE_SECTIONS = [
     ("gate", "gates"),
     ("register", "register"),
     ("promote", "promote"),
+    ("cost", "cost"),
 ]
 
 

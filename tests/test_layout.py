@@ -20,7 +20,17 @@ from temper.training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "pipelines"  # imported as `temper`
-STAGES = ("base_model", "prepare", "distil", "train", "evaluate", "register")
+STAGES = (
+    "base_model",
+    "prepare",
+    "distil",
+    "train",
+    "evaluate",
+    "route",
+    "cache_eval",
+    "cost",
+    "register",
+)
 SHARED = ("providers", "tracking", "evaluation", "training", "teacher")
 GROUND = ("config", "io", "task", "results", "records", "chat", "model_source", "models")
 

@@ -69,7 +69,7 @@ def routed(tmp_path_factory, base_model_dir):
         assert runner.invoke(app, ["promote"]).exit_code == 0
         port = free_port()
         log = project.parent / "serve.log"
-        proc = start(project, port, log)
+        proc = start(project, port, log, "-S", "serve.semantic_cache=true")
         s = Running(project, port, log, proc)
         wait_until(lambda: httpx.get(f"{s.url}/readyz").status_code == 200, 180, "ready")
         yield s, mid, frontier
@@ -117,6 +117,23 @@ def test_every_request_answered_tiers_reported_caps_respected(routed):
         in (metrics)
     )
     assert 'temper_route_tier_failures_total{reason="error",tier="mid"} 3.0' in metrics
+
+
+def test_repeats_come_from_the_semantic_cache_and_changed_numbers_do_not(routed):
+    server, mid, frontier = routed
+    client = server.client()
+    before = (mid.requests, frontier.requests)
+    first = ask(client, CLAUSES[0])[1].model_extra["temper"]["route"]
+    # Stored by the first test unless it was a last-resort answer (those are never stored).
+    headers, body = ask(client, "  " + CLAUSES[0].upper())  # the same text, normalised
+    extra = body.model_extra["temper"]
+    assert headers["x-temper-tier"] == "cache" and extra["cache"]["kind"] == "exact", first
+    assert float(headers["x-temper-cost-usd"]) == 0.0
+    changed = CLAUSES[1].replace("ninety (90)", "sixty (60)")
+    headers, _ = ask(client, changed)
+    assert headers["x-temper-tier"] != "cache"  # other numbers: never a similarity hit
+    assert frontier.requests == before[1]  # the frontier is over its cap; the hit cost nothing
+    assert 'temper_cache_hits_total{kind="exact"}' in server.metrics()
 
 
 def test_allow_external_false_sends_nothing_out(routed):

@@ -20,8 +20,8 @@ from ..config import (
 from ..evaluation.config import EvaluateConfig
 from ..evaluation.gates import GatesConfig
 from ..evaluation.judge import JudgeConfig
-from ..online.route.config import RouteConfig
 from ..online.cache.config import CacheConfig
+from ..online.route.config import RouteConfig
 from ..online.serve.config import ServeConfig
 from ..release.promote import PromoteConfig
 from ..stages.base_model import ModelConfig

@@ -39,6 +39,7 @@ def serve_cmd(
     configuration (e.g. a non-loopback bind without API keys).
     """
     from ..evaluation.bundle import BundleError
+    from ..online.cache import CacheConfig
     from ..online.route import RouteConfig
     from ..online.serve import ServeConfig, auth, serve
     from ..tracking.pull import PullError
@@ -63,7 +64,13 @@ def serve_cmd(
             return
         if engine != "temper":
             raise ConfigError(f"--engine {engine!r}: use temper or vllm")
-        serve(cfg, keys, base_hint=model_dir(values), route=section(values, "route", RouteConfig))
+        serve(
+            cfg,
+            keys,
+            base_hint=model_dir(values),
+            route=section(values, "route", RouteConfig),
+            cache=section(values, "cache", CacheConfig),
+        )
     except (ConfigError, BundleError, PullError) as err:
         fail(err, 2)
 

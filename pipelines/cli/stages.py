@@ -278,3 +278,25 @@ def register_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
         )
     else:
         typer.secho(f"not registered: {summary['reason']}", fg=typer.colors.YELLOW)
+
+
+def route_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
+    """Fit the self tier's threshold on validation, replay the test split through the
+    routing policy, and price it against all-API (reports/route.md)."""
+    from ..online.route.config import RouteConfig
+    from ..results import ResultError
+    from ..stages import route
+
+    values = load(params, set_)
+    try:
+        cfg = section(values, "route", RouteConfig)
+        result = route.route(cfg, task_of(values))
+    except (ConfigError, route.RouteError, ResultError) as err:
+        fail(err)
+    shares = ", ".join(f"{t} {result.shares[t]:.0%}" for t in result.tiers)
+    typer.echo(
+        f"route: threshold {result.threshold:.4f} ({shares}); accuracy "
+        f"{result.accuracy.value:.3f}{' (API tiers: oracle)' if result.oracle else ''}, "
+        f"${result.usd_per_1k.value:.4f} per 1k requests  "
+        f"(report: {cfg.calibrate.reports_dir}/route.md)"
+    )

@@ -45,6 +45,7 @@ FORMAT = 1
 # also loads as an MLflow pyfunc model (`write_pyfunc`), and the file MLflow writes into a
 # downloaded registered model: none of it is the adapter (`strip_pyfunc` before hashing).
 PYFUNC_FILES = ("MLmodel", "serving", "registered_model_meta")
+ROUTE_POLICY = "route.json"  # the route stage's fitted policy, in a version's serving files
 PYFUNC_LOADER = "temper.online.pyfunc"
 
 
@@ -143,6 +144,27 @@ def write_serving(
     )
     write_json(out / MANIFEST, manifest.model_dump(mode="json"))
     return manifest
+
+
+def add_route_policy(route_json: str | Path | None, art: Path) -> bool:
+    """Register the route stage's fitted policy with the version: `serving/route.json` (so a
+    pulled bundle carries the threshold `temper serve` routes it by) and, for people, the
+    report and its curve under `temper/`. False when there is none (no route stage ran)."""
+    if route_json is None or not Path(route_json).exists():
+        return False
+    src = Path(route_json)
+    shutil.copy(src, art / "serving" / ROUTE_POLICY)
+    for name in (src.name, "route.md", "route_curve.png"):
+        if (src.parent / name).exists():
+            (art / "temper").mkdir(parents=True, exist_ok=True)
+            shutil.copy(src.parent / name, art / "temper" / name)
+    return True
+
+
+def route_threshold(folder: str | Path) -> float | None:
+    """The self threshold registered with a pulled version (None: it has no route policy)."""
+    path = Path(folder) / ROUTE_POLICY
+    return float(read_json(path)["threshold"]) if path.exists() else None
 
 
 def write_pyfunc(out: str | Path, serving: str | Path) -> None:

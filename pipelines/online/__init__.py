@@ -2,6 +2,8 @@
 
 - `serve/`: `temper serve`, registered versions behind an OpenAI-compatible API
   (micro-batching, hot swap on promotion, keys, metrics; docs/serve.md).
+- `cache/`: the semantic cache in front of the router (exact and similarity layers, keyed by
+  model and task version, sqlite, LRU; docs/cache.md).
 - `pyfunc`: the loader module that makes a registered version an MLflow pyfunc model.
 
 It reads what the offline wing wrote (registered versions in the MLflow registry, reports,

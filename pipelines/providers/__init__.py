@@ -39,6 +39,10 @@ Design choices (the why):
   asking DNS: a literal loopback address, or `localhost` as the hosts file maps it (every
   address loopback). The client is then pinned to that literal address, so nothing resolves
   the name again later, and redirects are not followed.
+- Prompt caching: the shared prefix (system prompt, few-shot turns) goes first, unchanged.
+  OpenAI caches it by itself; Anthropic gets `cache_control` breakpoints on it
+  (`prompt_caching`). Tokens read from the vendor's cache are priced at `cached_input`,
+  Anthropic's cache writes at `cache_write` (`Completion.cached_input_tokens`; docs/cost.md).
 - The limiter is a 60-second sliding window written by hand (about 30 lines): no maintained
   async limiter is installed here, and it must also take the 429 pause.
 """
@@ -56,10 +60,12 @@ from .base import (
     PrivacyError,
     ProviderConfig,
     ProviderError,
+    Reply,
 )
 from .cache import Cache
 from .clients import Provider, gather_bounded
 from .limits import Budget, RateLimiter, Stats, capped_transport, estimate_tokens, reply_limit
+from .prices import MachinePrice, ModelPrice, PriceTable, load_prices
 from .privacy import check_endpoint, hosts_addresses, is_local, loopback_address, redact
 from .retries import is_retryable, may_have_been_billed, retry_after_s
 from .vendors import AnthropicProvider, ApiProvider, OpenAIProvider, ReplayProvider, open_provider
@@ -74,17 +80,21 @@ __all__ = [
     "Cache",
     "CacheMiss",
     "Completion",
+    "MachinePrice",
     "MalformedResponse",
     "Messages",
+    "ModelPrice",
     "OpenAIProvider",
     "OverLimitReply",
     "Price",
+    "PriceTable",
     "PrivacyError",
     "Provider",
     "ProviderConfig",
     "ProviderError",
     "RateLimiter",
     "ReplayProvider",
+    "Reply",
     "Stats",
     "capped_transport",
     "check_endpoint",
@@ -93,6 +103,7 @@ __all__ = [
     "hosts_addresses",
     "is_local",
     "is_retryable",
+    "load_prices",
     "loopback_address",
     "may_have_been_billed",
     "open_provider",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import Field
 
@@ -20,9 +20,37 @@ class Price(Section):
 
     input: float = Field(ge=0, description="USD per 1M input tokens.")
     output: float = Field(ge=0, description="USD per 1M output tokens.")
+    cached_input: float | None = Field(
+        None,
+        ge=0,
+        description="USD per 1M input tokens read from the vendor's prompt cache "
+        "(null: the input price).",
+    )
+    cache_write: float | None = Field(
+        None,
+        ge=0,
+        description="USD per 1M input tokens written to the prompt cache (Anthropic: 1.25x "
+        "input for the 5-minute cache; OpenAI charges none; null: the input price).",
+    )
 
-    def cost(self, input_tokens: int, output_tokens: int) -> float:
-        return (input_tokens * self.input + output_tokens * self.output) / 1e6
+    def cost(
+        self,
+        input_tokens: float,
+        output_tokens: float,
+        cached_input_tokens: float = 0,
+        cache_write_tokens: float = 0,
+    ) -> float:
+        """USD of one request; `input_tokens` counts all input, the cached and written too."""
+        cached = self.input if self.cached_input is None else self.cached_input
+        write = self.input if self.cache_write is None else self.cache_write
+        fresh = input_tokens - cached_input_tokens - cache_write_tokens
+        usd = fresh * self.input + cached_input_tokens * cached + cache_write_tokens * write
+        return (usd + output_tokens * self.output) / 1e6
+
+    def worst_case(self, input_tokens: float, output_tokens: float) -> float:
+        """The most a request can cost: every input token at the dearest input rate."""
+        rates = (self.input, self.cached_input or 0.0, self.cache_write or 0.0)
+        return (input_tokens * max(rates) + output_tokens * self.output) / 1e6
 
 
 class ProviderConfig(Section):
@@ -88,10 +116,29 @@ class ProviderConfig(Section):
     )
     cache: str = Field(".cache/llm-cache.sqlite", description="The persistent response cache.")
     prices: dict[str, Price] = Field(
-        default_factory=dict, description="USD per 1M input/output tokens, per model name."
+        default_factory=dict,
+        description="USD per 1M input/output tokens, per model name (optional: cached_input, "
+        "cache_write; configs/prices.yaml has dated figures).",
     )
     max_usd: float = Field(5.0, ge=0, description="Hard cap on new spend in one run.")
     max_requests: int = Field(10000, ge=0, description="Hard cap on HTTP requests in one run.")
+    prompt_caching: bool = Field(
+        True,
+        description="anthropic: mark the shared prefix (system prompt, few-shot turns) with "
+        "cache_control breakpoints so repeats read it from the vendor's cache. OpenAI caches "
+        "prefixes by itself; cached tokens are priced at prices.<model>.cached_input.",
+    )
+
+
+class Reply(NamedTuple):
+    """What one SDK call (`_send`) reports; a plain 4-tuple (no cache fields) also works."""
+
+    text: str
+    input_tokens: int | None  # all input: fresh, read from and written to the prompt cache
+    output_tokens: int | None
+    finish_reason: str | None
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -106,6 +153,7 @@ class Completion:
     cached: bool
     finish_reason: str | None = None
     model: str = ""
+    cached_input_tokens: int = 0  # of input_tokens, read from the vendor's prompt cache
 
 
 class ProviderError(RuntimeError):

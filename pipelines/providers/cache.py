@@ -34,25 +34,39 @@ class Cache:
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS completions (key TEXT PRIMARY KEY, kind TEXT, model TEXT,"
             " text TEXT, input_tokens INT, output_tokens INT, usd REAL, latency_ms REAL,"
-            " finish_reason TEXT, request TEXT, created REAL)"
+            " finish_reason TEXT, request TEXT, created REAL, cached_input_tokens INT DEFAULT 0)"
         )
+        self._add_column("cached_input_tokens INT DEFAULT 0")
+
+    def _add_column(self, column: str) -> None:
+        """Bring a cache file written before `column` existed up to date (old rows read 0)."""
+        name = column.split()[0]
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(completions)")}
+        if name not in have:
+            try:
+                self._db.execute(f"ALTER TABLE completions ADD COLUMN {column}")
+            except sqlite3.OperationalError as err:  # another process added it first
+                if "duplicate column" not in str(err):
+                    raise
 
     def get(self, key: str) -> Completion | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT text, input_tokens, output_tokens, usd, latency_ms, finish_reason, model"
-                " FROM completions WHERE key = ?",
+                "SELECT text, input_tokens, output_tokens, usd, latency_ms, finish_reason, model,"
+                " cached_input_tokens FROM completions WHERE key = ?",
                 (key,),
             ).fetchone()
         if row is None:
             return None
-        text, tin, tout, usd, latency, finish, model = row
-        return Completion(text, tin, tout, usd, latency, True, finish, model)
+        text, tin, tout, usd, latency, finish, model, cached_in = row
+        return Completion(text, tin, tout, usd, latency, True, finish, model, cached_in or 0)
 
     def put(self, key: str, kind: str, request: dict[str, Any], done: Completion) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO completions VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO completions (key, kind, model, text, input_tokens,"
+                " output_tokens, usd, latency_ms, finish_reason, request, created,"
+                " cached_input_tokens) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     key,
                     kind,
@@ -65,6 +79,7 @@ class Cache:
                     done.finish_reason,
                     json.dumps(request, ensure_ascii=False),
                     time.time(),
+                    done.cached_input_tokens,
                 ),
             )
 

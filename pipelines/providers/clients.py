@@ -26,6 +26,7 @@ from .base import (
     Price,
     ProviderConfig,
     ProviderError,
+    Reply,
 )
 from .cache import Cache
 from .limits import (
@@ -213,7 +214,7 @@ class Provider:
 
     async def _send(
         self, client: Any, messages: Messages, json_schema: dict[str, Any] | None, max_tokens: int
-    ) -> tuple[str, int | None, int | None, str | None]:
+    ) -> Reply | tuple[str, int | None, int | None, str | None]:
         raise NotImplementedError
 
     async def _call(
@@ -228,7 +229,7 @@ class Provider:
 
         cfg, price = self.cfg, self.price()
         est_in = estimate_tokens(messages)
-        reserve = price.cost(est_in, max_tokens)
+        reserve = price.worst_case(est_in, max_tokens)
         backoff = wait_random_exponential(multiplier=cfg.backoff_s, max=cfg.backoff_max_s)
 
         def wait(state: Any) -> float:
@@ -265,9 +266,8 @@ class Provider:
                         t0 = time.perf_counter()
                         self.stats.requests += 1
                         sent = True
-                        text, tin, tout, finish = await self._send(
-                            client, messages, json_schema, max_tokens
-                        )
+                        reply = Reply(*await self._send(client, messages, json_schema, max_tokens))
+                        text, tin, tout, finish = reply[:4]
                         # Servers that report no usage (some local ones): the estimate, but
                         # never more than the limit unless the text cannot fit in it.
                         tin = est_in if tin is None else tin
@@ -298,7 +298,7 @@ class Provider:
                             self.limiter.pause(min(seconds, cfg.max_retry_after_s))
                         raise
                     latency = (time.perf_counter() - t0) * 1000
-                    usd = price.cost(tin, tout)
+                    usd = price.cost(tin, tout, reply.cached_input_tokens, reply.cache_write_tokens)
                     self.budget.settle(reserve, usd)
         except BudgetExceeded:
             raise
@@ -317,9 +317,12 @@ class Provider:
             ) from None
         self.stats.input_tokens += tin
         self.stats.output_tokens += tout
+        self.stats.cached_input_tokens += reply.cached_input_tokens
+        self.stats.cache_write_tokens += reply.cache_write_tokens
         self.stats.usd += usd
         self.stats.latencies_ms.append(latency)
-        return Completion(text, tin, tout, usd, latency, False, finish, self.cfg.model)
+        cached_in = reply.cached_input_tokens
+        return Completion(text, tin, tout, usd, latency, False, finish, self.cfg.model, cached_in)
 
 
 async def gather_bounded(

@@ -99,6 +99,8 @@ class Stats:
     budget_refusals: int = 0  # calls not sent because of a cap
     input_tokens: int = 0  # new (uncached) tokens only
     output_tokens: int = 0
+    cached_input_tokens: int = 0  # of input_tokens, read from the vendor's prompt cache
+    cache_write_tokens: int = 0  # of input_tokens, written to it (Anthropic bills 1.25x)
     usd: float = 0.0  # all new spend, the charges below included
     over_limit: int = 0  # replies past the requested bytes/tokens: rejected
     abandoned: int = 0  # requests given up after they may have reached the server

@@ -19,6 +19,7 @@ from .base import (
     Messages,
     Price,
     ProviderConfig,
+    Reply,
 )
 from .cache import Cache
 from .clients import Provider
@@ -75,7 +76,9 @@ class OpenAIProvider(ApiProvider):
 
     async def _send(
         self, client: Any, messages: Messages, json_schema: dict[str, Any] | None, max_tokens: int
-    ) -> tuple[str, int | None, int | None, str | None]:
+    ) -> Reply:
+        # No request field for caching: OpenAI caches long shared prefixes (1,024+ tokens) by
+        # itself, so the system prompt and few-shot turns go first and unchanged.
         extra: dict[str, Any] = {}
         if json_schema is not None and self.cfg.json_mode == "schema":
             extra["response_format"] = {
@@ -92,11 +95,13 @@ class OpenAIProvider(ApiProvider):
         if not choices or choices[0].message is None:
             raise MalformedResponse("response has no choices")
         usage = response.usage
-        return (
+        details = getattr(usage, "prompt_tokens_details", None)
+        return Reply(
             choices[0].message.content or "",
-            usage.prompt_tokens if usage else None,
+            usage.prompt_tokens if usage else None,  # includes the cached tokens
             usage.completion_tokens if usage else None,
             choices[0].finish_reason,
+            cached_input_tokens=(getattr(details, "cached_tokens", None) or 0),
         )
 
 
@@ -116,10 +121,8 @@ class AnthropicProvider(ApiProvider):
 
     async def _send(
         self, client: Any, messages: Messages, json_schema: dict[str, Any] | None, max_tokens: int
-    ) -> tuple[str, int | None, int | None, str | None]:
-        # The Messages API takes the system prompt apart from the turns.
-        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-        turns = [m for m in messages if m["role"] != "system"]
+    ) -> Reply:
+        system, turns = cache_breakpoints(messages, self.cfg.prompt_caching)
         extra: dict[str, Any] = {"system": system} if system else {}
         if json_schema is not None and self.cfg.json_mode == "schema":
             extra["output_config"] = {"format": {"type": "json_schema", "schema": json_schema}}
@@ -132,12 +135,39 @@ class AnthropicProvider(ApiProvider):
             raise MalformedResponse("response has no content")
         text = "".join(getattr(block, "text", "") for block in content)
         usage = response.usage
-        return (
+        if usage is None:
+            return Reply(text, None, None, response.stop_reason)
+        # Anthropic's input_tokens leaves out what was read from or written to the cache.
+        read = getattr(usage, "cache_read_input_tokens", None) or 0
+        written = getattr(usage, "cache_creation_input_tokens", None) or 0
+        return Reply(
             text,
-            usage.input_tokens if usage else None,
-            usage.output_tokens if usage else None,
+            usage.input_tokens + read + written,
+            usage.output_tokens,
             response.stop_reason,
+            cached_input_tokens=read,
+            cache_write_tokens=written,
         )
+
+
+def cache_breakpoints(messages: Messages, caching: bool) -> tuple[Any, list[dict[str, Any]]]:
+    """The Messages API's (system, turns), with `cache_control` on the shared prefix.
+
+    Breakpoints go on the system prompt and on the last turn before the final user message
+    (the end of the few-shot turns), so a request reads everything before its own question
+    from the cache. Anthropic caches nothing shorter than its minimum (1,024-4,096 tokens by
+    model) and ignores the mark then; a cache write costs 1.25x input, each read 0.1x.
+    """
+    mark = {"type": "ephemeral"}
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    turns: list[dict[str, Any]] = [dict(m) for m in messages if m["role"] != "system"]
+    if not caching:
+        return system, turns
+    blocks = [{"type": "text", "text": system, "cache_control": mark}] if system else ""
+    if len(turns) > 1:
+        last = turns[-2]
+        last["content"] = [{"type": "text", "text": last["content"], "cache_control": mark}]
+    return blocks, turns
 
 
 class ReplayProvider(Provider):

@@ -8,7 +8,8 @@ Inputs: `data/prepared/test.jsonl`, `data/prepared/validation.jsonl`,
 `models/candidates/<name>/adapter/`, and either the API
 teacher's answers `data/distilled/baseline_test.jsonl` (API baseline) or the base model
 prompted like the teacher (label list + few-shot turns from the train split).
-Outputs: `metrics/eval.json`, `reports/predictions/<name>.jsonl`, `reports/eval.md`,
+Outputs: `metrics/eval.json`, `reports/predictions/<name>.jsonl` (and `validation/<name>.jsonl`),
+`reports/eval.md`,
 PNG plots and DVC plot data under `reports/`, MLflow child runs under the pipeline run.
 
 Scoring: `temper.evaluation.scoring` (metrics with bootstrap intervals, paired deltas,
@@ -44,7 +45,7 @@ from ..evaluation.scoring import (
     score_system,
     self_hosted_cost,
 )
-from ..io import adapter_hash, read_jsonl, sha256_file
+from ..io import adapter_hash, read_jsonl, sha256_file, write_jsonl
 from ..records.sampling import stratified_sample
 from ..results import (
     BaselineEval,
@@ -335,16 +336,20 @@ def validation_metrics(
     cfg: EvaluateConfig,
     name: str,
 ) -> dict[str, Any]:
-    """One candidate's metrics on the validation split (gold references, no baseline)."""
+    """One candidate's metrics on the validation split (gold references, no baseline); its
+    predictions go to `reports/predictions/validation/<name>.jsonl` (the route stage fits
+    its thresholds on them)."""
     prompts = [r["prompt"] for r in records]
     preds, seconds = model_predictions(
         records, prompts, model_dir, adapter, task, cfg, f"{name} (validation)"
     )
     rs = Resamples.draw(len(records), cfg.n_resamples, cfg.seed, cfg.confidence)
     cost = self_hosted_cost(preds, seconds, len(records), cfg)
-    metrics, _, _ = score_system(
+    metrics, _, ex = score_system(
         task, records, preds, references_for(task, records, None), rs, cost
     )
+    out = Path(cfg.reports_dir) / "predictions" / "validation" / f"{name}.jsonl"
+    write_jsonl(out, attach_scores(preds, records, ex))
     return metrics
 
 

@@ -97,6 +97,9 @@ class RegisterConfig(Section):
         "the card copies verbatim; null or a missing file: the card says 'no data README "
         "given' and a warning is logged.",
     )
+    route: str | None = Field(
+        "reports/route.json", description="The route stage's policy, registered with it."
+    )
     out: str = Field("metrics/register.json", description="Summary written by the stage.")
     require_winner: bool = Field(
         False, description="Fail when no candidate passed the gates (else: register nothing)."
@@ -360,6 +363,7 @@ def log_register_run(
         # (one adapter registered twice, after a re-evaluation, is one logged model).
         (art / "temper" / "model_card.md").write_text(card, encoding="utf-8")
         bundle.write_serving(art / "serving", w.task, w.base_dir, w.generation, w.adapter_sha)
+        bundle.add_route_policy(cfg.route, art)
         if w.model_id is None:
             # Trained without MLflow: the adapter (and its card) go to this run instead.
             shutil.copytree(w.adapter_dir, art / "adapter")

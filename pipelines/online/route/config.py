@@ -40,6 +40,11 @@ class TierConfig(Section):
         3, gt=0, description="Consecutive failures after which the tier is skipped a while."
     )
     cooldown_s: float = Field(30.0, ge=0, description="How long a failing tier is skipped.")
+    price_as: str | None = Field(
+        None,
+        description="The price-table model the route stage charges this tier's answers at "
+        "(the gold oracle has no price of its own); null: provider.model.",
+    )
 
 
 class CalibrationConfig(Section):
@@ -54,7 +59,18 @@ class CalibrationConfig(Section):
     )
     target_accuracy: float = Field(0.9, gt=0, lt=1, description="For target=accuracy.")
     target_self_share: float = Field(0.7, gt=0, le=1, description="For target=self_share.")
-    confidence: float = Field(0.95, gt=0, lt=1, description="Of the one-sided lower bound.")
+    confidence: float = Field(
+        0.95, gt=0, lt=1, description="Of the one-sided lower bound and the intervals."
+    )
+    eval: str = Field("metrics/eval.json", description="The evaluation (its winner is routed).")
+    predictions_dir: str = Field(
+        "reports/predictions",
+        description="<winner>.jsonl (test) and validation/<winner>.jsonl (fit) from evaluate.",
+    )
+    prices: str = Field("configs/prices.yaml", description="The dated price table.")
+    reports_dir: str = Field("reports", description="route.json, route.md, route_curve.png.")
+    n_resamples: int = Field(2000, gt=0, description="Bootstrap resamples of the intervals.")
+    seed: int = 0
 
 
 class RouteConfig(Section):
@@ -70,6 +86,11 @@ class RouteConfig(Section):
         le=1,
         description="The self tier keeps answers at least this confident (the route stage "
         "fits it; serve uses the value in effect).",
+    )
+    registered_threshold: bool = Field(
+        True,
+        description="serve: a version registered with a route policy (serving/route.json, "
+        "fitted by the route stage) is routed by its threshold instead of self_threshold.",
     )
     field: str | None = Field(
         None,

@@ -53,6 +53,7 @@ class Routed:
     last_resort: bool = False  # the self tier's answer because no API tier could answer
     external_blocked: bool = False  # deferral wanted, but API tiers were not allowed
     self_answer: SelfAnswer | None = None
+    self_threshold: float | None = None  # the threshold the decision used
 
     def summary(self) -> dict[str, Any]:
         """The `route` part of a response body (and of the request log line)."""
@@ -60,6 +61,7 @@ class Routed:
             "tier": self.tier,
             "cost_usd": round(self.usd, 8),
             "self_confidence": self.confidence,
+            "self_threshold": self.self_threshold,
             "deferred_to": self.deferred_to,
             "attempts": self.attempts,
             "last_resort": self.last_resort,
@@ -106,8 +108,26 @@ class Router:
         *,
         tier: str | None = None,
         allow_external: bool | None = None,
+        self_threshold: float | None = None,
     ) -> Routed:
-        """Answer one record's text. Raises RouteRefused (bad options) or NoTierAnswered."""
+        """Answer one record's text (`self_threshold`: the served version's own, if it has
+        one). Raises RouteRefused (bad options) or NoTierAnswered."""
+        policy = self.policy
+        if self_threshold is not None:
+            policy = Policy(self_threshold, policy.bands)
+        routed = await self._walk(policy, task, text, self_answer, tier, allow_external)
+        routed.self_threshold = policy.self_threshold
+        return routed
+
+    async def _walk(
+        self,
+        policy: Policy,
+        task: TaskConfig,
+        text: str,
+        self_answer: Callable[[], Awaitable[SelfAnswer]],
+        tier: str | None,
+        allow_external: bool | None,
+    ) -> Routed:
         external = self.cfg.allow_external and allow_external is not False and bool(self.tiers)
         if tier is not None and tier not in self.names():
             raise RouteRefused(f"unknown tier {tier!r} (tiers: {', '.join(self.names())})")
@@ -119,11 +139,11 @@ class Router:
         mine: SelfAnswer | None = None
         if tier in (None, SELF):
             mine = await self_answer()
-            if tier == SELF or (mine.error is None and self.policy.pick(mine.confidence) == SELF):
+            if tier == SELF or (mine.error is None and policy.pick(mine.confidence) == SELF):
                 if mine.error is not None:
                     raise NoTierAnswered([{"tier": SELF, "reason": mine.error}])
                 return self._from_self(mine)
-            first = self.policy.pick(None if mine.error else mine.confidence)
+            first = policy.pick(None if mine.error else mine.confidence)
             if not external:
                 if mine.error is not None:
                     raise NoTierAnswered([{"tier": SELF, "reason": mine.error}])
@@ -131,7 +151,7 @@ class Router:
         else:
             first = tier
         attempts = [{"tier": SELF, "reason": mine.error}] if mine and mine.error else []
-        for name in self.policy.fallbacks(first):
+        for name in policy.fallbacks(first):
             try:
                 got = await self.tiers[name].ask(task, text)
             except TierFailure as failure:

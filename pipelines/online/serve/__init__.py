@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from ...config import ConfigError
+from ..cache.config import CacheConfig
 from ..route.config import RouteConfig
 from .config import ServeConfig
 
@@ -24,12 +25,14 @@ def serve(
     keys: list[str],
     base_hint: str | None = None,
     route: RouteConfig | None = None,
+    cache: CacheConfig | None = None,
 ) -> None:
     """Run the server until SIGINT/SIGTERM (then: stop accepting, drain, exit).
 
     `keys`: the accepted API keys' digests (`auth.load_keys`; none: loopback only).
     `base_hint`: a local base model folder used when its hash is a bundle's (model.dir).
     `route`: with `enabled`, unsure answers go to its API tiers (temper.online.route).
+    `cache`: with `serve.semantic_cache`, repeats are answered from it (temper.online.cache).
     """
     import uvicorn
 
@@ -51,6 +54,15 @@ def serve(
         if cfg.prompt != "task":
             raise ConfigError("route.enabled needs serve.prompt=task (API tiers answer the task)")
         router = Router.open(route)  # privacy guard and prices checked before anything loads
+    semantic = None
+    if cfg.semantic_cache:
+        from ..cache import SemanticCache
+        from ..route import Router
+
+        if cfg.prompt != "task":
+            raise ConfigError("serve.semantic_cache needs serve.prompt=task (it keys on the text)")
+        semantic = SemanticCache.from_config(cache or CacheConfig())
+        router = router or Router(RouteConfig(), [])  # the self tier alone behind the cache
     sources = [Source.parse(spec) for spec in cfg.models]
     metrics = ServeMetrics()
     table = ModelTable(
@@ -59,7 +71,7 @@ def serve(
         cfg.watch_interval_s,
         metrics,
     )
-    app = create_app(cfg, table, keys, metrics, router)
+    app = create_app(cfg, table, keys, metrics, router, semantic)
     log.info(
         "starting",
         extra={

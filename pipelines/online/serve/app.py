@@ -149,7 +149,12 @@ class Server:
     """What the routes share: config, the model table, the batcher, metrics, readiness."""
 
     def __init__(
-        self, cfg: ServeConfig, table: ModelTable, metrics: ServeMetrics, router: Any = None
+        self,
+        cfg: ServeConfig,
+        table: ModelTable,
+        metrics: ServeMetrics,
+        router: Any = None,
+        cache: Any = None,
     ):
         self.cfg, self.table, self.metrics = cfg, table, metrics
         self.scheduler = Scheduler(
@@ -158,7 +163,9 @@ class Server:
         self.completions = Completions(cfg, self.scheduler, metrics)
         self.router = router  # a route.Router, or None: the served version answers alone
         self.routed = (
-            RoutedCompletions(self.completions, router, router.cfg) if router is not None else None
+            RoutedCompletions(self.completions, router, router.cfg, cache)
+            if router is not None
+            else None
         )
         self.ready = threading.Event()
         self.load_error: str | None = None
@@ -198,8 +205,9 @@ def create_app(
     keys: list[str],
     metrics: ServeMetrics,
     router: Any = None,
+    cache: Any = None,
 ):
-    server = Server(cfg, table, metrics, router)
+    server = Server(cfg, table, metrics, router, cache)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -211,6 +219,8 @@ def create_app(
         await asyncio.to_thread(server.scheduler.stop, cfg.drain_timeout_s)
         if router is not None:
             await router.aclose()
+        if cache is not None:
+            cache.close()
 
     app = FastAPI(title="temper serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server

@@ -62,5 +62,10 @@ class ServeConfig(Section):
     log_prompts: bool = Field(
         False, description="Log prompt and answer text (redacted: emails, cards, IPs, phones)."
     )
+    semantic_cache: bool = Field(
+        False,
+        description="Answer repeats from the semantic cache (the `cache:` section) before "
+        "the model and the router; greedy task answers only (docs/cache.md).",
+    )
     threads: int | None = Field(None, gt=0, description="torch CPU threads (null: default).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")

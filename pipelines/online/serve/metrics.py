@@ -91,6 +91,12 @@ class ServeMetrics:
         self.route_usd = Counter(
             "temper_route_cost_usd", "What the answers cost, by tier (USD).", ["tier"], registry=r
         )
+        self.cache_hits = Counter(
+            "temper_cache_hits",
+            "Answers served by the semantic cache, by layer (exact / similar).",
+            ["kind"],
+            registry=r,
+        )
         self.registry_gauge.set(1)
 
     def adapter_loaded(self, served: Any, on: bool) -> None:
@@ -109,6 +115,9 @@ class ServeMetrics:
         self.route_usd.labels(routed.tier).inc(routed.usd)
         for attempt in routed.attempts:
             self.tier_failures.labels(attempt["tier"], attempt["reason"]).inc()
+
+    def cache_hit(self, kind: str) -> None:
+        self.cache_hits.labels(kind).inc()
 
     def on_batch(self, size: int, left: int) -> None:
         self.batch.observe(size)

@@ -19,6 +19,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from ...evaluation import bundle
+from ..cache import version_key
 from ..route import NoTierAnswered, Routed, Router, RouteRefused, SelfAnswer, decisive_confidence
 from ..route.config import RouteConfig
 from .adapters import Served
@@ -34,8 +36,21 @@ def routable(prompt: str, req: ChatRequest) -> bool:
 class RoutedCompletions:
     """A request through the router; the self tier is the server's own batcher."""
 
-    def __init__(self, completions: Completions, router: Router, cfg: RouteConfig):
+    def __init__(
+        self, completions: Completions, router: Router, cfg: RouteConfig, cache: Any = None
+    ):
         self.completions, self.router, self.cfg = completions, router, cfg
+        self.cache = cache  # a cache.SemanticCache in front of the router, or None
+        self._thresholds: dict[str, float | None] = {}
+
+    def threshold(self, served: Served) -> float | None:
+        """The served version's registered threshold (None: route.self_threshold)."""
+        if not self.cfg.registered_threshold:
+            return None
+        key = str(served.path)
+        if key not in self._thresholds:  # read once per pulled version
+            self._thresholds[key] = bundle.route_threshold(served.path)
+        return self._thresholds[key]
 
     async def answer(
         self, req: ChatRequest, served: Served, info: dict[str, Any]
@@ -75,6 +90,27 @@ class RoutedCompletions:
             )
 
         opts = req.route
+        # The cache holds deterministic answers only, and a forced tier means that tier's.
+        cacheable = (
+            self.cache is not None
+            and not (opts and opts.tier)
+            and req.temperature
+            in (
+                None,
+                0,
+            )
+        )
+        version = version_key(served.fingerprint, served.task.version, served.task.prompt_hash)
+        if cacheable:
+            hit = await asyncio.to_thread(self.cache.get, text, version)
+            if hit is not None:
+                info.update(tier="cache", cache=hit.kind)
+                self.completions.metrics.cache_hit(hit.kind)
+                return self._cached(req, served, hit, n_prompt), {
+                    "x-temper-tier": "cache",
+                    "x-temper-cost-usd": "0.00000000",
+                }
+        threshold = self.threshold(served)
         try:
             routed = await self.router.route(
                 served.task,
@@ -82,6 +118,7 @@ class RoutedCompletions:
                 self_answer,
                 tier=opts.tier if opts else None,
                 allow_external=opts.allow_external if opts else None,
+                self_threshold=threshold,
             )
         except RouteRefused as err:
             raise ApiError(400, str(err), param="route") from None
@@ -90,10 +127,37 @@ class RoutedCompletions:
                 503, str(err), type_="service_unavailable", code="no_tier_available"
             ) from None
         self.completions.metrics.route(routed)
+        if cacheable and not (routed.last_resort or routed.external_blocked):
+            # Unsure answers kept only because no API tier could (or might) answer are not
+            # stored: a later request must get its chance at a better one.
+            await asyncio.to_thread(self.cache.put, text, version, routed.text)
         info.update(tier=routed.tier, cost_usd=round(routed.usd, 8), deferred_to=routed.deferred_to)
         return self._body(req, served, job, routed), {
             "x-temper-tier": routed.tier,
             "x-temper-cost-usd": f"{routed.usd:.8f}",
+        }
+
+    def _cached(self, req: ChatRequest, served: Served, hit: Any, n_prompt: int) -> dict:
+        return {
+            "id": completion_id(),
+            "object": "chat.completion",
+            "created": now(),
+            "model": req.model,
+            "system_fingerprint": served.fingerprint,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": hit.answer},
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": usage(n_prompt, 0),
+            "temper": {
+                "model_version": served.version,
+                "route": {"tier": "cache", "cost_usd": 0.0},
+                "cache": {"kind": hit.kind, "similarity": round(hit.similarity, 6)},
+            },
         }
 
     def _body(self, req: ChatRequest, served: Served, job: Any, routed: Routed) -> dict[str, Any]:

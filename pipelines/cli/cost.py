@@ -1,0 +1,22 @@
+"""`temper cost`: monthly cost of all-API, self-hosted and hybrid serving, and the break-even."""
+
+from __future__ import annotations
+
+import typer
+
+from ..config import section
+from .common import PARAMS, ParamsOpt, SetOpt, fail, load
+
+
+def cost_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
+    """Price a traffic profile three ways from the price table and the measured throughput,
+    tier shares and cache hit rate; write reports/cost.{md,json,png}."""
+    from ..evaluation.cost_report import summary
+    from ..stages import cost
+
+    values = load(params, set_)
+    try:
+        result = cost.cost(section(values, "cost", cost.CostConfig))
+    except ValueError as err:  # ConfigError, and unreadable measurement files
+        fail(err)
+    typer.echo(summary(result))
