@@ -157,7 +157,7 @@ def main() -> None:
     load = os.getloadavg()
     rows = []
     for mode, batch in (("batched", args.batch), ("one-at-a-time", 1)):
-        log = Path(args.out).with_name(f"bench_serve_{mode}.log")
+        log = ROOT / "reports" / f"bench_serve_{mode}.log"  # server logs: not results
         log.parent.mkdir(parents=True, exist_ok=True)
         proc, url = start(args.model, batch, log, [a for kv in args.set for a in ("-S", kv)])
         try:

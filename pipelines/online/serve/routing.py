@@ -90,16 +90,10 @@ class RoutedCompletions:
             )
 
         opts = req.route
-        # The cache holds deterministic answers only, and a forced tier means that tier's.
-        cacheable = (
-            self.cache is not None
-            and not (opts and opts.tier)
-            and req.temperature
-            in (
-                None,
-                0,
-            )
-        )
+        # The cache holds plain deterministic answers only; a forced tier means that tier's.
+        greedy = req.temperature in (None, 0)
+        plain = not (req.logprobs or req.stop or req.max_tokens or req.max_completion_tokens)
+        cacheable = self.cache is not None and greedy and plain and not (opts and opts.tier)
         version = version_key(served.fingerprint, served.task.version, served.task.prompt_hash)
         if cacheable:
             hit = await asyncio.to_thread(self.cache.get, text, version)
