@@ -181,22 +181,15 @@ class Completions:
             raise
         self._check(job)
         self.record(req, served, job, n_prompt, t0, info)
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": job.text},
-            "logprobs": {"content": all_entries(job, served)} if req.logprobs else None,
-            "finish_reason": job.finish_reason,
-        }
-        return {
-            "id": completion_id(),
-            "object": "chat.completion",
-            "created": now(),
-            "model": req.model,
-            "system_fingerprint": served.fingerprint,
-            "choices": [choice],
-            "usage": usage(n_prompt, len(job.token_ids)),
-            "temper": extras(served, job),
-        }
+        return chat_body(
+            req,
+            served,
+            job.text,
+            job.finish_reason,
+            usage(n_prompt, len(job.token_ids)),
+            extras(served, job),
+            {"content": all_entries(job, served)} if req.logprobs else None,
+        )
 
     async def stream(
         self, req: ChatRequest, served: Served, info: dict[str, Any]
@@ -291,6 +284,35 @@ class Completions:
         if self.cfg.log_prompts:
             info["prompt"] = redacted(req.messages[-1].text())
             info["answer"] = redacted(job.text)
+
+
+def chat_body(
+    req: ChatRequest,
+    served: Served,
+    content: str,
+    finish_reason: str | None,
+    counts: dict[str, int],
+    temper: dict[str, Any],
+    logprobs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A `chat.completion` body with one choice (and the extra `temper` part)."""
+    return {
+        "id": completion_id(),
+        "object": "chat.completion",
+        "created": now(),
+        "model": req.model,
+        "system_fingerprint": served.fingerprint,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "logprobs": logprobs,
+                "finish_reason": finish_reason,
+            }
+        ],
+        "usage": counts,
+        "temper": temper,
+    }
 
 
 def all_entries(job: Job, served: Served) -> list[dict[str, Any]]:

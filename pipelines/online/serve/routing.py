@@ -24,8 +24,8 @@ from ..cache import version_key
 from ..route import NoTierAnswered, Routed, Router, RouteRefused, SelfAnswer, decisive_confidence
 from ..route.config import RouteConfig
 from .adapters import Served
-from .completions import Completions, all_entries, extras, make_job
-from .protocol import ApiError, ChatRequest, completion_id, now, usage
+from .completions import Completions, all_entries, chat_body, extras, make_job
+from .protocol import ApiError, ChatRequest, usage
 
 
 def routable(prompt: str, req: ChatRequest) -> bool:
@@ -132,27 +132,12 @@ class RoutedCompletions:
         }
 
     def _cached(self, req: ChatRequest, served: Served, hit: Any, n_prompt: int) -> dict:
-        return {
-            "id": completion_id(),
-            "object": "chat.completion",
-            "created": now(),
-            "model": req.model,
-            "system_fingerprint": served.fingerprint,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": hit.answer},
-                    "logprobs": None,
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": usage(n_prompt, 0),
-            "temper": {
-                "model_version": served.version,
-                "route": {"tier": "cache", "cost_usd": 0.0},
-                "cache": {"kind": hit.kind, "similarity": round(hit.similarity, 6)},
-            },
+        temper = {
+            "model_version": served.version,
+            "route": {"tier": "cache", "cost_usd": 0.0},
+            "cache": {"kind": hit.kind, "similarity": round(hit.similarity, 6)},
         }
+        return chat_body(req, served, hit.answer, "stop", usage(n_prompt, 0), temper)
 
     def _body(self, req: ChatRequest, served: Served, job: Any, routed: Routed) -> dict[str, Any]:
         by_self = routed.tier == "self"
@@ -162,22 +147,15 @@ class RoutedCompletions:
             temper.pop("confidence", None)  # those were the self tier's labels, not these
         temper.setdefault("model_version", served.version)
         temper["route"] = routed.summary()
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": routed.text},
-            "logprobs": {"content": all_entries(job, served)} if req.logprobs and by_self else None,
-            "finish_reason": (job.finish_reason or "stop") if by_self else "stop",
-        }
-        return {
-            "id": completion_id(),
-            "object": "chat.completion",
-            "created": now(),
-            "model": req.model,
-            "system_fingerprint": served.fingerprint,
-            "choices": [choice],
-            "usage": usage(routed.input_tokens, routed.output_tokens),
-            "temper": temper,
-        }
+        return chat_body(
+            req,
+            served,
+            routed.text,
+            (job.finish_reason or "stop") if by_self else "stop",
+            usage(routed.input_tokens, routed.output_tokens),
+            temper,
+            {"content": all_entries(job, served)} if req.logprobs and by_self else None,
+        )
 
 
 async def as_events(body: dict[str, Any], include_usage: bool) -> AsyncIterator[str]:
