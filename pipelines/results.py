@@ -323,8 +323,9 @@ class RouteResult(Result):
     usd_per_1k: Estimate  # routed cost per 1,000 requests
     all_api_usd_per_1k: dict[str, float]  # every request to one API tier
     self_usd_per_1k: float
-    self_latency_ms_p50: float | None
-    self_latency_ms_p95: float | None
+    self_latency_ms_p50: Estimate | None  # per request, batched CPU evaluation
+    self_latency_ms_p95: Estimate | None
+    api_failures: dict[str, int] = Field(default_factory=dict)  # real tiers: no answer
     prices: dict[str, str]  # tier -> the price-table model it was charged as
     prices_verified: bool
     prices_as_of: str

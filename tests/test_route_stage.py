@@ -109,6 +109,50 @@ def test_stage_replays_test_through_the_policy_and_prices_it(tmp_path, base_mode
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("failing", [False, True])
+def test_a_real_tier_is_asked_what_the_policy_sends_it(tmp_path, base_model_dir, failing):
+    from fake_api import FakeAPI, Faults
+
+    make_project(tmp_path, base_model_dir)
+    answer = json.dumps({"clause_type": "Governing Law", "key_term": "New York"})
+    faults = Faults(rate_500=1.0) if failing else Faults()
+    with contextlib.chdir(tmp_path), FakeAPI(lambda m: answer, faults=faults) as api:
+        write_eval(tmp_path, {"r16": pattern(40, 30)}, winner="r16")
+        pred = tmp_path / "reports" / "predictions"
+        rows = [json.loads(line) for line in (pred / "r16.jsonl").read_text().splitlines()]
+        for row in rows:
+            row["confidence"] = {"clause_type": 0.95 if row["correct"] else 0.3}
+        (pred / "r16.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        provider = {
+            "kind": "openai",
+            "model": "api-model",
+            "base_url": api.openai_url,
+            "prices": {"api-model": {"input": 1.0, "output": 2.0}},
+            "max_retries": 0,
+        }
+        cfg = RouteConfig.model_validate(
+            {
+                "tiers": [{"name": "frontier", "provider": provider}],
+                "calibrate": {"target_accuracy": 0.85, "n_resamples": 200,
+                              "prices": str(ROOT / "configs" / "prices.yaml")},
+            }
+        )  # fmt: skip
+        result = route(cfg, TASK)
+    # Fitted on test (no validation file): the 10 unsure answers go to the API, one request
+    # each (the fixture's gold clause type is Governing Law, as the fake API answers).
+    assert result.fitted_on == "test" and not result.oracle
+    assert result.shares == {"self": 0.75, "frontier": 0.25}
+    if failing:
+        assert result.api_failures == {"frontier": 10} and result.accuracy.value == 0.75
+        assert result.usd_per_1k.value == pytest.approx(0.75 * 0.02)
+    else:
+        assert api.requests == 10 and result.api_failures == {"frontier": 0}
+        assert result.accuracy.value == 1.0
+        billed = (api.billed_input_tokens * 1.0 + api.billed_output_tokens * 2.0) / 1e6
+        assert result.usd_per_1k.value == pytest.approx((30 * 0.02 / 1000 + billed) / 40 * 1000)
+
+
+@pytest.mark.slow
 def test_missing_inputs_are_named(tmp_path, base_model_dir):
     make_project(tmp_path, base_model_dir)
     with contextlib.chdir(tmp_path):

@@ -50,11 +50,13 @@ def render(r: RouteResult) -> str:
     ]
     for tier, usd in r.all_api_usd_per_1k.items():
         lines.append(f"| cost per 1,000 requests, all to `{tier}` ({r.prices[tier]}) | {usd:.4f} |")
-    if r.self_latency_ms_p50 is not None:
+    if r.self_latency_ms_p50 is not None and r.self_latency_ms_p95 is not None:
         lines.append(
-            f"| self tier latency p50 / p95 (ms, batched CPU evaluation) | "
-            f"{r.self_latency_ms_p50:.0f} / {r.self_latency_ms_p95:.0f} |"
+            f"| self tier latency p50 / p95 (ms per request, batched CPU evaluation) | "
+            f"{_ci(r.self_latency_ms_p50, digits=0)} / {_ci(r.self_latency_ms_p95, digits=0)} |"
         )
+    for tier, n in r.api_failures.items():
+        lines.append(f"| `{tier}`: answers that failed (counted wrong) | {n} |")
     lines += ["", "| tier | share of requests [95% CI] |", "| --- | --- |"]
     for tier in r.tiers:
         lines.append(f"| {tier} | {_ci(r.share_estimates[tier])} |")
@@ -62,8 +64,8 @@ def render(r: RouteResult) -> str:
         "",
         "API answers are priced at the listed model's price-table row "
         f"(as of {r.prices_as_of}, {'verified' if r.prices_verified else 'NOT verified'}), "
-        "chars/4 tokens for the teacher's prompt and the answer. API-tier latency is not "
-        "measured offline.",
+        "chars/4 tokens for the teacher's prompt and the answer (a real tier: what it "
+        "charged). API-tier latency is not part of this replay.",
         "",
         "![accuracy vs self share](route_curve.png)",
         "",

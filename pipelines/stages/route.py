@@ -13,7 +13,9 @@ one-sided Clopper-Pearson lower bound reaches `target_accuracy` (the most traffi
 tier can keep while provably accurate enough); `self_share` the threshold that keeps that
 share. Replay: each test answer goes to `Policy.pick(confidence)` (temper.online.route.policy,
 the function the server calls). A tier of kind `gold` answers with the gold label: an oracle,
-an upper bound on what an API tier can add, named so in every figure. Cost per answer: the
+an upper bound on what an API tier can add, named so in every figure; a real tier (openai,
+anthropic) is asked the test clauses the policy sends it, as serve asks them (cached by the
+provider layer, within its budget), and scored on its answers. Cost per answer: the
 self tier's measured machine cost per answer (evaluate); an API answer is priced at its
 `price_as` model (the price table) for the teacher's prompt and the answer, chars/4 tokens,
 the shared prefix at the cached price when it is long enough for the vendor to cache.
@@ -21,6 +23,7 @@ the shared prefix at the cached price when it is long enough for the vendor to c
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Any
@@ -32,9 +35,11 @@ from ..evaluation.metrics import Resamples, estimate, mean_stats
 from ..io import read_jsonl
 from ..online.route.config import SELF, RouteConfig, TierConfig
 from ..online.route.policy import Policy, decisive_confidence
+from ..online.route.tiers import ApiTier, TierAnswer, TierFailure
 from ..providers.prices import load_prices
 from ..results import EvalResult, RouteResult
 from ..task import TaskConfig
+from ..teacher import normalise
 
 log = logging.getLogger(__name__)
 CHARS_PER_TOKEN = 4.0  # OpenAI's rule of thumb for English; the vendors' tokenizers differ
@@ -120,13 +125,48 @@ def test_texts(test_file: str, rows: list[dict]) -> list[str]:
 
 
 def replay(
-    policy: Policy, conf: np.ndarray, correct: np.ndarray, costs: dict[str, np.ndarray]
-) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(tier per row, correct per row, USD per row) under `policy`; API tiers: the oracle."""
-    tiers = [policy.pick(float(c)) for c in conf]
-    right = np.array([correct[i] if t == SELF else 1.0 for i, t in enumerate(tiers)])
+    tiers: list[str],
+    correct: np.ndarray,
+    costs: dict[str, np.ndarray],
+    tier_right: dict[str, np.ndarray],
+) -> tuple[np.ndarray, np.ndarray]:
+    """(correct per row, USD per row) when row i is answered by `tiers[i]`; an API tier
+    without measured answers in `tier_right` is the oracle (always right)."""
+    n = len(tiers)
+    right = np.array(
+        [correct[i] if t == SELF else tier_right.get(t, np.ones(n))[i] for i, t in enumerate(tiers)]
+    )
     usd = np.array([costs[t][i] for i, t in enumerate(tiers)])
-    return tiers, right, usd
+    return right, usd
+
+
+def ask_tier(
+    tier: TierConfig, task: TaskConfig, texts: list[str], gold: list[Any], label: str
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """A real API tier's answers to `texts`, asked as serve asks it (`ApiTier`, through the
+    provider layer's cache and budget): (right per text, USD per text, failures). A failure
+    (error, timeout, cap, invalid answer) counts as a wrong answer that cost nothing new."""
+    api = ApiTier(tier)
+
+    async def one(text: str) -> TierAnswer | None:
+        try:
+            return await api.ask(task, text)
+        except TierFailure:
+            return None
+
+    async def main() -> list[TierAnswer | None]:
+        try:
+            return await asyncio.gather(*(one(t) for t in texts))
+        finally:
+            await api.aclose()
+
+    answers = asyncio.run(main())
+    right = [
+        float(a is not None and normalise(a.answer.get(label)) == normalise(g))
+        for a, g in zip(answers, gold, strict=True)
+    ]
+    usd = [a.usd if a is not None else 0.0 for a in answers]
+    return np.array(right), np.array(usd), sum(a is None for a in answers)
 
 
 def curve(conf: np.ndarray, correct: np.ndarray, points: int = 41) -> list[dict[str, float]]:
@@ -145,6 +185,17 @@ def curve(conf: np.ndarray, correct: np.ndarray, points: int = 41) -> list[dict[
             }
         )
     return out
+
+
+def percentile(values: np.ndarray, mask: np.ndarray, q: float, rs: Resamples) -> dict | None:
+    """The q-th percentile of `values` where `mask`, with its bootstrap interval."""
+    if not mask.any():
+        return None
+    stats = []
+    for idx in rs.idx:
+        picked = values[idx][mask[idx] > 0]
+        stats.append(np.nanpercentile(picked, q) if picked.size else np.nan)
+    return estimate(float(np.nanpercentile(values[mask > 0], q)), np.array(stats), rs)
 
 
 def route(cfg: RouteConfig, task: TaskConfig) -> RouteResult:
@@ -173,7 +224,26 @@ def route(cfg: RouteConfig, task: TaskConfig) -> RouteResult:
     texts = test_texts(ev.test_file, test_rows)
     for tier in cfg.tiers:
         costs[tier.name] = api_cost(task, tier, prices, test_rows, texts)
-    tiers, right, usd = replay(policy, test_conf, test_right, costs)
+    all_api = {t.name: float(costs[t.name].mean() * 1000) for t in cfg.tiers}  # list prices
+    tiers = [policy.pick(float(c)) for c in test_conf]
+    label = metric.split(".")[0]
+    tier_right: dict[str, np.ndarray] = {}
+    failures: dict[str, int] = {}
+    for tier in cfg.tiers:
+        if tier.provider.kind == "gold":
+            continue  # the oracle: always right, priced at price_as
+        idx = [i for i, t in enumerate(tiers) if t == tier.name]
+        tier_right[tier.name] = np.zeros(len(tiers))
+        got, spent, failures[tier.name] = ask_tier(
+            tier,
+            task,
+            [texts[i] for i in idx],
+            [(test_rows[i].get("gold") or {}).get(label) for i in idx],
+            label,
+        )
+        tier_right[tier.name][idx] = got
+        costs[tier.name][idx] = spent  # what its answers really cost (cache hits: 0)
+    right, usd = replay(tiers, test_right, costs, tier_right)
 
     rs = Resamples.draw(len(test_rows), c.n_resamples, c.seed, c.confidence)
     names = [SELF, *(t.name for t in cfg.tiers)]
@@ -201,10 +271,11 @@ def route(cfg: RouteConfig, task: TaskConfig) -> RouteResult:
             rs,
         ),
         usd_per_1k=estimate(usd.mean() * 1000, mean_stats(usd, rs) * 1000, rs),
-        all_api_usd_per_1k={t.name: float(costs[t.name].mean() * 1000) for t in cfg.tiers},
+        all_api_usd_per_1k=all_api,
         self_usd_per_1k=self_usd * 1000,
-        self_latency_ms_p50=float(np.nanpercentile(latency[kept > 0], 50)) if kept.any() else None,
-        self_latency_ms_p95=float(np.nanpercentile(latency[kept > 0], 95)) if kept.any() else None,
+        self_latency_ms_p50=percentile(latency, kept, 50, rs),
+        self_latency_ms_p95=percentile(latency, kept, 95, rs),
+        api_failures=failures,
         prices={t.name: t.price_as or t.provider.model for t in cfg.tiers},
         prices_verified=prices.verified,
         prices_as_of=str(prices.as_of),
