@@ -46,6 +46,9 @@ def test_nli_profile_runs_prepare_to_register_with_no_code_change(tmp_path, base
     for name in ("pipelines", "configs", "data/raw/contract_nli"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(base_model_dir, repo / "models" / "base")
+    # The cost stage's measured throughput is a committed input (the benchmark is no stage).
+    (repo / "docs" / "results").mkdir(parents=True)
+    shutil.copy(ROOT / "docs/results/bench_serve.json", repo / "docs/results/bench_serve.json")
     (repo / ".gitignore").write_text("/models/\n/mlflow.db\n/mlartifacts/\n/.cache/\n")
     env = {**os.environ, "MLFLOW_TRACKING_URI": "", "TEMPER_LOG_LEVEL": "WARNING"}
     sh(repo, "git", "init", "-q")
