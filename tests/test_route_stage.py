@@ -46,6 +46,18 @@ def test_fit_takes_the_lowest_threshold_that_is_provably_accurate():
     assert fit_threshold(conf, right, cfg)[0] == 0.99
 
 
+def sure_when_right(project) -> list[dict]:
+    """The fixtures' eval of 40 test answers (30 right) with confidences: right answers sure
+    (0.95), wrong ones unsure (0.3). Returns the prediction rows."""
+    write_eval(project, {"r16": pattern(40, 30)}, winner="r16")
+    path = project / "reports" / "predictions" / "r16.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for row in rows:
+        row["confidence"] = {"clause_type": 0.95 if row["correct"] else 0.3}
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
 @pytest.mark.slow  # make_project links the real base model
 def test_stage_replays_test_through_the_policy_and_prices_it(tmp_path, base_model_dir):
     make_project(tmp_path, base_model_dir)
@@ -53,13 +65,8 @@ def test_stage_replays_test_through_the_policy_and_prices_it(tmp_path, base_mode
         (tmp_path / "configs" / "prices.yaml").write_text(
             (ROOT / "configs" / "prices.yaml").read_text()
         )
-        write_eval(tmp_path, {"r16": pattern(40, 30)}, winner="r16")
+        rows = sure_when_right(tmp_path)
         pred = tmp_path / "reports" / "predictions"
-        rows = [json.loads(line) for line in (pred / "r16.jsonl").read_text().splitlines()]
-        # Right answers sure, wrong ones unsure: 30 at 0.95, 10 at 0.3 (test).
-        for row in rows:
-            row["confidence"] = {"clause_type": 0.95 if row["correct"] else 0.3}
-        (pred / "r16.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (pred / "validation").mkdir()
         (pred / "validation" / "r16.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         cfg = RouteConfig.model_validate(
@@ -117,12 +124,7 @@ def test_a_real_tier_is_asked_what_the_policy_sends_it(tmp_path, base_model_dir,
     answer = json.dumps({"clause_type": "Governing Law", "key_term": "New York"})
     faults = Faults(rate_500=1.0) if failing else Faults()
     with contextlib.chdir(tmp_path), FakeAPI(lambda m: answer, faults=faults) as api:
-        write_eval(tmp_path, {"r16": pattern(40, 30)}, winner="r16")
-        pred = tmp_path / "reports" / "predictions"
-        rows = [json.loads(line) for line in (pred / "r16.jsonl").read_text().splitlines()]
-        for row in rows:
-            row["confidence"] = {"clause_type": 0.95 if row["correct"] else 0.3}
-        (pred / "r16.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        sure_when_right(tmp_path)
         provider = {
             "kind": "openai",
             "model": "api-model",

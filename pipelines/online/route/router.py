@@ -139,14 +139,10 @@ class Router:
         mine: SelfAnswer | None = None
         if tier in (None, SELF):
             mine = await self_answer()
-            if tier == SELF or (mine.error is None and policy.pick(mine.confidence) == SELF):
-                if mine.error is not None:
-                    raise NoTierAnswered([{"tier": SELF, "reason": mine.error}])
-                return self._from_self(mine)
             first = policy.pick(None if mine.error else mine.confidence)
+            if tier == SELF or (mine.error is None and first == SELF):
+                return self._from_self(mine)
             if not external:
-                if mine.error is not None:
-                    raise NoTierAnswered([{"tier": SELF, "reason": mine.error}])
                 return self._from_self(mine, deferred_to=first, external_blocked=True)
         else:
             first = tier
@@ -171,13 +167,17 @@ class Router:
             )
         if mine is None:
             mine = await self_answer()
-        if mine.error is not None:
-            raise NoTierAnswered([*attempts, {"tier": SELF, "reason": mine.error}])
         return self._from_self(mine, deferred_to=first, attempts=attempts, last_resort=True)
 
     @staticmethod
-    def _from_self(mine: SelfAnswer, **kw: Any) -> Routed:
+    def _from_self(mine: SelfAnswer, attempts: list[dict[str, str]] | None = None, **kw: Any):
+        """The self tier's answer; NoTierAnswered when it has none (every tier failed)."""
+        attempts = attempts or []
+        if mine.error is not None:
+            failed = [a for a in attempts if a["tier"] != SELF]
+            raise NoTierAnswered([*failed, {"tier": SELF, "reason": mine.error}])
         return Routed(
+            attempts=attempts,
             tier=SELF,
             text=mine.text,
             usd=mine.usd,
@@ -187,10 +187,6 @@ class Router:
             self_answer=mine,
             **kw,
         )
-
-    def budgets(self) -> dict[str, tuple[float, int]]:
-        """Each API tier's spend and requests today."""
-        return {name: t.spent() for name, t in self.tiers.items()}
 
     async def aclose(self) -> None:
         for t in self.tiers.values():
