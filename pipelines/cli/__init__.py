@@ -17,6 +17,7 @@ import typer
 
 from . import cache, cost, predict, release, serve, stages
 from .common import SECTIONS, setup_logging
+from .monitor import monitor_app
 from .params_help import config_cmd, help_command
 
 __all__ = ["COMMANDS", "SECTIONS", "app", "setup_logging"]
@@ -43,7 +44,7 @@ COMMANDS: list[tuple[str, Callable[..., None], tuple[str, ...]]] = [
     ("rollback", release.rollback_cmd, ("promote",)),
     ("pull", release.pull_cmd, ()),
     ("predict", predict.predict_cmd, ("evaluate",)),
-    ("serve", serve.serve_cmd, ("serve", "route", "cache")),
+    ("serve", serve.serve_cmd, ("serve", "route", "cache", "monitor")),
     ("cost", cost.cost_cmd, ("cost",)),
     ("cache-eval", cache.cache_eval_cmd, ("cache_eval", "cache")),
     ("merge", release.merge_cmd, ()),
@@ -64,3 +65,6 @@ for _name, _function, _sections in COMMANDS:
         app.command(_name, cls=help_command(_sections))(_function)
     else:
         app.command(_name)(_function)
+
+# `temper monitor judge | review export | review import | probe | report` (docs/monitor.md)
+app.add_typer(monitor_app, name="monitor")

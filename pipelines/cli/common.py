@@ -21,6 +21,7 @@ from ..evaluation.config import EvaluateConfig
 from ..evaluation.gates import GatesConfig
 from ..evaluation.judge import JudgeConfig
 from ..online.cache.config import CacheConfig
+from ..online.monitor.config import MonitorConfig
 from ..online.route.config import RouteConfig
 from ..online.serve.config import ServeConfig
 from ..release.promote import PromoteConfig
@@ -51,6 +52,7 @@ SECTIONS: dict[str, type[Section]] = {
     "cache_eval": CacheEvalConfig,
     "route": RouteConfig,
     "cost": CostConfig,
+    "monitor": MonitorConfig,
 }
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="The params file.")]

@@ -40,8 +40,10 @@ def serve_cmd(
     """
     from ..evaluation.bundle import BundleError
     from ..online.cache import CacheConfig
+    from ..online.monitor import MonitorConfig
     from ..online.route import RouteConfig
     from ..online.serve import ServeConfig, auth, serve
+    from ..tracking import MlflowConfig
     from ..tracking.pull import PullError
     from .release import registry_client
 
@@ -70,6 +72,8 @@ def serve_cmd(
             base_hint=model_dir(values),
             route=section(values, "route", RouteConfig),
             cache=section(values, "cache", CacheConfig),
+            monitor=section(values, "monitor", MonitorConfig),
+            mlflow_cfg=section(values, "mlflow", MlflowConfig),
         )
     except (ConfigError, BundleError, PullError) as err:
         fail(err, 2)

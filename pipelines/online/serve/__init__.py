@@ -9,9 +9,11 @@ metrics and logs beside them; vllm prints the GPU engine's command for the same 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from ...config import ConfigError
 from ..cache.config import CacheConfig
+from ..monitor.config import MonitorConfig
 from ..route.config import RouteConfig
 from .config import ServeConfig
 
@@ -26,6 +28,8 @@ def serve(
     base_hint: str | None = None,
     route: RouteConfig | None = None,
     cache: CacheConfig | None = None,
+    monitor: MonitorConfig | None = None,
+    mlflow_cfg: Any = None,
 ) -> None:
     """Run the server until SIGINT/SIGTERM (then: stop accepting, drain, exit).
 
@@ -33,6 +37,8 @@ def serve(
     `base_hint`: a local base model folder used when its hash is a bundle's (model.dir).
     `route`: with `enabled`, unsure answers go to its API tiers (temper.online.route).
     `cache`: with `serve.semantic_cache`, repeats are answered from it (temper.online.cache).
+    `monitor`: with `log`, every chat request goes to its request log (temper.online.monitor);
+    `mlflow_cfg` (an MlflowConfig) is where `monitor.trace_share` of them are traced.
     """
     import uvicorn
 
@@ -64,14 +70,19 @@ def serve(
         semantic = SemanticCache.from_config(cache or CacheConfig())
         router = router or Router(RouteConfig(), [])  # the self tier alone behind the cache
     sources = [Source.parse(spec) for spec in cfg.models]
-    metrics = ServeMetrics()
+    metrics = ServeMetrics(monitor.state_file if monitor is not None else None)
+    request_log = None
+    if monitor is not None and monitor.log:
+        from ..monitor import open_request_log
+
+        request_log = open_request_log(monitor, metrics, mlflow_cfg)
     table = ModelTable(
         sources,
         Loader(cfg.cache_dir, cfg.base_dir, cfg.device, base_hint),
         cfg.watch_interval_s,
         metrics,
     )
-    app = create_app(cfg, table, keys, metrics, router, semantic)
+    app = create_app(cfg, table, keys, metrics, router, semantic, request_log)
     log.info(
         "starting",
         extra={
@@ -80,6 +91,7 @@ def serve(
             "models": [s.spec for s in sources],
             "api_keys": len(keys),  # how many, never which
             "route_tiers": list(router.tiers) if router else [],
+            "monitor_log": monitor.path if request_log is not None else None,
         },
     )
     config = uvicorn.Config(

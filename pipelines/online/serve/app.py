@@ -51,8 +51,16 @@ def error_response(err: ApiError, request_id: str | None = None) -> JSONResponse
 class Gate:
     """ASGI middleware: request id, API key, body size, status counts, the request log line."""
 
-    def __init__(self, app: Any, cfg: ServeConfig, keys: list[str], metrics: ServeMetrics):
+    def __init__(
+        self,
+        app: Any,
+        cfg: ServeConfig,
+        keys: list[str],
+        metrics: ServeMetrics,
+        monitor: Any = None,
+    ):
         self.app, self.cfg, self.keys, self.metrics = app, cfg, keys, metrics
+        self.monitor = monitor  # a monitor.RequestLog, or None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -82,6 +90,7 @@ class Gate:
             else:
                 await self.app(scope, receive, send_with_id)
         finally:
+            seconds = time.perf_counter() - t0
             route = path if path in (*OPEN, "/v1/models", "/v1/chat/completions") else "other"
             self.metrics.requests.labels(route, str(status["code"])).inc()
             if path not in OPEN:
@@ -92,10 +101,17 @@ class Gate:
                         "method": scope["method"],
                         "path": path,
                         "status": status["code"],
-                        "duration_ms": round((time.perf_counter() - t0) * 1000, 1),
-                        **info,
+                        "duration_ms": round(seconds * 1000, 1),
+                        # `_` keys (the text, the job) are for the monitor, never the log
+                        **{k: v for k, v in info.items() if not k.startswith("_")},
                     },
                 )
+            if (
+                self.monitor is not None
+                and path == "/v1/chat/completions"
+                and status["code"] not in (401, 413)
+            ):
+                self.monitor.submit(rid, info, status["code"], seconds)
 
     def _refuse(self, path: str, headers: dict[str, str]) -> ApiError | None:
         if path.startswith("/v1/") and not auth.allowed(headers.get("authorization"), self.keys):
@@ -206,12 +222,15 @@ def create_app(
     metrics: ServeMetrics,
     router: Any = None,
     cache: Any = None,
+    monitor: Any = None,
 ):
     server = Server(cfg, table, metrics, router, cache)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         server.scheduler.start()
+        if monitor is not None:
+            monitor.start()
         loader = threading.Thread(target=server.load, name="temper-load", daemon=True)
         loader.start()
         yield
@@ -221,6 +240,8 @@ def create_app(
             await router.aclose()
         if cache is not None:
             cache.close()
+        if monitor is not None:
+            await asyncio.to_thread(monitor.close)
 
     app = FastAPI(title="temper serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
@@ -257,6 +278,8 @@ def create_app(
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         metrics.queue.set(server.scheduler.depth())
+        if monitor is not None:
+            metrics.log_queue.set(monitor.depth())
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     def model_card(model_id: str, served: Any) -> dict[str, Any]:
@@ -305,6 +328,9 @@ def create_app(
         served = table.get(req.model)
         if served is None:
             raise not_found(req.model)
+        users = [m for m in req.messages if m.role == "user"]
+        if users:
+            info["_text"] = users[-1].text()  # for the monitor's log (gate); never logged
         if server.routed is not None and routable(cfg.prompt, req):
             body, headers = await server.routed.answer(req, served, info)
             if req.stream:
@@ -346,4 +372,4 @@ def create_app(
             code="model_not_found",
         )
 
-    return Gate(app, cfg, keys, metrics)
+    return Gate(app, cfg, keys, metrics, monitor)

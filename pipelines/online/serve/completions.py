@@ -281,6 +281,8 @@ class Completions:
             finish_reason=job.finish_reason,
             ttft_ms=round((job.first_token - t0) * 1000, 1) if job.first_token else None,
         )
+        # for the monitor's request log (never the log line): what was answered, and by whom
+        info.update(_answer=job.text, _job=job, _served=served)
         if self.cfg.log_prompts:
             info["prompt"] = redacted(req.messages[-1].text())
             info["answer"] = redacted(job.text)

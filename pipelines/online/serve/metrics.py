@@ -20,7 +20,8 @@ PER_TOKEN = (0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2)
 
 
 class ServeMetrics:
-    def __init__(self) -> None:
+    def __init__(self, monitor_state: str | None = None) -> None:
+        """`monitor_state`: the monitor's state file, whose gauges are exported too."""
         self.registry = CollectorRegistry()
         r = self.registry
         model = ["gen_ai_operation_name", "gen_ai_request_model"]
@@ -97,6 +98,21 @@ class ServeMetrics:
             ["kind"],
             registry=r,
         )
+        self.log_rows = Counter(
+            "temper_monitor_log_rows", "Request rows written to the monitor's log.", registry=r
+        )
+        self.log_dropped = Counter(
+            "temper_monitor_log_dropped",
+            "Request rows the monitor's log dropped (queue full, write error); never requests.",
+            registry=r,
+        )
+        self.log_queue = Gauge(
+            "temper_monitor_log_queue", "Request rows waiting to be written.", registry=r
+        )
+        if monitor_state:
+            from ..monitor.gauges import StateCollector
+
+            r.register(StateCollector(monitor_state))
         self.registry_gauge.set(1)
 
     def adapter_loaded(self, served: Any, on: bool) -> None:

@@ -98,7 +98,7 @@ class RoutedCompletions:
         if cacheable:
             hit = await asyncio.to_thread(self.cache.get, text, version)
             if hit is not None:
-                info.update(tier="cache", cache=hit.kind)
+                info.update(tier="cache", cache=hit.kind, _answer=hit.answer, _served=served)
                 self.completions.metrics.cache_hit(hit.kind)
                 return self._cached(req, served, hit, n_prompt), {
                     "x-temper-tier": "cache",
@@ -126,6 +126,12 @@ class RoutedCompletions:
             # stored: a later request must get its chance at a better one.
             await asyncio.to_thread(self.cache.put, text, version, routed.text)
         info.update(tier=routed.tier, cost_usd=round(routed.usd, 8), deferred_to=routed.deferred_to)
+        # the monitor logs the answer given and the self tier's confidence that decided it
+        info.update(
+            _answer=routed.text,
+            _served=served,
+            _confidence=routed.confidence,
+        )
         return self._body(req, served, job, routed), {
             "x-temper-tier": routed.tier,
             "x-temper-cost-usd": f"{routed.usd:.8f}",
