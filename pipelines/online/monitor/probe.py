@@ -119,6 +119,8 @@ def run_probe(
         unknown = sorted(set(tiers) - {t.name for t in route.tiers})
         if unknown:
             raise ConfigError(f"--tier {unknown}: route.tiers has {[t.name for t in route.tiers]}")
+    if not chosen:
+        raise ConfigError("route.tiers: no API tier to probe")
     gold = [t.name for t in chosen if t.provider.kind == "gold"]
     if gold:
         raise ConfigError(
