@@ -197,3 +197,69 @@ def test_probe_refuses_the_offline_oracle_and_no_tiers(tmp_path):
     result = runner.invoke(app, ["monitor", "probe", "-p", str(write_params(tmp_path, {}))])
     assert result.exit_code == 2
     assert "no API tier to probe" in result.output
+
+
+class HashVectors:
+    """Embeds a text as a seeded Gaussian vector (the same text, the same vector)."""
+
+    name, max_tokens = "hash-vectors", 256
+
+    def embed(self, texts):
+        import hashlib
+
+        return np.stack(
+            [
+                np.random.default_rng(int(hashlib.sha256(t.encode()).hexdigest()[:8], 16))
+                .normal(size=8)
+                .astype(np.float32)
+                for t in texts
+            ]
+        )
+
+
+def test_report_runs_input_drift_against_the_grouped_reference(tmp_path):
+    prepared = tmp_path / "train.jsonl"
+    prepared.write_text(
+        "".join(
+            json.dumps({"id": i, "text": f"reference clause {i}", "group": f"contract-{i // 4}"})
+            + "\n"
+            for i in range(240)
+        )
+    )
+    rng = np.random.default_rng(3)
+    monitor = {
+        "quality": {"baseline_accuracy": 0.8},
+        "drift": {
+            "reference": [str(prepared)],
+            "reference_predictions": str(reference(tmp_path)),
+            "window": 60,
+        },
+    }
+    params = write_params(tmp_path, monitor)
+    from temper.online.monitor import MonitorConfig
+    from temper.online.monitor.checks import run_checks
+    from temper.task import load_task
+
+    cfg = MonitorConfig.model_validate(yaml.safe_load(params.read_text())["monitor"])
+    task = load_task(ROOT / "configs" / "tasks" / "clause_review.yaml")
+    found = {}
+    for shift in (0.0, 1.0):
+        with MonitorStore(tmp_path / f"m-{shift}.sqlite") as store:
+            store.add_requests(
+                [
+                    LoggedRequest(
+                        id=f"r{i}",
+                        ts=1e9 + i,
+                        status=200,
+                        tier="self",
+                        embedding=(rng.normal(size=8) + shift).astype(np.float32),
+                    )
+                    for i in range(60)
+                ]
+            )
+            result = run_checks(cfg, task, store, HashVectors())
+        found[shift] = {d["name"]: d["alarm"] for d in result.drift}
+    assert set(found[0.0]) >= {"input_mmd", "input_classifier"}
+    assert not any(found[0.0].values()), found
+    assert found[1.0]["input_mmd"] and found[1.0]["input_classifier"], found
+    assert list((tmp_path / "report").glob("reference-*.npy"))  # the reference is cached

@@ -160,8 +160,10 @@ def quality(cfg: MonitorConfig, task: TaskConfig, store: MonitorStore) -> dict[s
     return out
 
 
-def reference_texts(cfg: MonitorConfig) -> list[str]:
-    texts = []
+def reference_texts(cfg: MonitorConfig) -> tuple[list[str], list[str]]:
+    """The reference's texts and their groups (contracts): the drift tests' null compares a
+    window with *new contracts* of the reference's kind, not with its own rows (docs/monitor.md)."""
+    texts, groups = [], []
     for name in cfg.drift.reference:
         path = Path(name)
         if not path.exists():
@@ -170,26 +172,28 @@ def reference_texts(cfg: MonitorConfig) -> list[str]:
             if "text" not in row:
                 raise ConfigError(f"{path}:{i}: field 'text' missing")
             texts.append(str(row["text"]))
+            groups.append(str(row.get("group", f"{path}:{i}")))
     rng = np.random.default_rng(cfg.drift.seed)
     if len(texts) > cfg.drift.max_reference:
         idx = sorted(rng.choice(len(texts), cfg.drift.max_reference, replace=False).tolist())
-        texts = [texts[i] for i in idx]
-    return texts
+        texts, groups = [texts[i] for i in idx], [groups[i] for i in idx]
+    return texts, groups
 
 
-def reference_embeddings(cfg: MonitorConfig, embedder: Any) -> np.ndarray:
-    """The reference texts' embeddings, cached beside the report (keyed by texts and model)."""
-    texts = reference_texts(cfg)
+def reference_embeddings(cfg: MonitorConfig, embedder: Any) -> tuple[np.ndarray, list[str]]:
+    """The reference texts' embeddings (cached beside the report, keyed by texts and model)
+    and their groups."""
+    texts, groups = reference_texts(cfg)
     key = hashlib.sha256("\n".join([embedder.name, *texts]).encode()).hexdigest()[:16]
     cache = Path(cfg.report_dir) / f"reference-{key}.npy"
     if cache.exists():
-        return np.load(cache)
+        return np.load(cache), groups
     vectors = np.asarray(embedder.embed(texts), np.float32)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp.npy")
     np.save(tmp, vectors)
     tmp.replace(cache)
-    return vectors
+    return vectors, groups
 
 
 def reference_predictions(cfg: MonitorConfig) -> list[dict[str, Any]]:
@@ -254,10 +258,12 @@ def run_checks(
             f"input drift: {len(vectors)} embedded requests, need {cfg.drift.window // 2}"
         )
     else:
-        ref = reference_embeddings(cfg, embedder)
+        ref, groups = reference_embeddings(cfg, embedder)
         tests += drift.input_drift(
             ref,
             np.stack(vectors),
+            reference_groups=groups,
+            max_reference=cfg.drift.max_reference,
             alpha=cfg.drift.alpha,
             seed=cfg.drift.seed,
             permutations=cfg.drift.permutations,
