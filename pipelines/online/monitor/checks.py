@@ -43,7 +43,34 @@ class MonitorResult(BaseModel):
     alarms: list[str]
 
 
-def traffic(rows: list[LoggedRequest]) -> dict[str, Any]:
+def traffic_windows(rows: list[LoggedRequest], hours: float) -> list[dict[str, Any]]:
+    """Requests, tier and cache shares and latency per window of `hours`."""
+    if not rows:
+        return []
+    width, start = hours * 3600, rows[0].ts
+    slots: dict[int, list[LoggedRequest]] = {}
+    for r in rows:
+        slots.setdefault(int((r.ts - start) // width), []).append(r)
+    out = []
+    for k, group in sorted(slots.items()):
+        ok = [r for r in group if r.status == 200]
+        lat = [r.latency_ms for r in ok if r.latency_ms is not None]
+        tiers: dict[str, int] = {}
+        for r in ok:
+            tiers[r.tier or "none"] = tiers.get(r.tier or "none", 0) + 1
+        out.append(
+            {
+                "start": start + k * width,
+                "requests": len(group),
+                "tier_share": {t: c / len(ok) for t, c in sorted(tiers.items())},
+                "latency_ms_p50": float(np.percentile(lat, 50)) if lat else None,
+                "latency_ms_p95": float(np.percentile(lat, 95)) if lat else None,
+            }
+        )
+    return out
+
+
+def traffic(rows: list[LoggedRequest], hours: float = 24.0) -> dict[str, Any]:
     n = len(rows)
     answered = [r for r in rows if r.status == 200]
     tiers: dict[str, int] = {}
@@ -64,6 +91,7 @@ def traffic(rows: list[LoggedRequest]) -> dict[str, Any]:
         "latency_ms_p95": float(np.percentile(lat, 95)) if lat.size else None,
         "prompt_tokens": int(sum(r.prompt_tokens or 0 for r in rows)),
         "completion_tokens": int(sum(r.completion_tokens or 0 for r in rows)),
+        "windows": traffic_windows(rows, hours),
         "first": rows[0].ts if rows else None,
         "last": rows[-1].ts if rows else None,
     }
@@ -286,7 +314,7 @@ def run_checks(
     return MonitorResult(
         generated=time.time(),
         requests=len(rows),
-        traffic=traffic(rows),
+        traffic=traffic(rows, cfg.judge.window_hours),
         quality=qual,
         drift=[t.as_dict() for t in tests],
         drift_skipped=skipped,

@@ -110,12 +110,31 @@ def plots(result: MonitorResult, out: Path) -> list[Path]:
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
-    shares = result.traffic.get("tier_share") or {}
-    axes[0].bar(list(shares), list(shares.values()))
-    axes[0].set(title="Answers by tier", ylabel="share", ylim=(0, 1))
-    t = result.traffic
-    axes[1].bar(["p50", "p95"], [t["latency_ms_p50"] or 0, t["latency_ms_p95"] or 0])
-    axes[1].set(title="Latency (ms)")
+    tw = result.traffic.get("windows") or []
+    x = [dt.datetime.fromtimestamp(w["start"], dt.UTC) for w in tw]
+    tiers = sorted({t for w in tw for t in w["tier_share"]})
+    bottom = [0.0] * len(tw)
+    for tier in tiers:  # stacked shares per window: self, the API tiers, the cache
+        share = [w["tier_share"].get(tier, 0.0) for w in tw]
+        axes[0].bar(
+            x,
+            share,
+            bottom=bottom,
+            width=0.8 * (tw[1]["start"] - tw[0]["start"]) / 86400 if len(tw) > 1 else 0.5,
+            label=tier,
+        )
+        bottom = [b + v for b, v in zip(bottom, share, strict=True)]
+    axes[0].set(title="Answers by tier per window", ylabel="share", ylim=(0, 1))
+    if tiers:
+        axes[0].legend(fontsize=8)
+    for key, label in (("latency_ms_p50", "p50"), ("latency_ms_p95", "p95")):
+        axes[1].plot(
+            x, [w[key] if w[key] is not None else float("nan") for w in tw], "o-", label=label
+        )
+    axes[1].set(title="Latency per window (ms)")
+    axes[1].legend(fontsize=8)
+    for ax in axes:
+        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
     fig.tight_layout()
     made.append(out / "traffic.png")
     fig.savefig(made[-1], dpi=110)
