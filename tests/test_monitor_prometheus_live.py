@@ -8,7 +8,6 @@ and every dashboard query is valid PromQL on this Prometheus.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -19,10 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from registry_fixtures import gentle_adapter, make_project
-from test_serve import Running, free_port, register, runner, start, wait_until
+from registry_fixtures import make_project
+from test_serve import free_port, serve_champion, stop, wait_until
 
-from temper.cli import app
 from temper.online.monitor import dashboard, gauges
 
 pytestmark = [
@@ -111,17 +109,10 @@ def stack(tmp_path_factory, base_model_dir):
             "temper_monitor_judge_budget_usd": [({}, 5.0)],
         },
     )
-    prom = proc = None
+    prom = server = None
     try:
-        with contextlib.chdir(project):
-            register(project, gentle_adapter(base_model_dir, project.parent / "gentle"), 15)
-            assert runner.invoke(app, ["promote"]).exit_code == 0
-            port = free_port()
-            log = project.parent / "serve.log"
-            proc = start(project, port, log)
-            server = Running(project, port, log, proc)
-            wait_until(lambda: httpx.get(f"{server.url}/readyz").status_code == 200, 180, "ready")
-        prom = Prometheus(tmp_path_factory.mktemp("prometheus"), port)
+        server = serve_champion(project, base_model_dir)
+        prom = Prometheus(tmp_path_factory.mktemp("prometheus"), server.port)
         wait_until(lambda: httpx.get(f"{prom.url}/-/ready").status_code == 200, 60, "prometheus")
         client = server.client()
         for text in CLAUSES[:REQUESTS]:
@@ -139,9 +130,8 @@ def stack(tmp_path_factory, base_model_dir):
     finally:
         if prom is not None:
             prom.stop()
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if server is not None:
+            stop(server)
 
 
 def test_scraped_values_are_what_the_server_did(stack):

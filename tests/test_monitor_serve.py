@@ -9,27 +9,21 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import os
-import signal
 
 import httpx
 import mlflow
 import pytest
 from fake_api import FakeAPI
-from registry_fixtures import gentle_adapter, make_project
-from test_serve import KEY, Running, free_port, register, runner, start, wait_until
+from registry_fixtures import make_project
+from test_serve import KEY, runner, serve_champion, stop, wait_until
+from test_serve_route import CLAUSES as ROUTE_CLAUSES
 
 from temper.cli import app
 from temper.online.monitor import MonitorStore, sampled
 
 pytestmark = pytest.mark.slow
 CLAUSES = [
-    "This Agreement shall be governed by the laws of the State of New York.",
-    "Either party may terminate this Agreement upon ninety (90) days written notice.",
-    "Licensee shall not assign this Agreement without the prior written consent of Licensor.",
-    "This Agreement shall automatically renew for successive one (1) year terms.",
-    "Neither party shall solicit the employees of the other party during the Term.",
-    "The Effective Date of this Agreement is January 1, 2020.",
+    *ROUTE_CLAUSES,
     "Write to legal@example.com with any notice under this Agreement.",
     "All disputes shall be settled by arbitration in London, England.",
 ]
@@ -63,18 +57,10 @@ def served(tmp_path_factory, base_model_dir):
         "quality": {"baseline_accuracy": 0.8},
     }
     make_project(project, base_model_dir, {"monitor": monitor})
+    s = serve_champion(project, base_model_dir)
     with contextlib.chdir(project):
-        register(project, gentle_adapter(base_model_dir, project.parent / "gentle"), 15)
-        assert runner.invoke(app, ["promote"]).exit_code == 0
-        port = free_port()
-        log = project.parent / "serve.log"
-        proc = start(project, port, log)
-        s = Running(project, port, log, proc)
-        wait_until(lambda: httpx.get(f"{s.url}/readyz").status_code == 200, 180, "ready")
         yield s, judge
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    stop(s)
     judge.stop()
 
 
@@ -177,6 +163,14 @@ def test_requests_to_judge_to_review_to_report(served):
     mlflow.set_tracking_uri(f"sqlite:///{s.project / 'mlflow.db'}")
     experiment = mlflow.MlflowClient().get_experiment_by_name("temper-serve")
     assert experiment is not None
-    traces = mlflow.search_traces(experiment_ids=[experiment.experiment_id], return_type="list")
-    traced = {t.info.tags.get("temper.request_id") for t in traces}
-    assert traced == set(ids)
+
+    def traced() -> set[str]:
+        found = mlflow.search_traces(experiment_ids=[experiment.experiment_id], return_type="list")
+        return {t.info.tags.get("temper.request_id") for t in found}
+
+    # The log's thread writes a batch's traces after its rows: they may trail a little.
+    try:
+        wait_until(lambda: traced() == set(ids), 60, "a trace of every request")
+    except AssertionError:
+        warnings = [line for line in s.log_lines() if line.get("logger") == "temper.monitor"]
+        raise AssertionError(f"traced {traced()} of {ids}; monitor log lines: {warnings}") from None

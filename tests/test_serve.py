@@ -119,6 +119,30 @@ def start(project: Path, port: int, log: Path, *extra: str, env_keys: str | None
     )
 
 
+def serve_champion(project: Path, base_model_dir: Path, *extra: str) -> Running:
+    """Register a gentle LoRA version in `project`, promote it, start `temper serve` on it
+    (`extra`: more CLI arguments) and wait until it is ready; `stop` ends it."""
+    with contextlib.chdir(project):
+        register(project, gentle_adapter(base_model_dir, project.parent / "gentle"), 15)
+        result = runner.invoke(app, ["promote"])
+        assert result.exit_code == 0, result.output
+    port = free_port()
+    log = project.parent / "serve.log"
+    running = Running(project, port, log, start(project, port, log, *extra))
+    try:
+        wait_until(lambda: httpx.get(f"{running.url}/readyz").status_code == 200, 180, "ready")
+    except BaseException:
+        stop(running)
+        raise
+    return running
+
+
+def stop(running: Running) -> None:
+    if running.proc.poll() is None:
+        os.killpg(running.proc.pid, signal.SIGKILL)
+        running.proc.wait()
+
+
 def wait_until(check, timeout: float, what: str):
     end = time.time() + timeout
     while time.time() < end:

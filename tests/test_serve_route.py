@@ -11,17 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
 
-import httpx
 import openai
 import pytest
 from fake_api import FakeAPI, Faults
-from registry_fixtures import gentle_adapter, make_project
-from test_serve import Running, free_port, register, runner, start, wait_until
-
-from temper.cli import app
+from registry_fixtures import make_project
+from test_serve import serve_champion, stop
 
 pytestmark = pytest.mark.slow
 FRONTIER_CAP = 3
@@ -64,18 +59,10 @@ def routed(tmp_path_factory, base_model_dir):
         ],
     }
     make_project(project, base_model_dir, {"route": route})
+    s = serve_champion(project, base_model_dir, "-S", "serve.semantic_cache=true")
     with contextlib.chdir(project):
-        register(project, gentle_adapter(base_model_dir, project.parent / "gentle"), 15)
-        assert runner.invoke(app, ["promote"]).exit_code == 0
-        port = free_port()
-        log = project.parent / "serve.log"
-        proc = start(project, port, log, "-S", "serve.semantic_cache=true")
-        s = Running(project, port, log, proc)
-        wait_until(lambda: httpx.get(f"{s.url}/readyz").status_code == 200, 180, "ready")
         yield s, mid, frontier
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    stop(s)
     mid.stop()
     frontier.stop()
 

@@ -187,9 +187,11 @@ class RequestLog:
         self.written += len(rows)
         self._on_written(len(rows))
         if self.tracer is not None:
-            for row in rows:
-                if self.tracer.wants(row):
-                    self.tracer.trace(row)
+            traced = [row for row in rows if self.tracer.wants(row)]
+            for row in traced:
+                self.tracer.trace(row)
+            if traced:
+                self.tracer.flush()
 
     def _prune(self, store: MonitorStore) -> None:
         try:

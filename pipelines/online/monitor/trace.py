@@ -18,6 +18,7 @@ from .store import LoggedRequest, sampled
 
 log = logging.getLogger("temper.monitor")
 SALT = "temper-trace-v1"
+GIVE_UP_AFTER = 5
 
 
 class Tracer:
@@ -25,7 +26,8 @@ class Tracer:
         self.cfg = cfg
         self.mlflow_cfg = mlflow_cfg.model_copy(update={"experiment": cfg.trace_experiment})
         self._experiment: str | None = None
-        self.failed = False
+        self.failed = False  # after GIVE_UP_AFTER failures in a row (a store that is gone)
+        self.failures = 0
 
     def wants(self, row: LoggedRequest) -> bool:
         return not self.failed and sampled(row.id, SALT, self.cfg.trace_share)
@@ -72,5 +74,22 @@ class Tracer:
                 end_time_ns=int(row.ts * 1e9),
             )
         except Exception as err:  # noqa: BLE001 - tracing is best effort, the log goes on
-            log.warning("monitor: MLflow tracing failed, turned off: %s", err)
-            self.failed = True
+            self.failures += 1
+            self.failed = self.failures >= GIVE_UP_AFTER
+            log.warning(
+                "monitor: MLflow tracing failed%s: %s", ", turned off" if self.failed else "", err
+            )
+            return
+        self.failures = 0
+
+    def flush(self) -> None:
+        """Wait for MLflow's asynchronous trace export (this thread is off the request path),
+        so a batch's traces are stored once its rows are."""
+        if self._experiment is None or self.failed:
+            return
+        try:
+            import mlflow
+
+            mlflow.flush_trace_async_logging()
+        except Exception as err:  # noqa: BLE001 - as above
+            log.warning("monitor: MLflow trace export failed: %s", err)
