@@ -126,31 +126,41 @@ class RequestLog:
         return self.queue.qsize()
 
     def close(self, timeout: float = 10.0) -> None:
-        """Write what is queued (up to `timeout`), then stop."""
+        """Write what is queued (up to `timeout`), then stop; what is left is counted dropped."""
         if self._thread.is_alive():
             with contextlib.suppress(queue.Full):
                 self.queue.put(None, timeout=timeout)
             self._thread.join(timeout)
+        if self._thread.is_alive():
+            left = self.queue.qsize()
+            log.warning("monitor: log not flushed in %.0f s; %d queued rows lost", timeout, left)
+            self._drop(left)
 
     def _drop(self, n: int) -> None:
         self.dropped += n
         self._on_dropped(n)
 
+    def _load_embedder(self) -> None:
+        if self._embedder_factory is None or self._embedder is not None:
+            return
+        try:
+            self._embedder = self._embedder_factory()
+        except Exception as err:  # noqa: BLE001 - no embeddings, the log goes on
+            log.warning("monitor: no embedder (%s); rows are logged without embeddings", err)
+            self._embedder_factory = None
+
     def _embed(self, texts: list[str]) -> list[Any]:
-        if self._embedder_factory is None or not texts:
+        self._load_embedder()
+        if self._embedder is None or not texts:
             return [None] * len(texts)
-        if self._embedder is None:
-            try:
-                self._embedder = self._embedder_factory()
-            except Exception as err:  # noqa: BLE001 - no embeddings, the log goes on
-                log.warning("monitor: no embedder (%s); rows are logged without embeddings", err)
-                self._embedder_factory = None
-                return [None] * len(texts)
         return list(self._embedder.embed(texts))
 
     def _run(self) -> None:
         store = MonitorStore(self.cfg.path)
         last_prune = 0.0
+        # Loaded now, beside the model load, rather than on the first request: a first
+        # request just before shutdown would otherwise wait out the load (seconds on a CPU).
+        self._load_embedder()
         try:
             while True:
                 first = self.queue.get()
