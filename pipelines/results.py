@@ -252,6 +252,7 @@ class DistilResult(Result):
     baseline: dict[str, Any] | None
     few_shot_ids: list[str]
     wall_s: float
+    batch: dict[str, Any] | None = None  # mode: batch (providers.batch): batches, answers, errors
 
     @property
     def teacher_text(self) -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .providers import BudgetExceeded, CacheMiss, Completion, Provider
+from .providers.batch import BUDGET, Collected
 from .task import TaskConfig, parse_answer
 
 TRUNCATED = {"length", "max_tokens"}  # finish reasons of a reply cut at the limit
@@ -91,6 +92,29 @@ async def label_one(
     except Exception as err:  # ProviderError after retries: a reject with its reason
         out.answer, out.reason = None, f"request failed: {err}"
     return out
+
+
+async def label_after_batch(
+    done: Collected,
+    provider: Provider,
+    task: TaskConfig,
+    record: dict[str, Any],
+    messages: list[dict[str, str]],
+    repair: bool,
+    version: str,
+) -> Outcome:
+    """`label_one` after batch mode (`providers.batch.collect`) has filled the cache.
+
+    An answered request is a cache hit, validated as ever, and its repair turn (if any) runs
+    synchronously. A request that failed for good in its batch, or was never submitted
+    because of a cap, is not sent again here: it is a reject with its reason, or a budget stop.
+    """
+    verdict = done.verdict(messages, task.json_schema(), version)
+    if verdict == BUDGET:
+        return Outcome(record, budget_stop=True)
+    if verdict is not None:
+        return Outcome(record, reason=f"batch request failed: {verdict}")
+    return await label_one(provider, task, record, messages, repair, version)
 
 
 def normalise(value: Any) -> Any:

@@ -11,7 +11,9 @@ real protocol: the project's code talks to it with the official openai/anthropic
         ...
         api.requests, api.status, api.faults_injected, api.hits_by_user
 
-Endpoints: POST /v1/chat/completions (OpenAI), POST /v1/messages (Anthropic).
+Endpoints: POST /v1/chat/completions (OpenAI), POST /v1/messages (Anthropic), and both
+vendors' batch endpoints (tests/fake_batch.py: `/v1/files`, `/v1/batches`,
+`/v1/messages/batches`; `api.batch` holds their state and `batch_submissions`).
 Faults (forced with `queue_faults`, else chosen by `fault_fn(messages)`, else drawn per request
 with a seeded RNG from `Faults` rates):
   "429" (with retry-after), "500", "slow" (sleeps `slow_s`, past the client's timeout),
@@ -97,6 +99,11 @@ class FakeAPI:
         host: str = "127.0.0.1",
         port: int = 0,
         prompt_cache: bool = False,
+        batch_delay_s: float = 0.2,
+        batch_error_fn: Callable[[str, int], str | None] | None = None,
+        expire_batches: tuple[int, ...] = (),
+        submit_delay_s: float = 0.0,
+        batch_max_requests: int = 100_000,
     ):
         self.responder = responder or echo_responder
         self.latency_s = latency_s
@@ -111,6 +118,14 @@ class FakeAPI:
         self._lock = threading.Lock()
         self.reset_counters()
         self.app = self._build_app()
+        # Batches (tests/fake_batch.py): see its docstring for what each knob does.
+        self.batch_delay_s, self.batch_error_fn = batch_delay_s, batch_error_fn
+        self.expire_batches, self.submit_delay_s = set(expire_batches), submit_delay_s
+        self.batch_max_requests = batch_max_requests
+        from fake_batch import BatchBackend
+
+        self.batch = BatchBackend(self)
+        self.batch.mount(self.app)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -124,6 +139,7 @@ class FakeAPI:
             self.hits: Counter[str] = Counter()  # requests per messages_key(messages)
             self.hits_by_user: Counter[str] = Counter()  # requests per last user message
             self.answered = 0  # good 200 answers sent
+            self.batch_answered = 0  # batch requests answered
             self.auth_failures = 0
             self.billed_input_tokens = 0
             self.billed_output_tokens = 0

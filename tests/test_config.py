@@ -192,7 +192,7 @@ def test_unknown_key_suggests_the_field_meant():
     with pytest.raises(ConfigError, match=r"train\.lr: .*did you mean 'learning_rate'"):
         section(params, "train", SECTIONS["train"])
     params = load_params(ROOT / "params.yaml", ["distil.provider.modle=x"])
-    with pytest.raises(ConfigError, match=r"did you mean 'model'"):
+    with pytest.raises(ConfigError, match=r"did you mean .*'model'"):  # or 'mode'
         section(params, "distil", SECTIONS["distil"])
 
 

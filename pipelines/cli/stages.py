@@ -59,18 +59,37 @@ def distil_cmd(
             "--force", help="Start even if the cost estimate exceeds distil.provider.max_usd."
         ),
     ] = False,
+    status: Annotated[
+        bool, typer.Option("--status", help="mode batch: show each batch's progress, then exit.")
+    ] = False,
+    cancel: Annotated[
+        bool, typer.Option("--cancel", help="mode batch: cancel the running batches, then exit.")
+    ] = False,
 ) -> None:
     """Label the training data with the teacher (gold offline) and answer the test split.
 
     Exit codes: 3 budget cap reached (finished work kept), 4 cost estimate above the cap
     (nothing sent), 5 endpoint not on this machine and allow_external false (nothing sent),
-    6 more than max_reject_rate of the records rejected or failed (previous outputs kept).
+    6 more than max_reject_rate of the records rejected or failed (previous outputs kept),
+    7 mode batch: batches still running after max_wait_s or cancelled (re-run to collect).
     """
     from ..stages import distil
 
     values = load(params, set_)
     try:
         cfg = section(values, "distil", DistilConfig)
+        if status or cancel:
+            from ..providers.batch_control import batch_status, cancel_batches
+
+            rows = (cancel_batches if cancel else batch_status)(cfg.provider)
+            for r in rows:
+                counts = " ".join(f"{k} {v}" for k, v in r["counts"].items())
+                typer.echo(
+                    f"{r['id']}  {r['status']}  {r['requests']} requests  {counts}  "
+                    f"(submitted {r['submitted']} UTC)"
+                )
+            typer.echo(f"{len(rows)} batch(es) in the state file" if rows else "no batches")
+            return
         if force:
             cfg = cfg.model_copy(update={"force": True})
         mlflow_cfg = section(values, "mlflow", MlflowConfig) if cfg.log_mlflow else None

@@ -62,6 +62,7 @@ from .base import (
     ProviderError,
     Reply,
 )
+from .batch import BUDGET, BatchError, Collected, batch_price, collect
 from .cache import Cache
 from .clients import Provider, gather_bounded
 from .limits import Budget, RateLimiter, Stats, capped_transport, estimate_tokens, reply_limit
@@ -71,6 +72,11 @@ from .retries import is_retryable, may_have_been_billed, retry_after_s
 from .vendors import AnthropicProvider, ApiProvider, OpenAIProvider, ReplayProvider, open_provider
 
 __all__ = [
+    "BUDGET",
+    "BatchError",
+    "Collected",
+    "batch_price",
+    "collect",
     "DEFAULT_BASE_URL",
     "DEFAULT_KEY_ENV",
     "AnthropicProvider",

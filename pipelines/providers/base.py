@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..config import ConfigError, Section
 
@@ -32,6 +32,16 @@ class Price(Section):
         description="USD per 1M input tokens written to the prompt cache (Anthropic: 1.25x "
         "input for the 5-minute cache; OpenAI charges none; null: the input price).",
     )
+    batch_input: float | None = Field(
+        None,
+        ge=0,
+        description="USD per 1M input tokens through the vendor's batch API (OpenAI Batch, "
+        "Anthropic Message Batches: half the input price; null: no batch price known, "
+        "batch mode refuses to start).",
+    )
+    batch_output: float | None = Field(
+        None, ge=0, description="USD per 1M output tokens through the batch API."
+    )
 
     def cost(
         self,
@@ -47,10 +57,68 @@ class Price(Section):
         usd = fresh * self.input + cached_input_tokens * cached + cache_write_tokens * write
         return (usd + output_tokens * self.output) / 1e6
 
+    def batch(self) -> Price:
+        """The price of a request sent through the batch API.
+
+        Both vendors apply the batch discount on top of the prompt-cache rates, so every
+        input rate is scaled by batch_input/input and output is batch_output. Raises
+        ValueError when the row has no batch price (no guessing at a discount).
+        """
+        if self.batch_input is None or self.batch_output is None:
+            raise ValueError("no batch_input/batch_output price")
+        scale = self.batch_input / self.input if self.input else 0.0
+
+        def scaled(rate: float | None) -> float | None:
+            return None if rate is None else rate * scale
+
+        return Price(
+            input=self.batch_input,
+            output=self.batch_output,
+            cached_input=scaled(self.cached_input),
+            cache_write=scaled(self.cache_write),
+        )
+
     def worst_case(self, input_tokens: float, output_tokens: float) -> float:
         """The most a request can cost: every input token at the dearest input rate."""
         rates = (self.input, self.cached_input or 0.0, self.cache_write or 0.0)
         return (input_tokens * max(rates) + output_tokens * self.output) / 1e6
+
+
+class BatchConfig(Section):
+    """`distil.provider.batch`: how batch mode submits, waits and resumes (mode: batch)."""
+
+    state: str | None = Field(
+        None,
+        description="The state file of submitted batches (ids, custom_ids, results seen). "
+        "null: beside the cache, `<cache>.batches/<kind>-<model>-<endpoint hash>.json`, so a "
+        "re-run against the same endpoint finds its batches.",
+    )
+    max_requests: int | None = Field(
+        None,
+        gt=0,
+        description="Requests per batch at most (null: the vendor's limit, OpenAI 50,000, "
+        "Anthropic 100,000).",
+    )
+    max_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="Bytes of JSONL per batch at most (null: the vendor's limit, OpenAI "
+        "200 MB per input file, Anthropic 256 MB per batch), with 5% to spare.",
+    )
+    poll_s: float = Field(5.0, gt=0, description="First wait between status polls (seconds).")
+    poll_max_s: float = Field(300.0, gt=0, description="Longest wait between polls (backoff).")
+    max_wait_s: float = Field(
+        90000.0,
+        gt=0,
+        description="Stop waiting after this long (the batches go on; re-run to collect). "
+        "Default 25 h: the vendors' 24 h window plus an hour.",
+    )
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        description="Submissions of one request at most: an expired request or a retryable "
+        "error (5xx, 429, timeout) is resubmitted in a later batch; a 4xx is final.",
+    )
 
 
 class ProviderConfig(Section):
@@ -122,12 +190,31 @@ class ProviderConfig(Section):
     )
     max_usd: float = Field(5.0, ge=0, description="Hard cap on new spend in one run.")
     max_requests: int = Field(10000, ge=0, description="Hard cap on HTTP requests in one run.")
+    mode: Literal["sync", "batch"] = Field(
+        "sync",
+        description="distil only: sync (one HTTP request per answer) or batch (the vendor's "
+        "batch API: about half the price, answers within 24 h; resumable). Needs kind "
+        "openai or anthropic.",
+    )
+    batch: BatchConfig = Field(
+        default_factory=BatchConfig, description="Batch-mode settings (mode: batch)."
+    )
     prompt_caching: bool = Field(
         True,
         description="anthropic: mark the shared prefix (system prompt, few-shot turns) with "
         "cache_control breakpoints so repeats read it from the vendor's cache. OpenAI caches "
         "prefixes by itself; cached tokens are priced at prices.<model>.cached_input.",
     )
+
+    @model_validator(mode="after")
+    def _batch_needs_an_api(self) -> ProviderConfig:
+        # gold and replay send nothing, so there is nothing to batch: say so, do not ignore it.
+        if self.mode == "batch" and self.kind not in ("openai", "anthropic"):
+            raise ValueError(
+                f"mode: batch needs kind openai or anthropic (kind {self.kind!r} sends no "
+                "requests); use mode: sync"
+            )
+        return self
 
 
 class Reply(NamedTuple):

@@ -51,6 +51,7 @@ class Provider:
     """
 
     kind = "base"
+    batch_report: dict[str, Any] | None = None  # set by batch mode (`providers.batch`)
 
     def __init__(self, cfg: ProviderConfig, cache: Cache | None = None):
         self.cfg = cfg
@@ -115,14 +116,16 @@ class Provider:
         *,
         max_tokens: int | None = None,
         expected_output_tokens: int | None = None,
+        price: Price | None = None,
         **kw: Any,
     ) -> tuple[int, float, float]:
         """(uncached requests, expected USD, worst-case USD) for a batch, before running it.
 
         Expected: `expected_output_tokens` per answer; worst case: every answer as long as
-        `max_tokens` allows (what the budget reserves per request).
+        `max_tokens` allows (what the budget reserves per request). `price`: another rate
+        than the sync one (batch mode's).
         """
-        price = self.price()
+        price = price or self.price()
         limit = max_tokens or self.cfg.max_tokens
         out_tokens = expected_output_tokens or limit
         todo = [m for m in batch if not self.is_cached(m, max_tokens=max_tokens, **kw)]

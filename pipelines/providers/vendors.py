@@ -53,17 +53,18 @@ class ApiProvider(Provider):
     def price(self) -> Price:
         return self.cfg.prices[self.cfg.model]
 
-    def _http_client(self, factory: Any) -> Any:
-        """The SDK's own HTTP client class, reading at most `max_reply_bytes` per reply and,
-        for a local-only endpoint, following no redirect (one could point off the machine)."""
-        limit = reply_limit(self.cfg, self.cfg.max_tokens)
+    def _http_client(self, factory: Any, max_bytes: int | None = None) -> Any:
+        """The SDK's own HTTP client class, reading at most `max_reply_bytes` per reply (or
+        `max_bytes`: a batch's results file holds many replies) and, for a local-only
+        endpoint, following no redirect (one could point off the machine)."""
+        limit = max_bytes or reply_limit(self.cfg, self.cfg.max_tokens)
         return factory(transport=capped_transport(limit), follow_redirects=self.cfg.allow_external)
 
 
 class OpenAIProvider(ApiProvider):
     kind = "openai"
 
-    def _client(self) -> Any:
+    def _client(self, max_bytes: int | None = None) -> Any:
         import openai
 
         return openai.AsyncOpenAI(
@@ -71,44 +72,57 @@ class OpenAIProvider(ApiProvider):
             base_url=self.base_url,
             max_retries=0,
             timeout=self.cfg.timeout_s,
-            http_client=self._http_client(openai.DefaultAsyncHttpxClient),
+            http_client=self._http_client(openai.DefaultAsyncHttpxClient, max_bytes),
         )
 
-    async def _send(
-        self, client: Any, messages: Messages, json_schema: dict[str, Any] | None, max_tokens: int
-    ) -> Reply:
+    def request_body(
+        self, messages: Messages, json_schema: dict[str, Any] | None, max_tokens: int
+    ) -> dict[str, Any]:
+        """The body of one chat-completions request (the batch API sends the same body)."""
         # No request field for caching: OpenAI caches long shared prefixes (1,024+ tokens) by
         # itself, so the system prompt and few-shot turns go first and unchanged.
-        extra: dict[str, Any] = {}
+        body: dict[str, Any] = {
+            "model": self.cfg.model,
+            "messages": messages,
+            "temperature": self.cfg.temperature,
+        }
         if json_schema is not None and self.cfg.json_mode == "schema":
-            extra["response_format"] = {
+            body["response_format"] = {
                 "type": "json_schema",
                 "json_schema": {"name": "answer", "schema": json_schema, "strict": False},
             }
         elif json_schema is not None and self.cfg.json_mode == "object":
-            extra["response_format"] = {"type": "json_object"}
-        extra[self.cfg.token_limit_param] = max_tokens
-        response = await client.chat.completions.create(
-            model=self.cfg.model, messages=messages, temperature=self.cfg.temperature, **extra
-        )
-        choices = getattr(response, "choices", None)
-        if not choices or choices[0].message is None:
-            raise MalformedResponse("response has no choices")
-        usage = response.usage
-        details = getattr(usage, "prompt_tokens_details", None)
-        return Reply(
-            choices[0].message.content or "",
-            usage.prompt_tokens if usage else None,  # includes the cached tokens
-            usage.completion_tokens if usage else None,
-            choices[0].finish_reason,
-            cached_input_tokens=(getattr(details, "cached_tokens", None) or 0),
-        )
+            body["response_format"] = {"type": "json_object"}
+        body[self.cfg.token_limit_param] = max_tokens
+        return body
+
+    async def _send(
+        self, client: Any, messages: Messages, json_schema: dict[str, Any] | None, max_tokens: int
+    ) -> Reply:
+        body = self.request_body(messages, json_schema, max_tokens)
+        return openai_reply(await client.chat.completions.create(**body))
+
+
+def openai_reply(response: Any) -> Reply:
+    """A chat completion (the SDK's object) as text, token counts and finish reason."""
+    choices = getattr(response, "choices", None)
+    if not choices or choices[0].message is None:
+        raise MalformedResponse("response has no choices")
+    usage = response.usage
+    details = getattr(usage, "prompt_tokens_details", None)
+    return Reply(
+        choices[0].message.content or "",
+        usage.prompt_tokens if usage else None,  # includes the cached tokens
+        usage.completion_tokens if usage else None,
+        choices[0].finish_reason,
+        cached_input_tokens=(getattr(details, "cached_tokens", None) or 0),
+    )
 
 
 class AnthropicProvider(ApiProvider):
     kind = "anthropic"
 
-    def _client(self) -> Any:
+    def _client(self, max_bytes: int | None = None) -> Any:
         import anthropic
 
         return anthropic.AsyncAnthropic(
@@ -116,38 +130,53 @@ class AnthropicProvider(ApiProvider):
             base_url=self.base_url,
             max_retries=0,
             timeout=self.cfg.timeout_s,
-            http_client=self._http_client(anthropic.DefaultAsyncHttpxClient),
+            http_client=self._http_client(anthropic.DefaultAsyncHttpxClient, max_bytes),
         )
+
+    def request_body(
+        self, messages: Messages, json_schema: dict[str, Any] | None, max_tokens: int
+    ) -> dict[str, Any]:
+        """The params of one Messages request (a Message Batch sends the same params)."""
+        system, turns = cache_breakpoints(messages, self.cfg.prompt_caching)
+        body: dict[str, Any] = {
+            "model": self.cfg.model,
+            "messages": turns,
+            "max_tokens": max_tokens,
+        }
+        if system:
+            body["system"] = system
+        if json_schema is not None and self.cfg.json_mode == "schema":
+            body["output_config"] = {"format": {"type": "json_schema", "schema": json_schema}}
+        # No `temperature`: this SDK's Messages API no longer takes one (the model decides).
+        return body
 
     async def _send(
         self, client: Any, messages: Messages, json_schema: dict[str, Any] | None, max_tokens: int
     ) -> Reply:
-        system, turns = cache_breakpoints(messages, self.cfg.prompt_caching)
-        extra: dict[str, Any] = {"system": system} if system else {}
-        if json_schema is not None and self.cfg.json_mode == "schema":
-            extra["output_config"] = {"format": {"type": "json_schema", "schema": json_schema}}
-        # No `temperature`: this SDK's Messages API no longer takes one (the model decides).
-        response = await client.messages.create(
-            model=self.cfg.model, messages=turns, max_tokens=max_tokens, **extra
-        )
-        content = getattr(response, "content", None)
-        if content is None:
-            raise MalformedResponse("response has no content")
-        text = "".join(getattr(block, "text", "") for block in content)
-        usage = response.usage
-        if usage is None:
-            return Reply(text, None, None, response.stop_reason)
-        # Anthropic's input_tokens leaves out what was read from or written to the cache.
-        read = getattr(usage, "cache_read_input_tokens", None) or 0
-        written = getattr(usage, "cache_creation_input_tokens", None) or 0
-        return Reply(
-            text,
-            usage.input_tokens + read + written,
-            usage.output_tokens,
-            response.stop_reason,
-            cached_input_tokens=read,
-            cache_write_tokens=written,
-        )
+        body = self.request_body(messages, json_schema, max_tokens)
+        return anthropic_reply(await client.messages.create(**body))
+
+
+def anthropic_reply(response: Any) -> Reply:
+    """A Message (the SDK's object) as text, token counts and stop reason."""
+    content = getattr(response, "content", None)
+    if content is None:
+        raise MalformedResponse("response has no content")
+    text = "".join(getattr(block, "text", "") for block in content)
+    usage = response.usage
+    if usage is None:
+        return Reply(text, None, None, response.stop_reason)
+    # Anthropic's input_tokens leaves out what was read from or written to the cache.
+    read = getattr(usage, "cache_read_input_tokens", None) or 0
+    written = getattr(usage, "cache_creation_input_tokens", None) or 0
+    return Reply(
+        text,
+        usage.input_tokens + read + written,
+        usage.output_tokens,
+        response.stop_reason,
+        cached_input_tokens=read,
+        cache_write_tokens=written,
+    )
 
 
 def cache_breakpoints(messages: Messages, caching: bool) -> tuple[Any, list[dict[str, Any]]]:

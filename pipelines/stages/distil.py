@@ -12,6 +12,10 @@ teacher sees the task's system prompt WITH the label list, a few deterministic f
 from the train split, and the record; its JSON answer is validated against the task schema, an
 invalid one gets one repair turn (the problems are sent back), then goes to `rejects.jsonl`.
 
+Batch mode (`provider.mode: batch`): the uncached requests go through the vendor's batch API
+first (`temper.providers.batch`: half price, resumable); their answers land in the same cache,
+so the labelling below is unchanged (repairs run synchronously).
+
 Money: a cost estimate runs first and refuses to start above `max_usd` (unless `force`); the
 provider's hard caps stop the run cleanly, and everything finished is kept (the cache holds
 every answer, and the outputs written so far say `complete: false` in the metrics).
@@ -24,6 +28,7 @@ leaves the previous outputs as they were: an empty `train.jsonl` never replaces 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
@@ -36,16 +41,19 @@ from pydantic import Field
 from ..config import ConfigError, Section, flatten
 from ..io import atomic_dir, read_jsonl, stable_hash, write_jsonl
 from ..providers import (
+    BatchError,
     CacheMiss,
     Provider,
     ProviderConfig,
+    batch_price,
+    collect,
     gather_bounded,
     open_provider,
 )
 from ..records.sampling import pick_few_shot
 from ..results import DistilResult
 from ..task import TaskConfig, parse_answer
-from ..teacher import Outcome, agreement, label_one
+from ..teacher import Outcome, agreement, label_after_batch, label_one
 from ..tracking import MlflowConfig, child_run
 
 log = logging.getLogger(__name__)
@@ -55,6 +63,7 @@ EXIT_BUDGET_STOP = 3
 EXIT_ESTIMATE_REFUSED = 4
 EXIT_PRIVACY = 5
 EXIT_TOO_MANY_REJECTS = 6
+EXIT_BATCH_PENDING = 7  # mode batch: batches still running (or cancelled); re-run to collect
 REQUIRED = ("id", "text", "prompt", "gold")
 
 
@@ -214,15 +223,23 @@ def run(
 
         async def main() -> tuple[list[Outcome], list[Outcome]]:
             try:
+                label: Any = label_one
+                if pcfg.mode == "batch":  # answers into the cache first (docs/distil.md)
+                    every = [m for _, _, m in jobs] + base_msgs
+                    schema = task.json_schema()
+                    done = await collect(
+                        provider, [(m, schema, version) for m in every], cfg.progress
+                    )
+                    label = functools.partial(label_after_batch, done)
                 labelled = await run_all(
                     provider,
-                    [label_one(provider, task, r, m, cfg.repair, version) for _, r, m in jobs],
+                    [label(provider, task, r, m, cfg.repair, version) for _, r, m in jobs],
                     "distil" if cfg.progress else None,
                 )
                 baseline = await run_all(
                     provider,
                     [
-                        label_one(provider, task, r, m, False, version)
+                        label(provider, task, r, m, False, version)
                         for r, m in zip(base_recs, base_msgs, strict=True)
                     ],
                     f"baseline {cfg.baseline_split}" if cfg.progress and base_recs else None,
@@ -231,7 +248,10 @@ def run(
             finally:
                 await provider.aclose()
 
-        labelled, baseline = asyncio.run(main())
+        try:
+            labelled, baseline = asyncio.run(main())
+        except BatchError as err:
+            raise DistilError(str(err), EXIT_BATCH_PENDING if err.pending else 1) from None
         by_split: dict[str, list[Outcome]] = {s: [] for s in splits}
         for (split, _, _), outcome in zip(jobs, labelled, strict=True):
             by_split[split].append(outcome)
@@ -258,6 +278,7 @@ def estimate_cost(
     worst case (every answer as long as max_tokens allows); repairs not included."""
     n, usd, worst = provider.estimate_usd(
         batch,
+        price=batch_price(provider) if provider.cfg.mode == "batch" else None,
         json_schema=task.json_schema(),
         expected_output_tokens=task.max_new_tokens,
         prompt_version=version,
@@ -390,6 +411,8 @@ def finish(
         "few_shot_ids": shots or [],
         "wall_s": round(time.perf_counter() - t0, 2),
     }
+    if provider is not None and provider.batch_report is not None:  # mode: batch
+        metrics["batch"] = provider.batch_report
     if failure["rate"] is not None and failure["rate"] > cfg.max_reject_rate:
         # The previous outputs stay: a run that lost most of its records must not replace them.
         reasons = Counter(_reason_kind(r["reason"]) for r in rejects)
