@@ -22,7 +22,25 @@ from .params_help import config_cmd, help_command
 
 __all__ = ["COMMANDS", "SECTIONS", "app", "setup_logging"]
 
-app = typer.Typer(
+
+class _App(typer.Typer):
+    """The command line, with one line and exit code 2 (not a traceback) when the tracking
+    server refuses the credentials, whichever command met it (`tracking.access`)."""
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        except Exception as err:
+            from ..tracking.access import access_error
+
+            denied = access_error(err)
+            if denied is None:
+                raise
+            typer.secho(f"error: {denied}", err=True, fg=typer.colors.RED)
+            raise SystemExit(2) from None
+
+
+app = _App(
     help="Temper: distil, fine-tune (LoRA/QLoRA), evaluate, gate and register a self-hosted "
     "model for a task first prototyped on a frontier API. `dvc repro` runs the stages in order.",
     no_args_is_help=True,

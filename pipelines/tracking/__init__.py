@@ -7,8 +7,10 @@
 - `card`: the model card of a registered version.
 - `server`: a lean `mlflow server` and the runs-table view Temper links to.
 - `pull`: a registered version as a portable bundle folder (`temper pull`, `temper serve`).
+- `access`: one clear error when a tracking server refuses the credentials (docs/team.md).
 """
 
+from .access import StoreAccessError, access_error
 from .registry import (
     alias_version,
     known_model,
@@ -48,6 +50,8 @@ __all__ = [
     "CANDIDATES_VIEW",
     "PIPELINE_TAG",
     "ChildRun",
+    "StoreAccessError",
+    "access_error",
     "MlflowConfig",
     "alias_version",
     "child_run",

@@ -26,6 +26,7 @@ from pydantic import Field
 
 from ..config import Section
 from ..io import md5_file, stable_hash
+from .access import access_error
 
 PIPELINE_TAG = "temper.pipeline_key"
 DOWNSTREAM_SECTIONS = ("register", "promote")
@@ -65,7 +66,12 @@ def setup(cfg: MlflowConfig, root: str | Path = ".") -> str:
     from mlflow.exceptions import MlflowException
 
     client = mlflow.MlflowClient()
-    experiment = client.get_experiment_by_name(cfg.experiment)
+    try:
+        experiment = client.get_experiment_by_name(cfg.experiment)
+    except MlflowException as err:  # the first request: a server refusing us says so here
+        if (denied := access_error(err)) is not None:
+            raise denied from None
+        raise
     if experiment is not None:
         return experiment.experiment_id
     location = None
@@ -133,8 +139,25 @@ def pipeline_run(cfg: MlflowConfig, params: dict[str, Any], root: str | Path = "
         # written later can still show up after a process decided. The embedded store locks.)
         winner = _pipeline_runs(client, experiment_id, key)[0].info.run_id
         if winner != run.info.run_id:
-            client.delete_run(run.info.run_id)
+            discard_run(client, run.info.run_id, winner)
         return winner
+
+
+def discard_run(client: Any, run_id: str, winner: str) -> None:
+    """Delete a pipeline run that lost the race to `winner`. Under MLflow's basic-auth app
+    deleting needs MANAGE on the experiment, which only its creator (and the admin) holds: a
+    teammate's process gets PERMISSION_DENIED, so it takes the run out of the search instead
+    (its pipeline tag renamed) and ends it as KILLED."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.delete_run(run_id)
+    except MlflowException as err:
+        if err.error_code != "PERMISSION_DENIED":
+            raise
+        client.set_tag(run_id, PIPELINE_TAG + ".lost_to", winner)
+        client.set_tag(run_id, PIPELINE_TAG, f"lost-to-{winner}")
+        client.set_terminated(run_id, "KILLED")
 
 
 @contextlib.contextmanager

@@ -83,10 +83,15 @@ def runs_table_url(base_url: str, experiment_id: str, view: str | None = CANDIDA
 
 
 def lean_server_command(
-    backend_uri: str, artifacts_dir: str | Path, host: str = "127.0.0.1", port: int = 5000
+    backend_uri: str,
+    artifacts_dir: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 5000,
+    app_name: str | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """`mlflow server` with one worker and no job runner: ~565 MiB and 1 process instead of
-    15 processes and 3.5 GiB with the defaults (measured, see STACK-FACTS)."""
+    15 processes and 3.5 GiB with the defaults (measured, see STACK-FACTS). `app_name`:
+    MLflow's `--app-name` (`basic-auth` for its user/password app, docs/team.md)."""
     import shutil
     import sys
 
@@ -104,6 +109,7 @@ def lean_server_command(
         str(port),
         "--workers",
         "1",
+        *(["--app-name", app_name] if app_name else []),
     ]
     env = {
         **os.environ,
@@ -120,12 +126,17 @@ def start_server(
     host: str = "127.0.0.1",
     log: str | Path | None = None,
     timeout: float = 90.0,
+    app_name: str | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.Popen:
-    """Start a lean server in its own process group and wait until /health answers."""
+    """Start a lean server in its own process group and wait until /health answers (it
+    answers without credentials under the basic-auth app too). `extra_env`: the server's own
+    settings (its secret key, the auth config path), kept out of its command line."""
     import time
     import urllib.request
 
-    cmd, env = lean_server_command(backend_uri, artifacts_dir, host, port)
+    cmd, env = lean_server_command(backend_uri, artifacts_dir, host, port, app_name)
+    env.update(extra_env or {})
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 (lives with the server)
     proc = subprocess.Popen(
         cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
