@@ -81,6 +81,56 @@ class Faults:
     seed: int = 0
 
 
+def completion_body(
+    flavour: str,
+    model: Any,
+    text: str,
+    tin: int,
+    tout: int,
+    finished: bool = True,
+    read: int = 0,
+    written: int = 0,
+    ident: str = "fake",
+) -> dict[str, Any]:
+    """One answer as the vendor's API returns it (OpenAI chat completion / Anthropic message);
+    `read`/`written`: input tokens read from / written to the prompt cache."""
+    if flavour == "openai":
+        return {
+            "id": f"chatcmpl-{ident}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop" if finished else "length",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": tin,
+                "completion_tokens": tout,
+                "total_tokens": tin + tout,
+                "prompt_tokens_details": {"cached_tokens": read},
+            },
+        }
+    return {
+        "id": f"msg_{ident}",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [{"type": "text", "text": text}],
+        "stop_reason": "end_turn" if finished else "max_tokens",
+        "stop_sequence": None,
+        "usage": {
+            "input_tokens": tin - read - written,
+            "output_tokens": tout,
+            "cache_read_input_tokens": read,
+            "cache_creation_input_tokens": written,
+        },
+    }
+
+
 def tokens(text: str) -> int:
     return len(text) // 4 + 1
 
@@ -343,42 +393,9 @@ class FakeAPI:
         with self._lock:  # processed to the end: billed, whether or not the client still waits
             self.billed_input_tokens += tin
             self.billed_output_tokens += tout
-        if flavour == "openai":
-            payload = {
-                "id": "chatcmpl-fake",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": body.get("model"),
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text},
-                        "finish_reason": "stop" if finished else "length",
-                    }
-                ],
-                "usage": {
-                    "prompt_tokens": tin,
-                    "completion_tokens": tout,
-                    "total_tokens": tin + tout,
-                    "prompt_tokens_details": {"cached_tokens": read},
-                },
-            }
-        else:
-            payload = {
-                "id": "msg_fake",
-                "type": "message",
-                "role": "assistant",
-                "model": body.get("model"),
-                "content": [{"type": "text", "text": text}],
-                "stop_reason": "end_turn" if finished else "max_tokens",
-                "stop_sequence": None,
-                "usage": {
-                    "input_tokens": tin - read - written,
-                    "output_tokens": tout,
-                    "cache_read_input_tokens": read,
-                    "cache_creation_input_tokens": written,
-                },
-            }
+        payload = completion_body(
+            flavour, body.get("model"), text, tin, tout, finished, read, written, "fake"
+        )
         if finished:
             with self._lock:
                 self.answered += 1

@@ -69,7 +69,7 @@ class BatchBackend:
 
     def _answer(self, flavour: str, cid: str, body: dict[str, Any], attempt: int) -> dict:
         """One request's result: {"ok": payload} or {"error": (status, type, message)}."""
-        from fake_api import tokens
+        from fake_api import completion_body, tokens
 
         api = self.api
         fault = api.batch_error_fn(cid, attempt) if api.batch_error_fn else None
@@ -84,39 +84,8 @@ class BatchBackend:
             api.billed_input_tokens += tin
             api.billed_output_tokens += tout
             api.batch_answered += 1
-        if flavour == "openai":
-            return {
-                "ok": {
-                    "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
-                    "object": "chat.completion",
-                    "created": int(time.time()),
-                    "model": body.get("model"),
-                    "choices": [
-                        {
-                            "index": 0,
-                            "message": {"role": "assistant", "content": text},
-                            "finish_reason": "stop",
-                        }
-                    ],
-                    "usage": {
-                        "prompt_tokens": tin,
-                        "completion_tokens": tout,
-                        "total_tokens": tin + tout,
-                    },
-                }
-            }
-        return {
-            "ok": {
-                "id": f"msg_{uuid.uuid4().hex[:12]}",
-                "type": "message",
-                "role": "assistant",
-                "model": body.get("model"),
-                "content": [{"type": "text", "text": text}],
-                "stop_reason": "end_turn",
-                "stop_sequence": None,
-                "usage": {"input_tokens": tin, "output_tokens": tout},
-            }
-        }
+        ident = uuid.uuid4().hex[:12]
+        return {"ok": completion_body(flavour, body.get("model"), text, tin, tout, ident=ident)}
 
     def _finish(self, b: dict[str, Any], cancelled: bool = False) -> None:
         """Run the batch (once): every request answered, errored, expired or cancelled."""
