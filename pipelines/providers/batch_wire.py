@@ -22,9 +22,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 from .base import PrivacyError, Reply
+from .retries import retryable_status
 from .vendors import anthropic_reply, openai_reply
 
-RETRY_STATUS = {408, 409, 429}
 # Anthropic error types worth another submission (the rest, e.g. invalid_request_error, are
 # about the request itself and would fail again).
 RETRY_TYPES = {"api_error", "overloaded_error", "rate_limit_error", "timeout_error"}
@@ -119,7 +119,7 @@ class OpenAIBatches:
         if error.get("code") == "batch_cancelled" or status in ("cancelled", "cancelling"):
             return Result(cid, error="batch cancelled", cancelled=True)
         retry = error.get("code") == "batch_expired" or (
-            code is not None and (code in RETRY_STATUS or code >= 500)
+            code is not None and retryable_status(code)
         )
         return Result(cid, error=message, retryable=retry)
 

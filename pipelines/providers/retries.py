@@ -35,13 +35,19 @@ def retry_after_s(err: BaseException) -> float | None:
     return None
 
 
+def retryable_status(code: int) -> bool:
+    """An HTTP status worth another attempt: 408, 409, 429 and 5xx (the sync path's retries and
+    batch mode's resubmissions share this rule)."""
+    return code in (408, 409, 429) or code >= 500
+
+
 def is_retryable(err: BaseException) -> bool:
     """429, 408, 409, 5xx, timeouts, connection errors and unreadable bodies are worth a retry."""
     import anthropic
     import openai
 
     if isinstance(err, (openai.APIStatusError, anthropic.APIStatusError)):
-        return err.status_code in (408, 409, 429) or err.status_code >= 500
+        return retryable_status(err.status_code)
     return isinstance(
         err,
         (
