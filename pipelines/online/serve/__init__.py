@@ -1,14 +1,17 @@
 """`temper serve`: registered versions behind an OpenAI-compatible HTTP API (docs/serve.md).
 
-config (the `serve:` section) -> auth (keys, bind check) -> adapters (pull, load, hot swap)
--> scheduler (micro-batches) -> engine (one batch through `model.generate`) -> completions
-(request -> job -> OpenAI body / SSE) -> app (routes, the request gate, start and stop);
-metrics and logs beside them; vllm prints the GPU engine's command for the same version.
+config (the `serve:` section) -> auth (keys, bind check) -> adapters (pull, open, hot swap)
+-> engines (the boundary: builtin = scheduler's micro-batches through engine's
+`model.generate`; vllm_engine = a supervised or attached vLLM server) -> completions
+(request -> job -> OpenAI body / SSE) -> routing (router and cache) -> app (routes, the
+request gate, start and stop); metrics and logs beside them; vllm prints the command of a
+vLLM server for the same versions, for a platform team that runs its own.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from ...config import ConfigError
@@ -30,6 +33,7 @@ def serve(
     cache: CacheConfig | None = None,
     monitor: MonitorConfig | None = None,
     mlflow_cfg: Any = None,
+    vllm_cfg: Any = None,
 ) -> None:
     """Run the server until SIGINT/SIGTERM (then: stop accepting, drain, exit).
 
@@ -39,16 +43,27 @@ def serve(
     `cache`: with `serve.semantic_cache`, repeats are answered from it (temper.online.cache).
     `monitor`: with `log`, every chat request goes to its request log (temper.online.monitor);
     `mlflow_cfg` (an MlflowConfig) is where `monitor.trace_share` of them are traced.
+    `vllm_cfg` (engines.VllmConfig): how `serve.engine: vllm` starts vLLM.
     """
     import uvicorn
 
     from . import auth, logs
     from .adapters import Loader, ModelTable, Source
     from .app import create_app
+    from .engines import make_engine
     from .metrics import ServeMetrics
 
     logs.setup(cfg.log_file)
     auth.check_bind(cfg.host, keys)
+    if cfg.engine == "vllm" and not cfg.engine_url:
+        from ...engines import VllmConfig
+
+        python = Path((vllm_cfg or VllmConfig()).python)
+        if not python.exists():
+            raise ConfigError(
+                f"serve.engine vllm: vllm.python {python} does not exist: build vLLM's "
+                "environment with `make vllm`, or attach to a running vLLM (serve.engine_url)"
+            )
     if cfg.threads:
         import torch
 
@@ -76,9 +91,11 @@ def serve(
         from ..monitor import open_request_log
 
         request_log = open_request_log(monitor, metrics, mlflow_cfg)
+    log_dir = Path(cfg.log_file).parent if cfg.log_file else Path(cfg.cache_dir)
+    engine = make_engine(cfg, metrics, vllm_cfg, log_dir)
     table = ModelTable(
         sources,
-        Loader(cfg.cache_dir, cfg.base_dir, cfg.device, base_hint),
+        Loader(cfg.cache_dir, cfg.base_dir, engine, base_hint),
         cfg.watch_interval_s,
         metrics,
     )
@@ -89,6 +106,7 @@ def serve(
             "host": cfg.host,
             "port": cfg.port,
             "models": [s.spec for s in sources],
+            "engine": cfg.engine,
             "api_keys": len(keys),  # how many, never which
             "route_tiers": list(router.tiers) if router else [],
             "monitor_log": monitor.path if request_log is not None else None,

@@ -2,23 +2,21 @@
 
 Each entry of `serve.models` becomes a `Served`: a registered version pulled as a bundle
 (`temper pull`'s folder, so the task, prompts, tokenizer and generation settings are the
-version's own) or a pulled folder given directly. The base model is read from disk once per
-base (by its hash); each LoRA adapter is merged into its own copy of it, the way evaluation
-scored it (`evaluation.generation.load_model` merges too), so an answer here is the evaluated
-model's answer, at base-model speed. For a 135M base a copy costs ~0.5 GB; for big bases on
-GPUs, vLLM's multi-LoRA serving over one base is the path (docs/serve.md).
+version's own) or a pulled folder given directly. The engine makes it servable
+(`engines.py`): the built-in engine reads each base from disk once and merges each LoRA adapter
+into its own copy, the way evaluation scored it; the vLLM engine loads the adapter at runtime
+over one shared base (multi-LoRA).
 
 Hot swap: a watcher thread reads each watched alias every `watch_interval_s`. When it points
-at a new version, that version is pulled and loaded beside the current one, then the table
+at a new version, that version is pulled and opened beside the current one, then the table
 entry is replaced in one assignment. Requests already admitted hold the old `Served` and
-finish on it; once its in-flight count is zero it is dropped and its memory freed. A registry
+finish on it; once its in-flight count is zero the engine closes it (frees the merged copy, or
+unloads the vLLM adapter). A registry
 that cannot be reached leaves the current version serving and says so (log, metric).
 """
 
 from __future__ import annotations
 
-import copy
-import gc
 import logging
 import re
 import threading
@@ -76,7 +74,8 @@ def resolve_version(client: Any, source: Source) -> str | None:
 
 @dataclass(eq=False)
 class Served:
-    """A loaded version: the merged model, its tokenizer, task and generation settings."""
+    """A loaded version: the engine's handle of it (the built-in engine's merged model, or
+    the vLLM adapter's name), its tokenizer, task and generation settings."""
 
     source: Source
     version: str | None
@@ -122,20 +121,19 @@ class Served:
 
 
 class Loader:
-    """Pulls versions and loads them, reading each base model from disk once."""
+    """Pulls versions and opens them on the engine (which reads each base model once)."""
 
     def __init__(
         self,
         cache_dir: str | Path,
         base_dir: str | Path | None,
-        device: str,
+        engine: Any,
         base_hint: str | Path | None = None,
     ):
         self.cache_dir = Path(cache_dir)
         self.base_dir = Path(base_dir) if base_dir else None  # must match: an error if not
         self.base_hint = Path(base_hint) if base_hint else None  # used when it matches
-        self.device = device
-        self.bases: dict[str, Any] = {}  # base hash -> the base model, read once, unmerged
+        self.engine = engine  # an engines.Engine
 
     def folder(self, source: Source, version: str | None) -> Path:
         if source.name is None:
@@ -157,25 +155,14 @@ class Loader:
         return bundle.find_base(path, manifest, self.base_dir)
 
     def load(self, source: Source, version: str | None) -> Served:
-        from peft import PeftModel
-
-        from ...evaluation.generation import load_model
-        from ...model_source import adapter_method
+        from .engines import OpenSpec
 
         path = self.folder(source, version)
         manifest, task, adapter = bundle.open_bundle(path)
         tokenizer = bundle.load_tokenizer(path / manifest.tokenizer)
-        if adapter_method(adapter) == "qlora":  # a 4-bit base is not copied: load it as is
-            loaded = bundle.load_bundle(path, self.base_for(path, manifest), device=self.device)
-            model = loaded.model
-        else:
-            key = manifest.base["hash"]
-            if key not in self.bases:
-                base_dir = self.base_for(path, manifest)
-                base, _ = load_model(base_dir, None, manifest.generation.dtype, None, self.device)
-                self.bases[key] = base
-            model = PeftModel.from_pretrained(copy.deepcopy(self.bases[key]), str(adapter))
-            model = model.merge_and_unload().eval()
+        label = f"{source.name}-v{version}" if version else source.id
+        spec = OpenSpec(label, path, manifest, adapter, lambda: self.base_for(path, manifest))
+        model = self.engine.open(spec)
         log.info("loaded %s from %s", f"{source.id} ({source.name} v{version})", path)
         return Served(
             source,
@@ -270,10 +257,10 @@ class ModelTable:
         if idle:
             self.retired = [s for s in self.retired if s.inflight > 0]
             for served in idle:
+                self.loader.engine.close(served)
                 self.metrics.adapter_loaded(served, False)
                 log.info("freed %s (no requests left on it)", served.label)
             del idle, served
-            gc.collect()
 
     def watch(self) -> None:
         def loop() -> None:

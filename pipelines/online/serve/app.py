@@ -29,12 +29,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import auth
 from .adapters import ModelTable
-from .completions import Completions, run
+from .completions import Completions
 from .config import ServeConfig
 from .metrics import ServeMetrics
 from .protocol import ApiError, ChatRequest, validation_error
 from .routing import RoutedCompletions, as_events, routable
-from .scheduler import Scheduler
 
 log = logging.getLogger("temper.serve")
 RID = re.compile(r"^[\w.:-]{1,128}$")
@@ -162,7 +161,7 @@ class Gate:
 
 
 class Server:
-    """What the routes share: config, the model table, the batcher, metrics, readiness."""
+    """What the routes share: config, the model table, the engine, metrics, readiness."""
 
     def __init__(
         self,
@@ -173,10 +172,8 @@ class Server:
         cache: Any = None,
     ):
         self.cfg, self.table, self.metrics = cfg, table, metrics
-        self.scheduler = Scheduler(
-            run, cfg.max_batch_size, cfg.max_wait_ms / 1000, cfg.max_queue, metrics.on_batch
-        )
-        self.completions = Completions(cfg, self.scheduler, metrics)
+        self.engine = table.loader.engine
+        self.completions = Completions(cfg, self.engine, metrics)
         self.router = router  # a route.Router, or None: the served version answers alone
         self.routed = (
             RoutedCompletions(self.completions, router, router.cfg, cache)
@@ -228,14 +225,14 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        server.scheduler.start()
+        server.engine.start()
         if monitor is not None:
             monitor.start()
         loader = threading.Thread(target=server.load, name="temper-load", daemon=True)
         loader.start()
         yield
         table.close()
-        await asyncio.to_thread(server.scheduler.stop, cfg.drain_timeout_s)
+        await asyncio.to_thread(server.engine.stop, cfg.drain_timeout_s)
         if router is not None:
             await router.aclose()
         if cache is not None:
@@ -271,13 +268,21 @@ def create_app(
     @app.get("/readyz")
     async def readyz():
         server.require_ready()
-        return {"status": "ready", "models": [s.label for s in table.current.values()]}
+        if not server.engine.healthy():
+            raise ApiError(
+                503,
+                "The model engine is unavailable (restarting)",
+                type_="service_unavailable",
+                headers={"retry-after": "5"},
+            )
+        models = [s.label for s in table.current.values()]
+        return {"status": "ready", "models": models, "engine": server.engine.status()}
 
     @app.get("/metrics")
     async def metrics_route():
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        metrics.queue.set(server.scheduler.depth())
+        metrics.queue.set(server.engine.depth())
         if monitor is not None:
             metrics.log_queue.set(monitor.depth())
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -21,14 +21,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...chat import render
+from ...engines import EngineRejected, EngineUnavailable
 from ...evaluation.confidence import label_confidences
 from ...task import parse_answer
 from .adapters import Served
 from .config import ServeConfig
-from .engine import Job, Sampling, run_batch, token_entry
+from .engine import Job, Sampling, token_entry
 from .logs import redacted
 from .protocol import ApiError, ChatRequest, completion_id, now, usage
-from .scheduler import Batch, QueueFull, Scheduler
+from .scheduler import QueueFull
 
 log = logging.getLogger("temper.serve")
 
@@ -40,19 +41,6 @@ class Context:
     served: Served
     constraint: Any
     sampling: Sampling
-
-
-def run(batch: Batch) -> None:
-    ctx: Context = batch.context
-    served = ctx.served
-    run_batch(
-        served.model,
-        served.tokenizer,
-        batch.jobs,
-        ctx.sampling,
-        ctx.constraint,
-        prefixes=served.prefixes,
-    )
 
 
 def prompt_messages(cfg: ServeConfig, served: Served, req: ChatRequest) -> list[dict[str, str]]:
@@ -140,10 +128,10 @@ def extras(served: Served, job: Job) -> dict[str, Any]:
 
 
 class Completions:
-    """Submits jobs to the scheduler and turns their results into responses."""
+    """Submits jobs to the engine and turns their results into responses."""
 
-    def __init__(self, cfg: ServeConfig, scheduler: Scheduler, metrics: Any):
-        self.cfg, self.scheduler, self.metrics = cfg, scheduler, metrics
+    def __init__(self, cfg: ServeConfig, engine: Any, metrics: Any):
+        self.cfg, self.engine, self.metrics = cfg, engine, metrics  # engine: engines.Engine
 
     def submit(self, job: Job, ctx: Context, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
         done: asyncio.Future = loop.create_future()
@@ -153,7 +141,10 @@ class Completions:
 
         ctx.served.enter()
         try:
-            self.scheduler.submit(job, ctx, finished)
+            self.engine.submit(job, ctx, finished)
+        except EngineUnavailable as err:
+            ctx.served.leave()
+            raise unavailable(err) from None
         except QueueFull as err:
             ctx.served.leave()
             raise ApiError(
@@ -174,10 +165,10 @@ class Completions:
         try:
             await asyncio.wait_for(asyncio.shield(future), self.cfg.request_timeout_s)
         except TimeoutError:
-            self.scheduler.cancel(job)
+            self.engine.cancel(job)
             raise ApiError(504, "The request timed out", type_="timeout", code="timeout") from None
         except asyncio.CancelledError:
-            self.scheduler.cancel(job)
+            self.engine.cancel(job)
             raise
         self._check(job)
         self.record(req, served, job, n_prompt, t0, info)
@@ -238,7 +229,7 @@ class Completions:
                 try:
                     item = await asyncio.wait_for(events.get(), max(left, 0.001))
                 except TimeoutError:
-                    self.scheduler.cancel(job)
+                    self.engine.cancel(job)
                     err = ApiError(504, "The request timed out", type_="timeout", code="timeout")
                     yield f"data: {json.dumps(err.body())}\n\n"
                     return
@@ -249,8 +240,7 @@ class Completions:
                 if delta or logprobs:
                     yield chunk({"content": delta}, logprobs=logprobs)
             if job.error is not None:
-                err = ApiError(500, f"generation failed: {job.error}", type_="server_error")
-                yield f"data: {json.dumps(err.body())}\n\n"
+                yield f"data: {json.dumps(failure(job.error).body())}\n\n"
                 return
             yield chunk({}, finish=job.finish_reason)
             self.record(req, served, job, n_prompt, t0, info)
@@ -263,12 +253,12 @@ class Completions:
             yield "data: [DONE]\n\n"
         finally:
             if job.finish_reason is None:  # the client left (or we timed out): free the slot
-                self.scheduler.cancel(job)
+                self.engine.cancel(job)
                 info["cancelled"] = True
 
     def _check(self, job: Job) -> None:
         if job.error is not None:
-            raise ApiError(500, f"generation failed: {job.error}", type_="server_error")
+            raise failure(job.error)
 
     def record(self, req, served, job, n_prompt, t0, info) -> None:
         self.metrics.answered(req.model, job, n_prompt, t0)
@@ -286,6 +276,26 @@ class Completions:
         if self.cfg.log_prompts:
             info["prompt"] = redacted(req.messages[-1].text())
             info["answer"] = redacted(job.text)
+
+
+def unavailable(err: Exception) -> ApiError:
+    return ApiError(
+        503,
+        f"The model engine is unavailable; retry shortly ({err})",
+        type_="service_unavailable",
+        code="engine_unavailable",
+        headers={"retry-after": "5"},
+    )
+
+
+def failure(err: BaseException) -> ApiError:
+    """The error a failed job answers with: 503 when the engine is down, 400 when it refused
+    the request, 500 otherwise."""
+    if isinstance(err, EngineUnavailable):
+        return unavailable(err)
+    if isinstance(err, EngineRejected):
+        return ApiError(400, str(err), param="response_format")
+    return ApiError(500, f"generation failed: {err}", type_="server_error")
 
 
 def chat_body(

@@ -67,5 +67,16 @@ class ServeConfig(Section):
         description="Answer repeats from the semantic cache (the `cache:` section) before "
         "the model and the router; greedy task answers only (docs/cache.md).",
     )
+    engine: Literal["builtin", "vllm"] = Field(
+        "builtin",
+        description="What generates: builtin (micro-batches through model.generate; CPU, "
+        "tests, small models) or vllm (a vLLM server Temper starts from the `vllm:` section, "
+        "or the one at engine_url). Everything else is the same code for both.",
+    )
+    engine_url: str | None = Field(
+        None,
+        description="engine vllm: attach to this vLLM server (e.g. http://vllm:8000) instead of "
+        "starting one; it must run with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING.",
+    )
     threads: int | None = Field(None, gt=0, description="torch CPU threads (null: default).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")

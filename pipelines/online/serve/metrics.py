@@ -109,6 +109,13 @@ class ServeMetrics:
         self.log_queue = Gauge(
             "temper_monitor_log_queue", "Request rows waiting to be written.", registry=r
         )
+        self.engine_gauge = Gauge(
+            "temper_engine_up", "1 while the model engine answers (vLLM: its process).", registry=r
+        )
+        self.engine_restarts = Counter(
+            "temper_engine_restarts", "Times the supervised engine was restarted.", registry=r
+        )
+        self.engine_gauge.set(1)
         if monitor_state:
             from ..monitor.gauges import StateCollector
 
@@ -121,6 +128,12 @@ class ServeMetrics:
 
     def registry_up(self, ok: bool) -> None:
         self.registry_gauge.set(1 if ok else 0)
+
+    def engine_up(self, ok: bool) -> None:
+        self.engine_gauge.set(1 if ok else 0)
+
+    def engine_restarted(self) -> None:
+        self.engine_restarts.inc()
 
     def swap_failed(self, model_id: str) -> None:
         self.swaps_failed.labels(model_id).inc()

@@ -70,10 +70,10 @@ class RoutedCompletions:
             try:
                 await asyncio.wait_for(asyncio.shield(future), serve_cfg.request_timeout_s)
             except TimeoutError:
-                self.completions.scheduler.cancel(job)
+                self.completions.engine.cancel(job)
                 return SelfAnswer(error="timeout")
             except asyncio.CancelledError:
-                self.completions.scheduler.cancel(job)
+                self.completions.engine.cancel(job)
                 raise
             if job.error is not None:
                 return SelfAnswer(error="error")
