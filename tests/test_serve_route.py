@@ -4,19 +4,24 @@ openai and anthropic SDKs (tests/fake_api.py). The mid tier always fails (500); 
 answers, up to its daily request cap. The self threshold is 1.0, so every answer the model is
 not certain of is deferred: what is tested is that every request is still answered, each says
 which tier answered and what it cost, the cap holds, and nothing leaves the machine when a
-request forbids it.
+request forbids it. The module runs on both engines (test_serve.ENGINES): the router, the
+semantic cache and the request log are the gateway's, above the engine boundary, so they must
+behave the same over vLLM, and the same clauses must get the same answers, confidences and tier
+decisions from both.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import sqlite3
 
 import openai
 import pytest
 from fake_api import FakeAPI, Faults
 from registry_fixtures import make_project
-from test_serve import serve_champion, stop
+from test_serve import ENGINES, KEY, engine_args, serve_champion, stop
 
 pytestmark = pytest.mark.slow
 FRONTIER_CAP = 3
@@ -45,11 +50,18 @@ def tier(name: str, kind: str, api: FakeAPI, **kw) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def routed(tmp_path_factory, base_model_dir):
+@pytest.fixture(scope="session")
+def decisions() -> dict[str, list[tuple]]:
+    """What each engine answered to the same forced-self requests (engine -> rows)."""
+    return {}
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def routed(request, tmp_path_factory, base_model_dir):
+    extra = engine_args(request.param)
     mid = FakeAPI(lambda m: json.dumps(ANSWER), faults=Faults(rate_500=1.0)).start()
     frontier = FakeAPI(lambda m: json.dumps(ANSWER)).start()
-    project = tmp_path_factory.mktemp("route-project")
+    project = tmp_path_factory.mktemp(f"route-project-{request.param}")
     route = {
         "enabled": True,
         "self_threshold": 1.0,
@@ -59,7 +71,8 @@ def routed(tmp_path_factory, base_model_dir):
         ],
     }
     make_project(project, base_model_dir, {"route": route})
-    s = serve_champion(project, base_model_dir, "-S", "serve.semantic_cache=true")
+    s = serve_champion(project, base_model_dir, "-S", "serve.semantic_cache=true", *extra)
+    s.engine = request.param
     with contextlib.chdir(project):
         yield s, mid, frontier
     stop(s)
@@ -159,3 +172,68 @@ def test_streamed_routed_answer_matches_and_says_its_tier(routed):
     assert "".join(parts) == body.choices[0].message.content
     assert tail.usage.completion_tokens == body.usage.completion_tokens
     assert tail.model_extra["temper"]["route"]["tier"] == "self"
+
+
+def test_64_requests_at_concurrency_16_without_a_failure(routed):
+    server, *_ = routed
+
+    async def run() -> list:
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+        gate = asyncio.Semaphore(16)
+
+        async def one(i: int):
+            async with gate:
+                return await client.chat.completions.create(
+                    model="champion",
+                    messages=[{"role": "user", "content": f"{CLAUSES[i % 6]} (clause {i})"}],
+                    extra_body={"route": {"tier": "self"}},
+                    timeout=300,
+                )
+
+        try:
+            return await asyncio.gather(*(one(i) for i in range(64)), return_exceptions=True)
+        finally:
+            await client.close()
+
+    got = asyncio.run(run())
+    failures = [g for g in got if isinstance(g, Exception)]
+    assert failures == []
+    assert all(json.loads(g.choices[0].message.content) for g in got)
+    assert {g.model_extra["temper"]["route"]["tier"] for g in got} == {"self"}
+    # the request log holds every request, with the tier and the confidence that decided it
+    store = server.project / ".cache" / "monitor.sqlite"
+
+    def logged() -> int:
+        with contextlib.closing(sqlite3.connect(store)) as db:
+            return db.execute("select count(*) from requests").fetchone()[0]
+
+    from test_serve import wait_until
+
+    wait_until(lambda: logged() >= 64, 60, "the request log")
+    assert 'gen_ai_server_token_usage_total{gen_ai_operation_name="chat"' in server.metrics()
+
+
+def test_same_answers_confidences_and_tiers_on_both_engines(routed, decisions):
+    """The router's registered threshold keeps its meaning on vLLM: the self tier's answers
+    and label confidences (vLLM rescored to the raw model's, float32) match the built-in's,
+    so the tier decisions do too."""
+    server, *_ = routed
+    client = server.client()
+    rows = []
+    for text in CLAUSES:
+        _, body = ask(client, f"{text} (parity)", tier="self")
+        route = body.model_extra["temper"]["route"]
+        rows.append((body.choices[0].message.content, route["self_confidence"]))
+    decisions[server.engine] = rows
+    if len(decisions) < len(ENGINES):
+        pytest.skip("compared when the last engine's module runs")
+    from temper.online.route.policy import Policy
+
+    builtin, vllm = decisions["builtin"], decisions["vllm"]
+    assert [r[0] for r in vllm] == [r[0] for r in builtin]
+    assert [r[1] for r in vllm] == pytest.approx([r[1] for r in builtin], rel=1e-3, abs=1e-6)
+    # The policy the route stage fits and the router applies, over a sweep of thresholds
+    # (the route stage's replay uses the same `Policy`): the same tier for every answer.
+    for t in (0.001, 0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.99):
+        policy = Policy(t, (("mid", t / 2), ("frontier", 0.0)))
+        assert [policy.pick(r[1]) for r in vllm] == [policy.pick(r[1]) for r in builtin], t

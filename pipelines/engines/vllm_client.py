@@ -9,8 +9,12 @@ ids back, so label confidences are computed on tokens, as `evaluation.confidence
 Why rescoring: vLLM applies the structured-output mask to the logits before it computes
 logprobs, so under a schema its logprobs are renormalised over the allowed tokens (a label's
 probability is then the model's probability *given that it answers with a label*). The
-evaluation and the router's registered threshold use the raw model's probabilities. `score`
-gets those with one prefill of prompt + answer (`prompt_logprobs`, no grammar involved).
+evaluation and the router's registered threshold use the raw model's probabilities.
+`token_logprob` gets one: a one-token request without a grammar over the reply so far, asking
+for that token's logprob (`logprob_token_ids`); only the few tokens that spell a label are
+rescored, concurrently, and their prefix is in vLLM's prefix cache. (`prompt_logprobs` over the
+whole reply would be one request, but vLLM 0.32's CPU LoRA kernels fail on it when it shares a
+batch with other requests: the engine dies with an einsum shape error.)
 
 Hand-written over httpx rather than the openai SDK: vLLM's extensions (`return_token_ids`,
 `prompt_logprobs`, the LoRA endpoints) are outside the SDK's types, and a streamed request
@@ -139,28 +143,21 @@ class VllmClient:
         except httpx.TransportError as err:
             raise EngineUnavailable(f"vLLM at {self.url} not reachable: {err!r}") from None
 
-    async def score(
-        self, model: str, ids: list[int], n_prompt: int, top: int = 0
-    ) -> tuple[list[float], list[list[tuple[int, float]]]]:
-        """The raw model's log-probability of each token of `ids[n_prompt:]` given the ones
-        before it (and the `top` most probable at each place): one prefill, no grammar."""
+    async def token_logprob(self, model: str, ids: list[int], token: int) -> float:
+        """The raw model's log-probability of `token` after `ids` (one step, no grammar)."""
         body = {
             "model": model,
             "prompt": ids,
             "max_tokens": 1,
             "temperature": 0,
-            "prompt_logprobs": top,
+            "logprobs": 0,
+            "logprob_token_ids": [token],
+            "return_tokens_as_token_ids": True,
         }
         try:
             response = await self.client().post("/v1/completions", json=body)
         except httpx.TransportError as err:
             raise EngineUnavailable(f"vLLM at {self.url} not reachable: {err!r}") from None
         raise_for(response, "rescoring")
-        rows = response.json()["choices"][0]["prompt_logprobs"]
-        logprobs, tops = [], []
-        for token, row in zip(ids[n_prompt:], rows[n_prompt:], strict=True):
-            logprobs.append(float(row[str(token)]["logprob"]))
-            ranked = sorted(row.items(), key=lambda kv: kv[1].get("rank") or 0)
-            best = [(int(k), float(v["logprob"])) for k, v in ranked if v.get("rank", 0) <= top]
-            tops.append(best[:top])
-        return logprobs, tops
+        top = response.json()["choices"][0]["logprobs"]["top_logprobs"][0]
+        return float(top[f"token_id:{token}"])

@@ -80,10 +80,11 @@ class VllmConfig(Section):
     )
     confidence: Literal["rescore", "engine"] = Field(
         "rescore",
-        description="Label confidence under a schema. rescore: one prefill of the answer "
-        "returns the raw model's log-probabilities, as the built-in engine and the evaluation "
-        "define them (the registered route threshold keeps its meaning); engine: vLLM's own "
-        "logprobs, taken after the schema mask (cheaper; higher for constrained labels).",
+        description="Label confidence under a schema. rescore: the tokens that spell each "
+        "label are rescored by the raw model (one-token requests without the grammar), as the "
+        "built-in engine and the evaluation define it, so the registered route threshold keeps "
+        "its meaning; engine: vLLM's own logprobs, taken after the schema mask (cheaper; "
+        "higher for constrained labels).",
     )
     start_timeout_s: float = Field(600.0, gt=0, description="How long a start may take.")
     restart: bool = Field(True, description="Serve: restart the engine when it dies.")

@@ -40,6 +40,28 @@ def value_span(raw: str, name: str, value: str) -> tuple[int, int] | None:
     return None
 
 
+def label_tokens(
+    task: TaskConfig, tokenizer: Any, ids: list[int], answer: dict[str, Any] | None
+) -> dict[str, list[int]]:
+    """{label field: the indexes of the reply's tokens that spell its value} (fields whose
+    value is null, missing, not a string, or not found in the reply are left out)."""
+    if not isinstance(answer, dict) or not ids:
+        return {}
+    raw = tokenizer.decode(ids, skip_special_tokens=True)
+    ends = token_ends(tokenizer, ids)
+    out: dict[str, list[int]] = {}
+    for name in (f.name for f in task.fields if f.kind == "label"):
+        value = answer.get(name)
+        span = value_span(raw, name, value) if isinstance(value, str) and value else None
+        if span is None:
+            continue
+        start, stop = span
+        hits = [j for j, end in enumerate(ends) if (ends[j - 1] if j else 0) < stop and end > start]
+        if hits:
+            out[name] = hits
+    return out
+
+
 def label_confidences(
     task: TaskConfig,
     tokenizer: Any,
@@ -48,23 +70,7 @@ def label_confidences(
     answer: dict[str, Any] | None,
 ) -> dict[str, float | None]:
     """{label field: confidence in [0, 1] or None} for one reply (see the module docstring)."""
-    labels = [f.name for f in task.fields if f.kind == "label"]
-    out: dict[str, float | None] = dict.fromkeys(labels)
-    if not isinstance(answer, dict) or not ids:
-        return out
-    raw = tokenizer.decode(ids, skip_special_tokens=True)
-    ends = token_ends(tokenizer, ids)
-    for name in labels:
-        value = answer.get(name)
-        span = value_span(raw, name, value) if isinstance(value, str) and value else None
-        if span is None:
-            continue
-        start, stop = span
-        total, hit = 0.0, False
-        for j, end in enumerate(ends):
-            begin = ends[j - 1] if j else 0
-            if begin < stop and end > start:
-                total += logprobs[j]
-                hit = True
-        out[name] = min(1.0, math.exp(total)) if hit else None
+    out: dict[str, float | None] = {f.name: None for f in task.fields if f.kind == "label"}
+    for name, hits in label_tokens(task, tokenizer, ids, answer).items():
+        out[name] = min(1.0, math.exp(sum(logprobs[j] for j in hits)))
     return out

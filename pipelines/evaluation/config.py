@@ -41,6 +41,12 @@ class EvaluateConfig(Section):
     max_examples: int | None = Field(
         None, gt=0, description="Score a stratified sample of this many test examples (null: all)."
     )
+    engine: Literal["builtin", "vllm"] = Field(
+        "builtin",
+        description="What generates the model answers: builtin (model.generate, batched) or "
+        "vllm (a vLLM server started from the `vllm:` section, the engine `temper serve "
+        "--engine vllm` serves with; batch_size is then its concurrency).",
+    )
     batch_size: int = Field(16, gt=0, description="Generation batch size on the CPU.")
     gpu_batch_size: int | None = Field(
         64,

@@ -24,27 +24,35 @@ def model_predictions(
     task: TaskConfig,
     cfg: EvaluateConfig,
     desc: str,
+    engine: Any = None,
 ) -> tuple[list[dict[str, Any]], float]:
-    """Generate with the (adapted) model; returns per-example predictions and total seconds."""
+    """Generate with the (adapted) model; returns per-example predictions and total seconds.
+    `engine`: an `engines.VllmGenerator` (evaluate.engine vllm), else `model.generate`."""
     from .confidence import label_confidences
     from .device import resolve
     from .generation import generate, load_model
 
-    place = resolve(cfg.device, cfg.dtype)
-    model, tokenizer = load_model(model_dir, adapter, place.dtype, cfg.threads, place.device)
+    schema = task.json_schema() if cfg.constrained else None
     t0 = time.perf_counter()
-    gens = generate(
-        model,
-        tokenizer,
-        prompts,
-        task.max_new_tokens,
-        cfg.batch_for(place.device),
-        stop_at_json=cfg.stop_at_json,
-        progress=cfg.progress,
-        desc=desc,
-        schema=task.json_schema() if cfg.constrained else None,
-        token_scores=True,
-    )
+    if engine is not None:
+        gens, tokenizer = vllm_generations(engine, prompts, model_dir, adapter, task, cfg, desc)
+        model = None
+    else:
+        place = resolve(cfg.device, cfg.dtype)
+        model, tokenizer = load_model(model_dir, adapter, place.dtype, cfg.threads, place.device)
+        t0 = time.perf_counter()
+        gens = generate(
+            model,
+            tokenizer,
+            prompts,
+            task.max_new_tokens,
+            cfg.batch_for(place.device),
+            stop_at_json=cfg.stop_at_json,
+            progress=cfg.progress,
+            desc=desc,
+            schema=schema,
+            token_scores=True,
+        )
     seconds = time.perf_counter() - t0
     del model
     preds = []
@@ -69,12 +77,48 @@ def model_predictions(
     return preds, seconds
 
 
+def vllm_generations(
+    engine: Any,
+    prompts: list[list[dict[str, str]]],
+    model_dir: str | Path,
+    adapter: str | Path | None,
+    task: TaskConfig,
+    cfg: EvaluateConfig,
+    desc: str,
+) -> tuple[list[Any], Any]:
+    """The answers through vLLM, and the tokenizer they were made with (the base's)."""
+    from ..task import parse_answer
+    from .bundle import load_tokenizer
+    from .confidence import label_tokens
+    from .generation import resolve_adapter
+
+    tokenizer = load_tokenizer(model_dir)
+
+    def label_positions(ids: list[int], text: str) -> list[int]:
+        spans = label_tokens(task, tokenizer, ids, parse_answer(text))
+        return sorted({j for hits in spans.values() for j in hits})
+
+    gens = engine.generate(
+        tokenizer,
+        prompts,
+        resolve_adapter(adapter) if adapter is not None else None,
+        task.max_new_tokens,
+        task.json_schema() if cfg.constrained else None,
+        label_positions,
+        stop_at_json=cfg.stop_at_json,
+        progress=cfg.progress,
+        desc=desc,
+    )
+    return gens, tokenizer
+
+
 def cached_baseline(
     records: list[dict[str, Any]],
     prompts: list[list[dict[str, str]]],
     model_dir: str | Path,
     task: TaskConfig,
     cfg: EvaluateConfig,
+    engine: Any = None,
 ) -> tuple[list[dict[str, Any]], float, bool]:
     """The base-model baseline, reused from `cache_dir` when nothing that shapes it changed.
 
@@ -105,6 +149,8 @@ def cached_baseline(
             key_fields["device"] = place.device
         if cfg.constrained:  # only when on, so unconstrained keys stay what they were
             key_fields["constrained"] = True
+        if engine is not None:  # likewise: the built-in engine's keys stay what they were
+            key_fields["engine"] = {"vllm": engine.cfg.model_dump(include={"dtype"})}
         key_fields.update(load_options(model_dir))
         key = stable_hash(key_fields)
         path = Path(cfg.cache_dir) / f"baseline-{key}.json"
@@ -112,7 +158,9 @@ def cached_baseline(
             hit = read_json(path)
             log.info("baseline: reusing %s (same model, prompts and settings)", path)
             return hit["preds"], hit["seconds"], True
-    preds, seconds = model_predictions(records, prompts, model_dir, None, task, cfg, "baseline")
+    preds, seconds = model_predictions(
+        records, prompts, model_dir, None, task, cfg, "baseline", engine
+    )
     if path is not None:
         write_json(path, {"preds": preds, "seconds": seconds})
     return preds, seconds, False

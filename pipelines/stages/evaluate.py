@@ -134,7 +134,39 @@ def run(
     adapters: dict[str, str | Path] | None = None,
     fields: Any = None,
 ) -> EvalResult:
-    """Score the candidates (or `adapters`, for ad-hoc use) and the baseline; write outputs."""
+    """Score the candidates (or `adapters`, for ad-hoc use) and the baseline; write outputs.
+    With `evaluate.engine: vllm`, one vLLM server (the `vllm:` section) generates for the
+    whole run and is stopped at its end."""
+    engine = None
+    if cfg.engine == "vllm":
+        from ..config import section
+        from ..engines import VllmConfig
+        from ..engines.vllm_generate import VllmGenerator
+
+        vcfg = section(params or {}, "vllm", VllmConfig)
+        log_path = Path(cfg.reports_dir) / "vllm.log"
+        engine = VllmGenerator(vcfg, model_dir, log_path, cfg.batch_size)
+    try:
+        return _run(
+            cfg, task, model_dir, judge_cfg, gates_cfg, mlflow_cfg, params, adapters, fields, engine
+        )
+    finally:
+        if engine is not None:
+            engine.close()
+
+
+def _run(
+    cfg: EvaluateConfig,
+    task: TaskConfig,
+    model_dir: str | Path,
+    judge_cfg: JudgeConfig | None,
+    gates_cfg: GatesConfig | None,
+    mlflow_cfg: Any,
+    params: dict[str, Any] | None,
+    adapters: dict[str, str | Path] | None,
+    fields: Any,
+    engine: Any,
+) -> EvalResult:
     judge_cfg = judge_cfg or JudgeConfig()
     gates_cfg = gates_cfg or GatesConfig()
     if cfg.primary_metric not in metric_names(task):  # fail before any generation
@@ -178,7 +210,9 @@ def run(
             base_cost["tokens_per_s"] = sum(out_tokens) / (sum(lat) / 1000)
     elif mode == "base_model":
         prompts, shot_ids = baseline_prompts(records, task, cfg)
-        base_preds, seconds, cached = cached_baseline(records, prompts, model_dir, task, cfg)
+        base_preds, seconds, cached = cached_baseline(
+            records, prompts, model_dir, task, cfg, engine
+        )
         base_cost = self_hosted_cost(base_preds, seconds, n, cfg)
         base_info.update(few_shot_ids=shot_ids, seconds=round(seconds, 1), cached=cached)
 
@@ -232,7 +266,9 @@ def run(
     cand_stats: dict[str, Any] = {}
     for name, adapter in adapters.items():
         prompts = [r["prompt"] for r in records]
-        preds, seconds = model_predictions(records, prompts, model_dir, adapter, task, cfg, name)
+        preds, seconds = model_predictions(
+            records, prompts, model_dir, adapter, task, cfg, name, engine
+        )
         metrics, stats, ex = score_system(
             task, records, preds, refs, rs, self_hosted_cost(preds, seconds, n, cfg)
         )
@@ -251,7 +287,7 @@ def run(
             )
         if val_records is not None:
             entry["validation_metrics"] = validation_metrics(
-                val_records, model_dir, adapter, task, cfg, name
+                val_records, model_dir, adapter, task, cfg, name, engine
             )
         evaluation["candidates"][name] = entry
         all_preds[name] = attach_scores(preds, records, ex)
@@ -335,13 +371,14 @@ def validation_metrics(
     task: TaskConfig,
     cfg: EvaluateConfig,
     name: str,
+    engine: Any = None,
 ) -> dict[str, Any]:
     """One candidate's metrics on the validation split (gold references, no baseline); its
     predictions go to `reports/predictions/validation/<name>.jsonl` (the route stage fits
     its thresholds on them)."""
     prompts = [r["prompt"] for r in records]
     preds, seconds = model_predictions(
-        records, prompts, model_dir, adapter, task, cfg, f"{name} (validation)"
+        records, prompts, model_dir, adapter, task, cfg, f"{name} (validation)", engine
     )
     rs = Resamples.draw(len(records), cfg.n_resamples, cfg.seed, cfg.confidence)
     cost = self_hosted_cost(preds, seconds, len(records), cfg)

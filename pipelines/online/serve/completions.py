@@ -121,8 +121,9 @@ def extras(served: Served, job: Job) -> dict[str, Any]:
     out: dict[str, Any] = {"model_version": served.version, "model_label": served.label}
     answer = parse_answer(job.text)
     if answer is not None:
+        logprobs = [job.rescored.get(i, lp) for i, lp in enumerate(job.logprobs)]
         out["confidence"] = label_confidences(
-            served.task, served.tokenizer, job.token_ids, job.logprobs, answer
+            served.task, served.tokenizer, job.token_ids, logprobs, answer
         )
     return out
 

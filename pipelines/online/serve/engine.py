@@ -46,6 +46,9 @@ class Job:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top: list[list[tuple[int, float]]] = field(default_factory=list)
+    # token index -> the raw model's log-probability, where the engine's logprobs are not
+    # the raw model's (vLLM under a schema) and the label confidence needs them
+    rescored: dict[int, float] = field(default_factory=dict)
     finish_reason: str | None = None
     started: float | None = None
     first_token: float | None = None

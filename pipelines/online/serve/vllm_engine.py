@@ -10,7 +10,8 @@ attaches to by `serve.engine_url`), driven over HTTP on the server's event loop.
   connection, which aborts the request inside vLLM. The task schema goes as `response_format`
   json_schema, with the evaluation's compact separators (vLLM's `guidance` backend).
 - Label confidences mean what the registered route threshold means: under a schema, the
-  answer is rescored by one prefill (`vllm.confidence: rescore`, see engines.vllm_client).
+  tokens that spell a label are rescored by the raw model (`vllm.confidence: rescore`, see
+  engines.vllm_client); the `logprobs` a client asks for are vLLM's own (after the mask).
 - Supervision: a thread watches the process; when it dies, requests get 503 at once (the
   router may send them to an API tier), and the engine is restarted with the adapters it had,
   without restarting the gateway. Attached engines are health-checked instead.
@@ -267,14 +268,20 @@ class VllmEngine:
         )
 
     async def _rescore(self, job: Job, ctx: Any) -> None:
+        """The raw model's logprobs of the tokens that spell the labels (`job.rescored`)."""
+        from ...evaluation.confidence import label_tokens
+
         assert self.client is not None
+        served = ctx.served
+        answer = parse_answer(job.text)
+        spans = label_tokens(served.task, served.tokenizer, job.token_ids, answer)
+        places = sorted({j for hits in spans.values() for j in hits})
         ids = job.prompt_ids + job.token_ids
-        logprobs, tops = await self.client.score(
-            ctx.served.model, ids, len(job.prompt_ids), job.top_logprobs
+        n = len(job.prompt_ids)
+        values = await asyncio.gather(
+            *(self.client.token_logprob(served.model, ids[: n + j], ids[n + j]) for j in places)
         )
-        job.logprobs = logprobs
-        if job.top_logprobs:
-            job.top = tops
+        job.rescored = dict(zip(places, values, strict=True))
 
     # -- supervision --
 

@@ -1,0 +1,340 @@
+"""Benchmark the engines: the built-in engine, vLLM directly, and the gateway over vLLM.
+
+Same served version, same prompts (the texts of real test clauses), concurrency 1 and 16, one
+run, one after the other on the same machine (never two engines at once: they would share the
+cores):
+
+1. `temper serve` with the built-in engine (OpenAI chat requests, task prompt mode);
+2. vLLM alone, started from the `vllm:` params section (temper.engines.VllmServer), sent the
+   very requests the gateway would send it: the task prompt's token ids, the task schema as
+   `response_format`, greedy, `max_tokens` from the version's generation settings;
+3. `temper serve --engine vllm` attached to that same vLLM (`serve.engine_url`), with
+   `vllm.confidence: engine`: the same model work as 2, so the ratio is the gateway's own
+   overhead (auth, routing code, prompt rendering, tokenising, SSE relaying, metrics, the
+   request log);
+4. the same gateway with `vllm.confidence: rescore` (the default): one extra prefill per answer
+   for raw-model label confidences; reported, not part of the overhead ratio.
+
+Throughput is requests/s over the wall time of N requests. vLLM's peak memory is the largest
+resident set of its process tree, sampled every 0.2 s.
+
+Ends with:
+    RESULT gateway_overhead_ratio <gateway (3) req/s / vLLM direct (2) req/s, concurrency 16>
+    RESULT builtin_vs_vllm_ratio <built-in (1) req/s / vLLM direct (2) req/s, concurrency 16>
+
+    python scripts/bench_engines.py [--bundle FOLDER | --model models:/<name>@<alias>] [-n 32]
+    python scripts/bench_engines.py --smoke --bundle FOLDER   # seconds: a check that it runs
+
+Needs `make vllm` (vLLM's own environment) and, without --bundle, a registered version (make run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `temper` is installed; ROOT only for running from anywhere
+
+CONCURRENCY = (1, 16)
+
+
+def served_prompts(bundle: Path, texts: list[str]) -> tuple[list[list[int]], dict, int]:
+    """The token ids, schema and budget the gateway sends vLLM for these texts."""
+    from temper.chat import render
+    from temper.evaluation import bundle as bundles
+    from temper.evaluation.constrained import json_logits_processor
+
+    manifest, task, _ = bundles.open_bundle(bundle)
+    tokenizer = bundles.load_tokenizer(bundle / manifest.tokenizer)
+    ids = []
+    for text in texts:
+        prompt = render(tokenizer, task.messages(text), tokenize=False, add_generation_prompt=True)
+        ids.append(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    schema = json_logits_processor(task, tokenizer).schema  # with the compact separators
+    return ids, schema, manifest.generation.max_new_tokens
+
+
+def start_gateway(bundle: Path, log: Path, extra: list[str], env: dict[str, str]):
+    from temper.engines.vllm_server import free_port
+
+    port = free_port()
+    command = [sys.executable, "-m", "temper", "serve", "--port", str(port), "-m", str(bundle)]
+    command += ["-S", "serve.max_queue=256", "-S", f"serve.log_file={log}", *extra]
+    proc = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    end = time.time() + 600
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise SystemExit(f"temper serve exited with {proc.returncode}: see {log}")
+        try:
+            if httpx.get(f"{url}/readyz").status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"temper serve not ready after 600 s: see {log}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(60)
+
+
+async def gateway_one(client: openai.AsyncOpenAI, model: str, text: str) -> int:
+    r = await client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": text}]
+    )
+    return r.usage.completion_tokens
+
+
+async def direct_one(client: httpx.AsyncClient, body: dict) -> int:
+    r = await client.post("/v1/completions", json=body)
+    r.raise_for_status()
+    return r.json()["usage"]["completion_tokens"]
+
+
+async def timed(calls: list, concurrency: int) -> dict:
+    gate = asyncio.Semaphore(concurrency)
+    latencies: list[float] = []
+
+    async def limited(call) -> int:
+        async with gate:
+            t0 = time.perf_counter()
+            tokens = await call()
+            latencies.append(time.perf_counter() - t0)
+            return tokens
+
+    t0 = time.perf_counter()
+    tokens = await asyncio.gather(*(limited(c) for c in calls))
+    wall = time.perf_counter() - t0
+    latencies.sort()
+    return {
+        "concurrency": concurrency,
+        "requests": len(calls),
+        "wall_s": round(wall, 2),
+        "throughput_rps": round(len(calls) / wall, 3),
+        "p50_latency_s": round(statistics.median(latencies), 3),
+        "p95_latency_s": round(latencies[int(0.95 * (len(latencies) - 1))], 3),
+        "tokens_per_s": round(sum(tokens) / wall, 1),
+    }
+
+
+def run_gateway(url: str, model: str, texts: list[str], concurrency: int) -> dict:
+    async def go() -> dict:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0)
+        client = client.with_options(timeout=900)
+        try:
+            return await timed(
+                [lambda t=t: gateway_one(client, model, t) for t in texts], concurrency
+            )
+        finally:
+            await client.close()
+
+    return asyncio.run(go())
+
+
+def run_direct(url: str, key: str, bodies: list[dict], concurrency: int) -> dict:
+    async def go() -> dict:
+        async with httpx.AsyncClient(
+            base_url=url, headers={"authorization": f"Bearer {key}"}, timeout=900
+        ) as client:
+            return await timed([lambda b=b: direct_one(client, b) for b in bodies], concurrency)
+
+    return asyncio.run(go())
+
+
+class PeakMemory:
+    """The largest resident set of a process tree, sampled in a thread."""
+
+    def __init__(self, pid: int):
+        import psutil
+
+        self.root, self.peak, self.done = psutil.Process(pid), 0, threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self.done.wait(0.2):
+            try:
+                procs = [self.root, *self.root.children(recursive=True)]
+                self.peak = max(self.peak, sum(p.memory_info().rss for p in procs))
+            except psutil.Error:
+                continue
+
+    def stop(self) -> float:
+        self.done.set()
+        self.thread.join()
+        return self.peak / 2**30
+
+
+def bundle_for(args: argparse.Namespace) -> Path:
+    if args.bundle:
+        return Path(args.bundle).resolve()
+    out = ROOT / ".cache" / "bench_engines" / args.model.replace("/", "_").replace(":", "")
+    if not out.exists():
+        subprocess.run(
+            [sys.executable, "-m", "temper", "pull", args.model, "-o", str(out)],
+            cwd=ROOT,
+            check=True,
+        )
+    return out
+
+
+def load_texts(path: str, n: int) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f if line.strip()][:n]
+    if len(texts) < n:
+        raise SystemExit(f"{path}: only {len(texts)} records, asked for {n}")
+    return texts
+
+
+def bench_builtin(bundle: Path, texts: list[str], levels: tuple[int, ...], env) -> list[dict]:
+    log = ROOT / "reports" / "bench_engines_builtin.log"
+    proc, url = start_gateway(bundle, log, [], env)
+    try:
+        run_gateway(url, bundle.name, texts[:2], 2)  # warm-up: grammar, caches
+        return [{"system": "builtin", **run_gateway(url, bundle.name, texts, c)} for c in levels]
+    finally:
+        stop(proc)
+
+
+def bench_vllm(args, bundle: Path, texts: list[str], levels, env, gateway_set) -> tuple:
+    from temper.config import load_params, section
+    from temper.engines import VllmClient, VllmConfig, VllmServer, check_adapter
+    from temper.evaluation import bundle as bundles
+
+    vcfg = section(load_params(ROOT / "params.yaml", args.set), "vllm", VllmConfig)
+    manifest, _, adapter = bundles.open_bundle(bundle)
+    base = bundles.find_base(bundle, manifest, args.base)
+    server = VllmServer(
+        vcfg,
+        base.resolve(),
+        ROOT / "reports" / "bench_engines_vllm.log",
+        max_lora_rank=check_adapter(adapter),
+        max_num_seqs=16,
+        tokenizer=(bundle / manifest.tokenizer).resolve(),
+    )
+    server.start()
+    memory = PeakMemory(server.proc.pid)
+    rows: list[dict] = []
+    try:
+        VllmClient(server.url, server.key).load_adapter(bundle.name, str(adapter.resolve()))
+        ids, schema, budget = served_prompts(bundle, texts)
+        response_format = {
+            "type": "json_schema",
+            "json_schema": {"name": "answer", "schema": schema},
+        }
+        bodies = [
+            {
+                "model": bundle.name,
+                "prompt": p,
+                "max_tokens": budget,
+                "temperature": 0.0,
+                "response_format": response_format,
+            }
+            for p in ids
+        ]
+        run_direct(server.url, server.key, bodies[:2], 2)  # warm-up
+        rows += [
+            {"system": "vllm-direct", **run_direct(server.url, server.key, bodies, c)}
+            for c in levels
+        ]
+        genv = {**env, "VLLM_API_KEY": server.key}
+        for mode in ("engine", "rescore"):
+            extra = ["-S", "serve.engine=vllm", "-S", f"serve.engine_url={server.url}"]
+            extra += ["-S", f"vllm.confidence={mode}", *gateway_set]
+            log = ROOT / "reports" / f"bench_engines_gateway_{mode}.log"
+            proc, url = start_gateway(bundle, log, extra, genv)
+            try:
+                run_gateway(url, bundle.name, texts[:2], 2)
+                name = "gateway-vllm" if mode == "engine" else "gateway-vllm-rescore"
+                rows += [
+                    {"system": name, **run_gateway(url, bundle.name, texts, c)} for c in levels
+                ]
+            finally:
+                stop(proc)
+    finally:
+        peak = memory.stop()
+        server.stop()
+    return rows, peak
+
+
+def report(rows: list[dict], args, peak: float, levels) -> tuple[float, float]:
+    def rps(system: str, c: int) -> float:
+        return next(r for r in rows if r["system"] == system and r["concurrency"] == c)[
+            "throughput_rps"
+        ]
+
+    top = levels[-1]
+    print(f"\n{args.requests} requests of real test clauses; machine {os.cpu_count()} CPUs")
+    print("| system | concurrency | req/s | p50 s | p95 s | tok/s |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['system']} | {r['concurrency']} | {r['throughput_rps']} | "
+            f"{r['p50_latency_s']} | {r['p95_latency_s']} | {r['tokens_per_s']} |"
+        )
+    print(f"\nvLLM peak memory (process tree RSS): {peak:.2f} GiB")
+    rescore = rps("gateway-vllm-rescore", top) / rps("vllm-direct", top)
+    print(f"gateway with rescored confidences / vLLM direct at {top}: {rescore:.3f}")
+    return rps("gateway-vllm", top) / rps("vllm-direct", top), rps("builtin", top) / rps(
+        "vllm-direct", top
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="models:/temper-clause-review@challenger")
+    parser.add_argument("--bundle", help="A pulled bundle folder (default: pull --model).")
+    parser.add_argument("--base", help="The base model folder (default: the bundle's).")
+    parser.add_argument("-n", "--requests", type=int, default=32)
+    parser.add_argument("-S", "--set", action="append", default=[], help="vllm.<key>=<value>")
+    parser.add_argument("--test", default=str(ROOT / "data" / "prepared" / "test.jsonl"))
+    parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "bench_engines.json"))
+    parser.add_argument("--smoke", action="store_true", help="2 requests, concurrency 1 and 2")
+    args = parser.parse_args()
+    levels = (1, 2) if args.smoke else CONCURRENCY
+    if args.smoke:
+        args.requests = min(args.requests, 2)
+    bundle = bundle_for(args)
+    texts = load_texts(args.test, args.requests)
+    env = {**os.environ, **({"TEMPER_BASE_DIR": args.base} if args.base else {})}
+    gateway_set = [a for kv in args.set for a in ("-S", kv)]
+    rows = bench_builtin(bundle, texts, levels, env)
+    vllm_rows, peak = bench_vllm(args, bundle, texts, levels, env, gateway_set)
+    rows += vllm_rows
+    overhead, builtin = report(rows, args, peak, levels)
+    if not args.smoke:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        result = {"rows": rows, "vllm_peak_gib": round(peak, 2), "vllm_set": args.set}
+        result |= {"gateway_overhead_ratio": overhead, "builtin_vs_vllm_ratio": builtin}
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"RESULT gateway_overhead_ratio {overhead:.3f}")
+    print(f"RESULT builtin_vs_vllm_ratio {builtin:.3f}")
+
+
+if __name__ == "__main__":
+    main()

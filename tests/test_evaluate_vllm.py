@@ -1,0 +1,48 @@
+"""`evaluate.engine: vllm`: the evaluation's answers through vLLM's CPU build (its own
+virtualenv, `make vllm`) equal the built-in loop's on the real base model with a real LoRA
+adapter, confidences included (vLLM in float32; label tokens rescored by the raw model), and
+the stage runs end to end on that engine."""
+
+from __future__ import annotations
+
+import pytest
+from registry_fixtures import gentle_adapter
+from test_serve import VLLM_PYTHON, engine_args
+
+from temper.engines import VllmConfig
+from temper.engines.vllm_generate import VllmGenerator
+from temper.evaluation.config import EvaluateConfig
+from temper.evaluation.predict import model_predictions
+from temper.io import read_jsonl
+
+pytestmark = pytest.mark.slow
+
+
+def test_vllm_answers_equal_the_builtin_loop(tmp_path, base_model_dir, prepared_dir, task):
+    engine_args("vllm")  # skips (or fails in CI) when vLLM's environment is missing
+    records = read_jsonl(prepared_dir / "test.jsonl")[:12]
+    prompts = [r["prompt"] for r in records]
+    adapter = gentle_adapter(base_model_dir, tmp_path / "gentle")
+    cfg = EvaluateConfig(progress=False, threads=2, batch_size=8)
+    vcfg = VllmConfig(python=str(VLLM_PYTHON), dtype="float32", kv_cache_gib=2)
+    engine = VllmGenerator(vcfg, base_model_dir, tmp_path / "vllm.log", rows=8)
+    try:
+        for name, ref in (("baseline", None), ("gentle", adapter)):
+            want, _ = model_predictions(records, prompts, base_model_dir, ref, task, cfg, name)
+            got, seconds = model_predictions(
+                records, prompts, base_model_dir, ref, task, cfg, name, engine
+            )
+            assert seconds > 0
+            assert [g["output"] for g in got] == [w["output"] for w in want], name
+            assert [g["new_tokens"] for g in got] == [w["new_tokens"] for w in want], name
+            for g, w in zip(got, want, strict=True):
+                assert g["valid"] == w["valid"] and g["answer"] == w["answer"]
+                for field, value in w["confidence"].items():
+                    if value is None:
+                        assert g["confidence"][field] is None
+                    else:
+                        assert g["confidence"][field] == pytest.approx(value, rel=2e-3, abs=1e-6)
+        assert len(engine.adapters) == 1  # the candidate loaded once, the base served as is
+    finally:
+        engine.close()
+    assert engine.server is None
