@@ -227,7 +227,11 @@ def bench_vllm(args, bundle: Path, texts: list[str], levels, env, gateway_set) -
 
     vcfg = section(load_params(ROOT / "params.yaml", args.set), "vllm", VllmConfig)
     manifest, _, adapter = bundles.open_bundle(bundle)
-    base = bundles.find_base(bundle, manifest, args.base)
+    # as the gateway finds it: --base, else model.dir when its hash matches, else by identity
+    base = (
+        Path(args.base) if args.base else bundles.matching_base(ROOT / "models" / "base", manifest)
+    )
+    base = base or bundles.find_base(bundle, manifest)
     server = VllmServer(
         vcfg,
         base.resolve(),

@@ -225,7 +225,7 @@ def test_unreachable_registry_keeps_the_current_version_and_says_so(tmp_path, mo
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
     source = Source.parse("models:/temper-clause-review@champion")
     metrics = ServeMetrics()
-    table = ModelTable([source], Loader(tmp_path, None, "cpu"), 1.0, metrics)
+    table = ModelTable([source], Loader(tmp_path, None, engine=None), 1.0, metrics)
     task = load_task(Path(__file__).resolve().parents[1] / "configs/tasks/clause_review.yaml")
     current = Served(
         source, "3", None, None, task, GenerationSettings(max_new_tokens=8), {}, tmp_path

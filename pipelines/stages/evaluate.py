@@ -36,6 +36,7 @@ from ..evaluation.predict import (
     baseline_prompts,
     cached_baseline,
     model_predictions,
+    open_engine,
 )
 from ..evaluation.scoring import (
     attach_scores,
@@ -137,15 +138,7 @@ def run(
     """Score the candidates (or `adapters`, for ad-hoc use) and the baseline; write outputs.
     With `evaluate.engine: vllm`, one vLLM server (the `vllm:` section) generates for the
     whole run and is stopped at its end."""
-    engine = None
-    if cfg.engine == "vllm":
-        from ..config import section
-        from ..engines import VllmConfig
-        from ..engines.vllm_generate import VllmGenerator
-
-        vcfg = section(params or {}, "vllm", VllmConfig)
-        log_path = Path(cfg.reports_dir) / "vllm.log"
-        engine = VllmGenerator(vcfg, model_dir, log_path, cfg.batch_size)
+    engine = open_engine(cfg, params, model_dir)
     try:
         return _run(
             cfg, task, model_dir, judge_cfg, gates_cfg, mlflow_cfg, params, adapters, fields, engine

@@ -1,0 +1,108 @@
+"""The engine boundary's fast parts (no model, no vLLM process): how the gateway starts vLLM
+(command line and environment), what a job becomes as a vLLM request, how a streamed chunk is
+taken (EOS out, as OpenAI's usage counts), and how engine failures reach the client. The real
+engines run in test_serve.py, test_serve_route.py and test_evaluate_vllm.py."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from temper.engines import EngineRejected, EngineUnavailable, VllmConfig, VllmServer
+from temper.engines.vllm_server import lora_rank_choice
+from temper.online.serve.completions import failure
+from temper.online.serve.config import ServeConfig
+from temper.online.serve.engine import Job, Sampling
+from temper.online.serve.metrics import ServeMetrics
+from temper.online.serve.scheduler import QueueFull
+from temper.online.serve.vllm_engine import VllmEngine
+
+
+def test_the_vllm_command_line_and_environment(tmp_path):
+    cfg = VllmConfig(dtype="float32", kv_cache_gib=3, device="cpu", extra_args=["--seed", "1"])
+    server = VllmServer(cfg, "/models/base", tmp_path / "vllm.log", max_lora_rank=12)
+    argv = server.argv()
+    assert argv[:3] == [cfg.python, "-m", "vllm.entrypoints.openai.api_server"]
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"  # private: only the gateway calls it
+    assert argv[argv.index("--max-lora-rank") + 1] == "16"  # the smallest vLLM choice >= 12
+    assert argv[argv.index("--structured-outputs-config") + 1] == '{"backend": "guidance"}'
+    assert "--enable-lora" in argv and argv[-2:] == ["--seed", "1"]
+    env = server.env()
+    assert env["VLLM_TARGET_DEVICE"] == "cpu" and env["VLLM_CPU_KVCACHE_SPACE"] == "3"
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert env["VLLM_API_KEY"] == server.key and len(server.key) >= 24
+    assert [lora_rank_choice(r) for r in (1, 2, 8, 9, 64, 65)] == [1, 8, 8, 16, 64, 128]
+
+
+def test_a_missing_vllm_environment_is_one_clear_error(tmp_path):
+    cfg = VllmConfig(python=str(tmp_path / "nope" / "python"))
+    with pytest.raises(EngineUnavailable, match="make vllm"):
+        VllmServer(cfg, tmp_path, tmp_path / "vllm.log").start()
+
+
+class Tokenizer:
+    eos_token_id = 2
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(96 + i) for i in ids if i != 2)
+
+
+def engine(**serve) -> VllmEngine:
+    return VllmEngine(ServeConfig(**serve), VllmConfig(), ServeMetrics(), Path("."))
+
+
+def context(schema=None):
+    served = SimpleNamespace(model="temper-clause-review-v3", tokenizer=Tokenizer())
+    constraint = SimpleNamespace(schema=schema) if schema else None
+    return SimpleNamespace(served=served, constraint=constraint, sampling=Sampling(0.7, 0.9, 5))
+
+
+def test_a_job_becomes_one_vllm_completion_over_token_ids():
+    job = Job(prompt_ids=[5, 6, 7], max_new_tokens=40, key=(), stops=["END"], top_logprobs=2)
+    body = engine().body(job, context({"type": "object", "x-guidance": {}}))
+    assert body["model"] == "temper-clause-review-v3" and body["prompt"] == [5, 6, 7]
+    assert body["max_tokens"] == 40 and body["stop"] == ["END"] and body["logprobs"] == 2
+    assert (body["temperature"], body["top_p"], body["seed"]) == (0.7, 0.9, 5)
+    assert body["response_format"]["json_schema"]["schema"] == {"type": "object", "x-guidance": {}}
+    assert body["return_token_ids"] and body["return_tokens_as_token_ids"]
+
+
+def test_a_chunk_s_tokens_are_taken_without_eos():
+    job = Job(prompt_ids=[1], max_new_tokens=8, key=(), top_logprobs=1)
+    choice = {
+        "token_ids": [3, 4, 2],
+        "logprobs": {
+            "token_logprobs": [-0.1, -0.2, -0.3],
+            "top_logprobs": [{"token_id:3": -0.1}, {"token_id:9": -0.05}, {"token_id:2": -0.3}],
+        },
+    }
+    engine()._take_tokens(job, choice, {2}, Tokenizer())
+    assert job.token_ids == [3, 4] and job.logprobs == [-0.1, -0.2]
+    assert job.top == [[(3, -0.1)], [(9, -0.05)]]
+
+
+def test_engine_failures_reach_the_client_as_503_or_400():
+    down = failure(EngineUnavailable("connection refused"))
+    assert down.status == 503 and down.code == "engine_unavailable"
+    assert down.headers["retry-after"] == "5" and down.type == "service_unavailable"
+    refused = failure(EngineRejected("vLLM completion: HTTP 400: bad schema"))
+    assert refused.status == 400 and "bad schema" in refused.message
+    assert failure(RuntimeError("boom")).status == 500
+
+
+def test_submit_refuses_when_the_engine_is_down_or_full():
+    vllm = engine(max_batch_size=1, max_queue=1)
+    job = Job(prompt_ids=[1], max_new_tokens=8, key=())
+    with pytest.raises(EngineUnavailable):
+        vllm.submit(job, context(), lambda j: None)  # not started: no engine yet
+
+    async def fill() -> None:
+        vllm.up.set()
+        vllm.tasks = {1: None, 2: None}  # max_batch_size + max_queue in flight
+        with pytest.raises(QueueFull):
+            vllm.submit(job, context(), lambda j: None)
+
+    asyncio.run(fill())
