@@ -106,3 +106,12 @@ def test_submit_refuses_when_the_engine_is_down_or_full():
             vllm.submit(job, context(), lambda j: None)
 
     asyncio.run(fill())
+
+
+def test_serve_with_no_vllm_environment_stops_before_loading_anything(tmp_path):
+    from temper.config import ConfigError
+    from temper.online.serve import serve
+
+    cfg = ServeConfig(engine="vllm", log_file=str(tmp_path / "serve.log"))
+    with pytest.raises(ConfigError, match="make vllm"):
+        serve(cfg, [], vllm_cfg=VllmConfig(python=str(tmp_path / "missing" / "python")))

@@ -143,6 +143,26 @@ class VllmClient:
         except httpx.TransportError as err:
             raise EngineUnavailable(f"vLLM at {self.url} not reachable: {err!r}") from None
 
+    async def next_token(self, model: str, ids: list[int], allowed: list[int]) -> tuple[int, float]:
+        """The greedy next token after `ids` among `allowed`, and its raw logprob (vLLM
+        computes logprobs before it applies `allowed_token_ids`)."""
+        body = {
+            "model": model,
+            "prompt": ids,
+            "max_tokens": 1,
+            "temperature": 0,
+            "logprobs": 0,
+            "allowed_token_ids": allowed,
+            "return_token_ids": True,
+        }
+        try:
+            response = await self.client().post("/v1/completions", json=body)
+        except httpx.TransportError as err:
+            raise EngineUnavailable(f"vLLM at {self.url} not reachable: {err!r}") from None
+        raise_for(response, "closing the answer")
+        choice = response.json()["choices"][0]
+        return int(choice["token_ids"][0]), float(choice["logprobs"]["token_logprobs"][0])
+
     async def token_logprob(self, model: str, ids: list[int], token: int) -> float:
         """The raw model's log-probability of `token` after `ids` (one step, no grammar)."""
         body = {

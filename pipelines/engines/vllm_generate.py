@@ -80,10 +80,8 @@ class VllmGenerator:
             for p in prompts
         ]
         encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        grammar = json_logits_processor(schema, tokenizer).schema if schema else None
-        eos = tokenizer.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos])
-        one = _Request(self.client, model, max_new_tokens, grammar, eos_ids, stop_at_json)
+        constraint = json_logits_processor(schema, tokenizer) if schema else None
+        one = _Request(self.client, model, max_new_tokens, constraint, stop_at_json)
 
         async def run_all() -> list[Any]:
             from tqdm.auto import tqdm
@@ -115,9 +113,9 @@ class VllmGenerator:
 class _Request:
     """One prompt through vLLM, streamed, then its label tokens rescored."""
 
-    def __init__(self, client, model, max_new_tokens, grammar, eos_ids, stop_at_json):
+    def __init__(self, client, model, max_new_tokens, constraint, stop_at_json):
         self.client, self.model, self.budget = client, model, max_new_tokens
-        self.grammar, self.eos_ids, self.stop_at_json = grammar, eos_ids, stop_at_json
+        self.constraint, self.stop_at_json = constraint, stop_at_json
 
     def body(self, ids: list[int]) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -128,35 +126,30 @@ class _Request:
             "logprobs": 0,
             "return_token_ids": True,
         }
-        if self.grammar is not None:
+        if self.constraint is not None:
             body["response_format"] = {
                 "type": "json_schema",
-                "json_schema": {"name": "answer", "schema": self.grammar},
+                "json_schema": {"name": "answer", "schema": self.constraint.schema},
             }
         return body
 
     async def __call__(self, ids: list[int], tokenizer: Any, label_positions: Any) -> Any:
         from ..evaluation.generation import Generation
-        from ..task import parse_answer
+        from .closing import Closer, close_answer
 
         t0 = time.perf_counter()
-        first, raw, tokens, logprobs = None, "", [], []
-        async for chunk in self.client.stream(self.body(ids)):
-            if not chunk.get("choices"):
-                continue
-            choice = chunk["choices"][0]
-            first = first or time.perf_counter()
-            values = (choice.get("logprobs") or {}).get("token_logprobs") or []
-            for k, token in enumerate(choice.get("token_ids") or []):
-                if token not in self.eos_ids:
-                    tokens.append(token)
-                    logprobs.append(float(values[k]) if k < len(values) else 0.0)
-            raw += choice.get("text") or ""
-            piece = choice.get("text") or ""
-            if self.stop_at_json and "}" in piece and parse_answer(raw.strip()) is not None:
-                break
-        text = raw.strip()
-        if self.grammar is not None:
+        closer = Closer(self.constraint, self.budget, tokenizer) if self.constraint else None
+        tokens: list[int] = []
+        logprobs: list[float] = []
+        first = None
+        if closer is None or not closer.due([], ""):
+            first, closing = await self._stream(ids, tokens, logprobs, closer)
+        else:
+            closing = True
+        if closing and closer is not None:
+            await close_answer(self.client, self.model, ids, tokens, logprobs, closer)
+        text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        if self.constraint is not None:
             places = label_positions(tokens, text)
             values = await asyncio.gather(
                 *(
@@ -177,3 +170,31 @@ class _Request:
             token_ids=tokens,
             token_logprobs=logprobs,
         )
+
+    async def _stream(
+        self, ids: list[int], tokens: list[int], logprobs: list[float], closer: Any
+    ) -> tuple[float | None, bool]:
+        """Stream the completion into `tokens` / `logprobs`; (first token time, whether the
+        answer must now be closed within its budget)."""
+        from ..task import parse_answer
+
+        first, raw = None, ""
+        async for chunk in self.client.stream(self.body(ids)):
+            if not chunk.get("choices"):
+                continue
+            choice = chunk["choices"][0]
+            first = first or time.perf_counter()
+            values = (choice.get("logprobs") or {}).get("token_logprobs") or []
+            for k, token in enumerate(choice.get("token_ids") or []):
+                # EOS kept, as the built-in loop counts it among an answer's new tokens
+                tokens.append(token)
+                logprobs.append(float(values[k]) if k < len(values) else 0.0)
+            piece = choice.get("text") or ""
+            raw += piece
+            if choice.get("finish_reason"):
+                break
+            if self.stop_at_json and "}" in piece and parse_answer(raw.strip()) is not None:
+                break
+            if closer is not None and closer.due(tokens, raw):
+                return first, True
+        return first, False

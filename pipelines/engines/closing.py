@@ -1,0 +1,90 @@
+"""Closing a JSON answer before the budget runs out, on vLLM as the built-in engine does.
+
+The built-in engine's grammar (`evaluation.constrained.JsonLogitsProcessor`) steers a row to
+close once its remaining budget only just covers the rest of the answer (the reserve of the
+field it is in): inside a string only tokens that end it, elsewhere `}`/`]`, then `"`, then
+`,`, always within the grammar. vLLM's grammar has no such budget rule, so an answer that is
+still writing a string when `max_tokens` is reached comes back cut and invalid.
+
+So the vLLM paths generate until the reserve is reached (`Closer.due`), stop the stream there,
+and finish the answer one token at a time: the gateway's llguidance matcher (the grammar the
+built-in engine uses) gives the allowed tokens, narrowed to the closing tier as the built-in
+does, and vLLM picks the greedy one among them (`allowed_token_ids`, applied after its raw
+logprobs, so the logprob stays the raw model's). Each step's prefix is in vLLM's prefix cache.
+Only answers that would run out of budget take this path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Closer:
+    """One answer's budget watch and closing steps (`constraint`: a JsonConstraint)."""
+
+    def __init__(self, constraint: Any, budget: int, tokenizer: Any):
+        from ..evaluation.constrained import JsonLogitsProcessor
+
+        self.constraint, self.budget, self.tokenizer = constraint, budget, tokenizer
+        self.n_vocab = len(tokenizer)
+        self.reserve = constraint.reserve()
+        self.view = JsonLogitsProcessor(constraint, budget)  # for its `field_of`
+        self.view._names = [n for n in self.reserve if n is not None]
+        self.matcher = constraint.matcher(self.n_vocab)
+        self.fed = 0
+
+    def due(self, tokens: list[int], text: str) -> bool:
+        """Whether the built-in engine would be closing before choosing the next token."""
+        self.view.texts = [text]
+        return self.budget - len(tokens) <= self.reserve[self.view.field_of(0)]
+
+    def allowed(self, tokens: list[int], text: str) -> list[int]:
+        """The token ids the built-in engine allows next while closing."""
+        import torch
+
+        from ..evaluation.constrained import _closing
+
+        for token in tokens[self.fed :]:
+            self.matcher.consume_token(token)
+        self.fed = len(tokens)
+        words = (self.n_vocab + 31) // 32
+        bitmask = torch.full((words,), -1, dtype=torch.int32)
+        self.matcher.unsafe_compute_mask_ptr(bitmask.data_ptr(), words * 4)
+        bits = (bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
+        allowed = bits.reshape(-1)[: self.n_vocab].to(torch.bool)
+        allowed = _closing(allowed, text, self.constraint, self.n_vocab)
+        return allowed.nonzero().flatten().tolist()
+
+
+async def close_answer(
+    client: Any,
+    model: str,
+    prompt_ids: list[int],
+    tokens: list[int],
+    logprobs: list[float],
+    closer: Closer,
+) -> list[int]:
+    """Append closing tokens (and their raw logprobs) to `tokens` / `logprobs` until the
+    answer is complete JSON or the budget ends; returns the tokens added."""
+    from ..task import parse_answer
+
+    added: list[int] = []
+    while len(tokens) < closer.budget:
+        text = closer.tokenizer.decode(tokens, skip_special_tokens=True)
+        if parse_answer(text.strip()) is not None:
+            break
+        allowed = closer.allowed(tokens, text.lstrip())
+        if not allowed:
+            break
+        token, logprob = await client.next_token(model, prompt_ids + tokens, allowed)
+        if token in _eos(closer.tokenizer):
+            break
+        tokens.append(token)
+        logprobs.append(logprob)
+        added.append(token)
+    return added
+
+
+def _eos(tokenizer: Any) -> set[int]:
+    eos = tokenizer.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos])
