@@ -34,7 +34,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -44,9 +43,9 @@ from pathlib import Path
 
 import httpx
 import openai
+from bench_serve import start, stop  # the same gateway start and stop as bench_serve.py
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `temper` is installed; ROOT only for running from anywhere
 
 CONCURRENCY = (1, 16)
 
@@ -65,39 +64,6 @@ def served_prompts(bundle: Path, texts: list[str]) -> tuple[list[list[int]], dic
         ids.append(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     schema = json_logits_processor(task, tokenizer).schema  # with the compact separators
     return ids, schema, manifest.generation.max_new_tokens
-
-
-def start_gateway(bundle: Path, log: Path, extra: list[str], env: dict[str, str]):
-    from temper.engines.vllm_server import free_port
-
-    port = free_port()
-    command = [sys.executable, "-m", "temper", "serve", "--port", str(port), "-m", str(bundle)]
-    command += ["-S", "serve.max_queue=256", "-S", f"serve.log_file={log}", *extra]
-    proc = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    end = time.time() + 600
-    while time.time() < end:
-        if proc.poll() is not None:
-            raise SystemExit(f"temper serve exited with {proc.returncode}: see {log}")
-        try:
-            if httpx.get(f"{url}/readyz").status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"temper serve not ready after 600 s: see {log}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(60)
 
 
 async def gateway_one(client: openai.AsyncOpenAI, model: str, text: str) -> int:
@@ -210,9 +176,9 @@ def load_texts(path: str, n: int) -> list[str]:
     return texts
 
 
-def bench_builtin(bundle: Path, texts: list[str], levels: tuple[int, ...], env) -> list[dict]:
+def bench_builtin(bundle: Path, texts: list[str], levels, gateway_set) -> list[dict]:
     log = ROOT / "reports" / "bench_engines_builtin.log"
-    proc, url = start_gateway(bundle, log, [], env)
+    proc, url = start(str(bundle), 16, log, gateway_set)
     try:
         run_gateway(url, bundle.name, texts[:2], 2)  # warm-up: grammar, caches
         return [{"system": "builtin", **run_gateway(url, bundle.name, texts, c)} for c in levels]
@@ -220,7 +186,7 @@ def bench_builtin(bundle: Path, texts: list[str], levels: tuple[int, ...], env) 
         stop(proc)
 
 
-def bench_vllm(args, bundle: Path, texts: list[str], levels, env, gateway_set) -> tuple:
+def bench_vllm(args, bundle: Path, texts: list[str], levels, gateway_set) -> tuple:
     from temper.config import load_params, section
     from temper.engines import VllmClient, VllmConfig, VllmServer, check_adapter
     from temper.evaluation import bundle as bundles
@@ -265,12 +231,12 @@ def bench_vllm(args, bundle: Path, texts: list[str], levels, env, gateway_set) -
             {"system": "vllm-direct", **run_direct(server.url, server.key, bodies, c)}
             for c in levels
         ]
-        genv = {**env, "VLLM_API_KEY": server.key}
+        os.environ["VLLM_API_KEY"] = server.key  # the attached gateways' key for it
         for mode in ("engine", "rescore"):
             extra = ["-S", "serve.engine=vllm", "-S", f"serve.engine_url={server.url}"]
             extra += ["-S", f"vllm.confidence={mode}", *gateway_set]
             log = ROOT / "reports" / f"bench_engines_gateway_{mode}.log"
-            proc, url = start_gateway(bundle, log, extra, genv)
+            proc, url = start(str(bundle), 16, log, extra)
             try:
                 run_gateway(url, bundle.name, texts[:2], 2)
                 name = "gateway-vllm" if mode == "engine" else "gateway-vllm-rescore"
@@ -324,10 +290,11 @@ def main() -> None:
         args.requests = min(args.requests, 2)
     bundle = bundle_for(args)
     texts = load_texts(args.test, args.requests)
-    env = {**os.environ, **({"TEMPER_BASE_DIR": args.base} if args.base else {})}
     gateway_set = [a for kv in args.set for a in ("-S", kv)]
-    rows = bench_builtin(bundle, texts, levels, env)
-    vllm_rows, peak = bench_vllm(args, bundle, texts, levels, env, gateway_set)
+    if args.base:
+        gateway_set += ["-S", f"serve.base_dir={args.base}"]
+    rows = bench_builtin(bundle, texts, levels, gateway_set)
+    vllm_rows, peak = bench_vllm(args, bundle, texts, levels, gateway_set)
     rows += vllm_rows
     overhead, builtin = report(rows, args, peak, levels)
     if not args.smoke:

@@ -143,41 +143,25 @@ class VllmClient:
         except httpx.TransportError as err:
             raise EngineUnavailable(f"vLLM at {self.url} not reachable: {err!r}") from None
 
-    async def next_token(self, model: str, ids: list[int], allowed: list[int]) -> tuple[int, float]:
-        """The greedy next token after `ids` among `allowed`, and its raw logprob (vLLM
-        computes logprobs before it applies `allowed_token_ids`)."""
-        body = {
-            "model": model,
-            "prompt": ids,
-            "max_tokens": 1,
-            "temperature": 0,
-            "logprobs": 0,
-            "allowed_token_ids": allowed,
-            "return_token_ids": True,
-        }
+    async def _one_token(self, body: dict[str, Any], what: str) -> dict[str, Any]:
+        """One greedy step (`max_tokens` 1) of a non-streamed completion: its choice."""
+        body = {**body, "max_tokens": 1, "temperature": 0, "logprobs": 0}
         try:
             response = await self.client().post("/v1/completions", json=body)
         except httpx.TransportError as err:
             raise EngineUnavailable(f"vLLM at {self.url} not reachable: {err!r}") from None
-        raise_for(response, "closing the answer")
-        choice = response.json()["choices"][0]
+        raise_for(response, what)
+        return response.json()["choices"][0]
+
+    async def next_token(self, model: str, ids: list[int], allowed: list[int]) -> tuple[int, float]:
+        """The greedy next token after `ids` among `allowed`, and its raw logprob (vLLM
+        computes logprobs before it applies `allowed_token_ids`)."""
+        body = {"model": model, "prompt": ids, "allowed_token_ids": allowed}
+        choice = await self._one_token({**body, "return_token_ids": True}, "closing the answer")
         return int(choice["token_ids"][0]), float(choice["logprobs"]["token_logprobs"][0])
 
     async def token_logprob(self, model: str, ids: list[int], token: int) -> float:
         """The raw model's log-probability of `token` after `ids` (one step, no grammar)."""
-        body = {
-            "model": model,
-            "prompt": ids,
-            "max_tokens": 1,
-            "temperature": 0,
-            "logprobs": 0,
-            "logprob_token_ids": [token],
-            "return_tokens_as_token_ids": True,
-        }
-        try:
-            response = await self.client().post("/v1/completions", json=body)
-        except httpx.TransportError as err:
-            raise EngineUnavailable(f"vLLM at {self.url} not reachable: {err!r}") from None
-        raise_for(response, "rescoring")
-        top = response.json()["choices"][0]["logprobs"]["top_logprobs"][0]
-        return float(top[f"token_id:{token}"])
+        body = {"model": model, "prompt": ids, "logprob_token_ids": [token]}
+        choice = await self._one_token({**body, "return_tokens_as_token_ids": True}, "rescoring")
+        return float(choice["logprobs"]["top_logprobs"][0][f"token_id:{token}"])

@@ -205,56 +205,65 @@ class VllmEngine:
     async def _generate(self, job: Job, ctx: Any) -> None:
         """Stream the job's completion; with a schema, close the answer within its budget as
         the built-in engine does (`engines.closing`)."""
-        from ...engines.closing import Closer, close_answer
-        from .engine import token_entry
+        from ...engines.closing import Closer
 
+        tokenizer = ctx.served.tokenizer
+        closer = Closer(ctx.constraint, job.max_new_tokens, tokenizer) if ctx.constraint else None
+        job.started = time.perf_counter()
+        closing, sent = closer is not None and closer.due([], ""), 0
+        if not closing:
+            closing, sent = await self._stream(job, ctx, closer)
+        if closing and closer is not None:
+            await self._close(job, ctx, closer, sent)
+        job.finished = time.perf_counter()
+        job.finish_reason = job.finish_reason or "length"
+        if job.strip and job.emit is None:
+            job.text = job.text.strip()
+
+    async def _stream(self, job: Job, ctx: Any, closer: Any) -> tuple[bool, int]:
+        """The streamed part: (whether the answer must now be closed, characters sent)."""
         assert self.client is not None
         tokenizer = ctx.served.tokenizer
         eos = tokenizer.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos])
-        closer = Closer(ctx.constraint, job.max_new_tokens, tokenizer) if ctx.constraint else None
-        job.started = time.perf_counter()
-        raw, sent, closing = "", 0, closer is not None and closer.due([], "")
-        if not closing:
-            async for chunk in self.client.stream(self.body(job, ctx)):
-                if not chunk.get("choices"):
-                    continue
-                choice = chunk["choices"][0]
-                if job.first_token is None:
-                    job.first_token = time.perf_counter()
-                entries = self._take_tokens(job, choice, eos_ids, tokenizer)
-                piece = choice.get("text") or ""
-                raw += piece
-                sent = self._emit(job, raw, sent, entries)
-                reason = choice.get("finish_reason")
-                if job.stop_at_json and "}" in piece and parse_answer(job.text) is not None:
-                    reason = "stop"  # the answer is complete: as the built-in engine, stop here
-                if reason is not None:
-                    job.finish_reason = FINISH.get(reason, "stop")
-                    break
-                if closer is not None and closer.due(job.token_ids, raw):
-                    closing = True  # stop vLLM here (closing the stream aborts it)
-                    break
-        if closing and closer is not None:
-            added = await close_answer(
-                self.client, ctx.served.model, job.prompt_ids, job.token_ids, job.logprobs, closer
-            )
+        raw, sent = "", 0
+        async for chunk in self.client.stream(self.body(job, ctx)):
+            if not chunk.get("choices"):
+                continue
+            choice = chunk["choices"][0]
             job.first_token = job.first_token or time.perf_counter()
-            first = len(job.token_ids) - len(added)
-            if job.top_logprobs:  # the chosen token only: it was picked among closing tokens
-                job.top += [[(t, job.logprobs[first + k])] for k, t in enumerate(added)]
-            entries = []
-            if job.emit is not None and job.want_logprobs:
-                entries = [token_entry(tokenizer, job, i) for i in range(first, len(job.token_ids))]
-            raw = tokenizer.decode(job.token_ids, skip_special_tokens=True)
+            entries = self._take_tokens(job, choice, eos_ids, tokenizer)
+            piece = choice.get("text") or ""
+            raw += piece
             sent = self._emit(job, raw, sent, entries)
-            complete = parse_answer(job.text) is not None
-            job.finish_reason = "stop" if complete else "length"
-        job.finished = time.perf_counter()
-        if job.finish_reason is None:
-            job.finish_reason = "length"
-        if job.strip and job.emit is None:
-            job.text = job.text.strip()
+            reason = choice.get("finish_reason")
+            if job.stop_at_json and "}" in piece and parse_answer(job.text) is not None:
+                reason = "stop"  # the answer is complete: as the built-in engine, stop here
+            if reason is not None:
+                job.finish_reason = FINISH.get(reason, "stop")
+                return False, sent
+            if closer is not None and closer.due(job.token_ids, raw):
+                return True, sent  # leaving the stream closes it: vLLM aborts the request
+        return False, sent
+
+    async def _close(self, job: Job, ctx: Any, closer: Any, sent: int) -> None:
+        """Finish the answer token by token within its budget (engines.closing)."""
+        from ...engines.closing import close_answer
+        from .engine import token_entry
+
+        tokenizer = ctx.served.tokenizer
+        added = await close_answer(
+            self.client, ctx.served.model, job.prompt_ids, job.token_ids, job.logprobs, closer
+        )
+        job.first_token = job.first_token or time.perf_counter()
+        first = len(job.token_ids) - len(added)
+        if job.top_logprobs:  # the chosen token only: it was picked among closing tokens
+            job.top += [[(t, job.logprobs[first + k])] for k, t in enumerate(added)]
+        entries = []
+        if job.emit is not None and job.want_logprobs:
+            entries = [token_entry(tokenizer, job, i) for i in range(first, len(job.token_ids))]
+        self._emit(job, tokenizer.decode(job.token_ids, skip_special_tokens=True), sent, entries)
+        job.finish_reason = "stop" if parse_answer(job.text) is not None else "length"
 
     @staticmethod
     def _emit(job: Job, raw: str, sent: int, entries: list[dict[str, Any]]) -> int:
