@@ -66,10 +66,12 @@ def served_prompts(bundle: Path, texts: list[str]) -> tuple[list[list[int]], dic
     return ids, schema, manifest.generation.max_new_tokens
 
 
-async def gateway_one(client: openai.AsyncOpenAI, model: str, text: str) -> int:
+async def gateway_one(client: openai.AsyncOpenAI, model: str, text: str, seen: dict) -> int:
     r = await client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": text}]
     )
+    confidence = (r.model_extra.get("temper") or {}).get("confidence") or {}
+    seen[text] = (r.choices[0].message.content, confidence)  # what this system answered
     return r.usage.completion_tokens
 
 
@@ -105,13 +107,15 @@ async def timed(calls: list, concurrency: int) -> dict:
     }
 
 
-def run_gateway(url: str, model: str, texts: list[str], concurrency: int) -> dict:
+def run_gateway(url: str, model: str, texts: list[str], concurrency: int, seen=None) -> dict:
+    seen = {} if seen is None else seen
+
     async def go() -> dict:
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0)
         client = client.with_options(timeout=900)
         try:
             return await timed(
-                [lambda t=t: gateway_one(client, model, t) for t in texts], concurrency
+                [lambda t=t: gateway_one(client, model, t, seen) for t in texts], concurrency
             )
         finally:
             await client.close()
@@ -176,17 +180,20 @@ def load_texts(path: str, n: int) -> list[str]:
     return texts
 
 
-def bench_builtin(bundle: Path, texts: list[str], levels, gateway_set) -> list[dict]:
+def bench_builtin(bundle: Path, texts, levels, gateway_set, answers: dict) -> list[dict]:
     log = ROOT / "reports" / "bench_engines_builtin.log"
     proc, url = start(str(bundle), 16, log, gateway_set)
+    seen = answers.setdefault("builtin", {})
     try:
         run_gateway(url, bundle.name, texts[:2], 2)  # warm-up: grammar, caches
-        return [{"system": "builtin", **run_gateway(url, bundle.name, texts, c)} for c in levels]
+        return [
+            {"system": "builtin", **run_gateway(url, bundle.name, texts, c, seen)} for c in levels
+        ]
     finally:
         stop(proc)
 
 
-def bench_vllm(args, bundle: Path, texts: list[str], levels, gateway_set) -> tuple:
+def bench_vllm(args, bundle: Path, texts, levels, gateway_set, answers: dict) -> tuple:
     from temper.config import load_params, section
     from temper.engines import VllmClient, VllmConfig, VllmServer, check_adapter
     from temper.evaluation import bundle as bundles
@@ -240,8 +247,10 @@ def bench_vllm(args, bundle: Path, texts: list[str], levels, gateway_set) -> tup
             try:
                 run_gateway(url, bundle.name, texts[:2], 2)
                 name = "gateway-vllm" if mode == "engine" else "gateway-vllm-rescore"
+                seen = answers.setdefault(name, {})
                 rows += [
-                    {"system": name, **run_gateway(url, bundle.name, texts, c)} for c in levels
+                    {"system": name, **run_gateway(url, bundle.name, texts, c, seen)}
+                    for c in levels
                 ]
             finally:
                 stop(proc)
@@ -249,6 +258,34 @@ def bench_vllm(args, bundle: Path, texts: list[str], levels, gateway_set) -> tup
         peak = memory.stop()
         server.stop()
     return rows, peak
+
+
+def agreement(answers: dict, threshold: float | None) -> dict:
+    """How far vLLM's answers and label confidences are from the built-in engine's, and
+    whether the registered route threshold decides the same (self tier or not)."""
+    import math
+
+    base = answers["builtin"]
+    out = {"route_threshold": threshold}
+    for name in ("gateway-vllm-rescore", "gateway-vllm"):
+        pairs = [(base[t], answers[name][t]) for t in base if t in answers.get(name, {})]
+        gaps, flips = [], 0
+        for (_, b), (_, v) in pairs:
+            for field, value in b.items():
+                other = v.get(field)
+                if value is None or other is None:
+                    continue
+                gaps.append(abs(math.log(max(other, 1e-300)) - math.log(max(value, 1e-300))))
+                if threshold is not None:
+                    flips += (value >= threshold) != (other >= threshold)
+        out[name] = {
+            "answers": len(pairs),
+            "same_answer": sum(b[0] == v[0] for b, v in pairs),
+            "median_abs_log_confidence_gap": round(statistics.median(gaps), 4) if gaps else None,
+            "max_abs_log_confidence_gap": round(max(gaps), 4) if gaps else None,
+            "route_decisions_flipped": flips if threshold is not None else None,
+        }
+    return out
 
 
 def report(rows: list[dict], args, peak: float, levels) -> tuple[float, float]:
@@ -293,14 +330,20 @@ def main() -> None:
     gateway_set = [a for kv in args.set for a in ("-S", kv)]
     if args.base:
         gateway_set += ["-S", f"serve.base_dir={args.base}"]
-    rows = bench_builtin(bundle, texts, levels, gateway_set)
-    vllm_rows, peak = bench_vllm(args, bundle, texts, levels, gateway_set)
+    from temper.evaluation.bundle import route_threshold
+
+    answers: dict = {}
+    rows = bench_builtin(bundle, texts, levels, gateway_set, answers)
+    vllm_rows, peak = bench_vllm(args, bundle, texts, levels, gateway_set, answers)
     rows += vllm_rows
     overhead, builtin = report(rows, args, peak, levels)
+    agree = agreement(answers, route_threshold(bundle))
+    print("agreement with the built-in engine:", json.dumps(agree))
     if not args.smoke:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         result = {"rows": rows, "vllm_peak_gib": round(peak, 2), "vllm_set": args.set}
+        result["agreement"] = agree
         result |= {"gateway_overhead_ratio": overhead, "builtin_vs_vllm_ratio": builtin}
         out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"RESULT gateway_overhead_ratio {overhead:.3f}")

@@ -55,3 +55,5 @@ def test_bench_engines_smoke(tmp_path, base_model_dir, prepared_dir):
     for system in ("builtin", "vllm-direct", "gateway-vllm", "gateway-vllm-rescore"):
         assert f"| {system} | 2 |" in done.stdout, system
     assert "vLLM peak memory" in done.stdout
+    agree = next(x for x in lines if x.startswith("agreement with the built-in engine:"))
+    assert '"gateway-vllm-rescore": {"answers": 2' in agree, agree
