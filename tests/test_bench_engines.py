@@ -15,7 +15,7 @@ from test_serve import VLLM_PYTHON, engine_args, register, runner
 
 from temper.cli import app
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 
 def test_bench_engines_smoke(tmp_path, base_model_dir, prepared_dir):

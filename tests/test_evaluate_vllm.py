@@ -15,7 +15,7 @@ from temper.evaluation.config import EvaluateConfig
 from temper.evaluation.predict import model_predictions
 from temper.io import read_jsonl
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 
 def test_vllm_answers_equal_the_builtin_loop(tmp_path, base_model_dir, prepared_dir, task):

@@ -65,7 +65,8 @@ LONG = {
 }
 
 
-ENGINES = ["builtin", "vllm"]
+# The vLLM cases carry the `vllm` marker: `pytest -m "not vllm"` leaves them out.
+ENGINES = ["builtin", pytest.param("vllm", marks=pytest.mark.vllm)]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 
 
