@@ -6,12 +6,15 @@ field it is in): inside a string only tokens that end it, elsewhere `}`/`]`, the
 `,`, always within the grammar. vLLM's grammar has no such budget rule, so an answer that is
 still writing a string when `max_tokens` is reached comes back cut and invalid.
 
-So the vLLM paths generate until the reserve is reached (`Closer.due`), stop the stream there,
-and finish the answer one token at a time: the gateway's llguidance matcher (the grammar the
-built-in engine uses) gives the allowed tokens, narrowed to the closing tier as the built-in
-does, and vLLM picks the greedy one among them (`allowed_token_ids`, applied after its raw
-logprobs, so the logprob stays the raw model's). Each step's prefix is in vLLM's prefix cache.
-Only answers that would run out of budget take this path.
+So the vLLM paths follow the stream and, once the reserve is reached (`Closer.due`), check
+each token vLLM picks against the built-in engine's closing set (`Closer.keeps`: the
+gateway's llguidance matcher, the grammar the built-in engine uses, narrowed to the closing tier
+as the built-in does). Where the tiers do not narrow (a string the schema does not let end
+yet) or vLLM's pick is in the set, it is the built-in's pick too and the stream goes on. At the
+first token that differs the stream is left (vLLM aborts the request) and the answer is
+finished one token at a time: vLLM picks the greedy token among the allowed ones
+(`allowed_token_ids`, applied after its raw logprobs, so the logprob stays the raw model's).
+Only answers that would run out of budget, and then only their last few tokens, take this path.
 """
 
 from __future__ import annotations
@@ -32,17 +35,16 @@ class Closer:
         self.view._names = [n for n in self.reserve if n is not None]
         self.matcher = constraint.matcher(self.n_vocab)
         self.fed = 0
+        self.eos = _eos(tokenizer)
 
     def due(self, tokens: list[int], text: str) -> bool:
         """Whether the built-in engine would be closing before choosing the next token."""
         self.view.texts = [text]
         return self.budget - len(tokens) <= self.reserve[self.view.field_of(0)]
 
-    def allowed(self, tokens: list[int], text: str) -> list[int]:
-        """The token ids the built-in engine allows next while closing."""
+    def _mask(self, tokens: list[int]) -> Any:
+        """The grammar's allowed next tokens after `tokens` (a bool tensor)."""
         import torch
-
-        from ..evaluation.constrained import _closing
 
         for token in tokens[self.fed :]:
             self.matcher.consume_token(token)
@@ -51,9 +53,28 @@ class Closer:
         bitmask = torch.full((words,), -1, dtype=torch.int32)
         self.matcher.unsafe_compute_mask_ptr(bitmask.data_ptr(), words * 4)
         bits = (bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
-        allowed = bits.reshape(-1)[: self.n_vocab].to(torch.bool)
-        allowed = _closing(allowed, text, self.constraint, self.n_vocab)
-        return allowed.nonzero().flatten().tolist()
+        return bits.reshape(-1)[: self.n_vocab].to(torch.bool)
+
+    def keeps(self, tokens: list[int], text: str, token: int) -> bool:
+        """Whether vLLM's next `token` is the one the built-in engine would pick here. Its
+        greedy pick within the grammar is also the greedy pick within any narrower set that
+        holds it; where the closing tiers do not narrow (a string the schema does not let end
+        yet), the sets are the same."""
+        from ..evaluation.constrained import _closing
+
+        if token in self.eos or not self.due(tokens, text):
+            return True
+        mask = self._mask(tokens)
+        narrowed = _closing(mask, text.lstrip(), self.constraint, self.n_vocab)
+        return token >= self.n_vocab or bool(narrowed[token])
+
+    def allowed(self, tokens: list[int], text: str) -> list[int]:
+        """The token ids the built-in engine allows next while closing."""
+        from ..evaluation.constrained import _closing
+
+        mask = self._mask(tokens)
+        narrowed = _closing(mask, text.lstrip(), self.constraint, self.n_vocab)
+        return narrowed.nonzero().flatten().tolist()
 
 
 async def close_answer(
@@ -73,7 +94,7 @@ async def close_answer(
         text = closer.tokenizer.decode(tokens, skip_special_tokens=True)
         if parse_answer(text.strip()) is not None:
             break
-        allowed = closer.allowed(tokens, text.lstrip())
+        allowed = closer.allowed(tokens, text)
         if not allowed:
             break
         token, logprob = await client.next_token(model, prompt_ids + tokens, allowed)

@@ -141,11 +141,7 @@ class _Request:
         closer = Closer(self.constraint, self.budget, tokenizer) if self.constraint else None
         tokens: list[int] = []
         logprobs: list[float] = []
-        first = None
-        if closer is None or not closer.due([], ""):
-            first, closing = await self._stream(ids, tokens, logprobs, closer)
-        else:
-            closing = True
+        first, closing = await self._stream(ids, tokens, logprobs, closer)
         if closing and closer is not None:
             await close_answer(self.client, self.model, ids, tokens, logprobs, closer)
         text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
@@ -184,6 +180,9 @@ class _Request:
                 continue
             choice = chunk["choices"][0]
             first = first or time.perf_counter()
+            picked = choice.get("token_ids") or []
+            if closer is not None and picked and not closer.keeps(tokens, raw, picked[0]):
+                return first, True  # the built-in engine closes here: leave the stream
             values = (choice.get("logprobs") or {}).get("token_logprobs") or []
             for k, token in enumerate(choice.get("token_ids") or []):
                 # EOS kept, as the built-in loop counts it among an answer's new tokens
@@ -195,6 +194,4 @@ class _Request:
                 break
             if self.stop_at_json and "}" in piece and parse_answer(raw.strip()) is not None:
                 break
-            if closer is not None and closer.due(tokens, raw):
-                return first, True
         return first, False

@@ -210,9 +210,7 @@ class VllmEngine:
         tokenizer = ctx.served.tokenizer
         closer = Closer(ctx.constraint, job.max_new_tokens, tokenizer) if ctx.constraint else None
         job.started = time.perf_counter()
-        closing, sent = closer is not None and closer.due([], ""), 0
-        if not closing:
-            closing, sent = await self._stream(job, ctx, closer)
+        closing, sent = await self._stream(job, ctx, closer)
         if closing and closer is not None:
             await self._close(job, ctx, closer, sent)
         job.finished = time.perf_counter()
@@ -232,6 +230,9 @@ class VllmEngine:
                 continue
             choice = chunk["choices"][0]
             job.first_token = job.first_token or time.perf_counter()
+            picked = [t for t in choice.get("token_ids") or [] if t not in eos_ids]
+            if closer is not None and picked and not closer.keeps(job.token_ids, raw, picked[0]):
+                return True, sent  # leaving the stream closes it: vLLM aborts the request
             entries = self._take_tokens(job, choice, eos_ids, tokenizer)
             piece = choice.get("text") or ""
             raw += piece
@@ -242,8 +243,6 @@ class VllmEngine:
             if reason is not None:
                 job.finish_reason = FINISH.get(reason, "stop")
                 return False, sent
-            if closer is not None and closer.due(job.token_ids, raw):
-                return True, sent  # leaving the stream closes it: vLLM aborts the request
         return False, sent
 
     async def _close(self, job: Job, ctx: Any, closer: Any, sent: int) -> None:
