@@ -26,21 +26,19 @@ class Closer:
     """One answer's budget watch and closing steps (`constraint`: a JsonConstraint)."""
 
     def __init__(self, constraint: Any, budget: int, tokenizer: Any):
-        from ..evaluation.constrained import JsonLogitsProcessor
-
         self.constraint, self.budget, self.tokenizer = constraint, budget, tokenizer
         self.n_vocab = len(tokenizer)
         self.reserve = constraint.reserve()
-        self.view = JsonLogitsProcessor(constraint, budget)  # for its `field_of`
-        self.view._names = [n for n in self.reserve if n is not None]
+        self.names = [n for n in self.reserve if n is not None]
         self.matcher = constraint.matcher(self.n_vocab)
         self.fed = 0
         self.eos = _eos(tokenizer)
 
     def due(self, tokens: list[int], text: str) -> bool:
         """Whether the built-in engine would be closing before choosing the next token."""
-        self.view.texts = [text]
-        return self.budget - len(tokens) <= self.reserve[self.view.field_of(0)]
+        from ..evaluation.constrained import field_of
+
+        return self.budget - len(tokens) <= self.reserve[field_of(text, self.names)]
 
     def _mask(self, tokens: list[int]) -> Any:
         """The grammar's allowed next tokens after `tokens` (a bool tensor)."""
@@ -60,20 +58,20 @@ class Closer:
         greedy pick within the grammar is also the greedy pick within any narrower set that
         holds it; where the closing tiers do not narrow (a string the schema does not let end
         yet), the sets are the same."""
-        from ..evaluation.constrained import _closing
+        from ..evaluation.constrained import closing_set
 
         if token in self.eos or not self.due(tokens, text):
             return True
         mask = self._mask(tokens)
-        narrowed = _closing(mask, text.lstrip(), self.constraint, self.n_vocab)
+        narrowed = closing_set(mask, text.lstrip(), self.constraint, self.n_vocab)
         return token >= self.n_vocab or bool(narrowed[token])
 
     def allowed(self, tokens: list[int], text: str) -> list[int]:
         """The token ids the built-in engine allows next while closing."""
-        from ..evaluation.constrained import _closing
+        from ..evaluation.constrained import closing_set
 
         mask = self._mask(tokens)
-        narrowed = _closing(mask, text.lstrip(), self.constraint, self.n_vocab)
+        narrowed = closing_set(mask, text.lstrip(), self.constraint, self.n_vocab)
         return narrowed.nonzero().flatten().tolist()
 
 

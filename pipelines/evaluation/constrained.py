@@ -154,16 +154,19 @@ class JsonLogitsProcessor:
             left = self.max_new_tokens - self.steps
             for row in range(batch):
                 if self.alive[row] and left <= self._reserve[self.field_of(row)]:
-                    allowed[row] = _closing(allowed[row], self.texts[row], self.constraint, n_vocab)
+                    allowed[row] = closing_set(
+                        allowed[row], self.texts[row], self.constraint, n_vocab
+                    )
         return scores.masked_fill(~allowed.to(scores.device), float("-inf"))
 
     def field_of(self, row: int) -> str | None:
-        """The last top-level field whose key the row has written (None: none yet)."""
-        text = self.texts[row]
-        spot, name = max(
-            ((text.rfind(json.dumps(n) + ":"), n) for n in self._names), default=(-1, None)
-        )
-        return name if spot >= 0 else None
+        return field_of(self.texts[row], self._names)
+
+
+def field_of(text: str, names: list[str]) -> str | None:
+    """The last top-level field whose key `text` has written (None: none yet)."""
+    spot, name = max(((text.rfind(json.dumps(n) + ":"), n) for n in names), default=(-1, None))
+    return name if spot >= 0 else None
 
 
 def _in_string(text: str) -> bool:
@@ -179,7 +182,7 @@ def _in_string(text: str) -> bool:
     return inside
 
 
-def _closing(allowed: Any, text: str, constraint: JsonConstraint, n_vocab: int) -> Any:
+def closing_set(allowed: Any, text: str, constraint: JsonConstraint, n_vocab: int) -> Any:
     """The allowed tokens narrowed to those that bring the answer to its end soonest."""
     quote, close, comma = constraint.closers(n_vocab)
     tiers = (quote,) if _in_string(text) else (close, quote, comma)
