@@ -150,15 +150,23 @@ def start(project: Path, port: int, log: Path, *extra: str, env_keys: str | None
     )
 
 
+def own_dir(project: Path) -> Path:
+    """A folder beside `project` for its server's log, vLLM log and adapter: servers of
+    other test modules live in the same temporary root and must not share a log."""
+    path = project.parent / f"{project.name}-files"
+    path.mkdir(exist_ok=True)
+    return path
+
+
 def serve_champion(project: Path, base_model_dir: Path, *extra: str) -> Running:
     """Register a gentle LoRA version in `project`, promote it, start `temper serve` on it
     (`extra`: more CLI arguments) and wait until it is ready; `stop` ends it."""
     with contextlib.chdir(project):
-        register(project, gentle_adapter(base_model_dir, project.parent / "gentle"), 15)
+        register(project, gentle_adapter(base_model_dir, own_dir(project) / "gentle"), 15)
         result = runner.invoke(app, ["promote"])
         assert result.exit_code == 0, result.output
     port = free_port()
-    log = project.parent / "serve.log"
+    log = own_dir(project) / "serve.log"
     running = Running(project, port, log, start(project, port, log, *extra))
     try:
         wait_until(lambda: httpx.get(f"{running.url}/readyz").status_code == 200, 400, "ready")
@@ -191,9 +199,9 @@ def server(request, tmp_path_factory, base_model_dir):
     project = tmp_path_factory.mktemp(f"serve-project-{request.param}")
     make_project(project, base_model_dir)
     with contextlib.chdir(project):
-        register(project, gentle_adapter(base_model_dir, project.parent / "gentle"), 15)
+        register(project, gentle_adapter(base_model_dir, own_dir(project) / "gentle"), 15)
         port = free_port()
-        log = project.parent / "serve.log"
+        log = own_dir(project) / "serve.log"
         proc = start(
             project,
             port,
