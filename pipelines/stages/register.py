@@ -21,7 +21,8 @@ adapter is copied into the register run and registered from there.
 
 Under `dvc exp run` (DVC sets `DVC_EXP_NAME`) the version is registered and tagged
 `temper.experiment=<name>`, but the alias stays where it was unless
-`register.move_alias_in_experiments` is true: an experiment is not a release candidate.
+`register.move_alias_in_experiments` is true: an experiment is not a release candidate. A
+model that has no such alias yet (its first version) gets it all the same.
 """
 
 from __future__ import annotations
@@ -456,7 +457,10 @@ def run(
     if w.model_id is not None:
         tracking.link_version(client, w.model_id, cfg.model_name, number)
     experiment = os.environ.get("DVC_EXP_NAME") or None  # set by `dvc exp run`, not `repro`
-    moved = experiment is None or cfg.move_alias_in_experiments
+    # An experiment leaves the alias where it is, but a model's first alias displaces nothing:
+    # without it `temper promote` and `predict <name>@challenger` would find no version at all.
+    unset = cfg.alias not in client.get_registered_model(cfg.model_name).aliases
+    moved = experiment is None or cfg.move_alias_in_experiments or unset
     if experiment is not None:
         client.set_model_version_tag(cfg.model_name, number, "temper.experiment", experiment)
     if moved:

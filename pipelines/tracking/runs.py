@@ -6,7 +6,12 @@ code at a server instead.
 
 DVC runs each stage in its own process, so the stages find their common parent run by a tag:
 `temper.pipeline_key`, a hash of the params and the git commit. Child runs (one per
-candidate's training, one per evaluation) hang under it with `mlflow.parentRunId`.
+candidate's training, one per evaluation) hang under it with `mlflow.parentRunId`. Under
+`dvc exp run` the parent run is named after the DVC experiment (`DVC_EXP_NAME`, also the tag
+`temper.experiment`), so the MLflow UI and `dvc exp show` speak of the same thing.
+
+The parent's status follows the pipeline: RUNNING while stages run, FAILED as soon as one
+stage fails (a re-run of the same configuration re-opens it), FINISHED when register ends it.
 """
 
 from __future__ import annotations
@@ -127,11 +132,13 @@ def pipeline_run(cfg: MlflowConfig, params: dict[str, Any], root: str | Path = "
     client = mlflow.MlflowClient()
     with store_lock(tracking_uri(cfg, root)):
         if found := _pipeline_runs(client, experiment_id, key):
-            return found[0].info.run_id
+            return reopen(client, found[0])
+        experiment = os.environ.get("DVC_EXP_NAME") or None  # set by `dvc exp run`
+        tags = {PIPELINE_TAG: key, "temper.git_commit": git_commit(root)}
+        if experiment:
+            tags["temper.experiment"] = experiment
         run = client.create_run(
-            experiment_id,
-            run_name=f"pipeline-{key[:8]}",
-            tags={PIPELINE_TAG: key, "temper.git_commit": git_commit(root)},
+            experiment_id, run_name=experiment or f"pipeline-{key[:8]}", tags=tags
         )
         # On a server (no lock), two processes that both missed above both create one: runs
         # have no unique key. The oldest wins; a loser deletes its own run and nests under the
@@ -141,6 +148,13 @@ def pipeline_run(cfg: MlflowConfig, params: dict[str, Any], root: str | Path = "
         if winner != run.info.run_id:
             discard_run(client, run.info.run_id, winner)
         return winner
+
+
+def reopen(client: Any, run: Any) -> str:
+    """A found pipeline run, back to RUNNING if an earlier attempt failed or was killed."""
+    if run.info.status in ("FAILED", "KILLED"):
+        client.update_run(run.info.run_id, status="RUNNING")
+    return run.info.run_id
 
 
 def discard_run(client: Any, run_id: str, winner: str) -> None:
@@ -327,5 +341,7 @@ def child_run(
         yield child
     except BaseException:
         client.set_terminated(child.run_id, "FAILED")
+        client.set_terminated(parent, "FAILED")  # else the pipeline run stays RUNNING forever
+        client.set_tag(parent, "temper.failed_stage", stage)
         raise
     client.set_terminated(child.run_id, "FINISHED")
