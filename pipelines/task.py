@@ -138,7 +138,7 @@ def _as_items(value: Any, null_values: list[str]) -> list[Any] | None:
 
 # Task settings added after the first format, with their defaults (see `prompt_hash`).
 _LATER: dict[str, dict[str, Any]] = {
-    "task": {},
+    "task": {"answer": "json"},
     "field": {"multi": False, "tolerance": 0.0, "integer": False},
 }
 
@@ -155,12 +155,51 @@ class TaskConfig(Section):
         False, description="Append the label list to the student's system prompt."
     )
     max_new_tokens: int = Field(48, gt=0, description="Generation budget for one answer.")
+    answer: Literal["json", "text"] = Field(
+        "json",
+        description="json: the answer is a JSON object with `fields`; text: free text (a chat "
+        "fine-tune's replies), held in one text field (default: `answer`), scored by exact "
+        "match and ROUGE; no JSON schema is sent to models or enforced in decoding.",
+    )
     fields: list[TaskField] = Field(min_length=1, description="The answer's JSON fields.")
     judge_prompt: str | None = Field(
         None,
         description="The judge's system prompt (null: one written from `description` and the "
         "fields' descriptions; see temper.evaluation.judge).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_answer_field(cls, data: Any) -> Any:
+        """A text task without `fields` gets its one field: `answer`, text, with gold."""
+        if isinstance(data, dict) and data.get("answer") == "text" and not data.get("fields"):
+            data = {**data, "fields": [{"name": "answer", "kind": "text", "gold": True}]}
+        return data
+
+    @model_validator(mode="after")
+    def _text_has_one_field(self) -> TaskConfig:
+        if self.answer == "text" and (len(self.fields) != 1 or self.fields[0].kind != "text"):
+            raise ValueError("answer: text needs exactly one field, of kind text (or no fields)")
+        return self
+
+    @property
+    def is_text(self) -> bool:
+        """The answer is free text, not a JSON object (`answer: text`)."""
+        return self.answer == "text"
+
+    def answer_schema(self) -> dict[str, Any] | None:
+        """The schema sent to models (structured output, constrained decoding); None for a
+        text task, whose reply is prose that no JSON schema describes."""
+        return None if self.is_text else self.json_schema()
+
+    def parse(self, text: str | None) -> dict[str, Any] | None:
+        """A reply as an answer dict: the JSON object in it, or for a text task the stripped
+        text in its one field. None when there is none (no JSON object; an empty reply)."""
+        if not self.is_text:
+            return parse_answer(text) if text is not None else None
+        if not isinstance(text, str) or not text.strip():
+            return None
+        return {self.fields[0].name: text.strip()}
 
     @cached_property
     def by_name(self) -> dict[str, TaskField]:
@@ -270,7 +309,11 @@ class TaskConfig(Section):
         return [_problem(e, answer) for e in errors]
 
     def format_answer(self, answer: dict[str, Any]) -> str:
-        """The canonical answer text: compact JSON, fields in schema order."""
+        """The canonical answer text: compact JSON, fields in schema order (a text task: the
+        text itself)."""
+        if self.is_text:
+            value = answer.get(self.fields[0].name)
+            return "" if value is None else str(value)
         ordered = {f.name: answer.get(f.name) for f in self.fields}
         return json.dumps(ordered, ensure_ascii=False)
 

@@ -2,7 +2,7 @@
 
 The distil stage labels the training data this way and answers the test split for the API
 baseline; the online router asks its mid-tier and frontier APIs the same way. Every reply is
-parsed (`task.parse_answer`) and validated against the task's schema; a truncated reply counts
+parsed (`TaskConfig.parse`) and validated against the task's schema; a truncated reply counts
 as invalid; an invalid one gets one repair turn (the reply and its problems are sent back),
 and what is still invalid comes back with the reason, never silently dropped.
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 from .providers import BudgetExceeded, CacheMiss, Completion, Provider
 from .providers.batch import BUDGET, Collected
-from .task import TaskConfig, parse_answer
+from .task import TaskConfig
 
 TRUNCATED = {"length", "max_tokens"}  # finish reasons of a reply cut at the limit
 
@@ -37,10 +37,9 @@ def repair_messages(
 
 def check(task: TaskConfig, done: Completion) -> tuple[dict[str, Any] | None, list[str]]:
     """Parse and validate one reply: (answer, problems)."""
-    answer = parse_answer(done.text)
-    problems = (
-        task.validate_answer(answer) if answer is not None else ["no JSON object in the reply"]
-    )
+    answer = task.parse(done.text)
+    missing = "empty reply" if task.is_text else "no JSON object in the reply"
+    problems = task.validate_answer(answer) if answer is not None else [missing]
     if done.finish_reason in TRUNCATED:
         problems.append(f"output truncated (finish_reason {done.finish_reason})")
     return (answer if not problems else None), problems
@@ -67,7 +66,7 @@ async def label_one(
     version: str,
 ) -> Outcome:
     out = Outcome(record)
-    schema = task.json_schema()
+    schema = task.answer_schema()
     try:
         done = await provider.acomplete(messages, json_schema=schema, prompt_version=version)
         out.replies.append(done)
@@ -109,7 +108,7 @@ async def label_after_batch(
     synchronously. A request that failed for good in its batch, or was never submitted
     because of a cap, is not sent again here: it is a reject with its reason, or a budget stop.
     """
-    verdict = done.verdict(messages, task.json_schema(), version)
+    verdict = done.verdict(messages, task.answer_schema(), version)
     if verdict == BUDGET:
         return Outcome(record, budget_stop=True)
     if verdict is not None:

@@ -113,10 +113,10 @@ def answer_texts(
         [task.messages(t) for t in texts],
         gen.max_new_tokens,
         batch_size,
-        stop_at_json=gen.stop_at_json,
+        stop_at_json=gen.stop_at_json and not task.is_text,
         progress=progress,
         desc="predict",
-        schema=task.json_schema() if gen.constrained else None,
+        schema=task.answer_schema() if gen.constrained else None,
         token_scores=True,
     )
     rows = []

@@ -32,7 +32,8 @@ def model_predictions(
     from .device import resolve
     from .generation import generate, load_model
 
-    schema = task.json_schema() if cfg.constrained else None
+    schema = task.answer_schema() if cfg.constrained else None
+    stop_at_json = cfg.stop_at_json and not task.is_text  # prose may hold braces
     t0 = time.perf_counter()
     if engine is not None:
         gens, tokenizer = vllm_generations(engine, prompts, model_dir, adapter, task, cfg, desc)
@@ -47,7 +48,7 @@ def model_predictions(
             prompts,
             task.max_new_tokens,
             cfg.batch_for(place.device),
-            stop_at_json=cfg.stop_at_json,
+            stop_at_json=stop_at_json,
             progress=cfg.progress,
             desc=desc,
             schema=schema,
@@ -99,7 +100,6 @@ def vllm_generations(
     desc: str,
 ) -> tuple[list[Any], Any]:
     """The answers through vLLM, and the tokenizer they were made with (the base's)."""
-    from ..task import parse_answer
     from .bundle import load_tokenizer
     from .confidence import label_tokens
     from .generation import resolve_adapter
@@ -107,7 +107,7 @@ def vllm_generations(
     tokenizer = load_tokenizer(model_dir)
 
     def label_positions(ids: list[int], text: str) -> list[int]:
-        spans = label_tokens(task, tokenizer, ids, parse_answer(text))
+        spans = label_tokens(task, tokenizer, ids, task.parse(text))
         return sorted({j for hits in spans.values() for j in hits})
 
     gens = engine.generate(
@@ -115,9 +115,9 @@ def vllm_generations(
         prompts,
         resolve_adapter(adapter) if adapter is not None else None,
         task.max_new_tokens,
-        task.json_schema() if cfg.constrained else None,
+        task.answer_schema() if cfg.constrained else None,
         label_positions,
-        stop_at_json=cfg.stop_at_json,
+        stop_at_json=cfg.stop_at_json and not task.is_text,
         progress=cfg.progress,
         desc=desc,
     )

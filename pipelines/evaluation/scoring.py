@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..task import TaskConfig, parse_answer
+from ..task import TaskConfig
 from .config import EvaluateConfig
 from .field_scores import field_value, score_field
 from .field_scores import metric_names as field_metric_names
@@ -37,8 +37,9 @@ from .metrics import (
 def answer_fields(task: TaskConfig, text: str | None) -> dict[str, Any]:
     """Parse a reply: the parsed answer (or None), whether it is JSON at all (`json_ok`),
     whether it fits the schema (`valid`: fields, types, allowed labels) and the problems."""
-    answer = parse_answer(text) if text is not None else None
-    problems = task.validate_answer(answer) if answer is not None else ["no JSON object found"]
+    answer = task.parse(text)
+    missing = "empty reply" if task.is_text else "no JSON object found"
+    problems = task.validate_answer(answer) if answer is not None else [missing]
     return {
         "answer": answer,
         "json_ok": answer is not None,

@@ -52,7 +52,7 @@ from ..providers import (
 )
 from ..records.sampling import pick_few_shot
 from ..results import DistilResult
-from ..task import TaskConfig, parse_answer
+from ..task import TaskConfig
 from ..teacher import Outcome, agreement, label_after_batch, label_one
 from ..tracking import MlflowConfig, child_run
 
@@ -226,7 +226,7 @@ def run(
                 label: Any = label_one
                 if pcfg.mode == "batch":  # answers into the cache first (docs/distil.md)
                     every = [m for _, _, m in jobs] + base_msgs
-                    schema = task.json_schema()
+                    schema = task.answer_schema()
                     done = await collect(
                         provider, [(m, schema, version) for m in every], cfg.progress
                     )
@@ -279,7 +279,7 @@ def estimate_cost(
     n, usd, worst = provider.estimate_usd(
         batch,
         price=batch_price(provider) if provider.cfg.mode == "batch" else None,
-        json_schema=task.json_schema(),
+        json_schema=task.answer_schema(),
         expected_output_tokens=task.max_new_tokens,
         prompt_version=version,
     )
@@ -358,7 +358,7 @@ def finish(
         assert c["labelled"] + c["rejected"] + c["not_labelled_budget"] == c["input"], c
     baseline_report = None
     if baseline is not None and cfg.baseline_split:
-        files[f"baseline_{cfg.baseline_split}.jsonl"] = [baseline_row(o) for o in baseline]
+        files[f"baseline_{cfg.baseline_split}.jsonl"] = [baseline_row(o, task) for o in baseline]
         answered = [o for o in baseline if o.answer is not None]
         baseline_report = {
             "split": cfg.baseline_split,
@@ -465,12 +465,12 @@ def _reason_kind(reason: str) -> str:
     return re.sub(r"'[^']*'|\d+", "…", reason)[:120]
 
 
-def baseline_row(o: Outcome) -> dict[str, Any]:
+def baseline_row(o: Outcome, task: TaskConfig) -> dict[str, Any]:
     done = o.replies[0] if o.replies else None
     row: dict[str, Any] = {
         "id": o.record["id"],
         "output": done.text if done else None,
-        "answer": parse_answer(done.text) if done else None,
+        "answer": task.parse(done.text) if done else None,
         "latency_ms": round(done.latency_ms, 1) if done else None,
         "input_tokens": done.input_tokens if done else 0,
         "output_tokens": done.output_tokens if done else 0,

@@ -23,7 +23,6 @@ from typing import Any
 from ...chat import render
 from ...engines import EngineRejected, EngineUnavailable
 from ...evaluation.confidence import label_confidences
-from ...task import parse_answer
 from .adapters import Served
 from .config import ServeConfig
 from .engine import Job, Sampling, token_entry
@@ -57,13 +56,13 @@ def prompt_messages(cfg: ServeConfig, served: Served, req: ChatRequest) -> list[
 
 def schema_for(cfg: ServeConfig, served: Served, req: ChatRequest) -> dict[str, Any] | None:
     fmt = req.response_format
-    task_schema = served.task.json_schema()
+    task_schema = served.task.answer_schema()  # None for a text task: its reply is prose
     if fmt is None:
         return task_schema if cfg.prompt == "task" and served.generation.constrained else None
     if fmt.type == "text":
         return None
     if fmt.type == "json_object":
-        return task_schema if cfg.prompt == "task" else {"type": "object"}
+        return task_schema if cfg.prompt == "task" and task_schema else {"type": "object"}
     if fmt.json_schema is None or not isinstance(fmt.json_schema.schema_, dict):
         raise ApiError(
             400,
@@ -119,8 +118,8 @@ def make_job(cfg: ServeConfig, served: Served, req: ChatRequest) -> tuple[Job, C
 def extras(served: Served, job: Job) -> dict[str, Any]:
     """The non-OpenAI part of a body: which version answered, and the label confidences."""
     out: dict[str, Any] = {"model_version": served.version, "model_label": served.label}
-    answer = parse_answer(job.text)
-    if answer is not None:
+    answer = served.task.parse(job.text)
+    if answer is not None and not served.task.is_text:
         logprobs = [job.rescored.get(i, lp) for i, lp in enumerate(job.logprobs)]
         out["confidence"] = label_confidences(
             served.task, served.tokenizer, job.token_ids, logprobs, answer
