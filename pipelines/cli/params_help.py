@@ -21,7 +21,12 @@ import yaml
 from typer.core import TyperCommand
 
 from ..config import ConfigError, Params, describe, load_params, section, value_origin
-from .common import PARAMS, SECTIONS, ParamsOpt, SetOpt, fail, load
+from .common import PARAMS, SECTIONS, ParamsOpt, SetOpt, fail, load, task_of
+
+# A command whose help lists one of these sections (evaluate, gate, promote) also lists the
+# metric names of the task in effect: what `evaluate.primary_metric`, which the gates and
+# promotion judge by, may name.
+METRIC_SECTIONS = frozenset({"gates"})
 
 
 def params_args(args: list[str]) -> tuple[Path, list[str]]:
@@ -61,6 +66,8 @@ def resolved_help(sections: tuple[str, ...], path: Path, overrides: list[str]) -
         params = None
         note = f"Showing the code's defaults: {err}"
     parts = [note]
+    if METRIC_SECTIONS.intersection(sections):
+        parts.append(metrics_help(params))
     for name in sections:
         model = SECTIONS[name]
         values = None
@@ -73,6 +80,32 @@ def resolved_help(sections: tuple[str, ...], path: Path, overrides: list[str]) -
             describe(model, name, values, lambda dotted, p=params: value_origin(p, dotted))
         )
     return "\n\n".join(parts)
+
+
+def metrics_help(params: Params | None) -> str:
+    """The metric names the task in effect gets, one paragraph of help (the default task's
+    when the params could not be read)."""
+    from ..evaluation.scoring import metric_names
+
+    values = params or {}
+    where = values.get("task") or "params set no task: the default"
+    try:
+        task = task_of(values)
+    except ConfigError as err:
+        return f"Metrics: cannot read the task ({err})."
+    names = metric_names(task)
+    text = (
+        f"Metrics of task {task.name} ({where}), the names evaluate.primary_metric may take: "
+        + ", ".join(names)
+        + "."
+    )
+    try:
+        primary = section(values, "evaluate", SECTIONS["evaluate"]).primary_metric
+    except ConfigError:
+        return text  # the section's own paragraph says what is wrong with it
+    if primary not in names:
+        text += f" evaluate.primary_metric = {primary!r} is not one of them: evaluate refuses it."
+    return text
 
 
 def help_command(sections: tuple[str, ...]) -> type[TyperCommand]:

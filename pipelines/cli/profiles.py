@@ -5,12 +5,36 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, Section, flatten, parse_override
+from ..config import ConfigError, Section, flatten, parse_override, read_yaml
+
+PROFILES_DIR = Path("configs/profiles")
 
 _BARE = re.compile(r"[A-Za-z0-9_./-]+")
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def profile_names(directory: Path = PROFILES_DIR) -> str:
+    """The profiles in `directory`, for an error message (and why there are none)."""
+    names = sorted(p.stem for p in directory.glob("*.yaml"))
+    if names:
+        return ", ".join(names)
+    if directory.is_dir():
+        return f"none, {directory} holds no .yaml file"
+    return f"none, no folder {directory} here (run temper in the project's root)"
+
+
+def read_profile(name: str, directory: Path = PROFILES_DIR) -> dict[str, Any]:
+    """The profile `directory/NAME.yaml` (a partial params file); a name with no such file is
+    an error that lists the profiles there."""
+    path = directory / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"no profile {name!r} ({path} not found); profiles: {profile_names(directory)}"
+        )
+    return read_yaml(path)
 
 
 def override_value(value: Any, where: str = "") -> str:

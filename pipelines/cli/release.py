@@ -16,7 +16,7 @@ from ..release.promote import PromoteConfig
 from ..stages.register import RegisterConfig
 from ..tracking import MlflowConfig
 from .common import PARAMS, SECTIONS, ParamsOpt, SetOpt, fail, load, model_dir, task_of
-from .profiles import profile_overrides
+from .profiles import profile_overrides, read_profile
 
 
 def gate_cmd(
@@ -237,9 +237,7 @@ def profile_cmd(
     """Print a profile as the `-S` overrides that turn params.yaml into it, shell-quoted:
     `eval "dvc exp run $(temper profile nli)"` (eval keeps values with spaces whole)."""
     try:
-        overrides = profile_overrides(
-            read_yaml(Path("configs/profiles") / f"{name}.yaml"), read_yaml(params), SECTIONS
-        )
+        overrides = profile_overrides(read_profile(name), read_yaml(params), SECTIONS)
     except ConfigError as err:
         fail(err)
     # Unquoted unless a value has a space: `$(temper profile full)` then splits into whole
