@@ -306,7 +306,8 @@ class TrainResult(Result):
 class RouteResult(Result):
     """`reports/route.json`: written by the route stage; read by register and `temper cost`."""
 
-    winner: str
+    winner: str  # the routed candidate: evaluate's winner, else its validation choice
+    passed_gates: bool = True  # false: evaluate chose no winner (shown, not released)
     oracle: bool  # every API tier is the gold labels: an upper bound, not a measurement
     fitted_on: Literal["validation", "test"]
     target: str

@@ -48,3 +48,58 @@ def test_processes_racing_on_a_fresh_store_share_one_experiment_and_parent(tmp_p
     client = MlflowClient(tracking_uri=uri)
     live = client.search_runs([got[0][1]], filter_string=f"tags.`{PIPELINE_TAG}` != ''")
     assert [r.info.run_id for r in live] == [got[0][2]]
+
+
+def _git(root, *args: str) -> None:
+    import subprocess
+
+    subprocess.run(["git", *args], cwd=root, check=True, capture_output=True)
+
+
+def test_the_pipelines_own_outputs_do_not_make_the_commit_dirty(tmp_path):
+    """`dvc repro` rewrites dvc.lock and uncached metrics before register runs: the version was
+    tagged `<commit>-dirty` for it. Only other changed files count, and they are named."""
+    from temper.tracking import git_commit, git_dirty
+
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  evaluate:\n    cmd: x\n    metrics:\n      - metrics/eval.json:\n"
+        "          cache: false\n"
+    )
+    for name in ("dvc.lock", "metrics/eval.json", "code.py"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("v1\n")
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", "-A")
+    _git(tmp_path, "-c", "user.email=t@e", "-c", "user.name=t", "commit", "-qm", "files")
+    (tmp_path / "dvc.lock").write_text("v2\n")
+    (tmp_path / "metrics/eval.json").write_text("v2\n")
+    assert git_dirty(tmp_path) == [] and not git_commit(tmp_path).endswith("-dirty")
+    (tmp_path / "code.py").write_text("v2\n")
+    assert git_dirty(tmp_path) == ["code.py"] and git_commit(tmp_path).endswith("-dirty")
+
+
+def test_the_pipeline_run_is_named_after_the_experiment_and_fails_with_a_stage(
+    tmp_path, monkeypatch
+):
+    """A failed `dvc exp run` left the parent RUNNING forever, named by a hash."""
+    from mlflow import MlflowClient
+    from registry_fixtures import template_db
+
+    from temper.tracking import child_run
+
+    db = tmp_path / "mlflow.db"
+    shutil.copy(template_db(), db)
+    cfg = MlflowConfig(tracking_uri=f"sqlite:///{db}", artifact_root=str(tmp_path / "art"))
+    monkeypatch.setenv("DVC_EXP_NAME", "my-exp")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RuntimeError), child_run(cfg, PARAMS, "train", "train-r16"):
+        raise RuntimeError("out of memory")
+    client = MlflowClient(tracking_uri=cfg.tracking_uri)
+    parent = client.get_run(pipeline_run(cfg, PARAMS))  # found again: re-opened
+    assert parent.info.run_name == "my-exp"
+    assert parent.data.tags["temper.experiment"] == "my-exp"
+    assert parent.data.tags["temper.failed_stage"] == "train"
+    assert parent.info.status == "RUNNING"  # a re-run of the same configuration re-opens it
+    with pytest.raises(ValueError), child_run(cfg, PARAMS, "evaluate", "eval"):
+        raise ValueError("bad")
+    assert client.get_run(parent.info.run_id).info.status == "FAILED"

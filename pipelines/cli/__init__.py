@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import typer
 
-from . import cache, cost, predict, release, serve, stages
+from . import cache, cost, exps, predict, release, serve, stages
 from .common import SECTIONS, setup_logging
 from .monitor import monitor_app
 from .params_help import config_cmd, help_command
@@ -67,6 +67,7 @@ COMMANDS: list[tuple[str, Callable[..., None], tuple[str, ...]]] = [
     ("cache-eval", cache.cache_eval_cmd, ("cache_eval", "cache")),
     ("merge", release.merge_cmd, ()),
     ("profile", release.profile_cmd, ()),
+    ("exps", exps.exps_cmd, ()),
     ("ui", release.ui_cmd, ()),
     ("config", config_cmd, ()),
 ]

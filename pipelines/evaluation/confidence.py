@@ -1,6 +1,7 @@
 """Label confidence: how probable the model found the label it answered.
 
-Definition (documented in the README too): for a label field whose answer is the string `v`,
+Definition (documented in the README too): for a label field whose answer is the string `v`
+(or a boolean field whose answer is `true` / `false`, spelled without quotes),
 the confidence is the product of the probabilities the model gave to the generated tokens
 that spell `v` in its reply, i.e. `exp(sum log p(token))` over every generated token whose
 characters overlap the characters of `v` inside the JSON string (a token that also carries the
@@ -29,15 +30,24 @@ def token_ends(tokenizer: Any, ids: list[int]) -> list[int]:
     return [len(tokenizer.decode(ids[: j + 1], skip_special_tokens=True)) for j in range(len(ids))]
 
 
-def value_span(raw: str, name: str, value: str) -> tuple[int, int] | None:
-    """Characters of `value` (without its quotes) where the reply gives it for key `name`."""
+def value_span(raw: str, name: str, value: str | bool) -> tuple[int, int] | None:
+    """Characters of `value` (a string without its quotes, or a boolean literal) where the
+    reply gives it for key `name`."""
+    quotes = 0 if isinstance(value, bool) else 1
     for dumped in (json.dumps(value, ensure_ascii=False), json.dumps(value)):
         pattern = re.escape(json.dumps(name)) + r"\s*:\s*" + re.escape(dumped)
         m = re.search(pattern, raw)
         if m:
-            end = m.end() - 1  # before the closing quote
-            return end - (len(dumped) - 2), end
+            end = m.end() - quotes  # before the closing quote
+            return end - (len(dumped) - 2 * quotes), end
     return None
+
+
+def confident_fields(task: TaskConfig) -> list[str]:
+    """The fields that get a confidence: single labels and booleans (one value, one choice)."""
+    return [
+        f.name for f in task.fields if (f.kind == "label" and not f.multi) or f.kind == "boolean"
+    ]
 
 
 def label_tokens(
@@ -50,9 +60,10 @@ def label_tokens(
     raw = tokenizer.decode(ids, skip_special_tokens=True)
     ends = token_ends(tokenizer, ids)
     out: dict[str, list[int]] = {}
-    for name in (f.name for f in task.fields if f.kind == "label"):
+    for name in confident_fields(task):
         value = answer.get(name)
-        span = value_span(raw, name, value) if isinstance(value, str) and value else None
+        known = isinstance(value, bool) or (isinstance(value, str) and value)
+        span = value_span(raw, name, value) if known else None
         if span is None:
             continue
         start, stop = span
@@ -70,7 +81,7 @@ def label_confidences(
     answer: dict[str, Any] | None,
 ) -> dict[str, float | None]:
     """{label field: confidence in [0, 1] or None} for one reply (see the module docstring)."""
-    out: dict[str, float | None] = {f.name: None for f in task.fields if f.kind == "label"}
+    out: dict[str, float | None] = dict.fromkeys(confident_fields(task))
     for name, hits in label_tokens(task, tokenizer, ids, answer).items():
         out[name] = min(1.0, math.exp(sum(logprobs[j] for j in hits)))
     return out

@@ -5,7 +5,7 @@
   (`metrics/multilabel_f1`);
 - text: `exact_match` after SQuAD-style normalisation, ROUGE-1/2/L/Lsum (`metrics/text_rouge`);
 - number: `exact` and `within_tolerance` (|answer - gold| <= the field's `tolerance`);
-- boolean: `accuracy`;
+- boolean: `accuracy`, `macro_f1` and per-class P/R/F1 of `true` / `false` (a two-class label);
 - list: `set_f1`, the per-example F1 of the normalised item sets (`metrics/multilabel_f1`);
 - every nullable field but a single label: `null_match` (null exactly where gold is null, on
   every example) and `null_agreement` (null on the examples whose gold is null): the quality
@@ -19,6 +19,7 @@ the bootstrap of `scoring.py` gives each metric its interval.
 
 from __future__ import annotations
 
+import json
 import re
 import string
 from dataclasses import dataclass, field
@@ -94,7 +95,7 @@ def metric_names(f: TaskField) -> list[str]:
         names = {
             "text": ["rouge1", "rouge2", "rougeL", "rougeLsum", "exact_match"],
             "number": ["exact", "within_tolerance"],
-            "boolean": ["accuracy"],
+            "boolean": ["accuracy", "macro_f1"],
             "list": ["set_f1"],
         }[f.kind]
     if f.nullable and not (f.kind == "label" and not f.multi):
@@ -168,8 +169,18 @@ def score_field(
             "within_tolerance",
             [v is not None and g is not None and abs(v - g) <= f.tolerance for v, g in pairs],
         )
-    else:  # boolean
+    else:  # boolean: scored as a two-class label (its JSON spelling), so it gets P/R and F1
         masked("accuracy", [v is not None and v == g for v, g in zip(values, refs, strict=True)])
+        spelled = [json.dumps(v) if isinstance(v, bool) else "" for v in values]
+        gold = [json.dumps(g) for g in refs]  # a null gold is the class "null"
+        res = load("label_metrics").compute(
+            predictions=spelled,
+            references=gold,
+            references_all=[[g] for g in gold],
+            return_per_example=True,
+        )
+        out.extra[key + "per_class"] = res["per_class"]
+        out.extra[key + "labels"] = (spelled, gold)
     if f.nullable:
         out.scores[key + "null_match"] = np.array(
             [(v is None) == (g is None) for v, g in zip(values, refs, strict=True)], float

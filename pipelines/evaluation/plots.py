@@ -18,15 +18,16 @@ def write_plot_data(
 ) -> list[Path]:
     """CSV files for `dvc plots` (per-class accuracy per system; deltas with intervals)."""
     files = []
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    # `row` joins class and system: DVC's bar templates take one category column.
+    writer.writerow(["row", "class", "system", "accuracy"])
     if label:
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        # `row` joins class and system: DVC's bar templates take one category column.
-        writer.writerow(["row", "class", "system", "accuracy"])
         for name, extra in per_class.items():
             for c, m in sorted(extra.get(f"{label}.per_class", {}).items()):
                 writer.writerow([f"{c} ({name})", c, name, round(m["recall"], 4)])
-        files.append(_write(out / "plots" / "per_class_accuracy.csv", buf.getvalue()))
+    # Written for every task (header only without a label-like field): dvc.yaml declares it.
+    files.append(_write(out / "plots" / "per_class_accuracy.csv", buf.getvalue()))
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["row", "metric", "candidate", "delta", "ci_low", "ci_high"])
@@ -71,9 +72,13 @@ def write_pngs(
         ax.set_xlim(0, 1)
         ax.legend(fontsize=7)
         ax.set_title(f"{label}: per-class accuracy")
-        fig.tight_layout()
-        files.append(_save(fig, out / "per_class_accuracy.png"))
-        plt.close(fig)
+    else:  # still written: dvc.yaml declares it, and a blank says why rather than nothing
+        fig, ax = plt.subplots(figsize=(6, 2))
+        ax.text(0.5, 0.5, "no single-label or boolean field: no per-class accuracy", ha="center")
+        ax.set_axis_off()
+    fig.tight_layout()
+    files.append(_save(fig, out / "per_class_accuracy.png"))
+    plt.close(fig)
     rows = [
         (f"{name}: {key}", d)
         for name, entry in evaluation["candidates"].items()

@@ -90,7 +90,9 @@ def write_reports(
         path = out / "predictions" / f"{name}.jsonl"
         write_jsonl(path, rows)
         files.append(path)
-    label = next((f.name for f in task.fields if f.kind == "label" and not f.multi), None)
+    from .confidence import confident_fields
+
+    label = next(iter(confident_fields(task)), None)  # a single label or a boolean
     files += write_plot_data(out, evaluation, per_class, label)
     files += write_pngs(out, evaluation, per_class, label)
     files += write_reliability(out, bins or {})
@@ -303,31 +305,49 @@ def render(
     focus = evaluation["winner"] or next(iter(evaluation["candidates"]), None)
     if focus and cfg.worst_examples:
         wrong = [p for p in preds[focus] if not p["valid"] or not p["correct"]]
-        # Invalid answers first (the worst), then wrong labels, in a stable order.
-        wrong.sort(key=lambda p: (p["valid"], str(p["id"])))
+        # The most confidently wrong first (what a router would have kept), then the rest.
+        wrong.sort(key=lambda p: (-_or(answer_confidence(p, label), -1.0), str(p["id"])))
         lines += [
             f"## Worst examples of `{focus}` ({len(wrong)} wrong or invalid of "
-            f"{len(preds[focus])})",
+            f"{len(preds[focus])}; most confident first)",
             "",
         ]
         texts = {r["id"]: r["text"] for r in records}
+        first_gold = next(iter((records[0].get("gold") or {}) if records else {}), None)
+        shown = label or first_gold  # the gold column: the label field, else the first field
         rows = []
         for p in wrong[: cfg.worst_examples]:
             clause = texts[p["id"]][:160].replace("|", "\\|") + (
                 "…" if len(texts[p["id"]]) > 160 else ""
             )
             output = (p["output"] or "").replace("\n", " ").replace("|", "\\|")[:120]
+            conf = answer_confidence(p, label)
             rows.append(
                 [
                     p["id"],
                     clause,
-                    str(p["gold"].get(label)) if label else "",
+                    str((p.get("gold") or {}).get(shown)) if shown else "",
                     f"`{output}`",
+                    "" if conf is None else f"{conf:.2f}",
                     "ok" if p["valid"] else "; ".join(p["problems"])[:60],
                 ]
             )
-        lines += [md_table(["id", "clause", "gold", "answer", "schema"], rows), ""]
+        lines += [md_table(["id", "input", "gold", "answer", "confidence", "schema"], rows), ""]
     return "\n".join(lines) + "\n"
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+def answer_confidence(pred: dict[str, Any], field: str | None) -> float | None:
+    """The answer's confidence in `field` (a single label or boolean), else the lowest of its
+    fields' confidences; None without any."""
+    conf = pred.get("confidence") or {}
+    if field is not None and conf.get(field) is not None:
+        return float(conf[field])
+    known = [float(v) for v in conf.values() if v is not None]
+    return min(known) if known else None
 
 
 def classical_lines(evaluation: dict[str, Any]) -> list[str]:

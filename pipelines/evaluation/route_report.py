@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from ..io import atomic_open
 from ..results import Estimate, RouteResult
 
 
-def _ci(e: Estimate, scale: float = 1.0, digits: int = 3) -> str:
-    if e.value is None:
-        return "n/a"
-    if e.ci_low is None or e.ci_high is None:
+def _missing(value: float | None) -> bool:
+    return value is None or math.isnan(value)
+
+
+def _ci(e: Estimate, scale: float = 1.0, digits: int = 3, none: str = "n/a") -> str:
+    """`value [low, high]`; `none` when there is no value (e.g. no answer kept)."""
+    if _missing(e.value):
+        return none
+    if _missing(e.ci_low) or _missing(e.ci_high):
         return f"{e.value * scale:.{digits}f}"
+    if e.ci_low == e.ci_high:  # every resample agrees (e.g. equal per-answer batch times)
+        return f"{e.value * scale:.{digits}f} (no spread over resamples)"
     return (
         f"{e.value * scale:.{digits}f} [{e.ci_low * scale:.{digits}f}, "
         f"{e.ci_high * scale:.{digits}f}]"
@@ -31,10 +39,16 @@ def render(r: RouteResult) -> str:
         if r.target == "accuracy"
         else f"self share {r.target_value:.2f}"
     )
+    chosen = (
+        f"Winner `{r.winner}`."
+        if r.passed_gates
+        else f"**No candidate passed the gates** (nothing is released): routing shown for "
+        f"`{r.winner}`, evaluate's choice on validation."
+    )
     lines = [
         "# Routing: the self-hosted model first, API tiers for the unsure answers",
         "",
-        f"Winner `{r.winner}`. Threshold fitted on the {r.fitted_on} split ({r.n_fit} answers) "
+        f"{chosen} Threshold fitted on the {r.fitted_on} split ({r.n_fit} answers) "
         f"for {target}: **{r.threshold:.4f}**"
         + ("" if r.target_reached else " (target not reachable: only certain answers kept)")
         + f"; replayed on the test split ({r.n_test} answers) through the serving policy."
@@ -44,7 +58,8 @@ def render(r: RouteResult) -> str:
         "| --- | --- |",
         f"| accuracy, routed | {_ci(r.accuracy)} |",
         f"| accuracy, self tier alone | {_ci(r.self_only_accuracy)} |",
-        f"| accuracy of the answers the self tier kept | {_ci(r.kept_accuracy)} |",
+        f"| accuracy of the answers the self tier kept | "
+        f"{_ci(r.kept_accuracy, none='n/a (it kept none)')} |",
         f"| cost per 1,000 requests, routed (USD) | {_ci(r.usd_per_1k, digits=4)} |",
         f"| cost per 1,000 requests, self tier alone (USD) | {r.self_usd_per_1k:.4f} |",
     ]
@@ -93,7 +108,8 @@ def write_route_reports(r: RouteResult, out: Path) -> list[Path]:
     ax.axvline(r.shares["self"], color="grey", linestyle="--", label="calibrated threshold")
     ax.set_xlabel("share of requests the self tier keeps")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"routing {r.winner}: accuracy vs self share")
+    gated = "" if r.passed_gates else " (failed its gates)"
+    ax.set_title(f"routing {r.winner}{gated}: accuracy vs self share")
     ax.legend(loc="lower left", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -26,7 +26,8 @@ from typing import Any
 
 from ..config import ConfigError, flatten
 from ..evaluation.calibration import system_calibration
-from ..evaluation.classical import classical_predictions, own_metrics
+from ..evaluation.classical import classical_predictions, own_metrics, yardstick_fields
+from ..evaluation.confidence import confident_fields
 from ..evaluation.config import EvalError, EvaluateConfig
 from ..evaluation.gates import GatesConfig, best, gate_all
 from ..evaluation.judge import JudgeConfig
@@ -63,6 +64,15 @@ log = logging.getLogger(__name__)
 
 BASELINE = "baseline"
 CLASSICAL = "classical"
+
+
+def right_or_wrong(primary: str, scores: dict[str, Any]) -> str:
+    """The per-example score the judge is calibrated against (>= 0.5 counts as right): the
+    primary metric when it is per example (accuracy, ROUGE, set F1), else the first accuracy
+    (macro-F1 and micro-F1 exist only over a whole set), else the first score."""
+    if primary in scores:
+        return primary
+    return next((k for k in scores if k.endswith(".accuracy")), next(iter(scores)))
 
 
 def load_records(path: str | Path, task: TaskConfig, fields: Any = None) -> list[dict[str, Any]]:
@@ -225,7 +235,7 @@ def _run(
     all_preds: dict[str, list[dict[str, Any]]] = {}
     per_class: dict[str, Any] = {}
     bins: dict[str, Any] = {}  # reliability bins per system and label field
-    label_fields = [f.name for f in task.fields if f.kind == "label" and not f.multi]
+    label_fields = confident_fields(task)  # single labels and booleans: calibration
 
     def calibrate(name: str, preds: list[dict[str, Any]], ex: dict[str, Any]) -> dict[str, Any]:
         metrics, bins[name] = system_calibration(preds, ex["scores"], label_fields)
@@ -250,7 +260,7 @@ def _run(
         evaluation["classical"] = {
             **cl_info,
             "metrics": own_metrics(
-                {**metrics, **calibrate(CLASSICAL, cl_preds, cl_ex)}, label_fields
+                {**metrics, **calibrate(CLASSICAL, cl_preds, cl_ex)}, yardstick_fields(task)
             ),
         }
         all_preds[CLASSICAL] = attach_scores(cl_preds, records, cl_ex)
@@ -276,7 +286,7 @@ def _run(
             entry["delta_vs_baseline"] = deltas(stats, base_stats, rs)
         if classical_stats is not None:
             entry["delta_vs_classical"] = own_metrics(
-                deltas(stats, classical_stats, rs), label_fields
+                deltas(stats, classical_stats, rs), yardstick_fields(task)
             )
         if val_records is not None:
             entry["validation_metrics"] = validation_metrics(
@@ -290,10 +300,9 @@ def _run(
     if judge_cfg.enabled and base_preds is not None:
         from ..evaluation.judge import run_judge
 
-        # Calibration needs a per-example right/wrong: the first gold label field's accuracy.
-        label = next(f"{f.name}.accuracy" for f in task.fields if f.kind == "label" and f.gold)
-        correct = {c: cand_stats[c]["scores"][label] for c in cand_stats}
-        base_correct = base_ex["scores"][label]
+        key = right_or_wrong(cfg.primary_metric, base_ex["scores"])
+        correct = {c: cand_stats[c]["scores"][key] >= 0.5 for c in cand_stats}
+        base_correct = base_ex["scores"][key] >= 0.5
         judged = run_judge(
             judge_cfg,
             task,

@@ -301,6 +301,8 @@ def version_tags(w: Winner, params: dict[str, Any], pipeline_run_id: str) -> dic
         "temper.data_hashes": json.dumps(w.data_hashes, sort_keys=True),
         "temper.dataset_hash": w.dataset_hash,
         "temper.git_commit": w.commit,
+        # What made it '-dirty' (files changed besides dvc.lock and the pipeline's outputs).
+        "temper.git_dirty": ", ".join(tracking.git_dirty() or [])[:4000],
         "temper.params_hash": w.params_hash,
         "temper.params": tag_json(params, "temper/params.json"),
         "temper.primary_metric": w.primary,

@@ -252,6 +252,7 @@ def route(cfg: RouteConfig, task: TaskConfig) -> RouteResult:
     latency = np.array([r.get("latency_ms") or np.nan for r in test_rows])
     result = RouteResult(
         winner=winner,
+        passed_gates=ev.winner is not None,
         oracle=all(t.provider.kind == "gold" for t in cfg.tiers),
         fitted_on=fitted_on,
         target=c.target,

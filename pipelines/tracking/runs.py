@@ -93,22 +93,54 @@ def setup(cfg: MlflowConfig, root: str | Path = ".") -> str:
         return experiment.experiment_id
 
 
-def git_commit(root: str | Path = ".") -> str:
-    """HEAD's commit hash, with '-dirty' when tracked files differ; 'unknown' outside git."""
+def git_dirty(root: str | Path = ".") -> list[str] | None:
+    """Tracked files that differ from HEAD, less what the pipeline itself rewrites while it
+    runs (dvc.lock and the uncached outputs dvc.yaml declares: `dvc repro` rewrites them
+    before register runs, which says nothing about the code); None outside git."""
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
+        out = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
             cwd=root,
             capture_output=True,
             text=True,
             check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    written = pipeline_outputs(root)
+    paths = [line[3:].split(" -> ")[-1] for line in out.splitlines() if line.strip()]
+    return [p for p in paths if p != "dvc.lock" and p not in written]
+
+
+def pipeline_outputs(root: str | Path = ".") -> set[str]:
+    """The paths dvc.yaml declares as outs, metrics or plots (templated ones left out)."""
+    import yaml
+
+    path = Path(root) / "dvc.yaml"
+    if not path.exists():
+        return set()
+    stages = (yaml.safe_load(path.read_text()) or {}).get("stages") or {}
+    found = set()
+    for stage in stages.values():
+        body = stage.get("do", stage)
+        for kind in ("outs", "metrics", "plots"):
+            for entry in body.get(kind) or []:
+                name = entry if isinstance(entry, str) else next(iter(entry))
+                if "${" not in name:
+                    found.add(name.rstrip("/"))
+    return found
+
+
+def git_commit(root: str | Path = ".") -> str:
+    """HEAD's commit hash, with '-dirty' when tracked files other than the pipeline's own
+    outputs differ (`git_dirty` names them); 'unknown' outside git."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return commit + ("-dirty" if dirty else "")
+    return commit + ("-dirty" if git_dirty(root) else "")
 
 
 def pipeline_key(params: dict[str, Any], root: str | Path = ".") -> str:

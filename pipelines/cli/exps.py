@@ -1,0 +1,90 @@
+"""`temper exps`: the experiments table a person compares, on one screen.
+
+`dvc exp show` lists every param and every number of every metrics file (over a thousand
+columns: prepare's statistics, per-candidate CIs, price rows). This view keeps what people
+compare: per experiment the params that differ between the rows shown, and the headline
+results (task, winner, primary metric with its interval against the baseline and the TF-IDF
+yardstick, the registered version). It reads through DVC's own API (`dvc.api.exp_show`,
+`params_show`, `read`), so it shows exactly the experiments `dvc exp show` does.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+
+from ..config import flatten
+from ..evaluation.report import md_table
+
+WORKSPACE = "workspace"
+
+
+def _read_json(path: str, rev: str | None) -> dict[str, Any] | None:
+    import dvc.api
+
+    try:
+        return json.loads(dvc.api.read(path, rev=rev))
+    except Exception:  # noqa: BLE001 - a failed or partial experiment has no such file
+        return None
+
+
+def _estimate(entry: dict[str, Any] | None, metric: str) -> str:
+    est = ((entry or {}).get("metrics") or {}).get(metric) or {}
+    value, low, high = est.get("value"), est.get("ci_low"), est.get("ci_high")
+    if value is None:
+        return "-"
+    return f"{value:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None else "")
+
+
+def headline(rev: str | None) -> dict[str, str]:
+    """The results of one experiment worth a column (`-` where it has none)."""
+    ev = _read_json("metrics/eval.json", rev) or {}
+    reg = _read_json("metrics/register.json", rev) or {}
+    primary = ev.get("primary_metric", "-")
+    cands = ev.get("candidates") or {}
+    focus = ev.get("winner") or next(iter(cands), None)
+    version = f"v{reg['version']}" if reg.get("registered") else "-"
+    return {
+        "task": (ev.get("task") or {}).get("name", "-"),
+        "winner": ev.get("winner") or ("none" if ev else "-"),
+        "primary": primary,
+        "candidate": (f"{focus} " if focus else "") + _estimate(cands.get(focus), primary),
+        "baseline": _estimate(ev.get("baseline"), primary),
+        "tf-idf": _estimate(ev.get("classical"), primary),
+        "registered": version + (f" @{reg['alias']}" if reg.get("alias") else ""),
+    }
+
+
+def changed_params(params: list[dict[str, Any]]) -> list[str]:
+    """The dotted params whose values differ between the rows (sorted)."""
+    flat = [flatten(p) for p in params]
+    keys = sorted({k for f in flat for k in f})
+    return [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
+
+
+def exps_cmd(
+    all_rows: Annotated[
+        bool, typer.Option("--all", help="Also the baseline commits' rows (not only the head).")
+    ] = False,
+) -> None:
+    """The experiments on one screen: changed params and headline results (`dvc exp show`
+    has them all)."""
+    import dvc.api
+
+    rows = [
+        r for r in dvc.api.exp_show() if all_rows or r["typ"] != "baseline" or r["rev"] == WORKSPACE
+    ]
+    revs = [None if r["rev"] == WORKSPACE else r["rev"] for r in rows]
+    names = [r["Experiment"] or r["rev"] for r in rows]
+    params = [dvc.api.params_show(rev=rev) for rev in revs]
+    changed = changed_params(params)
+    heads = [headline(rev) for rev in revs]
+    flat = [flatten(p) for p in params]
+    header = ["experiment", *changed, "task", "winner", "primary", "candidate", "baseline"]
+    header += ["tf-idf", "registered"]
+    table = []
+    for name, f, h in zip(names, flat, heads, strict=True):
+        table.append([name, *(json.dumps(f.get(k)) for k in changed), *h.values()])
+    typer.echo(md_table(header, table))
