@@ -55,6 +55,46 @@ class Outcome:
     output: str | None = None  # the last raw reply
     budget_stop: bool = False  # not labelled because a cap was reached
     replies: list[Completion] = field(default_factory=list)
+    source: str | None = None  # "logged": the prototype's logged reply, nobody was asked
+
+
+def gold_outcome(task: TaskConfig, record: dict[str, Any]) -> Outcome:
+    """The `gold` teacher: the answer built from the record's gold fields, checked likewise."""
+    answer = task.gold_answer(record)
+    if problems := task.validate_answer(answer):
+        reason = "gold answer does not match the task schema: " + "; ".join(problems)
+        return Outcome(record, None, reason, task.format_answer(answer))
+    return Outcome(record, answer, None, task.format_answer(answer))
+
+
+def logged_outcome(task: TaskConfig, record: dict[str, Any]) -> Outcome | None:
+    """A record's logged reply (`prepare.format: openai_log`) checked as a teacher's reply is
+    (no repair turn: the request is in the past); None when the record has none."""
+    logged = record.get("logged")
+    if not logged:
+        return None
+    out = Outcome(record, output=logged.get("answer"), source="logged")
+    answer = task.parse(out.output)
+    missing = "empty reply" if task.is_text else "no JSON object in the reply"
+    problems = task.validate_answer(answer) if answer is not None else [missing]
+    if logged.get("finish_reason") in TRUNCATED:
+        problems.append(f"output truncated (finish_reason {logged['finish_reason']})")
+    if problems:
+        out.reason = "logged reply does not match the task schema: " + "; ".join(problems)
+    else:
+        out.answer = answer
+    return out
+
+
+def merge_logged(
+    logged: dict[str, list[Outcome | None]], asked: dict[str, list[Outcome]]
+) -> dict[str, list[Outcome]]:
+    """Per split, the logged outcomes with the teacher's in the gaps, in the records' order."""
+    out = {}
+    for split, slots in logged.items():
+        answers = iter(asked.get(split, []))
+        out[split] = [o if o is not None else next(answers) for o in slots]
+    return out
 
 
 async def label_one(

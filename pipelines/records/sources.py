@@ -45,6 +45,14 @@ def _decode(raw: bytes, where: str) -> str:
 
 def iter_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any] | InputError]]:
     """Rows of one raw file as (location, row or the error that row raised), streamed."""
+    for where, _, row in iter_numbered(path):
+        yield where, row
+
+
+def iter_numbered(path: str | Path) -> Iterator[tuple[str, int, dict[str, Any] | InputError]]:
+    """(location, record number, row or its error): the number is what a generated id
+    (`prepare.fields.id: null`) uses: the JSONL line, the CSV data row (the first row under
+    the header is 1), the Parquet row counted from 1."""
     path = Path(path)
     suffix = path.suffix.lower()
     readers = {".jsonl": _jsonl, ".json": _jsonl, ".ndjson": _jsonl, ".csv": _csv}
@@ -59,7 +67,7 @@ def iter_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any] | InputErr
         yield from readers[suffix](path)
 
 
-def _jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any] | InputError]]:
+def _jsonl(path: Path) -> Iterator[tuple[str, int, dict[str, Any] | InputError]]:
     with open(path, "rb") as handle:
         for lineno, raw in enumerate(handle, 1):
             where = f"{path}:{lineno}"
@@ -75,9 +83,9 @@ def _jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any] | InputError]]:
                     raise InputError(f"{where}: malformed JSON ({err.msg})") from None
                 if not isinstance(row, dict):
                     raise InputError(f"{where}: expected a JSON object")
-                yield where, row
+                yield where, lineno, row
             except InputError as err:
-                yield where, err
+                yield where, lineno, err
 
 
 def _lines(handle: Iterable[bytes]) -> Iterator[str]:
@@ -97,13 +105,16 @@ def _undecodable(values: list[str]) -> str | None:
     return None
 
 
-def _csv(path: Path) -> Iterator[tuple[str, dict[str, Any] | InputError]]:
+def _csv(path: Path) -> Iterator[tuple[str, int, dict[str, Any] | InputError]]:
     if csv.field_size_limit() < CSV_FIELD_LIMIT:
         csv.field_size_limit(CSV_FIELD_LIMIT)
     with open(path, "rb") as handle:
         reader = csv.reader(_lines(handle))
         header: list[str] | None = None
         last_line = 0  # a quoted field may span lines: a row starts after the previous one
+        # Locations keep the file's true line (the header is line 1: what an editor shows);
+        # record numbers, which generated ids use, count data rows from 1 (blank lines skipped).
+        number = 0
         while True:
             start = last_line + 1
             where = f"{path}:{start}"
@@ -113,7 +124,8 @@ def _csv(path: Path) -> Iterator[tuple[str, dict[str, Any] | InputError]]:
                 return
             except csv.Error as err:
                 last_line = reader.line_num
-                yield where, InputError(f"{where}: unreadable CSV row ({err})")
+                number += 1
+                yield where, number, InputError(f"{where}: unreadable CSV row ({err})")
                 continue
             last_line = reader.line_num
             if header is None:
@@ -123,18 +135,20 @@ def _csv(path: Path) -> Iterator[tuple[str, dict[str, Any] | InputError]]:
                 continue
             if not values:  # a blank line
                 continue
+            number += 1
             if bad := _undecodable(values):
-                yield where, InputError(f"{where}: undecodable bytes ({bad})")
+                yield where, number, InputError(f"{where}: undecodable bytes ({bad})")
             elif len(values) != len(header):
                 yield (
                     where,
+                    number,
                     InputError(f"{where}: {len(values)} fields, the header has {len(header)}"),
                 )
             else:
-                yield where, dict(zip(header, values, strict=True))
+                yield where, number, dict(zip(header, values, strict=True))
 
 
-def _parquet(path: Path) -> Iterator[tuple[str, dict[str, Any] | InputError]]:
+def _parquet(path: Path) -> Iterator[tuple[str, int, dict[str, Any] | InputError]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -145,7 +159,7 @@ def _parquet(path: Path) -> Iterator[tuple[str, dict[str, Any] | InputError]]:
     index = 0
     for batch in parquet.iter_batches(batch_size=4096):
         for row in batch.to_pylist():
-            yield f"{path}:row {index}", row
+            yield f"{path}:row {index}", index + 1, row
             index += 1
 
 
@@ -165,7 +179,11 @@ SPLIT_ALIASES = {
 class FieldMap(Section):
     """Which source column holds what."""
 
-    id: str = Field("id", description="Record id column (unique).")
+    id: str | None = Field(
+        "id",
+        description="Record id column (unique); null: ids made from the file name and record "
+        "number, `<file>:<n>` (JSONL line; CSV data row, the first under the header is 1).",
+    )
     text: str = Field(
         "text",
         description="Column with the text the model reads, or a template over columns, e.g. "
@@ -237,12 +255,24 @@ def render_text(row: dict[str, Any], where: str, fmap: FieldMap) -> str:
     return fmap.text.format_map(values)
 
 
+def generated_id(where: str, number: int | None) -> str:
+    """`<file name>:<record number>` (the location's own line or row when no number is given)."""
+    path, _, line = where.rpartition(":")
+    return f"{Path(path).name}:{number if number is not None else line.removeprefix('row ')}"
+
+
 def extract(
-    row: dict[str, Any], where: str, fmap: FieldMap, task: TaskConfig, keep_split: bool = True
+    row: dict[str, Any],
+    where: str,
+    fmap: FieldMap,
+    task: TaskConfig,
+    keep_split: bool = True,
+    number: int | None = None,
 ) -> dict[str, Any]:
     """Map one raw row onto Temper's record fields; errors name the missing field.
 
     keep_split=False ignores `fmap.split` (scoring a file whose split column holds anything).
+    `number`: the record number of `iter_numbered`, for a generated id (`fmap.id` null).
     """
 
     def need(column: str, knob: str, nullable: bool = False) -> Any:
@@ -270,7 +300,7 @@ def extract(
     if not isinstance(text, str):
         raise InputError(f"{where}: field '{fmap.text}' is {type(text).__name__}, not text")
     record: dict[str, Any] = {
-        "id": str(need(fmap.id, "id")),
+        "id": str(need(fmap.id, "id")) if fmap.id is not None else generated_id(where, number),
         "group": str(need(fmap.group, "group")),
         "text": text,
         "where": where,

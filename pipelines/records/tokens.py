@@ -59,7 +59,13 @@ class TokenCounter:
         return out
 
     def exact(self, records: list[dict[str, Any]]) -> list[int]:
-        rendered = [self._render(r["text"], self.task.format_answer(r["gold"])) for r in records]
+        rendered = []
+        for r in records:
+            answer = [{"role": "assistant", "content": self.task.format_answer(r["gold"])}]
+            messages = r.get("prompt") or self.task.messages(r["text"])  # a chat file's turns
+            rendered.append(
+                render(self.tokenizer, messages + answer, self.system_ok, tokenize=False)
+            )
         return self.lengths(rendered)
 
     def count(self, records: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
@@ -67,6 +73,8 @@ class TokenCounter:
         if not records:
             return [], []
         n_text = self.lengths([r["text"] for r in records])
+        if any("prompt" in r for r in records):  # their own turns: no shared template to reuse
+            return self.exact(records), n_text
         if self.overhead is None:
             log.warning("prepare: chat template not decomposable; rendering every record")
             return self.exact(records), n_text

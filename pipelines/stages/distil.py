@@ -53,7 +53,15 @@ from ..providers import (
 from ..records.sampling import pick_few_shot
 from ..results import DistilResult
 from ..task import TaskConfig
-from ..teacher import Outcome, agreement, label_after_batch, label_one
+from ..teacher import (
+    Outcome,
+    agreement,
+    gold_outcome,
+    label_after_batch,
+    label_one,
+    logged_outcome,
+    merge_logged,
+)
 from ..tracking import MlflowConfig, child_run
 
 log = logging.getLogger(__name__)
@@ -162,9 +170,16 @@ def run(
     pcfg = cfg.provider
     is_gold = pcfg.kind == "gold"
     prepared = Path(cfg.prepared_dir)
-    splits = {s: load_split(prepared / f"{s}.jsonl", gold_needed=True) for s in cfg.splits}
+    every = {s: load_split(prepared / f"{s}.jsonl", gold_needed=True) for s in cfg.splits}
+    # Logged replies (prepare.format: openai_log) are labels already paid for: only the
+    # records without one are asked.
+    logged = {s: [logged_outcome(task, r) for r in recs] for s, recs in every.items()}
+    splits = {
+        s: [r for r, o in zip(rs, logged[s], strict=True) if not o] for s, rs in every.items()
+    }
     if is_gold:
-        return finish(cfg, task, gold_outcomes(task, splits), None, None, {}, t0, mlflow, params)
+        asked = {s: [gold_outcome(task, r) for r in rs] for s, rs in splits.items()}
+        return finish(cfg, task, merge_logged(logged, asked), None, None, {}, t0, mlflow, params)
 
     # Privacy and price checks happen here, before a single byte is sent.
     try:
@@ -174,7 +189,7 @@ def run(
 
         raise DistilError(str(err), EXIT_PRIVACY if isinstance(err, PrivacyError) else 1) from None
     try:
-        train = splits.get("train") or load_split(prepared / "train.jsonl", gold_needed=True)
+        train = every.get("train") or load_split(prepared / "train.jsonl", gold_needed=True)
         shots = pick_few_shot(task, train, cfg.few_shot, cfg.few_shot_seed)
         version = stable_hash(
             {"task": task.prompt_hash, "shots": [s["id"] for s in shots], "repair": cfg.repair}
@@ -258,7 +273,7 @@ def run(
         return finish(
             cfg,
             task,
-            by_split,
+            merge_logged(logged, by_split),
             baseline,
             provider,
             estimate,
@@ -284,26 +299,6 @@ def estimate_cost(
         prompt_version=version,
     )
     return {"requests": n, "usd": round(usd, 6), "usd_worst_case": round(worst, 6)}
-
-
-def gold_outcomes(
-    task: TaskConfig, splits: dict[str, list[dict[str, Any]]]
-) -> dict[str, list[Outcome]]:
-    out: dict[str, list[Outcome]] = {}
-    for split, records in splits.items():
-        out[split] = []
-        for record in records:
-            answer = task.gold_answer(record)
-            problems = task.validate_answer(answer)
-            reason = (
-                "gold answer does not match the task schema: " + "; ".join(problems)
-                if problems
-                else None
-            )
-            out[split].append(
-                Outcome(record, None if problems else answer, reason, task.format_answer(answer))
-            )
-    return out
 
 
 def finish(
@@ -336,7 +331,7 @@ def finish(
                             {"role": "assistant", "content": task.format_answer(o.answer)}
                         ],
                         "answer": o.answer,
-                        "label_source": source,
+                        "label_source": o.source or source,
                         "teacher_model": pcfg.model,
                         "prompt_hash": task.prompt_hash,
                     }
@@ -352,6 +347,10 @@ def finish(
             "labelled": len(rows),
             "rejected": sum(o.reason is not None for o in outcomes),
             "not_labelled_budget": sum(o.budget_stop for o in outcomes),
+            # where the labels came from: the log (valid or not) or the teacher (asked)
+            "logged": sum(o.source == "logged" and o.answer is not None for o in outcomes),
+            "logged_rejected": sum(o.source == "logged" and o.answer is None for o in outcomes),
+            "asked": sum(o.source is None for o in outcomes),
         }
         # Never drop a record silently: every input is labelled, rejected or budget-stopped.
         c = counts[split]

@@ -28,9 +28,10 @@ from pydantic import Field, field_validator, model_validator
 
 from ..config import ConfigError, Section
 from ..io import atomic_dir, sha256_file, temp_path, write_json, write_jsonl
+from ..records.conversations import chat_records, log_records
 from ..records.neardup import dedup_key, find_near_duplicates
 from ..records.sampling import stratified_sample
-from ..records.sources import FieldMap, InputError, extract, iter_rows, normalise_text
+from ..records.sources import FieldMap, InputError, extract, iter_numbered, normalise_text
 from ..records.tokens import TokenCounter
 from ..task import TaskConfig
 
@@ -76,6 +77,13 @@ class PrepareConfig(Section):
     """`prepare:` in params.yaml."""
 
     sources: list[str] = Field(description="Raw files (.jsonl, .csv or .parquet).")
+    format: Literal["rows", "openai_chat", "openai_log"] = Field(
+        "rows",
+        description="rows: one record per row through `fields`; openai_chat: an OpenAI chat "
+        "fine-tuning file (JSONL of `messages`); openai_log: logged OpenAI-style requests and "
+        "responses, the replies kept as distil's labels (docs/migrate-openai.md). The OpenAI "
+        "formats ignore `fields`: ids, groups, prompts and gold come from the lines.",
+    )
     source_dir: str | None = Field(
         None,
         description="The folder that holds every source: dvc.yaml makes it prepare's dependency "
@@ -198,34 +206,49 @@ class Ledger:
             )
 
 
+def row_records(
+    cfg: PrepareConfig, task: TaskConfig, row: dict[str, Any], where: str, number: int
+) -> list[dict[str, Any]]:
+    """The records of one source row, by `prepare.format` (a chat line may hold several)."""
+    if cfg.format == "openai_chat":
+        return chat_records(row, where, task)
+    if cfg.format == "openai_log":
+        return log_records(row, where, task)
+    return [extract(row, where, cfg.fields, task, number=number)]
+
+
 def read_records(cfg: PrepareConfig, task: TaskConfig, ledger: Ledger) -> list[dict[str, Any]]:
     """Every usable record of every source, streamed: mapped, normalised, ids checked."""
     records: list[dict[str, Any]] = []
     first_seen: dict[str, str] = {}
     for index, source in enumerate(cfg.sources):
-        for where, row in iter_rows(source):
+        if cfg.format != "rows" and Path(source).suffix.lower() not in (".jsonl", ".json"):
+            raise InputError(f"{source}: prepare.format {cfg.format} reads JSONL files only")
+        for where, number, row in iter_numbered(source):
             ledger.read[index] += 1
             if isinstance(row, InputError):
                 ledger.bad(row, where, index)
                 continue
             try:
-                record = extract(row, where, cfg.fields, task)
+                found = row_records(cfg, task, row, where, number)
             except InputError as err:
                 ledger.bad(err, where, index)
                 continue
-            if (first := first_seen.get(record["id"])) is not None:
-                err = InputError(
-                    f"{where}: duplicate id {record['id']!r} (first at {first}) (prepare.fields.id)"
-                )
-                ledger.bad(err, where, index)
-                continue
-            first_seen[record["id"]] = where
-            record["source"] = index
-            record["text"] = normalise_text(record["text"])
-            if not record["text"]:
-                ledger.drop(record, "empty")
-                continue
-            records.append(record)
+            for record in found:
+                if (first := first_seen.get(record["id"])) is not None:
+                    err = InputError(
+                        f"{where}: duplicate id {record['id']!r} (first at {first}) "
+                        "(prepare.fields.id)"
+                    )
+                    ledger.bad(err, where, index)
+                    continue
+                first_seen[record["id"]] = where
+                record["source"] = index
+                record["text"] = normalise_text(record["text"])
+                if not record["text"]:
+                    ledger.drop(record, "empty")
+                    continue
+                records.append(record)
         if not ledger.read[index]:
             raise InputError(f"{source}: no records (0 read) (prepare.sources)")
     return records
@@ -434,16 +457,20 @@ def write_outputs(
 
 
 def _row(record: dict[str, Any], split: str, task: TaskConfig) -> dict[str, Any]:
-    return {
+    row = {
         "id": record["id"],
         "group": record["group"],
         "split": split,
         "text": record["text"],
-        "prompt": task.messages(record["text"]),
+        # A chat file's or a log's own turns; otherwise the task's system prompt + the text.
+        "prompt": record.get("prompt") or task.messages(record["text"]),
         "gold": record["gold"],
         "gold_all": record["gold_all"],
         "n_tokens": record["n_tokens"],
     }
+    if "logged" in record:  # the prototype's logged reply: distil's label (docs/distil.md)
+        row["logged"] = record["logged"]
+    return row
 
 
 def _reason(message: str) -> str:
