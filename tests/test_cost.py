@@ -101,6 +101,7 @@ def test_the_worked_example(setup):
     assert r.triggers == {"api_spend": True, "latency_target": False, "regulated_data": True}
     assert r.inputs.oracle and r.inputs.shares_source == "reports/route.json"
     assert any("NOT verified" in n for n in r.notes) and any("oracle" in n for n in r.notes)
+    assert not any(n.startswith("Shutdown") for n in r.notes)  # no row has a shutdown date
     # The files: the typed result round-trips, the report states the break-even, a PNG.
     assert CostResult.load("reports/cost.json") == r
     assert "109,091 requests/month" in (setup / "reports" / "cost.md").read_text()
@@ -176,16 +177,33 @@ def test_the_command_prints_the_summary(setup):
 
 def test_the_shipped_price_table_has_every_row_dated_and_sourced():
     table = load_prices(ROOT / "configs" / "prices.yaml")
-    wanted = {"gpt-4o-mini", "gpt-4.1-mini", "gpt-4.1", "gpt-4o", "claude-haiku-4-5"}
-    assert wanted | {"claude-sonnet-4-5", "local"} <= set(table.models)
+    retiring = {"gpt-4o-mini", "gpt-4.1-mini", "gpt-4.1", "gpt-4o", "claude-sonnet-4-5"}
+    current = {"gpt-6-luna", "gpt-6.1-terra", "gpt-6.1-sol", "claude-haiku-5-5"}
+    assert retiring | current | {"claude-sonnet-5-5", "claude-haiku-4-5", "local"} <= set(
+        table.models
+    )
     assert {"cpu-2vcpu", "gpu-l4", "gpu-h100"} <= set(table.machines)
     rows = [*table.models.values(), *table.machines.values()]
     assert all(row.source and row.date for row in rows)
+    # Not every row could be read on the vendor's own page, so the table must not claim it.
+    assert table.verified == all(r.verified for r in rows)
     for name, p in table.models.items():
         assert p.cached_input is None or p.cached_input <= p.input, name
-        if name.startswith("claude"):  # Anthropic: writes 1.25x input, reads 0.1x
+        if name.startswith("claude"):  # Anthropic: 5-minute writes at 1.25x input
             assert p.cache_write == pytest.approx(1.25 * p.input), name
-            assert p.cached_input == pytest.approx(0.1 * p.input), name
+        if not p.verified and name != "local":
+            assert p.note, f"{name}: an unverified row says why in its note"
+    # The models OpenAI and Anthropic retire carry their date, its page and a successor that
+    # is itself not retiring.
+    for name in retiring:
+        p = table.models[name]
+        assert p.shutdown is not None and p.shutdown_source.startswith("https://"), name
+        successor = table.models[p.successor]
+        assert successor.shutdown is None, f"{name}'s successor {p.successor} is retiring too"
+    assert {str(table.models[m].shutdown) for m in retiring - {"claude-sonnet-4-5"}} == {
+        "2027-01-14"
+    }
+    assert all(table.models[m].shutdown is None for m in current)
     assert table.models["local"].cost(1000, 1000) == 0
 
 

@@ -10,7 +10,8 @@ from .common import PARAMS, ParamsOpt, SetOpt, fail, load
 
 def cost_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
     """Price a traffic profile three ways from the price table and the measured throughput,
-    tier shares and cache hit rate; write reports/cost.{md,json,png}."""
+    tier shares and cache hit rate; write reports/cost.{md,json,png}. Warns about each priced
+    model the vendor shuts down (its date, days left, the table's successor)."""
     from ..evaluation.cost_report import summary
     from ..stages import cost
 

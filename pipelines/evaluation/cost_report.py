@@ -11,6 +11,7 @@ from ..results import CostResult
 from .report import md_table
 
 OPTIONS = {"all_api": "all-API", "self_hosted": "self-hosted", "hybrid": "hybrid"}
+SHUTDOWN = "Shutdown: "  # opens a note on a priced model the vendor retires (the summary shows it)
 
 
 def usd(x: float) -> str:
@@ -62,6 +63,7 @@ def write_plot(
 
 
 def write_report(path: str | Path, r: CostResult, plot: str) -> None:
+    """The Markdown page: notes (shutdowns first), inputs, monthly table, prices used."""
     i, c, t = r.inputs, r.config, r.config["traffic"]
     machine_row = next(iter(r.prices["machine"].values()))
     profile = "params (cost.traffic)"
@@ -105,7 +107,7 @@ def write_report(path: str | Path, r: CostResult, plot: str) -> None:
     )
     prices = [
         [m, f"in {p['input']}, cached in {p['cached_input']}, out {p['output']}", p["source"]]
-        + [p["date"]]
+        + [p["date"], _shutdown_cell(p)]
         for m, p in r.prices["models"].items()
     ]
     held = [k for k, v in r.triggers.items() if v]
@@ -133,7 +135,7 @@ def write_report(path: str | Path, r: CostResult, plot: str) -> None:
         "",
         f"## Prices used ({r.prices['table']}, as of {r.prices['as_of']})",
         "",
-        md_table(["model", "USD per 1M tokens", "source", "date"], prices),
+        md_table(["model", "USD per 1M tokens", "source", "date", "shutdown"], prices),
         "",
         "Formulae and assumptions: docs/cost.md.",
     ]
@@ -141,12 +143,25 @@ def write_report(path: str | Path, r: CostResult, plot: str) -> None:
         handle.write("\n".join(lines) + "\n")
 
 
+def _shutdown_cell(row: dict) -> str:
+    """The row's shutdown date and successor ('-' when the vendor announced none)."""
+    # Results written before the table had shutdown dates lack the key.
+    if not row.get("shutdown"):
+        return "-"
+    after = f", successor {row['successor']}" if row.get("successor") else ""
+    return f"{row['shutdown']}{after}"
+
+
 def summary(r: CostResult) -> str:
-    """A few lines for the terminal."""
+    """A few lines for the terminal, with a warning line per priced model being shut down."""
     costs = ", ".join(f"{OPTIONS[k]} {usd(o.monthly_usd)}" for k, o in r.options.items())
     held = [k for k, v in r.triggers.items() if v] or ["none"]
-    return (
-        f"{r.monthly_requests:,.0f} requests/month: {costs} (cheapest: {OPTIONS[r.cheapest]})\n"
-        f"break-even self-hosted vs all-API: {volume_text(r.break_even_requests_per_month)}\n"
-        f"triggers that hold: {', '.join(held)}"
+    warnings = [f"WARNING: {n[len(SHUTDOWN) :]}" for n in r.notes if n.startswith(SHUTDOWN)]
+    return "\n".join(
+        [
+            f"{r.monthly_requests:,.0f} requests/month: {costs} (cheapest: {OPTIONS[r.cheapest]})",
+            f"break-even self-hosted vs all-API: {volume_text(r.break_even_requests_per_month)}",
+            f"triggers that hold: {', '.join(held)}",
+            *warnings,
+        ]
     )

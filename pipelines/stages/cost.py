@@ -15,9 +15,9 @@ from typing import Any
 from pydantic import Field
 
 from ..config import ConfigError, Section
-from ..evaluation.cost_report import write_plot, write_report
+from ..evaluation.cost_report import SHUTDOWN, write_plot, write_report
 from ..io import read_json
-from ..providers.prices import ModelPrice, PriceTable, load_prices
+from ..providers.prices import ModelPrice, PriceTable, load_prices, shutdown_warning
 from ..results import CostInputs, CostOption, CostResult
 
 SELF = "self"  # the route stage's name for the self-hosted tier
@@ -59,9 +59,9 @@ class CostConfig(Section):
 
     prices: str = Field("configs/prices.yaml", description="The dated price table.")
     traffic: Traffic = Field(default_factory=Traffic)
-    api_model: str = Field("gpt-4.1", description="The all-API option: one model answers all.")
+    api_model: str = Field("gpt-6.1-sol", description="The all-API option: one model answers all.")
     tier_models: dict[str, str] = Field(
-        default_factory=lambda: {"mid": "gpt-4.1-mini", "frontier": "gpt-4.1"},
+        default_factory=lambda: {"mid": "gpt-6-luna", "frontier": "gpt-6.1-sol"},
         description="The hybrid's API tiers (route stage names) and the model each one is.",
     )
     machine: str = Field("cpu-2vcpu", description="The self-hosted machine (a price-table row).")
@@ -255,7 +255,7 @@ def cost(cfg: CostConfig) -> CostResult:
             "latency_target": cfg.triggers.latency_target,
             "regulated_data": cfg.triggers.regulated_data,
         },
-        notes=_notes(cfg, table, inputs),
+        notes=_notes(cfg, table, models, inputs),
     )
     result.save(cfg.result)
     marks = [v for v in (volume, result.break_even_requests_per_month) if v]
@@ -288,12 +288,22 @@ def _rows_used(
     }
 
 
-def _notes(cfg: CostConfig, table: PriceTable, inputs: CostInputs) -> list[str]:
-    notes = []
+def _notes(cfg: CostConfig, table: PriceTable, models: list[str], inputs: CostInputs) -> list[str]:
+    """The caveats the report opens with: shutdowns first, then unverified prices."""
+    notes = [
+        f"{SHUTDOWN}{line}"
+        for m in models
+        if (line := shutdown_warning(m, table.models[m])) is not None
+    ]
     if not table.verified:
+        unverified = [m for m in models if not table.models[m].verified]
+        if cfg.machine_usd_per_hour is None and not table.machines[cfg.machine].verified:
+            unverified.append(cfg.machine)
+        which = f" (used here and not read on the vendor's page: {', '.join(unverified)})"
         notes.append(
             f"Prices from {cfg.prices} (as of {table.as_of}) are NOT verified against the "
-            "vendors' current lists: check each row's source before a decision."
+            f"vendors' current lists{which if unverified else ''}: check each row's source "
+            "before a decision."
         )
     if inputs.oracle:
         notes.append(
