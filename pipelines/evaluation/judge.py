@@ -62,7 +62,7 @@ def system_prompt(task: TaskConfig) -> str:
 
 def _default_provider() -> ProviderConfig:
     # replay: answers only from the cache, never sends anything (the safe offline default).
-    return ProviderConfig(kind="replay", model="gpt-4o-mini", max_tokens=16, max_usd=1.0)
+    return ProviderConfig(kind="replay", model="gpt-6-luna", max_tokens=16, max_usd=1.0)
 
 
 class JudgeConfig(Section):

@@ -1,7 +1,7 @@
 """The one LLM provider layer: teacher (distil) and judge (evaluate) calls go through here.
 
     from temper.providers import ProviderConfig, open_provider
-    provider = open_provider(ProviderConfig(kind="openai", model="gpt-4o-mini",
+    provider = open_provider(ProviderConfig(kind="openai", model="gpt-6-luna",
                                             base_url="http://127.0.0.1:8000/v1"))
     done = provider.complete([{"role": "user", "content": "Say hi"}])         # sync
     done.text, done.input_tokens, done.output_tokens, done.usd, done.latency_ms, done.cached

@@ -1,7 +1,7 @@
 """The provider classes: one `_send` per SDK around the shared cache, budget, limits, retries.
 
 from temper.providers import ProviderConfig, open_provider
-provider = open_provider(ProviderConfig(kind="openai", model="gpt-4o-mini",
+provider = open_provider(ProviderConfig(kind="openai", model="gpt-6-luna",
                                         base_url="http://127.0.0.1:8000/v1"))
 done = provider.complete([{"role": "user", "content": "Say hi"}])         # sync
 results = provider.complete_many([msgs1, msgs2], desc="judge")             # bounded, with bar

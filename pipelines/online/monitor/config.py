@@ -12,7 +12,7 @@ def _judge_provider() -> ProviderConfig:
     # Nothing leaves the machine unless configured: a loopback-only endpoint by default.
     return ProviderConfig(
         kind="openai",
-        model="gpt-4o-mini",
+        model="gpt-6-luna",
         max_tokens=64,
         max_usd=5.0,
         cache=".cache/monitor-judge.sqlite",
