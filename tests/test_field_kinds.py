@@ -94,6 +94,7 @@ def profile(kind: str) -> dict:
             "sources": ["data/raw/kinds/clauses.jsonl"],
             "source_dir": "data/raw/kinds",
         },
+        "train": {"candidates": {"r16": {"learning_rate": 0.003}}},  # one candidate: quicker
         "evaluate": {"primary_metric": f"answer.{KINDS[kind][2]}"},
         "register": {"model_name": f"temper-kind-{kind.replace('_', '-')}"},
     }
@@ -202,6 +203,25 @@ def test_each_field_kind_runs_to_register_with_its_metrics(project, kind):
     store = f"sqlite:///{project / 'mlflow.db'}"
     client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
     version = client.get_model_version_by_alias(register["model_name"], "challenger")
-    assert version.version == register["version"]
+    assert str(version.version) == register["version"]
     parent = client.get_run(register["pipeline_run_id"])
     assert parent.info.run_name == f"kind-{kind}" and parent.info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_temper_exps_shows_the_experiments_on_one_screen(project):
+    """`dvc exp show` had 1,282 columns; `temper exps` keeps the changed params and the
+    headline results (runs after the kinds above, in the same project)."""
+    done = sh(project, "dvc", "exp", "list", "--name-only", env=env_of()).split()
+    assert done, "no experiment ran before this test"
+    table = sh(project, "temper", "exps", env=env_of()).splitlines()
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header[0] == "experiment" and "task" in header and "registered" in header
+    if len(done) > 1:  # the params that differ between the kinds' runs, and only those
+        assert {"task", "prepare.fields.gold.answer"} <= set(header[1:-7]), header
+        assert "train.rank" not in header
+    rows = {line.split("|")[1].strip(): line for line in table[2:]}
+    for name in done:
+        kind = name.removeprefix("kind-")
+        assert f"kind_{kind}" in rows[name] and "@challenger" in rows[name], rows[name]
+    assert max(len(line) for line in table) < 400  # a screen, not 56k characters

@@ -6,12 +6,18 @@ same records, the same prompts and the same cache keys.
 
 from __future__ import annotations
 
+import json
 import random
 from collections import defaultdict
 from typing import Any
 
 from ..io import stable_hash
 from ..task import TaskConfig
+
+
+def _group_key(value: Any) -> Any:
+    """A gold value as a dict key: lists (multi-label sets, list fields) by their JSON text."""
+    return json.dumps(value, sort_keys=True) if isinstance(value, list | dict) else value
 
 
 def stratified_sample(
@@ -23,7 +29,7 @@ def stratified_sample(
     rng = random.Random(seed)
     by_label: dict[Any, list[dict[str, Any]]] = defaultdict(list)
     for record in records:
-        by_label[record["gold"].get(key) if key else None].append(record)
+        by_label[_group_key(record["gold"].get(key)) if key else None].append(record)
     share = {label: limit * len(rs) / len(records) for label, rs in by_label.items()}
     quota = {label: max(1, int(x)) for label, x in share.items()}
     # Largest remainders fill what flooring left; trimming the largest fixes any overshoot
@@ -56,9 +62,9 @@ def pick_few_shot(
     seen: set[Any] = set()
     for record in sorted(train, key=lambda r: stable_hash([seed, r["id"]])):
         answer = task.gold_answer(record)
-        if task.validate_answer(answer) or answer[first] in seen:
+        if task.validate_answer(answer) or _group_key(answer[first]) in seen:
             continue
-        seen.add(answer[first])
+        seen.add(_group_key(answer[first]))
         chosen.append(record)
         if len(chosen) == k:
             break

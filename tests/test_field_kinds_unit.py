@@ -1,0 +1,120 @@
+"""The answer kinds beyond a single label, piece by piece (the slow end-to-end run is
+tests/test_field_kinds.py): boolean confidence, P/R and macro-F1; the yardstick for booleans
+and multi-label sets; and what the reports say when there is nothing to show."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+
+from temper.evaluation.classical import classical_predictions
+from temper.evaluation.confidence import confident_fields, value_span
+from temper.evaluation.config import EvaluateConfig
+from temper.evaluation.field_scores import metric_names, score_field
+from temper.evaluation.report import answer_confidence
+from temper.evaluation.route_report import _ci
+from temper.io import write_jsonl
+from temper.results import Estimate
+from temper.task import TaskConfig
+
+GOVERNING = "This Agreement shall be governed by the laws of the State of {}."
+INSURANCE = "The Supplier shall maintain insurance coverage of at least {} dollars."
+
+
+def kind_task(**field) -> TaskConfig:
+    return TaskConfig.model_validate(
+        {
+            "name": "t",
+            "system_prompt": "s",
+            "user_template": "{text}",
+            "fields": [{"name": "f", "description": "d", "gold": True, **field}],
+        }
+    )
+
+
+def test_a_boolean_answer_has_a_confidence_span():
+    raw = '{"f": true, "g": "x"}'
+    start, end = value_span(raw, "f", True)
+    assert raw[start:end] == "true"
+    assert value_span('{"f": false}', "f", True) is None
+    assert confident_fields(kind_task(kind="boolean")) == ["f"]
+    assert confident_fields(kind_task(kind="label", multi=True, labels=["a"])) == []
+
+
+def test_a_boolean_field_gets_macro_f1_and_per_class_precision_recall():
+    f = kind_task(kind="boolean").fields[0]
+    assert metric_names(f) == ["f.accuracy", "f.macro_f1"]
+    values, refs = [True, True, False, None], [True, False, False, False]
+    out = score_field(f, [{}] * 4, values, refs)
+    assert out.scores["f.accuracy"].tolist() == [1.0, 0.0, 1.0, 0.0]
+    per_class = out.extra["f.per_class"]
+    assert per_class["true"]["precision"] == 0.5 and per_class["true"]["recall"] == 1.0
+    assert per_class["false"]["recall"] == 1 / 3 and per_class["false"]["support"] == 3
+    assert out.extra["f.labels"] == (
+        ["true", "true", "false", ""],
+        ["true", "false"] * 1 + ["false", "false"],
+    )
+
+
+def test_the_yardstick_answers_booleans_and_label_sets(tmp_path):
+    train = tmp_path / "train.jsonl"
+    rows = []
+    for i in range(6):
+        rows.append({"text": GOVERNING.format(f"S{i}"), "answer": {"f": True}})
+        rows.append({"text": INSURANCE.format(i), "answer": {"f": False}})
+    write_jsonl(train, rows)
+    records = [
+        {"id": "a", "text": GOVERNING.format("Ohio")},
+        {"id": "b", "text": INSURANCE.format(9)},
+    ]
+    cfg = EvaluateConfig(classical_train=str(train), cache_dir=None)
+    preds, info = classical_predictions(records, kind_task(kind="boolean"), cfg)
+    assert [p["answer"]["f"] for p in preds] == [True, False] and info["fields"] == ["f"]
+    assert all(0.5 < p["confidence"]["f"] <= 1 for p in preds)
+
+    sets = [{"text": GOVERNING.format(f"S{i}"), "answer": {"f": ["law"]}} for i in range(6)] + [
+        {"text": INSURANCE.format(i), "answer": {"f": ["money", "risk"]}} for i in range(6)
+    ]
+    write_jsonl(train, sets)
+    multi = kind_task(kind="label", multi=True, labels=["law", "money", "risk"])
+    preds, _ = classical_predictions(records, multi, cfg)
+    assert [p["answer"]["f"] for p in preds] == [["law"], ["money", "risk"]]
+    assert json.loads(preds[1]["output"]) == {"f": ["money", "risk"]}
+
+
+def test_reports_say_n_a_and_no_spread_instead_of_nan_and_a_fake_interval():
+    assert _ci(Estimate(value=math.nan, ci_low=math.nan, ci_high=math.nan), none="n/a (none)") == (
+        "n/a (none)"
+    )
+    assert _ci(Estimate(value=7263.96, ci_low=7263.96, ci_high=7263.96), digits=0) == (
+        "7264 (no spread over resamples)"
+    )
+    assert _ci(Estimate(value=0.5, ci_low=0.4, ci_high=0.6)) == "0.500 [0.400, 0.600]"
+
+
+def test_the_worst_examples_are_the_most_confidently_wrong():
+    rows = [
+        {"id": "1", "confidence": {"f": 0.2}},
+        {"id": "2", "confidence": {"f": 0.9}},
+        {"id": "3", "confidence": None},
+        {"id": "4", "confidence": {"g": 0.5, "h": 0.7}},
+    ]
+    order = sorted(rows, key=lambda p: -(answer_confidence(p, "f") or -1.0))
+    assert [r["id"] for r in order] == ["2", "4", "1", "3"]
+    assert np.isclose(answer_confidence(rows[3], None), 0.5)
+
+
+def test_few_shot_and_stratified_sampling_take_list_answers():
+    """A multi-label task's evaluate died in pick_few_shot: `unhashable type: 'list'`."""
+    from temper.records.sampling import pick_few_shot, stratified_sample
+
+    task = kind_task(kind="label", multi=True, labels=["a", "b"])
+    train = [
+        {"id": str(i), "text": "t", "gold": {"f": g}}
+        for i, g in enumerate([["a"], ["a"], ["a", "b"]])
+    ]
+    shots = pick_few_shot(task, train, 3, "seed")
+    assert sorted(json.dumps(r["gold"]["f"]) for r in shots) == ['["a", "b"]', '["a"]']
+    assert len(stratified_sample(train, 2, "f", 0)) == 2
