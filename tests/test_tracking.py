@@ -103,3 +103,32 @@ def test_the_pipeline_run_is_named_after_the_experiment_and_fails_with_a_stage(
     with pytest.raises(ValueError), child_run(cfg, PARAMS, "evaluate", "eval"):
         raise ValueError("bad")
     assert client.get_run(parent.info.run_id).info.status == "FAILED"
+
+
+def test_a_stage_command_that_fails_before_logging_marks_the_pipeline_run_failed(
+    tmp_path, monkeypatch
+):
+    """evaluate died before any child run (a crash in its few-shot picking): the parent run
+    stayed RUNNING. Every stage command dvc.yaml runs marks it FAILED on a failure."""
+    from mlflow import MlflowClient
+    from registry_fixtures import make_project
+    from typer.testing import CliRunner
+
+    from temper.cli import app
+    from temper.config import load_params
+
+    (tmp_path / "no-model").mkdir()  # evaluate fails before it would load one
+    project = tmp_path / "project"
+    project.mkdir()
+    make_project(project, tmp_path / "no-model")
+    monkeypatch.chdir(project)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    override = "evaluate.test=no/such.jsonl"
+    values = load_params(project / "params.yaml", [override])
+    cfg = MlflowConfig.model_validate(values["mlflow"])
+    parent = pipeline_run(cfg, values)  # what distil or train opened earlier
+    result = CliRunner().invoke(app, ["evaluate", "-S", override])
+    assert result.exit_code == 1, result.output
+    client = MlflowClient(tracking_uri=cfg.tracking_uri)
+    run = client.get_run(parent)
+    assert run.info.status == "FAILED" and run.data.tags["temper.failed_stage"] == "evaluate"

@@ -11,12 +11,14 @@ runs, `release.py` the ones CI and people run around them.
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable
 
 import typer
 
 from . import cache, cost, exps, predict, release, serve, stages
-from .common import SECTIONS, setup_logging
+from .common import PARAMS, SECTIONS, setup_logging
 from .monitor import monitor_app
 from .params_help import config_cmd, help_command
 
@@ -79,7 +81,41 @@ def main() -> None:
     setup_logging()
 
 
+# The commands dvc.yaml runs under one MLflow pipeline run: when one fails, that run is
+# marked FAILED (else it stays RUNNING forever; see `tracking.mark_failed`).
+PIPELINE_STAGES = {"distil", "train", "evaluate", "route", "cache-eval", "cost", "register"}
+
+
+def _marks_failure(stage: str, function: Callable[..., None]) -> Callable[..., None]:
+    @functools.wraps(function)  # typer reads the signature through __wrapped__
+    def run(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except typer.Exit as err:
+            if err.exit_code:
+                _mark_failed(stage, kwargs)
+            raise
+        except Exception:
+            _mark_failed(stage, kwargs)
+            raise
+
+    return run
+
+
+def _mark_failed(stage: str, kwargs: dict) -> None:
+    from ..config import load_params
+    from ..tracking import MlflowConfig, mark_failed
+
+    try:
+        values = load_params(kwargs.get("params", PARAMS), kwargs.get("set_"))
+        mark_failed(MlflowConfig.model_validate(values.get("mlflow") or {}), values, stage)
+    except Exception as err:  # noqa: BLE001 - never hide the stage's own error behind this
+        logging.getLogger(__name__).debug("could not mark the pipeline run failed: %s", err)
+
+
 for _name, _function, _sections in COMMANDS:
+    if _name in PIPELINE_STAGES:
+        _function = _marks_failure(_name, _function)
     if _sections:  # help built when asked for: it reads the params in effect then
         app.command(_name, cls=help_command(_sections))(_function)
     else:

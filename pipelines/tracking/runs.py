@@ -182,6 +182,27 @@ def pipeline_run(cfg: MlflowConfig, params: dict[str, Any], root: str | Path = "
         return winner
 
 
+def mark_failed(cfg: MlflowConfig, params: dict[str, Any], stage: str) -> str | None:
+    """Mark this configuration's pipeline run FAILED after `stage` failed outside a child
+    run (e.g. before it logged anything). Creates nothing: no store or no run, no change."""
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return None
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(cfg.experiment)
+    found = experiment and _pipeline_runs(client, experiment.experiment_id, pipeline_key(params))
+    if not found:
+        return None
+    run_id = found[0].info.run_id
+    if found[0].info.status == "RUNNING":
+        client.set_terminated(run_id, "FAILED")
+        client.set_tag(run_id, "temper.failed_stage", stage)
+    return run_id
+
+
 def reopen(client: Any, run: Any) -> str:
     """A found pipeline run, back to RUNNING if an earlier attempt failed or was killed."""
     if run.info.status in ("FAILED", "KILLED"):
