@@ -280,3 +280,25 @@ def test_logged_traffic_runs_end_to_end_and_distil_counts_logged_and_asked(
     evaluation = json.loads((repo / "metrics" / "eval.json").read_text())
     assert "answer.rougeL" in evaluation["candidates"]["r16"]["metrics"]
     assert registered(repo, "temper-clause-log")["registered"]
+
+
+def test_a_text_task_is_served_as_prose_with_no_json_schema_imposed():
+    from types import SimpleNamespace
+
+    from temper.online.serve.completions import extras, schema_for
+    from temper.online.serve.config import ServeConfig
+    from temper.online.serve.protocol import ChatRequest
+
+    served = SimpleNamespace(
+        task=TASK, generation=SimpleNamespace(constrained=True), version="1", label="v1"
+    )
+    clause = json.loads(real_lines(CHAT, 1)[0])["messages"][1]["content"]
+    request = ChatRequest(model="m", messages=[{"role": "user", "content": clause}])
+    assert schema_for(ServeConfig(), served, request) is None
+    json_task = load_task(ROOT / "configs/tasks/clause_review.yaml")
+    as_json = SimpleNamespace(**{**vars(served), "task": json_task})
+    assert schema_for(ServeConfig(), as_json, request) == json_task.json_schema()
+    reply = "This is a Governing Law clause. Key term: Delaware."
+    job = SimpleNamespace(text=reply, token_ids=[], logprobs=[], rescored={})
+    assert extras(served, job) == {"model_version": "1", "model_label": "v1"}
+    assert TASK.parse(reply) == {"answer": reply} and TASK.parse("  ") is None
