@@ -302,3 +302,21 @@ def test_a_text_task_is_served_as_prose_with_no_json_schema_imposed():
     job = SimpleNamespace(text=reply, token_ids=[], logprobs=[], rescored={})
     assert extras(served, job) == {"model_version": "1", "model_label": "v1"}
     assert TASK.parse(reply) == {"answer": reply} and TASK.parse("  ") is None
+
+
+def test_a_cut_logged_reply_is_no_reference_and_distil_rejects_it_counted():
+    from temper.teacher import logged_outcome
+
+    row = json.loads(real_lines(LOG, 20)[10])  # a request/response line
+    row.pop("metadata")
+    row["response"]["choices"][0]["finish_reason"] = "length"
+    (record,) = log_records(row, f"{LOG}:11", TASK)
+    assert record["gold"] == {"answer": None} and record["logged"]["finish_reason"] == "length"
+    outcome = logged_outcome(TASK, record)
+    assert outcome.answer is None and "output truncated (finish_reason length)" in outcome.reason
+    row["response"]["choices"][0]["finish_reason"] = "stop"
+    (record,) = log_records(row, f"{LOG}:11", TASK)
+    reply = row["response"]["choices"][0]["message"]["content"]
+    assert record["gold"] == {"answer": reply} and logged_outcome(TASK, record).answer == {
+        "answer": reply
+    }

@@ -184,9 +184,10 @@ def log_records(row: dict[str, Any], where: str, task: TaskConfig) -> list[dict[
     record["gold"], record["gold_all"] = {f.name: None for f in task.fields if f.gold}, {}
     if reference is not None:
         record["gold"] = gold_of(task, str(reference), f"{where}: metadata.reference")
-    elif reply is not None:  # an invalid reply is no reference: distil rejects it, counted
+    elif reply is not None:  # an invalid or cut reply is no reference: distil rejects it
         parsed = task.parse(reply["answer"])
-        if parsed is not None and not task.validate_answer(parsed):
+        cut = reply.get("finish_reason") in ("length", "max_tokens")
+        if parsed is not None and not cut and not task.validate_answer(parsed):
             record["gold"] = gold_of(task, reply["answer"], f"{where}: response")
     if reply is not None:
         record["logged"] = reply
