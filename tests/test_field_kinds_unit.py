@@ -118,3 +118,27 @@ def test_few_shot_and_stratified_sampling_take_list_answers():
     shots = pick_few_shot(task, train, 3, "seed")
     assert sorted(json.dumps(r["gold"]["f"]) for r in shots) == ['["a", "b"]', '["a"]']
     assert len(stratified_sample(train, 2, "f", 0)) == 2
+
+
+def test_the_confusion_matrix_of_a_boolean_and_of_many_labels(tmp_path):
+    from temper.evaluation import confusion
+
+    per_class = {
+        "r16": {"f.labels": (["true", "", "false", "true"], ["true", "true", "false", "false"])}
+    }
+    rows = confusion.pairs(per_class, "r16", "f")
+    assert rows == [
+        ("true", "true"),
+        ("true", "(no answer)"),
+        ("false", "false"),
+        ("false", "true"),
+    ]
+    table = confusion.markdown(rows, "r16", "f")
+    assert table[2] == "| gold \\ answer | (no answer) | false | true |", table[2]
+    assert table[4:6] == ["| false | 0 | 1 | 1 |", "| true | 1 | 0 | 1 |"], table
+    path = confusion.write_csv(tmp_path / "c.csv", rows)
+    assert path.read_text().splitlines()[:2] == ["actual,predicted", "true,true"]
+    many = [(f"c{i}", f"c{(i + 1) % 20}") for i in range(20)] + [("c1", "c2")]
+    top = confusion.markdown(many, "r16", "f")
+    assert "10 most frequent" in top[0] and top[4] == "| c1 | c2 | 2 |"
+    assert confusion.pairs({}, "r16", "f") == [] and confusion.markdown([], "r16", "f") == []

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..io import atomic_open, write_jsonl
 from ..results import EvalResult
+from . import confusion
 
 # Metrics shown in the main table, in this order, when present.
 HEADLINE = [
@@ -94,6 +95,12 @@ def write_reports(
 
     label = next(iter(confident_fields(task)), None)  # a single label or a boolean
     files += write_plot_data(out, evaluation, per_class, label)
+    focus = evaluation["winner"] or next(iter(evaluation["candidates"]), None)
+    files.append(
+        confusion.write_csv(
+            out / "plots" / "confusion.csv", confusion.pairs(per_class, focus, label)
+        )
+    )
     files += write_pngs(out, evaluation, per_class, label)
     files += write_reliability(out, bins or {})
     report = render(cfg, evaluation, records, preds, per_class, label)
@@ -303,6 +310,8 @@ def render(
             )
         lines += [md_table(["class", "n"] + [f"{n} R / P" for n in names], rows), ""]
     focus = evaluation["winner"] or next(iter(evaluation["candidates"]), None)
+    if focus and label:
+        lines += confusion.markdown(confusion.pairs(per_class, focus, label), focus, label)
     if focus and cfg.worst_examples:
         wrong = [p for p in preds[focus] if not p["valid"] or not p["correct"]]
         # The most confidently wrong first (what a router would have kept), then the rest.
