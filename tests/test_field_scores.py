@@ -64,11 +64,14 @@ def test_metrics_per_kind_by_hand():
     assert value["amount.exact"] == 0.25 and value["amount.within_tolerance"] == 0.5
     # Boolean: right, right ("no" -> False), "no" is not a boolean: wrong, no answer.
     assert value["urgent.accuracy"] == 0.5
+    # As a two-class label: true 1 of 2 found, never wrongly said (P 1, R 1/2, F1 2/3); false
+    # the same: macro-F1 2/3.
+    assert value["urgent.macro_f1"] == pytest.approx(2 / 3)
     # List set F1 on normalised items: {acme}/{acme} 1, {beta,delta}/{beta,gamma} 1/2,
     # {}/{} 1, none/{c} 0.
     assert value["parties.set_f1"] == pytest.approx((1 + 0.5 + 1 + 0) / 4)
     names = [n for n in metric_names(TASK) if not n.startswith("latency")]  # none timed here
-    assert set(names) <= set(metrics) and len(names) == 16
+    assert set(names) <= set(metrics) and len(names) == 17
     for name in names:
         m = metrics[name]
         assert m["ci_low"] <= m["value"] <= m["ci_high"], name

@@ -90,4 +90,5 @@ def test_nli_profile_runs_prepare_to_register_with_no_code_change(tmp_path, base
     assert len(versions) == 1
     register = json.loads((repo / "metrics" / "register.json").read_text())
     assert register["registered"] and register["model_name"] == "temper-contract-nli"
-    assert register["experiment"] and register["alias"] is None  # an experiment leaves @challenger
+    # An experiment leaves @challenger where it is, but a new model's first version gets it.
+    assert register["experiment"] and register["alias"] == "challenger"

@@ -272,3 +272,12 @@ def summarise(
         "calibrated": calibrated,
         "usd_new": round(usd_new, 6),
     }
+
+
+def right_or_wrong(primary: str, scores: dict[str, Any]) -> str:
+    """The per-example score the judge is calibrated against (>= 0.5 counts as right): the
+    primary metric when it is per example (accuracy, ROUGE, set F1), else the first accuracy
+    (macro-F1 and micro-F1 exist only over a whole set), else the first score."""
+    if primary in scores:
+        return primary
+    return next((k for k in scores if k.endswith(".accuracy")), next(iter(scores)))

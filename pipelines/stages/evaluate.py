@@ -66,15 +66,6 @@ BASELINE = "baseline"
 CLASSICAL = "classical"
 
 
-def right_or_wrong(primary: str, scores: dict[str, Any]) -> str:
-    """The per-example score the judge is calibrated against (>= 0.5 counts as right): the
-    primary metric when it is per example (accuracy, ROUGE, set F1), else the first accuracy
-    (macro-F1 and micro-F1 exist only over a whole set), else the first score."""
-    if primary in scores:
-        return primary
-    return next((k for k in scores if k.endswith(".accuracy")), next(iter(scores)))
-
-
 def load_records(path: str | Path, task: TaskConfig, fields: Any = None) -> list[dict[str, Any]]:
     """Test records: prepared format, or raw format mapped through `prepare.fields`."""
     path = Path(path)
@@ -298,9 +289,9 @@ def _run(
         cand_stats[name] = ex
 
     if judge_cfg.enabled and base_preds is not None:
-        from ..evaluation.judge import run_judge
+        from ..evaluation.judge import right_or_wrong, run_judge
 
-        key = right_or_wrong(cfg.primary_metric, base_ex["scores"])
+        key = right_or_wrong(cfg.primary_metric, base_ex["scores"])  # judge calibration
         correct = {c: cand_stats[c]["scores"][key] >= 0.5 for c in cand_stats}
         base_correct = base_ex["scores"][key] >= 0.5
         judged = run_judge(

@@ -301,7 +301,6 @@ def version_tags(w: Winner, params: dict[str, Any], pipeline_run_id: str) -> dic
         "temper.data_hashes": json.dumps(w.data_hashes, sort_keys=True),
         "temper.dataset_hash": w.dataset_hash,
         "temper.git_commit": w.commit,
-        # What made it '-dirty' (files changed besides dvc.lock and the pipeline's outputs).
         "temper.git_dirty": ", ".join(tracking.git_dirty() or [])[:4000],
         "temper.params_hash": w.params_hash,
         "temper.params": tag_json(params, "temper/params.json"),
@@ -459,8 +458,7 @@ def run(
     if w.model_id is not None:
         tracking.link_version(client, w.model_id, cfg.model_name, number)
     experiment = os.environ.get("DVC_EXP_NAME") or None  # set by `dvc exp run`, not `repro`
-    # An experiment leaves the alias where it is, but a model's first alias displaces nothing:
-    # without it `temper promote` and `predict <name>@challenger` would find no version at all.
+    # An experiment leaves the alias, but a new model's first displaces nothing (promote needs it)
     unset = cfg.alias not in client.get_registered_model(cfg.model_name).aliases
     moved = experiment is None or cfg.move_alias_in_experiments or unset
     if experiment is not None:
