@@ -652,3 +652,34 @@ def test_names_that_are_not_provably_local_are_refused_with_no_network_call(
     result = json.loads(probe.stdout.strip().splitlines()[-1])
     assert result == {"outcome": distil.EXIT_PRIVACY, "network_calls": []}
     assert not (tmp_path / "distilled").exists()
+
+
+def test_a_teacher_with_a_shutdown_date_is_named_before_anything_is_sent(
+    tmp_path, task, monkeypatch, caplog
+):
+    """The teacher priced in params (not the table) got no warning that it retires soon."""
+    import logging
+    import shutil
+
+    prepared = raw_prepared(task, tmp_path / "prepared", train=4, validation=2)
+    (tmp_path / "configs").mkdir()
+    shutil.copy(ROOT / "configs" / "prices.yaml", tmp_path / "configs" / "prices.yaml")
+    monkeypatch.chdir(tmp_path)  # the table at its default place, configs/prices.yaml
+    teacher = Teacher(
+        task, read_jsonl(prepared / "train.jsonl") + read_jsonl(prepared / "validation.jsonl")
+    )
+    retiring = {"gpt-4o-mini": {"input": 0.15, "output": 0.60}}
+    with FakeAPI(responder=teacher) as api, caplog.at_level(logging.WARNING):
+        cfg = cfg_for(
+            tmp_path,
+            prepared,
+            {
+                "kind": "openai",
+                "base_url": api.openai_url,
+                "model": "gpt-4o-mini",
+                "prices": retiring,
+            },
+        )
+        distil.run(cfg, task)
+    warned = [r.getMessage() for r in caplog.records if "gpt-4o-mini" in r.getMessage()]
+    assert any("2027-01-14" in m and "successor" in m for m in warned), warned

@@ -122,3 +122,15 @@ def load_prices(path: str | Path) -> PriceTable:
         raise
     except ValueError as err:
         raise ConfigError(f"{path}: not a price table: {err}") from None
+
+
+def warn_if_retiring(model: str, path: str | Path = "configs/prices.yaml") -> str | None:
+    """The shutdown line of `model` when the price table at `path` gives it a date (logged
+    once); None when the table, the model or a date is missing. For callers that price from
+    params (distil's teacher) rather than from the table."""
+    if not Path(path).is_file():
+        return None
+    table = load_prices(path)
+    if model not in table.models:
+        return None
+    return shutdown_warning(model, table.model(model, path))

@@ -50,6 +50,7 @@ from ..providers import (
     gather_bounded,
     open_provider,
 )
+from ..providers.prices import warn_if_retiring
 from ..records.sampling import pick_few_shot
 from ..results import DistilResult
 from ..task import TaskConfig
@@ -218,6 +219,7 @@ def run(
             estimate["usd_worst_case"],
             pcfg.max_usd,
         )
+        warn_if_retiring(pcfg.model)  # a teacher that is about to go away: say so now
         if estimate["usd_worst_case"] > pcfg.max_usd:
             log.warning(
                 "if answers run to max_tokens (%d) the spend cap stops this run before "
