@@ -11,13 +11,11 @@ its own terms and that every output dvc.yaml declares exists, not how well 2 ste
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+from dvc_project import env_of, exp_run, make_repo, sh
 
 from temper.cli import SECTIONS
 from temper.cli.profiles import profile_overrides
@@ -57,12 +55,6 @@ KINDS: dict[str, tuple[dict, str, str, bool]] = {
     "boolean": ({"kind": "boolean"}, "multi_label", "accuracy", True),
     "list": ({"kind": "list"}, "labels", "set_f1", False),
 }
-
-
-def sh(cwd: Path, *args: str, env: dict | None = None) -> str:
-    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, check=False)
-    assert done.returncode == 0, f"{' '.join(args)}:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
-    return done.stdout
 
 
 def task_file(kind: str) -> dict:
@@ -105,49 +97,24 @@ def profile(kind: str) -> dict:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, base_model_dir) -> Path:
     """A git + DVC copy of the project with a 5-label CUAD sample and one task per kind."""
+
+    def add_sample_and_tasks(repo: Path) -> None:
+        rows = []
+        for split in ("train", "validation", "test"):
+            for line in (ROOT / "data/raw/contracts" / f"{split}.jsonl").open():
+                row = json.loads(line)
+                if row["category"] in LABELS and set(row["labels"]) <= set(LABELS):
+                    rows.append(line)
+        sample = repo / "data" / "raw" / "kinds" / "clauses.jsonl"
+        sample.parent.mkdir(parents=True)
+        sample.write_text("".join(rows))
+        for kind in KINDS:
+            task = yaml.safe_dump(task_file(kind))
+            (repo / "configs" / "tasks" / f"kind_{kind}.yaml").write_text(task)
+
     repo = tmp_path_factory.mktemp("kinds") / "project"
-    repo.mkdir()
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy(ROOT / name, repo / name)
-    for name in ("pipelines", "configs", "data/raw/contracts/README.md"):
-        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        copy(
-            ROOT / name,
-            repo / name,
-            **(
-                {"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}
-            ),
-        )
-    sample = repo / "data" / "raw" / "kinds" / "clauses.jsonl"
-    sample.parent.mkdir(parents=True)
-    rows = []
-    for split in ("train", "validation", "test"):
-        for line in (ROOT / "data/raw/contracts" / f"{split}.jsonl").open():
-            row = json.loads(line)
-            if row["category"] in LABELS and set(row["labels"]) <= set(LABELS):
-                rows.append(line)
-    sample.write_text("".join(rows))
-    for kind in KINDS:
-        (repo / "configs" / "tasks" / f"kind_{kind}.yaml").write_text(
-            yaml.safe_dump(task_file(kind))
-        )
-    shutil.copytree(base_model_dir, repo / "models" / "base")
-    (repo / "docs" / "results").mkdir(parents=True)
-    shutil.copy(ROOT / "docs/results/bench_serve.json", repo / "docs/results/bench_serve.json")
-    (repo / ".gitignore").write_text("/models/\n/mlflow.db\n/mlartifacts/\n/.cache/\n")
-    sh(repo, "git", "init", "-q")
-    sh(repo, "git", "config", "user.email", "t@example.com")
-    sh(repo, "git", "config", "user.name", "t")
-    sh(repo, "dvc", "init", "-q")
-    sh(repo, "dvc", "commit", "-f", "-q", "base_model", env=env_of())
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-q", "-m", "project")
+    make_repo(repo, base_model_dir, ["data/raw/contracts/README.md"], add_sample_and_tasks)
     return repo
-
-
-def env_of() -> dict:
-    return {**os.environ, "MLFLOW_TRACKING_URI": "", "TEMPER_LOG_LEVEL": "WARNING"}
 
 
 def declared_outputs(repo: Path) -> list[Path]:
@@ -170,16 +137,7 @@ def test_each_field_kind_runs_to_register_with_its_metrics(project, kind):
     field, _, primary, classical = KINDS[kind]
     params = read_yaml(project / "params.yaml")
     overrides = profile_overrides(profile(kind), params, SECTIONS) + SMALL
-    sh(
-        project,
-        "dvc",
-        "exp",
-        "run",
-        "-n",
-        f"kind-{kind}",
-        *[a for o in overrides for a in ("-S", o)],
-        env=env_of(),
-    )
+    exp_run(project, overrides, name=f"kind-{kind}")
 
     missing = [str(p.relative_to(project)) for p in declared_outputs(project) if not p.exists()]
     assert not missing, missing

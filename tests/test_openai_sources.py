@@ -10,12 +10,10 @@ lands in the ledger with every other line kept. The slow tests run each profile 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
+from dvc_project import exp_run, make_repo
 
 from temper.records.conversations import chat_records, log_records
 from temper.records.sources import InputError, iter_numbered
@@ -200,39 +198,15 @@ SMALL = [
 ]
 
 
-def sh(cwd: Path, *args: str, env: dict | None = None) -> str:
-    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, check=False)
-    assert done.returncode == 0, f"{' '.join(args)}:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
-    return done.stdout
-
-
 def run_profile(tmp_path: Path, base_model_dir: Path, name: str, data: str) -> Path:
     """`dvc exp run` of profile `name` (plus SMALL) in a fresh copy of the project."""
     from temper.cli import SECTIONS
     from temper.cli.profiles import profile_overrides
     from temper.config import read_yaml
 
-    repo = tmp_path / "project"
-    repo.mkdir()
-    for file in ("dvc.yaml", "params.yaml"):
-        shutil.copy(ROOT / file, repo / file)
-    for folder in ("pipelines", "configs", data):
-        shutil.copytree(ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(base_model_dir, repo / "models" / "base")
-    (repo / "docs" / "results").mkdir(parents=True)
-    shutil.copy(ROOT / "docs/results/bench_serve.json", repo / "docs/results/bench_serve.json")
-    (repo / ".gitignore").write_text("/models/\n/mlflow.db\n/mlartifacts/\n/.cache/\n")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": "", "TEMPER_LOG_LEVEL": "WARNING"}
-    sh(repo, "git", "init", "-q")
-    sh(repo, "git", "config", "user.email", "t@example.com")
-    sh(repo, "git", "config", "user.name", "t")
-    sh(repo, "dvc", "init", "-q")
-    sh(repo, "dvc", "commit", "-f", "-q", "base_model", env=env)
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-q", "-m", "project")
+    repo = make_repo(tmp_path / "project", base_model_dir, [data])
     profile = read_yaml(ROOT / "configs" / "profiles" / f"{name}.yaml")
-    overrides = profile_overrides(profile, read_yaml(repo / "params.yaml"), SECTIONS) + SMALL
-    sh(repo, "dvc", "exp", "run", *[a for o in overrides for a in ("-S", o)], env=env)
+    exp_run(repo, profile_overrides(profile, read_yaml(repo / "params.yaml"), SECTIONS) + SMALL)
     return repo
 
 

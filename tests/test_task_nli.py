@@ -7,12 +7,10 @@ well 3 steps learn), through real `dvc exp run` in a copy of the project."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
+from dvc_project import exp_run, make_repo
 
 from temper.cli import SECTIONS
 from temper.cli.profiles import profile_overrides
@@ -31,37 +29,13 @@ SMALL = [
 ]
 
 
-def sh(cwd: Path, *args: str, env: dict | None = None) -> str:
-    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, check=False)
-    assert done.returncode == 0, f"{' '.join(args)}:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
-    return done.stdout
-
-
 @pytest.mark.slow
 def test_nli_profile_runs_prepare_to_register_with_no_code_change(tmp_path, base_model_dir):
-    repo = tmp_path / "project"
-    repo.mkdir()
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy(ROOT / name, repo / name)
-    for name in ("pipelines", "configs", "data/raw/contract_nli"):
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(base_model_dir, repo / "models" / "base")
-    # The cost stage's measured throughput is a committed input (the benchmark is no stage).
-    (repo / "docs" / "results").mkdir(parents=True)
-    shutil.copy(ROOT / "docs/results/bench_serve.json", repo / "docs/results/bench_serve.json")
-    (repo / ".gitignore").write_text("/models/\n/mlflow.db\n/mlartifacts/\n/.cache/\n")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": "", "TEMPER_LOG_LEVEL": "WARNING"}
-    sh(repo, "git", "init", "-q")
-    sh(repo, "git", "config", "user.email", "t@example.com")
-    sh(repo, "git", "config", "user.name", "t")
-    sh(repo, "dvc", "init", "-q")
-    sh(repo, "dvc", "commit", "-f", "-q", "base_model", env=env)  # the copied base model
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-q", "-m", "project")
+    repo = make_repo(tmp_path / "project", base_model_dir, ["data/raw/contract_nli"])
 
     profile = read_yaml(ROOT / "configs" / "profiles" / "nli.yaml")
     overrides = profile_overrides(profile, read_yaml(repo / "params.yaml"), SECTIONS) + SMALL
-    sh(repo, "dvc", "exp", "run", *[a for o in overrides for a in ("-S", o)], env=env)
+    exp_run(repo, overrides)
 
     prepared = json.loads((repo / "metrics" / "prepare.json").read_text())
     assert prepared["task"]["name"] == "contract_nli"
