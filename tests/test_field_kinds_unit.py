@@ -142,3 +142,47 @@ def test_the_confusion_matrix_of_a_boolean_and_of_many_labels(tmp_path):
     top = confusion.markdown(many, "r16", "f")
     assert "10 most frequent" in top[0] and top[4] == "| c1 | c2 | 2 |"
     assert confusion.pairs({}, "r16", "f") == [] and confusion.markdown([], "r16", "f") == []
+
+
+def test_the_route_report_says_when_no_candidate_passed_the_gates():
+    """route.md said "Winner r16" although evaluate chose none (r16 was only its pick)."""
+    from temper.evaluation.route_report import render
+    from temper.results import RouteResult
+
+    est = {"value": 0.5, "ci_low": 0.4, "ci_high": 0.6}
+    nothing = {"value": math.nan, "ci_low": math.nan, "ci_high": math.nan}
+    result = RouteResult.model_validate(
+        {
+            "winner": "r16",
+            "passed_gates": False,
+            "oracle": True,
+            "fitted_on": "validation",
+            "target": "accuracy",
+            "target_value": 0.9,
+            "target_reached": False,
+            "threshold": 1.0,
+            "n_fit": 8,
+            "n_test": 8,
+            "tiers": ["self", "frontier"],
+            "shares": {"self": 0.0, "frontier": 1.0},
+            "share_estimates": {"self": est, "frontier": est},
+            "accuracy": est,
+            "self_only_accuracy": est,
+            "kept_accuracy": nothing,
+            "usd_per_1k": est,
+            "all_api_usd_per_1k": {"frontier": 1.0},
+            "self_usd_per_1k": 0.01,
+            "self_latency_ms_p50": {"value": 7263.96, "ci_low": 7263.96, "ci_high": 7263.96},
+            "self_latency_ms_p95": {"value": 7263.96, "ci_low": 7263.96, "ci_high": 7263.96},
+            "prices": {"frontier": "gpt-6.1-sol"},
+            "prices_verified": False,
+            "prices_as_of": "2026-12",
+            "curve_fit": [],
+            "curve_test": [],
+        }
+    )
+    text = render(result)
+    assert "No candidate passed the gates" in text and "Winner `r16`" not in text
+    assert "nan" not in text and "n/a (it kept none)" in text
+    assert "7264 (no spread over resamples)" in text
+    assert "Winner `r16`" in render(result.model_copy(update={"passed_gates": True}))
