@@ -176,6 +176,8 @@ def run_prepare(
     args = [
         "prepare",
         "-S", "prepare.sources=[" + ",".join(str(s) for s in sources) + "]",
+        # prepare refuses sources outside its source_dir (DVC would not see them change)
+        "-S", f"prepare.source_dir={os.path.commonpath([str(s.parent) for s in sources])}",
         "-S", f"prepare.out_dir={out}",
         "-S", f"prepare.metrics={metrics}",
     ]  # fmt: skip
@@ -231,7 +233,12 @@ def main() -> None:
     parser.add_argument("--baseline-rev", default=None, help="Also run this git revision.")
     parser.add_argument("--baseline-records", type=int, default=None)
     parser.add_argument("--timeout", type=int, default=1800, help="Per run, seconds.")
+    parser.add_argument(
+        "--smoke", action="store_true", help="2,000 records: does it run (CI), not a timing."
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.records = 2_000
 
     work = args.work or Path(tempfile.mkdtemp(prefix="temper-bench-prepare-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -293,6 +300,8 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     rate = bench["read"] / bench["wall_s"] if bench["rc"] == 0 else 0.0
     print(f"RESULT prepare_records_per_s {rate:.0f}")
+    if any(r["rc"] for r in runs):
+        sys.exit(1)  # a failed prepare is a failed benchmark, not a slow one
 
 
 if __name__ == "__main__":
