@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from temper.providers.prices import load_prices
 from temper.results import CostResult
-from temper.stages.cost import CostConfig, CostInputError, Traffic, cost, request_usd
+from temper.stages.cost import CostConfig, CostInputError, Traffic, request_usd
+from temper.stages.cost import run as cost
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = {

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from temper.cli import app
 from temper.config import section
 from temper.online.route import RouteConfig
-from temper.stages.route import fit_threshold, lower_bound, route
+from temper.stages.route import fit_threshold, lower_bound
+from temper.stages.route import run as route
 from temper.task import load_task
 
 runner = CliRunner()

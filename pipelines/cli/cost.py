@@ -17,7 +17,7 @@ def cost_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
 
     values = load(params, set_)
     try:
-        result = cost.cost(section(values, "cost", cost.CostConfig))
+        result = cost.run(section(values, "cost", cost.CostConfig))
     except ValueError as err:  # ConfigError, and unreadable measurement files
         fail(err)
     typer.echo(summary(result))

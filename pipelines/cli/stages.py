@@ -309,7 +309,7 @@ def route_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
     values = load(params, set_)
     try:
         cfg = section(values, "route", RouteConfig)
-        result = route.route(cfg, task_of(values))
+        result = route.run(cfg, task_of(values))
     except (ConfigError, route.RouteError, ResultError) as err:
         fail(err)
     shares = ", ".join(f"{t} {result.shares[t]:.0%}" for t in result.tiers)

@@ -213,7 +213,7 @@ def break_even(a: float, gamma: float, beta: float, hw: dict[str, float]) -> flo
     return hw["usd_h"] * hw["floor_h"] / (a - gamma)
 
 
-def cost(cfg: CostConfig) -> CostResult:
+def run(cfg: CostConfig) -> CostResult:
     """Price the traffic profile three ways; write the JSON, Markdown and PNG reports."""
     table = load_prices(cfg.prices)
     models = list(dict.fromkeys([cfg.api_model, *cfg.tier_models.values()]))

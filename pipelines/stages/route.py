@@ -198,7 +198,7 @@ def percentile(values: np.ndarray, mask: np.ndarray, q: float, rs: Resamples) ->
     return estimate(float(np.nanpercentile(values[mask > 0], q)), np.array(stats), rs)
 
 
-def route(cfg: RouteConfig, task: TaskConfig) -> RouteResult:
+def run(cfg: RouteConfig, task: TaskConfig) -> RouteResult:
     """Fit, replay, price and report; returns what `reports/route.json` holds."""
     c = cfg.calibrate
     ev = EvalResult.load(c.eval)
