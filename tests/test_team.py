@@ -367,7 +367,9 @@ def test_two_users_dvc_exp_run_at_once_share_one_experiment_and_model(
     assert sorted(tracking.version_str(v.version) for v in versions) == ["1", "2"]
     assert sorted(v.tags["temper.experiment"] for v in versions) == ["exp-alice", "exp-bob"]
     assert len({v.run_id for v in versions}) == 2
-    assert c.get_registered_model(model).aliases == {}  # experiments do not move @challenger
+    # Experiments do not move @challenger; a new model's version 1 gets it only while it is the
+    # model's one version (if bob's version 2 came first, neither does): never version 2.
+    assert c.get_registered_model(model).aliases in ({}, {"challenger": "1"})
     summaries = [
         json.loads((tmp_path / u / "metrics" / "register.json").read_text()) for u in procs
     ]

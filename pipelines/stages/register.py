@@ -458,9 +458,9 @@ def run(
     if w.model_id is not None:
         tracking.link_version(client, w.model_id, cfg.model_name, number)
     experiment = os.environ.get("DVC_EXP_NAME") or None  # set by `dvc exp run`, not `repro`
-    # An experiment leaves the alias, but a new model's first displaces nothing (promote needs it)
-    unset = cfg.alias not in client.get_registered_model(cfg.model_name).aliases
-    moved = experiment is None or cfg.move_alias_in_experiments or unset
+    # An experiment leaves the alias, but a new model's only version displaces nothing.
+    alone = tracking.first_version(client, cfg.model_name, cfg.alias)
+    moved = experiment is None or cfg.move_alias_in_experiments or alone
     if experiment is not None:
         client.set_model_version_tag(cfg.model_name, number, "temper.experiment", experiment)
     if moved:

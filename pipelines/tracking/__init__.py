@@ -13,6 +13,7 @@
 from .access import StoreAccessError, access_error
 from .registry import (
     alias_version,
+    first_version,
     known_model,
     lineage,
     link_version,
@@ -56,6 +57,7 @@ __all__ = [
     "access_error",
     "MlflowConfig",
     "alias_version",
+    "first_version",
     "child_run",
     "ensure_candidates_view",
     "git_commit",

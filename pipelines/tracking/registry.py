@@ -148,3 +148,11 @@ def lineage(name: str, version: str | int) -> dict[str, Any]:
         "base_model_hash": tags["temper.base_model_hash"],
         "adapter_sha256": tags["temper.adapter_sha256"],
     }
+
+
+def first_version(client: Any, name: str, alias: str) -> bool:
+    """Model `name` has no `alias` and only one version (the one just made). Two experiments
+    racing on a new model: only the first, while it is alone, gets the alias."""
+    if alias in client.get_registered_model(name).aliases:
+        return False
+    return len(client.search_model_versions(f"name = '{name}'")) == 1
