@@ -82,7 +82,7 @@ def exps_cmd(
     changed = changed_params(params)
     heads = [headline(rev) for rev in revs]
     flat = [flatten(p) for p in params]
-    header = ["experiment", *changed, "task", "winner", "primary", "candidate", "baseline"]
+    header = ["experiment", *changed, "task name", "winner", "primary", "candidate", "baseline"]
     header += ["tf-idf", "registered"]
     table = []
     for name, f, h in zip(names, flat, heads, strict=True):
