@@ -190,8 +190,7 @@ def mark_failed(cfg: MlflowConfig, params: dict[str, Any], stage: str) -> str | 
     uri = tracking_uri(cfg)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         return None
-    mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(tracking_uri=uri)  # its own client: no global URI set
     experiment = client.get_experiment_by_name(cfg.experiment)
     found = experiment and _pipeline_runs(client, experiment.experiment_id, pipeline_key(params))
     if not found:
