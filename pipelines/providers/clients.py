@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from ..io import stable_hash
 from .base import (
@@ -39,9 +39,22 @@ from .limits import (
 from .privacy import redact
 from .retries import is_retryable, may_have_been_billed, retry_after_s
 
+if TYPE_CHECKING:
+    from tenacity import AsyncRetrying
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+class _Attempt(NamedTuple):
+    """A successful try: the reply and what it counted and cost."""
+
+    reply: Reply
+    input_tokens: int
+    output_tokens: int
+    usd: float
+    latency_ms: float
 
 
 class Provider:
@@ -223,6 +236,30 @@ class Provider:
     async def _call(
         self, messages: Messages, json_schema: dict[str, Any] | None, max_tokens: int
     ) -> Completion:
+        """One request through the budget, rate limits and retries; stats counted once."""
+        price = self.price()
+        est_in = estimate_tokens(messages)
+        reserve = price.worst_case(est_in, max_tokens)
+        retrying = self._retrying()
+        client = self._state()[2]
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    done = await self._attempt(
+                        client, messages, json_schema, max_tokens, price, est_in, reserve
+                    )
+        except BudgetExceeded:
+            raise
+        except OverLimitReply as err:
+            self.stats.failures += 1
+            raise OverLimitReply(str(err)) from None
+        except Exception as err:
+            self.stats.failures += 1
+            raise self._gave_up(err, attempt.retry_state.attempt_number) from None
+        return self._count(done)
+
+    def _retrying(self) -> AsyncRetrying:
+        """Tenacity's retry loop: a server's Retry-After (capped) wins over our backoff."""
         from tenacity import (
             AsyncRetrying,
             retry_if_exception,
@@ -230,9 +267,7 @@ class Provider:
             wait_random_exponential,
         )
 
-        cfg, price = self.cfg, self.price()
-        est_in = estimate_tokens(messages)
-        reserve = price.worst_case(est_in, max_tokens)
+        cfg = self.cfg
         backoff = wait_random_exponential(multiplier=cfg.backoff_s, max=cfg.backoff_max_s)
 
         def wait(state: Any) -> float:
@@ -246,86 +281,111 @@ class Provider:
             err = state.outcome.exception()
             log.debug("retry %d after %s", state.attempt_number, type(err).__name__)
 
-        client = self._state()[2]
-        retrying = AsyncRetrying(
+        return AsyncRetrying(
             stop=stop_after_attempt(cfg.max_retries + 1),
             wait=wait,
             retry=retry_if_exception(is_retryable),
             reraise=True,
             before_sleep=before_sleep,
         )
+
+    async def _attempt(
+        self,
+        client: Any,
+        messages: Messages,
+        json_schema: dict[str, Any] | None,
+        max_tokens: int,
+        price: Price,
+        est_in: int,
+        reserve: float,
+    ) -> _Attempt:
+        """One try: reserve its worst case, send it, settle the budget at what it cost."""
         try:
-            async for attempt in retrying:
-                with attempt:
-                    try:
-                        self.budget.reserve(reserve)
-                    except BudgetExceeded:
-                        self.stats.budget_refusals += 1
-                        raise
-                    t0 = time.perf_counter()
-                    sent = False
-                    try:
-                        await self.limiter.acquire(est_in + max_tokens)
-                        t0 = time.perf_counter()
-                        self.stats.requests += 1
-                        sent = True
-                        reply = Reply(*await self._send(client, messages, json_schema, max_tokens))
-                        text, tin, tout, finish = reply[:4]
-                        # Servers that report no usage (some local ones): the estimate, but
-                        # never more than the limit unless the text cannot fit in it.
-                        tin = est_in if tin is None else tin
-                        if tout is None:
-                            tout = min(math.ceil(len(text) / CHARS_PER_TOKEN), max_tokens)
-                            if len(text) > 16 * max_tokens:  # no tokenizer is that coarse
-                                tout = max_tokens + 1
-                        if tout > max_tokens:
-                            claimed = price.cost(tin, tout) - price.cost(tin, max_tokens)
-                            self.stats.usd_claimed_over_limit += max(claimed, 0.0)
-                            raise OverLimitReply(
-                                f"reply of {tout} output tokens, over the "
-                                f"requested limit of {max_tokens}"
-                            )
-                    except BaseException as err:
-                        # A request the server may have finished is charged its worst case.
-                        charge = reserve if sent and may_have_been_billed(err) else 0.0
-                        self.budget.settle(reserve, charge)
-                        if charge:
-                            self.stats.usd += charge
-                            self.stats.usd_charged_worst_case += charge
-                            if isinstance(err, OverLimitReply):
-                                self.stats.over_limit += 1
-                            else:
-                                self.stats.abandoned += 1
-                        self.stats.errors[type(err).__name__] += 1
-                        if (seconds := retry_after_s(err)) is not None:
-                            self.limiter.pause(min(seconds, cfg.max_retry_after_s))
-                        raise
-                    latency = (time.perf_counter() - t0) * 1000
-                    usd = price.cost(tin, tout, reply.cached_input_tokens, reply.cache_write_tokens)
-                    self.budget.settle(reserve, usd)
+            self.budget.reserve(reserve)
         except BudgetExceeded:
+            self.stats.budget_refusals += 1
             raise
-        except OverLimitReply as err:
-            self.stats.failures += 1
-            raise OverLimitReply(str(err)) from None
-        except Exception as err:
-            self.stats.failures += 1
-            # Error texts end up in rejects.jsonl and logs: never let a server echo the key.
-            text = str(err)
-            if secret := getattr(self, "_api_key", None):
-                text = text.replace(secret, "***")
-            raise ProviderError(
-                f"{type(err).__name__} after {attempt.retry_state.attempt_number}"
-                f" attempt(s): {text[:300]}"
-            ) from None
-        self.stats.input_tokens += tin
-        self.stats.output_tokens += tout
+        sent = False
+        try:
+            await self.limiter.acquire(est_in + max_tokens)
+            t0 = time.perf_counter()
+            self.stats.requests += 1
+            sent = True
+            reply = Reply(*await self._send(client, messages, json_schema, max_tokens))
+            tin, tout = self._reply_tokens(reply, est_in, max_tokens, price)
+        except BaseException as err:
+            self._settle_failed(err, reserve, sent)
+            raise
+        latency = (time.perf_counter() - t0) * 1000
+        usd = price.cost(tin, tout, reply.cached_input_tokens, reply.cache_write_tokens)
+        self.budget.settle(reserve, usd)
+        return _Attempt(reply, tin, tout, usd, latency)
+
+    def _reply_tokens(
+        self, reply: Reply, est_in: int, max_tokens: int, price: Price
+    ) -> tuple[int, int]:
+        """The reply's token counts (estimated where the server reports none); a reply over
+        `max_tokens` raises OverLimitReply, its extra cost counted as claimed over the limit."""
+        text, tin, tout = reply.text, reply.input_tokens, reply.output_tokens
+        # Servers that report no usage (some local ones): the estimate, but
+        # never more than the limit unless the text cannot fit in it.
+        tin = est_in if tin is None else tin
+        if tout is None:
+            tout = min(math.ceil(len(text) / CHARS_PER_TOKEN), max_tokens)
+            if len(text) > 16 * max_tokens:  # no tokenizer is that coarse
+                tout = max_tokens + 1
+        if tout > max_tokens:
+            claimed = price.cost(tin, tout) - price.cost(tin, max_tokens)
+            self.stats.usd_claimed_over_limit += max(claimed, 0.0)
+            raise OverLimitReply(
+                f"reply of {tout} output tokens, over the requested limit of {max_tokens}"
+            )
+        return tin, tout
+
+    def _settle_failed(self, err: BaseException, reserve: float, sent: bool) -> None:
+        """Release a failed try's reservation; one the server may have finished is charged
+        its worst case. A Retry-After pauses the limiter for every request."""
+        charge = reserve if sent and may_have_been_billed(err) else 0.0
+        self.budget.settle(reserve, charge)
+        if charge:
+            self.stats.usd += charge
+            self.stats.usd_charged_worst_case += charge
+            if isinstance(err, OverLimitReply):
+                self.stats.over_limit += 1
+            else:
+                self.stats.abandoned += 1
+        self.stats.errors[type(err).__name__] += 1
+        if (seconds := retry_after_s(err)) is not None:
+            self.limiter.pause(min(seconds, self.cfg.max_retry_after_s))
+
+    def _gave_up(self, err: Exception, attempts: int) -> ProviderError:
+        """The ProviderError for a request that failed for good, the API key masked: error
+        texts end up in rejects.jsonl and logs, and a server may echo the key."""
+        text = str(err)
+        if secret := getattr(self, "_api_key", None):
+            text = text.replace(secret, "***")
+        return ProviderError(f"{type(err).__name__} after {attempts} attempt(s): {text[:300]}")
+
+    def _count(self, done: _Attempt) -> Completion:
+        """Add a finished request to the stats; its Completion."""
+        reply = done.reply
+        self.stats.input_tokens += done.input_tokens
+        self.stats.output_tokens += done.output_tokens
         self.stats.cached_input_tokens += reply.cached_input_tokens
         self.stats.cache_write_tokens += reply.cache_write_tokens
-        self.stats.usd += usd
-        self.stats.latencies_ms.append(latency)
-        cached_in = reply.cached_input_tokens
-        return Completion(text, tin, tout, usd, latency, False, finish, self.cfg.model, cached_in)
+        self.stats.usd += done.usd
+        self.stats.latencies_ms.append(done.latency_ms)
+        return Completion(
+            reply.text,
+            done.input_tokens,
+            done.output_tokens,
+            done.usd,
+            done.latency_ms,
+            False,
+            reply.finish_reason,
+            self.cfg.model,
+            reply.cached_input_tokens,
+        )
 
 
 async def gather_bounded(
