@@ -157,8 +157,25 @@ def plots(result: MonitorResult, out: Path) -> list[Path]:
 
 
 def markdown(result: MonitorResult) -> str:
-    t, q = result.traffic, result.quality
+    """report.md: traffic, quality, drift and probes, each section beside its plot."""
+    j = result.judge
     lines = [
+        *_head_lines(result),
+        *_traffic_lines(result.traffic),
+        *_quality_lines(result.quality),
+        *_drift_lines(result),
+        *_probe_lines(result),
+        "",
+        f"Judge spend ${j['spent_usd']:.4f} of ${j['budget_usd']:.2f}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _head_lines(result: MonitorResult) -> list[str]:
+    """The title, the period covered and the alarms, so the verdict comes first."""
+    t = result.traffic
+    return [
         "# Monitor report",
         "",
         f"Generated {when(result.generated)} UTC over {t['requests']} logged requests "
@@ -166,6 +183,12 @@ def markdown(result: MonitorResult) -> str:
         "",
         "**Alarms: " + (", ".join(result.alarms) if result.alarms else "none") + "**",
         "",
+    ]
+
+
+def _traffic_lines(t: dict[str, Any]) -> list[str]:
+    """The traffic section: errors, cache and tier shares, latency, tokens."""
+    return [
         "## Traffic",
         "",
         f"- answered {t['answered']}, server errors {t['server_errors']} "
@@ -176,12 +199,34 @@ def markdown(result: MonitorResult) -> str:
         "",
         "![traffic](traffic.png)",
         "",
+    ]
+
+
+def _quality_lines(q: dict[str, Any]) -> list[str]:
+    """The quality section: judged accuracy, the alarm rules, the per-window table."""
+    lines = [
         "## Quality",
         "",
         f"Baseline accuracy {pct(q['baseline_accuracy'])}. Judged answers {q['judged']}: "
         f"accuracy {pct(q['judged_accuracy'])} [{pct(q['judged_interval'][0])}, "
         f"{pct(q['judged_interval'][1])}] (95% Wilson).",
+        *_quality_notes(q),
+        "",
+        "| window start | judged | correct | accuracy | 95% interval |",
+        "|---|---|---|---|---|",
     ]
+    for w in q.get("judge_windows") or []:
+        lines.append(
+            f"| {when(w['start'])} | {w['judged']} | {w['correct']} | {pct(w['accuracy'])} | "
+            f"[{pct(w['low'])}, {pct(w['high'])}] |"
+        )
+    return [*lines, "", "![quality](quality.png)", ""]
+
+
+def _quality_notes(q: dict[str, Any]) -> list[str]:
+    """The optional quality lines (judge agreement, calibration, CUSUM, weekly rule): each
+    only when the check ran, so a report never shows a number that was not computed."""
+    lines: list[str] = []
     a = q["agreement"]
     if a["n"]:
         kappa = "-" if a["kappa"] is None else f"{a['kappa']:.2f}"
@@ -205,17 +250,12 @@ def markdown(result: MonitorResult) -> str:
         )
     if "weekly" in q:
         lines.append(f"Weekly rule: {'ALARM' if q['weekly']['alarm'] else 'no alarm'}.")
-    lines += [
-        "",
-        "| window start | judged | correct | accuracy | 95% interval |",
-        "|---|---|---|---|---|",
-    ]
-    for w in q.get("judge_windows") or []:
-        lines.append(
-            f"| {when(w['start'])} | {w['judged']} | {w['correct']} | {pct(w['accuracy'])} | "
-            f"[{pct(w['low'])}, {pct(w['high'])}] |"
-        )
-    lines += ["", "![quality](quality.png)", "", "## Drift", ""]
+    return lines
+
+
+def _drift_lines(result: MonitorResult) -> list[str]:
+    """The drift section: one row per test that ran, then the tests skipped and why."""
+    lines = ["## Drift", ""]
     if result.drift:
         lines += ["| test | statistic | p-value | alarm |", "|---|---|---|---|"]
         for d in result.drift:
@@ -224,23 +264,26 @@ def markdown(result: MonitorResult) -> str:
                 f"{'yes' if d['alarm'] else 'no'} |"
             )
         lines += ["", "![drift](drift.png)"]
-    lines += [f"- skipped: {s}" for s in result.drift_skipped]
-    if result.probes:
-        lines += [
-            "",
-            "## Provider probes",
-            "",
-            "| tier | agreement | p-value | alarm |",
-            "|---|---|---|---|",
-        ]
-        for tier, v in result.probes.items():
-            lines.append(
-                f"| {tier} | {pct(v['agreement'])} | {v['p_value']:.3g} | "
-                f"{'yes' if v['alarm'] else 'no'} |"
-            )
-    j = result.judge
-    lines += ["", f"Judge spend ${j['spent_usd']:.4f} of ${j['budget_usd']:.2f}.", ""]
-    return "\n".join(lines)
+    return lines + [f"- skipped: {s}" for s in result.drift_skipped]
+
+
+def _probe_lines(result: MonitorResult) -> list[str]:
+    """The provider probes section (only when probes ran): agreement per API tier."""
+    if not result.probes:
+        return []
+    lines = [
+        "",
+        "## Provider probes",
+        "",
+        "| tier | agreement | p-value | alarm |",
+        "|---|---|---|---|",
+    ]
+    for tier, v in result.probes.items():
+        lines.append(
+            f"| {tier} | {pct(v['agreement'])} | {v['p_value']:.3g} | "
+            f"{'yes' if v['alarm'] else 'no'} |"
+        )
+    return lines
 
 
 def write_report(result: MonitorResult, report_dir: str | Path, state_file: str | Path) -> Path:
