@@ -37,10 +37,26 @@ def write_report(
     result: CacheEvalResult, cfg: Any, examples: dict[float, list[dict]], path: str | Path
 ) -> None:
     """The markdown report: how the replay was built, the table, the default, examples."""
+    lines = [
+        "# Semantic cache: hit rate and wrong hits on real clauses",
+        "",
+        "Written by the `cache_eval` stage (`temper cache-eval`; docs/cache.md explains it).",
+        "",
+        _verdict(result, cfg),
+        "",
+        *_replay_lines(result, cfg),
+        *_threshold_lines(result, cfg),
+        *_wrong_hit_lines(examples, result.default.threshold),
+    ]
+    with atomic_open(path) as handle:
+        handle.write("\n".join(lines))
+
+
+def _verdict(result: CacheEvalResult, cfg: Any) -> str:
+    """The default threshold and why; when none meets the bound, the closest one, so the
+    reader sees how far off the similarity layer is."""
     d = result.default
-    n = result.exact.requests
     chosen = d.threshold
-    origins = ", ".join(f"{k} {v}" for k, v in result.replay.items())
     pick = next((r for r in result.thresholds if r.threshold == chosen), result.exact)
     scored = [r for r in result.thresholds if r.wrong_among_hits.ci_high is not None]
     closest = min(scored, key=lambda r: r.wrong_among_hits.ci_high, default=None)
@@ -49,7 +65,7 @@ def write_report(
         if closest is not None
         else ""
     )
-    verdict = (
+    return (
         f"**Default threshold: {chosen:.2f}** (hit rate {pct(pick.hit_rate)}, "
         f"wrong among hits {pct(d.wrong_among_hits)}): the highest hit rate whose wrong-hit "
         f"rate has a Wilson 95% upper bound <= {100 * cfg.max_wrong_upper:g}%."
@@ -58,13 +74,14 @@ def write_report(
         f"<= {100 * cfg.max_wrong_upper:g}%): the default is the exact layer alone "
         f"(hit rate {pct(result.exact.hit_rate)}).{nearest}"
     )
-    lines = [
-        "# Semantic cache: hit rate and wrong hits on real clauses",
-        "",
-        "Written by the `cache_eval` stage (`temper cache-eval`; docs/cache.md explains it).",
-        "",
-        verdict,
-        "",
+
+
+def _replay_lines(result: CacheEvalResult, cfg: Any) -> list[str]:
+    """How the replay was built and what counts as a wrong hit: the numbers mean nothing
+    without it."""
+    n = result.exact.requests
+    origins = ", ".join(f"{k} {v}" for k, v in result.replay.items())
+    return [
         "## The replay",
         "",
         f"{n} requests, against an empty cache, in a seeded random arrival order (seed "
@@ -95,6 +112,13 @@ def write_report(
         "one as `gold`; this column counts a hit wrong only when the cached type is none of the "
         "clause's labels (`gold_all`) or the key term differs. The rule uses the strict column.",
         "",
+    ]
+
+
+def _threshold_lines(result: CacheEvalResult, cfg: Any) -> list[str]:
+    """The table of every threshold (the exact layer first, the default in bold) and the plot."""
+    chosen = result.default.threshold
+    return [
         "## Every threshold",
         "",
         "Rates in percent with Wilson 95% intervals. Hits: all (exact / similar).",
@@ -108,6 +132,11 @@ def write_report(
         f"![hit rate and wrong-hit rate vs threshold]({Path(cfg.plot).name})",
         "",
     ]
+
+
+def _wrong_hit_lines(examples: dict[float, list[dict]], chosen: float | None) -> list[str]:
+    """The first wrong hits at the default and at 0.95: what a wrong hit looks like."""
+    lines: list[str] = []
     shown = sorted({t for t in (chosen, 0.95) if t in examples})
     for t in shown:
         wrong = examples[t][:5]
@@ -120,8 +149,7 @@ def write_report(
                 f"({hit.answer})",
             ]
         lines.append("")
-    with atomic_open(path) as handle:
-        handle.write("\n".join(lines))
+    return lines
 
 
 def write_plot(result: CacheEvalResult, path: str | Path, bound: float) -> None:

@@ -108,86 +108,138 @@ def score_field(
 ) -> FieldScores:
     """Per-example scores of one field: `values` are the answers (`field_value`), `refs` the
     references (gold or teacher), one per record."""
+    if f.kind == "label" and not f.multi:
+        # As before the field kinds: no null_match for single labels.
+        return _score_single_label(f, records, values, refs)
     out = FieldScores()
     has_ref = np.array([g is not None for g in refs])
-    key = f"{f.name}."
-
-    def masked(name: str, per: list[Any]) -> None:
-        out.scores[key + name] = np.array(per, float)
-        out.masks[key + name] = has_ref
-
-    if f.kind == "label" and not f.multi:
-        gold_all = [
-            (r.get("gold_all") or {}).get(f.name) or [g] for r, g in zip(records, refs, strict=True)
-        ]
-        res = load("label_metrics").compute(
-            # None -> "" (no answer): arrow cannot type a column that is all None.
-            predictions=[v or "" for v in values],
-            references=[str(g) for g in refs],
-            references_all=gold_all,
-            return_per_example=True,
-        )
-        out.scores[key + "accuracy"] = np.array(res["correct"], float)
-        out.scores[key + "accuracy_any"] = np.array(res["correct_any"], float)
-        out.extra[key + "per_class"] = res["per_class"]
-        out.extra[key + "labels"] = (values, [str(g) for g in refs])
-        return out  # as before the field kinds: no null_match for single labels
     if f.is_list:
-        norm = (lambda items: items) if f.kind == "label" else _normalise_items
-        res = load("multilabel_f1").compute(
-            predictions=[norm(v or []) for v in values],
-            references=[norm(g or []) for g in refs],
-            return_per_example=True,
-        )
-        if f.kind == "label":
-            masked("accuracy", res["exact"])
-            masked("sample_f1", res["f1"])
-            weight = has_ref.astype(float)
-            tp, pooled = np.array(res["tp"], float), np.add(res["n_pred"], res["n_gold"])
-            out.ratios[key + "micro_f1"] = (2 * tp * weight, pooled * weight)
-        else:
-            masked("set_f1", res["f1"])
+        _score_list(out, f, values, refs, has_ref)
     elif f.kind == "text":
-        res = load("text_rouge").compute(
-            predictions=[v or "" for v in values],
-            references=[g or "" for g in refs],
-            return_per_example=True,
-        )
-        for rouge in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
-            masked(rouge, res[f"{rouge}_scores"])
-        masked(
-            "exact_match",
-            [
-                v is not None and g is not None and normalise_text(v) == normalise_text(g)
-                for v, g in zip(values, refs, strict=True)
-            ],
-        )
+        _score_text(out, f, values, refs, has_ref)
     elif f.kind == "number":
-        pairs = list(zip(values, refs, strict=True))
-        masked("exact", [v is not None and g is not None and v == g for v, g in pairs])
-        masked(
-            "within_tolerance",
-            [v is not None and g is not None and abs(v - g) <= f.tolerance for v, g in pairs],
-        )
-    else:  # boolean: scored as a two-class label (its JSON spelling), so it gets P/R and F1
-        masked("accuracy", [v is not None and v == g for v, g in zip(values, refs, strict=True)])
-        spelled = [json.dumps(v) if isinstance(v, bool) else "" for v in values]
-        gold = [json.dumps(g) for g in refs]  # a null gold is the class "null"
-        res = load("label_metrics").compute(
-            predictions=spelled,
-            references=gold,
-            references_all=[[g] for g in gold],
-            return_per_example=True,
-        )
-        out.extra[key + "per_class"] = res["per_class"]
-        out.extra[key + "labels"] = (spelled, gold)
+        _score_number(out, f, values, refs, has_ref)
+    else:
+        _score_boolean(out, f, values, refs, has_ref)
     if f.nullable:
-        out.scores[key + "null_match"] = np.array(
-            [(v is None) == (g is None) for v, g in zip(values, refs, strict=True)], float
-        )
-        out.scores[key + "null_agreement"] = np.array([v is None for v in values], float)
-        out.masks[key + "null_agreement"] = ~has_ref
+        _score_nulls(out, f, values, refs, has_ref)
     return out
+
+
+def _add_masked(out: FieldScores, name: str, per: list[Any], has_ref: np.ndarray) -> None:
+    """Add a score that compares with the reference, so it averages only where there is one."""
+    out.scores[name] = np.array(per, float)
+    out.masks[name] = has_ref
+
+
+def _score_single_label(
+    f: TaskField, records: list[dict[str, Any]], values: list[Any], refs: list[Any]
+) -> FieldScores:
+    """A single label: accuracy against the gold label and against any of `gold_all` (CUAD
+    labels one span with several types), plus the per-class table macro-F1 comes from."""
+    out = FieldScores()
+    key = f"{f.name}."
+    gold_all = [
+        (r.get("gold_all") or {}).get(f.name) or [g] for r, g in zip(records, refs, strict=True)
+    ]
+    res = load("label_metrics").compute(
+        # None -> "" (no answer): arrow cannot type a column that is all None.
+        predictions=[v or "" for v in values],
+        references=[str(g) for g in refs],
+        references_all=gold_all,
+        return_per_example=True,
+    )
+    out.scores[key + "accuracy"] = np.array(res["correct"], float)
+    out.scores[key + "accuracy_any"] = np.array(res["correct_any"], float)
+    out.extra[key + "per_class"] = res["per_class"]
+    out.extra[key + "labels"] = (values, [str(g) for g in refs])
+    return out
+
+
+def _score_list(
+    out: FieldScores, f: TaskField, values: list[Any], refs: list[Any], has_ref: np.ndarray
+) -> None:
+    """A list or a multi-label: per-example set F1; multi-labels also get the exact-set
+    accuracy and micro-F1, kept as sums (a ratio over the whole set has no per-example value)."""
+    key = f"{f.name}."
+    norm = (lambda items: items) if f.kind == "label" else _normalise_items
+    res = load("multilabel_f1").compute(
+        predictions=[norm(v or []) for v in values],
+        references=[norm(g or []) for g in refs],
+        return_per_example=True,
+    )
+    if f.kind == "label":
+        _add_masked(out, key + "accuracy", res["exact"], has_ref)
+        _add_masked(out, key + "sample_f1", res["f1"], has_ref)
+        weight = has_ref.astype(float)
+        tp, pooled = np.array(res["tp"], float), np.add(res["n_pred"], res["n_gold"])
+        out.ratios[key + "micro_f1"] = (2 * tp * weight, pooled * weight)
+    else:
+        _add_masked(out, key + "set_f1", res["f1"], has_ref)
+
+
+def _score_text(
+    out: FieldScores, f: TaskField, values: list[Any], refs: list[Any], has_ref: np.ndarray
+) -> None:
+    """Free text: ROUGE for partial credit, exact match after SQuAD normalisation."""
+    key = f"{f.name}."
+    res = load("text_rouge").compute(
+        predictions=[v or "" for v in values],
+        references=[g or "" for g in refs],
+        return_per_example=True,
+    )
+    for rouge in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
+        _add_masked(out, key + rouge, res[f"{rouge}_scores"], has_ref)
+    exact = [
+        v is not None and g is not None and normalise_text(v) == normalise_text(g)
+        for v, g in zip(values, refs, strict=True)
+    ]
+    _add_masked(out, key + "exact_match", exact, has_ref)
+
+
+def _score_number(
+    out: FieldScores, f: TaskField, values: list[Any], refs: list[Any], has_ref: np.ndarray
+) -> None:
+    """A number: exactly equal, and within the field's `tolerance` (a close value counts)."""
+    key = f"{f.name}."
+    pairs = list(zip(values, refs, strict=True))
+    exact = [v is not None and g is not None and v == g for v, g in pairs]
+    _add_masked(out, key + "exact", exact, has_ref)
+    within = [v is not None and g is not None and abs(v - g) <= f.tolerance for v, g in pairs]
+    _add_masked(out, key + "within_tolerance", within, has_ref)
+
+
+def _score_boolean(
+    out: FieldScores, f: TaskField, values: list[Any], refs: list[Any], has_ref: np.ndarray
+) -> None:
+    """A boolean, scored as a two-class label (its JSON spelling) so it gets P/R and F1."""
+    key = f"{f.name}."
+    correct = [v is not None and v == g for v, g in zip(values, refs, strict=True)]
+    _add_masked(out, key + "accuracy", correct, has_ref)
+    spelled = [json.dumps(v) if isinstance(v, bool) else "" for v in values]
+    gold = [json.dumps(g) for g in refs]  # a null gold is the class "null"
+    res = load("label_metrics").compute(
+        predictions=spelled,
+        references=gold,
+        references_all=[[g] for g in gold],
+        return_per_example=True,
+    )
+    out.extra[key + "per_class"] = res["per_class"]
+    out.extra[key + "labels"] = (spelled, gold)
+
+
+def _score_nulls(
+    out: FieldScores, f: TaskField, values: list[Any], refs: list[Any], has_ref: np.ndarray
+) -> None:
+    """A nullable field: the quality scores skip the examples whose gold is null, so these say
+    how rarely a value is invented there: null exactly where gold is null (every example), and
+    null on the examples whose gold is null (only those)."""
+    key = f"{f.name}."
+    out.scores[key + "null_match"] = np.array(
+        [(v is None) == (g is None) for v, g in zip(values, refs, strict=True)], float
+    )
+    out.scores[key + "null_agreement"] = np.array([v is None for v in values], float)
+    out.masks[key + "null_agreement"] = ~has_ref
 
 
 def _normalise_items(items: list[str]) -> list[str]:

@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import Field
 
 from ..config import Section
-from ..results import CandidateEval, Estimate, EvalResult, GateCheck, GateResult
+from ..results import CandidateEval, Estimate, EvalResult, GateCheck, GateResult, JudgeResult
 
 
 class GatesConfig(Section):
@@ -83,98 +83,138 @@ def check(
     cfg: GatesConfig, primary: str, entry: CandidateEval, baseline_kind: str | None = None
 ) -> GateResult:
     """Gate results of one candidate's evaluation (`baseline_kind`: api, base_model, None)."""
-    delta = entry.delta_vs_baseline or {}
-    judge = entry.judge
     checks: list[GateCheck] = []
-
-    def value(metrics: dict[str, Estimate], key: str, part: str = "value") -> float | None:
-        return getattr(metrics[key], part) if key in metrics else None
-
-    def add(name: str, threshold: float | None, got: float | None, op: str, note: str = "") -> None:
-        if threshold is None:
-            return
-        ok = (
-            got is not None
-            and {
-                ">=": got >= threshold,
-                "<=": got <= threshold,
-                ">": got > threshold,
-            }[op]
-        )
-        checks.append(
-            GateCheck(gate=name, threshold=threshold, op=op, value=got, passed=bool(ok), note=note)
-        )
-
     metrics = entry.metrics
-    add("min_primary", cfg.min_primary, value(metrics, primary), ">=", primary)
+    _add(checks, "min_primary", cfg.min_primary, _value(metrics, primary), ">=", primary)
+    _add_baseline_gate(checks, cfg, primary, entry.delta_vs_baseline or {}, baseline_kind)
+    classical = entry.delta_vs_classical or {}
+    _add(
+        checks,
+        "min_delta_vs_classical_low",
+        cfg.min_delta_vs_classical_low,
+        _value(classical, primary, "ci_low"),
+        ">=",
+        f"lower CI of {primary} delta vs the classical yardstick"
+        if primary in classical
+        else "no yardstick for this metric: cannot pass",
+    )
+    _add(
+        checks,
+        "min_json_valid_rate",
+        cfg.min_json_valid_rate,
+        _value(metrics, "json_valid_rate"),
+        ">=",
+    )
+    _add(
+        checks,
+        "min_schema_valid_rate",
+        cfg.min_schema_valid_rate,
+        _value(metrics, "schema_valid_rate"),
+        ">=",
+    )
+    _add(
+        checks,
+        "max_p95_latency_ms",
+        cfg.max_p95_latency_ms,
+        _value(metrics, "latency_ms_p95"),
+        "<=",
+        "per request",
+    )
+    _add_judge_gate(checks, cfg, entry.judge)
+    return GateResult(passed=all(c.passed for c in checks), checks=checks)
+
+
+def _value(metrics: dict[str, Estimate], key: str, part: str = "value") -> float | None:
+    """A metric's value or interval bound; None when it was not measured (the gate fails)."""
+    return getattr(metrics[key], part) if key in metrics else None
+
+
+def _add(
+    checks: list[GateCheck],
+    name: str,
+    threshold: float | None,
+    got: float | None,
+    op: str,
+    note: str = "",
+) -> None:
+    """Append one gate's check; a gate set to null is off and adds nothing, a missing value
+    fails."""
+    if threshold is None:
+        return
+    ok = (
+        got is not None
+        and {
+            ">=": got >= threshold,
+            "<=": got <= threshold,
+            ">": got > threshold,
+        }[op]
+    )
+    checks.append(
+        GateCheck(gate=name, threshold=threshold, op=op, value=got, passed=bool(ok), note=note)
+    )
+
+
+def _add_baseline_gate(
+    checks: list[GateCheck],
+    cfg: GatesConfig,
+    primary: str,
+    delta: dict[str, Estimate],
+    baseline_kind: str | None,
+) -> None:
+    """The gate against the baseline: superiority over the base model, non-inferiority to the
+    API teacher (`baseline_test`); without a baseline it cannot pass."""
     who = {"api": "API teacher", "base_model": "base model"}.get(baseline_kind or "", "baseline")
     if baseline_test(cfg, baseline_kind) == "superiority":
-        add(
+        _add(
+            checks,
             "min_delta_low",
             cfg.min_delta_low,
-            value(delta, primary, "ci_low"),
+            _value(delta, primary, "ci_low"),
             ">=",
             f"superiority vs {who}: lower CI of {primary} delta"
             if delta
             else "no baseline: cannot pass",
         )
     elif cfg.non_inferiority_margin is not None:
-        add(
+        _add(
+            checks,
             "non_inferiority",
             -cfg.non_inferiority_margin,
-            value(delta, primary, "ci_low"),
+            _value(delta, primary, "ci_low"),
             ">",
             f"non-inferiority vs {who}: lower CI of {primary} delta > -margin"
             if delta
             else "no baseline: cannot pass",
         )
-    classical = entry.delta_vs_classical or {}
-    add(
-        "min_delta_vs_classical_low",
-        cfg.min_delta_vs_classical_low,
-        value(classical, primary, "ci_low"),
-        ">=",
-        f"lower CI of {primary} delta vs the classical yardstick"
-        if primary in classical
-        else "no yardstick for this metric: cannot pass",
+
+
+def _add_judge_gate(checks: list[GateCheck], cfg: GatesConfig, judge: JudgeResult | None) -> None:
+    """The judge's win rate gates only when the judge is calibrated; otherwise the check is
+    recorded as skipped (passed), so an unreliable judge decides nothing."""
+    if cfg.min_judge_win_rate is None:
+        return
+    if judge is not None and judge.calibrated:
+        _add(
+            checks,
+            "min_judge_win_rate",
+            cfg.min_judge_win_rate,
+            judge.win_rate.value,
+            ">=",
+            "calibrated judge",
+        )
+        return
+    reason = "judge not run" if judge is None else "judge uncalibrated: not counted"
+    checks.append(
+        GateCheck(
+            gate="min_judge_win_rate",
+            threshold=cfg.min_judge_win_rate,
+            op=">=",
+            value=None,
+            passed=True,
+            skipped=True,
+            note=reason,
+        )
     )
-    add("min_json_valid_rate", cfg.min_json_valid_rate, value(metrics, "json_valid_rate"), ">=")
-    add(
-        "min_schema_valid_rate",
-        cfg.min_schema_valid_rate,
-        value(metrics, "schema_valid_rate"),
-        ">=",
-    )
-    add(
-        "max_p95_latency_ms",
-        cfg.max_p95_latency_ms,
-        value(metrics, "latency_ms_p95"),
-        "<=",
-        "per request",
-    )
-    if cfg.min_judge_win_rate is not None:
-        if judge is not None and judge.calibrated:
-            add(
-                "min_judge_win_rate",
-                cfg.min_judge_win_rate,
-                judge.win_rate.value,
-                ">=",
-                "calibrated judge",
-            )
-        else:
-            reason = "judge not run" if judge is None else "judge uncalibrated: not counted"
-            checks.append(
-                GateCheck(
-                    gate="min_judge_win_rate",
-                    threshold=cfg.min_judge_win_rate,
-                    op=">=",
-                    value=None,
-                    passed=True,
-                    skipped=True,
-                    note=reason,
-                )
-            )
-    return GateResult(passed=all(c.passed for c in checks), checks=checks)
 
 
 def best(values: dict[str, float | None]) -> str | None:

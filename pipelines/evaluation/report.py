@@ -188,16 +188,47 @@ def render(
     per_class: dict[str, dict[str, Any]],
     label: str | None,
 ) -> str:
-    conf = int(evaluation["confidence"] * 100)
+    """`reports/eval.md`: the setup, every system's metrics, the paired comparisons, gates,
+    judge, per-class figures and the winner's worst answers (`label`: the field per-class
+    figures and the confusion matrix are about; None: no such sections)."""
     sysm = systems(evaluation)
-    base = evaluation.get("baseline")
-    lines = [
+    lines = _header_lines(evaluation)
+    keys = _headline_metric_keys(sysm)
+    lines += _metric_lines(sysm, keys)
+    if evaluation.get("baseline"):
+        lines += _baseline_delta_lines(evaluation, keys)
+    lines += classical_lines(evaluation)
+    lines += key_term_lines(sysm, preds)
+    lines += calibration_lines(sysm)
+    lines += ["## Gates", "", gate_table(EvalResult.model_validate(evaluation)), ""]
+    lines += _judge_lines(evaluation)
+    if label:
+        lines += _per_class_lines(sysm, per_class, label)
+    focus = evaluation["winner"] or next(iter(evaluation["candidates"]), None)
+    if focus and label:
+        lines += confusion.markdown(confusion.pairs(per_class, focus, label), focus, label)
+    if focus and cfg.worst_examples:
+        lines += _worst_example_lines(cfg.worst_examples, records, preds[focus], focus, label)
+    return "\n".join(lines) + "\n"
+
+
+def _baseline_text(base: dict[str, Any] | None) -> str:
+    """The baseline's kind and, when recorded, its source (the API answers file)."""
+    if not base:
+        return "none"
+    return base["kind"] + (" (" + base.get("source", "") + ")" if base.get("source") else "")
+
+
+def _header_lines(evaluation: dict[str, Any]) -> list[str]:
+    """What was evaluated and how: the test set, baseline, intervals and the winner."""
+    conf = int(evaluation["confidence"] * 100)
+    return [
         "# Evaluation report",
         "",
         *task_line(evaluation),
         f"- test set: `{evaluation['test_file']}` ({evaluation['n_examples']} examples, "
         f"sha256 {evaluation['test_sha256'][:12]})",
-        f"- baseline: {base['kind'] + (' (' + base.get('source', '') + ')' if base.get('source') else '') if base else 'none'}",
+        f"- baseline: {_baseline_text(evaluation.get('baseline'))}",
         f"- primary metric: `{evaluation['primary_metric']}`; intervals: {conf}% percentile "
         f"bootstrap, {evaluation['n_resamples']} resamples (paired for deltas)",
         f"- **winner: {evaluation['winner'] or no_winner(evaluation)}**",
@@ -207,11 +238,21 @@ def render(
         "## Metrics",
         "",
     ]
-    keys = []
+
+
+def _headline_metric_keys(sysm: dict[str, dict[str, Any]]) -> list[str]:
+    """The headline metrics of every system, each once: the first system's in `HEADLINE`
+    order, then those the next ones add."""
+    keys: list[str] = []
     for entry in sysm.values():
         keys += [k for k in headline_keys(entry["metrics"]) if k not in keys]
+    return keys
+
+
+def _metric_lines(sysm: dict[str, dict[str, Any]], keys: list[str]) -> list[str]:
+    """The headline table, then every other metric folded away so the table stays readable."""
     rows = [[k] + [fmt(e["metrics"].get(k)) for e in sysm.values()] for k in keys]
-    lines += [md_table(["metric"] + list(sysm), rows), ""]
+    lines = [md_table(["metric"] + list(sysm), rows), ""]
     other = sorted({k for e in sysm.values() for k in e["metrics"]} - set(keys))
     if other:
         rows = [[k] + [fmt(e["metrics"].get(k)) for e in sysm.values()] for k in other]
@@ -223,126 +264,138 @@ def render(
             "</details>",
             "",
         ]
-    if base:
-        lines += ["## Candidate - baseline (paired)", ""]
-        cands = evaluation["candidates"]
-        dkeys = [
-            k for k in keys if any(k in (c.get("delta_vs_baseline") or {}) for c in cands.values())
-        ]
-        rows = [
-            [k] + [fmt((c.get("delta_vs_baseline") or {}).get(k)) for c in cands.values()]
-            for k in dkeys
-        ]
-        lines += [md_table(["metric"] + list(cands), rows), "", "![deltas](deltas.png)", ""]
-    lines += classical_lines(evaluation)
-    lines += key_term_lines(sysm, preds)
-    lines += calibration_lines(sysm)
-    lines += ["## Gates", "", gate_table(EvalResult.model_validate(evaluation)), ""]
+    return lines
+
+
+def _baseline_delta_lines(evaluation: dict[str, Any], keys: list[str]) -> list[str]:
+    """The paired differences candidate - baseline of the headline metrics."""
+    cands = evaluation["candidates"]
+    dkeys = [
+        k for k in keys if any(k in (c.get("delta_vs_baseline") or {}) for c in cands.values())
+    ]
+    rows = [
+        [k] + [fmt((c.get("delta_vs_baseline") or {}).get(k)) for c in cands.values()]
+        for k in dkeys
+    ]
+    return [
+        "## Candidate - baseline (paired)",
+        "",
+        md_table(["metric"] + list(cands), rows),
+        "",
+        "![deltas](deltas.png)",
+        "",
+    ]
+
+
+def _judge_lines(evaluation: dict[str, Any]) -> list[str]:
+    """The LLM judge's verdicts per candidate, or why it did not run."""
     judged = {n: c["judge"] for n, c in evaluation["candidates"].items() if c.get("judge")}
-    lines += ["## LLM judge", ""]
     if not judged:
-        lines += [
+        why = (
             "Not run (`judge.enabled: false`, the offline default)."
             if not evaluation.get("judge", {}).get("enabled")
-            else "Not run (no baseline).",
-            "",
-        ]
-    else:
-        rows = []
-        for n, j in judged.items():
-            rows.append(
-                [
-                    n,
-                    str(j["n_judged"]),
-                    fmt(j["win_rate"]),
-                    fmt(j["win"]),
-                    fmt(j["tie"]),
-                    fmt(j["loss"]),
-                    f"{j['flip_rate']:.3f}" if j["flip_rate"] is not None else "n/a",
-                    f"{j['agreement']:.3f} on {j['n_decided']}"
-                    if j["agreement"] is not None
-                    else "n/a",
-                    "yes" if j["calibrated"] else "**no** (not gated)",
-                    str(j["errors"]),
-                ]
-            )
-        lines += [
-            md_table(
-                [
-                    "candidate",
-                    "judged",
-                    "win rate (ties 1/2)",
-                    "win",
-                    "tie",
-                    "loss",
-                    "position flips",
-                    "agreement with gold",
-                    "calibrated",
-                    "errors",
-                ],
-                rows,
-            ),
-            "",
-        ]
-    if label:
-        lines += [
-            f"## Per category ({label}: recall = accuracy within the class)",
-            "",
-            "![per-class accuracy](per_class_accuracy.png)",
-            "",
-        ]
-        names = [n for n in sysm if f"{label}.per_class" in per_class.get(n, {})]
-        classes = sorted({c for n in names for c in per_class[n][f"{label}.per_class"]})
-        rows = []
-        for c in classes:
-            support = next(
-                per_class[n][f"{label}.per_class"][c]["support"]
+            else "Not run (no baseline)."
+        )
+        return ["## LLM judge", "", why, ""]
+    header = [
+        "candidate",
+        "judged",
+        "win rate (ties 1/2)",
+        "win",
+        "tie",
+        "loss",
+        "position flips",
+        "agreement with gold",
+        "calibrated",
+        "errors",
+    ]
+    rows = [_judge_row(n, j) for n, j in judged.items()]
+    return ["## LLM judge", "", md_table(header, rows), ""]
+
+
+def _judge_row(name: str, j: dict[str, Any]) -> list[str]:
+    """One candidate's judge figures; an uncalibrated judge is flagged (it gates nothing)."""
+    return [
+        name,
+        str(j["n_judged"]),
+        fmt(j["win_rate"]),
+        fmt(j["win"]),
+        fmt(j["tie"]),
+        fmt(j["loss"]),
+        f"{j['flip_rate']:.3f}" if j["flip_rate"] is not None else "n/a",
+        f"{j['agreement']:.3f} on {j['n_decided']}" if j["agreement"] is not None else "n/a",
+        "yes" if j["calibrated"] else "**no** (not gated)",
+        str(j["errors"]),
+    ]
+
+
+def _per_class_lines(
+    sysm: dict[str, dict[str, Any]], per_class: dict[str, dict[str, Any]], label: str
+) -> list[str]:
+    """Recall / precision of every class of `label` per system: where a model is weak."""
+    table = f"{label}.per_class"
+    names = [n for n in sysm if table in per_class.get(n, {})]
+    classes = sorted({c for n in names for c in per_class[n][table]})
+    rows = []
+    for c in classes:
+        support = next(per_class[n][table][c]["support"] for n in names if c in per_class[n][table])
+        rows.append(
+            [c, str(support)]
+            + [
+                f"{per_class[n][table].get(c, {}).get('recall', 0):.2f} / "
+                f"{per_class[n][table].get(c, {}).get('precision', 0):.2f}"
                 for n in names
-                if c in per_class[n][f"{label}.per_class"]
-            )
-            rows.append(
-                [c, str(support)]
-                + [
-                    f"{per_class[n][f'{label}.per_class'].get(c, {}).get('recall', 0):.2f} / "
-                    f"{per_class[n][f'{label}.per_class'].get(c, {}).get('precision', 0):.2f}"
-                    for n in names
-                ]
-            )
-        lines += [md_table(["class", "n"] + [f"{n} R / P" for n in names], rows), ""]
-    focus = evaluation["winner"] or next(iter(evaluation["candidates"]), None)
-    if focus and label:
-        lines += confusion.markdown(confusion.pairs(per_class, focus, label), focus, label)
-    if focus and cfg.worst_examples:
-        wrong = [p for p in preds[focus] if not p["valid"] or not p["correct"]]
-        # The most confidently wrong first (what a router would have kept), then the rest.
-        wrong.sort(key=lambda p: (-_or(answer_confidence(p, label), -1.0), str(p["id"])))
-        lines += [
-            f"## Worst examples of `{focus}` ({len(wrong)} wrong or invalid of "
-            f"{len(preds[focus])}; most confident first)",
-            "",
-        ]
-        texts = {r["id"]: r["text"] for r in records}
-        first_gold = next(iter((records[0].get("gold") or {}) if records else {}), None)
-        shown = label or first_gold  # the gold column: the label field, else the first field
-        rows = []
-        for p in wrong[: cfg.worst_examples]:
-            clause = texts[p["id"]][:160].replace("|", "\\|") + (
-                "…" if len(texts[p["id"]]) > 160 else ""
-            )
-            output = (p["output"] or "").replace("\n", " ").replace("|", "\\|")[:120]
-            conf = answer_confidence(p, label)
-            rows.append(
-                [
-                    p["id"],
-                    clause,
-                    str((p.get("gold") or {}).get(shown)) if shown else "",
-                    f"`{output}`",
-                    "" if conf is None else f"{conf:.2f}",
-                    "ok" if p["valid"] else "; ".join(p["problems"])[:60],
-                ]
-            )
-        lines += [md_table(["id", "input", "gold", "answer", "confidence", "schema"], rows), ""]
-    return "\n".join(lines) + "\n"
+            ]
+        )
+    return [
+        f"## Per category ({label}: recall = accuracy within the class)",
+        "",
+        "![per-class accuracy](per_class_accuracy.png)",
+        "",
+        md_table(["class", "n"] + [f"{n} R / P" for n in names], rows),
+        "",
+    ]
+
+
+def _worst_example_lines(
+    n_shown: int,
+    records: list[dict[str, Any]],
+    focus_preds: list[dict[str, Any]],
+    focus: str,
+    label: str | None,
+) -> list[str]:
+    """The focus system's wrong or invalid answers, most confidently wrong first (what a
+    router would have kept), then the rest."""
+    wrong = [p for p in focus_preds if not p["valid"] or not p["correct"]]
+    wrong.sort(key=lambda p: (-_or(answer_confidence(p, label), -1.0), str(p["id"])))
+    texts = {r["id"]: r["text"] for r in records}
+    first_gold = next(iter((records[0].get("gold") or {}) if records else {}), None)
+    shown = label or first_gold  # the gold column: the label field, else the first field
+    rows = [_worst_example_row(p, texts[p["id"]], shown, label) for p in wrong[:n_shown]]
+    return [
+        f"## Worst examples of `{focus}` ({len(wrong)} wrong or invalid of "
+        f"{len(focus_preds)}; most confident first)",
+        "",
+        md_table(["id", "input", "gold", "answer", "confidence", "schema"], rows),
+        "",
+    ]
+
+
+def _worst_example_row(
+    p: dict[str, Any], text: str, shown: str | None, label: str | None
+) -> list[str]:
+    """One wrong answer, its input and output cut short and escaped for a table cell."""
+    clause = text[:160].replace("|", "\\|") + ("…" if len(text) > 160 else "")
+    output = (p["output"] or "").replace("\n", " ").replace("|", "\\|")[:120]
+    conf = answer_confidence(p, label)
+    return [
+        p["id"],
+        clause,
+        str((p.get("gold") or {}).get(shown)) if shown else "",
+        f"`{output}`",
+        "" if conf is None else f"{conf:.2f}",
+        "ok" if p["valid"] else "; ".join(p["problems"])[:60],
+    ]
 
 
 def _or(value: float | None, default: float) -> float:
