@@ -29,6 +29,7 @@ latency. What this does:
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass
@@ -201,6 +202,18 @@ def common_prefix_len(rows: list[list[int]]) -> int:
     return n
 
 
+@dataclass
+class _Decoding:
+    """How every batch of one `generate` call is decoded (one object, so the per-batch
+    helpers take few arguments)."""
+
+    max_new_tokens: int
+    stop_at_json: bool
+    token_scores: bool
+    constraint: Any  # `constrained.json_logits_processor`'s result, or None (free answers)
+    eos_ids: set[int]
+
+
 def generate(
     model: Any,
     tokenizer: Any,
@@ -218,89 +231,153 @@ def generate(
 
     `schema`: a JSON schema every answer is constrained to (`constrained.py`); None: free.
     """
-    import copy
-
-    import torch
     from tqdm.auto import tqdm
-    from transformers import LogitsProcessorList, StoppingCriteriaList
 
-    system_ok = supports_system(tokenizer)
-    texts = [
-        render(tokenizer, p, system_ok, tokenize=False, add_generation_prompt=True) for p in prompts
-    ]
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    n_prefix = common_prefix_len(encoded) if prefix_cache and len(encoded) > 1 else 0
-    prefix_kv = None
-    if n_prefix:
-        prefix = torch.tensor([encoded[0][:n_prefix]], device=model.device)
-        with torch.inference_mode():
-            prefix_kv = model(input_ids=prefix, use_cache=True).cache
-        encoded = [row[n_prefix:] for row in encoded]
-    order = sorted(range(len(texts)), key=lambda i: (-len(encoded[i]), i))
+    encoded = _encode(tokenizer, prompts)
+    prefix, prefix_kv, encoded = _shared_prefix(model, encoded, prefix_cache)
+    order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
     eos = tokenizer.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos])
-    results: list[Generation | None] = [None] * len(texts)
     constraint = None
     if schema is not None:
         from .constrained import json_logits_processor
 
         constraint = json_logits_processor(schema, tokenizer)
-    bar = tqdm(total=len(texts), desc=desc, unit="ex", disable=not progress)
+    decoding = _Decoding(
+        max_new_tokens=max_new_tokens,
+        stop_at_json=stop_at_json,
+        token_scores=token_scores,
+        constraint=constraint,
+        eos_ids=set(eos if isinstance(eos, list) else [eos]),
+    )
+    results: list[Generation | None] = [None] * len(encoded)
+    bar = tqdm(total=len(encoded), desc=desc, unit="ex", disable=not progress)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        t0 = time.perf_counter()
-        batch = tokenizer.pad(
-            {"input_ids": [encoded[i] for i in idx]}, return_tensors="pt", padding=True
-        ).to(model.device)
-        extra: dict[str, Any] = {}
-        if prefix_kv is not None:
-            cache = copy.deepcopy(prefix_kv)
-            cache.batch_repeat_interleave(len(idx))
-            ones = torch.ones_like(batch["attention_mask"][:, :1]).expand(-1, n_prefix)
-            batch["input_ids"] = torch.cat([prefix.expand(len(idx), -1), batch["input_ids"]], 1)
-            batch["attention_mask"] = torch.cat([ones, batch["attention_mask"]], 1)
-            extra["cache"] = cache
-        prompt_len = batch["input_ids"].shape[1]
-        clock = _StepClock()
-        stopping = StoppingCriteriaList(
-            [clock] + ([_JsonDone(tokenizer, prompt_len)] if stop_at_json else [])
-        )
-        if constraint is not None:  # one matcher per row: a fresh processor per batch
-            extra["logits_processor"] = LogitsProcessorList([constraint.processor(max_new_tokens)])
-        with torch.inference_mode():
-            out = model.generate(
-                **batch,
-                **extra,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                use_cache=True,
-                pad_token_id=tokenizer.pad_token_id,
-                stopping_criteria=stopping,
-                **(
-                    {"output_logits": True, "return_dict_in_generate": True} if token_scores else {}
-                ),
-            )
-        logprobs = None
-        if token_scores:
-            # step t's logits score the token at prompt_len + t: log p of the one chosen
-            steps = torch.stack(out.logits, 1).float().log_softmax(-1)
-            out = out.sequences
-            logprobs = steps.gather(-1, out[:, prompt_len:, None])[..., 0].tolist()
-        elapsed_ms = (time.perf_counter() - t0) * 1000
-        stamps = [(s - t0) * 1000 for s in clock.stamps] or [elapsed_ms]
-        new = out[:, prompt_len:].tolist()
-        for k, (i, row) in enumerate(zip(idx, new, strict=True)):
-            n = _count_new(row, eos_ids)
-            results[i] = Generation(
-                text=tokenizer.decode(row[:n], skip_special_tokens=True).strip(),
-                new_tokens=n,
-                latency_ms=stamps[min(max(n, 1), len(stamps)) - 1],
-                first_token_ms=stamps[0],
-                amortised_ms=elapsed_ms / len(idx),
-            )
-            if logprobs is not None:
-                results[i].token_ids = row[:n]
-                results[i].token_logprobs = logprobs[k][:n]
+        rows = [encoded[i] for i in idx]
+        answers = _generate_batch(model, tokenizer, rows, prefix, prefix_kv, decoding)
+        for i, answer in zip(idx, answers, strict=True):
+            results[i] = answer
         bar.update(len(idx))
     bar.close()
     return [r for r in results if r is not None]
+
+
+def _encode(tokenizer: Any, prompts: list[list[dict[str, str]]]) -> list[list[int]]:
+    """Token ids of each prompt rendered with the chat template (which holds the special
+    tokens itself, so the tokenizer adds none)."""
+    system_ok = supports_system(tokenizer)
+    texts = [
+        render(tokenizer, p, system_ok, tokenize=False, add_generation_prompt=True) for p in prompts
+    ]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _shared_prefix(
+    model: Any, encoded: list[list[int]], enabled: bool
+) -> tuple[Any, Any, list[list[int]]]:
+    """The token prefix every prompt shares, run through the model once so that no batch
+    recomputes it: (its ids as a 1 x n tensor, its KV cache, the prompts without it); with no
+    shared prefix (or `enabled` off, or a single prompt): (None, None, the prompts)."""
+    import torch
+
+    n_prefix = common_prefix_len(encoded) if enabled and len(encoded) > 1 else 0
+    if not n_prefix:
+        return None, None, encoded
+    prefix = torch.tensor([encoded[0][:n_prefix]], device=model.device)
+    with torch.inference_mode():
+        prefix_kv = model(input_ids=prefix, use_cache=True).cache
+    return prefix, prefix_kv, [row[n_prefix:] for row in encoded]
+
+
+def _pad_batch(
+    model: Any, tokenizer: Any, rows: list[list[int]], prefix: Any, prefix_kv: Any
+) -> tuple[Any, dict[str, Any]]:
+    """The batch's inputs laid out as [shared prefix | left padding | own suffix], and the
+    extra `generate` arguments (a copy of the prefix's KV cache, one row per example)."""
+    import torch
+
+    batch = tokenizer.pad({"input_ids": rows}, return_tensors="pt", padding=True).to(model.device)
+    extra: dict[str, Any] = {}
+    if prefix_kv is not None:
+        cache = copy.deepcopy(prefix_kv)
+        cache.batch_repeat_interleave(len(rows))
+        ones = torch.ones_like(batch["attention_mask"][:, :1]).expand(-1, prefix.shape[1])
+        batch["input_ids"] = torch.cat([prefix.expand(len(rows), -1), batch["input_ids"]], 1)
+        batch["attention_mask"] = torch.cat([ones, batch["attention_mask"]], 1)
+        extra["cache"] = cache
+    return batch, extra
+
+
+def _generate_batch(
+    model: Any,
+    tokenizer: Any,
+    rows: list[list[int]],
+    prefix: Any,
+    prefix_kv: Any,
+    decoding: _Decoding,
+) -> list[Generation]:
+    """Answers to one batch of encoded prompts, in the batch's order, each timed from the
+    batch's start (its padding included)."""
+    t0 = time.perf_counter()
+    batch, extra = _pad_batch(model, tokenizer, rows, prefix, prefix_kv)
+    prompt_len = batch["input_ids"].shape[1]
+    clock = _StepClock()
+    sequences, logprobs = _decode(model, tokenizer, batch, extra, clock, decoding)
+    elapsed_ms = (time.perf_counter() - t0) * 1000
+    stamps = [(s - t0) * 1000 for s in clock.stamps] or [elapsed_ms]
+    new = sequences[:, prompt_len:].tolist()
+    answers = []
+    for k, row in enumerate(new):
+        n = _count_new(row, decoding.eos_ids)
+        answer = Generation(
+            text=tokenizer.decode(row[:n], skip_special_tokens=True).strip(),
+            new_tokens=n,
+            latency_ms=stamps[min(max(n, 1), len(stamps)) - 1],
+            first_token_ms=stamps[0],
+            amortised_ms=elapsed_ms / len(rows),
+        )
+        if logprobs is not None:
+            answer.token_ids = row[:n]
+            answer.token_logprobs = logprobs[k][:n]
+        answers.append(answer)
+    return answers
+
+
+def _decode(
+    model: Any,
+    tokenizer: Any,
+    batch: Any,
+    extra: dict[str, Any],
+    clock: _StepClock,
+    decoding: _Decoding,
+) -> tuple[Any, list[list[float]] | None]:
+    """Greedy decoding of one padded batch: (prompt + new token ids, and with `token_scores`
+    the log-probability of each new token, else None). `clock` stamps every step."""
+    import torch
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    prompt_len = batch["input_ids"].shape[1]
+    stopping = StoppingCriteriaList(
+        [clock] + ([_JsonDone(tokenizer, prompt_len)] if decoding.stop_at_json else [])
+    )
+    if decoding.constraint is not None:  # one matcher per row: a fresh processor per batch
+        processor = decoding.constraint.processor(decoding.max_new_tokens)
+        extra["logits_processor"] = LogitsProcessorList([processor])
+    with_logits = {"output_logits": True, "return_dict_in_generate": True}
+    with torch.inference_mode():
+        out = model.generate(
+            **batch,
+            **extra,
+            max_new_tokens=decoding.max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=tokenizer.pad_token_id,
+            stopping_criteria=stopping,
+            **(with_logits if decoding.token_scores else {}),
+        )
+    if not decoding.token_scores:
+        return out, None
+    # step t's logits score the token at prompt_len + t: log p of the one chosen
+    steps = torch.stack(out.logits, 1).float().log_softmax(-1)
+    sequences = out.sequences
+    return sequences, steps.gather(-1, sequences[:, prompt_len:, None])[..., 0].tolist()
