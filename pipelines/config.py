@@ -12,15 +12,17 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from .errors import TemperError
+
 DEFAULT_PARAMS = Path("params.yaml")
 
 
-class ConfigError(ValueError):
+class ConfigError(TemperError, ValueError):
     """A configuration file is missing, unreadable or does not match its schema."""
 
 
@@ -28,9 +30,6 @@ class Section(BaseModel):
     """Base for every config section: unknown keys are rejected, values validated on set."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
-
-
-S = TypeVar("S", bound=Section)
 
 
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -198,28 +197,28 @@ def value_origin(params: dict[str, Any], dotted: str) -> str:
     return str(getattr(params, "source", DEFAULT_PARAMS))
 
 
-def section(params: dict[str, Any], name: str, model: type[S], source: str | None = None) -> S:
-    """Validate `params[name]` into `model`, with an error that names the field and where its
-    value came from: the params file or the `-S` override (when `params` is a `Params`)."""
-    try:
-        return model.model_validate(params.get(name) or {})
-    except ValidationError as err:
-        file = source or getattr(params, "source", None) or str(DEFAULT_PARAMS)
-        overrides = getattr(params, "overrides", [])
-        errors = []
-        for e in err.errors():
-            dotted = ".".join([name, *(str(p) for p in e["loc"])])
-            msg = e["msg"]
-            if e["type"] == "extra_forbidden":
-                msg += _did_you_mean(model, [str(p) for p in e["loc"]])
-            errors.append((dotted, _origin(dotted, overrides) or file, msg))
-        origins = list(dict.fromkeys(origin for _, origin, _ in errors))
-        if len(origins) == 1:
-            lines = [f"  {dotted}: {msg}" for dotted, _, msg in errors]
-        else:
-            lines = [f"  {dotted} ({origin}): {msg}" for dotted, origin, msg in errors]
-        header = origins[0] if len(origins) == 1 else f"{file} with -S overrides"
-        raise ConfigError(f"{header}: invalid '{name}' section:\n" + "\n".join(lines)) from None
+def invalid(err: ValidationError, model: type[Section], params: dict[str, Any]) -> ConfigError:
+    """A validation error of the root params model as one message naming each bad field
+    (`train.rank`) and where its value came from: the params file or the `-S` override."""
+    file = getattr(params, "source", None) or str(DEFAULT_PARAMS)
+    overrides = getattr(params, "overrides", [])
+    errors = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        dotted = ".".join(loc)
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg += _did_you_mean(model, loc)
+        errors.append((dotted, _origin(dotted, overrides) or file, msg))
+    origins = list(dict.fromkeys(origin for _, origin, _ in errors))
+    if len(origins) == 1:
+        lines = [f"  {dotted}: {msg}" for dotted, _, msg in errors]
+    else:
+        lines = [f"  {dotted} ({origin}): {msg}" for dotted, origin, msg in errors]
+    header = origins[0] if len(origins) == 1 else f"{file} with -S overrides"
+    names = list(dict.fromkeys(dotted.split(".")[0] for dotted, _, _ in errors))
+    what = f"'{names[0]}' section" if len(names) == 1 else "sections " + ", ".join(names)
+    return ConfigError(f"{header}: invalid {what}:\n" + "\n".join(lines))
 
 
 def _did_you_mean(model: type[Section], loc: list[str]) -> str:

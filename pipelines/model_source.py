@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .errors import TemperError
 from .io import read_json, sha256_file
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ QUANT_FILE = "temper_quantization.json"
 ATTN_CHOICES = ("eager", "sdpa", "flash_attention_2")
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(TemperError, ValueError):
     """The base model folder or the folder it references is not what was recorded."""
 
 

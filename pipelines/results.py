@@ -14,12 +14,13 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .errors import TemperError
 from .io import read_json, write_json
 
 R = TypeVar("R", bound="Result")
 
 
-class ResultError(ValueError):
+class ResultError(TemperError, ValueError):
     """A result file is missing or does not match its model (the message names the file)."""
 
 

@@ -22,13 +22,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from temper.config import ConfigError, load_params, section
+from temper.config import ConfigError, load_params
 from temper.io import read_jsonl
+from temper.params import TemperParams
 from temper.providers.base import Price
 from temper.providers.limits import estimate_tokens
 from temper.providers.prices import load_prices
 from temper.records.sampling import pick_few_shot
-from temper.stages.distil import DistilConfig
 from temper.task import load_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     params = load_params(args.params)
     task = load_task(args.task or ROOT / params["task"])
-    distil = section(params, "distil", DistilConfig, args.params)
+    distil = TemperParams.of(params).distil
     if args.input_tokens is None:
         train_path = Path(args.prepared) / "train.jsonl"
         if not train_path.exists():

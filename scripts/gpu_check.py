@@ -39,6 +39,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from temper.params import TemperParams
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -96,9 +98,8 @@ def ensure_base(base: Path) -> None:
 def prepare_data(work: Path, task: Any, base: Path, tiny: bool) -> Path:
     """The prepared splits (all of them, or a toy share), with the gold teacher's completions
     (what `distil.provider.kind: gold` writes), in `work/data`."""
-    from temper.config import load_params, section
+    from temper.config import load_params
     from temper.io import read_jsonl, write_jsonl
-    from temper.stages.prepare import PrepareConfig
     from temper.stages.prepare import run as prepare
 
     params = load_params(ROOT / "params.yaml")
@@ -107,7 +108,7 @@ def prepare_data(work: Path, task: Any, base: Path, tiny: bool) -> Path:
         if tiny
         else dict.fromkeys(("train", "validation", "test"))
     )
-    cfg = section(params, "prepare", PrepareConfig).model_copy(
+    cfg = TemperParams.of(params).prepare.model_copy(
         update={
             "out_dir": str(work / "prepared"),
             "metrics": str(work / "prepare.json"),
@@ -182,7 +183,7 @@ def part_lora_qlora(work: Path, data: Path, base: Path, steps: int, device: str)
         )
         reset_peak(device)
         t0 = time.perf_counter()
-        res = train.run(cfg, [name], base)[name]
+        res = train.run(cfg.only([name]), base)[name]
         rows.append(train_row(name, res, time.perf_counter() - t0))
     lora, qlora = rows
     ratio = qlora["train_s"] / lora["train_s"] if lora["train_s"] else math.nan
@@ -204,7 +205,7 @@ def part_full(work: Path, data: Path, base: Path, task: Any, device: str, tiny: 
     cfg = train_config(work, data, "full", device, **knobs)
     reset_peak(device)
     t0 = time.perf_counter()
-    res = train.run(cfg, ["full"], base)["full"]
+    res = train.run(cfg.only(["full"]), base)["full"]
     row = train_row("full profile", res, time.perf_counter() - t0)
 
     test = read_jsonl(data / "test.jsonl")
@@ -339,7 +340,7 @@ def rank_train(cfg_file: Path, base: Path) -> None:
 
     cfg = TrainConfig.model_validate_json(cfg_file.read_text())
     for name in cfg.candidates:
-        train.train_candidate(cfg, name, base, None, None)
+        train.train_candidate(cfg.candidate(name), base)
 
 
 # --- the report ---------------------------------------------------------------------------------

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from temper.config import load_params, section
+from temper.config import load_params
+from temper.params import TemperParams
 from temper.evaluation.generation import generate, load_model
 from temper.io import read_jsonl, write_jsonl
 from temper.model_source import adapter_method
 from temper.stages import train
-from temper.stages.prepare import PrepareConfig
 from temper.stages.prepare import run as prepare
 from temper.task import load_task, parse_answer
 from temper.training.config import TrainConfig
@@ -46,7 +46,7 @@ work = Path(tempfile.mkdtemp(prefix="gpu-smoke-"))
 prepared = Path("data/prepared")
 if not (prepared / "train.jsonl").exists():
     params = load_params("params.yaml")
-    cfg = section(params, "prepare", PrepareConfig).model_copy(
+    cfg = TemperParams.of(params).prepare.model_copy(
         update={
             "out_dir": str(work / "prepared"),
             "metrics": str(work / "prepare.json"),
@@ -100,7 +100,7 @@ for method in ("lora", "qlora"):
                       max_steps=steps, batch_size=8, layers=None, save_steps=10_000,
                       candidates={method: {}})
     torch.cuda.reset_peak_memory_stats()
-    m = train.run(cfg, [method], base)[method]  # a results.TrainResult
+    m = train.run(cfg.only([method]), base)[method]  # a results.TrainResult
     train_rows.append((method, m.precision, m.steps, m.train_seconds, m.tokens_per_s or 0.0,
                        m.peak_cuda_mb or 0.0, m.trainable_params, m.val_loss, m.base_val_loss))
     torch.cuda.empty_cache()

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from temper.params import TemperParams
+
 # Nothing in the tests may reach a hub or phone home.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -61,12 +63,12 @@ def task():
 @pytest.fixture(scope="session")
 def prepared_dir(tmp_path_factory, base_model_dir, task) -> Path:
     """A small prepared dataset from the real CUAD files (train 64, validation 32, test 32)."""
-    from temper.config import load_params, section
-    from temper.stages.prepare import PrepareConfig, run
+    from temper.config import load_params
+    from temper.stages.prepare import run
 
     out = tmp_path_factory.mktemp("prepared")
     params = load_params(ROOT / "params.yaml")
-    cfg = section(params, "prepare", PrepareConfig).model_copy(
+    cfg = TemperParams.of(params).prepare.model_copy(
         update={
             "sources": [str(ROOT / s) for s in params["prepare"]["sources"]],
             "out_dir": str(out),

@@ -25,6 +25,8 @@ from typing import Any
 
 import yaml
 
+from temper.params import TemperParams
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "temper-clause-review"
 
@@ -209,14 +211,13 @@ def train_candidates(
     `log_model=False`: a candidate trained without a logged model (`mlflow_model_id` None).
     Returns {name: TrainResult}."""
     from temper import tracking
-    from temper.config import flatten, section
+    from temper.config import flatten
     from temper.io import model_hash
     from temper.results import TrainResult
-    from temper.training.config import TrainConfig
 
     params = project_params(tmp)
-    cfg = section(params, "mlflow", tracking.MlflowConfig)
-    base = section(params, "train", TrainConfig).model_dump(exclude={"candidates"})
+    cfg = TemperParams.of(params).mlflow
+    base = TemperParams.of(params).train.model_dump(exclude={"candidates"})
     base_hash = model_hash(tmp / "models" / "base")
     results = {}
     for name in names:
@@ -289,15 +290,14 @@ def write_eval(tmp: Path, correct: dict[str, list[int]], winner: str | None = No
     """
     import numpy as np
 
-    from temper.config import section
-    from temper.evaluation.gates import GatesConfig, check, pick_winner
+    from temper.evaluation.gates import check, pick_winner
     from temper.evaluation.scoring import answer_fields, attach_scores
     from temper.io import sha256_file, write_jsonl
     from temper.results import EvalResult
     from temper.task import load_task
 
     task = load_task(ROOT / "configs" / "tasks" / "clause_review.yaml")
-    gates_cfg = section(project_params(tmp), "gates", GatesConfig)
+    gates_cfg = TemperParams.of(project_params(tmp)).gates
     n = len(next(iter(correct.values())))
     gold = {"clause_type": "Governing Law", "key_term": None}
     records = [

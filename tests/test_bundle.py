@@ -336,7 +336,9 @@ def test_bad_records_name_file_line_and_field(tmp_path):
         '{"text": 7}\n'
         '{"text": "Another clause."}\n'
     )
-    with pytest.raises(batch_predict.InputError, match=r"in.jsonl:2: expected a JSON object"):
+    with pytest.raises(
+        batch_predict.PredictInputError, match=r"in.jsonl:2: expected a JSON object"
+    ):
         batch_predict.read_records(path)
     records, skipped = batch_predict.read_records(path, on_error="skip")
     assert records == [
@@ -352,12 +354,12 @@ def test_bad_records_name_file_line_and_field(tmp_path):
     ]
     csv_path = tmp_path / "in.csv"
     csv_path.write_text('body,id\n"multi\nline clause",x1\n,x2\n')
-    with pytest.raises(batch_predict.InputError, match=r"in.csv:3: text: missing"):
+    with pytest.raises(batch_predict.PredictInputError, match=r"in.csv:3: text: missing"):
         batch_predict.read_records(csv_path)
     records, skipped = batch_predict.read_records(csv_path, "body", "skip")
     assert records == [{"id": "x1", "text": "multi\nline clause"}]
     assert skipped == [f"{csv_path}:4: body: empty text"]
-    with pytest.raises(batch_predict.InputError, match="unknown input format '.txt'"):
+    with pytest.raises(batch_predict.PredictInputError, match="unknown input format '.txt'"):
         (tmp_path / "in.txt").write_text("x")
         batch_predict.read_records(tmp_path / "in.txt")
 

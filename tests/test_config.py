@@ -6,15 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from temper.cli import SECTIONS
 from temper.cli.profiles import profile_overrides
 from temper.config import (
     ConfigError,
     load_params,
     parse_overrides,
     read_yaml,
-    section,
 )
+from temper.params import TemperParams, sections
 from temper.task import load_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,11 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_params_yaml_sections_all_load():
     params = load_params(ROOT / "params.yaml")
-    unknown = set(params) - set(SECTIONS) - {"task"}
+    unknown = set(params) - set(sections()) - {"task"}
     assert not unknown, f"params.yaml sections without a typed config: {unknown}"
-    for name, model in SECTIONS.items():
+    for name in sections():
         assert name in params, f"params.yaml lacks the '{name}' section"
-        section(params, name, model)
+    TemperParams.of(params)
     assert (ROOT / params["task"]).is_file()
 
 
@@ -34,10 +33,9 @@ def test_params_yaml_sections_all_load():
     "path", sorted((ROOT / "configs" / "profiles").glob("*.yaml")), ids=lambda p: p.stem
 )
 def test_profiles_apply_cleanly(path):
-    overrides = profile_overrides(read_yaml(path), read_yaml(ROOT / "params.yaml"), SECTIONS)
+    overrides = profile_overrides(read_yaml(path), read_yaml(ROOT / "params.yaml"), TemperParams)
     params = load_params(ROOT / "params.yaml", overrides)
-    for name, model in SECTIONS.items():
-        section(params, name, model)
+    TemperParams.of(params)
     # What the profile says is what comes out, mappings replaced whole (not merged).
     profile = read_yaml(path)
     for name, values in profile.items():
@@ -48,7 +46,7 @@ def test_profiles_apply_cleanly(path):
         else:
             assert params[name] == values
     task = load_task(ROOT / params["task"])
-    prepare = section(params, "prepare", SECTIONS["prepare"])
+    prepare = TemperParams.of(params).prepare
     assert set(prepare.fields.gold) <= set(task.by_name), "gold columns name task fields"
     for source in prepare.sources:
         assert (ROOT / source).is_file()
@@ -77,13 +75,13 @@ def test_shipped_task_is_the_38_cuad_categories():
 def test_unknown_key_is_an_error_naming_the_field():
     params = load_params(ROOT / "params.yaml", ["prepare.max_tokenz=5"])
     with pytest.raises(ConfigError, match=r"prepare\.max_tokenz: Extra inputs"):
-        section(params, "prepare", SECTIONS["prepare"])
+        TemperParams.of(params)
 
 
 def test_wrong_type_is_an_error_naming_the_field():
     params = load_params(ROOT / "params.yaml", ["prepare.max_tokens=lots"])
     with pytest.raises(ConfigError, match=r"prepare\.max_tokens"):
-        section(params, "prepare", SECTIONS["prepare"])
+        TemperParams.of(params)
 
 
 def test_overrides_parse_like_dvc_set_param():
@@ -110,7 +108,7 @@ def test_overrides_take_dvc_add_and_delete_forms():
 def test_profile_overrides_quote_what_needs_it_and_split_on_spaces_only_in_quotes():
     params = {"prepare": {"fields": {"text": "clause", "gold": {"a": "b"}}}}
     profile = {"prepare": {"fields": {"text": "Q: {q} | A: {a}", "gold": {"label": "label"}}}}
-    overrides = profile_overrides(profile, params, SECTIONS)
+    overrides = profile_overrides(profile, params, TemperParams)
     assert overrides == [
         'prepare.fields.text="Q: {q} | A: {a}"',
         "~prepare.fields.gold",
@@ -118,7 +116,7 @@ def test_profile_overrides_quote_what_needs_it_and_split_on_spaces_only_in_quote
     ]
     assert all(" " not in o for o in overrides[1:])
     with pytest.raises(ConfigError, match="newline"):
-        profile_overrides({"task": "a\nb"}, {"task": "x"}, SECTIONS)
+        profile_overrides({"task": "a\nb"}, {"task": "x"}, TemperParams)
 
 
 def test_bad_yaml_names_the_file(tmp_path):
@@ -131,15 +129,15 @@ def test_bad_yaml_names_the_file(tmp_path):
 def test_bad_override_is_named_in_the_error():
     params = load_params(ROOT / "params.yaml", ["prepare.max_tokens=abc"])
     with pytest.raises(ConfigError, match=r"^-S prepare\.max_tokens=abc: invalid 'prepare'"):
-        section(params, "prepare", SECTIONS["prepare"])
+        TemperParams.of(params)
     # A section-level check (validation + test < 1) is traced to the override that broke it.
     params = load_params(ROOT / "params.yaml", ["prepare.split.test=0.95"])
     with pytest.raises(ConfigError, match=r"^-S prepare\.split\.test=0\.95: invalid 'prepare'"):
-        section(params, "prepare", SECTIONS["prepare"])
+        TemperParams.of(params)
     # An override of another key does not take the blame for the file's bad value.
     params = load_params(ROOT / "params.yaml", ["prepare.seed=1", "prepare.max_tokenz=5"])
     with pytest.raises(ConfigError, match=r"^-S prepare\.max_tokenz=5: invalid") as err:
-        section(params, "prepare", SECTIONS["prepare"])
+        TemperParams.of(params)
     assert "seed" not in str(err.value)
 
 
@@ -148,12 +146,12 @@ def test_bad_value_in_the_file_names_the_file(tmp_path):
     path.write_text("prepare:\n  sources: [a.jsonl]\n  max_tokens: lots\n")
     params = load_params(path, ["prepare.seed=3"])
     with pytest.raises(ConfigError, match=rf"^{path}: invalid 'prepare' section"):
-        section(params, "prepare", SECTIONS["prepare"])
+        TemperParams.of(params)
     assert params.source == str(path) and params.overrides == ["prepare.seed=3"]
     # Mixed origins: each line says where its value came from.
     params = load_params(path, ["prepare.seed=abc"])
     with pytest.raises(ConfigError) as err:
-        section(params, "prepare", SECTIONS["prepare"])
+        TemperParams.of(params)
     assert f"prepare.max_tokens ({path})" in str(err.value)
     assert "prepare.seed (-S prepare.seed=abc)" in str(err.value)
 
@@ -161,15 +159,15 @@ def test_bad_value_in_the_file_names_the_file(tmp_path):
 @pytest.mark.parametrize("value", ["{}", "null"])
 def test_override_of_an_empty_mapping_or_null_clears_the_mapping(value):
     params = load_params(ROOT / "params.yaml", [f"prepare.max_examples={value}"])
-    assert section(params, "prepare", SECTIONS["prepare"]).max_examples == {}
+    assert TemperParams.of(params).prepare.max_examples == {}
     # Later overrides apply to the cleared value, not to the file's.
     params = load_params(
         ROOT / "params.yaml", [f"prepare.max_examples={value}", "prepare.max_examples.test=7"]
     )
-    assert section(params, "prepare", SECTIONS["prepare"]).max_examples == {"test": 7}
+    assert TemperParams.of(params).prepare.max_examples == {"test": 7}
     # A non-empty mapping still merges into the file's mapping.
     params = load_params(ROOT / "params.yaml", ["prepare.max_examples={test: 7}"])
-    assert section(params, "prepare", SECTIONS["prepare"]).max_examples == {
+    assert TemperParams.of(params).prepare.max_examples == {
         "train": 640,
         "validation": 128,
         "test": 7,
@@ -183,17 +181,17 @@ def test_exponent_numbers_and_dvc_plus_keys_parse_as_under_dvc():
     assert parse_overrides(["++a.b=1e3", "+c={rank: 8}"]) == {"a": {"b": 1000.0}, "c": {"rank": 8}}
     assert parse_overrides(["a.b=x5e-4"]) == {"a": {"b": "x5e-4"}}
     params = load_params(ROOT / "params.yaml", ["+train.candidates.r16.rank=8"])
-    cfg = section(params, "train", SECTIONS["train"])
+    cfg = TemperParams.of(params).train
     assert cfg.candidates["r16"] == {"learning_rate": 0.0015, "epochs": 2.0, "rank": 8}
 
 
 def test_unknown_key_suggests_the_field_meant():
     params = load_params(ROOT / "params.yaml", ["train.lr=5e-4"])
     with pytest.raises(ConfigError, match=r"train\.lr: .*did you mean 'learning_rate'"):
-        section(params, "train", SECTIONS["train"])
+        TemperParams.of(params)
     params = load_params(ROOT / "params.yaml", ["distil.provider.modle=x"])
     with pytest.raises(ConfigError, match=r"did you mean .*'model'"):  # or 'mode'
-        section(params, "distil", SECTIONS["distil"])
+        TemperParams.of(params)
 
 
 # Examples in the docs that show an error on purpose.
@@ -213,7 +211,7 @@ def shipped_examples() -> list[tuple[str, str]]:
         for m in re.finditer(r"(?:-S|--set)\s+('[^']+'|\"[^\"]+\"|[^\s`)]+)", text):
             item = m.group(1).strip("'\"").rstrip(":,.")
             key = item.partition("=")[0].lstrip("+")
-            if "=" in item and key.split(".")[0] in SECTIONS and item not in BAD_ON_PURPOSE:
+            if "=" in item and key.split(".")[0] in sections() and item not in BAD_ON_PURPOSE:
                 found.append((name, item))
     return found
 
@@ -233,7 +231,7 @@ def test_every_documented_override_runs_as_written(where, item):
     params = load_params(ROOT / "params.yaml", [item])
     key, _, raw = item.partition("=")
     parts = key.lstrip("+").split(".")
-    node = resolved(params, parts[0])[parts[0]]
+    node = resolved(TemperParams.of(params), parts[0])[parts[0]]
     for part in parts[1:]:
         assert isinstance(node, dict) and part in node, f"{where}: {key} is not a field"
         node = node[part]

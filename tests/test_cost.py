@@ -209,11 +209,11 @@ def test_the_shipped_price_table_has_every_row_dated_and_sourced():
 
 
 def test_params_yaml_cost_section_runs_on_the_shipped_table(tmp_path):
-    from temper.cli.common import SECTIONS
-    from temper.config import load_params, section
+    from temper.config import load_params
+    from temper.params import TemperParams
 
     params = load_params(ROOT / "params.yaml")
-    cfg = section(params, "cost", SECTIONS["cost"])
+    cfg = TemperParams.of(params).cost
     out = {k: str(tmp_path / f"cost.{k}") for k in ("report", "result", "plot")}
     measured = {"throughput_rps": 1.0, "cache_hit_rate": 0.0, "shares": {"self": 1.0}}
     r = cost(cfg.model_copy(update={"prices": str(ROOT / cfg.prices), **out, **measured}))

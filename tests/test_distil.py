@@ -20,6 +20,7 @@ import yaml
 from fake_api import FakeAPI, Faults, messages_key
 
 from temper.io import read_json, read_jsonl, write_jsonl
+from temper.params import TemperParams
 from temper.providers import ProviderConfig, estimate_tokens
 from temper.records.sampling import pick_few_shot
 from temper.stages import distil
@@ -517,9 +518,9 @@ def test_few_shot_is_deterministic_distinct_and_from_train(tmp_path, task):
 
 
 def test_provider_config_in_params_yaml_loads(task):
-    from temper.config import load_params, section
+    from temper.config import load_params
 
-    cfg = section(load_params(ROOT / "params.yaml"), "distil", DistilConfig)
+    cfg = TemperParams.of(load_params(ROOT / "params.yaml")).distil
     assert isinstance(cfg.provider, ProviderConfig) and cfg.provider.kind == "gold"
     assert not cfg.provider.allow_external
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import yaml
 
-from temper.cli import SECTIONS
 from temper.cli.profiles import profile_overrides
 from temper.config import load_params, read_yaml
+from temper.params import TemperParams
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,6 +92,6 @@ def test_a_profile_means_the_same_to_dvc_exp_run_as_to_temper(tmp_path):
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-q", "-m", "init")
     profile = read_yaml(ROOT / "configs" / "profiles" / "nli.yaml")
-    overrides = profile_overrides(profile, read_yaml(repo / "params.yaml"), SECTIONS)
+    overrides = profile_overrides(profile, read_yaml(repo / "params.yaml"), TemperParams)
     sh(repo, "dvc", "exp", "run", "-q", *[a for o in overrides for a in ("-S", o)])
     assert read_yaml(repo / "params.yaml") == dict(load_params(ROOT / "params.yaml", overrides))

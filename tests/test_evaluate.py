@@ -16,10 +16,10 @@ from temper.evaluation.config import EvalError, EvaluateConfig
 from temper.evaluation.gates import GatesConfig, check
 from temper.evaluation.metrics import Resamples
 from temper.evaluation.predict import api_predictions
+from temper.evaluation.records import load_records
 from temper.evaluation.scoring import answer_fields, deltas, references_for, score_system
 from temper.io import read_json, read_jsonl, write_jsonl
 from temper.results import CandidateEval, EvalResult, TrainResult
-from temper.stages.evaluate import load_records
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -352,7 +352,7 @@ def test_stage_end_to_end_with_a_real_adapter(
     from temper.evaluation.judge import JudgeConfig
     from temper.providers import ProviderConfig
     from temper.stages import evaluate
-    from temper.tracking import MlflowConfig
+    from temper.tracking import MlflowConfig, Tracking
 
     # The yardstick's training records, in the distilled format (text + the teacher's answer).
     distilled = tmp_path / "distilled_train.jsonl"
@@ -430,9 +430,10 @@ def test_stage_end_to_end_with_a_real_adapter(
                 prices={"judge-x": {"input": 1, "output": 1}},
             ),
         )
-        result = evaluate.run(
-            cfg, task, base_model_dir, judge, gates, mlflow_cfg, {"test": "evaluate"}
+        setup = evaluate.Setup(
+            base_model_dir, judge, gates, tracking=Tracking(mlflow_cfg, {"test": "evaluate"})
         )
+        result = evaluate.run(cfg, task, setup)
         # 3 sampled examples x both orders; tiny2 is a copy of tiny, so its identical
         # questions are answered from the provider's cache.
         assert api.requests == 3 * 2
@@ -573,7 +574,7 @@ def test_unknown_primary_metric_fails_before_any_generation(tmp_path, task):
 
     cfg = EvaluateConfig(primary_metric="clause_type.acuracy", candidates_dir=str(tmp_path))
     with pytest.raises(evaluate.ConfigError, match="clause_type.accuracy_any"):
-        evaluate.run(cfg, task, tmp_path)
+        evaluate.run(cfg, task, evaluate.Setup(tmp_path))
 
 
 def test_adapter_uris_resolve_through_the_mlflow_store(tmp_path):
@@ -643,7 +644,7 @@ def test_raw_file_is_scored_whatever_its_split_column_holds(tmp_path, task):
 
 
 def test_report_names_the_split_that_chose_and_the_test_against_the_baseline():
-    from temper.evaluation.report import no_winner, selection_lines
+    from temper.evaluation.eval_report import no_winner, selection_lines
 
     result = selected(
         evaluation(a=entry(0.8, -0.02, 1.0), b=entry(0.6, -0.02, 1.0)), "test", {"a": 0.8, "b": 0.6}, "a"

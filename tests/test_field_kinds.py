@@ -17,9 +17,9 @@ import pytest
 import yaml
 from dvc_project import env_of, exp_run, make_repo, sh
 
-from temper.cli import SECTIONS
 from temper.cli.profiles import profile_overrides
 from temper.config import read_yaml
+from temper.params import TemperParams
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["Audit Rights", "Insurance", "Anti-Assignment", "Cap on Liability", "Governing Law"]
@@ -136,7 +136,7 @@ def declared_outputs(repo: Path) -> list[Path]:
 def test_each_field_kind_runs_to_register_with_its_metrics(project, kind):
     field, _, primary, classical = KINDS[kind]
     params = read_yaml(project / "params.yaml")
-    overrides = profile_overrides(profile(kind), params, SECTIONS) + SMALL
+    overrides = profile_overrides(profile(kind), params, TemperParams) + SMALL
     exp_run(project, overrides, name=f"kind-{kind}")
 
     missing = [str(p.relative_to(project)) for p in declared_outputs(project) if not p.exists()]

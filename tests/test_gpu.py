@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from temper.chat import fold_system
-from temper.config import ConfigError, load_params, section
+from temper.config import ConfigError, load_params
 from temper.evaluation.config import EvaluateConfig
 from temper.evaluation.device import Placement, choose, resolve
 from temper.io import model_hash, read_jsonl, write_json
@@ -34,6 +34,7 @@ from temper.model_source import (
     load_options,
     weights_dir,
 )
+from temper.params import TemperParams
 from temper.stages.base_model import ModelConfig, run
 from temper.training.config import TARGETS_ALL, TrainConfig
 from temper.training.model import base_dtype
@@ -88,7 +89,7 @@ def test_impossible_device_choices_are_clear_errors(device, dtype, cuda, bf16, m
 def test_shipped_params_resolve_to_cpu_float32_here():
     import torch
 
-    cfg = section(load_params(ROOT / "params.yaml"), "evaluate", EvaluateConfig)
+    cfg = TemperParams.of(load_params(ROOT / "params.yaml")).evaluate
     assert (cfg.device, cfg.dtype) == ("auto", "auto")
     if not torch.cuda.is_available():
         assert resolve(cfg.device, cfg.dtype) == Placement("cpu", "float32")

@@ -31,7 +31,7 @@ STAGES = (
     "cost",
     "register",
 )
-SHARED = ("providers", "tracking", "evaluation", "training", "teacher", "engines")
+SHARED = ("providers", "tracking", "evaluation", "training", "teacher", "labels", "engines")
 GROUND = ("config", "io", "task", "results", "records", "chat", "model_source", "models")
 
 

@@ -25,6 +25,7 @@ from registry_fixtures import make_project, pattern, project_params, train_candi
 
 from temper import tracking
 from temper.io import md5_file
+from temper.params import TemperParams
 from temper.tracking.server import view_state
 
 CHROMIUM = os.environ.get("TEMPER_CHROMIUM", "/usr/bin/chromium")
@@ -57,8 +58,6 @@ def store(tmp_path, monkeypatch):
     (three candidates and the baseline) under it."""
     import mlflow
 
-    from temper.config import section
-    from temper.evaluation.config import EvaluateConfig
     from temper.stages.evaluate import log_mlflow
 
     project = tmp_path / "project"
@@ -77,12 +76,12 @@ def store(tmp_path, monkeypatch):
     )
     result = write_eval(project, correct, winner="r8-lr1e-3")
     params = project_params(project)
-    mlflow_cfg = section(params, "mlflow", tracking.MlflowConfig)
+    mlflow_cfg = TemperParams.of(params).mlflow
     log_mlflow(
         mlflow_cfg,
         params,
         result,
-        section(params, "evaluate", EvaluateConfig),
+        TemperParams.of(params).evaluate,
         [project / "metrics" / "eval.json"],
     )
     client = mlflow.MlflowClient()

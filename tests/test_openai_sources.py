@@ -200,13 +200,13 @@ SMALL = [
 
 def run_profile(tmp_path: Path, base_model_dir: Path, name: str, data: str) -> Path:
     """`dvc exp run` of profile `name` (plus SMALL) in a fresh copy of the project."""
-    from temper.cli import SECTIONS
     from temper.cli.profiles import profile_overrides
     from temper.config import read_yaml
+    from temper.params import TemperParams
 
     repo = make_repo(tmp_path / "project", base_model_dir, [data])
     profile = read_yaml(ROOT / "configs" / "profiles" / f"{name}.yaml")
-    exp_run(repo, profile_overrides(profile, read_yaml(repo / "params.yaml"), SECTIONS) + SMALL)
+    exp_run(repo, profile_overrides(profile, read_yaml(repo / "params.yaml"), TemperParams) + SMALL)
     return repo
 
 

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from temper import tracking
 from temper.cli import app
+from temper.errors import InvalidInput, MissingInput
 from temper.evaluation import bundle
 from temper.io import md5_file
 from temper.results import EvalResult
@@ -285,9 +286,9 @@ def test_lock_without_data_outputs_is_an_error(tmp_path):
         "schema: '2.0'\nstages:\n  base_model:\n    outs:\n    - path: models/base\n"
         "      md5: abc.dir\n"
     )
-    with pytest.raises(reg.RegisterError, match="dvc.lock: none of"):
+    with pytest.raises(InvalidInput, match="dvc.lock: none of"):
         reg.data_hashes(lock, ["data/prepared", "data/distilled"])
-    with pytest.raises(reg.RegisterError, match="not found"):
+    with pytest.raises(MissingInput, match="not found"):
         reg.data_hashes(tmp_path / "missing.lock", ["data/prepared"])
 
 

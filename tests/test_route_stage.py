@@ -12,8 +12,8 @@ from registry_fixtures import ROOT, make_project, pattern, write_eval
 from typer.testing import CliRunner
 
 from temper.cli import app
-from temper.config import section
 from temper.online.route import RouteConfig
+from temper.params import TemperParams
 from temper.stages.route import fit_threshold, lower_bound
 from temper.stages.route import run as route
 from temper.task import load_task
@@ -167,5 +167,5 @@ def test_shipped_params_load():
     import yaml
 
     values = yaml.safe_load((ROOT / "params.yaml").read_text())
-    cfg = section(values, "route", RouteConfig)
+    cfg = TemperParams.of(values).route
     assert [t.provider.kind for t in cfg.tiers] == ["gold", "gold"]  # offline: the oracle

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from dvc_project import exp_run, make_repo
 
-from temper.cli import SECTIONS
 from temper.cli.profiles import profile_overrides
 from temper.config import read_yaml
+from temper.params import TemperParams
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -34,7 +34,7 @@ def test_nli_profile_runs_prepare_to_register_with_no_code_change(tmp_path, base
     repo = make_repo(tmp_path / "project", base_model_dir, ["data/raw/contract_nli"])
 
     profile = read_yaml(ROOT / "configs" / "profiles" / "nli.yaml")
-    overrides = profile_overrides(profile, read_yaml(repo / "params.yaml"), SECTIONS) + SMALL
+    overrides = profile_overrides(profile, read_yaml(repo / "params.yaml"), TemperParams) + SMALL
     exp_run(repo, overrides)
 
     prepared = json.loads((repo / "metrics" / "prepare.json").read_text())

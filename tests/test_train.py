@@ -21,8 +21,9 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from temper.config import ConfigError, load_params, section
+from temper.config import ConfigError, load_params
 from temper.io import read_json, read_jsonl, write_jsonl
+from temper.params import TemperParams
 from temper.release.merge import merge
 from temper.results import TrainResult
 from temper.stages import train
@@ -89,7 +90,7 @@ def tiny_cfg(tmp: Path, data: Path, **kw) -> TrainConfig:
 
 
 def test_shipped_params_load_and_every_candidate_resolves():
-    cfg = section(load_params(ROOT / "params.yaml"), "train", TrainConfig)
+    cfg = TemperParams.of(load_params(ROOT / "params.yaml")).train
     assert len(cfg.candidates) >= 2
     for name in cfg.candidates:
         resolved = cfg.candidate(name)
@@ -385,7 +386,7 @@ def tiny_run(tmp_path_factory, base_model_dir, distilled):
     """Three deterministic steps on the real model, tracked in a tmp sqlite MLflow store."""
     from registry_fixtures import template_db
 
-    from temper.tracking import MlflowConfig
+    from temper.tracking import MlflowConfig, Tracking
 
     tmp = tmp_path_factory.mktemp("tiny_run")
     shutil.copy(template_db(), tmp / "mlflow.db")
@@ -394,7 +395,7 @@ def tiny_run(tmp_path_factory, base_model_dir, distilled):
     )
     cfg = tiny_cfg(tmp, distilled)
     params = {"train": cfg.model_dump(), "mlflow": mlflow_cfg.model_dump()}
-    results = train.run(cfg, ["default"], base_model_dir, mlflow_cfg, params)
+    results = train.run(cfg.only(["default"]), base_model_dir, Tracking(mlflow_cfg, params))
     return tmp, cfg, results["default"], mlflow_cfg
 
 
@@ -681,7 +682,7 @@ def test_qlora_trains_end_to_end_and_merges_into_dequantized_weights(
     from transformers import AutoModelForCausalLM
 
     cfg = tiny_cfg(tmp_path, distilled, method="qlora", max_steps=2)
-    m = train.run(cfg, ["default"], base_model_dir)["default"]
+    m = train.run(cfg.only(["default"]), base_model_dir)["default"]
     assert m.config["method"] == "qlora" and m.steps == 2
     assert m.val_loss < m.base_val_loss
     with pytest.warns(UserWarning, match="dequantized NF4"):

@@ -11,38 +11,19 @@ runs, `release.py` the ones CI and people run around them.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable
 
 import typer
 
 from . import cache, cost, exps, predict, release, serve, stages
-from .common import PARAMS, SECTIONS, setup_logging
+from .common import PARAMS, reports_errors, setup_logging
 from .monitor import monitor_app
 from .params_help import config_cmd, help_command
 
-__all__ = ["COMMANDS", "SECTIONS", "app", "setup_logging"]
+__all__ = ["COMMANDS", "app", "setup_logging"]
 
-
-class _App(typer.Typer):
-    """The command line, with one line and exit code 2 (not a traceback) when the tracking
-    server refuses the credentials, whichever command met it (`tracking.access`)."""
-
-    def __call__(self, *args, **kwargs):
-        try:
-            return super().__call__(*args, **kwargs)
-        except Exception as err:
-            from ..tracking.access import access_error
-
-            denied = access_error(err)
-            if denied is None:
-                raise
-            typer.secho(f"error: {denied}", err=True, fg=typer.colors.RED)
-            raise SystemExit(2) from None
-
-
-app = _App(
+app = typer.Typer(
     help="Temper: distil, fine-tune (LoRA/QLoRA), evaluate, gate and register a self-hosted "
     "model for a task first prototyped on a frontier API. `dvc repro` runs the stages in order.",
     no_args_is_help=True,
@@ -50,28 +31,31 @@ app = _App(
     pretty_exceptions_enable=False,
 )
 
-# name, function, the params sections its --help lists in full.
-COMMANDS: list[tuple[str, Callable[..., None], tuple[str, ...]]] = [
-    ("base-model", stages.base_model_cmd, ("model",)),
-    ("prepare", stages.prepare_cmd, ("prepare",)),
-    ("distil", stages.distil_cmd, ("distil",)),
-    ("train", stages.train_cmd, ("train",)),
-    ("evaluate", stages.evaluate_cmd, ("evaluate", "judge", "gates")),
-    ("route", stages.route_cmd, ("route",)),
-    ("register", stages.register_cmd, ("register",)),
-    ("gate", release.gate_cmd, ("gates",)),
-    ("promote", release.promote_cmd, ("promote", "gates")),
-    ("rollback", release.rollback_cmd, ("promote",)),
-    ("pull", release.pull_cmd, ()),
-    ("predict", predict.predict_cmd, ("evaluate",)),
-    ("serve", serve.serve_cmd, ("serve", "route", "cache", "monitor")),
-    ("cost", cost.cost_cmd, ("cost",)),
-    ("cache-eval", cache.cache_eval_cmd, ("cache_eval", "cache")),
-    ("merge", release.merge_cmd, ()),
-    ("profile", release.profile_cmd, ()),
-    ("exps", exps.exps_cmd, ()),
-    ("ui", release.ui_cmd, ()),
-    ("config", config_cmd, ()),
+# Exit code of a Temper error in the commands whose exit 1 is a verdict (docs/cli.md).
+CANNOT_DECIDE = 2
+
+# name, function, the params sections its --help lists in full, the exit code of an error.
+COMMANDS: list[tuple[str, Callable[..., None], tuple[str, ...], int]] = [
+    ("base-model", stages.base_model_cmd, ("model",), 1),
+    ("prepare", stages.prepare_cmd, ("prepare",), 1),
+    ("distil", stages.distil_cmd, ("distil",), 1),
+    ("train", stages.train_cmd, ("train",), 1),
+    ("evaluate", stages.evaluate_cmd, ("evaluate", "judge", "gates"), 1),
+    ("route", stages.route_cmd, ("route",), 1),
+    ("register", stages.register_cmd, ("register",), 1),
+    ("gate", release.gate_cmd, ("gates",), CANNOT_DECIDE),
+    ("promote", release.promote_cmd, ("promote", "gates"), CANNOT_DECIDE),
+    ("rollback", release.rollback_cmd, ("promote",), CANNOT_DECIDE),
+    ("pull", release.pull_cmd, (), CANNOT_DECIDE),
+    ("predict", predict.predict_cmd, ("evaluate",), 1),
+    ("serve", serve.serve_cmd, ("serve", "route", "cache", "monitor"), CANNOT_DECIDE),
+    ("cost", cost.cost_cmd, ("cost",), 1),
+    ("cache-eval", cache.cache_eval_cmd, ("cache_eval", "cache"), 1),
+    ("merge", release.merge_cmd, (), 1),
+    ("profile", release.profile_cmd, (), 1),
+    ("exps", exps.exps_cmd, (), 1),
+    ("ui", release.ui_cmd, (), 1),
+    ("config", config_cmd, (), CANNOT_DECIDE),
 ]
 
 
@@ -86,40 +70,27 @@ def main() -> None:
 PIPELINE_STAGES = {"distil", "train", "evaluate", "route", "cache-eval", "cost", "register"}
 
 
-def _marks_failure(stage: str, function: Callable[..., None]) -> Callable[..., None]:
-    @functools.wraps(function)  # typer reads the signature through __wrapped__
-    def run(*args, **kwargs):
+def _marks_failed(stage: str) -> Callable[[dict], None]:
+    def mark(kwargs: dict) -> None:
+        from ..config import load_params
+        from ..tracking import MlflowConfig, mark_failed
+
         try:
-            return function(*args, **kwargs)
-        except typer.Exit as err:
-            if err.exit_code:
-                _mark_failed(stage, kwargs)
-            raise
-        except Exception:
-            _mark_failed(stage, kwargs)
-            raise
+            values = load_params(kwargs.get("params", PARAMS), kwargs.get("set_"))
+            mark_failed(MlflowConfig.model_validate(values.get("mlflow") or {}), values, stage)
+        except Exception as err:  # noqa: BLE001 - never hide the stage's own error behind this
+            logging.getLogger(__name__).debug("could not mark the pipeline run failed: %s", err)
 
-    return run
+    return mark
 
 
-def _mark_failed(stage: str, kwargs: dict) -> None:
-    from ..config import load_params
-    from ..tracking import MlflowConfig, mark_failed
-
-    try:
-        values = load_params(kwargs.get("params", PARAMS), kwargs.get("set_"))
-        mark_failed(MlflowConfig.model_validate(values.get("mlflow") or {}), values, stage)
-    except Exception as err:  # noqa: BLE001 - never hide the stage's own error behind this
-        logging.getLogger(__name__).debug("could not mark the pipeline run failed: %s", err)
-
-
-for _name, _function, _sections in COMMANDS:
-    if _name in PIPELINE_STAGES:
-        _function = _marks_failure(_name, _function)
+for _name, _function, _sections, _code in COMMANDS:
+    _on_error = _marks_failed(_name) if _name in PIPELINE_STAGES else None
+    _command = reports_errors(_function, _code, _on_error)
     if _sections:  # help built when asked for: it reads the params in effect then
-        app.command(_name, cls=help_command(_sections))(_function)
+        app.command(_name, cls=help_command(_sections))(_command)
     else:
-        app.command(_name)(_function)
+        app.command(_name)(_command)
 
 # `temper monitor judge | review export | review import | probe | report` (docs/monitor.md)
 app.add_typer(monitor_app, name="monitor")

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from ..config import ConfigError, section
-from ..online.cache.config import CacheConfig
-from ..results import ResultError
-from .common import PARAMS, ParamsOpt, SetOpt, fail, load
+from .common import PARAMS, ParamsOpt, SetOpt, load
 
 
 def cache_eval_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
@@ -15,12 +12,9 @@ def cache_eval_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
     from ..evaluation.cache_report import pct
     from ..stages import cache_eval
 
-    values = load(params, set_)
-    try:
-        cfg = section(values, "cache_eval", cache_eval.CacheEvalConfig)
-        result = cache_eval.run(cfg, section(values, "cache", CacheConfig))
-    except (ConfigError, ResultError, FileNotFoundError) as err:
-        fail(err)
+    p = load(params, set_)
+    cfg = p.cache_eval
+    result = cache_eval.run(cfg, p.cache)
     d = result.default
     where = "exact layer only" if d.threshold is None else f"threshold {d.threshold:.2f}"
     met = "meets" if d.bound_met else "no threshold meets"

@@ -1,61 +1,21 @@
-"""What every command shares: the params sections, the options, logging, errors."""
+"""What every command shares: the params, the options, logging, and the one error handler."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 
-from ..config import (
-    ConfigError,
-    Params,
-    Section,
-    load_params,
-    section,
-)
-from ..engines.vllm_server import VllmConfig
-from ..evaluation.config import EvaluateConfig
-from ..evaluation.gates import GatesConfig
-from ..evaluation.judge import JudgeConfig
-from ..online.cache.config import CacheConfig
-from ..online.monitor.config import MonitorConfig
-from ..online.route.config import RouteConfig
-from ..online.serve.config import ServeConfig
-from ..release.promote import PromoteConfig
-from ..stages.base_model import ModelConfig
-from ..stages.cache_eval import CacheEvalConfig
-from ..stages.cost import CostConfig
-from ..stages.distil import DistilConfig
-from ..stages.prepare import PrepareConfig
-from ..stages.register import RegisterConfig
-from ..tracking import MlflowConfig
-from ..training.config import TrainConfig
-
-# Every params.yaml section and the typed config it loads into (tests/test_config.py checks
-# params.yaml and every shipped profile against this).
-SECTIONS: dict[str, type[Section]] = {
-    "model": ModelConfig,
-    "prepare": PrepareConfig,
-    "distil": DistilConfig,
-    "train": TrainConfig,
-    "evaluate": EvaluateConfig,
-    "judge": JudgeConfig,
-    "gates": GatesConfig,
-    "mlflow": MlflowConfig,
-    "register": RegisterConfig,
-    "promote": PromoteConfig,
-    "serve": ServeConfig,
-    "cache": CacheConfig,
-    "cache_eval": CacheEvalConfig,
-    "route": RouteConfig,
-    "cost": CostConfig,
-    "monitor": MonitorConfig,
-    "vllm": VllmConfig,
-}
+from ..config import ConfigError
+from ..errors import TemperError
+from ..params import TemperParams
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="The params file.")]
 SetOpt = Annotated[
@@ -139,23 +99,54 @@ def setup_logging() -> None:
     disable_progress_bars()
 
 
-def load(params: Path, overrides: list[str] | None) -> Params:
+def load(params: Path, overrides: list[str] | None) -> TemperParams:
+    """The params in effect, validated: an unreadable file or a bad `-S` is a usage error
+    (exit 2, click's); a value that does not fit its field a `ConfigError` naming it."""
+    from ..config import load_params
+
     try:
-        return load_params(params, overrides)
+        values = load_params(params, overrides)
     except ConfigError as err:
         raise typer.BadParameter(str(err)) from None
+    return TemperParams.of(values)
 
 
 def fail(err: Exception, code: int = 1) -> None:
+    """Print `error: ...` and exit with `code` (for outcomes that are not exceptions)."""
     typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
     raise typer.Exit(code)
 
 
-def task_of(values: dict[str, Any]) -> Any:
-    from ..task import load_task
+def reports_errors(
+    function: Callable[..., None],
+    error_code: int = 1,
+    on_error: Callable[[dict], None] | None = None,
+) -> Callable[..., None]:
+    """`function` as a command: a Temper error (or the tracking server refusing the
+    credentials, `tracking.access`) becomes one line `error: ...` and its exit code, the one
+    place the CLI catches them. `error_code` replaces the generic 1 for commands whose 1
+    means a verdict (gate, promote: 1 = refused, 2 = cannot decide). `on_error(kwargs)` runs
+    first on any failure (the pipeline stages mark their MLflow run failed)."""
 
-    return load_task(values.get("task") or "configs/tasks/clause_review.yaml")
+    @functools.wraps(function)  # typer reads the signature through __wrapped__
+    def command(*args: Any, **kwargs: Any) -> None:
+        try:
+            return function(*args, **kwargs)
+        except Exception as err:
+            failed = err.exit_code if isinstance(err, typer.Exit) else 1
+            if on_error is not None and failed:
+                on_error(kwargs)
+            known = err if isinstance(err, TemperError) else _refused(err)
+            if known is None:
+                raise
+            code = error_code if known.exit_code == 1 else known.exit_code
+            typer.secho(f"error: {known}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(code) from None
+
+    return command
 
 
-def model_dir(values: dict[str, Any]) -> str:
-    return section(values, "model", ModelConfig).dir
+def _refused(err: Exception) -> TemperError | None:
+    from ..tracking.access import access_error
+
+    return None if isinstance(err, click.exceptions.Exit) else access_error(err)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from ..config import section
-from .common import PARAMS, ParamsOpt, SetOpt, fail, load
+from .common import PARAMS, ParamsOpt, SetOpt, load
 
 
 def cost_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
@@ -15,9 +14,5 @@ def cost_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
     from ..evaluation.cost_report import summary
     from ..stages import cost
 
-    values = load(params, set_)
-    try:
-        result = cost.run(section(values, "cost", cost.CostConfig))
-    except ValueError as err:  # ConfigError, and unreadable measurement files
-        fail(err)
+    result = cost.run(load(params, set_).cost)
     typer.echo(summary(result))

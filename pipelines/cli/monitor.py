@@ -11,16 +11,19 @@ Meant for cron or CI beside a running server; each reads and writes `monitor.pat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from ..config import ConfigError, section
-from .common import PARAMS, ParamsOpt, SetOpt, fail, load, task_of
+from ..config import ConfigError
+from ..params import TemperParams
+from .common import PARAMS, ParamsOpt, SetOpt, fail, load, reports_errors
 from .params_help import help_command
 
 ALARM_EXIT = 3
+BAD_INPUT = 2  # every monitor command: a Temper error exits 2 (0 and 3 are verdicts)
 
 monitor_app = typer.Typer(
     help="Watch the served model: judge sampled answers, human review, drift, probes, report.",
@@ -35,10 +38,20 @@ review_app = typer.Typer(
 monitor_app.add_typer(review_app, name="review")
 
 
-def _open(values):
-    from ..online.monitor import MonitorConfig, MonitorStore
+def command(app: typer.Typer, name: str, sections: tuple[str, ...]) -> Callable:
+    """Register a monitor command with its params help and the CLI's one error handler."""
 
-    cfg = section(values, "monitor", MonitorConfig)
+    def register(function: Callable[..., None]) -> Callable[..., None]:
+        app.command(name, cls=help_command(sections))(reports_errors(function, BAD_INPUT))
+        return function
+
+    return register
+
+
+def _open(p: TemperParams):
+    from ..online.monitor import MonitorStore
+
+    cfg = p.monitor
     if not Path(cfg.path).exists():
         raise ConfigError(
             f"monitor.path: {cfg.path} does not exist: `temper serve` (with monitor.log) writes it"
@@ -46,19 +59,15 @@ def _open(values):
     return cfg, MonitorStore(cfg.path)
 
 
-@monitor_app.command("judge", cls=help_command(("monitor",)))
+@command(monitor_app, "judge", ("monitor",))
 def judge_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
     """Judge the sampled logged answers not judged yet. Exit 3: the judge's budget ran out."""
     from ..online.monitor.judge import run_judge
-    from ..providers import ProviderError
 
-    values = load(params, set_)
-    try:
-        cfg, store = _open(values)
-        with store:
-            run = run_judge(cfg, task_of(values), store)
-    except (ConfigError, ProviderError) as err:
-        fail(err, 2)
+    p = load(params, set_)
+    cfg, store = _open(p)
+    with store:
+        run = run_judge(cfg, p.load_task(), store)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(run.counts.items())) or "none"
     typer.echo(
         f"judged {run.judged} ({counts}); failed {run.failed}; without text {run.unjudgeable}; "
@@ -69,7 +78,7 @@ def judge_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
         fail(ConfigError("the judge's budget (monitor.judge.provider.max_usd) is spent"), 3)
 
 
-@review_app.command("export", cls=help_command(("monitor",)))
+@command(review_app, "export", ("monitor",))
 def review_export_cmd(
     params: ParamsOpt = PARAMS,
     set_: SetOpt = None,
@@ -80,62 +89,47 @@ def review_export_cmd(
     """Write review.csv, label_studio_tasks.json and label_config.xml of answers to review."""
     from ..online.monitor.review import export_reviews
 
-    values = load(params, set_)
-    try:
-        cfg, store = _open(values)
-        with store:
-            done = export_reviews(cfg, store, out or cfg.review.out_dir)
-    except ConfigError as err:
-        fail(err, 2)
+    cfg, store = _open(load(params, set_))
+    with store:
+        done = export_reviews(cfg, store, out or cfg.review.out_dir)
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(done.by_reason.items())) or "none"
     typer.echo(f"{done.rows} answers to review ({reasons}): {done.csv}, {done.label_studio}")
 
 
-@review_app.command("import", cls=help_command(("monitor",)))
+@command(review_app, "import", ("monitor",))
 def review_import_cmd(
     file: Annotated[Path, typer.Argument(help="The filled-in CSV, or Label Studio's JSON export.")],
     params: ParamsOpt = PARAMS,
     set_: SetOpt = None,
 ) -> None:
     """Store reviewers' verdicts (all rows or none) and print judge-human agreement."""
-    from ..online.monitor.review import ReviewError, agreement, import_reviews
+    from ..online.monitor.review import agreement, import_reviews
 
-    values = load(params, set_)
-    try:
-        if not file.exists():
-            raise ConfigError(f"{file}: no such file")
-        cfg, store = _open(values)
-        with store:
-            n = import_reviews(store, file)
-            a = agreement(cfg, store)
-    except (ConfigError, ReviewError) as err:
-        fail(err, 2)
+    p = load(params, set_)
+    if not file.exists():
+        raise ConfigError(f"{file}: no such file")
+    cfg, store = _open(p)
+    with store:
+        n = import_reviews(store, file)
+        a = agreement(cfg, store)
     kappa = "-" if a.kappa is None else f"{a.kappa:.3f}"
     share = "-" if a.agreement is None else f"{a.agreement:.3f}"
     typer.echo(f"imported {n} reviews; judge vs human on {a.n}: agreement {share}, kappa {kappa}")
 
 
-@monitor_app.command("probe", cls=help_command(("monitor", "route")))
+@command(monitor_app, "probe", ("monitor", "route"))
 def probe_cmd(
     params: ParamsOpt = PARAMS,
     set_: SetOpt = None,
     tier: Annotated[list[str] | None, typer.Option(help="Only this tier (repeatable).")] = None,
 ) -> None:
     """Ask each API tier the probe set; exit 3 when a tier's answers changed beyond chance."""
-    from ..online.monitor import MonitorConfig, MonitorStore
+    from ..online.monitor import MonitorStore
     from ..online.monitor.probe import run_probe
-    from ..online.route import RouteConfig
-    from ..providers import ProviderError
 
-    values = load(params, set_)
-    try:
-        cfg = section(values, "monitor", MonitorConfig)
-        with MonitorStore(cfg.path) as store:
-            results = run_probe(
-                cfg.probe, section(values, "route", RouteConfig), task_of(values), store, tier
-            )
-    except (ConfigError, ProviderError) as err:
-        fail(err, 2)
+    p = load(params, set_)
+    with MonitorStore(p.monitor.path) as store:
+        results = run_probe(p.monitor.probe, p.route, p.load_task(), store, tier)
     for r in results:
         if r.agree is None:
             typer.echo(f"{r.tier}: {r.answered}/{r.n} answered; recorded as the reference run")
@@ -148,7 +142,7 @@ def probe_cmd(
         raise typer.Exit(ALARM_EXIT)
 
 
-@monitor_app.command("report", cls=help_command(("monitor",)))
+@command(monitor_app, "report", ("monitor",))
 def report_cmd(
     params: ParamsOpt = PARAMS,
     set_: SetOpt = None,
@@ -161,24 +155,19 @@ def report_cmd(
     from ..online.monitor.checks import run_checks
     from ..online.monitor.probe import latest
     from ..online.monitor.report import write_report
-    from ..online.route import RouteConfig
-    from ..results import ResultError
 
-    values = load(params, set_)
-    try:
-        cfg, store = _open(values)
-        task = task_of(values)
-        embedder = None
-        if not no_embed:
-            from ..online.cache.embedder import SentenceEmbedder
+    p = load(params, set_)
+    cfg, store = _open(p)
+    task = p.load_task()
+    embedder = None
+    if not no_embed:
+        from ..online.cache.embedder import SentenceEmbedder
 
-            embedder = SentenceEmbedder(cfg.embedder)
-        with store:
-            probes = latest(cfg.probe, section(values, "route", RouteConfig), task, store)
-            result = run_checks(cfg, task, store, embedder, probes)
-        path = write_report(result, cfg.report_dir, cfg.state_file)
-    except (ConfigError, ResultError) as err:
-        fail(err, 2)
+        embedder = SentenceEmbedder(cfg.embedder)
+    with store:
+        probes = latest(cfg.probe, p.route, task, store)
+        result = run_checks(cfg, task, store, embedder, probes)
+    path = write_report(result, cfg.report_dir, cfg.state_file)
     typer.echo(
         f"{result.requests} requests; alarms: {', '.join(result.alarms) or 'none'}; "
         f"report in {path}"

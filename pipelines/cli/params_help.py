@@ -1,8 +1,8 @@
 """The params as the commands see them: `temper config`, and help that shows values in effect.
 
 A stage command resolves its params as `params.yaml` (or the `-p` file) with the `-S`
-overrides applied in order, then validates each section into its typed config
-(`cli.common.load` + `config.section`). `temper config` prints exactly that; each command's
+overrides applied in order, then validates them into the root model `TemperParams`, whose
+sections are the stages' typed configs (`cli.common.load`). `temper config` prints exactly that; each command's
 `--help` lists its sections' fields with the value in effect beside the code's default,
 reading the `-p`/`-S` given on the same command line (help is built when it is asked for,
 not at import, so it follows the working directory). A missing or broken params file never
@@ -20,8 +20,9 @@ import typer
 import yaml
 from typer.core import TyperCommand
 
-from ..config import ConfigError, Params, describe, load_params, section, value_origin
-from .common import PARAMS, SECTIONS, ParamsOpt, SetOpt, fail, load, task_of
+from ..config import ConfigError, Params, describe, load_params, value_origin
+from ..params import TemperParams, sections
+from .common import PARAMS, ParamsOpt, SetOpt, load
 
 # A command whose help lists one of these sections (evaluate, gate, promote) also lists the
 # metric names of the task in effect: what `evaluate.primary_metric`, which the gates and
@@ -51,7 +52,7 @@ def params_args(args: list[str]) -> tuple[Path, list[str]]:
     return path, overrides
 
 
-def resolved_help(sections: tuple[str, ...], path: Path, overrides: list[str]) -> str:
+def resolved_help(names: tuple[str, ...], path: Path, overrides: list[str]) -> str:
     """The epilog of a command's help: every field of its sections, with values in effect."""
     try:
         params: Params | None = load_params(path, overrides)
@@ -66,14 +67,15 @@ def resolved_help(sections: tuple[str, ...], path: Path, overrides: list[str]) -
         params = None
         note = f"Showing the code's defaults: {err}"
     parts = [note]
-    if METRIC_SECTIONS.intersection(sections):
+    if METRIC_SECTIONS.intersection(names):
         parts.append(metrics_help(params))
-    for name in sections:
-        model = SECTIONS[name]
+    for name in names:
+        model = sections()[name]
         values = None
         if params is not None:
             try:
-                values = section(params, name, model).model_dump(mode="json")
+                one = Params({name: params.get(name) or {}}, params.source, params.overrides)
+                values = TemperParams.of(one).model_dump(mode="json")[name]
             except ConfigError as err:
                 parts.append(f"Showing the code's defaults for '{name}': {err}")
         parts.append(
@@ -90,7 +92,7 @@ def metrics_help(params: Params | None) -> str:
     values = params or {}
     where = values.get("task") or "params set no task: the default"
     try:
-        task = task_of(values)
+        task = TemperParams.of({"task": values["task"]} if "task" in values else {}).load_task()
     except ConfigError as err:
         return f"Metrics: cannot read the task ({err})."
     names = metric_names(task)
@@ -100,7 +102,9 @@ def metrics_help(params: Params | None) -> str:
         + "."
     )
     try:
-        primary = section(values, "evaluate", SECTIONS["evaluate"]).primary_metric
+        primary = TemperParams.of(
+            {"evaluate": values.get("evaluate") or {}}
+        ).evaluate.primary_metric
     except ConfigError:
         return text  # the section's own paragraph says what is wrong with it
     if primary not in names:
@@ -108,8 +112,8 @@ def metrics_help(params: Params | None) -> str:
     return text
 
 
-def help_command(sections: tuple[str, ...]) -> type[TyperCommand]:
-    """A command class whose help lists `sections` with the values in effect."""
+def help_command(names: tuple[str, ...]) -> type[TyperCommand]:
+    """A command class whose help lists the sections `names` with the values in effect."""
 
     class ParamsHelpCommand(TyperCommand):
         def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
@@ -120,25 +124,19 @@ def help_command(sections: tuple[str, ...]) -> type[TyperCommand]:
             path, overrides = params_args(ctx.meta.get("temper.argv", []))
             formatter.write_paragraph()
             with formatter.indentation():
-                formatter.write_text(resolved_help(sections, path, overrides))
+                formatter.write_text(resolved_help(names, path, overrides))
 
     return ParamsHelpCommand
 
 
-def resolved(values: Params, only: str | None = None) -> dict[str, Any]:
-    """The params as the stage commands use them: each section validated into its typed
-    config (defaults filled in) and dumped; keys without a typed section (`task`) as given."""
-    if only is not None and only not in values and only not in SECTIONS:
-        raise ConfigError(f"no section {only!r} (have: {', '.join(sorted(SECTIONS))}, task)")
-    out: dict[str, Any] = {}
-    for name in list(values) + [s for s in SECTIONS if s not in values]:
-        if only is not None and name != only:
-            continue
-        if name in SECTIONS:
-            out[name] = section(values, name, SECTIONS[name]).model_dump(mode="json")
-        else:
-            out[name] = values[name]
-    return out
+def resolved(p: TemperParams, only: str | None = None) -> dict[str, Any]:
+    """The params as the stage commands use them: validated, defaults filled in, dumped."""
+    out = p.model_dump(mode="json")
+    if only is None:
+        return out
+    if only not in out:
+        raise ConfigError(f"no section {only!r} (have: {', '.join(sorted(sections()))}, task)")
+    return {only: out[only]}
 
 
 def config_cmd(
@@ -151,11 +149,7 @@ def config_cmd(
 ) -> None:
     """Print the resolved params (file + `-S` overrides, defaults filled in) as the stages
     see them: `temper config -S train.rank=8 --section train`. Exit 2 on a bad config."""
-    values = load(params, set_)
-    try:
-        out = resolved(values, section_name)
-    except ConfigError as err:
-        fail(err, 2)
+    out = resolved(load(params, set_), section_name)
     if section_name is not None:
         out = out[section_name]
     if as_json:

@@ -8,23 +8,22 @@ from typing import Annotated, Any, Literal
 
 import typer
 
-from ..config import ConfigError, section
-from ..evaluation.config import EvaluateConfig
-from .common import PARAMS, ParamsOpt, SetOpt, fail, load, model_dir, task_of
+from ..params import TemperParams
+from .common import PARAMS, ParamsOpt, SetOpt, fail, load
 
 
-def local_base(values: dict[str, Any], folder: Path) -> Path | None:
+def local_base(p: TemperParams, folder: Path) -> Path | None:
     """`model.dir` when it holds the bundle's base model (saves materialising it again)."""
     from ..evaluation import bundle
 
     try:
-        return bundle.matching_base(model_dir(values), bundle.read_manifest(folder))
+        return bundle.matching_base(p.model.dir, bundle.read_manifest(folder))
     except bundle.BundleError:
         return None
 
 
 def open_model(
-    values: dict[str, Any], model: str, base: Path | None, tmp: Path, threads: int | None
+    p: TemperParams, model: str, base: Path | None, tmp: Path, threads: int | None
 ) -> Any:
     """A Bundle for a pulled folder, a registry URI (pulled into `tmp`) or an adapter folder."""
     from ..evaluation import bundle
@@ -34,17 +33,16 @@ def open_model(
         from ..tracking import pull
         from .release import registry_client
 
-        registry_client(values)
+        registry_client(p)
         path = pull.pull(model, tmp / "bundle")
+    ev = p.evaluate
     if (path / bundle.MANIFEST).exists():
-        ev = section(values, "evaluate", EvaluateConfig)
-        found = base or local_base(values, path)
+        found = base or local_base(p, path)
         return bundle.load_bundle(path, found, threads=threads or ev.threads, device=ev.device)
-    ev = section(values, "evaluate", EvaluateConfig)
-    task = task_of(values)
+    task = p.load_task()
     settings = bundle.generation_settings(task, ev)
     return bundle.load_adapter(
-        path, base or Path(model_dir(values)), task, settings, threads or ev.threads, ev.device
+        path, base or p.base_dir, task, settings, threads or ev.threads, ev.device
     )
 
 
@@ -83,27 +81,17 @@ def predict_cmd(
     it (see temper.evaluation.confidence). Counts go to <out stem>.summary.json. Exit codes:
     0 done, 1 bad input or model, 2 bad options.
     """
-    from ..evaluation import batch_predict, bundle
-    from ..tracking.pull import PullError
+    from ..evaluation import batch_predict
 
     if on_error not in ("fail", "skip"):
         fail(ValueError(f"--on-error {on_error!r}: use fail or skip"), 2)
     mode: Literal["fail", "skip"] = "skip" if on_error == "skip" else "fail"
-    values = load(params, set_)
-    try:
-        # Check the input before loading a model: a bad line costs no model load.
-        batch_predict.read_records(input_path, text_field, mode)
-        with tempfile.TemporaryDirectory(prefix="temper-predict-") as tmp:
-            loaded = open_model(values, model, base, Path(tmp), threads)
-            summary = batch_predict.predict(loaded, input_path, out, text_field, batch_size, mode)
-    except (
-        ConfigError,
-        batch_predict.InputError,
-        bundle.BundleError,
-        PullError,
-        FileNotFoundError,
-    ) as err:
-        fail(err)
+    p = load(params, set_)
+    # Check the input before loading a model: a bad line costs no model load.
+    batch_predict.read_records(input_path, text_field, mode)
+    with tempfile.TemporaryDirectory(prefix="temper-predict-") as tmp:
+        loaded = open_model(p, model, base, Path(tmp), threads)
+        summary = batch_predict.predict(loaded, input_path, out, text_field, batch_size, mode)
     typer.echo(
         f"predicted {summary['predicted']} records into {out} "
         f"({summary['schema_valid']} fit the schema; skipped {summary['skipped']}); "

@@ -62,11 +62,11 @@ def override_value(value: Any, where: str = "") -> str:
 
 
 def profile_overrides(
-    profile: dict[str, Any], params: dict[str, Any], sections: dict[str, type[Section]]
+    profile: dict[str, Any], params: dict[str, Any], root: type[Section]
 ) -> list[str]:
     """A profile (a partial params file) as the `-S` list that turns `params` into it.
 
-    Typed sections merge field by field; any other mapping (gold columns, candidates, caps)
+    `root` is the params model (`TemperParams`). Typed sections merge field by field; any other mapping (gold columns, candidates, caps)
     replaces the one in `params` whole (`~key` then `+key.leaf=...`: DVC would merge it).
     Keys `params` lacks get DVC's `+`. Both `dvc exp run` and temper's `-S` read the result.
     """
@@ -75,13 +75,10 @@ def profile_overrides(
     def walk(values: dict[str, Any], existing: Any, model: Any, prefix: str) -> None:
         for key, value in values.items():
             dotted = f"{prefix}{key}"
-            if model is None:
-                sub = sections.get(key)
-            else:
-                field = model.model_fields.get(key)
-                if field is None:
-                    raise ConfigError(f"{dotted}: not a field of {model.__name__}")
-                sub = field.annotation
+            field = model.model_fields.get(key)
+            if field is None:
+                raise ConfigError(f"{dotted}: not a field of {model.__name__}")
+            sub = field.annotation
             is_section = isinstance(sub, type) and issubclass(sub, Section)
             here = isinstance(existing, dict) and key in existing
             if isinstance(value, dict) and is_section:
@@ -95,5 +92,5 @@ def profile_overrides(
             else:
                 out.append(f"{'' if here else '+'}{dotted}={override_value(value, dotted)}")
 
-    walk(profile, params, None, "")
+    walk(profile, params, root, "")
     return out

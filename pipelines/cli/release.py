@@ -9,13 +9,10 @@ from typing import Annotated, Any
 
 import typer
 
-from ..config import ConfigError, read_yaml, section
-from ..evaluation.config import EvaluateConfig
-from ..evaluation.gates import GatesConfig
+from ..config import ConfigError, read_yaml
+from ..params import TemperParams
 from ..release.promote import PromoteConfig
-from ..stages.register import RegisterConfig
-from ..tracking import MlflowConfig
-from .common import PARAMS, SECTIONS, ParamsOpt, SetOpt, fail, load, model_dir, task_of
+from .common import PARAMS, ParamsOpt, SetOpt, load
 from .profiles import profile_overrides, read_profile
 
 
@@ -39,16 +36,12 @@ def gate_cmd(
     """
     from ..evaluation.gates import gate_all
     from ..evaluation.report import gate_table
-    from ..results import EvalResult, ResultError
+    from ..results import EvalResult
 
-    values = load(params, set_)
-    try:
-        gates_cfg = section(values, "gates", GatesConfig)
-        result = EvalResult.load(eval_file)
-        if candidate is not None:
-            result.candidate(candidate, eval_file)
-    except (ConfigError, ResultError) as err:
-        fail(err, 2)
+    gates_cfg = load(params, set_).gates
+    result = EvalResult.load(eval_file)
+    if candidate is not None:
+        result.candidate(candidate, eval_file)
     winner = gate_all(gates_cfg, result)
     typer.echo(gate_table(result))
     if candidate is not None:
@@ -66,20 +59,19 @@ def gate_cmd(
     raise typer.Exit(0 if ok else 1)
 
 
-def registry_client(values: dict[str, Any]) -> Any:
+def registry_client(p: TemperParams) -> Any:
     """MLflow pointed at the configured store (embedded sqlite by default)."""
     import mlflow
 
     from .. import tracking
 
-    tracking.setup(section(values, "mlflow", MlflowConfig))
+    tracking.setup(p.mlflow)
     return mlflow.MlflowClient()
 
 
-def promotion_context(values: dict[str, Any]) -> tuple[PromoteConfig, str, Any]:
+def promotion_context(p: TemperParams) -> tuple[PromoteConfig, str, Any]:
     """The promote config, the registered model's name and a registry client."""
-    name = section(values, "register", RegisterConfig).model_name
-    return section(values, "promote", PromoteConfig), name, registry_client(values)
+    return p.promote, p.register.model_name, registry_client(p)
 
 
 def promote_cmd(
@@ -104,31 +96,19 @@ def promote_cmd(
     """
     from ..release import promote
 
-    values = load(params, set_)
-    try:
-        cfg, name, client = promotion_context(values)
-        if rescore is not None:
-            cfg = cfg.model_copy(update={"rescore": "always" if rescore else "never"})
+    p = load(params, set_)
+    cfg, name, client = promotion_context(p)
+    if rescore is not None:
+        cfg = cfg.model_copy(update={"rescore": "always" if rescore else "never"})
 
-        def rescorer(version: str, evaluation: Any, ids: list[str]) -> dict[str, float]:
-            from ..release.rescore import champion_scores
+    def rescorer(version: str, evaluation: Any, ids: list[str]) -> dict[str, float]:
+        from ..release.rescore import champion_scores
 
-            return champion_scores(
-                name,
-                version,
-                evaluation,
-                ids,
-                task_of(values),
-                model_dir(values),
-                section(values, "evaluate", EvaluateConfig),
-            )
+        task = p.load_task()
+        return champion_scores(name, version, evaluation, ids, task, p.model.dir, p.evaluate)
 
-        decision = promote.decide(
-            client, name, cfg, section(values, "gates", GatesConfig), rescorer
-        )
-        promote.write_report(cfg.report, decision, "promote", promote.history(client, name))
-    except (ConfigError, promote.PromoteError) as err:
-        fail(err, 2)
+    decision = promote.decide(client, name, cfg, p.gates, rescorer)
+    promote.write_report(cfg.report, decision, "promote", promote.history(client, name))
     changed = decision.promoted or decision.champion_after == decision.challenger
     typer.secho(
         ("promoted: " if decision.promoted else "not promoted: ") + decision.reason,
@@ -145,13 +125,9 @@ def rollback_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
     """Point `champion` back at the previous champion (exit 2 when there is none)."""
     from ..release import promote
 
-    values = load(params, set_)
-    try:
-        cfg, name, client = promotion_context(values)
-        decision = promote.rollback(client, name, cfg)
-        promote.write_report(cfg.report, decision, "rollback", promote.history(client, name))
-    except (ConfigError, promote.PromoteError) as err:
-        fail(err, 2)
+    cfg, name, client = promotion_context(load(params, set_))
+    decision = promote.rollback(client, name, cfg)
+    promote.write_report(cfg.report, decision, "rollback", promote.history(client, name))
     typer.echo(f"{decision.reason}; report: {cfg.report}")
 
 
@@ -180,15 +156,11 @@ def pull_cmd(
     """Write a registered version as a portable bundle (relative paths only): adapter (checked
     by hash), task.yaml, tokenizer + chat template, serving.json (base identity, generation
     settings), README; `--with-base` adds the base weights."""
-    from ..evaluation.bundle import BundleError
     from ..tracking import pull
 
-    values = load(params, set_)
-    try:
-        registry_client(values)
-        path = pull.pull(uri, out, base or Path(model_dir(values)), with_base)
-    except (ConfigError, pull.PullError, BundleError) as err:
-        fail(err, 2)
+    p = load(params, set_)
+    registry_client(p)
+    path = pull.pull(uri, out, base or p.base_dir, with_base)
     typer.echo(
         f"pulled into {path}: load with temper.evaluation.bundle.load_bundle('{path}') "
         f"or run `temper predict --model {path} --input FILE`"
@@ -214,13 +186,10 @@ def merge_cmd(
     """
     from ..release.merge import merge
 
-    values = load(params, set_)
-    try:
-        if dtype not in ("bfloat16", "float16", "float32"):
-            raise ValueError(f"--dtype {dtype!r}: use bfloat16, float16 or float32")
-        info = merge(candidate, out, base or Path(model_dir(values)), dtype)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        fail(err)
+    p = load(params, set_)
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise ConfigError(f"--dtype {dtype!r}: use bfloat16, float16 or float32")
+    info = merge(candidate, out, base or p.base_dir, dtype)
     typer.echo(
         f"merged {info['adapter']} into {info['base']} -> {out} ({info['dtype']}"
         f"{', from dequantized 4-bit weights' if info['dequantized'] else ''})"
@@ -236,10 +205,7 @@ def profile_cmd(
 ) -> None:
     """Print a profile as the `-S` overrides that turn params.yaml into it, shell-quoted:
     `eval "dvc exp run $(temper profile nli)"` (eval keeps values with spaces whole)."""
-    try:
-        overrides = profile_overrides(read_profile(name), read_yaml(params), SECTIONS)
-    except ConfigError as err:
-        fail(err)
+    overrides = profile_overrides(read_profile(name), read_yaml(params), TemperParams)
     # Unquoted unless a value has a space: `$(temper profile full)` then splits into whole
     # arguments. A value with spaces is quoted and needs `eval "dvc exp run $(...)"`.
     spaced = [o for o in overrides if any(c.isspace() for c in o)]
@@ -265,14 +231,14 @@ def ui_cmd(
 
     from .. import tracking
 
-    values = load(params, set_)
-    cfg = section(values, "mlflow", MlflowConfig)
+    p = load(params, set_)
+    cfg = p.mlflow
     uri = tracking.tracking_uri(cfg)
     if not uri.startswith("sqlite:"):
         typer.echo(f"the store is a server already: open {tracking.redact_uri(uri)}")
         return
     experiment_id = tracking.setup(cfg)
-    primary = section(values, "evaluate", EvaluateConfig).primary_metric
+    primary = p.evaluate.primary_metric
     tracking.ensure_candidates_view(mlflow.MlflowClient(), experiment_id, primary)
     cmd, env = tracking.lean_server_command(uri, cfg.artifact_root, host, port)
     typer.echo(

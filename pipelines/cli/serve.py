@@ -6,8 +6,9 @@ from typing import Annotated
 
 import typer
 
-from ..config import ConfigError, section
-from .common import PARAMS, ParamsOpt, SetOpt, fail, load, model_dir
+from ..config import ConfigError
+from ..params import TemperParams
+from .common import PARAMS, ParamsOpt, SetOpt, load
 
 
 def serve_cmd(
@@ -48,50 +49,51 @@ def serve_cmd(
     0 stopped, 2 bad configuration (e.g. a non-loopback bind without API keys, an adapter
     vLLM cannot serve, no vLLM environment).
     """
-    from ..engines import EngineUnavailable, VllmConfig, VllmIncompatible
-    from ..evaluation.bundle import BundleError
-    from ..online.cache import CacheConfig
-    from ..online.monitor import MonitorConfig
-    from ..online.route import RouteConfig
-    from ..online.serve import ServeConfig, auth, serve
-    from ..tracking import MlflowConfig
-    from ..tracking.pull import PullError
-    from .release import registry_client
+    from ..online.serve import auth, serve
 
-    values = load(params, set_)
+    p = load(params, set_)
+    cfg = serve_config(p, host, port, model, engine)
+    keys = auth.load_keys(cfg.api_keys_file, cfg.api_keys_env)
+    if not print_command:
+        auth.check_bind(cfg.host, keys)  # before anything is opened or loaded
+    if any(m.startswith("models:/") for m in cfg.models):
+        from .release import registry_client
+
+        registry_client(p)
+    if print_command:
+        if cfg.engine != "vllm":
+            raise ConfigError("--print-command goes with --engine vllm")
+        typer.echo(vllm_command(cfg, p.model.dir))
+        return
+    serve(
+        cfg,
+        keys,
+        base_hint=p.model.dir,
+        route=p.route,
+        cache=p.cache,
+        monitor=p.monitor,
+        mlflow_cfg=p.mlflow,
+        vllm_cfg=p.vllm,
+    )
+
+
+def serve_config(
+    p: TemperParams,
+    host: str | None,
+    port: int | None,
+    models: list[str] | None,
+    engine: str | None,
+):
+    """`serve:` with the command line's options on top (validated again)."""
+    from ..online.serve import ServeConfig
+
     engine = {"temper": "builtin"}.get(engine or "", engine)  # the old name of builtin
-    try:
-        if engine not in (None, "builtin", "vllm"):
-            raise ConfigError(f"--engine {engine!r}: use builtin or vllm")
-        options = {"host": host, "port": port, "models": model or None, "engine": engine}
-        cfg = ServeConfig.model_validate(
-            {
-                **section(values, "serve", ServeConfig).model_dump(),
-                **{k: v for k, v in options.items() if v is not None},
-            }
-        )
-        keys = auth.load_keys(cfg.api_keys_file, cfg.api_keys_env)
-        if not print_command:
-            auth.check_bind(cfg.host, keys)  # before anything is opened or loaded
-        if any(m.startswith("models:/") for m in cfg.models):
-            registry_client(values)
-        if print_command:
-            if cfg.engine != "vllm":
-                raise ConfigError("--print-command goes with --engine vllm")
-            typer.echo(vllm_command(cfg, model_dir(values)))
-            return
-        serve(
-            cfg,
-            keys,
-            base_hint=model_dir(values),
-            route=section(values, "route", RouteConfig),
-            cache=section(values, "cache", CacheConfig),
-            monitor=section(values, "monitor", MonitorConfig),
-            mlflow_cfg=section(values, "mlflow", MlflowConfig),
-            vllm_cfg=section(values, "vllm", VllmConfig),
-        )
-    except (ConfigError, BundleError, PullError, VllmIncompatible, EngineUnavailable) as err:
-        fail(err, 2)
+    if engine not in (None, "builtin", "vllm"):
+        raise ConfigError(f"--engine {engine!r}: use builtin or vllm")
+    options = {"host": host, "port": port, "models": models or None, "engine": engine}
+    return ServeConfig.model_validate(
+        {**p.serve.model_dump(), **{k: v for k, v in options.items() if v is not None}}
+    )
 
 
 def vllm_command(cfg, base_hint: str) -> str:

@@ -7,28 +7,14 @@ from typing import Annotated
 
 import typer
 
-from ..config import ConfigError, section
-from ..evaluation.config import EvaluateConfig
-from ..evaluation.gates import GatesConfig
-from ..evaluation.judge import JudgeConfig
-from ..stages.base_model import ModelConfig
-from ..stages.distil import DistilConfig
-from ..stages.prepare import PrepareConfig
-from ..stages.register import RegisterConfig
-from ..tracking import MlflowConfig
-from ..training.config import TrainConfig
-from .common import PARAMS, ParamsOpt, SetOpt, fail, load, model_dir, task_of
+from .common import PARAMS, ParamsOpt, SetOpt, load
 
 
 def base_model_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
     """Resolve `model.base` into a local safetensors folder (built-in default works offline)."""
     from ..stages import base_model
 
-    values = load(params, set_)
-    try:
-        out = base_model.run(section(values, "model", ModelConfig))
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        fail(err)
+    out = base_model.run(load(params, set_).model)
     typer.echo(f"base model ready in {out}")
 
 
@@ -36,13 +22,8 @@ def prepare_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
     """Clean, de-duplicate, split by document and render the task's chat records."""
     from ..stages import prepare
 
-    values = load(params, set_)
-    try:
-        stats = prepare.run(
-            section(values, "prepare", PrepareConfig), task_of(values), model_dir(values)
-        )
-    except (ConfigError, prepare.InputError, FileNotFoundError) as err:
-        fail(err)
+    p = load(params, set_)
+    stats = prepare.run(p.prepare, p.load_task(), p.model.dir)
     counts = ", ".join(f"{k} {v['records']}" for k, v in stats["splits"].items())
     typer.echo(
         f"prepared: {counts}; dropped {stats['dropped']}; "
@@ -75,29 +56,23 @@ def distil_cmd(
     """
     from ..stages import distil
 
-    values = load(params, set_)
-    try:
-        cfg = section(values, "distil", DistilConfig)
-        if status or cancel:
-            from ..providers.batch_control import batch_status, cancel_batches
+    p = load(params, set_)
+    cfg = p.distil
+    if status or cancel:
+        from ..providers.batch_control import batch_status, cancel_batches
 
-            rows = (cancel_batches if cancel else batch_status)(cfg.provider)
-            for r in rows:
-                counts = " ".join(f"{k} {v}" for k, v in r["counts"].items())
-                typer.echo(
-                    f"{r['id']}  {r['status']}  {r['requests']} requests  {counts}  "
-                    f"(submitted {r['submitted']} UTC)"
-                )
-            typer.echo(f"{len(rows)} batch(es) in the state file" if rows else "no batches")
-            return
-        if force:
-            cfg = cfg.model_copy(update={"force": True})
-        mlflow_cfg = section(values, "mlflow", MlflowConfig) if cfg.log_mlflow else None
-        m = distil.run(cfg, task_of(values), mlflow_cfg, values)
-    except distil.DistilError as err:
-        fail(err, err.exit_code)
-    except (ConfigError, FileNotFoundError) as err:
-        fail(err)
+        rows = (cancel_batches if cancel else batch_status)(cfg.provider)
+        for r in rows:
+            counts = " ".join(f"{k} {v}" for k, v in r["counts"].items())
+            typer.echo(
+                f"{r['id']}  {r['status']}  {r['requests']} requests  {counts}  "
+                f"(submitted {r['submitted']} UTC)"
+            )
+        typer.echo(f"{len(rows)} batch(es) in the state file" if rows else "no batches")
+        return
+    if force:
+        cfg = cfg.model_copy(update={"force": True})
+    m = distil.run(cfg, p.load_task(), p.tracking())
     counts = ", ".join(f"{k} {v['labelled']}/{v['input']}" for k, v in m["records"].items())
     typer.echo(
         f"distilled ({m['teacher']['kind']}:{m['teacher']['model']}): {counts}; "
@@ -128,29 +103,15 @@ def train_cmd(
     process; multi-process ones (`cpu_ddp_2proc`, `multi_gpu_ddp`, `fsdp_qlora`) re-launch
     `python -m temper train --launched` under `accelerate launch`, one process per device.
     """
-    import subprocess
-
     from ..stages import train
-    from ..training.data import DataError
 
-    values = load(params, set_)
-
-    def rank_argv(name: str) -> list[str]:
-        argv = ["train", "--launched", "--params", str(params), "--candidate", name]
-        return argv + [arg for item in set_ or [] for arg in ("--set", item)]
-
-    try:
-        cfg = section(values, "train", TrainConfig)
-        mlflow_cfg = section(values, "mlflow", MlflowConfig)
-        if launched:  # this process is one rank: train here, the launcher reports
-            for name in candidate or []:
-                train.train_candidate(cfg, name, model_dir(values), mlflow_cfg, values)
-            return
-        results = train.run(cfg, candidate, model_dir(values), mlflow_cfg, values, rank_argv)
-    except (ConfigError, DataError, FileNotFoundError) as err:
-        fail(err)
-    except subprocess.CalledProcessError as err:
-        fail(RuntimeError(f"accelerate launch failed with exit code {err.returncode}"))
+    p = load(params, set_)
+    cfg = p.train.only(candidate)
+    if launched:  # this process is one rank: train here, the launcher reports
+        for name in cfg.candidates:
+            train.train_candidate(cfg.candidate(name), p.base_dir, p.tracking())
+        return
+    results = train.run(cfg, p.base_dir, p.tracking())
     for name, m in results.items():
         typer.echo(
             f"trained {name}: {m.steps} steps in {m.train_seconds:.0f}s "
@@ -190,48 +151,27 @@ def evaluate_cmd(
     With --data and/or --adapter it scores any adapter on any JSONL, writing to --out
     (the pipeline's metrics/eval.json and reports/ are left alone).
     """
-    import re
-
     from ..evaluation.report import fmt, gate_table
     from ..stages import evaluate
 
-    values = load(params, set_)
-    try:
-        cfg = section(values, "evaluate", EvaluateConfig)
-        adapters = fields = None
-        if data is not None or adapter is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            update = {
-                "metrics": str(out / "eval.json"),
-                "reports_dir": str(out),
-                "baseline": baseline,
-                "log_mlflow": False,
-                "validation": None,  # ad hoc: nothing to select, or select on the given file
-            }
-            if data is not None:
-                update["test"] = str(data)
-                fields = section(values, "prepare", PrepareConfig).fields
-            cfg = cfg.model_copy(update=update)
-            if adapter is not None:
-                # models/candidates/<name>/adapter -> <name>; an MLflow URI -> its name
-                path = Path(adapter.rstrip("/"))
-                name = path.parent.name if path.name == "adapter" else path.name
-                if ":/" in adapter:  # models:/temper-clause-review@champion -> that name
-                    name = re.sub(r"[^\w.@-]+", "_", adapter.split(":/", 1)[1]).strip("_")
-                adapters = {name or "adapter": adapter}
-        result = evaluate.run(
-            cfg,
-            task_of(values),
-            model_dir(values),
-            section(values, "judge", JudgeConfig),
-            section(values, "gates", GatesConfig),
-            section(values, "mlflow", MlflowConfig),
-            values,
-            adapters=adapters,
-            fields=fields,
-        )
-    except (ConfigError, evaluate.EvalError, FileNotFoundError) as err:
-        fail(err)
+    p = load(params, set_)
+    cfg, fields = p.evaluate, None
+    if data is not None or adapter is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        update = {
+            "metrics": str(out / "eval.json"),
+            "reports_dir": str(out),
+            "baseline": baseline,
+            "log_mlflow": False,
+            "validation": None,  # ad hoc: nothing to select, or select on the given file
+            "adapter": adapter,
+        }
+        if data is not None:
+            update["test"] = str(data)
+            fields = p.prepare.fields
+        cfg = cfg.model_copy(update=update)
+    setup = evaluate.Setup(p.base_dir, p.judge, p.gates, p.vllm, fields, p.tracking())
+    result = evaluate.run(cfg, p.load_task(), setup)
     primary = result.primary_metric
     for name, entry in result.candidates.items():
         delta = (entry.delta_vs_baseline or {}).get(primary)
@@ -268,22 +208,13 @@ def evaluate_cmd(
 
 def register_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
     """Register the evaluation's winner as a new model version with alias `challenger`."""
-    from ..evaluation.bundle import BundleError, generation_settings
+    from ..evaluation.bundle import generation_settings
     from ..stages import register
 
-    values = load(params, set_)
-    try:
-        task = task_of(values)
-        summary = register.run(
-            section(values, "register", RegisterConfig),
-            values,
-            section(values, "mlflow", MlflowConfig),
-            model_dir(values),
-            task,
-            generation_settings(task, section(values, "evaluate", EvaluateConfig)),
-        )
-    except (ConfigError, register.RegisterError, BundleError, FileNotFoundError) as err:
-        fail(err)
+    p = load(params, set_)
+    task = p.load_task()
+    served = register.Served(task, p.base_dir, generation_settings(task, p.evaluate))
+    summary = register.run(p.register, p.tracking(), served)
     if summary["registered"]:
         alias = (
             f"@{summary['alias']}"
@@ -302,16 +233,11 @@ def register_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
 def route_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
     """Fit the self tier's threshold on validation, replay the test split through the
     routing policy, and price it against all-API (reports/route.md)."""
-    from ..online.route.config import RouteConfig
-    from ..results import ResultError
     from ..stages import route
 
-    values = load(params, set_)
-    try:
-        cfg = section(values, "route", RouteConfig)
-        result = route.run(cfg, task_of(values))
-    except (ConfigError, route.RouteError, ResultError) as err:
-        fail(err)
+    p = load(params, set_)
+    cfg = p.route
+    result = route.run(cfg, p.load_task())
     shares = ", ".join(f"{t} {result.shares[t]:.0%}" for t in result.tiers)
     typer.echo(
         f"route: threshold {result.threshold:.4f} ({shares}); accuracy "

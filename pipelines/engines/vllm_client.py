@@ -29,12 +29,14 @@ from typing import Any
 
 import httpx
 
+from ..errors import TemperError
 
-class EngineUnavailable(Exception):
+
+class EngineUnavailable(TemperError):
     """The engine cannot be reached, is restarting, or failed (the gateway answers 503)."""
 
 
-class EngineRejected(Exception):
+class EngineRejected(TemperError):
     """The engine refused the request as invalid (the gateway answers 400 with its reason)."""
 
 

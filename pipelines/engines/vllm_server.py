@@ -37,6 +37,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from ..config import Section
+from ..errors import TemperError
 from .vllm_client import EngineUnavailable
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ EMBEDDINGS = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out")
 TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
 
 
-class VllmIncompatible(ValueError):
+class VllmIncompatible(TemperError, ValueError):
     """An adapter vLLM would refuse (the message says why)."""
 
 

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+from ..errors import TemperError
 from ..io import write_json, write_jsonl
 from .bundle import Bundle
 from .confidence import label_confidences
@@ -32,7 +33,7 @@ FORMATS = (".jsonl", ".csv", ".parquet")
 OnError = Literal["fail", "skip"]
 
 
-class InputError(ValueError):
+class PredictInputError(TemperError, ValueError):
     """A bad input record; the message names the file, line and field."""
 
 
@@ -60,7 +61,9 @@ def _rows(path: Path) -> Any:
         for n, row in enumerate(pq.read_table(path).to_pylist(), 1):
             yield n, row
     else:
-        raise InputError(f"{path}: unknown input format {path.suffix!r} (use one of {FORMATS})")
+        raise PredictInputError(
+            f"{path}: unknown input format {path.suffix!r} (use one of {FORMATS})"
+        )
 
 
 def read_records(
@@ -69,7 +72,7 @@ def read_records(
     """[{id, text}] of the valid records and the problems of the skipped ones."""
     path = Path(path)
     if not path.exists():
-        raise InputError(f"{path}: input file not found")
+        raise PredictInputError(f"{path}: input file not found")
     records, skipped = [], []
     for n, row in _rows(path):
         if isinstance(row, str):
@@ -87,7 +90,7 @@ def read_records(
             records.append({"id": str(n) if rid in (None, "") else rid, "text": row[text_field]})
             continue
         if on_error == "fail":
-            raise InputError(problem + " (use --on-error skip to leave such records out)")
+            raise PredictInputError(problem + " (use --on-error skip to leave such records out)")
         skipped.append(problem)
     return records, skipped
 

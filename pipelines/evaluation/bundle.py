@@ -32,6 +32,7 @@ from pydantic import Field
 
 from .. import models
 from ..config import Section
+from ..errors import TemperError
 from ..io import adapter_hash, model_hash, read_json, sha256_file, write_json
 from ..model_source import SOURCE_FILE, weights_dir
 from ..task import TaskConfig, load_task
@@ -49,7 +50,7 @@ ROUTE_POLICY = "route.json"  # the route stage's fitted policy, in a version's s
 PYFUNC_LOADER = "temper.online.pyfunc"
 
 
-class BundleError(ValueError):
+class BundleError(TemperError, ValueError):
     """A bundle is incomplete, does not match its recorded hashes, or its base is not found."""
 
 

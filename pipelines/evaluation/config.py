@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from ..config import Section
+from ..errors import TemperError
 
 
 class EvaluateConfig(Section):
@@ -21,6 +22,11 @@ class EvaluateConfig(Section):
     )
     candidates_dir: str = Field("models/candidates", description="Folder of <name>/adapter/.")
     candidates: list[str] | None = Field(None, description="Candidates to score (null: all).")
+    adapter: str | None = Field(
+        None,
+        description="Ad hoc (`temper evaluate --adapter`): one adapter folder or MLflow URI "
+        "(models:/name@alias, runs:/id/adapter) scored instead of the candidates.",
+    )
     baseline: Literal["auto", "api", "base_model", "none"] = Field(
         "auto",
         description="auto: the API teacher's answers when baseline_file exists, else "
@@ -101,5 +107,5 @@ class EvaluateConfig(Section):
         return self.batch_size
 
 
-class EvalError(ValueError):
+class EvalError(TemperError, ValueError):
     """Bad evaluation input; the message names the file, line and field."""

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ..chat import render, supports_system
+from ..errors import MissingInput
 from ..task import parse_answer
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def resolve_adapter(ref: str | Path) -> Path:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=ref))
     path = Path(ref)
     if not (path / "adapter_config.json").exists():
-        raise FileNotFoundError(f"{path}: not a PEFT adapter folder (no adapter_config.json)")
+        raise MissingInput(f"{path}: not a PEFT adapter folder (no adapter_config.json)")
     return path
 
 

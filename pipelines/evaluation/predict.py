@@ -78,16 +78,13 @@ def model_predictions(
     return preds, seconds
 
 
-def open_engine(cfg: EvaluateConfig, params: dict[str, Any] | None, model_dir: str | Path) -> Any:
-    """A vLLM server for the run (`evaluate.engine: vllm`, the `vllm:` section), or None."""
+def open_engine(cfg: EvaluateConfig, vllm: Any, model_dir: str | Path) -> Any:
+    """A vLLM server for the run (`evaluate.engine: vllm`, from the `vllm:` section), or None."""
     if cfg.engine != "vllm":
         return None
-    from ..config import section
-    from ..engines import VllmConfig
     from ..engines.vllm_generate import VllmGenerator
 
-    vcfg = section(params or {}, "vllm", VllmConfig)
-    return VllmGenerator(vcfg, model_dir, Path(cfg.reports_dir) / "vllm.log", cfg.batch_size)
+    return VllmGenerator(vllm, model_dir, Path(cfg.reports_dir) / "vllm.log", cfg.batch_size)
 
 
 def vllm_generations(

@@ -8,6 +8,7 @@ from typing import Literal, NamedTuple
 from pydantic import Field, model_validator
 
 from ..config import ConfigError, Section
+from ..errors import TemperError
 
 DEFAULT_BASE_URL = {"openai": "https://api.openai.com/v1", "anthropic": "https://api.anthropic.com"}
 DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
@@ -243,7 +244,7 @@ class Completion:
     cached_input_tokens: int = 0  # of input_tokens, read from the vendor's prompt cache
 
 
-class ProviderError(RuntimeError):
+class ProviderError(TemperError, RuntimeError):
     """A request failed for good (after retries) or cannot be made."""
 
 

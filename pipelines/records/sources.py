@@ -22,6 +22,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from ..config import Section
+from ..errors import TemperError
 
 if TYPE_CHECKING:
     from ..task import TaskConfig
@@ -32,7 +33,7 @@ CSV_FIELD_LIMIT = 2**31 - 1
 _BOM = b"\xef\xbb\xbf"
 
 
-class InputError(ValueError):
+class InputError(TemperError, ValueError):
     """A raw record cannot be used; the message names the file, line and field."""
 
 

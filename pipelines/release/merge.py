@@ -6,6 +6,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal
 
+from ..errors import MissingInput
 from ..io import atomic_dir, write_json
 from ..model_source import adapter_method, load_causal_lm
 from ..training.model import load_base
@@ -33,7 +34,7 @@ def merge(
     candidate = Path(candidate)
     adapter = candidate / "adapter" if (candidate / "adapter").is_dir() else candidate
     if not (adapter / "adapter_config.json").exists():
-        raise FileNotFoundError(f"{adapter}: no adapter_config.json (not a PEFT adapter)")
+        raise MissingInput(f"{adapter}: no adapter_config.json (not a PEFT adapter)")
     PeftConfig.from_pretrained(adapter)  # validates the adapter config
     method = adapter_method(adapter)
     dtype = getattr(torch, dtype_name)

@@ -31,6 +31,7 @@ from pydantic import Field
 
 from .. import tracking
 from ..config import Section
+from ..errors import TemperError
 from ..evaluation.gates import GatesConfig, check
 from ..io import atomic_open, read_jsonl
 from ..results import EvalResult, ResultError
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 HISTORY_TAG = "temper.champion_history"
 
 
-class PromoteError(ValueError):
+class PromoteError(TemperError, ValueError):
     """Promotion cannot be decided (missing alias, missing scores, bad URI...)."""
 
 

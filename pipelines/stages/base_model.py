@@ -27,6 +27,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from ..config import ConfigError, Section
+from ..errors import MissingInput
 from ..io import atomic_dir, sha256_file, write_json
 from ..model_source import SOURCE_FILE, make_reference, same_file
 from ..models import ALLOWED, BUILTIN, builtin_into, download_hub
@@ -79,7 +80,7 @@ def model_files(src: Path, patterns: tuple[str, ...] = ALLOWED) -> list[str]:
 def copy_model_folder(src: Path, out: Path) -> None:
     """Copy a local model folder, refusing pickled weights (safetensors only)."""
     if not any(src.glob("*.safetensors")):
-        raise FileNotFoundError(f"{src}: no *.safetensors weights (pickled weights are refused)")
+        raise MissingInput(f"{src}: no *.safetensors weights (pickled weights are refused)")
     for name in model_files(src):
         shutil.copy2(src / name, out / name)
 
@@ -88,7 +89,7 @@ def reference_model_folder(src: Path, out: Path) -> dict:
     """Copy `src`'s small files into `out` and return the record of the folder's files
     (`model_source.weights_dir` checks it at every load); the weights are not copied."""
     if not any(src.glob("*.safetensors")):
-        raise FileNotFoundError(f"{src}: no *.safetensors weights (pickled weights are refused)")
+        raise MissingInput(f"{src}: no *.safetensors weights (pickled weights are refused)")
     for name in model_files(src, SMALL):
         shutil.copy2(src / name, out / name)
     return make_reference(src, model_files(src))
@@ -125,7 +126,7 @@ def run(cfg: ModelConfig) -> Path:
             commit = download_hub(cfg.base, cfg.revision, tmp)
             source = {"kind": "hub", "repo_id": cfg.base, "revision": commit}
         else:
-            raise ValueError(
+            raise ConfigError(
                 f"model.base={cfg.base!r}: not '{BUILTIN}', not a local folder, not a hub id"
             )
         template = cfg.template_text()

@@ -30,16 +30,25 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import re
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field
 
 from ..config import ConfigError, Section, flatten
+from ..errors import TemperError
 from ..io import atomic_dir, read_jsonl, stable_hash, write_jsonl
+from ..labels import (
+    Labelled,
+    Outputs,
+    failure_share,
+    metrics_of,
+    outputs,
+    reason_kind,
+)
 from ..providers import (
     BatchError,
     CacheMiss,
@@ -56,14 +65,13 @@ from ..results import DistilResult
 from ..task import TaskConfig
 from ..teacher import (
     Outcome,
-    agreement,
     gold_outcome,
     label_after_batch,
     label_one,
     logged_outcome,
     merge_logged,
 )
-from ..tracking import MlflowConfig, child_run
+from ..tracking import Tracking
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +118,7 @@ class DistilConfig(Section):
     log_mlflow: bool = Field(True, description="Log params and metrics to an MLflow child run.")
 
 
-class DistilError(RuntimeError):
+class DistilError(TemperError, RuntimeError):
     """The stage cannot run or finish; `exit_code` says why (see EXIT_*)."""
 
     def __init__(self, message: str, exit_code: int = 1, metrics: dict[str, Any] | None = None):
@@ -163,13 +171,23 @@ async def run_all(provider: Provider, coros: list[Any], desc: str | None) -> lis
 # ----------------------------------------------------------------------------- the stage
 
 
-def run(
-    cfg: DistilConfig, task: TaskConfig, mlflow: Any = None, params: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """Run the stage; returns the metrics. Raises DistilError (with an exit code) on a stop."""
+@dataclass
+class Jobs:
+    """The requests of one run: each record to label with its messages, the baseline's."""
+
+    labels: list[tuple[str, dict[str, Any], list[dict[str, str]]]]
+    baseline: list[tuple[dict[str, Any], list[dict[str, str]]]]
+    version: str  # the prompt's version: part of every cache key
+    shots: list[str]
+
+    def messages(self) -> list[list[dict[str, str]]]:
+        return [m for _, _, m in self.labels] + [m for _, m in self.baseline]
+
+
+def run(cfg: DistilConfig, task: TaskConfig, tracking: Tracking | None = None) -> dict[str, Any]:
+    """Run the stage; returns the metrics. Raises DistilError (with an exit code) on a stop.
+    `tracking`: log to an MLflow child run of the pipeline run (with `distil.log_mlflow`)."""
     t0 = time.perf_counter()
-    pcfg = cfg.provider
-    is_gold = pcfg.kind == "gold"
     prepared = Path(cfg.prepared_dir)
     every = {s: load_split(prepared / f"{s}.jsonl", gold_needed=True) for s in cfg.splits}
     # Logged replies (prepare.format: openai_log) are labels already paid for: only the
@@ -178,114 +196,130 @@ def run(
     splits = {
         s: [r for r, o in zip(rs, logged[s], strict=True) if not o] for s, rs in every.items()
     }
-    if is_gold:
-        asked = {s: [gold_outcome(task, r) for r in rs] for s, rs in splits.items()}
-        return finish(cfg, task, merge_logged(logged, asked), None, None, {}, t0, mlflow, params)
+    if cfg.provider.kind == "gold":
+        labelled = Labelled({s: [gold_outcome(task, r) for r in rs] for s, rs in splits.items()})
+    else:
+        labelled = ask_teacher(cfg, task, splits, every.get("train"))
+    labelled.by_split = merge_logged(logged, labelled.by_split)
+    return finish(cfg, task, labelled, t0, tracking if cfg.log_mlflow else None)
 
-    # Privacy and price checks happen here, before a single byte is sent.
+
+def ask_teacher(
+    cfg: DistilConfig,
+    task: TaskConfig,
+    splits: dict[str, list[dict[str, Any]]],
+    train: list[dict[str, Any]] | None,
+) -> Labelled:
+    """Label `splits` (and answer the baseline split) with the API teacher, after the
+    privacy and price checks: nothing is sent before they pass."""
     try:
-        provider = open_provider(pcfg)
+        provider = open_provider(cfg.provider)
     except ConfigError as err:
         from ..providers import PrivacyError
 
         raise DistilError(str(err), EXIT_PRIVACY if isinstance(err, PrivacyError) else 1) from None
     try:
-        train = every.get("train") or load_split(prepared / "train.jsonl", gold_needed=True)
-        shots = pick_few_shot(task, train, cfg.few_shot, cfg.few_shot_seed)
-        version = stable_hash(
-            {"task": task.prompt_hash, "shots": [s["id"] for s in shots], "repair": cfg.repair}
-        )
-        jobs = [
-            (s, r, task.teacher_messages(shots, r["text"]))
-            for s, recs in splits.items()
-            for r in recs
-        ]
-        base_recs: list[dict[str, Any]] = []
-        if cfg.baseline_split:
-            base_recs = load_split(prepared / f"{cfg.baseline_split}.jsonl", gold_needed=False)
-        base_shots = shots if cfg.baseline_few_shot else []
-        base_msgs = [task.teacher_messages(base_shots, r["text"]) for r in base_recs]
-
-        estimate = estimate_cost(provider, task, [m for _, _, m in jobs] + base_msgs, version)
-        log.info(
-            "teacher %s:%s, %d records + %d baseline; estimate %d uncached requests, $%.4f "
-            "(worst case $%.4f; cap $%.2f)",
-            pcfg.kind,
-            pcfg.model,
-            len(jobs),
-            len(base_msgs),
-            estimate["requests"],
-            estimate["usd"],
-            estimate["usd_worst_case"],
-            pcfg.max_usd,
-        )
-        warn_if_retiring(pcfg.model)  # a teacher that is about to go away: say so now
-        if estimate["usd_worst_case"] > pcfg.max_usd:
-            log.warning(
-                "if answers run to max_tokens (%d) the spend cap stops this run before "
-                "it ends (worst case $%.4f > max_usd $%.2f)",
-                pcfg.max_tokens,
-                estimate["usd_worst_case"],
-                pcfg.max_usd,
-            )
-        if not cfg.force and (
-            estimate["usd"] > pcfg.max_usd or estimate["requests"] > pcfg.max_requests
-        ):
-            raise DistilError(
-                f"estimated cost ${estimate['usd']:.4f} for {estimate['requests']} uncached "
-                f"requests exceeds the cap (max_usd ${pcfg.max_usd:.2f}, max_requests "
-                f"{pcfg.max_requests}); nothing was sent. Raise the cap or pass --force.",
-                EXIT_ESTIMATE_REFUSED,
-            )
-
-        async def main() -> tuple[list[Outcome], list[Outcome]]:
-            try:
-                label: Any = label_one
-                if pcfg.mode == "batch":  # answers into the cache first (docs/distil.md)
-                    every = [m for _, _, m in jobs] + base_msgs
-                    schema = task.answer_schema()
-                    done = await collect(
-                        provider, [(m, schema, version) for m in every], cfg.progress
-                    )
-                    label = functools.partial(label_after_batch, done)
-                labelled = await run_all(
-                    provider,
-                    [label(provider, task, r, m, cfg.repair, version) for _, r, m in jobs],
-                    "distil" if cfg.progress else None,
-                )
-                baseline = await run_all(
-                    provider,
-                    [
-                        label(provider, task, r, m, False, version)
-                        for r, m in zip(base_recs, base_msgs, strict=True)
-                    ],
-                    f"baseline {cfg.baseline_split}" if cfg.progress and base_recs else None,
-                )
-                return labelled, baseline
-            finally:
-                await provider.aclose()
-
+        prepared = Path(cfg.prepared_dir)
+        train = train or load_split(prepared / "train.jsonl", gold_needed=True)
+        jobs = make_jobs(cfg, task, splits, train)
+        estimate = estimate_cost(provider, task, jobs.messages(), jobs.version)
+        check_estimate(cfg, estimate, jobs)
         try:
-            labelled, baseline = asyncio.run(main())
+            labelled, baseline = asyncio.run(label_all(cfg, task, provider, jobs))
         except BatchError as err:
             raise DistilError(str(err), EXIT_BATCH_PENDING if err.pending else 1) from None
         by_split: dict[str, list[Outcome]] = {s: [] for s in splits}
-        for (split, _, _), outcome in zip(jobs, labelled, strict=True):
+        for (split, _, _), outcome in zip(jobs.labels, labelled, strict=True):
             by_split[split].append(outcome)
-        return finish(
-            cfg,
-            task,
-            merge_logged(logged, by_split),
-            baseline,
-            provider,
-            estimate,
-            t0,
-            mlflow,
-            params,
-            shots=[s["id"] for s in shots],
-        )
+        return Labelled(by_split, baseline, provider, estimate, jobs.shots)
     finally:
         provider.close()
+
+
+def make_jobs(
+    cfg: DistilConfig,
+    task: TaskConfig,
+    splits: dict[str, list[dict[str, Any]]],
+    train: list[dict[str, Any]],
+) -> Jobs:
+    """The teacher's messages for every record, few-shot examples drawn from `train`."""
+    shots = pick_few_shot(task, train, cfg.few_shot, cfg.few_shot_seed)
+    version = stable_hash(
+        {"task": task.prompt_hash, "shots": [s["id"] for s in shots], "repair": cfg.repair}
+    )
+    labels = [
+        (s, r, task.teacher_messages(shots, r["text"])) for s, recs in splits.items() for r in recs
+    ]
+    base_recs: list[dict[str, Any]] = []
+    if cfg.baseline_split:
+        path = Path(cfg.prepared_dir) / f"{cfg.baseline_split}.jsonl"
+        base_recs = load_split(path, gold_needed=False)
+    base_shots = shots if cfg.baseline_few_shot else []
+    baseline = [(r, task.teacher_messages(base_shots, r["text"])) for r in base_recs]
+    return Jobs(labels, baseline, version, [s["id"] for s in shots])
+
+
+def check_estimate(cfg: DistilConfig, estimate: dict[str, Any], jobs: Jobs) -> None:
+    """Log the estimate; refuse (exit 4, nothing sent) when it is above the caps."""
+    pcfg = cfg.provider
+    log.info(
+        "teacher %s:%s, %d records + %d baseline; estimate %d uncached requests, $%.4f "
+        "(worst case $%.4f; cap $%.2f)",
+        pcfg.kind,
+        pcfg.model,
+        len(jobs.labels),
+        len(jobs.baseline),
+        estimate["requests"],
+        estimate["usd"],
+        estimate["usd_worst_case"],
+        pcfg.max_usd,
+    )
+    warn_if_retiring(pcfg.model)  # a teacher that is about to go away: say so now
+    if estimate["usd_worst_case"] > pcfg.max_usd:
+        log.warning(
+            "if answers run to max_tokens (%d) the spend cap stops this run before "
+            "it ends (worst case $%.4f > max_usd $%.2f)",
+            pcfg.max_tokens,
+            estimate["usd_worst_case"],
+            pcfg.max_usd,
+        )
+    if not cfg.force and (
+        estimate["usd"] > pcfg.max_usd or estimate["requests"] > pcfg.max_requests
+    ):
+        raise DistilError(
+            f"estimated cost ${estimate['usd']:.4f} for {estimate['requests']} uncached "
+            f"requests exceeds the cap (max_usd ${pcfg.max_usd:.2f}, max_requests "
+            f"{pcfg.max_requests}); nothing was sent. Raise the cap or pass --force.",
+            EXIT_ESTIMATE_REFUSED,
+        )
+
+
+async def label_all(
+    cfg: DistilConfig, task: TaskConfig, provider: Provider, jobs: Jobs
+) -> tuple[list[Outcome], list[Outcome]]:
+    """Every label, then every baseline answer (with `mode: batch`, the batch API fills the
+    cache first and the same labelling reads it)."""
+    try:
+        label: Any = label_one
+        if cfg.provider.mode == "batch":  # answers into the cache first (docs/distil.md)
+            schema = task.answer_schema()
+            requests = [(m, schema, jobs.version) for m in jobs.messages()]
+            label = functools.partial(
+                label_after_batch, await collect(provider, requests, cfg.progress)
+            )
+        labelled = await run_all(
+            provider,
+            [label(provider, task, r, m, cfg.repair, jobs.version) for _, r, m in jobs.labels],
+            "distil" if cfg.progress else None,
+        )
+        baseline = await run_all(
+            provider,
+            [label(provider, task, r, m, False, jobs.version) for r, m in jobs.baseline],
+            f"baseline {cfg.baseline_split}" if cfg.progress and jobs.baseline else None,
+        )
+        return labelled, baseline
+    finally:
+        await provider.aclose()
 
 
 def estimate_cost(
@@ -304,188 +338,69 @@ def estimate_cost(
 
 
 def finish(
-    cfg: DistilConfig,
-    task: TaskConfig,
-    by_split: dict[str, list[Outcome]],
-    baseline: list[Outcome] | None,
-    provider: Provider | None,
-    estimate: dict[str, Any],
-    t0: float,
-    mlflow: Any,
-    params: dict[str, Any] | None,
-    shots: list[str] | None = None,
+    cfg: DistilConfig, task: TaskConfig, done: Labelled, t0: float, tracking: Tracking | None
 ) -> dict[str, Any]:
     """Write the outputs (atomically, one folder) and the metrics; raise on a budget stop."""
-    pcfg = cfg.provider
-    source = "gold" if pcfg.kind == "gold" else "teacher"
-    counts: dict[str, dict[str, int]] = {}
-    rejects: list[dict[str, Any]] = []
-    pairs = []
-    files: dict[str, list[dict[str, Any]]] = {}
-    for split, outcomes in by_split.items():
-        rows = []
-        for o in outcomes:
-            if o.answer is not None:
-                rows.append(
-                    {
-                        **o.record,
-                        "completion": [
-                            {"role": "assistant", "content": task.format_answer(o.answer)}
-                        ],
-                        "answer": o.answer,
-                        "label_source": o.source or source,
-                        "teacher_model": pcfg.model,
-                        "prompt_hash": task.prompt_hash,
-                    }
-                )
-                pairs.append((o.answer, o.record))
-            elif o.reason is not None:
-                rejects.append(
-                    {"id": o.record["id"], "split": split, "reason": o.reason, "output": o.output}
-                )
-        files[f"{split}.jsonl"] = rows
-        counts[split] = {
-            "input": len(outcomes),
-            "labelled": len(rows),
-            "rejected": sum(o.reason is not None for o in outcomes),
-            "not_labelled_budget": sum(o.budget_stop for o in outcomes),
-            # where the labels came from: the log (valid or not) or the teacher (asked)
-            "logged": sum(o.source == "logged" and o.answer is not None for o in outcomes),
-            "logged_rejected": sum(o.source == "logged" and o.answer is None for o in outcomes),
-            "asked": sum(o.source is None for o in outcomes),
-        }
-        # Never drop a record silently: every input is labelled, rejected or budget-stopped.
-        c = counts[split]
-        assert c["labelled"] + c["rejected"] + c["not_labelled_budget"] == c["input"], c
-    baseline_report = None
-    if baseline is not None and cfg.baseline_split:
-        files[f"baseline_{cfg.baseline_split}.jsonl"] = [baseline_row(o, task) for o in baseline]
-        answered = [o for o in baseline if o.answer is not None]
-        baseline_report = {
-            "split": cfg.baseline_split,
-            "records": len(baseline),
-            "valid_answers": len(answered),
-            "failed": sum(o.reason is not None and not o.replies for o in baseline),
-            "not_answered_budget": sum(o.budget_stop for o in baseline),
-            "agreement_with_gold": agreement(
-                task, [(o.answer, o.record) for o in answered if "gold" in o.record]
-            ),
-        }
-    files["rejects.jsonl"] = rejects
-
-    stopped = any(o.budget_stop for outs in by_split.values() for o in outs) or any(
-        o.budget_stop for o in baseline or []
+    out = outputs(cfg.provider, task, done, cfg.baseline_split)
+    stopped = any(o.budget_stop for outs in done.by_split.values() for o in outs) or any(
+        o.budget_stop for o in done.baseline or []
     )
-    failure = failure_share(counts, baseline_report)
-    stats = provider.stats.summary() if provider else {}
-    metrics: dict[str, Any] = {
-        "teacher": {"kind": pcfg.kind, "model": pcfg.model},
-        "complete": not stopped,
-        "stopped_reason": "budget cap" if stopped else None,
-        "records": counts,
-        "rejects": len(rejects),
-        "requests": stats.get("requests", 0),
-        "calls": stats.get("calls", 0),
-        "cache_hits": stats.get("cache_hits", 0),
-        "retries": stats.get("retries", 0),
-        "failures": stats.get("failures", 0),
-        "errors": stats.get("errors", {}),
-        "tokens_in": stats.get("input_tokens", 0),
-        "tokens_out": stats.get("output_tokens", 0),
-        "usd": stats.get("usd", 0.0),
-        "usd_estimate": estimate.get("usd"),
-        "usd_estimate_worst_case": estimate.get("usd_worst_case"),
-        # Replies past the requested limits (rejected) and requests abandoned after they may
-        # have been billed (timeouts): both charged their worst case, included in `usd`.
-        "over_limit_replies": stats.get("over_limit", 0),
-        "abandoned_requests": stats.get("abandoned", 0),
-        "usd_charged_worst_case": stats.get("usd_charged_worst_case", 0.0),
-        "usd_claimed_over_limit": stats.get("usd_claimed_over_limit", 0.0),
-        "reject_rate": failure["rate"],
-        "max_usd": pcfg.max_usd if provider else None,
-        "latency_ms_p50": stats.get("latency_ms_p50"),
-        "latency_ms_p95": stats.get("latency_ms_p95"),
-        "redactions": stats.get("redactions", {}),
-        # With gold the "teacher" IS gold: an agreement of 1.0 would say nothing.
-        "teacher_agreement": agreement(task, pairs) if provider else None,
-        "baseline": baseline_report,
-        "few_shot_ids": shots or [],
-        "wall_s": round(time.perf_counter() - t0, 2),
-    }
-    if provider is not None and provider.batch_report is not None:  # mode: batch
-        metrics["batch"] = provider.batch_report
+    failure = failure_share(out.counts, out.baseline)
+    metrics = metrics_of(cfg.provider, task, done, out, stopped, failure["rate"], t0)
     if failure["rate"] is not None and failure["rate"] > cfg.max_reject_rate:
-        # The previous outputs stay: a run that lost most of its records must not replace them.
-        reasons = Counter(_reason_kind(r["reason"]) for r in rejects)
-        top = "; ".join(f"{n} x {why}" for why, n in reasons.most_common(3))
-        message = (
-            f"{failure['failed']} of {failure['sent']} records sent to the teacher were rejected "
-            f"or failed ({failure['rate']:.1%} > max_reject_rate {cfg.max_reject_rate:.1%}): "
-            f"{top or 'baseline requests failed'}. {cfg.out_dir} and {cfg.metrics} were left as "
-            f"they were; spent ${metrics['usd']:.4f}. Every good answer is cached: fix the "
-            "teacher (or raise distil.max_reject_rate) and re-run."
-        )
-        if stopped:
-            raise DistilError(f"budget cap reached, and {message}", EXIT_BUDGET_STOP, metrics)
-        raise DistilError(message, EXIT_TOO_MANY_REJECTS, metrics)
+        raise too_many_rejects(cfg, out, failure, metrics, stopped)
     with atomic_dir(cfg.out_dir) as tmp:
-        for name, rows in files.items():
+        for name, rows in out.files.items():
             write_jsonl(tmp / name, rows)
     DistilResult.model_validate(metrics).save(cfg.metrics)
-    if mlflow is not None:
-        log_mlflow(mlflow, cfg, metrics, params or {})
+    if tracking is not None:
+        log_mlflow(tracking, cfg, metrics)
     if stopped:
-        budget = provider.budget if provider else None
-        raise DistilError(
-            f"budget cap reached (spent ${budget.spent_usd:.4f} of max_usd ${budget.max_usd:.2f}, "
-            f"{budget.requests} of max_requests {budget.max_requests} requests): stopped "
-            f"cleanly; {sum(c['labelled'] for c in counts.values())} records labelled and "
-            f"kept, {sum(c['not_labelled_budget'] for c in counts.values())} not labelled. "
-            "Every answer is cached: raise the cap and re-run to finish.",
-            EXIT_BUDGET_STOP,
-            metrics,
-        )
+        raise budget_stop(done.provider, out.counts, metrics)
     return metrics
 
 
-def failure_share(
-    counts: dict[str, dict[str, int]], baseline: dict[str, Any] | None
-) -> dict[str, Any]:
-    """Records sent to the teacher (budget-stopped ones were not) and how many failed:
-    rejected in the labelled splits, plus baseline requests that got no reply at all."""
-    sent = sum(c["input"] - c["not_labelled_budget"] for c in counts.values())
-    failed = sum(c["rejected"] for c in counts.values())
-    if baseline is not None:
-        sent += baseline["records"] - baseline["not_answered_budget"]
-        failed += baseline["failed"]
-    return {"sent": sent, "failed": failed, "rate": round(failed / sent, 4) if sent else None}
+def too_many_rejects(
+    cfg: DistilConfig,
+    out: Outputs,
+    failure: dict[str, Any],
+    metrics: dict[str, Any],
+    stopped: bool,
+) -> DistilError:
+    """Exit 6 (3 after a budget stop): the previous outputs stay, since a run that lost most
+    of its records must not replace them."""
+    reasons = Counter(reason_kind(r["reason"]) for r in out.rejects)
+    top = "; ".join(f"{n} x {why}" for why, n in reasons.most_common(3))
+    message = (
+        f"{failure['failed']} of {failure['sent']} records sent to the teacher were rejected "
+        f"or failed ({failure['rate']:.1%} > max_reject_rate {cfg.max_reject_rate:.1%}): "
+        f"{top or 'baseline requests failed'}. {cfg.out_dir} and {cfg.metrics} were left as "
+        f"they were; spent ${metrics['usd']:.4f}. Every good answer is cached: fix the "
+        "teacher (or raise distil.max_reject_rate) and re-run."
+    )
+    if stopped:
+        return DistilError(f"budget cap reached, and {message}", EXIT_BUDGET_STOP, metrics)
+    return DistilError(message, EXIT_TOO_MANY_REJECTS, metrics)
 
 
-def _reason_kind(reason: str) -> str:
-    """A reject reason without its record-specific details, for counting."""
-    return re.sub(r"'[^']*'|\d+", "…", reason)[:120]
+def budget_stop(
+    provider: Provider | None, counts: dict[str, dict[str, int]], metrics: dict[str, Any]
+) -> DistilError:
+    """Exit 3 after the outputs were written: what was labelled is kept."""
+    budget = provider.budget if provider else None
+    return DistilError(
+        f"budget cap reached (spent ${budget.spent_usd:.4f} of max_usd ${budget.max_usd:.2f}, "
+        f"{budget.requests} of max_requests {budget.max_requests} requests): stopped "
+        f"cleanly; {sum(c['labelled'] for c in counts.values())} records labelled and "
+        f"kept, {sum(c['not_labelled_budget'] for c in counts.values())} not labelled. "
+        "Every answer is cached: raise the cap and re-run to finish.",
+        EXIT_BUDGET_STOP,
+        metrics,
+    )
 
 
-def baseline_row(o: Outcome, task: TaskConfig) -> dict[str, Any]:
-    done = o.replies[0] if o.replies else None
-    row: dict[str, Any] = {
-        "id": o.record["id"],
-        "output": done.text if done else None,
-        "answer": task.parse(done.text) if done else None,
-        "latency_ms": round(done.latency_ms, 1) if done else None,
-        "input_tokens": done.input_tokens if done else 0,
-        "output_tokens": done.output_tokens if done else 0,
-        "usd": round(done.usd, 8) if done else 0.0,
-    }
-    if done is None:
-        row["error"] = "budget cap reached" if o.budget_stop else o.reason
-    return row
-
-
-def log_mlflow(
-    mlflow_cfg: MlflowConfig, cfg: DistilConfig, metrics: dict[str, Any], params: dict[str, Any]
-) -> None:
+def log_mlflow(tracking: Tracking, cfg: DistilConfig, metrics: dict[str, Any]) -> None:
     """A child run of the pipeline run with the distil params and flat numeric metrics."""
-    with child_run(mlflow_cfg, params, "distil", "distil") as run:
+    with tracking.child("distil", "distil") as run:
         run.log_params({k: str(v)[:500] for k, v in flatten({"distil": cfg.model_dump()}).items()})
         run.log_metrics(flatten(metrics))

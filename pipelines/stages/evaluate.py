@@ -20,11 +20,14 @@ and `temper promote` read.
 from __future__ import annotations
 
 import logging
+import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, flatten
+from ..config import ConfigError
+from ..engines.vllm_server import VllmConfig
 from ..evaluation.calibration import system_calibration
 from ..evaluation.classical import classical_predictions, own_metrics, yardstick_fields
 from ..evaluation.confidence import confident_fields
@@ -39,6 +42,8 @@ from ..evaluation.predict import (
     model_predictions,
     open_engine,
 )
+from ..evaluation.records import load_records
+from ..evaluation.runs import BASELINE, CLASSICAL, log_runs
 from ..evaluation.scoring import (
     attach_scores,
     deltas,
@@ -47,62 +52,22 @@ from ..evaluation.scoring import (
     score_system,
     self_hosted_cost,
 )
-from ..io import adapter_hash, read_jsonl, sha256_file, write_jsonl
+from ..io import adapter_hash, sha256_file, write_jsonl
 from ..records.sampling import stratified_sample
 from ..results import (
-    BaselineEval,
-    CandidateEval,
-    ClassicalEval,
     EvalResult,
-    TrainResult,
     finite,
 )
 from ..task import TaskConfig
-from ..tracking import MlflowConfig, child_run
+from ..tracking import Tracking
 
 log = logging.getLogger(__name__)
 
-BASELINE = "baseline"
-CLASSICAL = "classical"
 
-
-def load_records(path: str | Path, task: TaskConfig, fields: Any = None) -> list[dict[str, Any]]:
-    """Test records: prepared format, or raw format mapped through `prepare.fields`."""
-    path = Path(path)
-    if not path.exists():
-        raise EvalError(f"{path}: file not found")
-    rows = read_jsonl(path)
-    if not rows:
-        raise EvalError(f"{path}: no records")
-    if "prompt" in rows[0] and "gold" in rows[0]:
-        records = rows
-    else:  # raw rows: the same mapping and cleaning as the prepare stage
-        from ..records.sources import FieldMap, InputError, extract, iter_rows, normalise_text
-
-        fmap = fields or FieldMap()
-        records = []
-        for where, row in iter_rows(path):
-            if isinstance(row, InputError):
-                raise EvalError(str(row))
-            try:
-                # Any split column value is fine here: the file is scored whole.
-                rec = extract(row, where, fmap, task, keep_split=False)
-            except InputError as err:
-                raise EvalError(str(err)) from None
-            rec["text"] = normalise_text(rec["text"])
-            rec["prompt"] = task.messages(rec["text"])
-            records.append(rec)
-    for lineno, rec in enumerate(records, 1):
-        for key in ("id", "text", "prompt", "gold"):
-            if key not in rec:
-                raise EvalError(f"{path}:{lineno}: missing field '{key}'")
-        for field in task.fields:
-            if field.gold and field.name not in rec["gold"]:
-                raise EvalError(f"{path}:{lineno}: missing field 'gold.{field.name}'")
-    return records
-
-
-def find_candidates(cfg: EvaluateConfig) -> dict[str, Path]:
+def find_candidates(cfg: EvaluateConfig) -> dict[str, str | Path]:
+    """The adapters to score by name: `evaluate.adapter` (ad hoc), else the candidates'."""
+    if cfg.adapter is not None:
+        return {adapter_name(cfg.adapter): cfg.adapter}
     root = Path(cfg.candidates_dir)
     found = (
         {
@@ -122,97 +87,128 @@ def find_candidates(cfg: EvaluateConfig) -> dict[str, Path]:
         found = {c: found[c] for c in cfg.candidates}
     if not found:
         raise EvalError(f"{root}: no candidate adapters (<name>/adapter/adapter_config.json)")
-    return found
+    return dict(found)
 
 
-def run(
-    cfg: EvaluateConfig,
-    task: TaskConfig,
-    model_dir: str | Path,
-    judge_cfg: JudgeConfig | None = None,
-    gates_cfg: GatesConfig | None = None,
-    mlflow_cfg: Any = None,
-    params: dict[str, Any] | None = None,
-    adapters: dict[str, str | Path] | None = None,
-    fields: Any = None,
-) -> EvalResult:
-    """Score the candidates (or `adapters`, for ad-hoc use) and the baseline; write outputs.
-    With `evaluate.engine: vllm`, one vLLM server (the `vllm:` section) generates for the
-    whole run and is stopped at its end."""
-    engine = open_engine(cfg, params, model_dir)
-    try:
-        return _run(
-            cfg, task, model_dir, judge_cfg, gates_cfg, mlflow_cfg, params, adapters, fields, engine
-        )
-    finally:
-        if engine is not None:
-            engine.close()
+def adapter_name(adapter: str) -> str:
+    """models/candidates/<name>/adapter -> <name>; models:/temper-x@champion -> that name."""
+    if ":/" in adapter:
+        return re.sub(r"[^\w.@-]+", "_", adapter.split(":/", 1)[1]).strip("_") or "adapter"
+    path = Path(adapter.rstrip("/"))
+    return (path.parent.name if path.name == "adapter" else path.name) or "adapter"
 
 
-def _run(
-    cfg: EvaluateConfig,
-    task: TaskConfig,
-    model_dir: str | Path,
-    judge_cfg: JudgeConfig | None,
-    gates_cfg: GatesConfig | None,
-    mlflow_cfg: Any,
-    params: dict[str, Any] | None,
-    adapters: dict[str, str | Path] | None,
-    fields: Any,
-    engine: Any,
-) -> EvalResult:
-    judge_cfg = judge_cfg or JudgeConfig()
-    gates_cfg = gates_cfg or GatesConfig()
+@dataclass(frozen=True)
+class Setup:
+    """What evaluate reads beside its own section: the base model's folder (`model.dir`), how
+    candidates are judged and gated (`judge:`, `gates:`), the vLLM engine (`vllm:`, with
+    `evaluate.engine: vllm`), `prepare.fields` (to read a raw `--data` file) and where to
+    log (None: nowhere)."""
+
+    base_dir: str | Path
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    gates: GatesConfig = field(default_factory=GatesConfig)
+    vllm: VllmConfig = field(default_factory=VllmConfig)
+    fields: Any = None
+    tracking: Tracking | None = None
+
+
+def run(cfg: EvaluateConfig, task: TaskConfig, setup: Setup) -> EvalResult:
+    """Score the candidates (or `evaluate.adapter`) and the baseline; write the outputs.
+    With `evaluate.engine: vllm`, one vLLM server generates for the whole run."""
     if cfg.primary_metric not in metric_names(task):  # fail before any generation
         raise ConfigError(
             f"evaluate.primary_metric {cfg.primary_metric!r} is not a metric of "
             f"task {task.name} ({', '.join(metric_names(task))})"
         )
+    engine = open_engine(cfg, setup.vllm, setup.base_dir)
+    try:
+        return evaluate_all(cfg, task, setup, engine)
+    finally:
+        if engine is not None:
+            engine.close()
+
+
+@dataclass
+class Systems:
+    """Every system scored so far: the eval.json under construction, the predictions with
+    their per-example scores, per-class tables and reliability bins (for the reports)."""
+
+    evaluation: dict[str, Any]
+    preds: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    per_class: dict[str, Any] = field(default_factory=dict)
+    bins: dict[str, Any] = field(default_factory=dict)
+
+    def add(
+        self, name: str, task: TaskConfig, records: list, preds: list, metrics: dict, ex: dict
+    ) -> dict[str, Any]:
+        """Keep a system's predictions and tables; its metrics with calibration added."""
+        calibration, self.bins[name] = system_calibration(
+            preds, ex["scores"], confident_fields(task)
+        )
+        self.preds[name] = attach_scores(preds, records, ex)
+        self.per_class[name] = ex["extra"]
+        return {**metrics, **calibration}
+
+
+@dataclass
+class Test:
+    """The test records, their references, resamples and the validation records."""
+
+    records: list[dict[str, Any]]
+    rs: Resamples
+    validation: list[dict[str, Any]] | None
+    refs: Any = None
+
+
+def evaluate_all(cfg: EvaluateConfig, task: TaskConfig, setup: Setup, engine: Any) -> EvalResult:
+    """The run: baseline, yardstick, candidates, judge, gates; then reports and runs."""
     t_start = time.perf_counter()
+    records = test_records(cfg, task, setup.fields)
+    adapters = find_candidates(cfg)
+    if setup.tracking is not None and any(":/" in str(a) for a in adapters.values()):
+        from ..tracking import setup as setup_store
+
+        setup_store(setup.tracking.cfg)  # models:/ and runs:/ URIs resolve against the store
+    n = len(records)
+    log.info("evaluate: %d examples, candidates %s", n, sorted(adapters))
+    test = Test(
+        records,
+        Resamples.draw(n, cfg.n_resamples, cfg.seed, cfg.confidence),
+        validation_records(cfg, task, len(adapters)),
+    )
+    systems = Systems(header(cfg, task, n))
+    base = score_baseline(cfg, task, setup.base_dir, engine, test, systems)
+    classical_stats = score_classical(cfg, task, test, systems)
+    cand_stats = {
+        name: score_candidate(cfg, task, setup.base_dir, engine, test, systems, name, adapter)
+        for name, adapter in adapters.items()
+    }
+    for name, stats in cand_stats.items():
+        entry = systems.evaluation["candidates"][name]
+        if base is not None:
+            entry["delta_vs_baseline"] = deltas(stats["stats"], base[1], test.rs)
+        if classical_stats is not None:
+            entry["delta_vs_classical"] = own_metrics(
+                deltas(stats["stats"], classical_stats, test.rs), yardstick_fields(task)
+            )
+    judge_candidates(cfg, setup.judge, task, test, systems, base, cand_stats)
+    result = decide(cfg, setup.gates, systems, test, t_start)
+    return write_outputs(cfg, task, setup, result, test, systems)
+
+
+def test_records(cfg: EvaluateConfig, task: TaskConfig, fields: Any) -> list[dict[str, Any]]:
+    """The test split (or `--data`), sampled down to `max_examples` by label."""
     records = load_records(cfg.test, task, fields)
     if cfg.max_examples and len(records) > cfg.max_examples:
         label = task.label_field()
         records = stratified_sample(records, cfg.max_examples, label, cfg.seed)
-    if adapters is None:
-        adapters = dict(find_candidates(cfg))
-    if mlflow_cfg is not None and any(":/" in str(a) for a in adapters.values()):
-        from ..tracking import setup
+    return records
 
-        setup(mlflow_cfg)  # models:/ and runs:/ URIs resolve against the project's store
-    n = len(records)
-    log.info("evaluate: %d examples, candidates %s", n, sorted(adapters))
-    rs = Resamples.draw(n, cfg.n_resamples, cfg.seed, cfg.confidence)
-    val_records = validation_records(cfg, task, len(adapters))
 
-    # Baseline.
-    mode = cfg.baseline
-    if mode == "auto":
-        mode = "api" if Path(cfg.baseline_file).exists() else "base_model"
-    base_preds: list[dict[str, Any]] | None = None
-    base_info: dict[str, Any] = {"name": BASELINE, "kind": mode}
-    if mode == "api":
-        path = Path(cfg.baseline_file)
-        if not path.exists():
-            raise EvalError(f"{path}: baseline file not found (evaluate.baseline=api)")
-        base_preds, info = api_predictions(records, path, task)
-        usd = sum(p["usd"] for p in base_preds)
-        base_cost = {"usd_per_1k": usd / n * 1000}
-        base_info.update(info, source=str(path), usd_total=usd)
-        out_tokens = [p["new_tokens"] or 0 for p in base_preds]
-        lat = [p["latency_ms"] or 0 for p in base_preds]
-        if sum(lat):
-            base_cost["tokens_per_s"] = sum(out_tokens) / (sum(lat) / 1000)
-    elif mode == "base_model":
-        prompts, shot_ids = baseline_prompts(records, task, cfg)
-        base_preds, seconds, cached = cached_baseline(
-            records, prompts, model_dir, task, cfg, engine
-        )
-        base_cost = self_hosted_cost(base_preds, seconds, n, cfg)
-        base_info.update(few_shot_ids=shot_ids, seconds=round(seconds, 1), cached=cached)
-
-    teacher = base_preds if mode == "api" else None
-    refs = references_for(task, records, teacher)
-    evaluation: dict[str, Any] = {
+def header(cfg: EvaluateConfig, task: TaskConfig, n: int) -> dict[str, Any]:
+    """eval.json's fields that say what was measured."""
+    return {
         "primary_metric": cfg.primary_metric,
         "n_examples": n,
         "test_file": cfg.test,
@@ -223,85 +219,130 @@ def _run(
         "candidates": {},
         "winner": None,
     }
-    all_preds: dict[str, list[dict[str, Any]]] = {}
-    per_class: dict[str, Any] = {}
-    bins: dict[str, Any] = {}  # reliability bins per system and label field
-    label_fields = confident_fields(task)  # single labels and booleans: calibration
 
-    def calibrate(name: str, preds: list[dict[str, Any]], ex: dict[str, Any]) -> dict[str, Any]:
-        metrics, bins[name] = system_calibration(preds, ex["scores"], label_fields)
-        return metrics
 
-    base_stats = None
-    if base_preds is not None:
-        metrics, base_stats, base_ex = score_system(task, records, base_preds, refs, rs, base_cost)
-        base_info["metrics"] = {**metrics, **calibrate(BASELINE, base_preds, base_ex)}
-        evaluation["baseline"] = base_info
-        all_preds[BASELINE] = attach_scores(base_preds, records, base_ex)
-        per_class[BASELINE] = base_ex["extra"]
-    else:
-        evaluation["baseline"] = None
+def score_baseline(
+    cfg: EvaluateConfig,
+    task: TaskConfig,
+    base_dir: str | Path,
+    engine: Any,
+    test: Test,
+    systems: Systems,
+) -> tuple[list[dict[str, Any]], Any, dict[str, Any]] | None:
+    """The API teacher's answers or the few-shot base model (`evaluate.baseline`), scored;
+    also fixes the references (the teacher's answers stand in where gold lacks). Returns
+    (predictions, stats, per-example scores), or None without a baseline."""
+    records, n = test.records, len(test.records)
+    mode = cfg.baseline
+    if mode == "auto":
+        mode = "api" if Path(cfg.baseline_file).exists() else "base_model"
+    info: dict[str, Any] = {"name": BASELINE, "kind": mode}
+    preds: list[dict[str, Any]] | None = None
+    if mode == "api":
+        path = Path(cfg.baseline_file)
+        if not path.exists():
+            raise EvalError(f"{path}: baseline file not found (evaluate.baseline=api)")
+        preds, api_info = api_predictions(records, path, task)
+        info.update(api_info, source=str(path), usd_total=sum(p["usd"] for p in preds))
+        cost = api_cost(preds, n)
+    elif mode == "base_model":
+        prompts, shot_ids = baseline_prompts(records, task, cfg)
+        preds, seconds, cached = cached_baseline(records, prompts, base_dir, task, cfg, engine)
+        cost = self_hosted_cost(preds, seconds, n, cfg)
+        info.update(few_shot_ids=shot_ids, seconds=round(seconds, 1), cached=cached)
+    test.refs = references_for(task, records, preds if mode == "api" else None)
+    if preds is None:
+        systems.evaluation["baseline"] = None
+        return None
+    metrics, stats, ex = score_system(task, records, preds, test.refs, test.rs, cost)
+    info["metrics"] = systems.add(BASELINE, task, records, preds, metrics, ex)
+    systems.evaluation["baseline"] = info
+    return preds, stats, ex
 
-    # The classical yardstick, trained on the records the candidates saw (seconds; cached).
-    classical_stats = None
-    classical = classical_predictions(records, task, cfg)
-    if classical is not None:
-        cl_preds, cl_info = classical
-        metrics, classical_stats, cl_ex = score_system(task, records, cl_preds, refs, rs, {})
-        evaluation["classical"] = {
-            **cl_info,
-            "metrics": own_metrics(
-                {**metrics, **calibrate(CLASSICAL, cl_preds, cl_ex)}, yardstick_fields(task)
-            ),
-        }
-        all_preds[CLASSICAL] = attach_scores(cl_preds, records, cl_ex)
-        per_class[CLASSICAL] = cl_ex["extra"]
 
-    cand_stats: dict[str, Any] = {}
-    for name, adapter in adapters.items():
-        prompts = [r["prompt"] for r in records]
-        preds, seconds = model_predictions(
-            records, prompts, model_dir, adapter, task, cfg, name, engine
+def api_cost(preds: list[dict[str, Any]], n: int) -> dict[str, Any]:
+    """The API baseline's price per 1k requests and its output speed."""
+    cost = {"usd_per_1k": sum(p["usd"] for p in preds) / n * 1000}
+    out_tokens = [p["new_tokens"] or 0 for p in preds]
+    lat = [p["latency_ms"] or 0 for p in preds]
+    if sum(lat):
+        cost["tokens_per_s"] = sum(out_tokens) / (sum(lat) / 1000)
+    return cost
+
+
+def score_classical(cfg: EvaluateConfig, task: TaskConfig, test: Test, systems: Systems) -> Any:
+    """The TF-IDF yardstick, trained on the records the candidates saw (seconds; cached);
+    its stats for the deltas, or None when the task has no field it answers."""
+    classical = classical_predictions(test.records, task, cfg)
+    if classical is None:
+        return None
+    preds, info = classical
+    metrics, stats, ex = score_system(task, test.records, preds, test.refs, test.rs, {})
+    metrics = systems.add(CLASSICAL, task, test.records, preds, metrics, ex)
+    systems.evaluation["classical"] = {
+        **info,
+        "metrics": own_metrics(metrics, yardstick_fields(task)),
+    }
+    return stats
+
+
+def score_candidate(
+    cfg: EvaluateConfig,
+    task: TaskConfig,
+    base_dir: str | Path,
+    engine: Any,
+    test: Test,
+    systems: Systems,
+    name: str,
+    adapter: str | Path,
+) -> dict[str, Any]:
+    """One adapter on the test split (and validation); its entry in eval.json. Returns its
+    per-example scores and stats."""
+    records, n = test.records, len(test.records)
+    prompts = [r["prompt"] for r in records]
+    preds, seconds = model_predictions(records, prompts, base_dir, adapter, task, cfg, name, engine)
+    cost = self_hosted_cost(preds, seconds, n, cfg)
+    metrics, stats, ex = score_system(task, records, preds, test.refs, test.rs, cost)
+    entry: dict[str, Any] = {
+        "metrics": systems.add(name, task, records, preds, metrics, ex),
+        "adapter": str(adapter),
+        "seconds": round(seconds, 1),
+    }
+    if Path(adapter).is_dir():
+        entry["adapter_sha256"] = adapter_hash(adapter)
+    if test.validation is not None:
+        entry["validation_metrics"] = validation_metrics(
+            test.validation, base_dir, adapter, task, cfg, name, engine
         )
-        metrics, stats, ex = score_system(
-            task, records, preds, refs, rs, self_hosted_cost(preds, seconds, n, cfg)
-        )
-        entry: dict[str, Any] = {
-            "metrics": {**metrics, **calibrate(name, preds, ex)},
-            "adapter": str(adapter),
-            "seconds": round(seconds, 1),
-        }
-        if Path(adapter).is_dir():
-            entry["adapter_sha256"] = adapter_hash(adapter)
-        if base_stats is not None:
-            entry["delta_vs_baseline"] = deltas(stats, base_stats, rs)
-        if classical_stats is not None:
-            entry["delta_vs_classical"] = own_metrics(
-                deltas(stats, classical_stats, rs), yardstick_fields(task)
-            )
-        if val_records is not None:
-            entry["validation_metrics"] = validation_metrics(
-                val_records, model_dir, adapter, task, cfg, name, engine
-            )
-        evaluation["candidates"][name] = entry
-        all_preds[name] = attach_scores(preds, records, ex)
-        per_class[name] = ex["extra"]
-        cand_stats[name] = ex
+    systems.evaluation["candidates"][name] = entry
+    return {**ex, "stats": stats}
 
-    if judge_cfg.enabled and base_preds is not None:
+
+def judge_candidates(
+    cfg: EvaluateConfig,
+    judge_cfg: JudgeConfig,
+    task: TaskConfig,
+    test: Test,
+    systems: Systems,
+    base: tuple[list[dict[str, Any]], Any, dict[str, Any]] | None,
+    cand_stats: dict[str, dict[str, Any]],
+) -> None:
+    """The LLM judge's verdicts of each candidate against the baseline (when enabled)."""
+    evaluation = systems.evaluation
+    if judge_cfg.enabled and base is not None:
         from ..evaluation.judge import right_or_wrong, run_judge
 
+        base_preds, _, base_ex = base
         key = right_or_wrong(cfg.primary_metric, base_ex["scores"])  # judge calibration
         correct = {c: cand_stats[c]["scores"][key] >= 0.5 for c in cand_stats}
-        base_correct = base_ex["scores"][key] >= 0.5
         judged = run_judge(
             judge_cfg,
             task,
-            records,
-            {c: all_preds[c] for c in cand_stats},
+            test.records,
+            {c: systems.preds[c] for c in cand_stats},
             base_preds,
             correct,
-            base_correct,
+            base_ex["scores"][key] >= 0.5,
             cfg.n_resamples,
             cfg.confidence,
             cfg.progress,
@@ -315,22 +356,47 @@ def _run(
         "sample_frac": judge_cfg.sample_frac,
     }
 
+
+def decide(
+    cfg: EvaluateConfig, gates_cfg: GatesConfig, systems: Systems, test: Test, t_start: float
+) -> EvalResult:
+    """The typed result: selection, gates and the winner."""
+    evaluation = systems.evaluation
     evaluation["gates_config"] = gates_cfg.model_dump()
     evaluation["seconds"] = round(time.perf_counter() - t_start, 1)
-    evaluation["selection"] = selection(cfg, val_records, evaluation["candidates"], n)
+    evaluation["selection"] = selection(
+        cfg, test.validation, evaluation["candidates"], len(test.records)
+    )
     result = EvalResult.model_validate(finite(evaluation))
     result.winner = gate_all(gates_cfg, result)
     if result.selection.split == "test":
         result.selection.chosen = result.winner
+    return result
 
-    from ..evaluation.report import write_reports
+
+def write_outputs(
+    cfg: EvaluateConfig,
+    task: TaskConfig,
+    setup: Setup,
+    result: EvalResult,
+    test: Test,
+    systems: Systems,
+) -> EvalResult:
+    """eval.json, the reports and plots, and the MLflow runs."""
+    from ..evaluation.eval_report import write_reports
 
     files = write_reports(
-        cfg, task, result.model_dump(mode="json"), records, all_preds, per_class, bins
+        cfg,
+        task,
+        result.model_dump(mode="json"),
+        test.records,
+        systems.preds,
+        systems.per_class,
+        systems.bins,
     )
     result.save(cfg.metrics)
-    if cfg.log_mlflow and mlflow_cfg is not None:
-        log_mlflow(mlflow_cfg, params or {}, result, cfg, files + [Path(cfg.metrics)])
+    if cfg.log_mlflow and setup.tracking is not None:
+        log_runs(setup.tracking, result, cfg.candidates_dir, files + [Path(cfg.metrics)])
     log.info("evaluate: winner %s (%.0f s)", result.winner, result.seconds)
     return result
 
@@ -405,90 +471,3 @@ def selection(
         "values": values,
         "chosen": best(values) if val_records is not None else None,
     }
-
-
-def flat_metrics(entry: CandidateEval | BaselineEval | ClassicalEval) -> dict[str, float]:
-    """A system's metrics as MLflow metrics: `<m>`, `<m>.ci_low`, `<m>.ci_high`, deltas.
-
-    Rounded to 6 decimals: bootstrap quantiles come out as 0.54999999999 and the MLflow UI
-    shows every digit; eval.json keeps the exact values."""
-    flat: dict[str, Any] = {}
-    for key, m in entry.metrics.items():
-        flat.update({key: m.value, f"{key}.ci_low": m.ci_low, f"{key}.ci_high": m.ci_high})
-    for key, m in (getattr(entry, "validation_metrics", None) or {}).items():
-        flat[f"validation.{key}"] = m.value
-    for key, d in (getattr(entry, "delta_vs_baseline", None) or {}).items():
-        flat.update({f"delta.{key}": d.value, f"delta.{key}.ci_low": d.ci_low})
-    for key, d in (getattr(entry, "delta_vs_classical", None) or {}).items():
-        flat.update({f"delta_classical.{key}": d.value, f"delta_classical.{key}.ci_low": d.ci_low})
-    judge = getattr(entry, "judge", None)
-    if judge is not None:
-        flat.update({"judge.win_rate": judge.win_rate.value, "judge.flip_rate": judge.flip_rate})
-    return {k: round(float(v), 6) for k, v in flat.items() if v is not None}
-
-
-def log_mlflow(
-    mlflow_cfg: MlflowConfig,
-    params: dict[str, Any],
-    result: EvalResult,
-    cfg: EvaluateConfig,
-    files: list[Path],
-) -> None:
-    """One child run per system under the pipeline run.
-
-    A candidate's run carries its training params and metrics (`train.*`, from its
-    train_metrics.json) beside the evaluation's, so the runs of one pipeline run compare
-    side by side even when only evaluate re-ran; its metrics are linked to the candidate's
-    logged model, and the test set is logged as the run's dataset input.
-    """
-    from ..tracking import known_model, log_dataset, log_model_input
-
-    systems: dict[str, CandidateEval | BaselineEval | ClassicalEval] = dict(result.candidates)
-    if result.baseline is not None:
-        systems[BASELINE] = result.baseline
-    if result.classical is not None:
-        systems[CLASSICAL] = result.classical
-    for name, entry in systems.items():
-        train = None
-        train_file = Path(cfg.candidates_dir) / name / "train_metrics.json"
-        if name in result.candidates and train_file.exists():
-            train = TrainResult.load(train_file)
-        tags = {"temper.system": name, "temper.winner": str(result.winner == name).lower()}
-        if train is not None:
-            tags.update({"temper.candidate": name, "temper.train_run_id": str(train.mlflow_run_id)})
-        if isinstance(entry, CandidateEval) and entry.gates is not None:
-            tags["temper.gates_passed"] = str(entry.gates.passed).lower()
-        with child_run(mlflow_cfg, params, "evaluate", f"eval-{name}", **tags) as run:
-            model_id = known_model(run.client, train.mlflow_model_id if train else None)
-            dataset = log_dataset(run, result.test_file, "test", "evaluation")
-            if model_id is not None:
-                log_model_input(run, model_id)  # this run evaluates that model
-            run.log_metrics(flat_metrics(entry), model_id=model_id, dataset=dataset)
-            if train is not None:
-                run.log_params(flatten({"train": train.config}))
-                run.log_metrics(
-                    {
-                        f"train.{k}": getattr(train, k)
-                        for k in TRAIN_METRICS
-                        if getattr(train, k) is not None
-                    }
-                )
-            for path in files:
-                if path.exists() and (
-                    path.suffix in (".md", ".json", ".png") or path.name == f"{name}.jsonl"
-                ):
-                    run.client.log_artifact(run.run_id, str(path), "evaluate")
-            parent = run.parent_id
-    run.client.log_metric(parent, "eval.seconds", result.seconds)
-
-
-# Training figures copied onto each candidate's evaluation run (as `train.<name>`).
-TRAIN_METRICS = (
-    "val_loss",
-    "base_val_loss",
-    "steps",
-    "train_seconds",
-    "tokens_per_s",
-    "train_tokens",
-    "trainable_params",
-)

@@ -76,7 +76,9 @@ class NearDupConfig(Section):
 class PrepareConfig(Section):
     """`prepare:` in params.yaml."""
 
-    sources: list[str] = Field(description="Raw files (.jsonl, .csv or .parquet).")
+    sources: list[str] = Field(
+        default_factory=list, description="Raw files (.jsonl, .csv or .parquet); at least one."
+    )
     format: Literal["rows", "openai_chat", "openai_log"] = Field(
         "rows",
         description="rows: one record per row through `fields`; openai_chat: an OpenAI chat "
@@ -347,7 +349,9 @@ def check_splits(
 
 
 def check_source_dir(cfg: PrepareConfig) -> None:
-    """Every source lies inside `source_dir`, the folder DVC watches for prepare."""
+    """There are sources, and each lies inside `source_dir`, the folder DVC watches."""
+    if not cfg.sources:
+        raise ConfigError("prepare.sources: no raw files given (.jsonl, .csv or .parquet)")
     if cfg.source_dir is None:
         return
     root = Path(cfg.source_dir).resolve()

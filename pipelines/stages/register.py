@@ -36,11 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field
 
 from .. import tracking
 from ..config import Section
+from ..errors import TemperError
 from ..evaluation import bundle
 from ..evaluation.field_scores import paired_metric
 from ..io import (
@@ -63,13 +63,12 @@ from ..tracking.card import (
     render_card,
     task_values,
 )
+from ..tracking.lineage import data_hashes, eval_set_hash, tag_json
 
 log = logging.getLogger(__name__)
 
-TAG_LIMIT = 5000  # MLflow tag values: 5000 chars is safe on sqlite and on a server
 
-
-class RegisterError(ValueError):
+class RegisterError(TemperError, ValueError):
     """An input of the register stage is missing or malformed (the message names the file)."""
 
 
@@ -110,37 +109,6 @@ class RegisterConfig(Section):
         description="Under `dvc exp run` (DVC_EXP_NAME set) move the alias to the new version "
         "too (false: register and tag it temper.experiment=<name>, leave the alias).",
     )
-
-
-def tag_json(obj: Any, artifact: str = "temper/eval.json") -> str:
-    """Compact JSON for a tag, or a pointer to the artifact when it would not fit (a cut JSON
-    string would not parse)."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return text if len(text) <= TAG_LIMIT else f"too long for a tag: see artifact {artifact}"
-
-
-def eval_set_hash(scores: list[dict[str, Any]]) -> str:
-    """Identity of an evaluation set: its example ids and gold answers."""
-    return stable_hash(sorted((s["id"], json.dumps(s.get("gold"), sort_keys=True)) for s in scores))
-
-
-def data_hashes(lock_path: str | Path, outs: list[str]) -> dict[str, str]:
-    """md5 of the data outputs as DVC recorded them in dvc.lock (`<path>: <md5>`)."""
-    path = Path(lock_path)
-    if not path.exists():
-        raise RegisterError(f"{path}: not found (run the pipeline with `dvc repro`)")
-    lock = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    found: dict[str, str] = {}
-    for stage in (lock.get("stages") or {}).values():
-        for out in stage.get("outs") or []:
-            if out.get("path") in outs and out.get("md5"):
-                found[out["path"]] = out["md5"]
-    if not found:
-        raise RegisterError(
-            f"{path}: none of {outs} is a recorded output; cannot identify the "
-            "data (run `dvc repro` so the lock records them)"
-        )
-    return dict(sorted(found.items()))
 
 
 def example_scores(path: Path, metric: str) -> list[dict[str, Any]]:
@@ -200,12 +168,7 @@ class Winner:
 
 
 def collect(
-    cfg: RegisterConfig,
-    result: EvalResult,
-    params: dict[str, Any],
-    base_dir: str | Path,
-    task: TaskConfig,
-    generation: bundle.GenerationSettings,
+    cfg: RegisterConfig, result: EvalResult, params: dict[str, Any], served: Served
 ) -> Winner:
     """Read and check every input of the winner (nothing is written yet)."""
     name = result.winner
@@ -216,7 +179,7 @@ def collect(
     adapter_dir = cand_dir / "adapter"
     if not (adapter_dir / "adapter_config.json").exists():
         raise RegisterError(f"{adapter_dir}: no adapter_config.json (train stage output missing)")
-    base_dir = Path(base_dir)
+    base_dir = Path(served.base_dir)
     if not (base_dir / "temper_source.json").exists():
         raise RegisterError(f"{base_dir}/temper_source.json: not found (run temper base-model)")
     source = read_json(base_dir / "temper_source.json")
@@ -253,8 +216,8 @@ def collect(
         params_hash=stable_hash(params),
         adapter_sha=adapter_hash(adapter_dir),
         attribution=text,
-        task=task,
-        generation=generation,
+        task=served.task,
+        generation=served.generation,
         base_dir=base_dir,
     )
 
@@ -393,87 +356,49 @@ def log_register_run(
     return tracking.model_source(w.model_id)
 
 
-def run(
-    cfg: RegisterConfig,
-    params: dict[str, Any],
-    mlflow_cfg: tracking.MlflowConfig,
-    base_dir: str | Path,
-    task: TaskConfig,
-    generation: bundle.GenerationSettings,
-) -> dict[str, Any]:
-    """Register the winner (if any) and return the summary written to `cfg.out`."""
+@dataclass(frozen=True)
+class Served:
+    """How the registered version will be served: its task, the base model's folder, and the
+    generation settings it was evaluated with."""
+
+    task: TaskConfig
+    base_dir: str | Path
+    generation: bundle.GenerationSettings
+
+
+def run(cfg: RegisterConfig, pipeline: tracking.Tracking, served: Served) -> dict[str, Any]:
+    """Register the winner (if any) under `pipeline`'s store and parent run; return the
+    summary written to `cfg.out`."""
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     try:
         result = EvalResult.load(cfg.eval)
     except ResultError as err:
         raise RegisterError(str(err)) from None
+    params = dict(pipeline.params)
     # Every input is read and checked before anything is written to the store.
-    w = collect(cfg, result, params, base_dir, task, generation) if result.winner else None
+    w = collect(cfg, result, params, served) if result.winner else None
     if w is None and cfg.require_winner:
         raise RegisterError(f"{cfg.eval}: no candidate passed the gates: nothing registered")
 
-    parent_id = tracking.pipeline_run(mlflow_cfg, params)
-    if w is not None:
-        w.model_id = tracking.known_model(mlflow.MlflowClient(), w.train.mlflow_model_id)
+    parent_id = tracking.pipeline_run(pipeline.cfg, params)
     client = mlflow.MlflowClient()
     tracking.ensure_candidates_view(
         client, client.get_run(parent_id).info.experiment_id, result.primary_metric
     )
     if w is None:
-        msg = "no candidate passed the gates: nothing registered"
-        log.warning(msg)
-        client.set_tag(parent_id, "temper.winner", "none")
-        client.set_terminated(parent_id, "FINISHED")
-        summary = {"registered": False, "reason": msg, "pipeline_run_id": parent_id}
-        write_json(cfg.out, summary)
-        return summary
-
-    with tracking.child_run(
-        mlflow_cfg, params, "register", f"register-{w.name}", **{"temper.candidate": w.name}
-    ) as reg:
+        return nothing_registered(cfg, client, parent_id)
+    w.model_id = tracking.known_model(client, w.train.mlflow_model_id)
+    with pipeline.child("register", f"register-{w.name}", **{"temper.candidate": w.name}) as reg:
         source = log_register_run(reg, cfg, w, params, result)
-    try:
-        client.create_registered_model(
-            cfg.model_name,
-            description=f"Temper: LoRA adapters for task {w.task.name}: "
-            f"{w.task.description.strip() or '(no description)'} "
-            "Each version carries its model card in README.md.",
-        )
-    except MlflowException as err:
-        if err.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
+    number = create_version(client, cfg, w, source, reg.run_id, version_tags(w, params, parent_id))
+    experiment, moved = set_alias(client, cfg, number)
     primary = w.entry.metrics[w.primary]
-    version = client.create_model_version(
-        cfg.model_name,
-        source=source,
-        run_id=reg.run_id,
-        model_id=w.model_id,
-        tags=version_tags(w, params, parent_id),
-        description=f"{w.name}: {w.primary} {fmt_estimate(primary)} on "
-        f"{len(w.scores)} test examples ({w.task.name})",
-    )
-    number = tracking.version_str(version.version)
-    if w.model_id is not None:
-        tracking.link_version(client, w.model_id, cfg.model_name, number)
-    experiment = os.environ.get("DVC_EXP_NAME") or None  # set by `dvc exp run`, not `repro`
-    # An experiment leaves the alias, but a new model's only version displaces nothing.
-    alone = tracking.first_version(client, cfg.model_name, cfg.alias)
-    moved = experiment is None or cfg.move_alias_in_experiments or alone
-    if experiment is not None:
-        client.set_model_version_tag(cfg.model_name, number, "temper.experiment", experiment)
-    if moved:
-        client.set_registered_model_alias(cfg.model_name, cfg.alias, number)
-    else:
-        log.info("dvc experiment %s: alias @%s not moved", experiment, cfg.alias)
-
     client.set_tag(parent_id, "temper.winner", w.name)
     client.set_tag(parent_id, "temper.registered_model", cfg.model_name)
     client.set_tag(parent_id, "temper.registered_version", number)
     client.log_metric(parent_id, f"winner.{w.primary}", primary.value)
     client.set_terminated(parent_id, "FINISHED")  # register is the last stage of a pipeline run
-
     summary = {
         "registered": True,
         "model_name": cfg.model_name,
@@ -484,17 +409,69 @@ def run(
         "run_id": reg.run_id,
         "model_id": w.model_id,
         "pipeline_run_id": parent_id,
-        "source": version.source,
+        "source": client.get_model_version(cfg.model_name, number).source,
         "primary_metric": w.primary,
         w.primary: primary.value,
         "tracking_uri": tracking.redact_uri(mlflow.get_tracking_uri()),
     }
     write_json(cfg.out, summary)
-    log.info(
-        "registered %s version %s (@%s) from candidate %s",
-        cfg.model_name,
-        number,
-        cfg.alias if moved else "alias not moved",
-        w.name,
-    )
+    where = f"@{cfg.alias}" if moved else "alias not moved"
+    log.info("registered %s version %s (%s) from %s", cfg.model_name, number, where, w.name)
     return summary
+
+
+def nothing_registered(cfg: RegisterConfig, client: Any, parent_id: str) -> dict[str, Any]:
+    """No candidate passed the gates: say so on the pipeline run and in `cfg.out`."""
+    msg = "no candidate passed the gates: nothing registered"
+    log.warning(msg)
+    client.set_tag(parent_id, "temper.winner", "none")
+    client.set_terminated(parent_id, "FINISHED")
+    summary = {"registered": False, "reason": msg, "pipeline_run_id": parent_id}
+    write_json(cfg.out, summary)
+    return summary
+
+
+def create_version(
+    client: Any, cfg: RegisterConfig, w: Winner, source: str, run_id: str, tags: dict[str, str]
+) -> str:
+    """A new version of `cfg.model_name` (the model created on first use); its number."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(
+            cfg.model_name,
+            description=f"Temper: LoRA adapters for task {w.task.name}: "
+            f"{w.task.description.strip() or '(no description)'} "
+            "Each version carries its model card in README.md.",
+        )
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(
+        cfg.model_name,
+        source=source,
+        run_id=run_id,
+        model_id=w.model_id,
+        tags=tags,
+        description=f"{w.name}: {w.primary} {fmt_estimate(w.entry.metrics[w.primary])} on "
+        f"{len(w.scores)} test examples ({w.task.name})",
+    )
+    number = tracking.version_str(version.version)
+    if w.model_id is not None:
+        tracking.link_version(client, w.model_id, cfg.model_name, number)
+    return number
+
+
+def set_alias(client: Any, cfg: RegisterConfig, number: str) -> tuple[str | None, bool]:
+    """Move `cfg.alias` to the version, except from a DVC experiment (unless configured, or
+    the model's first version: it displaces nothing). Returns (experiment, moved)."""
+    experiment = os.environ.get("DVC_EXP_NAME") or None  # set by `dvc exp run`, not `repro`
+    alone = tracking.first_version(client, cfg.model_name, cfg.alias)
+    moved = experiment is None or cfg.move_alias_in_experiments or alone
+    if experiment is not None:
+        client.set_model_version_tag(cfg.model_name, number, "temper.experiment", experiment)
+    if moved:
+        client.set_registered_model_alias(cfg.model_name, cfg.alias, number)
+    else:
+        log.info("dvc experiment %s: alias @%s not moved", experiment, cfg.alias)
+    return experiment, moved

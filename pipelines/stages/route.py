@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import beta
 
+from ..errors import TemperError
 from ..evaluation.metrics import Resamples, estimate, mean_stats
 from ..io import read_jsonl
 from ..online.route.config import SELF, RouteConfig, TierConfig
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 CHARS_PER_TOKEN = 4.0  # OpenAI's rule of thumb for English; the vendors' tokenizers differ
 
 
-class RouteError(ValueError):
+class RouteError(TemperError, ValueError):
     """The route stage cannot run on these inputs (the message names the file)."""
 
 

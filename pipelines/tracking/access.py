@@ -16,12 +16,16 @@ from __future__ import annotations
 import os
 import sys
 
+from ..errors import TemperError
+
 DENIED = {"UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403}
 CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
-class StoreAccessError(RuntimeError):
+class StoreAccessError(TemperError, RuntimeError):
     """The tracking server refused this client (the message says why and what to set)."""
+
+    exit_code = 2
 
 
 def _is_mlflow_error(err: BaseException) -> bool:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import tracking
+from ..errors import TemperError
 from ..evaluation import bundle
 from ..io import adapter_hash, atomic_dir, write_json
 from ..models import describe
@@ -25,7 +26,7 @@ from ..models import describe
 log = logging.getLogger(__name__)
 
 
-class PullError(ValueError):
+class PullError(TemperError, ValueError):
     """A version that cannot be resolved or pulled (the message says which and why)."""
 
 

@@ -22,8 +22,8 @@ import math
 import os
 import subprocess
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,20 @@ class MlflowConfig(Section):
         "mlartifacts",
         description="Artifact folder of the embedded store (relative = project root).",
     )
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """Where a stage logs: the MLflow store (`mlflow:`) and the resolved params, which every
+    child run logs and whose hash names the pipeline's parent run (`pipeline_key`). A stage
+    given none logs nothing."""
+
+    cfg: MlflowConfig
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def child(self, stage: str, name: str, **tags: str) -> Any:
+        """`child_run` under this pipeline's parent run."""
+        return child_run(self.cfg, dict(self.params), stage, name, **tags)
 
 
 def tracking_uri(cfg: MlflowConfig, root: str | Path = ".") -> str:

@@ -87,6 +87,17 @@ class TrainConfig(Section):
                 raise ValueError(f"candidates.{name}: unknown field(s) {sorted(bad)}")
         return self
 
+    def only(self, names: list[str] | None) -> TrainConfig:
+        """This config with only the candidates `names` (all when none are given); an unknown
+        name fails before anything trains."""
+        for name in names or []:
+            if name not in self.candidates:
+                have = sorted(self.candidates)
+                raise ConfigError(f"train.candidates has no {name!r} (have: {have})")
+        if not names:
+            return self
+        return self.model_copy(update={"candidates": {n: self.candidates[n] for n in names}})
+
     def candidate(self, name: str) -> TrainConfig:
         """This config with candidate `name`'s overrides applied (validated)."""
         if name not in self.candidates:

@@ -6,17 +6,18 @@ from pathlib import Path
 from typing import Any
 
 from ..chat import adapt
+from ..errors import MissingInput, TemperError
 from ..io import read_jsonl, sha256_file, stable_hash
 
 
-class DataError(ValueError):
+class DataError(TemperError, ValueError):
     """A distilled record is unusable (names file, line and field)."""
 
 
 def load_records(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
     """Read prompt/completion records, checking the fields the trainer needs."""
     if not path.exists():
-        raise FileNotFoundError(f"{path}: not found (run the distil stage first)")
+        raise MissingInput(f"{path}: not found (run the distil stage first)")
     records = read_jsonl(path)
     for lineno, rec in enumerate(records, 1):
         for key in ("prompt", "completion"):

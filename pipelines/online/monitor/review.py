@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ...errors import TemperError
 from ...io import atomic_open, write_json
 from .config import MonitorConfig
 from .judge import wilson
@@ -54,7 +55,7 @@ LABEL_CONFIG = """<View>
 """
 
 
-class ReviewError(ValueError):
+class ReviewError(TemperError, ValueError):
     """A review file that cannot be read: names the file, line and field."""
 
 

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ...errors import TemperError
 from ...task import TaskConfig
 from .config import SELF, RouteConfig
 from .policy import Policy
@@ -69,12 +70,12 @@ class Routed:
         }
 
 
-class RouteRefused(ValueError):
+class RouteRefused(TemperError, ValueError):
     """A request's routing options are impossible (unknown tier, or an API tier forced
     while external tiers are forbidden)."""
 
 
-class NoTierAnswered(RuntimeError):
+class NoTierAnswered(TemperError, RuntimeError):
     """Every tier failed, the self tier included."""
 
     def __init__(self, attempts: list[dict[str, str]]):

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ...errors import TemperError
 from ...providers import Budget, Provider, open_provider
 from ...task import TaskConfig
 from ...teacher import label_one
@@ -37,7 +38,7 @@ class TierAnswer:
     cached: bool
 
 
-class TierFailure(Exception):
+class TierFailure(TemperError):
     """A tier gave no usable answer; `reason` is one of: over_budget, timeout, error,
     invalid, down."""
 

@@ -15,8 +15,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ...errors import TemperError
 
-class ApiError(Exception):
+
+class ApiError(TemperError):
     """An error answered in OpenAI's shape with its HTTP status."""
 
     def __init__(

@@ -22,12 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ...errors import TemperError
 from .engine import Job
 
 log = logging.getLogger(__name__)
 
 
-class QueueFull(Exception):
+class QueueFull(TemperError):
     """The queue holds `max_queue` jobs already."""
 
 
