@@ -12,13 +12,20 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...config import ConfigError
 from ..cache.config import CacheConfig
 from ..monitor.config import MonitorConfig
 from ..route.config import RouteConfig
 from .config import ServeConfig
+
+if TYPE_CHECKING:
+    from ..cache import SemanticCache
+    from ..monitor import RequestLog
+    from ..route import Router
+    from .adapters import Source
+    from .metrics import ServeMetrics
 
 log = logging.getLogger("temper.serve")
 
@@ -45,8 +52,6 @@ def serve(
     `mlflow_cfg` (an MlflowConfig) is where `monitor.trace_share` of them are traced.
     `vllm_cfg` (engines.VllmConfig): how `serve.engine: vllm` starts vLLM.
     """
-    import uvicorn
-
     from . import auth, logs
     from .adapters import Loader, ModelTable, Source
     from .app import create_app
@@ -55,6 +60,30 @@ def serve(
 
     logs.setup(cfg.log_file)
     auth.check_bind(cfg.host, keys)
+    _check_vllm(cfg, vllm_cfg)
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    router, semantic = _open_routing(cfg, route, cache)
+    sources = [Source.parse(spec) for spec in cfg.models]
+    metrics = ServeMetrics(monitor.state_file if monitor is not None else None)
+    request_log = _open_request_log(monitor, metrics, mlflow_cfg)
+    log_dir = Path(cfg.log_file).parent if cfg.log_file else Path(cfg.cache_dir)
+    engine = make_engine(cfg, metrics, vllm_cfg, log_dir)
+    table = ModelTable(
+        sources,
+        Loader(cfg.cache_dir, cfg.base_dir, engine, base_hint),
+        cfg.watch_interval_s,
+        metrics,
+    )
+    app = create_app(cfg, table, keys, metrics, router, semantic, request_log)
+    _log_start(cfg, keys, sources, router, monitor, request_log)
+    _run(app, cfg)
+
+
+def _check_vllm(cfg: ServeConfig, vllm_cfg: Any) -> None:
+    """Fail before anything loads when `serve.engine: vllm` has no vLLM environment to start."""
     if cfg.engine == "vllm" and not cfg.engine_url:
         from ...engines import VllmConfig
 
@@ -64,10 +93,13 @@ def serve(
                 f"serve.engine vllm: vllm.python {python} does not exist: build vLLM's "
                 "environment with `make vllm`, or attach to a running vLLM (serve.engine_url)"
             )
-    if cfg.threads:
-        import torch
 
-        torch.set_num_threads(cfg.threads)
+
+def _open_routing(
+    cfg: ServeConfig, route: RouteConfig | None, cache: CacheConfig | None
+) -> tuple[Router | None, SemanticCache | None]:
+    """The router and the semantic cache (either may be None), both checked before any
+    model loads; the cache alone still needs a router, with the self tier only."""
     router = None
     if route is not None and route.enabled:
         from ..route import Router
@@ -84,22 +116,29 @@ def serve(
             raise ConfigError("serve.semantic_cache needs serve.prompt=task (it keys on the text)")
         semantic = SemanticCache.from_config(cache or CacheConfig())
         router = router or Router(RouteConfig(), [])  # the self tier alone behind the cache
-    sources = [Source.parse(spec) for spec in cfg.models]
-    metrics = ServeMetrics(monitor.state_file if monitor is not None else None)
-    request_log = None
+    return router, semantic
+
+
+def _open_request_log(
+    monitor: MonitorConfig | None, metrics: ServeMetrics, mlflow_cfg: Any
+) -> RequestLog | None:
+    """The monitor's request log when `monitor.log` asks for one, else None."""
     if monitor is not None and monitor.log:
         from ..monitor import open_request_log
 
-        request_log = open_request_log(monitor, metrics, mlflow_cfg)
-    log_dir = Path(cfg.log_file).parent if cfg.log_file else Path(cfg.cache_dir)
-    engine = make_engine(cfg, metrics, vllm_cfg, log_dir)
-    table = ModelTable(
-        sources,
-        Loader(cfg.cache_dir, cfg.base_dir, engine, base_hint),
-        cfg.watch_interval_s,
-        metrics,
-    )
-    app = create_app(cfg, table, keys, metrics, router, semantic, request_log)
+        return open_request_log(monitor, metrics, mlflow_cfg)
+    return None
+
+
+def _log_start(
+    cfg: ServeConfig,
+    keys: list[str],
+    sources: list[Source],
+    router: Router | None,
+    monitor: MonitorConfig | None,
+    request_log: RequestLog | None,
+) -> None:
+    """The one `starting` log line: what is served, where, and how it is guarded."""
     log.info(
         "starting",
         extra={
@@ -112,6 +151,12 @@ def serve(
             "monitor_log": monitor.path if request_log is not None else None,
         },
     )
+
+
+def _run(app: Any, cfg: ServeConfig) -> None:
+    """Serve `app` with uvicorn until a signal; its own access log off (the gate logs)."""
+    import uvicorn
+
     config = uvicorn.Config(
         app,
         host=cfg.host,

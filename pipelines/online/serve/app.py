@@ -19,6 +19,7 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -221,18 +222,34 @@ def create_app(
     cache: Any = None,
     monitor: Any = None,
 ):
+    """The served app: FastAPI's routes (in this order) behind the `Gate`."""
     server = Server(cfg, table, metrics, router, cache)
+    lifespan = _lifespan(server, router, cache, monitor)
+    app = FastAPI(title="temper serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = server
+    _add_error_handlers(app)
+    _add_health_routes(app, server, monitor)
+    _add_model_routes(app, server)
+    _add_chat_route(app, server)
+    return Gate(app, cfg, keys, metrics, monitor)
+
+
+def _lifespan(
+    server: Server, router: Any, cache: Any, monitor: Any
+) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
+    """Start the engine, the monitor and the loading thread; on shutdown stop the watcher,
+    drain the engine, then close the router, the cache and the monitor."""
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         server.engine.start()
         if monitor is not None:
             monitor.start()
         loader = threading.Thread(target=server.load, name="temper-load", daemon=True)
         loader.start()
         yield
-        table.close()
-        await asyncio.to_thread(server.engine.stop, cfg.drain_timeout_s)
+        server.table.close()
+        await asyncio.to_thread(server.engine.stop, server.cfg.drain_timeout_s)
         if router is not None:
             await router.aclose()
         if cache is not None:
@@ -240,8 +257,11 @@ def create_app(
         if monitor is not None:
             await asyncio.to_thread(monitor.close)
 
-    app = FastAPI(title="temper serve", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.server = server
+    return lifespan
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error, FastAPI's and Starlette's own included, leaves in OpenAI's shape."""
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError):
@@ -261,6 +281,10 @@ def create_app(
         log.exception("unhandled error")
         return error_response(ApiError(500, "Internal server error", type_="server_error"))
 
+
+def _add_health_routes(app: FastAPI, server: Server, monitor: Any) -> None:
+    """GET /healthz (the process is up), /readyz (models loaded, engine up), /metrics."""
+
     @app.get("/healthz")
     async def healthz():
         return {"status": "ok"}
@@ -275,89 +299,84 @@ def create_app(
                 type_="service_unavailable",
                 headers={"retry-after": "5"},
             )
-        models = [s.label for s in table.current.values()]
+        models = [s.label for s in server.table.current.values()]
         return {"status": "ready", "models": models, "engine": server.engine.status()}
 
     @app.get("/metrics")
     async def metrics_route():
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+        metrics = server.metrics
         metrics.queue.set(server.engine.depth())
         if monitor is not None:
             metrics.log_queue.set(monitor.depth())
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    def model_card(model_id: str, served: Any) -> dict[str, Any]:
-        from ...models import describe
 
-        return {
-            "id": model_id,
-            "object": "model",
-            "created": int(served.path.stat().st_mtime),
-            "owned_by": "temper",
-            "root": served.source.name or model_id,
-            "parent": describe(served.base),
-            "registered_model": served.source.name,
-            "version": served.version,
-            "task": served.task.name,
-        }
+def _add_model_routes(app: FastAPI, server: Server) -> None:
+    """GET /v1/models and /v1/models/{id}: OpenAI's model objects, plus the registry's."""
 
     @app.get("/v1/models")
     async def list_models():
         server.require_ready()
-        cards = [model_card(k, v) for k, v in table.current.items()]
+        cards = [_model_card(k, v) for k, v in server.table.current.items()]
         return {"object": "list", "data": cards}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str):
         server.require_ready()
-        served = table.get(model_id)
+        served = server.table.get(model_id)
         if served is None:
-            raise not_found(model_id)
-        return model_card(model_id, served)
+            raise _not_found(server.table, model_id)
+        return _model_card(model_id, served)
+
+
+def _model_card(model_id: str, served: Any) -> dict[str, Any]:
+    """One model object: OpenAI's fields, then the registered model, version and task."""
+    from ...models import describe
+
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": int(served.path.stat().st_mtime),
+        "owned_by": "temper",
+        "root": served.source.name or model_id,
+        "parent": describe(served.base),
+        "registered_model": served.source.name,
+        "version": served.version,
+        "task": served.task.name,
+    }
+
+
+def _not_found(table: ModelTable, model_id: str) -> ApiError:
+    """OpenAI's 404 for an unknown model, naming the ones that are served."""
+    known = ", ".join(table.current) or "none"
+    return ApiError(
+        404,
+        f"The model `{model_id}` does not exist (served: {known})",
+        type_="not_found_error",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def _add_chat_route(app: FastAPI, server: Server) -> None:
+    """POST /v1/chat/completions: routed when the server routes and the request can be."""
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         info = request.scope["state"]["temper"]
         server.require_ready()
-        try:
-            payload = json.loads(await request.body() or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ApiError(400, "The request body is not valid JSON") from None
-        if not isinstance(payload, dict):
-            raise ApiError(400, "The request body must be a JSON object")
-        try:
-            req = ChatRequest.model_validate(payload)
-        except ValidationError as err:
-            raise validation_error(list(err.errors())) from None
-        served = table.get(req.model)
+        req = await _chat_request(request)
+        served = server.table.get(req.model)
         if served is None:
-            raise not_found(req.model)
+            raise _not_found(server.table, req.model)
         users = [m for m in req.messages if m.role == "user"]
         if users:
             info["_text"] = users[-1].text()  # for the monitor's log (gate); never logged
-        if server.routed is not None and routable(cfg.prompt, req):
-            body, headers = await server.routed.answer(req, served, info)
-            if req.stream:
-                usage = bool(req.stream_options and req.stream_options.include_usage)
-                return StreamingResponse(
-                    as_events(body, usage),
-                    media_type="text/event-stream",
-                    headers={**headers, "cache-control": "no-cache"},
-                )
-            return JSONResponse(body, headers=headers)
-        if req.route is not None and req.route.tier not in (None, "self"):
-            raise ApiError(
-                400,
-                f"route.tier {req.route.tier!r}: this server does not route "
-                + (
-                    "(route.enabled is false)"
-                    if server.routed is None
-                    else "this request "
-                    "(only task answers without a custom response_format are routed)"
-                ),
-                param="route.tier",
-            )
+        if server.routed is not None and routable(server.cfg.prompt, req):
+            return await _routed_response(server.routed, req, served, info)
+        _refuse_forced_tier(server, req)
         if req.stream:
             events = await server.completions.stream(req, served, info)
             return StreamingResponse(
@@ -367,14 +386,47 @@ def create_app(
             )
         return JSONResponse(await server.completions.complete(req, served, info))
 
-    def not_found(model_id: str) -> ApiError:
-        known = ", ".join(table.current) or "none"
-        return ApiError(
-            404,
-            f"The model `{model_id}` does not exist (served: {known})",
-            type_="not_found_error",
-            param="model",
-            code="model_not_found",
-        )
 
-    return Gate(app, cfg, keys, metrics, monitor)
+async def _chat_request(request: Request) -> ChatRequest:
+    """The body as a ChatRequest; not JSON, not an object or not valid: OpenAI's 400."""
+    try:
+        payload = json.loads(await request.body() or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiError(400, "The request body is not valid JSON") from None
+    if not isinstance(payload, dict):
+        raise ApiError(400, "The request body must be a JSON object")
+    try:
+        return ChatRequest.model_validate(payload)
+    except ValidationError as err:
+        raise validation_error(list(err.errors())) from None
+
+
+async def _routed_response(
+    routed: RoutedCompletions, req: ChatRequest, served: Any, info: dict[str, Any]
+) -> Response:
+    """A routed answer: decided first, so a streamed one is sent as SSE chunks of it."""
+    body, headers = await routed.answer(req, served, info)
+    if req.stream:
+        usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(
+            as_events(body, usage),
+            media_type="text/event-stream",
+            headers={**headers, "cache-control": "no-cache"},
+        )
+    return JSONResponse(body, headers=headers)
+
+
+def _refuse_forced_tier(server: Server, req: ChatRequest) -> None:
+    """A request that forces an API tier this server will not route to is refused (400),
+    never silently answered by the served version."""
+    if req.route is not None and req.route.tier not in (None, "self"):
+        raise ApiError(
+            400,
+            f"route.tier {req.route.tier!r}: this server does not route "
+            + (
+                "(route.enabled is false)"
+                if server.routed is None
+                else "this request (only task answers without a custom response_format are routed)"
+            ),
+            param="route.tier",
+        )

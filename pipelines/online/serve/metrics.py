@@ -23,7 +23,21 @@ class ServeMetrics:
     def __init__(self, monitor_state: str | None = None) -> None:
         """`monitor_state`: the monitor's state file, whose gauges are exported too."""
         self.registry = CollectorRegistry()
-        r = self.registry
+        # defined in this order so that /metrics lists them in it
+        self._define_gen_ai(self.registry)
+        self._define_server(self.registry)
+        self._define_route(self.registry)
+        self._define_monitor_log(self.registry)
+        self._define_engine(self.registry)
+        self.engine_gauge.set(1)
+        if monitor_state:
+            from ..monitor.gauges import StateCollector
+
+            self.registry.register(StateCollector(monitor_state))
+        self.registry_gauge.set(1)
+
+    def _define_gen_ai(self, r: CollectorRegistry) -> None:
+        """The OpenTelemetry GenAI server metrics, so dashboards written for them carry over."""
         model = ["gen_ai_operation_name", "gen_ai_request_model"]
         self.duration = Histogram(
             "gen_ai_server_request_duration_seconds",
@@ -52,6 +66,9 @@ class ServeMetrics:
             [*model, "gen_ai_token_type"],
             registry=r,
         )
+
+    def _define_server(self, r: CollectorRegistry) -> None:
+        """The server's own state: requests, queue and batches, loaded versions, registry."""
         self.requests = Counter(
             "temper_requests", "HTTP requests by route and status.", ["route", "status"], registry=r
         )
@@ -77,6 +94,9 @@ class ServeMetrics:
             ["model_id"],
             registry=r,
         )
+
+    def _define_route(self, r: CollectorRegistry) -> None:
+        """Who answered (router tiers, semantic cache) and what the answers cost."""
         self.routed = Counter(
             "temper_route_answers",
             "Answers by the tier that gave them (last_resort: the self tier's, flagged).",
@@ -98,6 +118,9 @@ class ServeMetrics:
             ["kind"],
             registry=r,
         )
+
+    def _define_monitor_log(self, r: CollectorRegistry) -> None:
+        """The monitor's request log: rows written, dropped and waiting."""
         self.log_rows = Counter(
             "temper_monitor_log_rows", "Request rows written to the monitor's log.", registry=r
         )
@@ -109,18 +132,15 @@ class ServeMetrics:
         self.log_queue = Gauge(
             "temper_monitor_log_queue", "Request rows waiting to be written.", registry=r
         )
+
+    def _define_engine(self, r: CollectorRegistry) -> None:
+        """The model engine's health: up, and how often its supervisor restarted it."""
         self.engine_gauge = Gauge(
             "temper_engine_up", "1 while the model engine answers (vLLM: its process).", registry=r
         )
         self.engine_restarts = Counter(
             "temper_engine_restarts", "Times the supervised engine was restarted.", registry=r
         )
-        self.engine_gauge.set(1)
-        if monitor_state:
-            from ..monitor.gauges import StateCollector
-
-            r.register(StateCollector(monitor_state))
-        self.registry_gauge.set(1)
 
     def adapter_loaded(self, served: Any, on: bool) -> None:
         labels = (served.source.id, served.source.name or "", served.version or "")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from ...evaluation import bundle
@@ -57,69 +57,21 @@ class RoutedCompletions:
     ) -> tuple[dict[str, Any], dict[str, str]]:
         """The body and headers of a routed answer (ApiError 400 / 503 otherwise)."""
         t0 = time.perf_counter()
-        serve_cfg = self.completions.cfg
-        job, ctx, n_prompt = make_job(serve_cfg, served, req)  # a bad request fails here
+        job, ctx, n_prompt = make_job(self.completions.cfg, served, req)  # a bad request fails here
         text = next(m.text() for m in reversed(req.messages) if m.role == "user")
         loop = asyncio.get_running_loop()
 
         async def self_answer() -> SelfAnswer:
-            try:
-                future = self.completions.submit(job, ctx, loop)
-            except ApiError:  # the queue is full: an API tier may take it
-                return SelfAnswer(error="overloaded")
-            try:
-                await asyncio.wait_for(asyncio.shield(future), serve_cfg.request_timeout_s)
-            except TimeoutError:
-                self.completions.engine.cancel(job)
-                return SelfAnswer(error="timeout")
-            except asyncio.CancelledError:
-                self.completions.engine.cancel(job)
-                raise
-            if job.error is not None:
-                return SelfAnswer(error="error")
-            self.completions.record(req, served, job, n_prompt, t0, info)
-            extra = extras(served, job)
-            seconds = time.perf_counter() - t0
-            return SelfAnswer(
-                text=job.text,
-                confidence=decisive_confidence(extra.get("confidence") or {}, self.cfg.field),
-                usd=seconds * self.cfg.self_usd_per_hour / 3600,
-                input_tokens=n_prompt,
-                output_tokens=len(job.token_ids),
-                extra=extra,
-            )
+            """The self tier, run only when the router asks for it."""
+            return await self._self_answer(req, served, info, job, ctx, n_prompt, t0, loop)
 
-        opts = req.route
-        # The cache holds plain deterministic answers only; a forced tier means that tier's.
-        greedy = req.temperature in (None, 0)
-        plain = not (req.logprobs or req.stop or req.max_tokens or req.max_completion_tokens)
-        cacheable = self.cache is not None and greedy and plain and not (opts and opts.tier)
+        cacheable = self._cacheable(req)
         version = version_key(served.fingerprint, served.task.version, served.task.prompt_hash)
         if cacheable:
             hit = await asyncio.to_thread(self.cache.get, text, version)
             if hit is not None:
-                info.update(tier="cache", cache=hit.kind, _answer=hit.answer, _served=served)
-                self.completions.metrics.cache_hit(hit.kind)
-                return self._cached(req, served, hit, n_prompt), {
-                    "x-temper-tier": "cache",
-                    "x-temper-cost-usd": "0.00000000",
-                }
-        threshold = self.threshold(served)
-        try:
-            routed = await self.router.route(
-                served.task,
-                text,
-                self_answer,
-                tier=opts.tier if opts else None,
-                allow_external=opts.allow_external if opts else None,
-                self_threshold=threshold,
-            )
-        except RouteRefused as err:
-            raise ApiError(400, str(err), param="route") from None
-        except NoTierAnswered as err:
-            raise ApiError(
-                503, str(err), type_="service_unavailable", code="no_tier_available"
-            ) from None
+                return self._from_cache(req, served, info, hit, n_prompt)
+        routed = await self._route(req, served, text, self_answer)
         self.completions.metrics.route(routed)
         if cacheable and not (routed.last_resort or routed.external_blocked):
             # Unsure answers kept only because no API tier could (or might) answer are not
@@ -136,6 +88,89 @@ class RoutedCompletions:
             "x-temper-tier": routed.tier,
             "x-temper-cost-usd": f"{routed.usd:.8f}",
         }
+
+    async def _self_answer(
+        self,
+        req: ChatRequest,
+        served: Served,
+        info: dict[str, Any],
+        job: Any,
+        ctx: Any,
+        n_prompt: int,
+        t0: float,
+        loop: asyncio.AbstractEventLoop,
+    ) -> SelfAnswer:
+        """The self tier: the server's own batcher. Overload, timeout and engine errors come
+        back as a failed SelfAnswer (an API tier may still answer), never as an exception."""
+        try:
+            future = self.completions.submit(job, ctx, loop)
+        except ApiError:  # the queue is full: an API tier may take it
+            return SelfAnswer(error="overloaded")
+        try:
+            await asyncio.wait_for(asyncio.shield(future), self.completions.cfg.request_timeout_s)
+        except TimeoutError:
+            self.completions.engine.cancel(job)
+            return SelfAnswer(error="timeout")
+        except asyncio.CancelledError:
+            self.completions.engine.cancel(job)
+            raise
+        if job.error is not None:
+            return SelfAnswer(error="error")
+        self.completions.record(req, served, job, n_prompt, t0, info)
+        extra = extras(served, job)
+        seconds = time.perf_counter() - t0
+        return SelfAnswer(
+            text=job.text,
+            confidence=decisive_confidence(extra.get("confidence") or {}, self.cfg.field),
+            usd=seconds * self.cfg.self_usd_per_hour / 3600,
+            input_tokens=n_prompt,
+            output_tokens=len(job.token_ids),
+            extra=extra,
+        )
+
+    def _cacheable(self, req: ChatRequest) -> bool:
+        """The cache holds plain deterministic answers only; a forced tier means that tier's."""
+        opts = req.route
+        greedy = req.temperature in (None, 0)
+        plain = not (req.logprobs or req.stop or req.max_tokens or req.max_completion_tokens)
+        return self.cache is not None and greedy and plain and not (opts and opts.tier)
+
+    def _from_cache(
+        self, req: ChatRequest, served: Served, info: dict[str, Any], hit: Any, n_prompt: int
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        """A cache hit's body and headers (tier `cache`, no cost), noted for the log."""
+        info.update(tier="cache", cache=hit.kind, _answer=hit.answer, _served=served)
+        self.completions.metrics.cache_hit(hit.kind)
+        return self._cached(req, served, hit, n_prompt), {
+            "x-temper-tier": "cache",
+            "x-temper-cost-usd": "0.00000000",
+        }
+
+    async def _route(
+        self,
+        req: ChatRequest,
+        served: Served,
+        text: str,
+        self_answer: Callable[[], Awaitable[SelfAnswer]],
+    ) -> Routed:
+        """Ask the router, with the request's options; its refusals become OpenAI errors."""
+        opts = req.route
+        threshold = self.threshold(served)
+        try:
+            return await self.router.route(
+                served.task,
+                text,
+                self_answer,
+                tier=opts.tier if opts else None,
+                allow_external=opts.allow_external if opts else None,
+                self_threshold=threshold,
+            )
+        except RouteRefused as err:
+            raise ApiError(400, str(err), param="route") from None
+        except NoTierAnswered as err:
+            raise ApiError(
+                503, str(err), type_="service_unavailable", code="no_tier_available"
+            ) from None
 
     def _cached(self, req: ChatRequest, served: Served, hit: Any, n_prompt: int) -> dict:
         temper = {
