@@ -167,3 +167,54 @@ def test_every_package_folder_is_installed():
         module_name(p / "__init__.py") for p in PACKAGE.rglob("*") if (p / "__init__.py").exists()
     } | {"temper"}
     assert listed == folders
+
+
+MAX_FUNCTION_LINES = 80  # the aim is ~50: named steps that read at once
+MAX_ENTRY_PARAMETERS = 3  # run(cfg, <what it reads beside its section>[, one more])
+
+
+def functions(path: Path) -> list[ast.FunctionDef | ast.AsyncFunctionDef]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
+
+
+def long_functions(paths: list[Path]) -> dict[str, int]:
+    """`file:line name` -> length, for every function longer than the limit."""
+    return {
+        f"{path.name}:{node.lineno} {node.name}": node.end_lineno - node.lineno + 1
+        for path in paths
+        for node in functions(path)
+        if node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    }
+
+
+def entry_width(path: Path) -> int | None:
+    """How many parameters the module's top-level `run` takes (None: it has none)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    entry = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "run"]
+    if not entry:
+        return None
+    a = entry[0].args
+    return len(a.posonlyargs + a.args + a.kwonlyargs) + bool(a.vararg) + bool(a.kwarg)
+
+
+def test_no_function_is_longer_than_a_screen():
+    long = long_functions(list(MODULES.values()))
+    assert not long, f"split these into named steps (max {MAX_FUNCTION_LINES} lines): {long}"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_each_stage_has_one_narrow_entry_function_run(stage):
+    width = entry_width(MODULES[f"temper.stages.{stage}"])
+    assert width is not None, f"stages/{stage}.py: the entry function is `run`"
+    assert width <= MAX_ENTRY_PARAMETERS, f"{stage}.run takes {width} parameters"
+
+
+def test_the_limits_catch_what_they_are_for(tmp_path):
+    """The checks above see a long function and a wide entry (a check that cannot fail
+    proves nothing)."""
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    path = tmp_path / "stage.py"
+    path.write_text(f"def run(cfg, task, base_dir, tracking=None):\n{body}\n", encoding="utf-8")
+    assert long_functions([path]) == {"stage.py:1 run": MAX_FUNCTION_LINES + 1}
+    assert entry_width(path) == 4

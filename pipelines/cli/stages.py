@@ -151,7 +151,6 @@ def evaluate_cmd(
     With --data and/or --adapter it scores any adapter on any JSONL, writing to --out
     (the pipeline's metrics/eval.json and reports/ are left alone).
     """
-    from ..evaluation.report import fmt, gate_table
     from ..stages import evaluate
 
     p = load(params, set_)
@@ -172,6 +171,14 @@ def evaluate_cmd(
         cfg = cfg.model_copy(update=update)
     setup = evaluate.Setup(p.base_dir, p.judge, p.gates, p.vllm, fields, p.tracking())
     result = evaluate.run(cfg, p.load_task(), setup)
+    print_evaluation(result)
+    typer.echo(f"winner: {result.winner}  (report: {cfg.reports_dir}/eval.md)")
+
+
+def print_evaluation(result) -> None:
+    """Each candidate's primary metric, the baseline's and the yardstick's, the gates."""
+    from ..evaluation.report import fmt, gate_table
+
     primary = result.primary_metric
     for name, entry in result.candidates.items():
         delta = (entry.delta_vs_baseline or {}).get(primary)
@@ -203,7 +210,6 @@ def evaluate_cmd(
             f"winner chosen on {sel.split} (n={sel.n_examples}), reported on test "
             f"(n={result.n_examples})" + (": optimistic" if sel.split == "test" else "")
         )
-    typer.echo(f"winner: {result.winner}  (report: {cfg.reports_dir}/eval.md)")
 
 
 def register_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +200,15 @@ def percentile(values: np.ndarray, mask: np.ndarray, q: float, rs: Resamples) ->
     return estimate(float(np.nanpercentile(values[mask > 0], q)), np.array(stats), rs)
 
 
+@dataclass
+class Split:
+    """One split's rows of the winner's predictions, its confidences and right/wrong."""
+
+    rows: list[dict[str, Any]]
+    conf: np.ndarray
+    right: np.ndarray
+
+
 def run(cfg: RouteConfig, task: TaskConfig) -> RouteResult:
     """Fit, replay, price and report; returns what `reports/route.json` holds."""
     c = cfg.calibrate
@@ -206,51 +216,19 @@ def run(cfg: RouteConfig, task: TaskConfig) -> RouteResult:
     winner = ev.winner or (ev.selection.chosen if ev.selection else None)
     if winner is None:
         raise RouteError(f"{c.eval}: no winner to route for (no candidate passed the gates)")
-    metric = ev.primary_metric
-    pred_dir = Path(c.predictions_dir)
-    val_path = pred_dir / "validation" / f"{winner}.jsonl"
-    test_rows, test_conf, test_right = rows_of(pred_dir / f"{winner}.jsonl", cfg.field, metric)
-    fitted_on = "validation"
-    if val_path.exists():
-        _, val_conf, val_right = rows_of(val_path, cfg.field, metric)
-    else:
-        log.warning("%s not found: fitting on the test split (optimistic)", val_path)
-        fitted_on, val_conf, val_right = "test", test_conf, test_right
-    threshold, reached = fit_threshold(val_conf, val_right, cfg)
-    policy = Policy.from_config(cfg, threshold)
-
+    test, fit, fitted_on = read_splits(cfg, winner, ev.primary_metric)
+    threshold, reached = fit_threshold(fit.conf, fit.right, cfg)
+    tiers = [Policy.from_config(cfg, threshold).pick(float(x)) for x in test.conf]
     prices = load_prices(c.prices)
+    texts = test_texts(ev.test_file, test.rows)
     self_usd = ev.candidates[winner].metrics["usd_per_1k"].value / 1000
-    costs = {SELF: np.full(len(test_rows), self_usd)}
-    texts = test_texts(ev.test_file, test_rows)
+    costs = {SELF: np.full(len(test.rows), self_usd)}
     for tier in cfg.tiers:
-        costs[tier.name] = api_cost(task, tier, prices, test_rows, texts)
+        costs[tier.name] = api_cost(task, tier, prices, test.rows, texts)
     all_api = {t.name: float(costs[t.name].mean() * 1000) for t in cfg.tiers}  # list prices
-    tiers = [policy.pick(float(c)) for c in test_conf]
-    label = metric.split(".")[0]
-    tier_right: dict[str, np.ndarray] = {}
-    failures: dict[str, int] = {}
-    for tier in cfg.tiers:
-        if tier.provider.kind == "gold":
-            continue  # the oracle: always right, priced at price_as
-        idx = [i for i, t in enumerate(tiers) if t == tier.name]
-        tier_right[tier.name] = np.zeros(len(tiers))
-        got, spent, failures[tier.name] = ask_tier(
-            tier,
-            task,
-            [texts[i] for i in idx],
-            [(test_rows[i].get("gold") or {}).get(label) for i in idx],
-            label,
-        )
-        tier_right[tier.name][idx] = got
-        costs[tier.name][idx] = spent  # what its answers really cost (cache hits: 0)
-    right, usd = replay(tiers, test_right, costs, tier_right)
-
-    rs = Resamples.draw(len(test_rows), c.n_resamples, c.seed, c.confidence)
-    names = [SELF, *(t.name for t in cfg.tiers)]
-    is_tier = {n: np.array([t == n for t in tiers], float) for n in names}
-    kept = is_tier[SELF]
-    latency = np.array([r.get("latency_ms") or np.nan for r in test_rows])
+    tier_right, failures = ask_api_tiers(cfg, task, tiers, test, texts, costs, ev.primary_metric)
+    right, usd = replay(tiers, test.right, costs, tier_right)
+    rs = Resamples.draw(len(test.rows), c.n_resamples, c.seed, c.confidence)
     result = RouteResult(
         winner=winner,
         passed_gates=ev.winner is not None,
@@ -260,29 +238,17 @@ def run(cfg: RouteConfig, task: TaskConfig) -> RouteResult:
         target_value=c.target_accuracy if c.target == "accuracy" else c.target_self_share,
         target_reached=reached,
         threshold=threshold,
-        n_fit=len(val_conf),
-        n_test=len(test_rows),
-        tiers=names,
-        shares={n: float(v.mean()) for n, v in is_tier.items()},
-        share_estimates={n: estimate(v.mean(), mean_stats(v, rs), rs) for n, v in is_tier.items()},
-        accuracy=estimate(right.mean(), mean_stats(right, rs), rs),
-        self_only_accuracy=estimate(test_right.mean(), mean_stats(test_right, rs), rs),
-        kept_accuracy=estimate(
-            test_right[kept > 0].mean() if kept.any() else np.nan,
-            mean_stats(test_right, rs, kept),
-            rs,
-        ),
-        usd_per_1k=estimate(usd.mean() * 1000, mean_stats(usd, rs) * 1000, rs),
+        n_fit=len(fit.conf),
+        n_test=len(test.rows),
         all_api_usd_per_1k=all_api,
         self_usd_per_1k=self_usd * 1000,
-        self_latency_ms_p50=percentile(latency, kept, 50, rs),
-        self_latency_ms_p95=percentile(latency, kept, 95, rs),
         api_failures=failures,
         prices={t.name: t.price_as or t.provider.model for t in cfg.tiers},
         prices_verified=prices.verified,
         prices_as_of=str(prices.as_of),
-        curve_fit=curve(val_conf, val_right),
-        curve_test=curve(test_conf, test_right),
+        curve_fit=curve(fit.conf, fit.right),
+        curve_test=curve(test.conf, test.right),
+        **estimates(cfg, tiers, test, right, usd, rs),
     )
     from ..evaluation.route_report import write_route_reports
 
@@ -295,3 +261,79 @@ def run(cfg: RouteConfig, task: TaskConfig) -> RouteResult:
         result.accuracy.value,
     )
     return result
+
+
+def read_splits(cfg: RouteConfig, winner: str, metric: str) -> tuple[Split, Split, str]:
+    """The winner's test predictions, and those the threshold is fitted on: validation, or
+    the test split itself (optimistic, with a warning) when evaluate wrote none."""
+    pred_dir = Path(cfg.calibrate.predictions_dir)
+    test = Split(*rows_of(pred_dir / f"{winner}.jsonl", cfg.field, metric))
+    val_path = pred_dir / "validation" / f"{winner}.jsonl"
+    if not val_path.exists():
+        log.warning("%s not found: fitting on the test split (optimistic)", val_path)
+        return test, test, "test"
+    return test, Split(*rows_of(val_path, cfg.field, metric)), "validation"
+
+
+def ask_api_tiers(
+    cfg: RouteConfig,
+    task: TaskConfig,
+    tiers: list[str],
+    test: Split,
+    texts: list[str],
+    costs: dict[str, np.ndarray],
+    metric: str,
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Ask each API tier the requests routed to it (the gold tier is the oracle: always
+    right, priced at `price_as`); `costs` becomes what the answers really cost (cache hits:
+    0). Returns right/wrong per tier and its failures."""
+    label = metric.split(".")[0]
+    tier_right: dict[str, np.ndarray] = {}
+    failures: dict[str, int] = {}
+    for tier in cfg.tiers:
+        if tier.provider.kind == "gold":
+            continue
+        idx = [i for i, t in enumerate(tiers) if t == tier.name]
+        tier_right[tier.name] = np.zeros(len(tiers))
+        got, spent, failures[tier.name] = ask_tier(
+            tier,
+            task,
+            [texts[i] for i in idx],
+            [(test.rows[i].get("gold") or {}).get(label) for i in idx],
+            label,
+        )
+        tier_right[tier.name][idx] = got
+        costs[tier.name][idx] = spent
+    return tier_right, failures
+
+
+def estimates(
+    cfg: RouteConfig,
+    tiers: list[str],
+    test: Split,
+    right: np.ndarray,
+    usd: np.ndarray,
+    rs: Resamples,
+) -> dict[str, Any]:
+    """The replay's figures with bootstrap intervals: shares, accuracy, price, latency."""
+    names = [SELF, *(t.name for t in cfg.tiers)]
+    is_tier = {n: np.array([t == n for t in tiers], float) for n in names}
+    kept = is_tier[SELF]
+    latency = np.array([r.get("latency_ms") or np.nan for r in test.rows])
+    return {
+        "tiers": names,
+        "shares": {n: float(v.mean()) for n, v in is_tier.items()},
+        "share_estimates": {
+            n: estimate(v.mean(), mean_stats(v, rs), rs) for n, v in is_tier.items()
+        },
+        "accuracy": estimate(right.mean(), mean_stats(right, rs), rs),
+        "self_only_accuracy": estimate(test.right.mean(), mean_stats(test.right, rs), rs),
+        "kept_accuracy": estimate(
+            test.right[kept > 0].mean() if kept.any() else np.nan,
+            mean_stats(test.right, rs, kept),
+            rs,
+        ),
+        "usd_per_1k": estimate(usd.mean() * 1000, mean_stats(usd, rs) * 1000, rs),
+        "self_latency_ms_p50": percentile(latency, kept, 50, rs),
+        "self_latency_ms_p95": percentile(latency, kept, 95, rs),
+    }
