@@ -26,6 +26,12 @@ class ConfigError(TemperError, ValueError):
     """A configuration file is missing, unreadable or does not match its schema."""
 
 
+class UnreadableParams(ConfigError):
+    """The params file or an `-S` override cannot be read: a usage error (exit 2)."""
+
+    exit_code = 2
+
+
 class Section(BaseModel):
     """Base for every config section: unknown keys are rejected, values validated on set."""
 
@@ -164,13 +170,16 @@ def load_params(
     path: str | os.PathLike[str] = DEFAULT_PARAMS, overrides: list[str] | None = None
 ) -> Params:
     """Read `params.yaml` and apply `section.key=value` overrides, in order."""
-    params = read_yaml(path)
-    for item in overrides or []:
-        # One at a time: `-S a={}` then `-S a.b=1` gives {b: 1}, not the file's `a` plus b.
-        if item.startswith("~"):
-            params = delete_key(params, item)
-        else:
-            params = deep_merge(params, parse_overrides([item]))
+    try:
+        params = read_yaml(path)
+        for item in overrides or []:
+            # One at a time: `-S a={}` then `-S a.b=1` gives {b: 1}, not the file's `a` plus b.
+            if item.startswith("~"):
+                params = delete_key(params, item)
+            else:
+                params = deep_merge(params, parse_overrides([item]))
+    except ConfigError as err:
+        raise UnreadableParams(str(err)) from None
     return Params(params, str(path), list(overrides or []))
 
 

@@ -12,7 +12,9 @@ import hashlib
 import json
 import os
 import shutil
+import sqlite3
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -163,3 +165,44 @@ def stable_hash(obj: Any, length: int = 16) -> str:
     """Short SHA-256 of a JSON-serialisable value (sorted keys): cache keys, prompt versions."""
     blob = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def open_sqlite(path: str | os.PathLike[str], timeout: float = 60.0) -> sqlite3.Connection:
+    """A sqlite connection as every Temper store opens one (the response cache, the serving
+    cache, the monitor log).
+
+    WAL with synchronous NORMAL: readers never block the writer, and a commit survives
+    `kill -9`. Autocommit (`isolation_level=None`): a statement is its own transaction, a
+    batch uses `transaction`. Usable from any thread (each store holds its own lock), and a
+    busy file is waited on for `timeout` s. Switching a new file to WAL needs it alone, and
+    sqlite answers a second process doing the same "database is locked" at once, without
+    waiting: that switch is retried until `timeout`.
+    """
+    if str(path) != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(str(path), timeout=timeout, isolation_level=None, check_same_thread=False)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    db.execute("PRAGMA synchronous=NORMAL")
+    return db
+
+
+@contextlib.contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One transaction on an `open_sqlite` connection: committed, or rolled back on error.
+    BEGIN IMMEDIATE takes the write lock up front, so two writers wait for each other
+    instead of failing halfway."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")

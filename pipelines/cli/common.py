@@ -13,7 +13,6 @@ from typing import Annotated, Any
 import click
 import typer
 
-from ..config import ConfigError
 from ..errors import TemperError
 from ..params import TemperParams
 
@@ -100,15 +99,9 @@ def setup_logging() -> None:
 
 
 def load(params: Path, overrides: list[str] | None) -> TemperParams:
-    """The params in effect, validated: an unreadable file or a bad `-S` is a usage error
-    (exit 2, click's); a value that does not fit its field a `ConfigError` naming it."""
-    from ..config import load_params
-
-    try:
-        values = load_params(params, overrides)
-    except ConfigError as err:
-        raise typer.BadParameter(str(err)) from None
-    return TemperParams.of(values)
+    """The params in effect, validated (`TemperParams.load`): an unreadable file or `-S`
+    exits 2, a value that does not fit its field names the field and where it was set."""
+    return TemperParams.load(params, overrides)
 
 
 def fail(err: Exception, code: int = 1) -> None:

@@ -103,7 +103,7 @@ def vllm_command(cfg, base_hint: str) -> str:
     from ..evaluation import bundle
     from ..online.serve import auth
     from ..online.serve.adapters import Loader, Source, resolve_version
-    from ..online.serve.vllm import VllmIncompatible, command, render
+    from ..online.serve.vllm import command, render
 
     sources = [Source.parse(spec) for spec in cfg.models]
     loader = Loader(cfg.cache_dir, cfg.base_dir, None, base_hint)
@@ -117,8 +117,4 @@ def vllm_command(cfg, base_hint: str) -> str:
         else str(loader.base_for(served[0][1], manifest).resolve())
     )
     keys = bool(auth.load_keys(cfg.api_keys_file, cfg.api_keys_env))
-    try:
-        argv = command(served, base, cfg.host, cfg.port, keys)
-    except VllmIncompatible as err:
-        raise ConfigError(f"not servable by vLLM: {err}") from None
-    return render(argv)
+    return render(command(served, base, cfg.host, cfg.port, keys))

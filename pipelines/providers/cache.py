@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..io import open_sqlite
 from .base import Completion
 
 
@@ -24,13 +25,8 @@ class Cache:
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(
-            self.path, timeout=60, isolation_level=None, check_same_thread=False
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db = open_sqlite(self.path)
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS completions (key TEXT PRIMARY KEY, kind TEXT, model TEXT,"
             " text TEXT, input_tokens INT, output_tokens INT, usd REAL, latency_ms REAL,"

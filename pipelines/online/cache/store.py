@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
 from collections import OrderedDict
@@ -26,6 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ...io import open_sqlite
 from .config import CacheConfig
 from .embedder import Embedder, SentenceEmbedder, numbers_key, text_key
 
@@ -132,12 +132,7 @@ class SemanticCache:
         self.stats = {"exact": 0, "similar": 0, "miss": 0, "long": 0, "evicted": 0}
         self._lock = threading.RLock()
         self._recent: OrderedDict[str, tuple[np.ndarray, int]] = OrderedDict()
-        if str(path) != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA busy_timeout = 5000")
-        self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.execute("PRAGMA synchronous = NORMAL")
+        self._db = open_sqlite(path)
         self._db.executescript(SCHEMA)
         self._check_embedder()
         self._indexes: dict[str, _Index] = {}

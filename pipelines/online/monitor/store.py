@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from ...io import open_sqlite, transaction
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
     id TEXT PRIMARY KEY,
@@ -123,12 +125,8 @@ class MonitorStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+        self.db = open_sqlite(self.path, timeout=30)
         self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
 
     def close(self) -> None:
@@ -143,7 +141,7 @@ class MonitorStore:
     # ------------------------------------------------------------------ requests
     def add_requests(self, rows: Sequence[LoggedRequest]) -> None:
         marks = ", ".join("?" * len(COLUMNS))
-        with self.db:
+        with transaction(self.db):
             self.db.executemany(
                 f"INSERT OR REPLACE INTO requests ({', '.join(COLUMNS)}) VALUES ({marks})",
                 [r.values() for r in rows],
@@ -153,7 +151,7 @@ class MonitorStore:
         """Delete rows older than the retention, then the oldest beyond `max_rows`; verdicts
         and reviews of deleted requests go with them. Returns the requests deleted."""
         cutoff = (now or time.time()) - retention_s
-        with self.db:
+        with transaction(self.db):
             gone = self.db.execute("DELETE FROM requests WHERE ts < ?", (cutoff,)).rowcount
             gone += self.db.execute(
                 "DELETE FROM requests WHERE id IN (SELECT id FROM requests ORDER BY ts DESC "
@@ -203,7 +201,7 @@ class MonitorStore:
     ) -> None:
         if verdict not in VERDICTS:
             raise ValueError(f"verdict {verdict!r}: one of {VERDICTS}")
-        with self.db:
+        with transaction(self.db):
             self.db.execute(
                 "INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (request_id, time.time(), verdict, judge, usd, int(cached), reason),
@@ -216,7 +214,7 @@ class MonitorStore:
         """(request_id, verdict, corrected answer, reviewer, source file) rows; returns count."""
         now = time.time()
         rows = [(rid, now, v, c, who, src) for rid, v, c, who, src in rows]
-        with self.db:
+        with transaction(self.db):
             self.db.executemany("INSERT OR REPLACE INTO reviews VALUES (?, ?, ?, ?, ?, ?)", rows)
         return len(rows)
 
@@ -226,7 +224,7 @@ class MonitorStore:
     # ------------------------------------------------------------------ probes
     def add_probes(self, run: str, tier: str, answers: dict[str, tuple[str | None, str | None]]):
         now = time.time()
-        with self.db:
+        with transaction(self.db):
             self.db.executemany(
                 "INSERT OR REPLACE INTO probes VALUES (?, ?, ?, ?, ?, ?)",
                 [(run, tier, pid, now, a, e) for pid, (a, e) in answers.items()],
