@@ -6,13 +6,13 @@ The command line catches `TemperError` in one place (`cli/__init__.py`): it prin
 base they had (`ValueError`, `RuntimeError`, `FileNotFoundError`), so existing `except`
 clauses of callers still hold.
 
-Exit codes (docs/cli.md repeats this table):
+Exit codes (the README's Development section repeats this table):
 
 | code | meaning |
 | --- | --- |
 | 0 | done |
 | 1 | a Temper error: bad input, a missing file, a failed stage (the message says which) |
-| 2 | usage: a bad option or params value, or the tracking server refused the credentials |
+| 2 | usage: an unreadable params file or `-S`, or the tracking server refused the credentials; any error of the commands whose 1 is a verdict (gate, promote, rollback, pull, serve, config, monitor) |
 | 3 | distil: the budget cap was reached (finished work kept); `temper monitor probe` and `report`: an alarm fired |
 | 4 | distil: the cost estimate is above the cap (nothing sent) |
 | 5 | distil: the endpoint is not on this machine and `allow_external` is false (nothing sent) |
