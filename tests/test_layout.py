@@ -32,7 +32,18 @@ STAGES = (
     "register",
 )
 SHARED = ("providers", "tracking", "evaluation", "training", "teacher", "labels", "engines")
-GROUND = ("config", "io", "task", "results", "records", "chat", "model_source", "models")
+GROUND = (
+    "config",
+    "io",
+    "task",
+    "results",
+    "records",
+    "chat",
+    "model_source",
+    "models",
+    "errors",
+    "stats",
+)
 
 
 def module_name(path: Path) -> str:

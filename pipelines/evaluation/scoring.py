@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ..stats import percentile
 from ..task import TaskConfig
 from .config import EvaluateConfig
 from .field_scores import field_value, score_field
@@ -105,7 +106,7 @@ def system_stats(ex: dict[str, Any], rs: Resamples) -> dict[str, tuple[float, np
         latency = ex["extra"]["latency_ms"]
         for q in (50, 95):
             stats[f"latency_ms_p{q}"] = (
-                float(np.percentile(latency, q)),
+                float(percentile(latency, q)),
                 percentile_stats(latency, q, rs),
             )
     return stats

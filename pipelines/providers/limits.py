@@ -20,8 +20,7 @@ from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
-
+from ..stats import percentile
 from .base import BudgetExceeded, Messages, OverLimitReply, ProviderConfig
 
 CHARS_PER_TOKEN = 3.0  # conservative for English (about 4): the budget over-, never under-estimates
@@ -115,10 +114,8 @@ class Stats:
         lat = sorted(out.pop("latencies_ms"))
         for key in ("usd", "usd_charged_worst_case", "usd_claimed_over_limit"):
             out[key] = round(out[key], 6)
-        for q in (50, 95):  # nearest-rank percentiles: an observed latency, never interpolated
-            out[f"latency_ms_p{q}"] = (
-                round(float(np.percentile(lat, q, method="inverted_cdf")), 1) if lat else None
-            )
+        for q in (50, 95):  # `stats.percentile`: an observed latency, never interpolated
+            out[f"latency_ms_p{q}"] = round(float(percentile(lat, q)), 1) if lat else None
         out["errors"] = dict(self.errors)
         out["redactions"] = dict(self.redactions)
         return out

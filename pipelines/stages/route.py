@@ -40,6 +40,7 @@ from ..online.route.policy import Policy, decisive_confidence
 from ..online.route.tiers import ApiTier, TierAnswer, TierFailure
 from ..providers.prices import load_prices
 from ..results import EvalResult, RouteResult
+from ..stats import percentile
 from ..task import TaskConfig
 from ..teacher import normalise
 
@@ -189,15 +190,17 @@ def curve(conf: np.ndarray, correct: np.ndarray, points: int = 41) -> list[dict[
     return out
 
 
-def percentile(values: np.ndarray, mask: np.ndarray, q: float, rs: Resamples) -> dict | None:
+def latency_percentile(
+    values: np.ndarray, mask: np.ndarray, q: float, rs: Resamples
+) -> dict | None:
     """The q-th percentile of `values` where `mask`, with its bootstrap interval."""
     if not mask.any():
         return None
     stats = []
     for idx in rs.idx:
         picked = values[idx][mask[idx] > 0]
-        stats.append(np.nanpercentile(picked, q) if picked.size else np.nan)
-    return estimate(float(np.nanpercentile(values[mask > 0], q)), np.array(stats), rs)
+        stats.append(percentile(picked, q) if picked.size else np.nan)
+    return estimate(float(percentile(values[mask > 0], q)), np.array(stats), rs)
 
 
 @dataclass
@@ -250,7 +253,7 @@ def run(cfg: RouteConfig, task: TaskConfig) -> RouteResult:
         curve_test=curve(test.conf, test.right),
         **estimates(cfg, tiers, test, right, usd, rs),
     )
-    from ..evaluation.route_report import write_route_reports
+    from ..reports.route import write_route_reports
 
     result.save(Path(c.reports_dir) / "route.json")
     write_route_reports(result, Path(c.reports_dir))
@@ -334,6 +337,6 @@ def estimates(
             rs,
         ),
         "usd_per_1k": estimate(usd.mean() * 1000, mean_stats(usd, rs) * 1000, rs),
-        "self_latency_ms_p50": percentile(latency, kept, 50, rs),
-        "self_latency_ms_p95": percentile(latency, kept, 95, rs),
+        "self_latency_ms_p50": latency_percentile(latency, kept, 50, rs),
+        "self_latency_ms_p95": latency_percentile(latency, kept, 95, rs),
     }

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from ...stats import percentile
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -96,9 +98,9 @@ def masked_mean(values: np.ndarray, mask: np.ndarray | None = None) -> float:
 
 
 def percentile_stats(values: np.ndarray, q: float, rs: Resamples) -> np.ndarray:
-    """Resampled q-th percentiles (e.g. p95 latency)."""
+    """Resampled q-th percentiles (e.g. p95 latency), as `stats.percentile` defines them."""
     values = np.asarray(values, dtype=np.float64)
-    return np.percentile(values[rs.idx], q, axis=1)
+    return percentile(values[rs.idx], q, axis=1)
 
 
 def class_counts(
