@@ -30,13 +30,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field
 
-from .. import models
-from ..config import Section
-from ..errors import TemperError
-from ..io import adapter_hash, model_hash, read_json, sha256_file, write_json
-from ..model_source import SOURCE_FILE, weights_dir
-from ..task import TaskConfig, load_task
-from .config import EvaluateConfig
+from . import models
+from .config import Section
+from .errors import TemperError
+from .evaluation.config import EvaluateConfig
+from .io import adapter_hash, model_hash, read_json, sha256_file, write_json
+from .model_source import SOURCE_FILE, weights_dir
+from .task import TaskConfig, load_task
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +316,7 @@ def load_bundle(
 ) -> Bundle:
     """Load a pulled bundle: adapter checked against its hash, base found by identity;
     `dtype` (default: the bundle's) and `device` as `generation.load_model` takes them."""
-    from .generation import load_model
+    from .evaluation.generation import load_model
 
     folder = Path(folder)
     manifest, task, adapter = open_bundle(folder)
@@ -352,7 +352,7 @@ def load_adapter(
     device: str = "auto",
 ) -> Bundle:
     """A plain adapter folder (no manifest) as a Bundle: task, base and settings given."""
-    from .generation import load_model
+    from .evaluation.generation import load_model
 
     model, tokenizer = load_model(base_dir, adapter, generation.dtype, threads, device)
     return Bundle(Path(adapter), None, model, tokenizer, task, generation, Path(base_dir))

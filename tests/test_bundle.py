@@ -25,9 +25,9 @@ from registry_fixtures import (
 )
 from typer.testing import CliRunner
 
-from temper import models
+from temper import bundle, models
 from temper.cli import app
-from temper.evaluation import batch_predict, bundle
+from temper.evaluation import batch_predict
 from temper.io import adapter_hash
 
 runner = CliRunner()

@@ -14,8 +14,8 @@ from temper.evaluation.confidence import confident_fields, value_span
 from temper.evaluation.config import EvaluateConfig
 from temper.evaluation.field_scores import metric_names, score_field
 from temper.evaluation.report import answer_confidence
-from temper.evaluation.route_report import _ci
 from temper.io import write_jsonl
+from temper.reports.route import _ci
 from temper.results import Estimate
 from temper.task import TaskConfig
 
@@ -146,7 +146,7 @@ def test_the_confusion_matrix_of_a_boolean_and_of_many_labels(tmp_path):
 
 def test_the_route_report_says_when_no_candidate_passed_the_gates():
     """route.md said "Winner r16" although evaluate chose none (r16 was only its pick)."""
-    from temper.evaluation.route_report import render
+    from temper.reports.route import render
     from temper.results import RouteResult
 
     est = {"value": 0.5, "ci_low": 0.4, "ci_high": 0.6}

@@ -31,7 +31,17 @@ STAGES = (
     "cost",
     "register",
 )
-SHARED = ("providers", "tracking", "evaluation", "training", "teacher", "labels", "engines")
+SHARED = (
+    "providers",
+    "tracking",
+    "evaluation",
+    "training",
+    "teacher",
+    "labels",
+    "engines",
+    "bundle",
+    "reports",
+)
 GROUND = (
     "config",
     "io",

@@ -246,7 +246,7 @@ def test_pull_champion_loads_as_a_bundle_and_the_adapter_is_live(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from temper.evaluation.bundle import load_bundle
+    from temper.bundle import load_bundle
 
     register(project, base_model_dir, pattern(N, 42))
     assert runner.invoke(app, ["promote"]).exit_code == 0

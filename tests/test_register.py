@@ -20,10 +20,9 @@ from registry_fixtures import (
 )
 from typer.testing import CliRunner
 
-from temper import tracking
+from temper import bundle, tracking
 from temper.cli import app
 from temper.errors import InvalidInput, MissingInput
-from temper.evaluation import bundle
 from temper.io import md5_file
 from temper.results import EvalResult
 from temper.stages import register as reg
@@ -339,7 +338,7 @@ def test_real_evaluate_output_through_register_gate_promote_and_pull(
     next to evaluation on the candidate's eval run."""
     import mlflow
 
-    from temper.evaluation.bundle import load_bundle
+    from temper.bundle import load_bundle
 
     test_file = prepared_dir / "test.jsonl"
     (tmp_path / "project").mkdir()

@@ -243,7 +243,7 @@ def test_openai_sdk_models_chat_stream_schema_logprobs(server, base_model_dir):
     assert models[0].model_extra["version"] == "1" and "smollm2" in models[0].model_extra["parent"]
 
     # The evaluated answer: the pulled version through the evaluation's own generation.
-    from temper.evaluation import bundle
+    from temper import bundle
     from temper.evaluation.generation import generate
 
     pulled = server.project / ".cache" / "serve" / f"{MODEL}-v1"

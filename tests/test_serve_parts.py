@@ -213,7 +213,7 @@ def test_unreachable_registry_keeps_the_current_version_and_says_so(tmp_path, mo
     import mlflow
     from prometheus_client import generate_latest
 
-    from temper.evaluation.bundle import GenerationSettings
+    from temper.bundle import GenerationSettings
     from temper.online.serve.adapters import Loader, ModelTable, Served, Source
     from temper.online.serve.metrics import ServeMetrics
     from temper.task import load_task

@@ -9,7 +9,7 @@ from .common import PARAMS, ParamsOpt, SetOpt, load
 
 def cache_eval_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
     """Measure the cache's hit and wrong-hit rates per threshold; choose the default."""
-    from ..evaluation.cache_report import pct
+    from ..reports.cache import pct
     from ..stages import cache_eval
 
     p = load(params, set_)

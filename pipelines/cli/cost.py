@@ -11,7 +11,7 @@ def cost_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
     """Price a traffic profile three ways from the price table and the measured throughput,
     tier shares and cache hit rate; write reports/cost.{md,json,png}. Warns about each priced
     model the vendor shuts down (its date, days left, the table's successor)."""
-    from ..evaluation.cost_report import summary
+    from ..reports.cost import summary
     from ..stages import cost
 
     result = cost.run(load(params, set_).cost)

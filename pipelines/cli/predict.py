@@ -14,7 +14,7 @@ from .common import PARAMS, ParamsOpt, SetOpt, fail, load
 
 def local_base(p: TemperParams, folder: Path) -> Path | None:
     """`model.dir` when it holds the bundle's base model (saves materialising it again)."""
-    from ..evaluation import bundle
+    from .. import bundle
 
     try:
         return bundle.matching_base(p.model.dir, bundle.read_manifest(folder))
@@ -26,7 +26,7 @@ def open_model(
     p: TemperParams, model: str, base: Path | None, tmp: Path, threads: int | None
 ) -> Any:
     """A Bundle for a pulled folder, a registry URI (pulled into `tmp`) or an adapter folder."""
-    from ..evaluation import bundle
+    from .. import bundle
 
     path = Path(model)
     if not (path / bundle.MANIFEST).exists() and not (path / "adapter_config.json").exists():

@@ -162,7 +162,7 @@ def pull_cmd(
     registry_client(p)
     path = pull.pull(uri, out, base or p.base_dir, with_base)
     typer.echo(
-        f"pulled into {path}: load with temper.evaluation.bundle.load_bundle('{path}') "
+        f"pulled into {path}: load with temper.bundle.load_bundle('{path}') "
         f"or run `temper predict --model {path} --input FILE`"
     )
 

@@ -100,7 +100,7 @@ def vllm_command(cfg, base_hint: str) -> str:
     """Pull what `cfg` serves, check it for vLLM, and return the command line."""
     import mlflow
 
-    from ..evaluation import bundle
+    from .. import bundle
     from ..online.serve import auth
     from ..online.serve.adapters import Loader, Source, resolve_version
     from ..online.serve.vllm import command, render

@@ -214,7 +214,7 @@ def print_evaluation(result) -> None:
 
 def register_cmd(params: ParamsOpt = PARAMS, set_: SetOpt = None) -> None:
     """Register the evaluation's winner as a new model version with alias `challenger`."""
-    from ..evaluation.bundle import generation_settings
+    from ..bundle import generation_settings
     from ..stages import register
 
     p = load(params, set_)

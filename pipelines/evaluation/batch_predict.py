@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+from ..bundle import Bundle
 from ..errors import TemperError
 from ..io import write_json, write_jsonl
-from .bundle import Bundle
 from .confidence import label_confidences
 from .scoring import answer_fields
 

@@ -97,7 +97,7 @@ def vllm_generations(
     desc: str,
 ) -> tuple[list[Any], Any]:
     """The answers through vLLM, and the tokenizer they were made with (the base's)."""
-    from .bundle import load_tokenizer
+    from ..bundle import load_tokenizer
     from .confidence import label_tokens
     from .generation import resolve_adapter
 

@@ -1,5 +1,5 @@
 """A registered version as an MLflow pyfunc model (the `MLmodel` that registration writes
-names this module as its loader: `evaluation.bundle.write_pyfunc`).
+names this module as its loader: `temper.bundle.write_pyfunc`).
 
     model = mlflow.pyfunc.load_model("models:/temper-clause-review@champion")
     model.predict(pd.DataFrame({"text": [clause, ...]}))   # one row per clause
@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..evaluation import bundle
+from .. import bundle
 from ..evaluation.batch_predict import answer_texts
 
 

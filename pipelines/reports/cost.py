@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..evaluation.report import md_table
 from ..io import atomic_open
 from ..results import CostResult
-from .report import md_table
 
 OPTIONS = {"all_api": "all-API", "self_hosted": "self-hosted", "hybrid": "hybrid"}
 SHUTDOWN = "Shutdown: "  # opens a note on a priced model the vendor retires (the summary shows it)

@@ -27,11 +27,11 @@ import numpy as np
 from pydantic import Field
 
 from ..config import Section
-from ..evaluation.cache_report import write_plot, write_report
 from ..io import read_jsonl
 from ..online.cache import CacheConfig, FixedEmbedder, SemanticCache, SentenceEmbedder, text_key
 from ..records.edits import hard_negatives
 from ..records.neardup import find_near_duplicates
+from ..reports.cache import write_plot, write_report
 from ..results import CacheDefault, CacheEvalResult, CacheRow, Rate
 
 log = logging.getLogger(__name__)

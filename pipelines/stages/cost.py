@@ -15,9 +15,9 @@ from typing import Any
 from pydantic import Field
 
 from ..config import ConfigError, Section
-from ..evaluation.cost_report import SHUTDOWN, write_plot, write_report
 from ..io import read_json
 from ..providers.prices import ModelPrice, PriceTable, load_prices, shutdown_warning
+from ..reports.cost import SHUTDOWN, write_plot, write_report
 from ..results import CostInputs, CostOption, CostResult
 
 SELF = "self"  # the route stage's name for the self-hosted tier

@@ -9,7 +9,7 @@ candidate's logged model (the adapter that training logged) and creates the mode
 from it, pointing the alias `challenger` at it. Everything needed to rebuild the version (data
 hashes, params, git commit, base model hash) is on the version as tags. What serving needs
 (the resolved task config, the tokenizer with its chat template, the base model's identity and
-the generation settings) goes to `serving/` of the register run (`evaluation.bundle`), with
+the generation settings) goes to `serving/` of the register run (`temper.bundle`), with
 `temper.serving.*` tags; `temper pull` turns it into a portable bundle.
 
 The version is created with `MlflowClient.create_model_version(source="models:/<model_id>",
@@ -38,10 +38,9 @@ from typing import Any
 
 from pydantic import Field
 
-from .. import tracking
+from .. import bundle, tracking
 from ..config import Section
 from ..errors import TemperError
-from ..evaluation import bundle
 from ..evaluation.field_scores import paired_metric
 from ..io import (
     adapter_hash,

@@ -4,7 +4,7 @@ Downloads the version's adapter (checked against its recorded hash) and the serv
 registration logged under `serving/` of the version's run (task.yaml, tokenizer + chat
 template, serving.json with the base model's identity and the generation settings), and writes
 a README. With `with_base` the base weights are copied in too (checked against the recorded
-base hash), so the folder needs nothing else. `temper.evaluation.bundle.load_bundle` loads
+base hash), so the folder needs nothing else. `temper.bundle.load_bundle` loads
 the result on any machine; see that module for the layout. Here on the shared floor (registry
 I/O) because both the release commands and the online server pull versions.
 """
@@ -17,9 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .. import tracking
+from .. import bundle, tracking
 from ..errors import TemperError
-from ..evaluation import bundle
 from ..io import adapter_hash, atomic_dir, write_json
 from ..models import describe
 
@@ -41,7 +40,7 @@ Task `{task}`. Everything here is addressed by relative paths (see `serving.json
 Load it, on any machine:
 
 ```python
-from temper.evaluation.bundle import load_bundle
+from temper.bundle import load_bundle
 b = load_bundle("path/to/this/folder")        # or base_dir=... for a local copy of the base
 ```
 

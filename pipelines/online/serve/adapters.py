@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ...evaluation import bundle
+from ... import bundle
 from ...task import TaskConfig
 
 log = logging.getLogger(__name__)

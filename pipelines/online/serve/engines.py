@@ -82,7 +82,7 @@ class BuiltinEngine:
         """The version's model: its adapter merged into a copy of the base (as evaluated)."""
         from peft import PeftModel
 
-        from ...evaluation import bundle
+        from ... import bundle
         from ...evaluation.generation import load_model
         from ...model_source import adapter_method
 

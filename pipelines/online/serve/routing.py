@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from ...evaluation import bundle
+from ... import bundle
 from ..cache import version_key
 from ..route import NoTierAnswered, Routed, Router, RouteRefused, SelfAnswer, decisive_confidence
 from ..route.config import RouteConfig

@@ -13,8 +13,8 @@ import json
 import shlex
 from pathlib import Path
 
+from ... import bundle
 from ...engines.vllm_server import VllmIncompatible, check_adapter, lora_rank_choice
-from ...evaluation import bundle
 from .adapters import Source
 
 __all__ = ["VllmIncompatible", "check_adapter", "command", "render"]
