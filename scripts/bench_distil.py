@@ -10,7 +10,10 @@ client's event loop does not share a GIL with the server. Measured in the same r
                against the same server, then its fully cached re-run (process start included)
 
 Target: provider wall / ideal (1000 / 32 x 0.2 s = 6.25 s) <= 1.25; cached re-run < 2 s.
-Ends with: RESULT distil_wall_over_ideal <ratio>
+Ends with: RESULT distil_wall_over_ideal <ratio> (exit 1 when a request failed).
+
+    python scripts/bench_distil.py [--requests 1000] [--concurrency 32] [--stage]
+    python scripts/bench_distil.py --smoke     # 16 requests, 20 ms: does it run (CI), not a timing
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -71,7 +75,14 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--latency", type=float, default=0.2)
     parser.add_argument("--stage", action="store_true", help="also time `temper distil`")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="16 requests at concurrency 4, 20 ms each: does it run (CI), not a timing.",
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.requests, args.concurrency, args.latency = 16, 4, 0.02
 
     task = load_task(ROOT / "configs/tasks/clause_review.yaml")
     clauses = [r["clause"] for r in read_jsonl(ROOT / "data/raw/contracts/train.jsonl")]
@@ -136,7 +147,10 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(10)
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"RESULT distil_wall_over_ideal {wall / ideal:.3f}")
+    if failed:
+        sys.exit(f"bench_distil: {failed} of {len(batch)} requests failed")
 
 
 def stage(url: str, tmp: Path) -> None:

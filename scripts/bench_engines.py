@@ -23,9 +23,14 @@ Ends with:
     RESULT builtin_vs_vllm_ratio <built-in (1) req/s / vLLM direct (2) req/s, concurrency 16>
 
     python scripts/bench_engines.py [--bundle FOLDER | --model models:/<name>@<alias>] [-n 32]
-    python scripts/bench_engines.py --smoke --bundle FOLDER   # seconds: a check that it runs
+    python scripts/bench_engines.py --smoke   # a check that it runs (CI), not a timing
 
 Needs `make vllm` (vLLM's own environment) and, without --bundle, a registered version (make run).
+`--smoke` needs no registry and no prepared data: without --bundle it builds one in a temp folder
+(bench_serve.smoke_bundle: the base model and a small random LoRA adapter), and without --test
+it sends the shortest clause of the raw test split. Each of the four systems answers that one
+request at concurrency 1 with no warm-up; the servers' files stay in the temp folder; no
+`--out` is written. A failure exits non-zero.
 """
 
 from __future__ import annotations
@@ -34,16 +39,26 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import httpx
 import openai
-from bench_serve import start, stop  # the same gateway start and stop as bench_serve.py
+from bench_serve import (  # the same gateway start and stop (and smoke bundle) as bench_serve.py
+    smoke_bundle,
+    smoke_set,
+    smoke_texts,
+    start,
+    stop,
+)
+
+from temper.params import TemperParams
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,8 +67,8 @@ CONCURRENCY = (1, 16)
 
 def served_prompts(bundle: Path, texts: list[str]) -> tuple[list[list[int]], dict, int]:
     """The token ids, schema and budget the gateway sends vLLM for these texts."""
+    from temper import bundle as bundles
     from temper.chat import render
-    from temper.evaluation import bundle as bundles
     from temper.evaluation.constrained import json_logits_processor
 
     manifest, task, _ = bundles.open_bundle(bundle)
@@ -180,12 +195,15 @@ def load_texts(path: str, n: int) -> list[str]:
     return texts
 
 
-def bench_builtin(bundle: Path, texts, levels, gateway_set, answers: dict) -> list[dict]:
-    log = ROOT / "reports" / "bench_engines_builtin.log"
+def bench_builtin(
+    bundle: Path, texts, levels, gateway_set, answers: dict, logs: Path, warm: bool = True
+) -> list[dict]:
+    log = logs / "bench_engines_builtin.log"
     proc, url = start(str(bundle), 16, log, gateway_set)
     seen = answers.setdefault("builtin", {})
     try:
-        run_gateway(url, bundle.name, texts[:2], 2)  # warm-up: grammar, caches
+        if warm:
+            run_gateway(url, bundle.name, texts[:2], 2)  # warm-up: grammar, caches
         return [
             {"system": "builtin", **run_gateway(url, bundle.name, texts, c, seen)} for c in levels
         ]
@@ -193,12 +211,14 @@ def bench_builtin(bundle: Path, texts, levels, gateway_set, answers: dict) -> li
         stop(proc)
 
 
-def bench_vllm(args, bundle: Path, texts, levels, gateway_set, answers: dict) -> tuple:
-    from temper.config import load_params, section
-    from temper.engines import VllmClient, VllmConfig, VllmServer, check_adapter
-    from temper.evaluation import bundle as bundles
+def bench_vllm(
+    args, bundle: Path, texts, levels, gateway_set, answers: dict, logs: Path, warm: bool = True
+) -> tuple:
+    from temper import bundle as bundles
+    from temper.config import load_params
+    from temper.engines import VllmClient, VllmServer, check_adapter
 
-    vcfg = section(load_params(ROOT / "params.yaml", args.set), "vllm", VllmConfig)
+    vcfg = TemperParams.of(load_params(ROOT / "params.yaml", args.set)).vllm
     manifest, _, adapter = bundles.open_bundle(bundle)
     # as the gateway finds it: --base, else model.dir when its hash matches, else by identity
     base = (
@@ -208,7 +228,7 @@ def bench_vllm(args, bundle: Path, texts, levels, gateway_set, answers: dict) ->
     server = VllmServer(
         vcfg,
         base.resolve(),
-        ROOT / "reports" / "bench_engines_vllm.log",
+        logs / "bench_engines_vllm.log",
         max_lora_rank=check_adapter(adapter),
         max_num_seqs=16,
         tokenizer=(bundle / manifest.tokenizer).resolve(),
@@ -233,7 +253,8 @@ def bench_vllm(args, bundle: Path, texts, levels, gateway_set, answers: dict) ->
             }
             for p in ids
         ]
-        run_direct(server.url, server.key, bodies[:2], 2)  # warm-up
+        if warm:
+            run_direct(server.url, server.key, bodies[:2], 2)  # warm-up
         rows += [
             {"system": "vllm-direct", **run_direct(server.url, server.key, bodies, c)}
             for c in levels
@@ -242,10 +263,11 @@ def bench_vllm(args, bundle: Path, texts, levels, gateway_set, answers: dict) ->
         for mode in ("engine", "rescore"):
             extra = ["-S", "serve.engine=vllm", "-S", f"serve.engine_url={server.url}"]
             extra += ["-S", f"vllm.confidence={mode}", *gateway_set]
-            log = ROOT / "reports" / f"bench_engines_gateway_{mode}.log"
+            log = logs / f"bench_engines_gateway_{mode}.log"
             proc, url = start(str(bundle), 16, log, extra)
             try:
-                run_gateway(url, bundle.name, texts[:2], 2)
+                if warm:
+                    run_gateway(url, bundle.name, texts[:2], 2)
                 name = "gateway-vllm" if mode == "engine" else "gateway-vllm-rescore"
                 seen = answers.setdefault(name, {})
                 rows += [
@@ -318,23 +340,40 @@ def main() -> None:
     parser.add_argument("--base", help="The base model folder (default: the bundle's).")
     parser.add_argument("-n", "--requests", type=int, default=32)
     parser.add_argument("-S", "--set", action="append", default=[], help="vllm.<key>=<value>")
-    parser.add_argument("--test", default=str(ROOT / "data" / "prepared" / "test.jsonl"))
+    parser.add_argument(
+        "--test", default=None, help="Prepared records (default: data/prepared/test.jsonl)."
+    )
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "bench_engines.json"))
-    parser.add_argument("--smoke", action="store_true", help="2 requests, concurrency 1 and 2")
+    parser.add_argument(
+        "--smoke", action="store_true", help="1 request, concurrency 1, no warm-up: does it run"
+    )
     args = parser.parse_args()
-    levels = (1, 2) if args.smoke else CONCURRENCY
+    levels = (1,) if args.smoke else CONCURRENCY
+    work = Path(tempfile.mkdtemp(prefix="bench-engines-")) if args.smoke else None
+    logs = work or ROOT / "reports"
+    logs.mkdir(parents=True, exist_ok=True)
     if args.smoke:
-        args.requests = min(args.requests, 2)
+        args.requests = 1
+        if not args.bundle:
+            args.bundle = str(smoke_bundle(work))
     bundle = bundle_for(args)
-    texts = load_texts(args.test, args.requests)
+    if args.smoke and args.test is None:
+        texts = smoke_texts(args.requests)
+    else:
+        texts = load_texts(
+            args.test or str(ROOT / "data" / "prepared" / "test.jsonl"), args.requests
+        )
     gateway_set = [a for kv in args.set for a in ("-S", kv)]
     if args.base:
         gateway_set += ["-S", f"serve.base_dir={args.base}"]
-    from temper.evaluation.bundle import route_threshold
+    if args.smoke:
+        gateway_set += [a for kv in smoke_set(work) for a in ("-S", kv)]
+    from temper.bundle import route_threshold
 
     answers: dict = {}
-    rows = bench_builtin(bundle, texts, levels, gateway_set, answers)
-    vllm_rows, peak = bench_vllm(args, bundle, texts, levels, gateway_set, answers)
+    warm = not args.smoke
+    rows = bench_builtin(bundle, texts, levels, gateway_set, answers, logs, warm)
+    vllm_rows, peak = bench_vllm(args, bundle, texts, levels, gateway_set, answers, logs, warm)
     rows += vllm_rows
     overhead, builtin = report(rows, args, peak, levels)
     agree = agreement(answers, route_threshold(bundle))
@@ -346,6 +385,8 @@ def main() -> None:
         result["agreement"] = agree
         result |= {"gateway_overhead_ratio": overhead, "builtin_vs_vllm_ratio": builtin}
         out.write_text(json.dumps(result, indent=2) + "\n")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     print(f"RESULT gateway_overhead_ratio {overhead:.3f}")
     print(f"RESULT builtin_vs_vllm_ratio {builtin:.3f}")
 

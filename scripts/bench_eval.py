@@ -6,13 +6,16 @@ greedy decoding and the same stop rule (EOS), measured in one run:
     python scripts/bench_eval.py                       # 48 test clauses, batch 16
     python scripts/bench_eval.py --full                # + the whole raw test split (826)
     python scripts/bench_eval.py --full --full-limit 200   # time 200 of them, extrapolate
+    python scripts/bench_eval.py --smoke               # does it run (CI), not a timing
 
 Prints examples/s of both (throughput), each request's own latency (p50/p95: for the loop the
 time of its own call, for the batch the time from its batch's start to the step that finished
 it), the amortised time per example (a batch's wall time over its size: a throughput figure,
 not a latency), how many answers are identical, and ends with `RESULT eval_batched_speedup
 <x>` (the throughput ratio on equal work). `--full` also times the production settings
-(batched, prefix cache, stop at a complete JSON answer) on the raw test split.
+(batched, prefix cache, stop at a complete JSON answer) on the raw test split. `--smoke`: the
+base model alone (built into `model.dir` if absent, as `dvc repro base_model` would), 2 clauses
+of the raw test split, batch 2, 4 new tokens; a failure exits non-zero.
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ import argparse
 import time
 from pathlib import Path
 
-from temper.config import load_params, section
+from temper.config import load_params
 from temper.evaluation.generation import generate, load_model
+from temper.evaluation.records import load_records
 from temper.io import read_jsonl
-from temper.stages.evaluate import load_records
 from temper.stages.prepare import PrepareConfig
 from temper.task import load_task
 
@@ -80,13 +83,25 @@ def main() -> None:
         default=None,
         help="Time only this many of the raw test split and extrapolate.",
     )
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="Base model, 2 raw test clauses, batch 2, 4 new tokens: does it run (CI).",
+    )
     args = ap.parse_args()
+    if args.smoke:
+        args.examples, args.batch_size, args.full = 2, 2, False
 
     params = load_params(args.params)
     task = load_task(ROOT / params["task"])
     model_dir = ROOT / params["model"]["dir"]
+    max_new_tokens = 4 if args.smoke else task.max_new_tokens
+    if args.smoke:
+        from bench_serve import smoke_base  # builds model.dir when absent
+
+        model_dir = smoke_base()
     adapter = args.adapter
-    if adapter is None:
+    if adapter is None and not args.smoke:
         found = sorted((ROOT / "models" / "candidates").glob("*/adapter/adapter_config.json"))
         adapter = str(found[0].parent) if found else None
     print(
@@ -98,20 +113,25 @@ def main() -> None:
 
     print(f"torch threads: {torch.get_num_threads()}")
 
-    records = read_jsonl(ROOT / "data" / "prepared" / "test.jsonl")[: args.examples]
+    if args.smoke:  # the raw test split, mapped as the prepare stage maps it
+        raw = ROOT / "data" / "raw" / "contracts" / "test.jsonl"
+        fields = PrepareConfig.model_validate(params.get("prepare") or {}).fields
+        records = load_records(raw, task, fields)[: args.examples]
+    else:
+        records = read_jsonl(ROOT / "data" / "prepared" / "test.jsonl")[: args.examples]
     prompts = [r["prompt"] for r in records]
     n = len(prompts)
     generate(model, tokenizer, prompts[:2], 4, batch_size=2, progress=False)  # warm-up
 
     t0 = time.perf_counter()
-    seq, seq_ms = one_at_a_time(model, tokenizer, prompts, task.max_new_tokens)
+    seq, seq_ms = one_at_a_time(model, tokenizer, prompts, max_new_tokens)
     t_seq = time.perf_counter() - t0
     t0 = time.perf_counter()
     bat = generate(
         model,
         tokenizer,
         prompts,
-        task.max_new_tokens,
+        max_new_tokens,
         args.batch_size,
         stop_at_json=False,
         progress=False,
@@ -133,7 +153,7 @@ def main() -> None:
 
     if args.full:
         raw = ROOT / "data" / "raw" / "contracts" / "test.jsonl"
-        fields = section(params, "prepare", PrepareConfig).fields
+        fields = PrepareConfig.model_validate(params.get("prepare") or {}).fields
         full = load_records(raw, task, fields)
         total = len(full)
         subset = full[: args.full_limit] if args.full_limit else full

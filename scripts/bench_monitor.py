@@ -2,6 +2,7 @@
 the dict copy it makes, and how fast the writer thread empties the queue into sqlite.
 
     python scripts/bench_monitor.py [--rows 20000]
+    python scripts/bench_monitor.py --smoke      # 500 rows: does it run (CI), not a timing
 
 Equal work: the same `info` dicts, the same count. Embeddings are off (the embedder's cost is
 the writer thread's, measured by the cache's benchmark). Ends with one line
@@ -11,6 +12,7 @@ the writer thread's, measured by the cache's benchmark). Ends with one line
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +36,12 @@ def info(i: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument(
+        "--smoke", action="store_true", help="500 rows: does it run (CI), not a timing."
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.rows = 500
     items = [info(i) for i in range(args.rows)]
     with tempfile.TemporaryDirectory() as tmp:
         cfg = MonitorConfig(path=str(Path(tmp) / "m.sqlite"), embed=False, queue_size=args.rows)
@@ -59,6 +66,8 @@ def main() -> None:
     print(f"writer thread            {args.rows / write:8.0f} rows/s into sqlite ({stored} stored)")
     print(f"dropped                  {log.dropped}")
     print(f"RESULT monitor_submit_overhead_ratio {ratio:.2f}")
+    if stored != args.rows or log.dropped:
+        sys.exit(f"bench_monitor: {stored} of {args.rows} rows stored, {log.dropped} dropped")
 
 
 if __name__ == "__main__":

@@ -239,6 +239,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.records = 2_000
+        from bench_serve import smoke_base  # prepare reads the base model's tokenizer
+
+        smoke_base()  # built into models/base when absent, as `dvc repro base_model` would
 
     work = args.work or Path(tempfile.mkdtemp(prefix="temper-bench-prepare-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,14 @@ Target: batched / one-at-a-time throughput >= 3 at concurrency 16.
 Ends with: RESULT serve_batched_throughput_ratio <ratio at concurrency 16>
 
     python scripts/bench_serve.py [--model models:/temper-clause-review@champion] [-n 32]
+    python scripts/bench_serve.py --smoke     # does it run (CI), not a timing
+
+`--smoke` needs no registry and no prepared data: it builds a bundle in a temp folder
+(`smoke_bundle`: the base model, built into `model.dir` if absent, a small random LoRA adapter,
+a budget of 8 new tokens), sends 2 requests (the 2 shortest clauses of the raw test split) at
+concurrency 2 only, with no warm-up, keeps the servers' files in the temp folder (monitor
+embeddings off), writes no `--out`, and reports the ratio at concurrency 2. A failure exits
+non-zero.
 """
 
 from __future__ import annotations
@@ -24,11 +32,13 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,6 +47,74 @@ import openai
 
 ROOT = Path(__file__).resolve().parents[1]
 CONCURRENCY = (1, 4, 16)
+
+
+def smoke_base() -> Path:
+    """The base model folder (`model.dir`), built as `dvc repro base_model` builds it if absent."""
+    from temper.config import load_params
+    from temper.stages.base_model import ModelConfig, run
+
+    model = load_params(ROOT / "params.yaml").get("model") or {}
+    cfg = ModelConfig.model_validate({**model, "dir": str(ROOT / model.get("dir", "models/base"))})
+    if not (Path(cfg.dir) / "temper_source.json").exists():
+        run(cfg)
+    return Path(cfg.dir)
+
+
+def smoke_bundle(work: Path, max_new_tokens: int | None = None) -> Path:
+    """A bundle as `temper pull` writes one, with no registry: `write_serving` (task,
+    tokenizer, manifest with the evaluate section's generation settings, the budget cut to
+    `max_new_tokens` if given) over the base model and a random LoRA adapter (r 2 on q/v) whose
+    B matrices are small, so that the model still answers in JSON as the base model does."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from temper.bundle import generation_settings, write_serving
+    from temper.config import load_params
+    from temper.evaluation.config import EvaluateConfig
+    from temper.io import adapter_hash
+    from temper.task import load_task
+
+    base = smoke_base()
+    params = load_params(ROOT / "params.yaml")
+    task = load_task(ROOT / params["task"])
+    out = work / "smoke-bundle"
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, lora)
+    with torch.no_grad():
+        for name, weights in peft_model.named_parameters():
+            if "lora_B" in name:
+                weights.normal_(0, 1e-3)
+    peft_model.save_pretrained(out / "adapter", safe_serialization=True)
+    generation = generation_settings(
+        task, EvaluateConfig.model_validate(params.get("evaluate") or {})
+    )
+    if max_new_tokens is not None:
+        generation = generation.model_copy(update={"max_new_tokens": max_new_tokens})
+    write_serving(out, task, base, generation, adapter_hash(out / "adapter"))
+    return out
+
+
+def smoke_texts(n: int) -> list[str]:
+    """The `n` shortest clauses of the raw test split (whitespace collapsed)."""
+    with open(ROOT / "data" / "raw" / "contracts" / "test.jsonl", encoding="utf-8") as f:
+        texts = [" ".join(json.loads(line)["clause"].split()) for line in f if line.strip()]
+    return sorted(texts, key=len)[:n]
+
+
+def smoke_set(work: Path) -> list[str]:
+    """`-S` for a smoke run's servers: their files in `work`, not in the repository."""
+    return [
+        f"serve.cache_dir={work / 'serve-cache'}",
+        f"monitor.path={work / 'monitor.sqlite'}",
+        "monitor.embed=false",  # the embedder's load would share the cores with the requests
+        f"monitor.state_file={work / 'monitor' / 'state.json'}",
+        f"monitor.report_dir={work / 'monitor'}",
+        f"cache.path={work / 'semantic.sqlite'}",
+    ]
 
 
 def free_port() -> int:
@@ -142,12 +220,29 @@ def main() -> None:
     parser.add_argument(
         "-S", "--set", action="append", default=[], help="serve.<key>=<value> for both servers"
     )
-    parser.add_argument("--test", default=str(ROOT / "data" / "prepared" / "test.jsonl"))
+    parser.add_argument(
+        "--test", default=None, help="Prepared records (default: data/prepared/test.jsonl)."
+    )
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "bench_serve.json"))
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="A bundle built here, 2 requests at concurrency 2: does it run (CI).",
+    )
     args = parser.parse_args()
+    levels = (2,) if args.smoke else CONCURRENCY
+    work = Path(tempfile.mkdtemp(prefix="bench-serve-")) if args.smoke else None
+    if args.smoke:
+        args.requests = min(args.requests, 2)
+        args.model = str(smoke_bundle(work, max_new_tokens=8))
+        args.set = smoke_set(work) + args.set
 
-    with open(args.test, encoding="utf-8") as f:
-        texts = [json.loads(line)["text"] for line in f if line.strip()][: args.requests]
+    if args.test is None and args.smoke:
+        texts = smoke_texts(args.requests)
+    else:
+        path = args.test or ROOT / "data" / "prepared" / "test.jsonl"
+        with open(path, encoding="utf-8") as f:
+            texts = [json.loads(line)["text"] for line in f if line.strip()][: args.requests]
     if len(texts) < args.requests:
         raise SystemExit(f"{args.test}: only {len(texts)} records, asked for {args.requests}")
     served_id = args.model.split("@")[-1] if "@" in args.model else Path(args.model).name
@@ -157,12 +252,13 @@ def main() -> None:
     load = os.getloadavg()
     rows = []
     for mode, batch in (("batched", args.batch), ("one-at-a-time", 1)):
-        log = ROOT / "reports" / f"bench_serve_{mode}.log"  # server logs: not results
+        log = (work or ROOT / "reports") / f"bench_serve_{mode}.log"  # server logs: not results
         log.parent.mkdir(parents=True, exist_ok=True)
         proc, url = start(args.model, batch, log, [a for kv in args.set for a in ("-S", kv)])
         try:
-            asyncio.run(run_level(url, served_id, texts[:2], 2))  # warm-up: grammar, caches
-            for c in CONCURRENCY:
+            if not args.smoke:
+                asyncio.run(run_level(url, served_id, texts[:2], 2))  # warm-up: grammar, caches
+            for c in levels:
                 row = {"mode": mode, **asyncio.run(run_level(url, served_id, texts, c))}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -180,7 +276,7 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} CPUs, load average at start {load[0]:.2f} {load[1]:.2f}\n")
     print(head)
     print("|" + "---|" * 8)
-    for c in CONCURRENCY:
+    for c in levels:
         for mode in ("batched", "one-at-a-time"):
             r = get(mode, c)
             print(
@@ -188,7 +284,8 @@ def main() -> None:
                 f"{r['p95_latency_s']} | {r['p50_ttft_s']} | {r['tokens_per_s']} | "
                 f"{r['mean_batch']} |"
             )
-    ratio = get("batched", 16)["throughput_rps"] / get("one-at-a-time", 16)["throughput_rps"]
+    top = levels[-1]
+    ratio = get("batched", top)["throughput_rps"] / get("one-at-a-time", top)["throughput_rps"]
     # What `temper cost` reads: the batched server's best throughput (its capacity under load).
     best = max((r for r in rows if r["mode"] == "batched"), key=lambda r: r["throughput_rps"])
     batched = {
@@ -201,14 +298,17 @@ def main() -> None:
     summary = {
         "batched": batched,
         "rows": rows,
-        "ratio_at_16": ratio,
+        f"ratio_at_{top}": ratio,
         "model": args.model,
         "requests": args.requests,
         "cpus": os.cpu_count(),
         "loadavg_at_start": load,
     }
-    Path(args.out).write_text(json.dumps(summary, indent=2))
-    print(f"\nbatched / one-at-a-time throughput at concurrency 16: {ratio:.2f}x (target >= 3)")
+    if args.smoke:
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        Path(args.out).write_text(json.dumps(summary, indent=2))
+    print(f"\nbatched / one-at-a-time throughput at concurrency {top}: {ratio:.2f}x (target >= 3)")
     print(f"RESULT serve_batched_throughput_ratio {ratio:.2f}")
 
 

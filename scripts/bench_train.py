@@ -3,8 +3,14 @@
     python scripts/bench_train.py [--steps 10] [--repeats 1] [--quality-steps 40]
                                   [--quality-examples 64] [--arms temper,trl_equal,...]
                                   [--params params.yaml] [--base-dir models/base]
+    python scripts/bench_train.py --smoke     # does it run (CI), not a timing
 
 About 12 minutes on 2 CPU cores with the defaults (each further round adds about 5).
+
+`--smoke`: the arms temper and trl_equal only, 1 optimizer step each, no quality arms, on data
+built here (`temper prepare` into a temp folder: one batch of training records and 2
+validation ones, with gold completions; the base model is built into models/base if absent).
+A failed arm exits non-zero.
 
 Every speed arm trains the real base model for the same number of optimizer steps on the
 same records (a fixed, seeded sample of exactly steps x batch training records, so each arm
@@ -63,6 +69,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from temper.params import TemperParams
+
 ROOT = Path(__file__).resolve().parents[1]
 TASK = ROOT / "configs" / "tasks" / "clause_review.yaml"
 FULL_PROFILE = ROOT / "configs" / "profiles" / "full.yaml"
@@ -93,9 +101,11 @@ def with_gold_completions(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def quick_data(work: Path) -> Path:
-    """The quick profile's distilled train/validation records."""
+    """The quick profile's distilled train/validation records (`--smoke`: its own)."""
     from temper.io import read_jsonl, write_jsonl
 
+    if (work / "smoke" / "validation.jsonl").exists():
+        return work / "smoke"
     distilled = ROOT / "data" / "distilled"
     if (distilled / "train.jsonl").exists() and (distilled / "validation.jsonl").exists():
         return distilled
@@ -120,6 +130,24 @@ def sample(src: Path, out: Path, n: int, seed: int = 0, n_val: int = 8) -> Path:
     return out
 
 
+def smoke_data(args, work: Path) -> None:
+    """`--smoke`'s records: `temper prepare` (the real CLI) on the raw data into `work`, one
+    batch of training records per step and 2 validation ones, with gold completions."""
+    from temper.io import read_jsonl, write_jsonl
+
+    out = work / "smoke-prepared"
+    cmd = [sys.executable, "-m", "temper", "prepare", "-p", args.params]
+    cmd += ["-S", f"prepare.out_dir={out}", "-S", f"prepare.metrics={out / 'prepare.json'}"]
+    cmd += ["-S", f"prepare.max_examples.train={args.steps * train_cfg(args).batch_size}"]
+    cmd += ["-S", "prepare.max_examples.validation=2", "-S", "prepare.max_examples.test=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        sys.exit(f"bench_train: temper prepare failed:\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
+    for split in ("train", "validation"):
+        recs = read_jsonl(out / f"{split}.jsonl")
+        write_jsonl(work / "smoke" / f"{split}.jsonl", with_gold_completions(recs))
+
+
 def full_profile_overrides() -> list[str]:
     from temper.config import as_overrides, read_yaml
 
@@ -130,10 +158,9 @@ def full_profile_overrides() -> list[str]:
 
 
 def train_cfg(args) -> Any:
-    from temper.config import load_params, section
-    from temper.training.config import TrainConfig
+    from temper.config import load_params
 
-    cfg = section(load_params(args.params), "train", TrainConfig)
+    cfg = TemperParams.of(load_params(args.params)).train
     return cfg.candidate(next(iter(cfg.candidates)))
 
 
@@ -141,20 +168,19 @@ def arm_full_split(args, work: Path) -> dict[str, Any]:
     """Prepare the full training split (full profile) and count one epoch's tokens."""
     from transformers import AutoTokenizer
 
-    from temper.config import load_params, section
+    from temper.config import load_params
     from temper.io import read_jsonl, write_jsonl
-    from temper.stages.prepare import PrepareConfig, run
+    from temper.stages.prepare import run
     from temper.task import load_task
-    from temper.training.config import TrainConfig
     from temper.training.data import fit_prompt, tokenize_pair
 
     params = load_params(args.params, full_profile_overrides())
     out = work / "full_prepared"
-    cfg = section(params, "prepare", PrepareConfig).model_copy(
+    cfg = TemperParams.of(params).prepare.model_copy(
         update={"out_dir": str(out), "metrics": str(out / "prepare.json")}
     )
     run(cfg, load_task(TASK), args.base_dir)
-    full = section(params, "train", TrainConfig)
+    full = TemperParams.of(params).train
     full = full.candidate(next(iter(full.candidates)))
     data = work / "full"
     for split in ("train", "validation"):
@@ -178,15 +204,14 @@ def arm_full_split(args, work: Path) -> dict[str, Any]:
 
 
 def arm_temper(args, work: Path, arm: str) -> dict[str, Any]:
-    from temper.config import load_params, section
+    from temper.config import load_params
     from temper.stages import train
-    from temper.training.config import TrainConfig
     from temper.training.trainer import peak_rss_mb
 
     cfg = train_cfg(args)
     update: dict[str, Any] = {}
     if arm == "temper_full_profile":
-        full = section(load_params(args.params, full_profile_overrides()), "train", TrainConfig)
+        full = TemperParams.of(load_params(args.params, full_profile_overrides())).train
         full = full.candidate(next(iter(full.candidates)))
         update = {k: getattr(full, k) for k in ("layers", "batch_size", "max_length")}
         data = sample(work / "full", work / f"data-{arm}", args.steps * full.batch_size)
@@ -209,7 +234,7 @@ def arm_temper(args, work: Path, arm: str) -> dict[str, Any]:
         candidates={arm: {}},
     )
     cfg = cfg.model_copy(update=update)
-    m = train.run(cfg, [arm], args.base_dir)[arm]
+    m = train.run(cfg.only([arm]), args.base_dir)[arm]
     out = {
         "steps": m.steps,
         "tokens": m.train_tokens,
@@ -257,7 +282,12 @@ def arm_trl(args, work: Path, arm: str) -> dict[str, Any]:
 
     from temper.training.config import TARGETS_ALL
     from temper.training.data import load_records, to_dataset
-    from temper.training.model import load_base, resolve_checkpointing, resolve_precision
+    from temper.training.model import (
+        load_base,
+        resolve_checkpointing,
+        resolve_precision,
+        target_modules,
+    )
     from temper.training.trainer import peak_rss_mb
 
     cfg = train_cfg(args)
@@ -289,7 +319,8 @@ def arm_trl(args, work: Path, arm: str) -> dict[str, Any]:
         r=cfg.rank,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=list(cfg.target_modules or TARGETS_ALL),
+        # resolved as temper resolves them (`all-linear` -> q_proj, ...), so LoRA is the same
+        target_modules=target_modules(model, cfg.target_modules or TARGETS_ALL),
         layers_to_transform=None if layers is None else list(range(n_blocks - layers, n_blocks)),
         task_type="CAUSAL_LM",
     )
@@ -377,9 +408,21 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=1, help="runs of each speed arm (round-robin; median)"
     )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="temper and trl_equal, 1 step each, no quality arms, data built here (CI).",
+    )
     parser.add_argument("--arm", help=argparse.SUPPRESS)  # internal: run one arm, print JSON
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.quality_steps, args.repeats = 1, 0, 1
+        args.arms = "temper,trl_equal"
+        if Path(args.base_dir) == ROOT / "models" / "base":
+            from bench_serve import smoke_base  # builds models/base when absent
+
+            args.base_dir = str(smoke_base())
 
     if args.arm:
         work = Path(args.work)
@@ -400,6 +443,8 @@ def main() -> None:
     split: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         work = Path(tmp)
+        if args.smoke:
+            smoke_data(args, work)
         if "temper_full_profile" in arms:
             split = run_arm(args, work, "full_split")
             print(
