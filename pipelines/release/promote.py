@@ -131,10 +131,9 @@ def version_scores(client: Any, mv: Any) -> dict[str, float]:
     import mlflow
 
     try:
-        with tracking.quiet_downloads():
-            path = mlflow.artifacts.download_artifacts(
-                run_id=mv.run_id, artifact_path="temper/scores.jsonl"
-            )
+        path = mlflow.artifacts.download_artifacts(
+            run_id=mv.run_id, artifact_path="temper/scores.jsonl"
+        )
     except Exception as err:  # MLflow raises several types for a missing artifact
         raise PromoteError(
             f"version {mv.version}: no temper/scores.jsonl in run {mv.run_id} "
@@ -153,10 +152,9 @@ def recorded_evaluation(mv: Any) -> EvalResult:
     import mlflow
 
     try:
-        with tracking.quiet_downloads():
-            path = mlflow.artifacts.download_artifacts(
-                run_id=mv.run_id, artifact_path="temper/eval.json"
-            )
+        path = mlflow.artifacts.download_artifacts(
+            run_id=mv.run_id, artifact_path="temper/eval.json"
+        )
         return EvalResult.load(path)
     except ResultError as err:
         raise PromoteError(f"version {mv.version}: {err}") from None

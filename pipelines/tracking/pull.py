@@ -89,7 +89,7 @@ def pull_adapter(uri: str, out: str | Path) -> Path:
     import mlflow
 
     mv = resolve(mlflow.MlflowClient(), uri)
-    with atomic_dir(out) as tmp, tracking.quiet_downloads():
+    with atomic_dir(out) as tmp:
         download_adapter(mv, tmp)
     return Path(out)
 
@@ -110,7 +110,7 @@ def pull(
     tags = mv.tags
     label = f"{mv.name} v{version}"
     out = Path(out_dir) if out_dir else Path("models/pulled") / f"{mv.name}-v{version}"
-    with atomic_dir(out) as tmp, tracking.quiet_downloads():
+    with atomic_dir(out) as tmp:
         try:
             got = mlflow.artifacts.download_artifacts(
                 run_id=mv.run_id, artifact_path="serving", dst_path=str(tmp / ".dl")

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -92,21 +90,6 @@ def link_version(client: Any, model_id: str, name: str, version: str) -> None:
     client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(versions)})
 
 
-@contextlib.contextmanager
-def quiet_downloads():
-    """No per-file progress bars for small bookkeeping downloads (scores, params)."""
-    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    old = os.environ.get(key)
-    os.environ[key] = "false"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
-
-
 def redact_uri(uri: str) -> str:
     """A tracking URI without user:password, fit for logs and reports."""
     from urllib.parse import urlsplit, urlunsplit
@@ -127,10 +110,7 @@ def lineage(name: str, version: str | int) -> dict[str, Any]:
     client = mlflow.MlflowClient()
     mv = client.get_model_version(name, version_str(version))
     tags = mv.tags
-    with quiet_downloads():
-        path = mlflow.artifacts.download_artifacts(
-            run_id=mv.run_id, artifact_path="temper/params.json"
-        )
+    path = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="temper/params.json")
     params = json.loads(Path(path).read_text(encoding="utf-8"))
     if stable_hash(params) != tags.get("temper.params_hash"):
         raise ValueError(

@@ -231,9 +231,11 @@ def run_batch(
     if not sampling.greedy:
         kwargs = {"do_sample": True, "temperature": sampling.temperature, "top_k": 0}
         kwargs["top_p"] = sampling.top_p or 1.0
-        if sampling.seed is not None:
+    # A seeded request samples from its own seed: generate() draws from torch's global RNG,
+    # so it is forked for the call and the process's RNG is left as it was.
+    with torch.random.fork_rng(devices=[]), torch.inference_mode():
+        if not sampling.greedy and sampling.seed is not None:
             torch.manual_seed(sampling.seed)
-    with torch.inference_mode():
         model.generate(
             **batch,
             max_new_tokens=budget,
