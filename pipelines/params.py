@@ -108,7 +108,7 @@ class TemperParams(Section):
         return Path(self.model.dir)
 
 
-def sections() -> dict[str, type[Section]]:
+def config_sections() -> dict[str, type[Section]]:
     """Every section's name and config class (`task` is a plain value)."""
     return {
         name: field.annotation

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from temper.cli import app
-from temper.params import sections
+from temper.params import config_sections
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +66,7 @@ def test_every_knob_is_documented_in_its_commands_help(command, section_name):
     result = runner.invoke(app, [command, "--help"], terminal_width=200)
     assert result.exit_code == 0, result.output
     help_text = " ".join(result.output.split())  # help wraps long lines
-    for dotted, field in knobs(sections()[section_name], section_name):
+    for dotted, field in knobs(config_sections()[section_name], section_name):
         assert (field.description or "").strip(), f"{dotted} has no description"
         assert f"{dotted} = " in help_text, dotted
         assert " ".join(field.description.split())[:40] in help_text, dotted
@@ -134,7 +134,7 @@ def test_config_prints_the_resolved_params(tmp_path):
     res = runner.invoke(app, ["config", "-p", params])
     assert res.exit_code == 0, res.output
     out = yaml.safe_load(res.output)
-    assert set(sections()) <= set(out) and out["task"] == "configs/tasks/clause_review.yaml"
+    assert set(config_sections()) <= set(out) and out["task"] == "configs/tasks/clause_review.yaml"
     assert out["train"]["layers"] == 8
     assert out["distil"]["provider"]["kind"] == "gold"
     assert out["evaluate"]["threads"] is None and "dtype" in out["evaluate"]  # defaults filled

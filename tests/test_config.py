@@ -13,7 +13,7 @@ from temper.config import (
     parse_overrides,
     read_yaml,
 )
-from temper.params import TemperParams, sections
+from temper.params import TemperParams, config_sections
 from temper.task import load_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_params_yaml_sections_all_load():
     params = load_params(ROOT / "params.yaml")
-    unknown = set(params) - set(sections()) - {"task"}
+    unknown = set(params) - set(config_sections()) - {"task"}
     assert not unknown, f"params.yaml sections without a typed config: {unknown}"
-    for name in sections():
+    for name in config_sections():
         assert name in params, f"params.yaml lacks the '{name}' section"
     TemperParams.of(params)
     assert (ROOT / params["task"]).is_file()
@@ -211,7 +211,11 @@ def shipped_examples() -> list[tuple[str, str]]:
         for m in re.finditer(r"(?:-S|--set)\s+('[^']+'|\"[^\"]+\"|[^\s`)]+)", text):
             item = m.group(1).strip("'\"").rstrip(":,.")
             key = item.partition("=")[0].lstrip("+")
-            if "=" in item and key.split(".")[0] in sections() and item not in BAD_ON_PURPOSE:
+            if (
+                "=" in item
+                and key.split(".")[0] in config_sections()
+                and item not in BAD_ON_PURPOSE
+            ):
                 found.append((name, item))
     return found
 

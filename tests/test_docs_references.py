@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from temper.cli import app
 from temper.config import Section, read_yaml
-from temper.params import sections
+from temper.params import config_sections
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -97,7 +97,7 @@ def param_keys(markdown: str) -> list[str]:
         key = SPAN_KEY.fullmatch(span.strip())
         if key and not FILE_SUFFIX.search(key.group(1)):
             keys.append(key.group(1))
-    return [k for k in keys if k.split(".")[0] in sections()]
+    return [k for k in keys if k.split(".")[0] in config_sections()]
 
 
 def _model_of(annotation: object) -> type[Section] | None:
@@ -114,7 +114,7 @@ def key_error(key: str) -> str | None:
     """Why `key` is no params key (None when it is one): each part after the section must be
     a field of the typed config it is in; a field that is no config section (a value, a dict
     or a list) ends the walk."""
-    model: type[Section] | None = sections()[key.split(".")[0]]
+    model: type[Section] | None = config_sections()[key.split(".")[0]]
     for part in key.split(".")[1:]:
         if model is None or part == "*":
             return None
@@ -197,7 +197,7 @@ def test_readme_command_list_has_every_command():
 def test_params_yaml_sections_are_typed():
     """The key check resolves through SECTIONS: a params.yaml section without a typed config
     would be unchecked (only `task`, a path, has none)."""
-    assert set(read_yaml(ROOT / "params.yaml")) - set(sections()) == {"task"}
+    assert set(read_yaml(ROOT / "params.yaml")) - set(config_sections()) == {"task"}
 
 
 def test_evaluate_help_lists_the_metric_names_of_the_task_in_effect(monkeypatch):

@@ -21,13 +21,13 @@ import yaml
 from typer.core import TyperCommand
 
 from ..config import ConfigError, Params, describe, load_params, value_origin
-from ..params import TemperParams, sections
+from ..params import TemperParams, config_sections
 from .common import PARAMS, ParamsOpt, SetOpt, load
 
 # A command whose help lists one of these sections (evaluate, gate, promote) also lists the
 # metric names of the task in effect: what `evaluate.primary_metric`, which the gates and
 # promotion judge by, may name.
-METRIC_SECTIONS = frozenset({"gates"})
+METRIC_SECTION_NAMES = frozenset({"gates"})
 
 
 def params_args(args: list[str]) -> tuple[Path, list[str]]:
@@ -67,10 +67,10 @@ def resolved_help(names: tuple[str, ...], path: Path, overrides: list[str]) -> s
         params = None
         note = f"Showing the code's defaults: {err}"
     parts = [note]
-    if METRIC_SECTIONS.intersection(names):
+    if METRIC_SECTION_NAMES.intersection(names):
         parts.append(metrics_help(params))
     for name in names:
-        model = sections()[name]
+        model = config_sections()[name]
         values = None
         if params is not None:
             try:
@@ -135,7 +135,9 @@ def resolved(p: TemperParams, only: str | None = None) -> dict[str, Any]:
     if only is None:
         return out
     if only not in out:
-        raise ConfigError(f"no section {only!r} (have: {', '.join(sorted(sections()))}, task)")
+        raise ConfigError(
+            f"no section {only!r} (have: {', '.join(sorted(config_sections()))}, task)"
+        )
     return {only: out[only]}
 
 

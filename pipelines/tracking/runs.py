@@ -34,7 +34,7 @@ from ..io import md5_file, stable_hash
 from .access import access_error
 
 PIPELINE_TAG = "temper.pipeline_key"
-DOWNSTREAM_SECTIONS = ("register", "promote")
+DOWNSTREAM_KEYS = ("register", "promote")
 
 
 class MlflowConfig(Section):
@@ -165,7 +165,7 @@ def pipeline_key(params: dict[str, Any], root: str | Path = ".") -> str:
     Sections that only act after the candidates exist (register, promote) are left out too: a
     change there re-runs only `register`, which must land under the same pipeline run.
     """
-    upstream = {k: v for k, v in params.items() if k not in DOWNSTREAM_SECTIONS}
+    upstream = {k: v for k, v in params.items() if k not in DOWNSTREAM_KEYS}
     return stable_hash({"params": upstream, "commit": git_commit(root).removesuffix("-dirty")})
 
 
