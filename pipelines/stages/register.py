@@ -62,7 +62,7 @@ from ..tracking.card import (
     render_card,
     task_values,
 )
-from ..tracking.lineage import data_hashes, eval_set_hash, tag_json
+from ..tracking.provenance import data_hashes, eval_set_hash, tag_json
 
 log = logging.getLogger(__name__)
 
