@@ -6,7 +6,7 @@ reason. The server runs in its own process group and is stopped in teardown.
 
 The store is filled the way the pipeline fills it: train runs as the registry fixtures log them
 (params `train.*`, dataset inputs, logged models) and eval runs by the evaluate stage's own
-`log_mlflow` on an `EvalResult`. Set TEMPER_UI_SCREENSHOT=<file.png> to keep a screenshot of the
+`evaluation.runs.log_runs` on an `EvalResult`. Set TEMPER_UI_SCREENSHOT=<file.png> to keep a screenshot of the
 view.
 """
 
@@ -58,7 +58,8 @@ def store(tmp_path, monkeypatch):
     (three candidates and the baseline) under it."""
     import mlflow
 
-    from temper.stages.evaluate import log_mlflow
+    from temper.evaluation.runs import log_runs
+    from temper.tracking import Tracking
 
     project = tmp_path / "project"
     project.mkdir()
@@ -76,12 +77,11 @@ def store(tmp_path, monkeypatch):
     )
     result = write_eval(project, correct, winner="r8-lr1e-3")
     params = project_params(project)
-    mlflow_cfg = TemperParams.of(params).mlflow
-    log_mlflow(
-        mlflow_cfg,
-        params,
+    p = TemperParams.of(params)
+    log_runs(
+        Tracking(p.mlflow, params),
         result,
-        TemperParams.of(params).evaluate,
+        p.evaluate.candidates_dir,
         [project / "metrics" / "eval.json"],
     )
     client = mlflow.MlflowClient()
@@ -93,7 +93,7 @@ def store(tmp_path, monkeypatch):
     }
     return {
         "folder": project,
-        "uri": mlflow_cfg.tracking_uri,
+        "uri": p.mlflow.tracking_uri,
         "experiment_id": experiment_id,
         "parent_name": client.get_run(parent).info.run_name,
         "runs": runs,
