@@ -6,6 +6,7 @@ engines run in test_serve.py, test_serve_route.py and test_evaluate_vllm.py."""
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,7 +26,9 @@ def test_the_vllm_command_line_and_environment(tmp_path):
     cfg = VllmConfig(dtype="float32", kv_cache_gib=3, device="cpu", extra_args=["--seed", "1"])
     server = VllmServer(cfg, "/models/base", tmp_path / "vllm.log", max_lora_rank=12)
     argv = server.argv()
-    assert argv[:3] == [cfg.python, "-m", "vllm.entrypoints.openai.api_server"]
+    # vLLM's server module under the guard that stops it when its starter (this process) dies
+    assert argv[:2] == [cfg.python, "-c"] and argv[3] == str(os.getpid())
+    assert 'run_module("vllm.entrypoints.openai.api_server"' in argv[2]
     assert argv[argv.index("--host") + 1] == "127.0.0.1"  # private: only the gateway calls it
     assert argv[argv.index("--max-lora-rank") + 1] == "16"  # the smallest vLLM choice >= 12
     assert argv[argv.index("--structured-outputs-config") + 1] == '{"backend": "guidance"}'

@@ -18,6 +18,12 @@ tcmalloc preloaded when Debian's `libtcmalloc-minimal4` is installed, a fixed KV
 Before an adapter is loaded it is checked against what vLLM's LoRA loader accepts (no
 `modules_to_save`, no embedding / lm_head LoRA or resized vocabulary, no DoRA, a rank within
 `--max-lora-rank`), so a refusal names the file and the reason instead of a vLLM traceback.
+
+vLLM runs in a session of its own (so its workers stop with it as one group), which means a
+gateway killed with SIGKILL cannot take it along: `GUARD` starts vLLM's server module the way
+`python -m` does and stops the group when the process that started it is gone, so no orphan
+keeps gigabytes of KV cache (Linux's PR_SET_PDEATHSIG follows the starting *thread*, and
+vLLM is started from the gateway's loader and supervisor threads, so it is not used).
 """
 
 from __future__ import annotations
@@ -151,6 +157,20 @@ def resolve_device(device: str) -> str:
         return "cpu"
 
 
+GUARD = """
+import os, runpy, signal, sys, threading, time
+starter = int(sys.argv.pop(1))
+def watch():
+    while os.getppid() == starter:
+        time.sleep(1.0)
+    os.killpg(0, signal.SIGTERM)
+    time.sleep(15.0)
+    os.killpg(0, signal.SIGKILL)
+threading.Thread(target=watch, name="temper-guard", daemon=True).start()
+runpy.run_module("vllm.entrypoints.openai.api_server", run_name="__main__", alter_sys=True)
+"""
+
+
 class VllmServer:
     """One `vllm serve` child process for one base model, on a private loopback port."""
 
@@ -177,8 +197,9 @@ class VllmServer:
         cfg = self.cfg
         argv = [
             cfg.python,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
+            "-c",
+            GUARD,
+            str(os.getpid()),
             "--model",
             self.base,
             "--host",
