@@ -115,12 +115,10 @@ def test_wilson_interval_matches_the_textbook_values():
 
 @pytest.mark.slow
 def test_the_whole_check_runs_at_toy_size_on_the_cpu(tmp_path, base_model_dir):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, str(SCRIPTS / "gpu_check.py"), "--device", "cpu", "--tiny"]
         + ["--out", str(tmp_path), "--base", str(base_model_dir)],
         cwd=ROOT,
-        env=env,
         capture_output=True,
         text=True,
         timeout=1500,
