@@ -11,13 +11,14 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 import yaml
-from fake_api import FakeAPI, Faults, messages_key
+from fake_api import FakeAPI, Faults, _text, messages_key
 
 from temper.io import read_json, read_jsonl, write_jsonl
 from temper.params import TemperParams
@@ -684,3 +685,81 @@ def test_a_teacher_with_a_shutdown_date_is_named_before_anything_is_sent(
         distil.run(cfg, task)
     warned = [r.getMessage() for r in caplog.records if "gpt-4o-mini" in r.getMessage()]
     assert any("2027-01-14" in m and "successor" in m for m in warned), warned
+
+
+def test_a_teacher_that_goes_down_mid_run_stops_distil_in_seconds(tmp_path, task):
+    """Before the breaker: with the port closed every request was retried 5 times (524 s
+    for 1,088 records). Here, at the default retries and backoff, the teacher stops after 20
+    answers: distil exits 6 within 30 s, and the previous outputs are byte-identical."""
+    prepared = raw_prepared(task, tmp_path / "prepared", train=300)
+    teacher = Teacher(task, read_jsonl(prepared / "train.jsonl"))
+    out, metrics_file = tmp_path / "distilled", tmp_path / "metrics" / "distil.json"
+    out.mkdir()
+    (out / "train.jsonl").write_text('{"id": "old"}\n')
+    metrics_file.parent.mkdir()
+    metrics_file.write_text('{"old": true}\n')
+    before = {p: p.read_bytes() for p in (out / "train.jsonl", metrics_file)}
+    api = FakeAPI(responder=teacher).start()
+    cfg = cfg_for(tmp_path, prepared, {"kind": "openai", "base_url": api.openai_url})
+    cfg = cfg.model_copy(  # the shipped retry settings, not the fast ones of cfg_for
+        update={"provider": cfg.provider.model_copy(update={"backoff_s": 0.5, "backoff_max_s": 30})}
+    )
+    assert cfg.provider.max_retries == 4
+    stopped: list[float] = []
+
+    def outage() -> None:
+        while api.requests < 20:
+            time.sleep(0.01)
+        api.stop()  # the port is closed from here on
+        stopped.append(time.monotonic())
+
+    threading.Thread(target=outage, daemon=True).start()
+    with pytest.raises(DistilError, match="looks down") as err:
+        distil.run(cfg, task)
+    took = time.monotonic() - stopped[0]
+    assert err.value.exit_code == distil.EXIT_TOO_MANY_REJECTS
+    assert took < 30, f"{took:.0f} s after the outage"
+    assert "connections in a row refused" in str(err.value) and "left as they were" in str(
+        err.value
+    )
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(p.name for p in out.iterdir()) == ["train.jsonl"]
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
+def test_oversize_replies_are_rejected_alike_by_both_sdks_without_retries(tmp_path, task, kind):
+    """A 2 MB reply: the openai SDK raised OverLimitReply (not retried); the anthropic SDK
+    wrapped it in APIConnectionError, so it was retried and counted as abandoned. Now both:
+    one request per record, the same over-limit count, the spend within the cap."""
+    prepared = raw_prepared(task, tmp_path / "prepared", train=24)
+    records = read_jsonl(prepared / "train.jsonl")
+    gold = Teacher(task, records).gold  # user message -> gold answer: every answer valid
+    huge = {task.user_message(r["text"]) for r in records[::3]}  # 8 of 24, whatever the order
+
+    def last_user(messages) -> str:
+        return _text([m for m in messages if m["role"] == "user"][-1]["content"])
+
+    def fault(messages):
+        return "huge" if last_user(messages) in huge else None
+
+    def answer(messages):
+        return json.dumps(gold[last_user(messages)])
+
+    with FakeAPI(responder=answer, fault_fn=fault) as api:
+        url = api.openai_url if kind == "openai" else api.anthropic_url
+        cfg = cfg_for(
+            tmp_path,
+            prepared,
+            {"kind": kind, "base_url": url, "max_usd": 0.5},
+            splits=["train"],
+            repair=False,
+            max_reject_rate=0.5,
+        )
+        metrics = distil.run(cfg, task)
+        sent = api.requests
+    assert metrics["over_limit_replies"] == len(huge) == 8
+    assert sent == len(records) and metrics["retries"] == 0  # not one retry
+    assert metrics["abandoned_requests"] == 0
+    rejects = read_jsonl(tmp_path / "distilled" / "rejects.jsonl")
+    assert len(rejects) == 8 and all("over max_reply_bytes" in r["reason"] for r in rejects)
+    assert metrics["usd"] <= 0.5

@@ -61,6 +61,7 @@ from .base import (
     ProviderConfig,
     ProviderError,
     Reply,
+    TeacherDown,
 )
 from .batch import BUDGET, BatchError, Collected, batch_price, collect
 from .cache import Cache
@@ -92,6 +93,7 @@ __all__ = [
     "ModelPrice",
     "OpenAIProvider",
     "OverLimitReply",
+    "TeacherDown",
     "Price",
     "PriceTable",
     "PrivacyError",

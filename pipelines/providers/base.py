@@ -173,6 +173,16 @@ class ProviderConfig(Section):
         description="Retries of a failed request (429, 5xx, "
         "timeouts, connection errors, malformed bodies).",
     )
+    down_after: int = Field(
+        8,
+        ge=1,
+        description="A teacher that refused this many connections in a row, over at least "
+        "down_after_s, is down: every request left fails at once (distil exits 6 in seconds, "
+        "not after every request's retries).",
+    )
+    down_after_s: float = Field(
+        5.0, ge=0, description="... and for at least this long (a restart is not an outage)."
+    )
     backoff_s: float = Field(0.5, ge=0, description="Initial backoff (exponential, jittered).")
     backoff_max_s: float = Field(30.0, ge=0, description="Longest backoff between retries.")
     max_retry_after_s: float = Field(120.0, ge=0, description="Longest retry-after honoured.")
@@ -262,6 +272,10 @@ class OverLimitReply(ProviderError):
     Not retried (a server that ignores `max_tokens` does it again, at our expense); charged
     the request's worst case, never the usage the server claims.
     """
+
+
+class TeacherDown(ProviderError):
+    """The endpoint refused `down_after` connections in a row: nothing more is sent."""
 
 
 class PrivacyError(ConfigError):

@@ -27,17 +27,19 @@ from .base import (
     ProviderConfig,
     ProviderError,
     Reply,
+    TeacherDown,
 )
 from .cache import Cache
 from .limits import (
     CHARS_PER_TOKEN,
+    Breaker,
     Budget,
     RateLimiter,
     Stats,
     estimate_tokens,
 )
 from .privacy import redact
-from .retries import is_retryable, may_have_been_billed, retry_after_s
+from .retries import is_retryable, may_have_been_billed, never_connected, over_limit, retry_after_s
 
 if TYPE_CHECKING:
     from tenacity import AsyncRetrying
@@ -72,6 +74,7 @@ class Provider:
         self.budget = Budget(cfg.max_usd, cfg.max_requests)
         self.stats = Stats()
         self.limiter = RateLimiter(cfg.rpm, cfg.tpm)
+        self.breaker = Breaker(cfg.down_after, cfg.down_after_s)
         self._loop_state: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore, Any] | None = None
 
     # -- what callers use
@@ -276,6 +279,12 @@ class Provider:
                 return backoff(state)
             return min(seconds, cfg.max_retry_after_s)
 
+        async def sleep(seconds: float) -> None:
+            # Cut short when the breaker opens: the next try then fails at once.
+            end = time.monotonic() + seconds
+            while not self.breaker.is_open and (left := end - time.monotonic()) > 0:
+                await asyncio.sleep(min(left, 0.25))
+
         def before_sleep(state: Any) -> None:
             self.stats.retries += 1
             err = state.outcome.exception()
@@ -287,6 +296,7 @@ class Provider:
             retry=retry_if_exception(is_retryable),
             reraise=True,
             before_sleep=before_sleep,
+            sleep=sleep,
         )
 
     async def _attempt(
@@ -300,6 +310,9 @@ class Provider:
         reserve: float,
     ) -> _Attempt:
         """One try: reserve its worst case, send it, settle the budget at what it cost."""
+        if self.breaker.is_open:
+            self.stats.refused_down += 1
+            raise TeacherDown(self.breaker.reason)
         try:
             self.budget.reserve(reserve)
         except BudgetExceeded:
@@ -312,9 +325,14 @@ class Provider:
             self.stats.requests += 1
             sent = True
             reply = Reply(*await self._send(client, messages, json_schema, max_tokens))
+            self.breaker.connected()
             tin, tout = self._reply_tokens(reply, est_in, max_tokens, price)
         except BaseException as err:
-            self._settle_failed(err, reserve, sent)
+            self._settle_failed(over_limit(err) or err, reserve, sent)
+            if never_connected(err):
+                self.breaker.refused_once(err)
+            if (cause := over_limit(err)) is not None and cause is not err:
+                raise OverLimitReply(str(cause)) from None  # the same for both SDKs
             raise
         latency = (time.perf_counter() - t0) * 1000
         usd = price.cost(tin, tout, reply.cached_input_tokens, reply.cache_write_tokens)

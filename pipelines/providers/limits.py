@@ -6,6 +6,8 @@
   never sent, even under concurrency.
 - The limiter is a 60-second sliding window written by hand (about 30 lines): no maintained
   async limiter is installed here, and it must also take the pause a 429 asks for.
+- The breaker stops a run against a teacher that is down: without it every request of a
+  1,088-record run was retried 5 times against a closed port (524 s before distil gave up).
 - The byte cap is an httpx2 transport (the SDKs' HTTP layer): neither SDK nor httpx2 limits
   a reply's size, and without a limit a server can make us hold, and pay for, any length.
 """
@@ -86,6 +88,38 @@ class RateLimiter:
             await asyncio.sleep(max(wait, 0.005))
 
 
+class Breaker:
+    """Opens when `after` attempts in a row could not connect over at least `window_s`
+    seconds (a restarting server refuses a few connections for a moment, a stopped one every
+    one); while open every call fails at once, with one more try allowed per `window_s`, and
+    a connection that succeeds closes it."""
+
+    def __init__(self, after: int, window_s: float):
+        self.after, self.window_s = after, window_s
+        self.refused, self.since, self.opened = 0, 0.0, 0.0
+        self.reason: str | None = None  # set while the endpoint looks down
+
+    @property
+    def is_open(self) -> bool:
+        wait = max(self.window_s, 1.0)
+        return self.reason is not None and time.monotonic() - self.opened < wait
+
+    def connected(self) -> None:
+        self.refused, self.reason = 0, None
+
+    def refused_once(self, err: BaseException) -> None:
+        now = time.monotonic()
+        if self.refused == 0:
+            self.since = now
+        self.refused += 1
+        if self.refused >= self.after and now - self.since >= self.window_s:
+            self.opened = now
+            self.reason = (
+                f"{self.refused} connections in a row refused over {now - self.since:.0f} s "
+                f"({type(err).__name__}: {str(err)[:120]})"
+            )
+
+
 @dataclass
 class Stats:
     """What one provider did in this process (written to metrics by its callers)."""
@@ -102,6 +136,7 @@ class Stats:
     cache_write_tokens: int = 0  # of input_tokens, written to it (Anthropic bills 1.25x)
     usd: float = 0.0  # all new spend, the charges below included
     over_limit: int = 0  # replies past the requested bytes/tokens: rejected
+    refused_down: int = 0  # calls failed at once because the breaker found the teacher down
     abandoned: int = 0  # requests given up after they may have reached the server
     usd_charged_worst_case: float = 0.0  # what those two kinds were charged (their worst case)
     usd_claimed_over_limit: float = 0.0  # what over-limit replies claimed beyond it (not paid)

@@ -15,6 +15,28 @@ from email.utils import parsedate_to_datetime
 from .base import MalformedResponse, OverLimitReply
 
 
+def causes(err: BaseException | None) -> list[BaseException]:
+    """`err` and what it was raised from or during, outermost first."""
+    chain: list[BaseException] = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    return chain
+
+
+def over_limit(err: BaseException) -> OverLimitReply | None:
+    """The OverLimitReply behind `err`: the anthropic SDK wraps what the transport raises
+    while reading a body in APIConnectionError (retried), the openai SDK does not."""
+    return next((e for e in causes(err) if isinstance(e, OverLimitReply)), None)
+
+
+def never_connected(err: BaseException) -> bool:
+    """The connection was never made (refused, unreachable, connect timeout)."""
+    import httpx2
+
+    return any(isinstance(e, (httpx2.ConnectError, httpx2.ConnectTimeout)) for e in causes(err))
+
+
 def retry_after_s(err: BaseException) -> float | None:
     """Seconds asked for by a `retry-after-ms` / `retry-after` header, if any."""
     response = getattr(err, "response", None)
@@ -70,12 +92,9 @@ def may_have_been_billed(err: BaseException) -> bool:
     """
     import httpx2
 
-    chain = []
-    while err is not None and err not in chain:
-        chain.append(err)
-        err = err.__cause__ or err.__context__
-    if any(isinstance(e, (httpx2.ConnectError, httpx2.ConnectTimeout)) for e in chain):
+    if never_connected(err):
         return False
+    chain = causes(err)
     import anthropic
     import openai
 

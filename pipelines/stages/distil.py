@@ -228,6 +228,8 @@ def ask_teacher(
             labelled, baseline = asyncio.run(label_all(cfg, task, provider, jobs))
         except BatchError as err:
             raise DistilError(str(err), EXIT_BATCH_PENDING if err.pending else 1) from None
+        if provider.breaker.reason is not None:
+            raise teacher_down(cfg, provider)
         by_split: dict[str, list[Outcome]] = {s: [] for s in splits}
         for (split, _, _), outcome in zip(jobs.labels, labelled, strict=True):
             by_split[split].append(outcome)
@@ -381,6 +383,18 @@ def too_many_rejects(
     if stopped:
         return DistilError(f"budget cap reached, and {message}", EXIT_BUDGET_STOP, metrics)
     return DistilError(message, EXIT_TOO_MANY_REJECTS, metrics)
+
+
+def teacher_down(cfg: DistilConfig, provider: Provider) -> DistilError:
+    """Exit 6 as soon as the breaker opened: an outage is not a run's worth of rejects."""
+    s = provider.stats
+    return DistilError(
+        f"the teacher at {cfg.provider.base_url or cfg.provider.kind} looks down: "
+        f"{provider.breaker.reason}; the {s.refused_down} requests left were not sent. "
+        f"{cfg.out_dir} and {cfg.metrics} were left as they were; spent ${s.usd:.4f}. Every "
+        "good answer is cached: re-run when the teacher is back.",
+        EXIT_TOO_MANY_REJECTS,
+    )
 
 
 def budget_stop(
