@@ -28,6 +28,7 @@ class Labelled:
     provider: Provider | None = None
     estimate: dict[str, Any] = field(default_factory=dict)
     shots: list[str] = field(default_factory=list)
+    failed: dict[str, tuple[str, str | None]] = field(default_factory=dict)  # teacher.Recall
 
 
 @dataclass
@@ -143,6 +144,9 @@ def metrics_of(
         "abandoned_requests": stats.get("abandoned", 0),
         "usd_charged_worst_case": stats.get("usd_charged_worst_case", 0.0),
         "usd_claimed_over_limit": stats.get("usd_claimed_over_limit", 0.0),
+        "failures_recalled": sum(
+            o.recalled for outs in [*done.by_split.values(), done.baseline or []] for o in outs
+        ),
         "reject_rate": reject_rate,
         "max_usd": teacher.max_usd if provider else None,
         "latency_ms_p50": stats.get("latency_ms_p50"),

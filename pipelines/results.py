@@ -244,6 +244,7 @@ class DistilResult(Result):
     abandoned_requests: int
     usd_charged_worst_case: float
     usd_claimed_over_limit: float
+    failures_recalled: int = 0  # failed in an earlier run, rejected again unsent (retry_failed)
     reject_rate: float | None
     max_usd: float | None
     latency_ms_p50: float | None

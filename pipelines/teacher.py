@@ -13,11 +13,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .providers import BudgetExceeded, CacheMiss, Completion, Provider
+from .providers import BudgetExceeded, Cache, CacheMiss, Completion, Provider
 from .providers.batch import BUDGET, Collected
 from .task import TaskConfig
 
 TRUNCATED = {"length", "max_tokens"}  # finish reasons of a reply cut at the limit
+FAILED = "request failed: "  # a reject whose request got no usable reply (not an answer)
 
 
 def repair_messages(
@@ -56,6 +57,7 @@ class Outcome:
     budget_stop: bool = False  # not labelled because a cap was reached
     replies: list[Completion] = field(default_factory=list)
     source: str | None = None  # "logged": the prototype's logged reply, nobody was asked
+    recalled: bool = False  # a failure remembered from an earlier run (`Recall`), not sent
 
 
 def gold_outcome(task: TaskConfig, record: dict[str, Any]) -> Outcome:
@@ -129,8 +131,59 @@ async def label_one(
     except CacheMiss:
         raise
     except Exception as err:  # ProviderError after retries: a reject with its reason
-        out.answer, out.reason = None, f"request failed: {err}"
+        out.answer, out.reason = None, f"{FAILED}{err}"
     return out
+
+
+@dataclass
+class Recall:
+    """Requests that failed for good in an earlier run that wrote its outputs.
+
+    An answer is cached, a failure (a timeout, a 5xx after every retry, an oversize reply) is
+    not, so a re-run used to send those requests again and silently change the data. They are
+    remembered (the response cache's `failures` table, written only once a run's outputs are)
+    and, unless `retry_failed`, rejected again with the same reason without being sent.
+    """
+
+    provider: Provider
+    schema: dict[str, Any]
+    version: str
+    retry_failed: bool
+
+    def key(self, messages: list[dict[str, str]]) -> str:
+        return self.provider.request_key(
+            messages, json_schema=self.schema, prompt_version=self.version
+        )
+
+    def outcome(self, record: dict[str, Any], messages: list[dict[str, str]]) -> Outcome | None:
+        """The remembered reject of this request (None: ask the teacher)."""
+        if self.retry_failed:
+            return None
+        key = self.key(messages)
+        cache = self.provider.cache
+        if cache.get(key) is not None or (hit := cache.failure(key)) is None:
+            return None  # never failed, or answered since (by a run with retry_failed)
+        return Outcome(record, reason=hit[0], output=hit[1], recalled=True)
+
+    def new_failures(
+        self, done: list[tuple[list[dict[str, str]], Outcome]]
+    ) -> dict[str, tuple[str, str | None]]:
+        """This run's failed requests (messages, outcome) by key, to remember once written."""
+        return {
+            self.key(messages): (o.reason, o.output)
+            for messages, o in done
+            if o.reason is not None and o.reason.startswith(FAILED) and not o.recalled
+        }
+
+
+def remember_failures(cache_path: str, failed: dict[str, tuple[str, str | None]]) -> None:
+    """Store a finished run's failed requests (see `Recall`)."""
+    if failed:
+        cache = Cache(cache_path)
+        try:
+            cache.put_failures(failed)
+        finally:
+            cache.close()
 
 
 async def label_after_batch(

@@ -763,3 +763,44 @@ def test_oversize_replies_are_rejected_alike_by_both_sdks_without_retries(tmp_pa
     rejects = read_jsonl(tmp_path / "distilled" / "rejects.jsonl")
     assert len(rejects) == 8 and all("over max_reply_bytes" in r["reason"] for r in rejects)
     assert metrics["usd"] <= 0.5
+
+
+def test_a_rerun_after_failures_gives_the_same_outputs_unless_retry_failed(tmp_path, task):
+    """Before: failures were not cached, so the first re-run sent them again and the outputs
+    changed (16 -> 6 rejects). Now a re-run rejects them again unsent, byte for byte;
+    `retry_failed: true` sends them (a choice), and the run after that reproduces it."""
+    prepared = raw_prepared(task, tmp_path / "prepared", train=30)
+    records = read_jsonl(prepared / "train.jsonl")
+    gold = Teacher(task, records).gold
+    down = {task.user_message(r["text"]) for r in records[::5]}  # 6 of 30
+    healthy = threading.Event()
+
+    def last_user(messages) -> str:
+        return _text([m for m in messages if m["role"] == "user"][-1]["content"])
+
+    def fault(messages):
+        return None if healthy.is_set() or last_user(messages) not in down else "500"
+
+    out = tmp_path / "distilled"
+
+    def files() -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in out.iterdir()}
+
+    with FakeAPI(responder=lambda m: json.dumps(gold[last_user(m)]), fault_fn=fault) as api:
+        cfg = cfg_for(tmp_path, prepared, {"kind": "openai", "base_url": api.openai_url})
+        cfg = cfg.model_copy(update={"splits": ["train"]})
+        first = distil.run(cfg, task)
+        assert first["rejects"] == 6
+        written = files()
+        healthy.set()  # the server is fine now: only a re-run that asks would change the data
+        api.reset_counters()
+        again = distil.run(cfg, task)
+        assert api.requests == 0 and files() == written
+        assert again["failures_recalled"] == 6 and first["failures_recalled"] == 0
+        retried = distil.run(cfg.model_copy(update={"retry_failed": True}), task)
+        assert api.requests == 6 and retried["rejects"] == 0
+        assert read_jsonl(out / "rejects.jsonl") == [] and len(ids(out / "train.jsonl")) == 30
+        now = files()
+        api.reset_counters()
+        last = distil.run(cfg, task)
+        assert api.requests == 0 and last["failures_recalled"] == 0 and files() == now

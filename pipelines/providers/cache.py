@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..io import open_sqlite
+from ..io import open_sqlite, transaction
 from .base import Completion
 
 
@@ -33,6 +33,11 @@ class Cache:
             " finish_reason TEXT, request TEXT, created REAL, cached_input_tokens INT DEFAULT 0)"
         )
         self._add_column("cached_input_tokens INT DEFAULT 0")
+        # Requests that failed for good in a run that wrote its outputs (`teacher.Recall`).
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS failures (key TEXT PRIMARY KEY, reason TEXT,"
+            " output TEXT, created REAL)"
+        )
 
     def _add_column(self, column: str) -> None:
         """Bring a cache file written before `column` existed up to date (old rows read 0)."""
@@ -77,6 +82,21 @@ class Cache:
                     time.time(),
                     done.cached_input_tokens,
                 ),
+            )
+
+    def failure(self, key: str) -> tuple[str, str | None] | None:
+        """(reason, last reply) of a request remembered as failed, if it is."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT reason, output FROM failures WHERE key = ?", (key,)
+            ).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def put_failures(self, failed: dict[str, tuple[str, str | None]]) -> None:
+        with self._lock, transaction(self._db):
+            self._db.executemany(
+                "INSERT OR REPLACE INTO failures (key, reason, output, created) VALUES (?,?,?,?)",
+                [(key, reason, output, time.time()) for key, (reason, output) in failed.items()],
             )
 
     def __len__(self) -> int:

@@ -119,12 +119,16 @@ class Provider:
             for m in messages
         ]
 
-    def is_cached(self, messages: Messages, **kw: Any) -> bool:
+    def request_key(self, messages: Messages, **kw: Any) -> str:
+        """The cache key of `messages` as they would be sent (redacted; nothing counted)."""
         kinds = self.cfg.redact
         sent = (
             [{**m, "content": redact(m["content"], kinds)} for m in messages] if kinds else messages
         )
-        return self.cache.get(self.cache_key(sent, **kw)) is not None
+        return self.cache_key(sent, **kw)
+
+    def is_cached(self, messages: Messages, **kw: Any) -> bool:
+        return self.cache.get(self.request_key(messages, **kw)) is not None
 
     def estimate_usd(
         self,

@@ -65,11 +65,13 @@ from ..results import DistilResult
 from ..task import TaskConfig
 from ..teacher import (
     Outcome,
+    Recall,
     gold_outcome,
     label_after_batch,
     label_one,
     logged_outcome,
     merge_logged,
+    remember_failures,
 )
 from ..tracking import Tracking
 
@@ -112,6 +114,13 @@ class DistilConfig(Section):
         le=1,
         description="Fail (exit 6, previous outputs kept) when more than this "
         "share of the records sent to the teacher were rejected or failed.",
+    )
+    retry_failed: bool = Field(
+        False,
+        description="Send again the requests that failed for good (timeouts, 5xx after every "
+        "retry, oversize replies) in an earlier run that wrote its outputs. false: they stay "
+        "rejects with the same reason, so a re-run gives the same data; true: a re-run may "
+        "label them and change the outputs.",
     )
     force: bool = Field(False, description="Start even if the cost estimate exceeds max_usd.")
     progress: bool = Field(True, description="Show progress bars.")
@@ -224,8 +233,9 @@ def ask_teacher(
         jobs = make_jobs(cfg, task, splits, train)
         estimate = estimate_cost(provider, task, jobs.messages(), jobs.version)
         check_estimate(cfg, estimate, jobs)
+        recall = Recall(provider, task.answer_schema(), jobs.version, cfg.retry_failed)
         try:
-            labelled, baseline = asyncio.run(label_all(cfg, task, provider, jobs))
+            labelled, baseline = asyncio.run(label_all(cfg, task, provider, jobs, recall))
         except BatchError as err:
             raise DistilError(str(err), EXIT_BATCH_PENDING if err.pending else 1) from None
         if provider.breaker.reason is not None:
@@ -233,7 +243,11 @@ def ask_teacher(
         by_split: dict[str, list[Outcome]] = {s: [] for s in splits}
         for (split, _, _), outcome in zip(jobs.labels, labelled, strict=True):
             by_split[split].append(outcome)
-        return Labelled(by_split, baseline, provider, estimate, jobs.shots)
+        done = Labelled(by_split, baseline, provider, estimate, jobs.shots)
+        done.failed = recall.new_failures(
+            list(zip(jobs.messages(), labelled + baseline, strict=True))
+        )
+        return done
     finally:
         provider.close()
 
@@ -297,10 +311,11 @@ def check_estimate(cfg: DistilConfig, estimate: dict[str, Any], jobs: Jobs) -> N
 
 
 async def label_all(
-    cfg: DistilConfig, task: TaskConfig, provider: Provider, jobs: Jobs
+    cfg: DistilConfig, task: TaskConfig, provider: Provider, jobs: Jobs, recall: Recall
 ) -> tuple[list[Outcome], list[Outcome]]:
     """Every label, then every baseline answer (with `mode: batch`, the batch API fills the
-    cache first and the same labelling reads it)."""
+    cache first and the same labelling reads it); a request that failed for good in an
+    earlier run is not sent again unless `retry_failed` (`teacher.Recall`)."""
     try:
         label: Any = label_one
         if cfg.provider.mode == "batch":  # answers into the cache first (docs/distil.md)
@@ -309,14 +324,20 @@ async def label_all(
             label = functools.partial(
                 label_after_batch, await collect(provider, requests, cfg.progress)
             )
+
+        async def one(record: dict[str, Any], messages: Any, repair: bool) -> Outcome:
+            return recall.outcome(record, messages) or await label(
+                provider, task, record, messages, repair, jobs.version
+            )
+
         labelled = await run_all(
             provider,
-            [label(provider, task, r, m, cfg.repair, jobs.version) for _, r, m in jobs.labels],
+            [one(r, m, cfg.repair) for _, r, m in jobs.labels],
             "distil" if cfg.progress else None,
         )
         baseline = await run_all(
             provider,
-            [label(provider, task, r, m, False, jobs.version) for r, m in jobs.baseline],
+            [one(r, m, False) for r, m in jobs.baseline],
             f"baseline {cfg.baseline_split}" if cfg.progress and jobs.baseline else None,
         )
         return labelled, baseline
@@ -354,6 +375,13 @@ def finish(
     with atomic_dir(cfg.out_dir) as tmp:
         for name, rows in out.files.items():
             write_jsonl(tmp / name, rows)
+    remember_failures(cfg.provider.cache, done.failed)  # written: a re-run reproduces it
+    if n := metrics["failures_recalled"]:
+        log.warning(
+            "%d requests failed for good in an earlier run and stay rejected, not sent again "
+            "(distil.retry_failed: false; set it true to retry them)",
+            n,
+        )
     DistilResult.model_validate(metrics).save(cfg.metrics)
     if tracking is not None:
         log_mlflow(tracking, cfg, metrics)
