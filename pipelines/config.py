@@ -231,18 +231,57 @@ def invalid(err: ValidationError, model: type[Section], params: dict[str, Any]) 
 
 
 def _did_you_mean(model: type[Section], loc: list[str]) -> str:
-    """` (did you mean 'learning_rate'?)` for an unknown key: a close spelling, or the field
-    whose words' initials it is (`lr` -> `learning_rate`)."""
+    """` (did you mean 'learning_rate'?)` for an unknown key: the same name at another depth
+    of its section, by its full key (`distil.max_usd` -> `distil.provider.max_usd`), else a
+    close spelling or the field whose words' initials it is (`lr` -> `learning_rate`), else a
+    close spelling at another depth."""
+    section = _nested(model.model_fields.get(loc[0])) if len(loc) > 1 else None
     for part in loc[:-1]:  # walk into nested sections (distil.provider.x)
-        field = model.model_fields.get(part)
-        annotation = field.annotation if field else None
-        if not (isinstance(annotation, type) and issubclass(annotation, Section)):
+        model = _nested(model.model_fields.get(part))
+        if model is None:
             return ""
-        model = annotation
     key, names = loc[-1], list(model.model_fields)
-    found = difflib.get_close_matches(key, names, n=2, cutoff=0.6)
-    found += [n for n in names if "".join(w[0] for w in n.split("_")) == key and n not in found]
-    return f" (did you mean {' or '.join(repr(f) for f in found)}?)" if found else ""
+    same, near = _elsewhere(loc, section)
+    found = same or [repr(n) for n in difflib.get_close_matches(key, names, n=2, cutoff=0.6)]
+    if not same:
+        found += [repr(n) for n in names if _initials(n) == key and repr(n) not in found]
+    found = found or near
+    return f" (did you mean {' or '.join(found)}?)" if found else ""
+
+
+def _nested(field: Any) -> type[Section] | None:
+    """The config class of a nested-section field, or None for a plain value."""
+    annotation = getattr(field, "annotation", None)
+    return annotation if isinstance(annotation, type) and issubclass(annotation, Section) else None
+
+
+def _initials(name: str) -> str:
+    return "".join(w[0] for w in name.split("_"))
+
+
+def _paths(model: type[Section], prefix: str) -> list[str]:
+    """Every field of a section, nested ones included, as dotted keys (`distil.provider.kind`)."""
+    out = []
+    for name, field in model.model_fields.items():
+        nested = _nested(field)
+        out += _paths(nested, f"{prefix}{name}.") if nested else [prefix + name]
+    return out
+
+
+def _elsewhere(loc: list[str], section: type[Section] | None) -> tuple[list[str], list[str]]:
+    """Keys of the section at another depth than the unknown one (it was put a level too high
+    or too low): those with its last part, and those whose last part or whole dotted name is
+    a close spelling of it."""
+    if section is None:
+        return [], []
+    parent = ".".join(loc[:-1])
+    others = [p for p in _paths(section, loc[0] + ".") if p.rpartition(".")[0] != parent]
+    leaves = {p: p.rpartition(".")[2] for p in others}
+    same = [p for p, leaf in leaves.items() if leaf == loc[-1]]
+    close = difflib.get_close_matches(loc[-1], list(leaves.values()), n=2, cutoff=0.8)
+    near = [p for p, leaf in leaves.items() if leaf in close]
+    near += difflib.get_close_matches(".".join(loc), others, n=2, cutoff=0.8)
+    return same[:3], list(dict.fromkeys(near))[:3]
 
 
 def _type_name(annotation: Any) -> str:

@@ -148,3 +148,26 @@ def test_config_prints_the_resolved_params(tmp_path):
     assert res.exit_code == 2 and "did you mean 'learning_rate'" in res.output
     res = runner.invoke(app, ["config", "-p", params, "--section", "nope"])
     assert res.exit_code == 2 and "no section 'nope'" in res.output
+
+
+def test_key_put_a_level_too_high_names_the_nested_key(tmp_path):
+    """`distil.max_usd` is `distil.provider.max_usd`: the hint gives the key to type, whether
+    the stray key came from `-S` (temper's or `dvc exp run`'s) or from the params file."""
+    params = tmp_path / "params.yaml"
+    params.write_text("{}\n", encoding="utf-8")
+    hint = "distil.max_usd: Extra inputs are not permitted (did you mean distil.provider.max_usd?)"
+    res = runner.invoke(app, ["config", "-p", str(params), "-S", "distil.max_usd=0.05"])
+    assert res.exit_code == 2 and hint in res.output, res.output
+    assert "-S distil.max_usd=0.05" in res.output
+    # A stage: an invalid (not unreadable) params file is a Temper error, exit 1.
+    res = runner.invoke(app, ["prepare", "-p", str(params), "-S", "distil.max_usd=0.05"])
+    assert res.exit_code == 1 and hint in res.output, res.output
+    params.write_text("distil:\n  max_usd: 0.05\n", encoding="utf-8")
+    res = runner.invoke(app, ["config", "-p", str(params)])
+    assert res.exit_code == 2 and hint in res.output and f"{params}: invalid" in res.output
+    # One level too low, and a misspelt leaf, are found the same way.
+    fixed = ["config", "-p", str(params), "-S", "~distil.max_usd"]
+    res = runner.invoke(app, [*fixed, "-S", "distil.provider.out_dir=x"])
+    assert res.exit_code == 2 and "(did you mean distil.out_dir?)" in res.output, res.output
+    res = runner.invoke(app, [*fixed, "-S", "distil.max_uds=1"])
+    assert "(did you mean distil.provider.max_usd?)" in res.output, res.output

@@ -195,7 +195,7 @@ def test_unknown_key_suggests_the_field_meant():
 
 
 # Examples in the docs that show an error on purpose.
-BAD_ON_PURPOSE = {"prepare.max_tokens=abc", "train.lr=5e-4"}
+BAD_ON_PURPOSE = {"prepare.max_tokens=abc", "train.lr=5e-4", "distil.max_usd=0.05"}
 
 
 def shipped_examples() -> list[tuple[str, str]]:

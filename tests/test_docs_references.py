@@ -42,6 +42,8 @@ FILE_SUFFIX = re.compile(r"\.(db|dump|json|jsonl|md|png|py|safetensors|yaml|yml)
 # that does not resolve (test_not_params_really_are_not_params), so none hides a real key.
 NOT_PARAMS = {
     "train.lr": "README: the deliberate typo that `-S` answers with 'did you mean'",
+    "distil.max_usd": "README: a key a level too high, answered 'did you mean' in full",
+    "prepare.threshold": "docs/prepare.md: a key a level too high, answered 'did you mean'",
     "train.val_loss": "an MLflow metric name",
     "train.base_val_loss": "an MLflow metric name",
     "train.steps": "an MLflow metric name",

@@ -159,6 +159,10 @@ def test_raw_format_is_mapped_and_bad_rows_name_file_line_and_field(tmp_path, ta
     )
     with pytest.raises(EvalError, match=r"raw.jsonl:2: missing field 'clause'"):
         load_records(raw, task, fmap)
+    # A file without the multi-label column is scored against the single label, as prepare
+    # reads it (docs/prepare.md).
+    write_jsonl(raw, [{k: v for k, v in r.items() if k != "labels"} for r in rows])
+    assert load_records(raw, task, fmap)[0]["gold_all"] == {"clause_type": ["Governing Law"]}
 
 
 def entry(acc: float, low: float | None, valid: float) -> CandidateEval:

@@ -115,6 +115,33 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return out
 
 
+NO_TOKEN = "\u0104"  # byte 0x04 in byte-level BPE's byte table: this vocabulary lacks it
+
+
+@pytest.fixture(scope="module")
+def byte_model_dir(tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer (as the real base model's) whose longest token is 4
+    characters ("abcd"), without a token for byte 0x04 (as the real one): the stage's
+    character bound is 4 per token, not counting the character 0x04."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = [c for c in pre_tokenizers.ByteLevel.alphabet() if c != NO_TOKEN]
+    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
+    for token in ("ab", "cd", "abcd"):
+        vocab[token] = len(vocab)
+    merges = [("a", "b"), ("c", "d"), ("ab", "cd")]
+    backend = Tokenizer(models.BPE(vocab, merges))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    tokenizer.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    )
+    out = tmp_path_factory.mktemp("byte-tokenizer")
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def previous_outputs(tmp_path: Path) -> dict[Path, str]:
     """A complete previous output set (split files, quarantine, dropped, metrics)."""
     out = tmp_path / "out"
@@ -361,6 +388,65 @@ def test_csv_rows_are_numbered_by_their_first_line_and_checked_for_width(tmp_pat
     assert "3 fields, the header has 2" in str(rows[2][1])
 
 
+def write_csv_without(path: Path, rows: list[dict], *columns: str) -> Path:
+    """A CSV export of `rows` whose header lacks `columns` (CUAD's `labels`, say)."""
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        names = [c for c in rows[0] if c not in columns]
+        writer = csv.DictWriter(handle, fieldnames=names, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_csv_without_the_labels_column_uses_the_single_label(
+    tmp_path, task, tiny_model_dir, caplog
+):
+    categories = ["Governing Law", "Insurance", "Cap on Liability"]
+    rows = [{**r, "category": categories[i % 3]} for i, r in enumerate(three_splits(6))]
+    source = write_csv_without(tmp_path / "quoted.csv", rows, "labels")
+    cfg = config(tmp_path, [source], fields=SPLIT_FIELDS)
+    with caplog.at_level("WARNING", logger="temper.stages.prepare"):
+        records = prepare.read_records(cfg, task, prepare.Ledger(cfg))
+    assert [r["gold_all"] for r in records] == [
+        {"clause_type": [categories[i % 3]]} for i in range(6)
+    ]
+    said = [r.getMessage() for r in caplog.records if "multi-label" in r.getMessage()]
+    assert len(said) == 1 and "quoted.csv" in said[0] and "'labels' -> 'category'" in said[0]
+    stats = run(cfg, task, tiny_model_dir)
+    assert stats["fallbacks"] == {str(source): {"labels": "category"}}
+    assert json.loads(Path(cfg.metrics).read_text())["fallbacks"] == stats["fallbacks"]
+    prepared = [r for s in SPLITS for r in read_jsonl(tmp_path / "out" / f"{s}.jsonl")]
+    assert len(prepared) == 6
+    assert all(r["gold_all"] == {"clause_type": [r["gold"]["clause_type"]]} for r in prepared)
+    # A source that has the column keeps using it; nothing is said about it.
+    full_csv = write_csv(tmp_path / "full.csv", rows)
+    full = run(config(tmp_path, [full_csv], fields=SPLIT_FIELDS), task, tiny_model_dir)
+    assert full["fallbacks"] == {}
+
+
+@pytest.mark.parametrize(
+    ("missing", "message"),
+    [
+        (("clause",), r"quoted.csv:2: missing field 'clause' \(prepare.fields.text\)"),
+        (("id", "labels"), r"quoted.csv:2: missing field 'id' \(prepare.fields.id\)"),
+        (("labels", "category"), r"quoted.csv:2: missing field 'category' \(prepare.fields.gold"),
+    ],
+)
+def test_csv_without_a_required_column_is_still_refused(tmp_path, task, missing, message):
+    source = write_csv_without(tmp_path / "quoted.csv", three_splits(3), *missing)
+    with pytest.raises(InputError, match=message):
+        run(config(tmp_path, [source], fields=SPLIT_FIELDS), task, "unused-model-dir")
+
+
+def test_jsonl_row_missing_labels_after_a_first_row_with_them_is_refused(tmp_path, task):
+    """The source's first row decides: a later row without the column is a bad row."""
+    rows = three_splits(3)
+    del rows[1]["labels"]
+    raw = write_jsonl(tmp_path / "raw.jsonl", rows)
+    with pytest.raises(InputError, match=r"raw.jsonl:2: missing field 'labels'"):
+        run(config(tmp_path, [raw], fields=SPLIT_FIELDS), task, "unused-model-dir")
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
 def test_missing_source_file_says_why(tmp_path, task, suffix):
     missing = tmp_path / f"missing{suffix}"
@@ -489,6 +575,83 @@ def test_every_read_record_is_accounted_for(tmp_path, task, tiny_model_dir):
     assert stats["read"] == 10
     assert stats["dropped"] == {"empty": 1, "duplicate": 1, "too_long": 1}
     assert stats["read"] == kept + sum(stats["dropped"].values()) + stats["quarantined"]["total"]
+
+
+def test_huge_text_is_dropped_by_its_length_without_being_tokenized(
+    tmp_path, task, byte_model_dir, monkeypatch
+):
+    from temper.records.tokens import TokenCounter
+
+    seen: list[int] = []
+    lengths = TokenCounter.lengths
+
+    def spy(self, texts):
+        seen.extend(len(t) for t in texts)
+        return lengths(self, texts)
+
+    monkeypatch.setattr(TokenCounter, "lengths", spy)
+    rows = three_splits(6)
+    rows[0]["clause"] = "Confidential " + "x" * 2_000_000  # a 2 MB clause
+    raw = write_jsonl(tmp_path / "raw.jsonl", rows)
+    stats = run(config(tmp_path, [raw], fields=SPLIT_FIELDS), task, byte_model_dir)
+    assert seen and max(seen) < 1000, "the 2 MB text reached the tokenizer"
+    assert stats["dropped"] == {"too_long": 1} and stats["read"] == 6
+    [dropped] = read_jsonl(tmp_path / "out" / "dropped.jsonl")
+    assert dropped == {
+        "id": "r0",
+        "where": f"{raw}:1",
+        "reason": "too_long",
+        "n_chars": 2_000_013,
+        "max_chars": 512 * 4,  # max_tokens x the longest token
+    }
+
+
+def test_length_filter_keeps_the_token_counts_decisions_at_the_border(task, byte_model_dir):
+    """Texts around `max_tokens x 4` characters, of 4-character tokens, of 1-character ones,
+    and padded with a character the tokenizer has no token for (it drops it: 2 MB of it is
+    still a short text): the same records kept and the same reasons as counting every one."""
+    from transformers import AutoTokenizer
+
+    from temper.records.tokens import TokenCounter
+
+    counter = TokenCounter(AutoTokenizer.from_pretrained(byte_model_dir), task)
+    assert counter.bound is not None and counter.bound.per_token == 4
+    [answer] = counter.lengths([task.format_answer({})])
+    cfg = PrepareConfig(sources=["f"], min_text_tokens=3, max_tokens=counter.overhead + answer + 16)
+    limit = 4 * cfg.max_tokens
+    texts = []
+    for n in (8, 24, limit - 4, limit - 1, limit, limit + 1, limit + 4, 3 * limit):
+        texts += ["abcd" * (n // 4) + "a" * (n % 4), "z" * n, "ab cd " * (n // 6)]
+    texts += ["abcd" + "\x04" * 2_000_000, "abcd" * 3 + "\x04" * limit]
+    records = [
+        {"id": f"r{i}", "where": f"f:{i}", "source": 0, "text": t, "gold": {}}
+        for i, t in enumerate(texts)
+    ]
+    over = [f"r{i}" for i, t in enumerate(texts) if counter.surely_over(t, cfg.max_tokens)]
+    assert over == [f"r{i}" for i, t in enumerate(texts[:-2]) if len(t) > limit]
+    assert len(over) >= 6
+
+    def decisions(bound):
+        counter.bound = bound
+        ledger = prepare.Ledger(cfg)
+        kept = prepare.length_filter([dict(r) for r in records], counter, cfg, ledger)
+        return [r["id"] for r in kept], {d["id"]: d["reason"] for d in ledger.dropped}
+
+    kept, dropped = decisions(counter.bound)
+    assert (kept, dropped) == decisions(None)
+    untokenized = [f"r{len(texts) - 2}", f"r{len(texts) - 1}"]
+    assert dropped[untokenized[0]] == "too_short" and untokenized[1] in kept
+    assert {"r1", "r3"} <= set(kept) and all(dropped[r] == "too_long" for r in over)
+
+
+def test_no_character_bound_where_a_token_may_stand_for_a_whole_word(tiny_model_dir):
+    """A word-level tokenizer's unknown token is one token for a word of any length: no
+    number of characters makes a text surely too long, so every text is tokenized."""
+    from transformers import AutoTokenizer
+
+    from temper.records.tokens import char_bound
+
+    assert char_bound(AutoTokenizer.from_pretrained(tiny_model_dir)) is None
 
 
 # --------------------------------------------------------------------------- bad input

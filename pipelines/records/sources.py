@@ -14,7 +14,7 @@ import json
 import re
 import string
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -202,7 +202,9 @@ class FieldMap(Section):
     )
     gold_all: dict[str, str] = Field(
         default_factory=dict,
-        description="Task field -> column with a list of all acceptable gold values.",
+        description="Task field -> column with a list of all acceptable gold values; a source "
+        "without that column uses the field's gold column as its only value (logged, and "
+        "counted in the metrics' `fallbacks`).",
     )
 
     @field_validator("text")
@@ -262,6 +264,22 @@ def generated_id(where: str, number: int | None) -> str:
     return f"{Path(path).name}:{number if number is not None else line.removeprefix('row ')}"
 
 
+def gold_all_fallbacks(fmap: FieldMap, columns: Collection[str]) -> dict[str, str]:
+    """`{missing gold_all column: the same field's gold column}` for a source whose columns
+    (a CSV header, a first row) lack a `gold_all` column but hold the single gold one.
+
+    A CSV export often drops the multi-label column (CUAD's `labels`) while its single label
+    (`category`) holds the gold: the one label stands in as a one-element list instead of
+    every row being refused. A field whose gold column is missing too gets no fallback (its
+    rows fail on the missing required field).
+    """
+    return {
+        column: fmap.gold[name]
+        for name, column in fmap.gold_all.items()
+        if column not in columns and fmap.gold.get(name) in columns
+    }
+
+
 def extract(
     row: dict[str, Any],
     where: str,
@@ -269,11 +287,13 @@ def extract(
     task: TaskConfig,
     keep_split: bool = True,
     number: int | None = None,
+    fallback: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Map one raw row onto Temper's record fields; errors name the missing field.
 
     keep_split=False ignores `fmap.split` (scoring a file whose split column holds anything).
     `number`: the record number of `iter_numbered`, for a generated id (`fmap.id` null).
+    `fallback`: the source's `gold_all_fallbacks`; those fields' gold_all is `[gold]`.
     """
 
     def need(column: str, knob: str, nullable: bool = False) -> Any:
@@ -327,6 +347,9 @@ def extract(
             raise InputError(
                 f"prepare.fields.gold_all: '{name}' is not a field of task {task.name}"
             )
+        if column in (fallback or {}):  # the source has no such column: the one gold label
+            gold_all[name] = [] if gold.get(name) is None else [gold[name]]
+            continue
         values = gold_value(field, column, _as_list(need(column, f"gold_all.{name}")))
         gold_all[name] = [v for v in values if v is not None]
         for value in gold_all[name]:

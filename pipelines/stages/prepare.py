@@ -31,7 +31,14 @@ from ..io import atomic_dir, sha256_file, temp_path, write_json, write_jsonl
 from ..records.conversations import chat_records, log_records
 from ..records.neardup import dedup_key, find_near_duplicates
 from ..records.sampling import stratified_sample
-from ..records.sources import FieldMap, InputError, extract, iter_numbered, normalise_text
+from ..records.sources import (
+    FieldMap,
+    InputError,
+    extract,
+    gold_all_fallbacks,
+    iter_numbered,
+    normalise_text,
+)
 from ..records.tokens import TokenCounter
 from ..task import TaskConfig
 
@@ -175,12 +182,29 @@ class Ledger:
         self.lost: list[Counter[str]] = [Counter() for _ in cfg.sources]
         self.quarantined: list[dict[str, Any]] = []
         self.dropped: list[dict[str, Any]] = []
+        self.fallbacks: dict[str, dict[str, str]] = {}  # source -> {missing column: used}
 
     def bad(self, err: InputError, where: str, source: int) -> None:
         if self.cfg.on_error == "fail":
             raise err
         self.quarantined.append({"where": where, "reason": str(err)})
         self.lost[source]["quarantined"] += 1
+
+    def fallback(self, source: int, row: dict[str, Any]) -> dict[str, str]:
+        """The gold columns that stand in for the source's missing `gold_all` ones (decided
+        on its first row: a CSV's header), said once in the log and kept for the metrics."""
+        found = gold_all_fallbacks(self.cfg.fields, row) if self.cfg.format == "rows" else {}
+        if found:
+            name = self.cfg.sources[source]
+            self.fallbacks[name] = found
+            pairs = ", ".join(f"'{m}' -> '{u}'" for m, u in found.items())
+            log.warning(
+                "prepare: %s has no multi-label gold column (%s): each record's single label "
+                "is its only accepted one (prepare.fields.gold_all)",
+                name,
+                pairs,
+            )
+        return found
 
     def drop(self, record: dict[str, Any], reason: str, **extra: Any) -> None:
         self.dropped.append(
@@ -209,14 +233,19 @@ class Ledger:
 
 
 def row_records(
-    cfg: PrepareConfig, task: TaskConfig, row: dict[str, Any], where: str, number: int
+    cfg: PrepareConfig,
+    task: TaskConfig,
+    row: dict[str, Any],
+    where: str,
+    number: int,
+    fallback: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """The records of one source row, by `prepare.format` (a chat line may hold several)."""
     if cfg.format == "openai_chat":
         return chat_records(row, where, task)
     if cfg.format == "openai_log":
         return log_records(row, where, task)
-    return [extract(row, where, cfg.fields, task, number=number)]
+    return [extract(row, where, cfg.fields, task, number=number, fallback=fallback)]
 
 
 def read_records(cfg: PrepareConfig, task: TaskConfig, ledger: Ledger) -> list[dict[str, Any]]:
@@ -226,13 +255,16 @@ def read_records(cfg: PrepareConfig, task: TaskConfig, ledger: Ledger) -> list[d
     for index, source in enumerate(cfg.sources):
         if cfg.format != "rows" and Path(source).suffix.lower() not in (".jsonl", ".json"):
             raise InputError(f"{source}: prepare.format {cfg.format} reads JSONL files only")
+        fallback = None
         for where, number, row in iter_numbered(source):
             ledger.read[index] += 1
             if isinstance(row, InputError):
                 ledger.bad(row, where, index)
                 continue
+            if fallback is None:
+                fallback = ledger.fallback(index, row)
             try:
-                found = row_records(cfg, task, row, where, number)
+                found = row_records(cfg, task, row, where, number, fallback)
             except InputError as err:
                 ledger.bad(err, where, index)
                 continue
@@ -316,6 +348,35 @@ def near_duplicates(
     return stats, records
 
 
+def length_filter(
+    records: list[dict[str, Any]], counter: TokenCounter, cfg: PrepareConfig, ledger: Ledger
+) -> list[dict[str, Any]]:
+    """The records whose text has `min_text_tokens` and whose chat sequence fits `max_tokens`
+    (`n_tokens` set); the others dropped, in record order.
+
+    A text too long by its characters alone (`TokenCounter.surely_over`) is dropped without
+    being tokenized: a 2 MB clause in a CSV would otherwise be tokenized whole only to be
+    dropped. Only texts that would fail the token count anyway go that way.
+    """
+    over = [counter.surely_over(r["text"], cfg.max_tokens) for r in records]
+    counted = [r for r, o in zip(records, over, strict=True) if not o]
+    counts = zip(*counter.count(counted), strict=True)
+    limit = counter.bound.limit(cfg.max_tokens) if counter.bound else None
+    kept = []
+    for record, is_over in zip(records, over, strict=True):
+        if is_over:
+            ledger.drop(record, "too_long", n_chars=len(record["text"]), max_chars=limit)
+            continue
+        n_tokens, n_text = next(counts)
+        record["n_tokens"] = n_tokens
+        if n_text < cfg.min_text_tokens or n_tokens > cfg.max_tokens:
+            reason = "too_short" if n_text < cfg.min_text_tokens else "too_long"
+            ledger.drop(record, reason, n_tokens=n_tokens, n_text_tokens=n_text)
+        else:
+            kept.append(record)
+    return kept
+
+
 def check_splits(
     cfg: PrepareConfig, before: Counter[str], after: Counter[str] | None = None
 ) -> None:
@@ -380,14 +441,7 @@ def run(cfg: PrepareConfig, task: TaskConfig, model_dir: str | Path) -> dict[str
     check_splits(cfg, before)
 
     counter = TokenCounter(AutoTokenizer.from_pretrained(model_dir), task)
-    length_ok = []
-    for record, n_tokens, n_text in zip(records, *counter.count(records), strict=True):
-        record["n_tokens"] = n_tokens
-        if n_text < cfg.min_text_tokens or n_tokens > cfg.max_tokens:
-            reason = "too_short" if n_text < cfg.min_text_tokens else "too_long"
-            ledger.drop(record, reason, n_tokens=n_tokens, n_text_tokens=n_text)
-        else:
-            length_ok.append(record)
+    length_ok = length_filter(records, counter, cfg, ledger)
     ledger.check_sources(length_ok)
 
     label_field = task.label_field()
@@ -415,6 +469,7 @@ def run(cfg: PrepareConfig, task: TaskConfig, model_dir: str | Path) -> dict[str
                 "reasons": dict(Counter(_reason(q["reason"]) for q in ledger.quarantined)),
             },
             "dropped": dict(Counter(d["reason"] for d in ledger.dropped)),
+            "fallbacks": ledger.fallbacks,
             "near_duplicates": near_dup_stats,
         }
     )
