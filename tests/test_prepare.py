@@ -17,8 +17,9 @@ from temper.io import read_jsonl
 from temper.records.neardup import dedup_key
 from temper.records.sampling import stratified_sample
 from temper.records.sources import FieldMap, InputError, normalise_text
+from temper.records.splits import SplitConfig, assign_splits, hash_split
 from temper.stages import prepare
-from temper.stages.prepare import PrepareConfig, SplitConfig, assign_splits, hash_split, run
+from temper.stages.prepare import PrepareConfig, run
 
 FIELDS = FieldMap(
     id="id",

@@ -19,12 +19,11 @@ import hashlib
 import logging
 import os
 import re
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from ..config import ConfigError, Section
 from ..io import atomic_dir, sha256_file, temp_path, write_json, write_jsonl
@@ -39,29 +38,12 @@ from ..records.sources import (
     iter_numbered,
     normalise_text,
 )
+from ..records.splits import SPLITS, SplitConfig, assign_splits
 from ..records.tokens import TokenCounter
+from ..stats import percentile
 from ..task import TaskConfig
 
 log = logging.getLogger(__name__)
-
-SPLITS = ("train", "validation", "test")
-
-
-class SplitConfig(Section):
-    """Deterministic hash split by group, used when the source has no split column."""
-
-    salt: str = Field("temper-split-v1", description="Salt of the group hash.")
-    validation: float = Field(0.1, ge=0, lt=1, description="Fraction of groups for validation.")
-    test: float = Field(0.1, ge=0, lt=1, description="Fraction of groups for test.")
-
-    @model_validator(mode="after")
-    def _leaves_train(self) -> SplitConfig:
-        if self.validation + self.test >= 1:
-            raise ValueError(
-                f"validation + test = {self.validation} + {self.test} leaves no groups for "
-                "train: the two fractions must sum to less than 1"
-            )
-        return self
 
 
 class NearDupConfig(Section):
@@ -131,36 +113,11 @@ class PrepareConfig(Section):
 # --------------------------------------------------------------------------- splits
 
 
-def hash_split(group: str, cfg: SplitConfig) -> str:
-    """Deterministic split of a group: the same group always lands in the same split."""
-    bucket = int(hashlib.sha256(f"{cfg.salt}|{group}".encode()).hexdigest()[:12], 16) % 10_000
-    if bucket < cfg.test * 10_000:
-        return "test"
-    if bucket < (cfg.test + cfg.validation) * 10_000:
-        return "validation"
-    return "train"
-
-
-def assign_splits(records: list[dict[str, Any]], cfg: SplitConfig) -> None:
-    """Give every record a split by its group; a source split column is kept but checked.
-
-    Raises InputError when the source's own split puts one group in two splits (leakage).
-    """
-    seen: dict[str, set[str]] = defaultdict(set)
-    for record in records:
-        if "split" not in record:
-            record["split"] = hash_split(record["group"], cfg)
-        seen[record["group"]].add(record["split"])
-    leaks = {g: sorted(s) for g, s in seen.items() if len(s) > 1}
-    if leaks:
-        sample = ", ".join(f"{g!r} in {s}" for g, s in list(leaks.items())[:5])
-        raise InputError(f"{len(leaks)} document group(s) occur in more than one split: {sample}")
-
-
 def percentiles(values: list[int]) -> dict[str, float]:
+    """Length spread of a split (`stats.percentile`: lengths that occur, never interpolated)."""
     if not values:
         return {}
-    q = np.percentile(values, [50, 90, 99])
+    q = percentile(values, [50, 90, 99])
     return {
         "min": int(min(values)),
         "p50": float(q[0]),
