@@ -520,3 +520,31 @@ def test_a_lost_pipeline_run_the_user_may_not_delete_is_taken_out_of_the_search(
     discard_run(c, "loser", "winner")
     assert ("tag", "loser", tracking.PIPELINE_TAG, "lost-to-winner") in c.calls
     assert ("end", "loser", "KILLED") in c.calls
+
+
+def test_the_candidates_view_survives_a_writer_that_won_the_race():
+    """Two users' register stages write the experiment's shared view at one moment; on
+    PostgreSQL the MLflow server's insert-or-update is not atomic and the loser got
+    `UniqueViolation ... experiment_tag_pk` (a CI run of the two-user test failed so). The
+    loser writes once more (an update by then); any other error still surfaces."""
+    from mlflow.exceptions import MlflowException
+
+    from temper.tracking.server import ensure_candidates_view
+
+    class Server:
+        def __init__(self, fail_with: str | None):
+            self.fail_with, self.writes = fail_with, []
+
+        def set_experiment_tag(self, experiment_id, key, value):
+            if self.fail_with is not None:
+                message, self.fail_with = self.fail_with, None
+                raise MlflowException(message)
+            self.writes.append((experiment_id, key))
+
+    lost = Server('duplicate key value violates unique constraint "experiment_tag_pk"')
+    ensure_candidates_view(lost, "2")
+    assert lost.writes == [("2", "mlflow.sharedViewState.temper-candidates")]
+    other = Server("PERMISSION_DENIED: ci may not edit experiment 2")
+    with pytest.raises(MlflowException, match="PERMISSION_DENIED"):
+        ensure_candidates_view(other, "2")
+    assert other.writes == []

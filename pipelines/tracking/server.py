@@ -69,12 +69,22 @@ def view_state(primary_metric: str) -> dict[str, Any]:
 def ensure_candidates_view(
     client: Any, experiment_id: str, primary_metric: str = "clause_type.accuracy"
 ) -> None:
-    """Write (or refresh) the shared view `temper-candidates` of the experiment's runs table."""
+    """Write (or refresh) the shared view `temper-candidates` of the experiment's runs table.
+
+    Two stages of two users writing it at one moment race inside the MLflow server (on
+    PostgreSQL its insert-or-update is not atomic: the loser gets a unique violation on
+    `experiment_tag_pk`); the tag exists by then, so one more write updates it."""
     import json
 
-    client.set_experiment_tag(
-        experiment_id, SHARED_VIEW_TAG + CANDIDATES_VIEW, json.dumps(view_state(primary_metric))
-    )
+    from mlflow.exceptions import MlflowException
+
+    key, value = SHARED_VIEW_TAG + CANDIDATES_VIEW, json.dumps(view_state(primary_metric))
+    try:
+        client.set_experiment_tag(experiment_id, key, value)
+    except MlflowException as err:
+        if "experiment_tag_pk" not in str(err) and "UNIQUE constraint" not in str(err):
+            raise
+        client.set_experiment_tag(experiment_id, key, value)
 
 
 def runs_table_url(base_url: str, experiment_id: str, view: str | None = CANDIDATES_VIEW) -> str:
