@@ -332,10 +332,11 @@ class Provider:
             self.breaker.connected()
             tin, tout = self._reply_tokens(reply, est_in, max_tokens, price)
         except BaseException as err:
-            self._settle_failed(over_limit(err) or err, reserve, sent)
+            cause = over_limit(err)  # the anthropic SDK wraps it; the openai SDK does not
+            self._settle_failed(cause or err, reserve, sent)
             if never_connected(err):
                 self.breaker.refused_once(err)
-            if (cause := over_limit(err)) is not None and cause is not err:
+            if cause is not None and cause is not err:
                 raise OverLimitReply(str(cause)) from None  # the same for both SDKs
             raise
         latency = (time.perf_counter() - t0) * 1000
