@@ -53,6 +53,7 @@ from .base import (
     BudgetExceeded,
     CacheMiss,
     Completion,
+    EndpointDown,
     MalformedResponse,
     Messages,
     OverLimitReply,
@@ -61,7 +62,6 @@ from .base import (
     ProviderConfig,
     ProviderError,
     Reply,
-    TeacherDown,
 )
 from .batch import BUDGET, BatchError, Collected, batch_price, collect
 from .cache import Cache
@@ -93,7 +93,7 @@ __all__ = [
     "ModelPrice",
     "OpenAIProvider",
     "OverLimitReply",
-    "TeacherDown",
+    "EndpointDown",
     "Price",
     "PriceTable",
     "PrivacyError",

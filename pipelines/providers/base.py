@@ -274,7 +274,7 @@ class OverLimitReply(ProviderError):
     """
 
 
-class TeacherDown(ProviderError):
+class EndpointDown(ProviderError):
     """The endpoint refused `down_after` connections in a row: nothing more is sent."""
 
 

@@ -21,13 +21,13 @@ from ..io import stable_hash
 from .base import (
     BudgetExceeded,
     Completion,
+    EndpointDown,
     Messages,
     OverLimitReply,
     Price,
     ProviderConfig,
     ProviderError,
     Reply,
-    TeacherDown,
 )
 from .cache import Cache
 from .limits import (
@@ -316,7 +316,7 @@ class Provider:
         """One try: reserve its worst case, send it, settle the budget at what it cost."""
         if self.breaker.is_open:
             self.stats.refused_down += 1
-            raise TeacherDown(self.breaker.reason)
+            raise EndpointDown(self.breaker.reason)
         try:
             self.budget.reserve(reserve)
         except BudgetExceeded:
