@@ -44,9 +44,13 @@ run: install
 	dvc repro
 
 ## The tests, slow end-to-end ones included (they use the real base model and data, and
-## vLLM's CPU build for the engine tests).
-test: lint vllm
-	pytest
+## vLLM's CPU build for the engine tests). The two virtualenvs install side by side, and the
+## tests run on every core: one module per worker at a time, heaviest first, the vLLM modules
+## one after another on one worker (tests/conftest.py). `TEST_WORKERS=0` runs them in-process.
+TEST_WORKERS ?= auto
+test:
+	$(MAKE) -j2 lint vllm
+	pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 ## ruff: the linter and the formatter (check only; `ruff format .` fixes the formatting).
 lint: install
