@@ -26,12 +26,15 @@ REAL_MODEL_FIXTURES = {"base_model_dir", "prepared_dir"}
 
 
 # Under `make test` (pytest-xdist, `--dist loadgroup`) a worker takes one group at a time: a
-# module, or all of the vLLM modules together (one vLLM at a time on a 2-core machine, not two
-# competing). Groups go out heaviest first (seconds in CI, docs/ci.md), so the workers finish
-# together; the rest follow in file order. The order changes the wall time only, never what runs.
+# module, or the vLLM modules together (one vLLM at a time on a 2-core machine, not two
+# competing for it). Groups go out heaviest first (seconds in CI, docs/ci.md), so the workers
+# finish together; the rest follow in file order. Order changes the wall time, never what runs.
+# (xdist's own `xdist_group` marks do not group under pytest 9.2, whose node ids xdist 3.8 can
+# no longer suffix: hence the scheduler below, which groups by file name.)
 VLLM_GROUP = "vllm"
+VLLM_MODULES = {"test_serve.py", "test_serve_route.py", "test_evaluate_vllm.py", "test_benches.py"}
 HEAVIEST_FIRST = [
-    VLLM_GROUP,  # test_serve, test_serve_route, test_evaluate_vllm, test_benches: ~900 s
+    VLLM_GROUP,  # ~900 s
     "test_team.py",
     "test_openai_sources.py",
     "test_field_kinds.py",
@@ -49,22 +52,39 @@ HEAVIEST_FIRST = [
 ]
 
 
-def group_of(module: str, vllm_modules: set[str]) -> str:
-    return VLLM_GROUP if module in vllm_modules else module
+def group_of(nodeid: str) -> str:
+    """The group a test runs in: its module's file, or the vLLM group."""
+    module = nodeid.split("::", 1)[0]
+    return VLLM_GROUP if Path(module).name in VLLM_MODULES else module
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the items
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadgroup":
+        return None  # xdist's own scheduler for the mode asked for
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid)
+
+    return ByGroup(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
     check_real_model_tests_are_slow(items)
-    vllm_modules = {item.path.name for item in items if item.get_closest_marker("vllm")}
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group_of(item.path.name, vllm_modules)))
+    check_vllm_modules_are_grouped(items)
 
     def rank(item) -> int:
-        group = group_of(item.path.name, vllm_modules)
+        group = Path(group_of(item.nodeid)).name
         return HEAVIEST_FIRST.index(group) if group in HEAVIEST_FIRST else len(HEAVIEST_FIRST)
 
     items.sort(key=rank)  # stable: a module's tests keep their order
+
+
+def check_vllm_modules_are_grouped(items) -> None:
+    found = {item.path.name for item in items if item.get_closest_marker("vllm")}
+    if found - VLLM_MODULES:
+        raise pytest.UsageError(f"add {sorted(found - VLLM_MODULES)} to VLLM_MODULES (conftest)")
 
 
 def check_real_model_tests_are_slow(items) -> None:
