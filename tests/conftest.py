@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from temper.params import TemperParams
-
 # Nothing in the tests may reach a hub or phone home.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -17,6 +15,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist each worker gets its share of the cores for torch, in its own process and
+# in those it starts (set before torch loads OpenMP). Two workers with two threads each on two
+# cores thrash: OpenMP threads spin waiting for a sibling that is not running (measured in CI:
+# pipeline tests 2-3x slower than alone).
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // WORKERS)))
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,6 +135,7 @@ def task():
 def prepared_dir(tmp_path_factory, base_model_dir, task) -> Path:
     """A small prepared dataset from the real CUAD files (train 64, validation 32, test 32)."""
     from temper.config import load_params
+    from temper.params import TemperParams
     from temper.stages.prepare import run
 
     out = tmp_path_factory.mktemp("prepared")
