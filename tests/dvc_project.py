@@ -16,6 +16,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Tiny sizes for a pipeline run whose test checks that a task or profile goes through, not how
+# well a few steps learn: a few training steps, one candidate judged on test alone (nothing to
+# choose on validation), a one-shot base-model baseline, gates that let anything pass.
+TINY = [
+    "train.max_steps=2",
+    "train.save_steps=2",
+    "evaluate.n_resamples=100",
+    "evaluate.batch_size=8",
+    "evaluate.baseline_few_shot=1",  # the base-model baseline's prompt: 1 shot, not 3
+    "evaluate.validation=null",
+    "gates.min_primary=0.0",
+    "gates.min_delta_low=null",
+    "gates.min_json_valid_rate=null",
+]
+
 
 def sh(cwd: Path, *args: str, env: dict | None = None) -> str:
     """Run a command; fail the test with the tail of its output when it fails."""

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from dvc_project import env_of, exp_run, make_repo, sh
+from dvc_project import TINY, env_of, exp_run, make_repo, sh
 
 from temper.cli.profiles import profile_overrides
 from temper.config import read_yaml
@@ -31,18 +31,7 @@ from temper.params import TemperParams
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["Audit Rights", "Insurance", "Anti-Assignment", "Cap on Liability", "Governing Law"]
-SMALL = [
-    "prepare.max_examples={train:16,validation:8,test:8}",
-    "train.max_steps=2",
-    "train.save_steps=2",
-    "evaluate.n_resamples=100",
-    "evaluate.batch_size=8",
-    "evaluate.baseline_few_shot=1",  # the base-model baseline's prompt: 1 shot, not 3
-    "evaluate.validation=null",  # one candidate: nothing to choose on validation
-    "gates.min_primary=0.0",
-    "gates.min_delta_low=null",
-    "gates.min_json_valid_rate=null",
-]
+SMALL = ["prepare.max_examples={train:16,validation:8,test:8}", *TINY]
 
 
 class Kind:

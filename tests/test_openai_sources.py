@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
-from dvc_project import exp_run, make_repo
+from dvc_project import TINY, exp_run, make_repo
 
 from temper.records.conversations import chat_records, log_records
 from temper.records.sources import InputError, iter_numbered
@@ -186,16 +186,7 @@ def test_generated_csv_ids_count_data_rows_from_one_and_locations_keep_the_line(
 
 # --------------------------------------------------------------------------- end to end
 
-SMALL = [
-    "prepare.max_examples={train:24,validation:12,test:12}",
-    "train.max_steps=3",
-    "train.save_steps=3",
-    "evaluate.n_resamples=200",
-    "evaluate.batch_size=12",
-    "gates.min_primary=0.0",
-    "gates.min_delta_low=null",
-    "gates.min_json_valid_rate=null",
-]
+SMALL = ["prepare.max_examples={train:24,validation:8,test:8}", *TINY]
 
 
 def run_profile(tmp_path: Path, base_model_dir: Path, name: str, data: str) -> Path:

@@ -10,23 +10,14 @@ import json
 from pathlib import Path
 
 import pytest
-from dvc_project import exp_run, make_repo
+from dvc_project import TINY, exp_run, make_repo
 
 from temper.cli.profiles import profile_overrides
 from temper.config import read_yaml
 from temper.params import TemperParams
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = [
-    "prepare.max_examples={train:24,validation:12,test:12}",
-    "train.max_steps=3",
-    "train.save_steps=3",
-    "evaluate.n_resamples=200",
-    "evaluate.batch_size=12",
-    "gates.min_primary=0.0",
-    "gates.min_delta_low=null",
-    "gates.min_json_valid_rate=null",
-]
+SMALL = ["prepare.max_examples={train:24,validation:8,test:8}", *TINY]
 
 
 @pytest.mark.slow
