@@ -43,6 +43,7 @@ HEAVIEST_FIRST = [
     "test_team.py",
     "test_openai_sources.py",
     "test_field_kinds.py",
+    "test_sweep.py",
     "test_train.py",
     "test_gpu_check.py",
     "test_bundle.py",

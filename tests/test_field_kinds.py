@@ -197,7 +197,7 @@ def test_temper_exps_shows_the_experiments_on_one_screen(project):
     header = [c.strip() for c in table[0].strip("|").split("|")]
     assert header[0] == "experiment" and "task" in header and "registered" in header
     if len(done) > 1:  # the params that differ between the tasks' runs, and only those
-        changed = set(header[1:-7])
+        changed = set(header[1:-8])
         assert "task" in changed and "evaluate.primary_metric" in changed, header
         assert any(h.startswith("prepare.fields.gold.") for h in changed), header
         assert "train.rank" not in header

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import typer
 
-from . import cache, cost, exps, predict, release, serve, stages
+from . import cache, cost, exps, predict, release, serve, stages, sweep
 from .common import PARAMS, reports_errors, setup_logging
 from .monitor import monitor_app
 from .params_help import config_cmd, help_command
@@ -54,6 +54,7 @@ COMMANDS: list[tuple[str, Callable[..., None], tuple[str, ...], int]] = [
     ("merge", release.merge_cmd, (), 1),
     ("profile", release.profile_cmd, (), 1),
     ("exps", exps.exps_cmd, (), 1),
+    ("sweep", sweep.sweep_cmd, (), 1),
     ("ui", release.ui_cmd, (), 1),
     ("config", config_cmd, (), CANNOT_DECIDE),
 ]

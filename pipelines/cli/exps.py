@@ -4,7 +4,8 @@
 columns: prepare's statistics, per-candidate CIs, price rows). This view keeps what people
 compare: per experiment the params that differ between the rows shown, and the headline
 results (task, winner, primary metric with its interval against the baseline and the TF-IDF
-yardstick, the registered version). It reads through DVC's own API (`dvc.api.exp_show`,
+yardstick, the registered version); `--sweep NAME` keeps one sweep's arms (`temper sweep`),
+with the candidate each picked on validation. It reads through DVC's own API (`dvc.api.exp_show`,
 `params_show`, `read`), so it shows exactly the experiments `dvc exp show` does.
 """
 
@@ -38,18 +39,29 @@ def _estimate(entry: dict[str, Any] | None, metric: str) -> str:
     return f"{value:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None else "")
 
 
+def _picked_on_validation(ev: dict[str, Any]) -> str:
+    """The candidate chosen on validation and its value there (`-` if not chosen so)."""
+    chosen = ev.get("selection") or {}
+    value = (chosen.get("values") or {}).get(chosen.get("chosen"))
+    if chosen.get("split") != "validation" or value is None:
+        return "-"
+    return f"{chosen['chosen']} {value:.3f}"
+
+
 def headline(rev: str | None) -> dict[str, str]:
     """The results of one experiment worth a column (`-` where it has none)."""
     ev = _read_json("metrics/eval.json", rev) or {}
     reg = _read_json("metrics/register.json", rev) or {}
     primary = ev.get("primary_metric", "-")
     cands = ev.get("candidates") or {}
-    focus = ev.get("winner") or next(iter(cands), None)
+    focus = ev.get("winner") or (ev.get("selection") or {}).get("chosen")
+    focus = focus or next(iter(cands), None)
     version = f"v{reg['version']}" if reg.get("registered") else "-"
     return {
         "task": (ev.get("task") or {}).get("name", "-"),
         "winner": ev.get("winner") or ("none" if ev else "-"),
         "primary": primary,
+        "validation": _picked_on_validation(ev),
         "candidate": (f"{focus} " if focus else "") + _estimate(cands.get(focus), primary),
         "baseline": _estimate(ev.get("baseline"), primary),
         "tf-idf": _estimate(ev.get("classical"), primary),
@@ -64,13 +76,8 @@ def changed_params(params: list[dict[str, Any]]) -> list[str]:
     return [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
 
 
-def exps_cmd(
-    all_rows: Annotated[
-        bool, typer.Option("--all", help="Also the baseline commits' rows (not only the head).")
-    ] = False,
-) -> None:
-    """The experiments on one screen: changed params and headline results (`dvc exp show`
-    has them all)."""
+def exps_table(sweep: str | None = None, all_rows: bool = False) -> str:
+    """The experiments as a Markdown table; `sweep`: only that sweep's arms."""
     import dvc.api
 
     rows = [
@@ -79,12 +86,28 @@ def exps_cmd(
     revs = [None if r["rev"] == WORKSPACE else r["rev"] for r in rows]
     names = [r["Experiment"] or r["rev"] for r in rows]
     params = [dvc.api.params_show(rev=rev) for rev in revs]
+    if sweep is not None:
+        keep = [i for i, p in enumerate(params) if (p.get("mlflow") or {}).get("sweep") == sweep]
+        revs, names, params = ([xs[i] for i in keep] for xs in (revs, names, params))
     changed = changed_params(params)
     heads = [headline(rev) for rev in revs]
     flat = [flatten(p) for p in params]
-    header = ["experiment", *changed, "task name", "winner", "primary", "candidate", "baseline"]
-    header += ["tf-idf", "registered"]
+    header = ["experiment", *changed, "task name", "winner", "primary", "validation"]
+    header += ["candidate", "baseline", "tf-idf", "registered"]
     table = []
     for name, f, h in zip(names, flat, heads, strict=True):
         table.append([name, *(json.dumps(f.get(k)) for k in changed), *h.values()])
-    typer.echo(md_table(header, table))
+    return md_table(header, table)
+
+
+def exps_cmd(
+    all_rows: Annotated[
+        bool, typer.Option("--all", help="Also the baseline commits' rows (not only the head).")
+    ] = False,
+    sweep: Annotated[
+        str | None, typer.Option("--sweep", help="Only the arms of this sweep (temper sweep).")
+    ] = None,
+) -> None:
+    """The experiments on one screen: changed params and headline results (`dvc exp show`
+    has them all)."""
+    typer.echo(exps_table(sweep, all_rows))

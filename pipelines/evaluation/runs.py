@@ -83,6 +83,31 @@ def log_runs(
                     run.client.log_artifact(run.run_id, str(path), "evaluate")
             parent = run.parent_id
     run.client.log_metric(parent, "eval.seconds", result.seconds)
+    for key, value in headline_metrics(result).items():
+        run.client.log_metric(parent, key, value)
+
+
+def headline_metrics(result: EvalResult) -> dict[str, float]:
+    """The pipeline run's own figures: the candidate picked on validation (else the winner,
+    else the first) on the primary metric, on validation and on test with its interval, and
+    its paired difference with the classical yardstick. One row per pipeline run, so runs
+    (the arms of a sweep) compare in the runs table and on parallel coordinates."""
+    primary = result.primary_metric
+    chosen = (result.selection.chosen if result.selection else None) or result.winner
+    chosen = chosen or next(iter(result.candidates), None)
+    if chosen is None:
+        return {}
+    entry = result.candidates[chosen]
+    out: dict[str, float | None] = {}
+    if (test := entry.metrics.get(primary)) is not None:
+        out |= {f"test.{primary}": test.value, f"test.{primary}.ci_low": test.ci_low}
+        out[f"test.{primary}.ci_high"] = test.ci_high
+    if (val := (entry.validation_metrics or {}).get(primary)) is not None:
+        out[f"validation.{primary}"] = val.value
+    if (diff := (entry.delta_vs_classical or {}).get(primary)) is not None:
+        out |= {f"delta_classical.{primary}": diff.value}
+        out[f"delta_classical.{primary}.ci_low"] = diff.ci_low
+    return {k: round(float(v), 6) for k, v in out.items() if v is not None}
 
 
 # Training figures copied onto each candidate's evaluation run (as `train.<name>`).

@@ -32,6 +32,7 @@ from pydantic import Field
 from ..config import Section
 from ..io import md5_file, stable_hash
 from .access import access_error
+from .sweeps import log_swept_params, sweep_run
 
 PIPELINE_TAG = "temper.pipeline_key"
 DOWNSTREAM_KEYS = ("register", "promote")
@@ -49,6 +50,16 @@ class MlflowConfig(Section):
     artifact_root: str = Field(
         "mlartifacts",
         description="Artifact folder of the embedded store (relative = project root).",
+    )
+    sweep: str | None = Field(
+        None,
+        description="The sweep this run is an arm of (`temper sweep` sets it): its pipeline "
+        "run nests under the sweep's run of this name, made on first use.",
+    )
+    sweep_params: list[str] = Field(
+        default_factory=list,
+        description="The dotted params the sweep varies: the arm's run logs their values as its "
+        "params (the columns MLflow's parallel coordinates plot), not the constants.",
     )
 
 
@@ -183,6 +194,9 @@ def pipeline_run(cfg: MlflowConfig, params: dict[str, Any], root: str | Path = "
         tags = {PIPELINE_TAG: key, "temper.git_commit": git_commit(root)}
         if experiment:
             tags["temper.experiment"] = experiment
+        if cfg.sweep:  # an arm of a sweep: nested under the sweep's run
+            tags["temper.sweep"] = cfg.sweep
+            tags["mlflow.parentRunId"] = sweep_run(client, experiment_id, cfg.sweep)
         run = client.create_run(
             experiment_id, run_name=experiment or f"pipeline-{key[:8]}", tags=tags
         )
@@ -193,6 +207,8 @@ def pipeline_run(cfg: MlflowConfig, params: dict[str, Any], root: str | Path = "
         winner = _pipeline_runs(client, experiment_id, key)[0].info.run_id
         if winner != run.info.run_id:
             discard_run(client, run.info.run_id, winner)
+        elif cfg.sweep_params:
+            log_swept_params(client, winner, params, cfg.sweep_params)
         return winner
 
 
