@@ -42,6 +42,10 @@ from typing import Any
 from temper.params import TemperParams
 
 ROOT = Path(__file__).resolve().parents[1]
+# Toy size (`--tiny`, the CPU check): only clauses whose chat fits 160 tokens. One bf16 step
+# of four clauses of up to 384 took ~55 s on one CPU thread (bf16 is emulated there); the
+# code paths are the same on short ones.
+TOY_MAX_LENGTH = 160
 
 
 def wilson(right: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -104,7 +108,7 @@ def prepare_data(work: Path, task: Any, base: Path, tiny: bool) -> Path:
 
     params = load_params(ROOT / "params.yaml")
     limits = (
-        {"train": 32, "validation": 8, "test": 8}
+        {"train": 32, "validation": 4, "test": 8}
         if tiny
         else dict.fromkeys(("train", "validation", "test"))
     )
@@ -113,6 +117,7 @@ def prepare_data(work: Path, task: Any, base: Path, tiny: bool) -> Path:
             "out_dir": str(work / "prepared"),
             "metrics": str(work / "prepare.json"),
             "max_examples": limits,
+            **({"max_tokens": TOY_MAX_LENGTH} if tiny else {}),  # short clauses only
         }
     )
     prepare(cfg, task, base)
@@ -170,7 +175,9 @@ def reset_peak(device: str) -> None:
 # --- the parts ----------------------------------------------------------------------------------
 
 
-def part_lora_qlora(work: Path, data: Path, base: Path, steps: int, device: str) -> dict:
+def part_lora_qlora(
+    work: Path, data: Path, base: Path, steps: int, device: str, max_length: int
+) -> dict:
     """LoRA then QLoRA for the same steps on the same data: the field's anchor is QLoRA
     1.4-2x slower (the 4-bit weights are dequantised in every forward and backward)."""
     from temper.stages import train
@@ -179,7 +186,14 @@ def part_lora_qlora(work: Path, data: Path, base: Path, steps: int, device: str)
     for method in ("lora", "qlora"):
         name = f"{method}-{steps}"
         cfg = train_config(
-            work, data, name, device, method=method, max_steps=steps, layers=None, max_length=384
+            work,
+            data,
+            name,
+            device,
+            method=method,
+            max_steps=steps,
+            layers=None,
+            max_length=max_length,
         )
         reset_peak(device)
         t0 = time.perf_counter()
@@ -201,7 +215,7 @@ def part_full(work: Path, data: Path, base: Path, task: Any, device: str, tiny: 
     profile = read_yaml(ROOT / "configs" / "profiles" / "full.yaml")["train"]
     knobs = {k: v for k, v in profile.items() if k != "candidates"}
     if tiny:
-        knobs |= {"max_steps": 1, "epochs": 1.0}
+        knobs |= {"max_steps": 1, "epochs": 1.0, "max_length": TOY_MAX_LENGTH}
     cfg = train_config(work, data, "full", device, **knobs)
     reset_peak(device)
     t0 = time.perf_counter()
@@ -249,7 +263,7 @@ def part_full(work: Path, data: Path, base: Path, task: Any, device: str, tiny: 
     }
 
 
-def part_ddp(work: Path, data: Path, base: Path, device: str, steps: int) -> dict:
+def part_ddp(work: Path, data: Path, base: Path, device: str, steps: int, max_length: int) -> dict:
     """`multi_gpu_ddp` through `accelerate launch`, two processes: the ranks run this script's
     `--rank-train` (the stage's per-rank entry, `train.train_candidate`, without MLflow)."""
     import torch
@@ -257,7 +271,9 @@ def part_ddp(work: Path, data: Path, base: Path, device: str, steps: int) -> dic
     from temper.training.launch import accelerate_config, free_port
 
     name = "ddp"
-    cfg = train_config(work, data, name, device, max_steps=steps, layers=None, max_length=384)
+    cfg = train_config(
+        work, data, name, device, max_steps=steps, layers=None, max_length=max_length
+    )
     cfg_file = work / "ddp_train.json"
     cfg_file.write_text(cfg.model_dump_json())
     config = "multi_gpu_ddp" if device == "cuda" else "cpu_ddp_2proc"
@@ -431,6 +447,7 @@ def main() -> int:
         "versions": versions(),
     }
     steps = 1 if args.tiny else args.steps
+    max_length = TOY_MAX_LENGTH if args.tiny else 384
     task = load_task(ROOT / "configs" / "tasks" / "clause_review.yaml")
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     ensure_base(args.base)
@@ -439,10 +456,13 @@ def main() -> int:
         s: len((data / f"{s}.jsonl").read_text().splitlines())
         for s in ("train", "validation", "test")
     }
-    guarded(report, "lora_qlora", part_lora_qlora, work, data, args.base, steps, args.device)
+    guarded(
+        report, "lora_qlora", part_lora_qlora, work, data, args.base, steps, args.device, max_length
+    )
     if not args.skip_full:
         guarded(report, "full", part_full, work, data, args.base, task, args.device, args.tiny)
-    guarded(report, "ddp", part_ddp, work, data, args.base, args.device, 1 if args.tiny else 50)
+    ddp_steps = 1 if args.tiny else 50
+    guarded(report, "ddp", part_ddp, work, data, args.base, args.device, ddp_steps, max_length)
     guarded(report, "fsdp_load", part_fsdp_load, args.base, args.device)
     report["total_s"] = round(time.perf_counter() - t0, 1)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -126,7 +126,7 @@ def test_the_whole_check_runs_at_toy_size_on_the_cpu(tmp_path, base_model_dir):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "RESULT gpu_check_failed_parts 0"
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert report["data"] == {"train": 32, "validation": 8, "test": 8}
+    assert report["data"] == {"train": 32, "validation": 4, "test": 8}
     lora, qlora = report["lora_qlora"]["rows"]
     assert (lora["method"], qlora["method"]) == ("lora", "qlora")
     assert lora["steps"] == qlora["steps"] == 1
