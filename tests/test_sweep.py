@@ -182,3 +182,17 @@ def test_a_two_by_two_sweep_runs_through_the_dvc_queue_into_one_mlflow_sweep_run
     assert "mlflow.tracking_uri" not in header  # the same in every arm: not a column
     assert "evaluate.cache_dir" not in header
     assert all("r16 0." in line for line in lines), table  # picked on validation, with value
+
+
+def test_exps_and_sweep_outside_a_dvc_project_say_so_in_one_line(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from temper.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["exps", "--sweep", "quick"])
+    assert result.exit_code == 1 and "no DVC project in" in result.output, result.output
+    assert "Traceback" not in result.output
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"name": "s", "grid": {"train.rank": [8]}}))
+    result = CliRunner().invoke(app, ["sweep", "sweep.yaml"])
+    assert result.exit_code == 1 and "run temper sweep in its root" in result.output, result.output

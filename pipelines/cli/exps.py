@@ -12,11 +12,12 @@ with the candidate each picked on validation. It reads through DVC's own API (`d
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from ..config import flatten
+from ..config import ConfigError, flatten
 from ..evaluation.report import md_table
 
 WORKSPACE = "workspace"
@@ -76,9 +77,17 @@ def changed_params(params: list[dict[str, Any]]) -> list[str]:
     return [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
 
 
+def require_dvc_project(command: str) -> None:
+    """A clear error, not DVC's clone traceback, when run outside a DVC project's root."""
+    if not Path(".dvc").is_dir():
+        raise ConfigError(f"no DVC project in {Path.cwd()}: run temper {command} in its root")
+
+
 def exps_table(sweep: str | None = None, all_rows: bool = False) -> str:
     """The experiments as a Markdown table; `sweep`: only that sweep's arms."""
     import dvc.api
+
+    require_dvc_project("exps")
 
     rows = [
         r for r in dvc.api.exp_show() if all_rows or r["typ"] != "baseline" or r["rev"] == WORKSPACE

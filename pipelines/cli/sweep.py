@@ -218,7 +218,10 @@ def sweep_cmd(
 ) -> None:
     """Queue one DVC experiment per combination of a sweep file's axes, run them, and print
     the arms side by side (docs/train.md, "Sweeps")."""
+    from .exps import exps_table, require_dvc_project
+
     spec = read_sweep(file)
+    require_dvc_project("sweep")
     pinned = pinned_paths(params)
     plan = []
     for i, arm in enumerate(arms(spec), start=1):
@@ -239,8 +242,6 @@ def sweep_cmd(
         return
     dvc("queue", "start", "-j", str(jobs))
     ended = wait_for([name for name, _, _ in plan], poll_s)
-    from .exps import exps_table
-
     typer.echo(exps_table(sweep=spec.name))
     if bad := [name for name, state in ended.items() if state in FAILED]:
         raise SweepError(f"arms {', '.join(bad)} failed: `dvc queue logs NAME` shows why")
