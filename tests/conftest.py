@@ -64,6 +64,7 @@ def group_of(nodeid: str) -> str:
     return VLLM_GROUP if Path(module).name in VLLM_MODULES else module
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest -p no:xdist runs without it
 def pytest_xdist_make_scheduler(config, log):
     if config.getvalue("dist") != "loadgroup":
         return None  # xdist's own scheduler for the mode asked for

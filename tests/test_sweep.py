@@ -159,6 +159,7 @@ def test_a_two_by_two_sweep_runs_through_the_dvc_queue_into_one_mlflow_sweep_run
         [experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{sweep.info.run_id}'"
     )
     assert sorted(r.info.run_name for r in arms_) == [f"tiny-{i}" for i in range(1, 5)]
+    assert sweep.info.status == "FINISHED" and {r.info.status for r in arms_} == {"FINISHED"}
     grid = set()
     for arm in arms_:
         # Only the swept params: parallel coordinates on what varied, not on constants.

@@ -49,10 +49,14 @@ def _picked_on_validation(ev: dict[str, Any]) -> str:
     return f"{chosen['chosen']} {value:.3f}"
 
 
-def headline(rev: str | None) -> dict[str, str]:
-    """The results of one experiment worth a column (`-` where it has none)."""
+def headline(rev: str | None, experiment: str | None = None) -> dict[str, str]:
+    """The results of one experiment worth a column (`-` where it has none). `experiment`:
+    the DVC experiment's name (None for a commit or the workspace); its register.json counts
+    only if that experiment wrote it (an arm that stops at evaluate carries its commit's)."""
     ev = _read_json("metrics/eval.json", rev) or {}
     reg = _read_json("metrics/register.json", rev) or {}
+    if reg.get("experiment") != experiment:
+        reg = {}
     primary = ev.get("primary_metric", "-")
     cands = ev.get("candidates") or {}
     focus = ev.get("winner") or (ev.get("selection") or {}).get("chosen")
@@ -70,6 +74,12 @@ def headline(rev: str | None) -> dict[str, str]:
     }
 
 
+def pending(state: str) -> dict[str, str]:
+    """The row of an experiment with no results yet: its queue state, dashes elsewhere."""
+    row = dict.fromkeys(("task", "winner", "primary", "validation", "candidate"), "-")
+    return row | dict.fromkeys(("baseline", "tf-idf", "registered"), "-") | {"winner": state}
+
+
 def changed_params(params: list[dict[str, Any]]) -> list[str]:
     """The dotted params whose values differ between the rows (sorted)."""
     flat = [flatten(p) for p in params]
@@ -83,23 +93,39 @@ def require_dvc_project(command: str) -> None:
         raise ConfigError(f"no DVC project in {Path.cwd()}: run temper {command} in its root")
 
 
+def sweep_baselines() -> list[str] | None:
+    """Every commit that has experiments: a sweep's arms keep the commit they were queued
+    on, and a commit made while they ran must not hide them (`dvc exp show` shows HEAD's)."""
+    from dvc.repo import Repo
+
+    with Repo() as repo:
+        return list(repo.experiments.ls(all_commits=True)) or None
+
+
 def exps_table(sweep: str | None = None, all_rows: bool = False) -> str:
     """The experiments as a Markdown table; `sweep`: only that sweep's arms."""
     import dvc.api
 
     require_dvc_project("exps")
-
-    rows = [
-        r for r in dvc.api.exp_show() if all_rows or r["typ"] != "baseline" or r["rev"] == WORKSPACE
-    ]
+    shown = dvc.api.exp_show(revs=sweep_baselines()) if sweep else dvc.api.exp_show()
+    rows = [r for r in shown if all_rows or r["typ"] != "baseline" or r["rev"] == WORKSPACE]
+    if sweep is not None:
+        rows = [
+            r
+            for r in rows
+            if dvc.api.params_show(rev=r["rev"]).get("mlflow", {}).get("sweep") == sweep
+        ]
     revs = [None if r["rev"] == WORKSPACE else r["rev"] for r in rows]
     names = [r["Experiment"] or r["rev"] for r in rows]
     params = [dvc.api.params_show(rev=rev) for rev in revs]
-    if sweep is not None:
-        keep = [i for i, p in enumerate(params) if (p.get("mlflow") or {}).get("sweep") == sweep]
-        revs, names, params = ([xs[i] for i in keep] for xs in (revs, names, params))
     changed = changed_params(params)
-    heads = [headline(rev) for rev in revs]
+    # A queued, running or failed experiment has no results of its own yet: its state instead.
+    heads = [
+        headline(rev, r["Experiment"])
+        if r.get("State") in (None, "Success")
+        else pending(r["State"])
+        for rev, r in zip(revs, rows, strict=True)
+    ]
     flat = [flatten(p) for p in params]
     header = ["experiment", *changed, "task name", "winner", "primary", "validation"]
     header += ["candidate", "baseline", "tf-idf", "registered"]

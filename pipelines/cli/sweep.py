@@ -33,9 +33,8 @@ from ..params import TemperParams
 from .common import PARAMS, ParamsOpt
 from .profiles import override_value, profile_overrides
 
-# `dvc queue status` rows still to finish, and the ones that ended badly.
+# `dvc queue status` rows still to finish (any other state has ended; only Success is good).
 PENDING = {"Queued", "Running"}
-FAILED = {"Failed", "Killed", "Unknown"}
 
 
 class SweepError(TemperError):
@@ -158,6 +157,17 @@ def pinned_paths(params_file: Path) -> dict[str, Any]:
     return pins
 
 
+def close_sweep_run(spec: SweepSpec, params_file: Path, states: dict[str, str]) -> None:
+    """The sweep's run and its arms' runs ended as the arms did in DVC's queue."""
+    import mlflow
+
+    from ..tracking import setup
+    from ..tracking.sweeps import end_sweep
+
+    experiment_id = setup(TemperParams.load(params_file).mlflow)
+    end_sweep(mlflow.MlflowClient(), experiment_id, spec.name, states)
+
+
 def open_sweep_run(spec: SweepSpec, params_file: Path) -> str:
     """The sweep's MLflow run, made before any arm runs (arms on a server find it)."""
     import mlflow
@@ -197,7 +207,7 @@ def wait_for(names: list[str], poll_s: float) -> dict[str, str]:
     while True:
         status = queue_status(set(names))
         for name in names:
-            state = status.get(name, "Success")  # a finished arm leaves the queue's list
+            state = status.get(name, "Removed")  # ended arms stay listed until removed
             if state not in PENDING and name not in done:
                 done[name] = state
                 typer.echo(f"  {name}: {state} ({len(done)}/{len(names)})")
@@ -242,6 +252,7 @@ def sweep_cmd(
         return
     dvc("queue", "start", "-j", str(jobs))
     ended = wait_for([name for name, _, _ in plan], poll_s)
+    close_sweep_run(spec, params, ended)
     typer.echo(exps_table(sweep=spec.name))
-    if bad := [name for name, state in ended.items() if state in FAILED]:
-        raise SweepError(f"arms {', '.join(bad)} failed: `dvc queue logs NAME` shows why")
+    if bad := [name for name, state in ended.items() if state != "Success"]:
+        raise SweepError(f"arms {', '.join(bad)} did not succeed: `dvc queue logs NAME` says why")

@@ -45,3 +45,18 @@ def log_swept_params(client: Any, run_id: str, params: Mapping[str, Any], keys: 
         for key in keys
     ]
     client.log_batch(run_id, params=values)
+
+
+def end_sweep(client: Any, experiment_id: str, name: str, states: Mapping[str, str]) -> None:
+    """End the sweep's run and its arms' runs by how each arm ended in DVC's queue (an arm
+    that stops at evaluate never reaches register, which ends a pipeline run otherwise)."""
+    sweep_id = sweep_run(client, experiment_id, name)
+    arms = client.search_runs(
+        [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{sweep_id}'"
+    )
+    for arm in arms:
+        state = states.get(arm.info.run_name)
+        if state is not None and arm.info.status == "RUNNING":
+            client.set_terminated(arm.info.run_id, "FINISHED" if state == "Success" else "FAILED")
+    failed = any(state != "Success" for state in states.values())
+    client.set_terminated(sweep_id, "FAILED" if failed else "FINISHED")
