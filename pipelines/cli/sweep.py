@@ -141,8 +141,8 @@ def pinned_paths(params_file: Path) -> dict[str, Any]:
     """Settings that must name this project, not the copy a queued arm runs in (under
     .dvc/tmp/exps): the embedded MLflow store (else each arm logs into its own copy, lost
     with it; a store named in the params or $MLFLOW_TRACKING_URI, which queue workers
-    inherit, is left alone) and evaluate's cache (the base-model baseline is the same in
-    every arm: the first arm makes it, the others reuse it)."""
+    inherit, is left alone) and evaluate's cache (arms on the same training data share one
+    base-model baseline: the first makes it, the others reuse it)."""
     import os
 
     from ..tracking import tracking_uri
