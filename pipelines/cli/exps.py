@@ -87,6 +87,13 @@ def changed_params(params: list[dict[str, Any]]) -> list[str]:
     return [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
 
 
+def _params(rev: str) -> dict[str, Any]:
+    """The params of an exp_show row's revision (the workspace's own for its row)."""
+    import dvc.api
+
+    return dvc.api.params_show(rev=None if rev == WORKSPACE else rev)
+
+
 def require_dvc_project(command: str) -> None:
     """A clear error, not DVC's clone traceback, when run outside a DVC project's root."""
     if not Path(".dvc").is_dir():
@@ -110,14 +117,10 @@ def exps_table(sweep: str | None = None, all_rows: bool = False) -> str:
     shown = dvc.api.exp_show(revs=sweep_baselines()) if sweep else dvc.api.exp_show()
     rows = [r for r in shown if all_rows or r["typ"] != "baseline" or r["rev"] == WORKSPACE]
     if sweep is not None:
-        rows = [
-            r
-            for r in rows
-            if dvc.api.params_show(rev=r["rev"]).get("mlflow", {}).get("sweep") == sweep
-        ]
+        rows = [r for r in rows if (_params(r["rev"]).get("mlflow") or {}).get("sweep") == sweep]
     revs = [None if r["rev"] == WORKSPACE else r["rev"] for r in rows]
     names = [r["Experiment"] or r["rev"] for r in rows]
-    params = [dvc.api.params_show(rev=rev) for rev in revs]
+    params = [_params(r["rev"]) for r in rows]
     changed = changed_params(params)
     # A queued, running or failed experiment has no results of its own yet: its state instead.
     heads = [
