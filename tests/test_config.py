@@ -168,7 +168,7 @@ def test_override_of_an_empty_mapping_or_null_clears_the_mapping(value):
     # A non-empty mapping still merges into the file's mapping.
     params = load_params(ROOT / "params.yaml", ["prepare.max_examples={test: 7}"])
     assert TemperParams.of(params).prepare.max_examples == {
-        "train": 640,
+        "train": 1280,
         "validation": 128,
         "test": 7,
     }
@@ -182,7 +182,7 @@ def test_exponent_numbers_and_dvc_plus_keys_parse_as_under_dvc():
     assert parse_overrides(["a.b=x5e-4"]) == {"a": {"b": "x5e-4"}}
     params = load_params(ROOT / "params.yaml", ["+train.candidates.r16.rank=8"])
     cfg = TemperParams.of(params).train
-    assert cfg.candidates["r16"] == {"learning_rate": 0.0015, "epochs": 2.0, "rank": 8}
+    assert cfg.candidates["r16"] == {"learning_rate": 0.0015, "epochs": 1.0, "rank": 8}
 
 
 def test_unknown_key_suggests_the_field_meant():

@@ -90,8 +90,10 @@ def tiny_cfg(tmp: Path, data: Path, **kw) -> TrainConfig:
 
 
 def test_shipped_params_load_and_every_candidate_resolves():
-    cfg = TemperParams.of(load_params(ROOT / "params.yaml")).train
-    assert len(cfg.candidates) >= 2
+    # The shipped candidate(s), and one added the way a user adds one (`-S '+...'`).
+    added = "+train.candidates.alt={learning_rate: 0.003, max_steps: 48}"
+    cfg = TemperParams.of(load_params(ROOT / "params.yaml", [added])).train
+    assert "r16" in cfg.candidates and cfg.candidate("alt").max_steps == 48
     for name in cfg.candidates:
         resolved = cfg.candidate(name)
         for key, value in cfg.candidates[name].items():
