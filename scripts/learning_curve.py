@@ -1,7 +1,7 @@
 """Learning curve: the adapter and the classical yardstick against training examples.
 
-    python scripts/learning_curve.py docs/results/quick-160.json metrics/eval.json \\
-        docs/results/full.json --out docs/learning_curve
+    python scripts/learning_curve.py docs/results/quick-160.json docs/results/quick-640.json \\
+        metrics/eval.json docs/results/full-profile-2ep.json --candidate r16
 
 Each argument is an `eval.json` of a measured run (the evaluate stage's output): its
 yardstick was trained on the very records its candidates saw (`classical.n_train`), so each
@@ -9,7 +9,7 @@ file gives one x with both curves. The adapter is `--candidate` where the file h
 run's winner, else its best candidate on test. Writes `<out>.png` and `<out>.json` (the points, with 95% intervals and each run's
 test-set size: the quick runs score a 320-clause sample, the full run all 816 test clauses).
 
-Prints `RESULT learning_curve_points <n>`.
+Prints where the adapter reaches the yardstick (interpolated) and `RESULT learning_curve_points <n>`.
 """
 
 from __future__ import annotations
@@ -38,6 +38,20 @@ def point(path: Path, metric: str, candidate: str | None = None) -> dict:
         "yardstick": yard,
         "delta": delta,
     }
+
+
+def crossing(points: list[dict]) -> float | None:
+    """Where adapter - yardstick first turns from below zero to at or above it, interpolated
+    linearly in log(examples) between the two measured points around it (an estimate: the
+    runs on either side may differ in more than their data)."""
+    import math
+
+    for a, b in zip(points, points[1:], strict=False):
+        da, db = a["delta"].get("value"), b["delta"].get("value")
+        if da is not None and db is not None and da < 0 <= db:
+            t = -da / (db - da)
+            return math.exp(math.log(a["n_train"]) + t * math.log(b["n_train"] / a["n_train"]))
+    return None
 
 
 def main() -> None:
@@ -95,6 +109,11 @@ def main() -> None:
             f"{p['adapter']['value']:.3f}, yardstick {p['yardstick']['value']:.3f}, "
             f"delta {p['delta'].get('value', float('nan')):+.3f} "
             f"[{p['delta'].get('ci_low', float('nan')):+.3f}, {p['delta'].get('ci_high', float('nan')):+.3f}]"
+        )
+    cross = crossing(points)
+    if cross is not None:
+        print(
+            f"the adapter reaches the yardstick near {cross:,.0f} training examples (interpolated)"
         )
     print(f"RESULT learning_curve_points {len(points)}")
 
