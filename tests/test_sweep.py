@@ -197,3 +197,35 @@ def test_exps_and_sweep_outside_a_dvc_project_say_so_in_one_line(tmp_path, monke
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"name": "s", "grid": {"train.rank": [8]}}))
     result = CliRunner().invoke(app, ["sweep", "sweep.yaml"])
     assert result.exit_code == 1 and "run temper sweep in its root" in result.output, result.output
+
+
+def test_a_queue_without_a_worker_is_an_error_not_a_hang(tmp_path, monkeypatch):
+    """Arms queued and no worker to run them (one died, or none started): `wait_for` stops
+    with what to do, where it once polled forever; the queue's state comes from its files."""
+    import os
+    import subprocess
+
+    from temper.cli.sweep import SweepError, wait_for, worker_alive
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "params.yaml").write_text("x: 1\n")
+    (repo / "dvc.yaml").write_text(
+        'stages:\n  s:\n    cmd: python -c "print(1)"\n    params: [x]\n'
+    )
+    for args in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+        subprocess.run(args, cwd=repo, check=True, env=env_of())
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", "x")
+    sh(repo, "dvc", "exp", "run", "--queue", "-n", "w-1", "-S", "x=2", env=env_of())
+    monkeypatch.chdir(repo)
+    with pytest.raises(SweepError, match=r"worker stopped with arms w-1 unrun: `dvc queue start`"):
+        wait_for(["w-1"], poll_s=0.1)
+
+    info = tmp_path / "dvc-exp-worker-1.json"
+    info.write_text(json.dumps({"pid": os.getpid(), "returncode": None}))
+    assert worker_alive(info)
+    info.write_text(json.dumps({"pid": os.getpid(), "returncode": 0}))  # it ended
+    assert not worker_alive(info)
+    info.write_text("")  # being written
+    assert not worker_alive(info)

@@ -59,7 +59,9 @@ def headline(rev: str | None, experiment: str | None = None) -> dict[str, str]:
         reg = {}
     primary = ev.get("primary_metric", "-")
     cands = ev.get("candidates") or {}
-    focus = ev.get("winner") or (ev.get("selection") or {}).get("chosen")
+    # The candidate picked on validation (as the pipeline run's headline metrics): it differs
+    # from the winner only when the gates refuse the picked one.
+    focus = (ev.get("selection") or {}).get("chosen") or ev.get("winner")
     focus = focus or next(iter(cands), None)
     version = f"v{reg['version']}" if reg.get("registered") else "-"
     return {

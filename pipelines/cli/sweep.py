@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shlex
 import subprocess
 import time
@@ -191,28 +192,57 @@ def dvc(*args: str) -> str:
     return done.stdout
 
 
-def queue_status(names: set[str]) -> dict[str, str]:
-    """`dvc queue status` for these arms: name -> Queued | Running | Success | Failed ..."""
-    found: dict[str, str] = {}
-    for line in dvc("queue", "status").splitlines():
-        cells = line.split()
-        if len(cells) >= 2 and cells[1] in names:
-            found[cells[1]] = cells[-1]
-    return found
+def queue_states(names: set[str]) -> tuple[dict[str, str], bool]:
+    """The arms' states in DVC's queue (Queued, Running, Success, Failed) and whether a queue
+    worker is alive, read from the queue's files. Not `dvc queue status`: its worker query is a
+    broadcast through the queue's filesystem broker, whose messages kombu does not write
+    atomically; a worker that read one half-written died of it (JSONDecodeError) in CI and
+    left the other arms queued for good."""
+    from dvc.repo import Repo
+
+    states: dict[str, str] = {}
+    with Repo() as repo:
+        queue = repo.experiments.celery_queue
+        for entry, result in queue.iter_done():  # an earlier sweep's arm of the same name too
+            states[entry.name] = "Success" if result is not None else "Failed"
+        states |= {entry.name: "Running" for entry in queue.iter_active()}
+        states |= {entry.name: "Queued" for entry in queue.iter_queued()}
+        alive = any(worker_alive(info) for info in Path(queue.wdir).glob("dvc-exp-worker-*.json"))
+    return {name: state for name, state in states.items() if name in names}, alive
+
+
+def worker_alive(info_file: Path) -> bool:
+    """Whether the queue worker of this process-info file (DVC's, one per worker) runs."""
+    try:
+        info = json.loads(info_file.read_text() or "{}")
+        os.kill(int(info["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return info.get("returncode") is None
 
 
 def wait_for(names: list[str], poll_s: float) -> dict[str, str]:
-    """Poll the queue until no arm is queued or running; print each arm as it ends."""
+    """Watch the queue until no arm is queued or running; print each arm as it ends. A worker
+    gone with arms left (seen twice: a new worker writes its file a moment after it starts)
+    is a SweepError that says how to go on."""
     done: dict[str, str] = {}
+    missing_worker = 0
     while True:
-        status = queue_status(set(names))
+        states, alive = queue_states(set(names))
         for name in names:
-            state = status.get(name, "Removed")  # ended arms stay listed until removed
+            state = states.get(name, "Removed")
             if state not in PENDING and name not in done:
                 done[name] = state
                 typer.echo(f"  {name}: {state} ({len(done)}/{len(names)})")
         if len(done) == len(names):
             return done
+        missing_worker = 0 if alive else missing_worker + 1
+        if missing_worker >= 2:
+            left = ", ".join(n for n in names if n not in done)
+            raise SweepError(
+                f"DVC's queue worker stopped with arms {left} unrun: `dvc queue start` runs "
+                "them, `cat .dvc/tmp/exps/celery/*.out` says why it stopped"
+            )
         time.sleep(poll_s)
 
 
@@ -223,9 +253,7 @@ def sweep_cmd(
         bool, typer.Option("--queue-only", help="Queue the arms; `dvc queue start` runs them.")
     ] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the commands only.")] = False,
-    # Each look is a `dvc queue status` process (about 1 s of CPU, 2 s of wall time): a
-    # 5-second poll took a sixth of a core from the arms it watched on a 2-core machine.
-    poll_s: Annotated[float, typer.Option(help="Seconds between looks at the queue.")] = 30.0,
+    poll_s: Annotated[float, typer.Option(help="Seconds between looks at the queue.")] = 10.0,
     params: ParamsOpt = PARAMS,
 ) -> None:
     """Queue one DVC experiment per combination of a sweep file's axes, run them, and print
