@@ -31,35 +31,26 @@ REAL_MODEL_FIXTURES = {"base_model_dir", "prepared_dir"}
 
 
 # Under `make test` (pytest-xdist, `--dist loadgroup`) a worker takes one group at a time: a
-# module, or the vLLM group (every test that starts vLLM, one after another on one worker: one
-# vLLM at a time on a 2-core machine, not two competing for it; the same modules' built-in
-# engine cases run elsewhere meanwhile). Groups go out heaviest first (seconds in CI,
-# docs/ci.md), so the workers finish together; the rest follow in file order. Order changes the
-# wall time, never what runs. (xdist's own `xdist_group` marks do not group under pytest 9.2,
-# whose node ids xdist 3.8 can no longer suffix: hence the scheduler below, which groups by
-# node id: xdist's controller sees ids, not markers; `check_vllm_tests_are_grouped` holds the
-# two together.)
+# module, or the vLLM modules together (one vLLM at a time on a 2-core machine, not two
+# competing for it). Groups go out heaviest first (seconds in CI, docs/ci.md), so the workers
+# finish together; the rest follow in file order. Order changes the wall time, never what runs.
+# (xdist's own `xdist_group` marks do not group under pytest 9.2, whose node ids xdist 3.8 can
+# no longer suffix: hence the scheduler below, which groups by file name.)
 VLLM_GROUP = "vllm"
-VLLM_MODULES = {"test_evaluate_vllm.py"}  # every test in it runs vLLM
-VLLM_PARAMS = {"vllm", "bench_engines"}  # the vLLM cases' ids in modules that test both engines
-# Compares what both engines answered within one session: both cases on the same worker.
-VLLM_TESTS = {"test_same_answers_confidences_and_tiers_on_both_engines"}
+VLLM_MODULES = {"test_serve.py", "test_serve_route.py", "test_evaluate_vllm.py", "test_benches.py"}
 HEAVIEST_FIRST = [
-    VLLM_GROUP,  # ~870 s
+    VLLM_GROUP,  # ~900 s
     "test_team.py",
     "test_openai_sources.py",
     "test_field_kinds.py",
     "test_sweep.py",
     "test_train.py",
     "test_gpu_check.py",
-    "test_benches.py",
-    "test_serve.py",
     "test_bundle.py",
     "test_task_nli.py",
     "test_register.py",
     "test_evaluate.py",
     "test_distil_batch.py",
-    "test_serve_route.py",
     "test_distil.py",
     "test_monitor_serve.py",
     "test_monitor_drift.py",
@@ -68,12 +59,9 @@ HEAVIEST_FIRST = [
 
 
 def group_of(nodeid: str) -> str:
-    """The group a test runs in: the vLLM group, or its module's file."""
-    module, _, test = nodeid.partition("::")
-    name, _, param = test.partition("[")
-    if Path(module).name in VLLM_MODULES or param.rstrip("]") in VLLM_PARAMS or name in VLLM_TESTS:
-        return VLLM_GROUP
-    return module
+    """The group a test runs in: its module's file, or the vLLM group."""
+    module = nodeid.split("::", 1)[0]
+    return VLLM_GROUP if Path(module).name in VLLM_MODULES else module
 
 
 @pytest.hookimpl(optionalhook=True)  # pytest -p no:xdist runs without it
@@ -91,7 +79,7 @@ def pytest_xdist_make_scheduler(config, log):
 
 def pytest_collection_modifyitems(config, items):
     check_real_model_tests_are_slow(items)
-    check_vllm_tests_are_grouped(items)
+    check_vllm_modules_are_grouped(items)
 
     def rank(item) -> int:
         group = Path(group_of(item.nodeid)).name
@@ -100,13 +88,10 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=rank)  # stable: a module's tests keep their order
 
 
-def check_vllm_tests_are_grouped(items) -> None:
-    """Every test marked `vllm` lands in the vLLM group (else two vLLMs could overlap)."""
-    loose = [
-        i.nodeid for i in items if i.get_closest_marker("vllm") and group_of(i.nodeid) != VLLM_GROUP
-    ]
-    if loose:
-        raise pytest.UsageError(f"put {loose} in the vLLM group (conftest: VLLM_MODULES, ...)")
+def check_vllm_modules_are_grouped(items) -> None:
+    found = {item.path.name for item in items if item.get_closest_marker("vllm")}
+    if found - VLLM_MODULES:
+        raise pytest.UsageError(f"add {sorted(found - VLLM_MODULES)} to VLLM_MODULES (conftest)")
 
 
 def check_real_model_tests_are_slow(items) -> None:
