@@ -34,7 +34,7 @@ from ..params import TemperParams
 from .common import PARAMS, ParamsOpt
 from .profiles import override_value, profile_overrides
 
-# `dvc queue status` rows still to finish (any other state has ended; only Success is good).
+# Arm states in DVC's queue still to finish (any other has ended; only Success is good).
 PENDING = {"Queued", "Running"}
 
 
@@ -144,8 +144,6 @@ def pinned_paths(params_file: Path) -> dict[str, Any]:
     with it; a store named in the params or $MLFLOW_TRACKING_URI, which queue workers
     inherit, is left alone) and evaluate's cache (arms on the same training data share one
     base-model baseline: the first makes it, the others reuse it)."""
-    import os
-
     from ..tracking import tracking_uri
 
     params = TemperParams.load(params_file)
