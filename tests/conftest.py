@@ -88,6 +88,30 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=rank)  # stable: a module's tests keep their order
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test that talked to a `temper serve` process gets the tail of that server's
+    logs (its own, its stderr, its vLLM's) in the report: CI shows why a request failed."""
+    report = yield
+    if report.failed and call.when == "call":
+        for folder in server_log_folders(getattr(item, "funcargs", {}).values()):
+            for path in sorted(folder.glob("*.log")) + sorted(folder.glob("*.stderr")):
+                lines = path.read_text(errors="replace").splitlines()[-40:]
+                report.sections.append((f"tail of {path.name}", "\n".join(lines)))
+    return report
+
+
+def server_log_folders(values) -> list[Path]:
+    """The log folders of the running servers among a test's fixture values (or in tuples)."""
+    found = []
+    for value in values:
+        for part in value if isinstance(value, tuple) else (value,):
+            log = getattr(part, "log", None)
+            if isinstance(log, Path) and hasattr(part, "proc") and log.parent not in found:
+                found.append(log.parent)
+    return found
+
+
 def check_vllm_modules_are_grouped(items) -> None:
     found = {item.path.name for item in items if item.get_closest_marker("vllm")}
     if found - VLLM_MODULES:

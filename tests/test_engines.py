@@ -6,7 +6,9 @@ engines run in test_serve.py, test_serve_route.py and test_evaluate_vllm.py."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -118,3 +120,65 @@ def test_serve_with_no_vllm_environment_stops_before_loading_anything(tmp_path):
     cfg = ServeConfig(engine="vllm", log_file=str(tmp_path / "serve.log"))
     with pytest.raises(ConfigError, match="make vllm"):
         serve(cfg, [], vllm_cfg=VllmConfig(python=str(tmp_path / "missing" / "python")))
+
+
+class FlakyVllm:
+    """A stand-in for vLLM's streamed `/v1/completions` on a real loopback socket: the first
+    `drops` requests lose their connection before any answer (a dropped keep-alive, a reset),
+    the others stream tokens 3, 4 and EOS."""
+
+    def __init__(self, drops: int):
+        import socket
+
+        self.drops, self.requests = drops, 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        chunk = {"choices": [{"token_ids": [3, 4, 2], "text": "cd", "finish_reason": "stop"}]}
+        body = f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode()
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                self.requests += 1
+                if self.requests <= self.drops:
+                    continue  # closed without a byte of answer
+                head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                head += f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+                conn.sendall(head.encode() + body)
+
+
+def run_job(server: FlakyVllm, emit=None) -> Job:
+    """One job through the engine attached to `server`, as the gateway runs it."""
+    vllm = engine(engine_url=server.url)
+    vllm.up.set()
+    job = Job(prompt_ids=[1], max_new_tokens=8, key=(), emit=emit)
+
+    async def go() -> None:
+        finished = asyncio.Event()
+        vllm.submit(job, context(), lambda j: finished.set())
+        await finished.wait()
+        await vllm.client.aclose()
+
+    asyncio.run(go())
+    server.sock.close()
+    return job
+
+
+def test_a_connection_lost_before_any_token_is_tried_once_more():
+    server = FlakyVllm(drops=1)
+    job = run_job(server)
+    assert job.error is None and job.token_ids == [3, 4] and job.text == "cd"
+    assert server.requests == 2
+
+
+def test_a_second_loss_reaches_the_client_as_engine_unavailable():
+    server = FlakyVllm(drops=2)
+    job = run_job(server, emit=lambda text, entries: None)
+    assert isinstance(job.error, EngineUnavailable) and server.requests == 2

@@ -112,7 +112,11 @@ class VllmClient:
 
     def client(self) -> httpx.AsyncClient:
         if self._async is None:
-            limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+            # vLLM's uvicorn closes a connection idle for 5 s (VLLM_HTTP_TIMEOUT_KEEP_ALIVE);
+            # one reused just then fails with a ReadError (seen in CI): forget them sooner.
+            limits = httpx.Limits(
+                max_connections=256, max_keepalive_connections=64, keepalive_expiry=2.0
+            )
             self._async = httpx.AsyncClient(
                 base_url=self.url, headers=self.headers, timeout=self.timeout, limits=limits
             )

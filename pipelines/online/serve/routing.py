@@ -15,17 +15,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from ... import bundle
+from ...engines import EngineUnavailable
 from ..cache import version_key
 from ..route import NoTierAnswered, Routed, Router, RouteRefused, SelfAnswer, decisive_confidence
 from ..route.config import RouteConfig
 from .adapters import Served
 from .completions import Completions, all_entries, chat_body, extras, make_job
 from .protocol import ApiError, ChatRequest, usage
+
+log = logging.getLogger("temper.serve")
 
 
 def routable(prompt: str, req: ChatRequest) -> bool:
@@ -115,7 +119,11 @@ class RoutedCompletions:
             self.completions.engine.cancel(job)
             raise
         if job.error is not None:
-            return SelfAnswer(error="error")
+            # the reason goes in the route summary; the engine's words go in the server log
+            log.warning("the self tier failed: %s", job.error)
+            return SelfAnswer(
+                error="unavailable" if isinstance(job.error, EngineUnavailable) else "error"
+            )
         self.completions.record(req, served, job, n_prompt, t0, info)
         extra = extras(served, job)
         seconds = time.perf_counter() - t0

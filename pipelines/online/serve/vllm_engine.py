@@ -163,9 +163,16 @@ class VllmEngine:
 
     async def _run(self, job: Job, ctx: Any, done: Callable[[Job], None]) -> None:
         try:
-            await self._generate(job, ctx)
-            if self._rescore_needed(job, ctx):
-                await self._rescore(job, ctx)
+            try:
+                await self._answer(job, ctx)
+            except EngineUnavailable as err:
+                if not self._retryable(job):
+                    raise
+                # A passing failure (a dropped connection, an aborted stream) while the process
+                # lives, before the client saw a token: once more, as a client would retry.
+                log.warning("vLLM request failed, trying it once more: %s", err)
+                self._restart_job(job)
+                await self._answer(job, ctx)
         except asyncio.CancelledError:
             job.finish_reason = job.finish_reason or "cancelled"
         except EngineRejected as err:
@@ -177,6 +184,21 @@ class VllmEngine:
             job.finished = job.finished or time.perf_counter()
             self.tasks.pop(id(job), None)
             done(job)
+
+    async def _answer(self, job: Job, ctx: Any) -> None:
+        await self._generate(job, ctx)
+        if self._rescore_needed(job, ctx):
+            await self._rescore(job, ctx)
+
+    def _retryable(self, job: Job) -> bool:
+        alive = self.up.is_set() and (self.server is None or self.server.alive())
+        return alive and not job.cancelled.is_set() and (job.emit is None or not job.token_ids)
+
+    @staticmethod
+    def _restart_job(job: Job) -> None:
+        """Forget what a failed attempt produced (nothing of it reached the client)."""
+        job.text, job.finish_reason, job.first_token = "", None, None
+        job.token_ids, job.logprobs, job.top, job.rescored = [], [], [], {}
 
     def body(self, job: Job, ctx: Any) -> dict[str, Any]:
         """The vLLM `/v1/completions` request for a job."""
