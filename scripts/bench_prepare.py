@@ -234,11 +234,14 @@ def main() -> None:
     parser.add_argument("--baseline-records", type=int, default=None)
     parser.add_argument("--timeout", type=int, default=1800, help="Per run, seconds.")
     parser.add_argument(
-        "--smoke", action="store_true", help="2,000 records: does it run (CI), not a timing."
+        "--smoke",
+        action="store_true",
+        help="500 records, and the shipped test split alone: does it run (CI), not a timing.",
     )
     args = parser.parse_args()
+    shipped = SPLITS
     if args.smoke:
-        args.records = 2_000
+        args.records, shipped = 500, ("test",)
         from bench_serve import smoke_base  # prepare reads the base model's tokenizer
 
         smoke_base()  # built into models/base when absent, as `dvc repro base_model` would
@@ -253,7 +256,7 @@ def main() -> None:
     size_mb = data.stat().st_size / 1e6
     print(f"data: {size_mb:.0f} MB, {args.records} records")
 
-    runs = [run_prepare("shipped", [RAW / f"{s}.jsonl" for s in SPLITS], work)]
+    runs = [run_prepare("shipped", [RAW / f"{s}.jsonl" for s in shipped], work)]
     runs.append(run_prepare("bench", [data], work, timeout=args.timeout))
     if args.baseline_rev:
         code = work / f"rev-{args.baseline_rev}"

@@ -416,6 +416,30 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def run_parts(
+    report: dict[str, Any],
+    work: Path,
+    task: Any,
+    args: argparse.Namespace,
+    steps: int,
+    max_length: int,
+) -> None:
+    """Each part of the check in turn, its figures or its error in `report`."""
+    data = prepare_data(work, task, args.base, args.tiny)
+    report["data"] = {
+        s: len((data / f"{s}.jsonl").read_text().splitlines())
+        for s in ("train", "validation", "test")
+    }
+    guarded(
+        report, "lora_qlora", part_lora_qlora, work, data, args.base, steps, args.device, max_length
+    )
+    if not args.skip_full:
+        guarded(report, "full", part_full, work, data, args.base, task, args.device, args.tiny)
+    ddp_steps = 1 if args.tiny else 50
+    guarded(report, "ddp", part_ddp, work, data, args.base, args.device, ddp_steps, max_length)
+    guarded(report, "fsdp_load", part_fsdp_load, args.base, args.device)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "gpu-check")
@@ -451,21 +475,10 @@ def main() -> int:
     steps = 1 if args.tiny else args.steps
     max_length = TOY_MAX_LENGTH if args.tiny else 384
     task = load_task(ROOT / "configs" / "tasks" / "clause_review.yaml")
-    work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     ensure_base(args.base)
-    data = prepare_data(work, task, args.base, args.tiny)
-    report["data"] = {
-        s: len((data / f"{s}.jsonl").read_text().splitlines())
-        for s in ("train", "validation", "test")
-    }
-    guarded(
-        report, "lora_qlora", part_lora_qlora, work, data, args.base, steps, args.device, max_length
-    )
-    if not args.skip_full:
-        guarded(report, "full", part_full, work, data, args.base, task, args.device, args.tiny)
-    ddp_steps = 1 if args.tiny else 50
-    guarded(report, "ddp", part_ddp, work, data, args.base, args.device, ddp_steps, max_length)
-    guarded(report, "fsdp_load", part_fsdp_load, args.base, args.device)
+    # The toy data and checkpoints are scratch (~80 MB a run): removed whatever happens.
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch:
+        run_parts(report, Path(scratch), task, args, steps, max_length)
     report["total_s"] = round(time.perf_counter() - t0, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")

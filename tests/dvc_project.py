@@ -14,6 +14,8 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Tiny sizes for a pipeline run whose test checks that a task or profile goes through, not how
@@ -83,3 +85,17 @@ def exp_run(repo: Path, overrides: list[str], name: str | None = None) -> str:
     return sh(
         repo, "dvc", "exp", "run", *named, *[a for o in overrides for a in ("-S", o)], env=env_of()
     )
+
+
+def declared_outputs(repo: Path) -> list[Path]:
+    """Every out, metric and plot file dvc.yaml declares (foreach stages resolved by glob)."""
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    paths = []
+    for stage in stages.values():
+        body = stage.get("do", stage)
+        for kind in ("outs", "metrics", "plots"):
+            for entry in body.get(kind, []):
+                name = entry if isinstance(entry, str) else next(iter(entry))
+                if "${" not in name:
+                    paths.append(repo / name)
+    return paths

@@ -35,6 +35,13 @@ def test_the_vllm_command_line_and_environment(tmp_path):
     assert argv[argv.index("--max-lora-rank") + 1] == "16"  # the smallest vLLM choice >= 12
     assert argv[argv.index("--structured-outputs-config") + 1] == '{"backend": "guidance"}'
     assert "--enable-lora" in argv and argv[-2:] == ["--seed", "1"]
+    # CPU: small KV blocks, so a one-token rescoring request reuses nearly all of its prefix
+    assert argv[argv.index("--block-size") + 1] == "32"
+    gpu = VllmServer(cfg.model_copy(update={"device": "cuda"}), "/models/base", tmp_path / "l")
+    assert "--block-size" not in gpu.argv()  # vLLM's own choice on a GPU, unless set
+    chosen = cfg.model_copy(update={"device": "cuda", "block_size": 64})
+    argv = VllmServer(chosen, "/models/base", tmp_path / "l").argv()
+    assert argv[argv.index("--block-size") + 1] == "64"
     env = server.env()
     assert env["VLLM_TARGET_DEVICE"] == "cpu" and env["VLLM_CPU_KVCACHE_SPACE"] == "3"
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"

@@ -20,7 +20,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 def test_vllm_answers_equal_the_builtin_loop(tmp_path, base_model_dir, prepared_dir, task):
     engine_args("vllm")  # skips (or fails in CI) when vLLM's environment is missing
-    records = read_jsonl(prepared_dir / "test.jsonl")[:8]
+    # 4 clauses: each is compared token by token, and vLLM's CPU LoRA path is ~5x slower
+    # than its base model's (as many rescoring requests as label tokens).
+    records = read_jsonl(prepared_dir / "test.jsonl")[:4]
     prompts = [r["prompt"] for r in records]
     adapter = gentle_adapter(base_model_dir, tmp_path / "gentle")
     cfg = EvaluateConfig(progress=False, threads=2, batch_size=8)

@@ -1,19 +1,19 @@
-"""Every answer kind of docs/tasks.md through the real pipeline, in two small CUAD tasks.
+"""Every answer kind of docs/tasks.md through the real pipeline, in one small CUAD task.
 
-`labels` holds the label-like kinds (a multi-label set first, so the few-shot picking keys on
-lists; a single label, which the splits are stratified by; a boolean): each gets its metrics,
-macro-F1 where single-valued, and a TF-IDF yardstick; the confusion matrix is the label's.
-`free` holds the kinds without labels (a list first, a nullable text, an integer with a
-tolerance): no yardstick, no confusion matrix, a per-class plot that says there is nothing to
-show. Each task goes through real `dvc exp run` (prepare -> distil -> train -> evaluate ->
-route -> cache_eval -> cost -> register) in a copy of the project and gets its model
-registered with `@challenger` (a model's first version gets the alias even from an
-experiment). Tiny sizes: what is checked is that each kind runs on its own terms and that
-every output dvc.yaml declares exists, not how well 2 steps learn.
+The task holds the label-like kinds (a multi-label set first, so the few-shot picking keys on
+lists; a single label, which the splits are stratified by; a boolean) and the kinds without
+labels (a list, a nullable text, an integer with a tolerance). Each field gets its own metrics;
+the label-like ones macro-F1 where single-valued and a TF-IDF yardstick; the confusion matrix
+is the single label's. The task goes through real `dvc exp run` (prepare -> distil -> train ->
+evaluate -> route -> cache_eval -> cost -> register) in a copy of the project and gets its
+model registered with `@challenger` (a model's first version gets the alias even from an
+experiment). Tiny sizes: what is checked is that each kind runs on its own terms and that every
+output dvc.yaml declares exists, not how well 2 steps learn.
 
-(Until December 2026 this ran one task per kind: six pipeline runs of ~75 s. Two tasks reach
-the same code: the kind-specific paths are per field, and the task-level ones (label field or
-none, list answers first) are covered by one task each.)
+(Until December 2026 this ran one task per kind, six pipeline runs of ~75 s, then two tasks,
+label-like kinds and the rest. The kind-specific paths are per field, so one task reaches them
+all; a task with no label-like field at all (no yardstick, an empty confusion matrix) is the
+OpenAI chat profile's text task, `tests/test_openai_sources.py`.)
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from dvc_project import TINY, env_of, exp_run, make_repo, sh
+from dvc_project import TINY, declared_outputs, env_of, exp_run, make_repo, sh
 
 from temper.cli.profiles import profile_overrides
 from temper.config import read_yaml
@@ -31,7 +31,7 @@ from temper.params import TemperParams
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["Audit Rights", "Insurance", "Anti-Assignment", "Cap on Liability", "Governing Law"]
-SMALL = ["prepare.max_examples={train:16,validation:8,test:8}", *TINY]
+SMALL = ["prepare.max_examples={train:16,validation:4,test:4}", *TINY]
 
 
 class Kind:
@@ -42,63 +42,57 @@ class Kind:
         self.metric, self.label_like = f"{name}.{metric}", label_like
 
 
-# task -> its fields, in order (the first field keys the few-shot choice)
-TASKS: dict[str, list[Kind]] = {
-    "labels": [
-        Kind(
-            "tags", {"kind": "label", "multi": True, "labels": LABELS}, "labels", "micro_f1", True
-        ),
-        Kind("clause_type", {"kind": "label", "labels": LABELS}, "category", "accuracy", True),
-        Kind("multiple", {"kind": "boolean"}, "multi_label", "accuracy", True),
-    ],
-    "free": [
-        Kind("terms", {"kind": "list"}, "labels", "set_f1", False),
-        Kind(
-            "excerpt",
-            {"kind": "text", "nullable": True, "null_values": ["Yes", "No", "[]"]},
-            "answer",
-            "rougeL",
-            False,
-        ),
-        Kind(
-            "words",
-            {"kind": "number", "integer": True, "tolerance": 5},
-            "n_words",
-            "within_tolerance",
-            False,
-        ),
-    ],
-}
-PRIMARY = {"labels": "clause_type.accuracy", "free": "excerpt.rougeL"}
+# the task's fields, in order (the first field keys the few-shot choice)
+KINDS: list[Kind] = [
+    Kind("tags", {"kind": "label", "multi": True, "labels": LABELS}, "labels", "micro_f1", True),
+    Kind("clause_type", {"kind": "label", "labels": LABELS}, "category", "accuracy", True),
+    Kind("multiple", {"kind": "boolean"}, "multi_label", "accuracy", True),
+    Kind("terms", {"kind": "list"}, "labels", "set_f1", False),
+    Kind(
+        "excerpt",
+        {"kind": "text", "nullable": True, "null_values": ["Yes", "No", "[]"]},
+        "answer",
+        "rougeL",
+        False,
+    ),
+    Kind(
+        "words",
+        {"kind": "number", "integer": True, "tolerance": 5},
+        "n_words",
+        "within_tolerance",
+        False,
+    ),
+]
+PRIMARY = "clause_type.accuracy"
 
 
-def task_file(task: str) -> dict:
-    names = ", ".join(k.name for k in TASKS[task])
+def task_file() -> dict:
+    names = ", ".join(k.name for k in KINDS)
     return {
-        "name": f"kinds_{task}",
+        "name": "kinds",
         "version": 1,
         "description": f"Answer {names} about a CUAD contract clause.",
         "system_prompt": f"Read the contract clause. Reply with JSON only, keys {names}.",
         "user_template": "Clause:\n{text}",
         "labels_in_student_prompt": True,
-        "max_new_tokens": 32,
+        "max_new_tokens": 48,
         "fields": [
             {"name": k.name, "description": f"The {k.name}.", "gold": True, **k.field}
-            for k in TASKS[task]
+            for k in KINDS
         ],
     }
 
 
-def profile(task: str) -> dict:
+def profile(**evaluate) -> dict:
     return {
-        "task": f"configs/tasks/kinds_{task}.yaml",
+        "task": "configs/tasks/kinds.yaml",
         "prepare": {
             "fields": {
                 "id": "id",
                 "text": "clause",
                 "group": "contract_id",
                 "split": "split",
-                "gold": {k.name: k.column for k in TASKS[task]},
+                "gold": {k.name: k.column for k in KINDS},
                 "gold_all": {},
             },
             # The label kinds keep to 5 of CUAD's 38 clause types (a small label list).
@@ -106,14 +100,14 @@ def profile(task: str) -> dict:
             "source_dir": "data/raw/kinds",
         },
         "train": {"candidates": {"r16": {"learning_rate": 0.003}}},  # one candidate: quicker
-        "evaluate": {"primary_metric": PRIMARY[task]},
-        "register": {"model_name": f"temper-kinds-{task}"},
+        "evaluate": {"primary_metric": PRIMARY, **evaluate},
+        "register": {"model_name": "temper-kinds"},
     }
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, base_model_dir) -> Path:
-    """A git + DVC copy of the project with a 5-label CUAD sample and the two tasks."""
+    """A git + DVC copy of the project with a 5-label CUAD sample and the task."""
 
     def add_sample_and_tasks(repo: Path) -> None:
         rows = []
@@ -125,56 +119,38 @@ def project(tmp_path_factory, base_model_dir) -> Path:
         sample = repo / "data" / "raw" / "kinds" / "clauses.jsonl"
         sample.parent.mkdir(parents=True)
         sample.write_text("".join(rows))
-        for task in TASKS:
-            text = yaml.safe_dump(task_file(task))
-            (repo / "configs" / "tasks" / f"kinds_{task}.yaml").write_text(text)
+        (repo / "configs" / "tasks" / "kinds.yaml").write_text(yaml.safe_dump(task_file()))
 
     repo = tmp_path_factory.mktemp("kinds") / "project"
     make_repo(repo, base_model_dir, ["data/raw/contracts/README.md"], add_sample_and_tasks)
     return repo
 
 
-def declared_outputs(repo: Path) -> list[Path]:
-    """Every out, metric and plot file dvc.yaml declares (foreach stages resolved by glob)."""
-    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
-    paths = []
-    for stage in stages.values():
-        body = stage.get("do", stage)
-        for kind in ("outs", "metrics", "plots"):
-            for entry in body.get(kind, []):
-                name = entry if isinstance(entry, str) else next(iter(entry))
-                if "${" not in name:
-                    paths.append(repo / name)
-    return paths
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("task", list(TASKS))
-def test_each_field_kind_runs_to_register_with_its_metrics(project, task):
+def test_every_field_kind_runs_to_register_with_its_metrics(project):
     params = read_yaml(project / "params.yaml")
-    overrides = profile_overrides(profile(task), params, TemperParams) + SMALL
-    exp_run(project, overrides, name=f"kinds-{task}")
+    overrides = profile_overrides(profile(), params, TemperParams) + SMALL
+    exp_run(project, overrides, name="kinds")
 
     missing = [str(p.relative_to(project)) for p in declared_outputs(project) if not p.exists()]
     assert not missing, missing
     evaluation = json.loads((project / "metrics" / "eval.json").read_text())
-    assert evaluation["task"]["name"] == f"kinds_{task}"
+    assert evaluation["task"]["name"] == "kinds"
     metrics = evaluation["candidates"]["r16"]["metrics"]
-    for kind in TASKS[task]:
+    yardstick = evaluation["classical"]["metrics"]
+    for kind in KINDS:
         assert kind.metric in metrics and kind.metric in evaluation["baseline"]["metrics"]
-        if kind.label_like:  # a TF-IDF yardstick for the label-like kinds
-            assert kind.metric in evaluation["classical"]["metrics"], evaluation["classical"]
+        # a TF-IDF yardstick for the label-like kinds, and only for them
+        assert (kind.metric in yardstick) == kind.label_like, (kind.metric, yardstick)
         if kind.field["kind"] in ("label", "boolean") and not kind.field.get("multi"):
             assert f"{kind.name}.macro_f1" in metrics
+    # the single label's matrix: one row per test example
     confusion = (project / "reports" / "plots" / "confusion.csv").read_text().splitlines()
     assert confusion[0] == "actual,predicted"
-    if task == "free":  # no label-like field: no yardstick, an empty confusion matrix
-        assert evaluation.get("classical") is None and len(confusion) == 1
-    else:  # the single label's matrix: one row per test example
-        assert len(confusion) == 1 + evaluation["n_examples"]
+    assert len(confusion) == 1 + evaluation["n_examples"]
 
     register = json.loads((project / "metrics" / "register.json").read_text())
-    assert register["registered"] and register["experiment"] == f"kinds-{task}"
+    assert register["registered"] and register["experiment"] == "kinds"
     assert register["alias"] == "challenger"  # a new model's first version gets the alias
 
     import mlflow
@@ -184,25 +160,28 @@ def test_each_field_kind_runs_to_register_with_its_metrics(project, task):
     version = client.get_model_version_by_alias(register["model_name"], "challenger")
     assert str(version.version) == register["version"]
     parent = client.get_run(register["pipeline_run_id"])
-    assert parent.info.run_name == f"kinds-{task}" and parent.info.status == "FINISHED"
+    assert parent.info.run_name == "kinds" and parent.info.status == "FINISHED"
 
 
 @pytest.mark.slow
 def test_temper_exps_shows_the_experiments_on_one_screen(project):
     """`dvc exp show` had 1,282 columns; `temper exps` keeps the changed params and the
-    headline results (runs after the tasks above, in the same project)."""
+    headline results. A second experiment of the task above (same project) under another
+    model name reruns register alone."""
+    assert "kinds" in sh(project, "dvc", "exp", "list", "--name-only", env=env_of()).split()
+    params = read_yaml(project / "params.yaml")
+    overrides = profile_overrides(profile(), params, TemperParams) + SMALL
+    out = exp_run(project, [*overrides, "register.model_name=temper-kinds-renamed"], "renamed")
+    assert "Running stage 'register'" in out and "Running stage 'evaluate'" not in out, out
+
     done = sh(project, "dvc", "exp", "list", "--name-only", env=env_of()).split()
-    assert done, "no experiment ran before this test"
     table = sh(project, "temper", "exps", env=env_of()).splitlines()
     header = [c.strip() for c in table[0].strip("|").split("|")]
-    assert header[0] == "experiment" and "task" in header and "registered" in header
-    if len(done) > 1:  # the params that differ between the tasks' runs, and only those
-        changed = set(header[1:-8])
-        assert "task" in changed and "evaluate.primary_metric" in changed, header
-        assert any(h.startswith("prepare.fields.gold.") for h in changed), header
-        assert "train.rank" not in header
+    assert header[0] == "experiment" and "task name" in header and "registered" in header
+    # the params that differ between the runs, and only those
+    assert "register.model_name" in header and "train.rank" not in header, header
     rows = {line.split("|")[1].strip(): line for line in table[2:]}
     for name in done:
-        task = name.removeprefix("kinds-")
-        assert f"kinds_{task}" in rows[name] and "@challenger" in rows[name], rows[name]
+        assert "kinds" in rows[name] and "@challenger" in rows[name], rows[name]
+    assert "temper-kinds-renamed" in rows["renamed"]
     assert max(len(line) for line in table) < 400  # a screen, not 56k characters

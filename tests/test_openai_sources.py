@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
-from dvc_project import TINY, exp_run, make_repo
+from dvc_project import TINY, declared_outputs, exp_run, make_repo
 
 from temper.records.conversations import chat_records, log_records
 from temper.records.sources import InputError, iter_numbered
@@ -186,7 +186,7 @@ def test_generated_csv_ids_count_data_rows_from_one_and_locations_keep_the_line(
 
 # --------------------------------------------------------------------------- end to end
 
-SMALL = ["prepare.max_examples={train:24,validation:8,test:8}", *TINY]
+SMALL = ["prepare.max_examples={train:24,validation:4,test:4}", *TINY]
 
 
 def run_profile(tmp_path: Path, base_model_dir: Path, name: str, data: str) -> Path:
@@ -223,6 +223,13 @@ def test_openai_chat_file_runs_end_to_end_scored_by_rouge(tmp_path, base_model_d
             f"answer.{metric}" in cand and f"answer.{metric}" in evaluation["baseline"]["metrics"]
         )
     assert not any("clause_type" in k for k in cand)
+    # A task with no label-like field: no yardstick, an empty confusion matrix, and still every
+    # output dvc.yaml declares (the per-class files say there is nothing to show).
+    missing = [str(p.relative_to(repo)) for p in declared_outputs(repo) if not p.exists()]
+    assert not missing, missing
+    assert evaluation.get("classical") is None
+    confusion = (repo / "reports" / "plots" / "confusion.csv").read_text().splitlines()
+    assert confusion == ["actual,predicted"]
     register = registered(repo, "temper-clause-chat")
     assert register["registered"] and register["model_name"] == "temper-clause-chat"
 

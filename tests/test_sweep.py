@@ -121,7 +121,7 @@ TINY_SWEEP = {
     "name": "tiny",
     "target": "evaluate",
     "fixed": {
-        "prepare": {"max_examples": {"train": 16, "validation": 8, "test": 8}},
+        "prepare": {"max_examples": {"train": 16, "validation": 4, "test": 4}},
         "train": {"candidates": {"r16": {}}, "max_steps": 2, "save_steps": 2},
         "evaluate": {"n_resamples": 100, "batch_size": 8, "baseline_few_shot": 1},
         "gates": {"min_primary": 0.0, "min_delta_low": None, "min_json_valid_rate": None},
@@ -138,7 +138,7 @@ def test_a_two_by_two_sweep_runs_through_the_dvc_queue_into_one_mlflow_sweep_run
 
     repo = make_repo(tmp_path / "project", base_model_dir, ["data/raw/contracts"])
     (repo / "sweep.yaml").write_text(yaml.safe_dump(TINY_SWEEP, sort_keys=False))
-    out = sh(repo, "temper", "sweep", "sweep.yaml", "--poll-s", "10", env=env_of())
+    out = sh(repo, "temper", "sweep", "sweep.yaml", "--poll-s", "2", env=env_of())
     for i in range(1, 5):
         assert f"tiny-{i}: Success" in out, out
 

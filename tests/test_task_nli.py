@@ -17,7 +17,7 @@ from temper.config import read_yaml
 from temper.params import TemperParams
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["prepare.max_examples={train:24,validation:8,test:8}", *TINY]
+SMALL = ["prepare.max_examples={train:24,validation:4,test:4}", *TINY]
 
 
 @pytest.mark.slow

@@ -54,6 +54,11 @@ EMBEDDINGS = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out")
 TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
 
 
+# Prefix caching reuses whole blocks only: a rescoring request (the reply so far plus one
+# token) recomputes what lies past the last full block. vLLM's CPU platform defaults to 128.
+CPU_BLOCK_SIZE = 32
+
+
 class VllmIncompatible(TemperError, ValueError):
     """An adapter vLLM would refuse (the message says why)."""
 
@@ -81,6 +86,13 @@ class VllmConfig(Section):
     )
     kv_cache_gib: int = Field(
         4, gt=0, description="CPU: the KV cache size (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    block_size: int | None = Field(
+        None,
+        gt=0,
+        description="KV cache block, in tokens. null: 32 on CPU (vLLM's CPU default of 128 "
+        "makes each one-token rescoring request recompute up to 127 tokens past the cached "
+        "prefix: 32 cut an adapter's evaluation by a third, same answers), vLLM's own on GPU.",
     )
     gpu_memory_utilization: float = Field(
         0.85, gt=0, le=1, description="GPU: the share of its memory vLLM may take."
@@ -227,6 +239,9 @@ class VllmServer:
             argv += ["--max-num-seqs", str(self.max_num_seqs)]
         if self.device == "cuda":
             argv += ["--gpu-memory-utilization", str(cfg.gpu_memory_utilization)]
+        block = cfg.block_size or (CPU_BLOCK_SIZE if self.device == "cpu" else None)
+        if block:
+            argv += ["--block-size", str(block)]
         return argv + list(cfg.extra_args)
 
     def env(self) -> dict[str, str]:
