@@ -236,12 +236,11 @@ def main() -> None:
     parser.add_argument(
         "--smoke",
         action="store_true",
-        help="500 records, and the shipped test split alone: does it run (CI), not a timing.",
+        help="500 records: does it run (CI), not a timing.",
     )
     args = parser.parse_args()
-    shipped = SPLITS
     if args.smoke:
-        args.records, shipped = 500, ("test",)
+        args.records = 500
         from bench_serve import smoke_base  # prepare reads the base model's tokenizer
 
         smoke_base()  # built into models/base when absent, as `dvc repro base_model` would
@@ -256,7 +255,7 @@ def main() -> None:
     size_mb = data.stat().st_size / 1e6
     print(f"data: {size_mb:.0f} MB, {args.records} records")
 
-    runs = [run_prepare("shipped", [RAW / f"{s}.jsonl" for s in shipped], work)]
+    runs = [run_prepare("shipped", [RAW / f"{s}.jsonl" for s in SPLITS], work)]
     runs.append(run_prepare("bench", [data], work, timeout=args.timeout))
     if args.baseline_rev:
         code = work / f"rev-{args.baseline_rev}"

@@ -607,15 +607,17 @@ def test_promotion_swaps_versions_under_load_without_failures(server):
     promoted = time.time()
     wait_until(lambda: any(f == f"{MODEL}-v2" for _, f, _ in results), 120, "answers from v2")
     switched = min(t for t, f, _ in results if f == f"{MODEL}-v2")
-    n = len(results)
-    wait_until(lambda: len(results) >= n + 4, 120, "more answers")
+    # Requests in flight at the swap may still end on v1; 5 s on, all must be v2. (Waiting for
+    # 4 more answers after the switch was flaky: fast ones all came within those 5 s.)
+    settled = switched + 5
+    wait_until(lambda: sum(t > settled for t, _, _ in results) >= 4, 120, "answers after 5 s")
     stop.set()
     for t in threads:
         t.join()
     failures = [e for _, _, e in results if e]
     assert failures == [], failures
-    after = [f for t, f, _ in results if t > switched + 5]
-    assert after and set(after) == {f"{MODEL}-v2"}
+    after = [f for t, f, _ in results if t > settled]
+    assert len(after) >= 4 and set(after) == {f"{MODEL}-v2"}
     assert {f for t, f, _ in results if t < promoted} == {f"{MODEL}-v1"}
     # Within the watch interval (1 s) plus pulling and loading the new version.
     assert switched - promoted < 60, switched - promoted
