@@ -138,7 +138,7 @@ def test_a_two_by_two_sweep_runs_through_the_dvc_queue_into_one_mlflow_sweep_run
 
     repo = make_repo(tmp_path / "project", base_model_dir, ["data/raw/contracts"])
     (repo / "sweep.yaml").write_text(yaml.safe_dump(TINY_SWEEP, sort_keys=False))
-    out = sh(repo, "temper", "sweep", "sweep.yaml", "--poll-s", "2", env=env_of())
+    out = sh(repo, "temper", "sweep", "sweep.yaml", "--poll-s", "10", env=env_of())
     for i in range(1, 5):
         assert f"tiny-{i}: Success" in out, out
 
