@@ -87,8 +87,9 @@ def exp_run(repo: Path, overrides: list[str], name: str | None = None) -> str:
     )
 
 
-def declared_outputs(repo: Path) -> list[Path]:
-    """Every out, metric and plot file dvc.yaml declares (foreach stages resolved by glob)."""
+def missing_outputs(repo: Path) -> list[str]:
+    """The outs, metrics and plot files dvc.yaml declares that `repo` lacks (foreach stages
+    left out)."""
     stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
     paths = []
     for stage in stages.values():
@@ -98,4 +99,4 @@ def declared_outputs(repo: Path) -> list[Path]:
                 name = entry if isinstance(entry, str) else next(iter(entry))
                 if "${" not in name:
                     paths.append(repo / name)
-    return paths
+    return [str(p.relative_to(repo)) for p in paths if not p.exists()]

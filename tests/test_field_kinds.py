@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from dvc_project import TINY, declared_outputs, env_of, exp_run, make_repo, sh
+from dvc_project import TINY, env_of, exp_run, make_repo, missing_outputs, sh
 
 from temper.cli.profiles import profile_overrides
 from temper.config import read_yaml
@@ -83,7 +83,7 @@ def task_file() -> dict:
     }
 
 
-def profile(**evaluate) -> dict:
+def profile() -> dict:
     return {
         "task": "configs/tasks/kinds.yaml",
         "prepare": {
@@ -100,9 +100,15 @@ def profile(**evaluate) -> dict:
             "source_dir": "data/raw/kinds",
         },
         "train": {"candidates": {"r16": {"learning_rate": 0.003}}},  # one candidate: quicker
-        "evaluate": {"primary_metric": PRIMARY, **evaluate},
+        "evaluate": {"primary_metric": PRIMARY},
         "register": {"model_name": "temper-kinds"},
     }
+
+
+def overrides(project: Path) -> list[str]:
+    """The task's profile over the project's params.yaml, at tiny sizes."""
+    params = read_yaml(project / "params.yaml")
+    return profile_overrides(profile(), params, TemperParams) + SMALL
 
 
 @pytest.fixture(scope="module")
@@ -128,12 +134,9 @@ def project(tmp_path_factory, base_model_dir) -> Path:
 
 @pytest.mark.slow
 def test_every_field_kind_runs_to_register_with_its_metrics(project):
-    params = read_yaml(project / "params.yaml")
-    overrides = profile_overrides(profile(), params, TemperParams) + SMALL
-    exp_run(project, overrides, name="kinds")
+    exp_run(project, overrides(project), name="kinds")
 
-    missing = [str(p.relative_to(project)) for p in declared_outputs(project) if not p.exists()]
-    assert not missing, missing
+    assert missing_outputs(project) == []
     evaluation = json.loads((project / "metrics" / "eval.json").read_text())
     assert evaluation["task"]["name"] == "kinds"
     metrics = evaluation["candidates"]["r16"]["metrics"]
@@ -169,9 +172,8 @@ def test_temper_exps_shows_the_experiments_on_one_screen(project):
     headline results. A second experiment of the task above (same project) under another
     model name reruns register alone."""
     assert "kinds" in sh(project, "dvc", "exp", "list", "--name-only", env=env_of()).split()
-    params = read_yaml(project / "params.yaml")
-    overrides = profile_overrides(profile(), params, TemperParams) + SMALL
-    out = exp_run(project, [*overrides, "register.model_name=temper-kinds-renamed"], "renamed")
+    renamed = [*overrides(project), "register.model_name=temper-kinds-renamed"]
+    out = exp_run(project, renamed, "renamed")
     assert "Running stage 'register'" in out and "Running stage 'evaluate'" not in out, out
 
     done = sh(project, "dvc", "exp", "list", "--name-only", env=env_of()).split()
