@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import shutil
+import sqlite3
 
 import pytest
 
@@ -132,3 +133,59 @@ def test_a_stage_command_that_fails_before_logging_marks_the_pipeline_run_failed
     client = MlflowClient(tracking_uri=cfg.tracking_uri)
     run = client.get_run(parent)
     assert run.info.status == "FAILED" and run.data.tags["temper.failed_stage"] == "evaluate"
+
+
+class LosesTheDatasetRace:
+    """A real client whose first `log_inputs` loses the race MLflow's SQL store allows: another
+    run inserts the same dataset between this call's lookup and its insert (the store's
+    message as PostgreSQL gives it, seen when two users ran `dvc exp run` at once)."""
+
+    def __init__(self, client, rival_run: str, error: str):
+        self.client, self.rival_run, self.error, self.calls = client, rival_run, error, 0
+
+    def log_inputs(self, run_id, inputs):
+        self.calls += 1
+        if self.calls == 1:
+            from mlflow.exceptions import MlflowException
+
+            self.client.log_inputs(self.rival_run, inputs)  # the winner's insert
+            raise MlflowException(self.error)
+        return self.client.log_inputs(run_id, inputs)
+
+
+@pytest.mark.parametrize(
+    "error, retried",
+    [('duplicate key value violates unique constraint "dataset_pk"', True), ("timeout", False)],
+)
+def test_a_dataset_logged_by_two_runs_at_once_is_one_dataset_linked_to_both(
+    tmp_path, error, retried
+):
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from registry_fixtures import template_db
+
+    from temper.tracking.runs import ChildRun, log_dataset
+
+    db = tmp_path / "mlflow.db"
+    shutil.copy(template_db(), db)
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    experiment = client.create_experiment("temper", artifact_location=(tmp_path / "a").as_uri())
+    ours, rival = (client.create_run(experiment).info.run_id for _ in range(2))
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "a"}\n{"text": "b"}\n')
+    racing = LosesTheDatasetRace(client, rival, error)
+    run = ChildRun(racing, ours, parent_id="", experiment_id=experiment)
+    if not retried:  # anything else is the store's real answer, passed on at once
+        with pytest.raises(MlflowException, match="timeout"):
+            log_dataset(run, data, "train", "training")
+        assert racing.calls == 1
+        return
+    dataset = log_dataset(run, data, "train", "training")
+    assert racing.calls == 2
+    for run_id in (ours, rival):
+        (logged,) = client.get_run(run_id).inputs.dataset_inputs
+        assert (logged.dataset.name, logged.dataset.digest) == ("train", dataset.digest)
+    with sqlite3.connect(db) as store:  # one row: the rival's, which both runs link to
+        assert store.execute("SELECT name, digest FROM datasets").fetchall() == [
+            ("train", dataset.digest)
+        ]

@@ -356,10 +356,29 @@ def log_dataset(run: ChildRun, path: str | Path, name: str, context: str) -> Any
         source=json.dumps({"uri": source}),
         profile=json.dumps({"num_rows": rows}),
     )
-    run.client.log_inputs(
-        run.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])]
-    )
+    log_inputs_racing(run, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
     return dataset
+
+
+def log_inputs_racing(run: ChildRun, inputs: list, attempts: int = 3) -> None:
+    """`log_inputs`, tried again when another run inserted the same dataset first.
+
+    MLflow's SQL store looks a dataset up, then inserts it when absent: two runs logging the
+    same file at once (two users' `dvc exp run` on one team server) can both miss it, and the
+    later insert fails on the dataset's key (`duplicate key value violates unique constraint
+    "dataset_pk"` on PostgreSQL, `UNIQUE constraint failed` on sqlite). Tried again, the lookup
+    finds the winner's row and only the link to this run is written.
+    """
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(1, attempts + 1):
+        try:
+            run.client.log_inputs(run.run_id, inputs)
+            return
+        except MlflowException as err:
+            if attempt == attempts or "unique constraint" not in str(err).lower():
+                raise
+            time.sleep(0.2 * attempt)
 
 
 def log_model_input(run: ChildRun, model_id: str) -> None:
