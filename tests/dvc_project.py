@@ -79,12 +79,14 @@ def make_repo(
     return repo
 
 
-def exp_run(repo: Path, overrides: list[str], name: str | None = None) -> str:
-    """`dvc exp run [-n name] -S ...` in `repo`; its output."""
+def exp_run(
+    repo: Path, overrides: list[str], name: str | None = None, target: str | None = None
+) -> str:
+    """`dvc exp run [-n name] -S ... [target]` in `repo` (the stages up to `target`, else all);
+    its output."""
     named = ["-n", name] if name else []
-    return sh(
-        repo, "dvc", "exp", "run", *named, *[a for o in overrides for a in ("-S", o)], env=env_of()
-    )
+    sets = [a for o in overrides for a in ("-S", o)]
+    return sh(repo, "dvc", "exp", "run", *named, *sets, *([target] if target else []), env=env_of())
 
 
 def missing_outputs(repo: Path) -> list[str]:
