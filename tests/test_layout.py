@@ -61,7 +61,7 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-# Every module of the package (the evaluate.Metric scripts are loaded by path, not imported).
+# Every module of the package.
 MODULES = {
     module_name(p): p
     for p in PACKAGE.rglob("*.py")

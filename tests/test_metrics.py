@@ -1,4 +1,4 @@
-"""The project's metric modules (loaded offline through `evaluate.load`) and the bootstrap."""
+"""The point metrics of a field (`metrics/fields.py`) and the bootstrap."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import pytest
 from rouge_score import rouge_scorer
 from sklearn.metrics import f1_score
 
-from temper.evaluation.metrics import Resamples, load, macro_f1_stats, mean_stats, percentile_stats
+from temper.evaluation.metrics import Resamples, macro_f1_stats, mean_stats, percentile_stats
+from temper.evaluation.metrics.fields import label_metrics, text_rouge
 
 
-def test_rouge_module_matches_hand_computed_and_rouge_score():
-    metric = load("text_rouge")
+def test_rouge_matches_hand_computed_and_rouge_score():
     preds = ["the cat sat", "90 days", None, "New York"]
     refs = ["the cat sat on the mat", "ninety (90) days", "12/31/2006", "New York"]
-    out = metric.compute(predictions=preds, references=refs, return_per_example=True)
+    out = text_rouge(predictions=preds, references=refs, return_per_example=True)
     # By hand: unigrams 3/3 precision, 3/6 recall -> F 2/3; bigrams 2/2 and 2/5 -> F 4/7.
     assert out["rouge1_scores"][0] == pytest.approx(2 / 3)
     assert out["rouge2_scores"][0] == pytest.approx(4 / 7)
@@ -28,9 +28,8 @@ def test_rouge_module_matches_hand_computed_and_rouge_score():
     assert out["rougeL"] == pytest.approx(np.mean(out["rougeL_scores"]))
 
 
-def test_label_module_exact_any_of_gold_and_per_class():
-    metric = load("label_metrics")
-    out = metric.compute(
+def test_label_metrics_exact_any_of_gold_and_per_class():
+    out = label_metrics(
         predictions=["A", "", "C", "B"],  # "" = unparseable answer: wrong, not an error
         references=["A", "B", "B", "B"],
         references_all=[["A"], ["B"], ["B", "C"], ["B"]],
@@ -50,7 +49,7 @@ def test_label_module_exact_any_of_gold_and_per_class():
 
 
 def test_all_unanswered_is_zero_not_a_crash():
-    out = load("label_metrics").compute(predictions=["", ""], references=["A", "B"])
+    out = label_metrics(predictions=["", ""], references=["A", "B"])
     assert out["accuracy"] == 0.0 and out["macro_f1"] == 0.0
 
 

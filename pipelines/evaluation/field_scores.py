@@ -1,12 +1,12 @@
-"""Per-example scores of one answer field, by its kind (the metrics `metric_names` lists).
+"""Per-example scores of one answer field, by its kind (the metrics `metric_names` lists; the
+point metrics are `metrics/fields.py`'s).
 
-- label: `accuracy`, `accuracy_any` (any of `gold_all`), `macro_f1` and per-class P/R/F1
-  (`metrics/label_metrics`); multi-label: `accuracy` (exact set), `micro_f1`, `sample_f1`
-  (`metrics/multilabel_f1`);
-- text: `exact_match` after SQuAD-style normalisation, ROUGE-1/2/L/Lsum (`metrics/text_rouge`);
+- label: `accuracy`, `accuracy_any` (any of `gold_all`), `macro_f1` and per-class P/R/F1;
+  multi-label: `accuracy` (exact set), `micro_f1`, `sample_f1`;
+- text: `exact_match` after SQuAD-style normalisation, ROUGE-1/2/L/Lsum;
 - number: `exact` and `within_tolerance` (|answer - gold| <= the field's `tolerance`);
 - boolean: `accuracy`, `macro_f1` and per-class P/R/F1 of `true` / `false` (a two-class label);
-- list: `set_f1`, the per-example F1 of the normalised item sets (`metrics/multilabel_f1`);
+- list: `set_f1`, the per-example F1 of the normalised item sets;
 - every nullable field but a single label: `null_match` (null exactly where gold is null, on
   every example) and `null_agreement` (null on the examples whose gold is null): the quality
   scores above cover only the examples with a gold value, so together they say both how well
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..task import TaskField
-from .metrics import load
+from .metrics.fields import label_metrics, multilabel_f1, text_rouge
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -142,8 +142,7 @@ def _score_single_label(
     gold_all = [
         (r.get("gold_all") or {}).get(f.name) or [g] for r, g in zip(records, refs, strict=True)
     ]
-    res = load("label_metrics").compute(
-        # None -> "" (no answer): arrow cannot type a column that is all None.
+    res = label_metrics(
         predictions=[v or "" for v in values],
         references=[str(g) for g in refs],
         references_all=gold_all,
@@ -163,7 +162,7 @@ def _score_list(
     accuracy and micro-F1, kept as sums (a ratio over the whole set has no per-example value)."""
     key = f"{f.name}."
     norm = (lambda items: items) if f.kind == "label" else _normalise_items
-    res = load("multilabel_f1").compute(
+    res = multilabel_f1(
         predictions=[norm(v or []) for v in values],
         references=[norm(g or []) for g in refs],
         return_per_example=True,
@@ -183,7 +182,7 @@ def _score_text(
 ) -> None:
     """Free text: ROUGE for partial credit, exact match after SQuAD normalisation."""
     key = f"{f.name}."
-    res = load("text_rouge").compute(
+    res = text_rouge(
         predictions=[v or "" for v in values],
         references=[g or "" for g in refs],
         return_per_example=True,
@@ -218,7 +217,7 @@ def _score_boolean(
     _add_masked(out, key + "accuracy", correct, has_ref)
     spelled = [json.dumps(v) if isinstance(v, bool) else "" for v in values]
     gold = [json.dumps(g) for g in refs]  # a null gold is the class "null"
-    res = load("label_metrics").compute(
+    res = label_metrics(
         predictions=spelled,
         references=gold,
         references_all=[[g] for g in gold],

@@ -1,6 +1,5 @@
-"""The project's metrics: `evaluate` modules (one folder each) and the bootstrap behind the CIs.
-
-`load(name)` loads a metric module of this folder offline (`evaluate.load(<path>)`).
+"""The project's metrics: the point metrics of a field (`fields.py`) and the bootstrap behind
+the CIs.
 
 Confidence intervals: a percentile bootstrap written here with numpy, vectorised. Why not
 `scipy.stats.bootstrap`: every metric of every system must be resampled with the *same*
@@ -15,21 +14,10 @@ indices, `Resamples`, serves every metric here, seeded and deterministic.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from ...stats import percentile
-
-HERE = Path(__file__).resolve().parent
-
-
-def load(name: str) -> Any:
-    """An `evaluate.Metric` module of this folder, loaded offline by path."""
-    import evaluate
-
-    return evaluate.load(str(HERE / name))
 
 
 @dataclass
