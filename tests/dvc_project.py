@@ -13,6 +13,7 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -77,6 +78,16 @@ def make_repo(
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-q", "-m", "project")
     return repo
+
+
+def profile_args(repo: Path, profile: dict[str, Any]) -> list[str]:
+    """The `-S` values that put `profile` (a configs/profiles mapping) over `repo`'s params.yaml,
+    as `temper profile` prints them."""
+    from temper.cli.profiles import profile_overrides
+    from temper.config import read_yaml
+    from temper.params import TemperParams
+
+    return profile_overrides(profile, read_yaml(repo / "params.yaml"), TemperParams)
 
 
 def exp_run(

@@ -23,11 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from dvc_project import TINY, env_of, exp_run, make_repo, missing_outputs, sh
-
-from temper.cli.profiles import profile_overrides
-from temper.config import read_yaml
-from temper.params import TemperParams
+from dvc_project import TINY, env_of, exp_run, make_repo, missing_outputs, profile_args, sh
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["Audit Rights", "Insurance", "Anti-Assignment", "Cap on Liability", "Governing Law"]
@@ -107,8 +103,7 @@ def profile() -> dict:
 
 def overrides(project: Path) -> list[str]:
     """The task's profile over the project's params.yaml, at tiny sizes."""
-    params = read_yaml(project / "params.yaml")
-    return profile_overrides(profile(), params, TemperParams) + SMALL
+    return profile_args(project, profile()) + SMALL
 
 
 @pytest.fixture(scope="module")

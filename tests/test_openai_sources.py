@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
-from dvc_project import TINY, exp_run, make_repo, missing_outputs
+from dvc_project import TINY, exp_run, make_repo, missing_outputs, profile_args
 
 from temper.records.conversations import chat_records, log_records
 from temper.records.sources import InputError, iter_numbered
@@ -194,14 +194,11 @@ def run_profile(
 ) -> Path:
     """`dvc exp run` of profile `name` (plus SMALL) in a fresh copy of the project, up to the
     stage `target` (else every stage)."""
-    from temper.cli.profiles import profile_overrides
     from temper.config import read_yaml
-    from temper.params import TemperParams
 
     repo = make_repo(tmp_path / "project", base_model_dir, [data])
     profile = read_yaml(ROOT / "configs" / "profiles" / f"{name}.yaml")
-    overrides = profile_overrides(profile, read_yaml(repo / "params.yaml"), TemperParams)
-    exp_run(repo, overrides + SMALL, target=target)
+    exp_run(repo, profile_args(repo, profile) + SMALL, target=target)
     return repo
 
 

@@ -10,11 +10,9 @@ import json
 from pathlib import Path
 
 import pytest
-from dvc_project import TINY, exp_run, make_repo
+from dvc_project import TINY, exp_run, make_repo, profile_args
 
-from temper.cli.profiles import profile_overrides
 from temper.config import read_yaml
-from temper.params import TemperParams
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["prepare.max_examples={train:24,validation:4,test:4}", *TINY]
@@ -25,8 +23,7 @@ def test_nli_profile_runs_prepare_to_register_with_no_code_change(tmp_path, base
     repo = make_repo(tmp_path / "project", base_model_dir, ["data/raw/contract_nli"])
 
     profile = read_yaml(ROOT / "configs" / "profiles" / "nli.yaml")
-    overrides = profile_overrides(profile, read_yaml(repo / "params.yaml"), TemperParams) + SMALL
-    exp_run(repo, overrides)
+    exp_run(repo, profile_args(repo, profile) + SMALL)
 
     prepared = json.loads((repo / "metrics" / "prepare.json").read_text())
     assert prepared["task"]["name"] == "contract_nli"
