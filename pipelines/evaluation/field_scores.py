@@ -143,7 +143,7 @@ def _score_single_label(
         (r.get("gold_all") or {}).get(f.name) or [g] for r, g in zip(records, refs, strict=True)
     ]
     res = label_metrics(
-        predictions=[v or "" for v in values],
+        predictions=values,
         references=[str(g) for g in refs],
         references_all=gold_all,
         return_per_example=True,
@@ -183,8 +183,8 @@ def _score_text(
     """Free text: ROUGE for partial credit, exact match after SQuAD normalisation."""
     key = f"{f.name}."
     res = text_rouge(
-        predictions=[v or "" for v in values],
-        references=[g or "" for g in refs],
+        predictions=values,
+        references=refs,
         return_per_example=True,
     )
     for rouge in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
