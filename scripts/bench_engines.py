@@ -24,6 +24,10 @@ Ends with:
 
     python scripts/bench_engines.py [--bundle FOLDER | --model models:/<name>@<alias>] [-n 32]
     python scripts/bench_engines.py --smoke   # a check that it runs (CI), not a timing
+    python scripts/bench_engines.py --engine-url http://gpu-box:8000   # a vLLM you run
+
+`--engine-url` benches a running vLLM of the same base model instead of starting one (its key,
+if it wants one, from VLLM_API_KEY): 2 to 4 then measure that server; its memory is not sampled.
 
 Needs `make vllm` (vLLM's own environment) and, without --bundle, a registered version (make run).
 `--smoke` needs no registry and no prepared data: without --bundle it builds one in a temp folder
@@ -215,12 +219,69 @@ def bench_vllm(
     args, bundle: Path, texts, levels, gateway_set, answers: dict, logs: Path, warm: bool = True
 ) -> tuple:
     from temper import bundle as bundles
+    from temper.engines import VllmClient
+
+    manifest, _, adapter = bundles.open_bundle(bundle)
+    server = None if args.engine_url else start_vllm(args, bundle, manifest, adapter, logs)
+    url = args.engine_url or server.url
+    key = os.environ.get("VLLM_API_KEY") if args.engine_url else server.key
+    memory = PeakMemory(server.proc.pid) if server else None
+    rows: list[dict] = []
+    try:
+        # named by content, as the gateway names its adapters: an attached vLLM may hold others
+        model = f"{bundle.name}-{manifest.adapter_sha256[:12]}"
+        VllmClient(url, key).load_adapter(model, str(adapter.resolve()))
+        ids, schema, budget = served_prompts(bundle, texts)
+        response_format = {
+            "type": "json_schema",
+            "json_schema": {"name": "answer", "schema": schema},
+        }
+        bodies = [
+            {
+                "model": model,
+                "prompt": p,
+                "max_tokens": budget,
+                "temperature": 0.0,
+                "response_format": response_format,
+            }
+            for p in ids
+        ]
+        if warm:
+            run_direct(url, key, bodies[:2], 2)  # warm-up
+        rows += [{"system": "vllm-direct", **run_direct(url, key, bodies, c)} for c in levels]
+        if key:
+            os.environ["VLLM_API_KEY"] = key  # the attached gateways' key for it
+        for mode in ("engine", "rescore"):
+            extra = ["-S", "serve.engine=vllm", "-S", f"serve.engine_url={url}"]
+            extra += ["-S", f"vllm.confidence={mode}", *gateway_set]
+            log = logs / f"bench_engines_gateway_{mode}.log"
+            proc, gateway = start(str(bundle), 16, log, extra)
+            try:
+                if warm:
+                    run_gateway(gateway, bundle.name, texts[:2], 2)
+                name = "gateway-vllm" if mode == "engine" else "gateway-vllm-rescore"
+                seen = answers.setdefault(name, {})
+                rows += [
+                    {"system": name, **run_gateway(gateway, bundle.name, texts, c, seen)}
+                    for c in levels
+                ]
+            finally:
+                stop(proc)
+    finally:
+        peak = memory.stop() if memory else None
+        if server is not None:
+            server.stop()
+    return rows, peak
+
+
+def start_vllm(args, bundle: Path, manifest, adapter: Path, logs: Path):
+    """vLLM from the `vllm:` params section, on the base the gateway would find: --base, else
+    model.dir when its hash matches, else by identity."""
+    from temper import bundle as bundles
     from temper.config import load_params
-    from temper.engines import VllmClient, VllmServer, check_adapter
+    from temper.engines import VllmServer, check_adapter
 
     vcfg = TemperParams.of(load_params(ROOT / "params.yaml", args.set)).vllm
-    manifest, _, adapter = bundles.open_bundle(bundle)
-    # as the gateway finds it: --base, else model.dir when its hash matches, else by identity
     base = (
         Path(args.base) if args.base else bundles.matching_base(ROOT / "models" / "base", manifest)
     )
@@ -234,52 +295,7 @@ def bench_vllm(
         tokenizer=(bundle / manifest.tokenizer).resolve(),
     )
     server.start()
-    memory = PeakMemory(server.proc.pid)
-    rows: list[dict] = []
-    try:
-        VllmClient(server.url, server.key).load_adapter(bundle.name, str(adapter.resolve()))
-        ids, schema, budget = served_prompts(bundle, texts)
-        response_format = {
-            "type": "json_schema",
-            "json_schema": {"name": "answer", "schema": schema},
-        }
-        bodies = [
-            {
-                "model": bundle.name,
-                "prompt": p,
-                "max_tokens": budget,
-                "temperature": 0.0,
-                "response_format": response_format,
-            }
-            for p in ids
-        ]
-        if warm:
-            run_direct(server.url, server.key, bodies[:2], 2)  # warm-up
-        rows += [
-            {"system": "vllm-direct", **run_direct(server.url, server.key, bodies, c)}
-            for c in levels
-        ]
-        os.environ["VLLM_API_KEY"] = server.key  # the attached gateways' key for it
-        for mode in ("engine", "rescore"):
-            extra = ["-S", "serve.engine=vllm", "-S", f"serve.engine_url={server.url}"]
-            extra += ["-S", f"vllm.confidence={mode}", *gateway_set]
-            log = logs / f"bench_engines_gateway_{mode}.log"
-            proc, url = start(str(bundle), 16, log, extra)
-            try:
-                if warm:
-                    run_gateway(url, bundle.name, texts[:2], 2)
-                name = "gateway-vllm" if mode == "engine" else "gateway-vllm-rescore"
-                seen = answers.setdefault(name, {})
-                rows += [
-                    {"system": name, **run_gateway(url, bundle.name, texts, c, seen)}
-                    for c in levels
-                ]
-            finally:
-                stop(proc)
-    finally:
-        peak = memory.stop()
-        server.stop()
-    return rows, peak
+    return server
 
 
 def agreement(answers: dict, threshold: float | None) -> dict:
@@ -310,7 +326,7 @@ def agreement(answers: dict, threshold: float | None) -> dict:
     return out
 
 
-def report(rows: list[dict], args, peak: float, levels) -> tuple[float, float]:
+def report(rows: list[dict], args, peak: float | None, levels) -> tuple[float, float]:
     def rps(system: str, c: int) -> float:
         return next(r for r in rows if r["system"] == system and r["concurrency"] == c)[
             "throughput_rps"
@@ -325,7 +341,10 @@ def report(rows: list[dict], args, peak: float, levels) -> tuple[float, float]:
             f"| {r['system']} | {r['concurrency']} | {r['throughput_rps']} | "
             f"{r['p50_latency_s']} | {r['p95_latency_s']} | {r['tokens_per_s']} |"
         )
-    print(f"\nvLLM peak memory (process tree RSS): {peak:.2f} GiB")
+    if peak is None:
+        print(f"\nvLLM peak memory: not measured (attached to {args.engine_url})")
+    else:
+        print(f"\nvLLM peak memory (process tree RSS): {peak:.2f} GiB")
     rescore = rps("gateway-vllm-rescore", top) / rps("vllm-direct", top)
     print(f"gateway with rescored confidences / vLLM direct at {top}: {rescore:.3f}")
     return rps("gateway-vllm", top) / rps("vllm-direct", top), rps("builtin", top) / rps(
@@ -342,6 +361,11 @@ def main() -> None:
     parser.add_argument("-S", "--set", action="append", default=[], help="vllm.<key>=<value>")
     parser.add_argument(
         "--test", default=None, help="Prepared records (default: data/prepared/test.jsonl)."
+    )
+    parser.add_argument(
+        "--engine-url",
+        help="A running vLLM of the bundle's base model to bench instead of starting one "
+        "(its key, if any, from VLLM_API_KEY); the gateways attach to it too.",
     )
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "bench_engines.json"))
     parser.add_argument(
@@ -381,7 +405,11 @@ def main() -> None:
     if not args.smoke:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        result = {"rows": rows, "vllm_peak_gib": round(peak, 2), "vllm_set": args.set}
+        result = {
+            "rows": rows,
+            "vllm_peak_gib": None if peak is None else round(peak, 2),
+            "vllm_set": args.set,
+        }
         result["agreement"] = agree
         result |= {"gateway_overhead_ratio": overhead, "builtin_vs_vllm_ratio": builtin}
         out.write_text(json.dumps(result, indent=2) + "\n")

@@ -176,3 +176,28 @@ def prepared_dir(tmp_path_factory, base_model_dir, task) -> Path:
     )
     run(cfg, task, base_model_dir)
     return out
+
+
+@pytest.fixture(scope="session")
+def shared_vllm(tmp_path_factory, base_model_dir):
+    """One vLLM (its CPU build, float32) for the tests that attach to a running engine: the
+    router over vLLM, the evaluation on vLLM and the engines bench. A start costs ~40 s of both
+    cores here, so they share one. It is started as `evaluate.engine: vllm` starts one
+    (`VllmGenerator`) and stopped by it at the end of the session; tests reach it by its URL
+    and key. The tests of a vLLM that the gateway itself starts, supervises, restarts after
+    kill -9 and stops on SIGTERM (tests/test_serve.py) start their own."""
+    from test_serve import VLLM_PYTHON, engine_args
+
+    from temper.engines import VllmConfig
+    from temper.engines.vllm_generate import VllmGenerator
+
+    engine_args("vllm")  # skips (or fails in CI) when vLLM's environment is missing
+    cfg = VllmConfig(python=str(VLLM_PYTHON), dtype="float32", kv_cache_gib=2, max_lora_rank=16)
+    log = tmp_path_factory.mktemp("shared-vllm") / "vllm.log"
+    generator = VllmGenerator(cfg, base_model_dir, log, rows=16)
+    generator.start()
+    server = generator.server
+    proc = server.proc
+    yield server
+    generator.close()
+    assert generator.server is None and proc.poll() is not None, "vLLM outlived close()"

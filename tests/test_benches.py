@@ -8,11 +8,14 @@ clone lacks after `make install`: what a bench reads it builds in a temp folder 
 prepared set) or, the base model, into `models/base` as `dvc repro base_model` would. The
 benches that load the model or start servers are slow; bench_engines also runs vLLM's CPU build
 (`make vllm`): the built-in engine, vLLM alone, and the gateway attached to that vLLM in both
-confidence modes, each answering one real test clause.
+confidence modes, each answering one real test clause. Its vLLM is the session's
+(`--engine-url`, conftest.shared_vllm): the bench's own start is `VllmServer.start`, which
+test_serve runs.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -50,11 +53,12 @@ def test_every_bench_is_here():
     assert {p.stem for p in (ROOT / "scripts").glob("bench_*.py")} == set(BENCHES)
 
 
-def run_smoke(bench: str) -> subprocess.CompletedProcess:
+def run_smoke(bench: str, *more: str, env: dict | None = None) -> subprocess.CompletedProcess:
     _, extra, timeout = BENCHES[bench]
     return subprocess.run(
-        [sys.executable, f"scripts/{bench}.py", "--smoke", *extra],
+        [sys.executable, f"scripts/{bench}.py", "--smoke", *extra, *more],
         cwd=ROOT,
+        env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -66,9 +70,12 @@ def run_smoke(bench: str) -> subprocess.CompletedProcess:
 def test_bench_smoke(bench, request):
     if bench in MARKS:  # the real base model, built once for the session (not by each bench)
         request.getfixturevalue("base_model_dir")
-    if bench == "bench_engines":
+    more, env = [], None
+    if bench == "bench_engines":  # on the session's vLLM (`--engine-url`), not one of its own
         engine_args("vllm")  # skips (or fails in CI) when vLLM's environment is missing
-    done = run_smoke(bench)
+        vllm = request.getfixturevalue("shared_vllm")
+        more, env = ["--engine-url", vllm.url], {**os.environ, "VLLM_API_KEY": vllm.key}
+    done = run_smoke(bench, *more, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     names, _, _ = BENCHES[bench]
     lines = done.stdout.strip().splitlines()
@@ -80,6 +87,6 @@ def test_bench_smoke(bench, request):
     if bench == "bench_engines":
         for system in ("builtin", "vllm-direct", "gateway-vllm", "gateway-vllm-rescore"):
             assert f"| {system} | 1 |" in done.stdout, system
-        assert "vLLM peak memory" in done.stdout
+        assert f"vLLM peak memory: not measured (attached to {vllm.url})" in done.stdout
         agree = next(x for x in lines if x.startswith("agreement with the built-in engine:"))
         assert '"gateway-vllm-rescore": {"answers": 1' in agree, agree

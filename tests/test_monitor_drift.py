@@ -46,7 +46,7 @@ def corpus(root):
     premises = sorted({r["premise"] for r in read(root, "nli.jsonl") if r.get("premise")})
     nda = [premises[i] for i in np.sort(rng.choice(len(premises), 150, replace=False))]
     texts = sorted({r["clause"] for r in ref_rows} | set(test) | set(nda))
-    vectors = SentenceEmbedder(threads=2).embed(texts)
+    vectors = SentenceEmbedder().embed(texts)  # torch threads: the worker's share (conftest)
     row = {t: i for i, t in enumerate(texts)}
 
     def emb(items: list[str]) -> np.ndarray:

@@ -7,7 +7,8 @@ which tier answered and what it cost, the cap holds, and nothing leaves the mach
 request forbids it. The module runs on both engines (test_serve.ENGINES): the router, the
 semantic cache and the request log are the gateway's, above the engine boundary, so they must
 behave the same over vLLM, and the same clauses must get the same answers, confidences and tier
-decisions from both.
+decisions from both. Over vLLM the gateway attaches to the session's vLLM (`serve.engine_url`,
+conftest.shared_vllm); the gateway that starts its own is test_serve's.
 """
 
 from __future__ import annotations
@@ -58,7 +59,11 @@ def decisions() -> dict[str, list[tuple]]:
 
 @pytest.fixture(scope="module", params=ENGINES)
 def routed(request, tmp_path_factory, base_model_dir):
-    extra = engine_args(request.param)
+    extra, env = engine_args(request.param), pytest.MonkeyPatch()
+    if request.param == "vllm":  # the gateway attached to the session's vLLM (serve.engine_url)
+        vllm = request.getfixturevalue("shared_vllm")
+        extra += ["-S", f"serve.engine_url={vllm.url}"]
+        env.setenv("VLLM_API_KEY", vllm.key)
     mid = FakeAPI(lambda m: json.dumps(ANSWER), faults=Faults(rate_500=1.0)).start()
     frontier = FakeAPI(lambda m: json.dumps(ANSWER)).start()
     project = tmp_path_factory.mktemp(f"route-project-{request.param}")
@@ -71,7 +76,10 @@ def routed(request, tmp_path_factory, base_model_dir):
         ],
     }
     make_project(project, base_model_dir, {"route": route})
-    s = serve_champion(project, base_model_dir, "-S", "serve.semantic_cache=true", *extra)
+    try:
+        s = serve_champion(project, base_model_dir, "-S", "serve.semantic_cache=true", *extra)
+    finally:
+        env.undo()  # the server has its environment
     s.engine = request.param
     with contextlib.chdir(project):
         yield s, mid, frontier

@@ -101,12 +101,22 @@ class VllmClient:
         raise_for(response, f"unloading adapter {name}")
 
     def models(self) -> list[str]:
+        return [m["id"] for m in self._models()]
+
+    def base_model(self) -> str:
+        """The name vLLM serves its base model under (the model that is no LoRA adapter)."""
+        bases = [m["id"] for m in self._models() if not m.get("parent")]
+        if not bases:
+            raise EngineUnavailable(f"vLLM at {self.url} lists no base model")
+        return bases[0]
+
+    def _models(self) -> list[dict[str, Any]]:
         try:
             response = httpx.get(f"{self.url}/v1/models", headers=self.headers, timeout=10)
         except httpx.TransportError as err:
             raise EngineUnavailable(f"vLLM at {self.url} not reachable: {err}") from None
         raise_for(response, "listing models")
-        return [m["id"] for m in response.json()["data"]]
+        return response.json()["data"]
 
     # -- requests (async: on the server's event loop, or an evaluation's) --
 

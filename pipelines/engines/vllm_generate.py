@@ -13,39 +13,58 @@ logprobs of the label tokens (`VllmClient.token_logprob`), as everywhere else.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 from typing import Any
 
+from ..io import adapter_hash
 from .vllm_client import VllmClient
 from .vllm_server import VllmConfig, VllmServer, check_adapter
 
 
 class VllmGenerator:
-    """A vLLM server for one evaluation run (`close` stops it)."""
+    """A vLLM server for one evaluation run, started at first use (`close` stops it), or one
+    that runs already at `url` (attached: `close` leaves it running)."""
 
-    def __init__(self, cfg: VllmConfig, base_dir: str | Path, log_path: str | Path, rows: int):
+    def __init__(
+        self,
+        cfg: VllmConfig,
+        base_dir: str | Path,
+        log_path: str | Path,
+        rows: int,
+        url: str | None = None,
+    ):
         self.cfg, self.base_dir, self.log_path, self.rows = cfg, Path(base_dir), log_path, rows
         self.server: VllmServer | None = None
-        self.client: VllmClient | None = None
+        # an attached server's key, if it wants one, comes from the environment (never params)
+        self.client = VllmClient(url, os.environ.get("VLLM_API_KEY")) if url else None
+        self.base_name: str | None = None  # the base model's name in vLLM
         self.adapters: dict[str, str] = {}  # adapter folder -> its name in vLLM
+
+    def start(self) -> None:
+        """Start vLLM now (or reach the attached one) rather than at the first generation."""
+        self._ensure(None)
 
     def _ensure(self, adapter: Path | None) -> str:
         """The vLLM model name for `adapter` (None: the base), starting vLLM if needed."""
-        if self.server is None:
+        if self.client is None:
             rank = check_adapter(adapter) if adapter is not None else 8
             self.server = VllmServer(
                 self.cfg, self.base_dir.resolve(), self.log_path, max(rank, 64), self.rows
             )
             self.server.start()
             self.client = VllmClient(self.server.url, self.server.key)
-        assert self.client is not None
+            self.base_name = str(self.base_dir.resolve())
+        if self.base_name is None:  # attached: whatever name its operator served the base as
+            self.base_name = self.client.base_model()
         if adapter is None:
-            return str(self.base_dir.resolve())
+            return self.base_name
         key = str(adapter.resolve())
         if key not in self.adapters:
             check_adapter(adapter)
-            name = f"eval-{len(self.adapters)}"
+            # Named by content: an attached vLLM keeps the first adapter loaded under a name.
+            name = f"eval-{adapter_hash(adapter)[:12]}"
             self.client.load_adapter(name, key)
             self.adapters[key] = name
         return self.adapters[key]

@@ -53,6 +53,11 @@ class EvaluateConfig(Section):
         "vllm (a vLLM server started from the `vllm:` section, the engine `temper serve "
         "--engine vllm` serves with; batch_size is then its concurrency).",
     )
+    engine_url: str | None = Field(
+        None,
+        description="engine vllm: a running vLLM server of the same base model to use instead "
+        "of starting one (as serve.engine_url; its key, if any, from VLLM_API_KEY).",
+    )
     batch_size: int = Field(16, gt=0, description="Generation batch size on the CPU.")
     gpu_batch_size: int | None = Field(
         64,

@@ -79,12 +79,14 @@ def model_predictions(
 
 
 def open_engine(cfg: EvaluateConfig, vllm: Any, model_dir: str | Path) -> Any:
-    """A vLLM server for the run (`evaluate.engine: vllm`, from the `vllm:` section), or None."""
+    """A vLLM server for the run (`evaluate.engine: vllm`, from the `vllm:` section, or the
+    one at `evaluate.engine_url`), or None."""
     if cfg.engine != "vllm":
         return None
     from ..engines.vllm_generate import VllmGenerator
 
-    return VllmGenerator(vllm, model_dir, Path(cfg.reports_dir) / "vllm.log", cfg.batch_size)
+    log = Path(cfg.reports_dir) / "vllm.log"
+    return VllmGenerator(vllm, model_dir, log, cfg.batch_size, url=cfg.engine_url)
 
 
 def vllm_generations(

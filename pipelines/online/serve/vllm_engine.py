@@ -46,6 +46,14 @@ log = logging.getLogger("temper.serve")
 FINISH = {"stop": "stop", "length": "length"}
 
 
+def engine_name(spec: OpenSpec) -> str:
+    """The adapter's name inside vLLM: the version's label and the adapter's hash. vLLM keeps
+    the first adapter loaded under a name, so gateways that share an attached vLLM (replicas,
+    or a staging and a production registry whose versions share numbers) must never give two
+    adapters one name."""
+    return f"{spec.label}-{spec.manifest.adapter_sha256[:12]}"
+
+
 class VllmEngine:
     name = "vllm"
 
@@ -59,7 +67,7 @@ class VllmEngine:
         )
         self.client: VllmClient | None = attached
         self.base_hash: str | None = None
-        self.adapters: dict[str, str] = {}  # loaded label -> adapter folder (re-loaded on restart)
+        self.adapters: dict[str, str] = {}  # name in vLLM -> adapter folder (re-loaded on restart)
         self.tasks: dict[int, asyncio.Task] = {}
         self.up = threading.Event()
         self.stopping = threading.Event()
@@ -110,10 +118,11 @@ class VllmEngine:
             assert self.client is not None
             if self.cfg.engine_url and not self.up.is_set() and self.client.healthy():
                 self.up.set()
-            self.client.load_adapter(spec.label, str(spec.adapter.resolve()))
-            self.adapters[spec.label] = str(spec.adapter.resolve())
-        log.info("vLLM loaded adapter %s", spec.label)
-        return spec.label
+            name = engine_name(spec)
+            self.client.load_adapter(name, str(spec.adapter.resolve()))
+            self.adapters[name] = str(spec.adapter.resolve())
+        log.info("vLLM loaded adapter %s", name)
+        return name
 
     def _launch(self, spec: OpenSpec, rank: int) -> None:
         server = VllmServer(
@@ -371,8 +380,8 @@ class VllmEngine:
                 self.server.stop(timeout=5)  # what is left of the old process group
                 self.server.start()
                 assert self.client is not None
-                for label, adapter in self.adapters.items():
-                    self.client.load_adapter(label, adapter)
+                for name, adapter in self.adapters.items():
+                    self.client.load_adapter(name, adapter)
             except (EngineUnavailable, EngineRejected) as err:
                 log.error("vLLM restart failed (retrying): %s", err)
                 self.stopping.wait(5)
