@@ -694,13 +694,16 @@ def test_sigterm_drains_in_flight_requests_and_the_log_holds_no_key_or_prompt(se
             model="champion", messages=[{"role": "user", "content": PRIVATE}]
         )
     out: dict = {}
+    # Still generating when the signal comes 1 s in: ~8 s of tokens on either engine here
+    # (vLLM's CPU LoRA path is slower per token than the built-in engine).
+    budget = 200 if server.engine == "builtin" else 80
 
     def ask():
         try:
             out["r"] = client.chat.completions.create(
                 model="champion",
                 messages=[{"role": "user", "content": PRIVATE}],
-                max_tokens=200,
+                max_tokens=budget,
                 response_format=LONG,
             )
         except Exception as err:  # noqa: BLE001

@@ -145,7 +145,7 @@ def test_a_sweep_runs_through_the_dvc_queue_into_one_mlflow_sweep_run(tmp_path, 
 
     repo = make_repo(tmp_path / "project", base_model_dir, ["data/raw/contracts"])
     (repo / "sweep.yaml").write_text(yaml.safe_dump(TINY_SWEEP, sort_keys=False))
-    out = sh(repo, "temper", "sweep", "sweep.yaml", "--poll-s", "10", env=env_of())
+    out = sh(repo, "temper", "sweep", "sweep.yaml", "--poll-s", "2", env=env_of())
     for arm in ARMS:
         assert f"{arm}: Success" in out, out
 

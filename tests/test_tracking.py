@@ -13,42 +13,52 @@ from temper.tracking import PIPELINE_TAG, MlflowConfig, pipeline_run, setup
 PARAMS = {"train": {"rank": 16}}
 
 
-def _race(uri: str, artifacts: str, barrier, results) -> None:
-    cfg = MlflowConfig(tracking_uri=uri, artifact_root=artifacts)
-    barrier.wait()  # every process reads "no experiment yet" at about the same moment
-    try:
-        results.put(("ok", setup(cfg), pipeline_run(cfg, PARAMS)))
-    except Exception as err:  # reported to the parent, which fails the test with it
-        results.put(("error", type(err).__name__, str(err)[:300]))
+ROUNDS, RACERS = 3, 4
 
 
-@pytest.mark.parametrize("round_", range(3))
-def test_processes_racing_on_a_fresh_store_share_one_experiment_and_parent(tmp_path, round_):
+def _race(uris: list[str], artifacts: str, barrier, results) -> None:
+    """One racer: a round per fresh store, every racer starting each round at one moment."""
+    for uri in uris:
+        cfg = MlflowConfig(tracking_uri=uri, artifact_root=artifacts)
+        barrier.wait()  # every process reads "no experiment yet" at about the same moment
+        try:
+            results.put(("ok", uri, setup(cfg), pipeline_run(cfg, PARAMS)))
+        except Exception as err:  # reported to the parent, which fails the test with it
+            results.put(("error", uri, type(err).__name__, str(err)[:300]))
+
+
+def test_processes_racing_on_a_fresh_store_share_one_experiment_and_parent(tmp_path):
     """Before the fix, the losers of the race died with `Experiment(name=temper) already
-    exists` (sqlite UNIQUE constraint), and each created its own parent run."""
+    exists` (sqlite UNIQUE constraint), and each created its own parent run. Three rounds, each
+    on a fresh store, by the same four processes (a spawned process costs seconds of imports)."""
     from mlflow import MlflowClient
     from registry_fixtures import template_db
 
-    db = tmp_path / "mlflow.db"
-    shutil.copy(template_db(), db)
-    uri = f"sqlite:///{db}"
+    uris = []
+    for n in range(ROUNDS):
+        db = tmp_path / f"mlflow-{n}.db"
+        shutil.copy(template_db(), db)
+        uris.append(f"sqlite:///{db}")
     ctx = multiprocessing.get_context("spawn")
-    barrier, results = ctx.Barrier(4), ctx.Queue()
+    barrier, results = ctx.Barrier(RACERS), ctx.Queue()
     procs = [
-        ctx.Process(target=_race, args=(uri, str(tmp_path / "art"), barrier, results))
-        for _ in range(4)
+        ctx.Process(target=_race, args=(uris, str(tmp_path / "art"), barrier, results))
+        for _ in range(RACERS)
     ]
     for p in procs:
         p.start()
-    got = [results.get(timeout=120) for _ in procs]
+    got = [results.get(timeout=120) for _ in range(ROUNDS * RACERS)]
     for p in procs:
         p.join(30)
     assert all(g[0] == "ok" for g in got), got
-    assert len({g[1] for g in got}) == 1, got  # one experiment
-    assert len({g[2] for g in got}) == 1, got  # one parent run
-    client = MlflowClient(tracking_uri=uri)
-    live = client.search_runs([got[0][1]], filter_string=f"tags.`{PIPELINE_TAG}` != ''")
-    assert [r.info.run_id for r in live] == [got[0][2]]
+    for uri in uris:
+        rows = [g for g in got if g[1] == uri]
+        assert len(rows) == RACERS, got
+        assert len({g[2] for g in rows}) == 1, rows  # one experiment
+        assert len({g[3] for g in rows}) == 1, rows  # one parent run
+        client = MlflowClient(tracking_uri=uri)
+        live = client.search_runs([rows[0][2]], filter_string=f"tags.`{PIPELINE_TAG}` != ''")
+        assert [r.info.run_id for r in live] == [rows[0][3]]
 
 
 def _git(root, *args: str) -> None:
