@@ -219,7 +219,7 @@ def bench_vllm(
     args, bundle: Path, texts, levels, gateway_set, answers: dict, logs: Path, warm: bool = True
 ) -> tuple:
     from temper import bundle as bundles
-    from temper.engines import VllmClient
+    from temper.engines import VllmClient, lora_name
 
     manifest, _, adapter = bundles.open_bundle(bundle)
     server = None if args.engine_url else start_vllm(args, bundle, manifest, adapter, logs)
@@ -228,8 +228,7 @@ def bench_vllm(
     memory = PeakMemory(server.proc.pid) if server else None
     rows: list[dict] = []
     try:
-        # named by content, as the gateway names its adapters: an attached vLLM may hold others
-        model = f"{bundle.name}-{manifest.adapter_sha256[:12]}"
+        model = lora_name(bundle.name, manifest.adapter_sha256)  # an attached vLLM holds others
         VllmClient(url, key).load_adapter(model, str(adapter.resolve()))
         ids, schema, budget = served_prompts(bundle, texts)
         response_format = {

@@ -629,7 +629,7 @@ def test_promotion_swaps_versions_under_load_without_failures(server):
     assert any("swapped champion: v1 -> v2" in m for m in messages)
     assert any("freed temper-clause-review-v1" in m for m in messages)
     if server.engine == "vllm":  # one base, the new adapter loaded at runtime, the old unloaded
-        # (named in vLLM by label and adapter hash: `vllm_engine.engine_name`)
+        # (named in vLLM by label and adapter hash: `engines.lora_name`)
         (loaded,) = server.ready()["engine"]["adapters"]
         assert re.fullmatch(rf"{MODEL}-v2-[0-9a-f]{{12}}", loaded), loaded
         assert any(f"vLLM unloaded adapter {MODEL}-v1-" in m for m in messages)

@@ -10,7 +10,7 @@ to it over its OpenAI-compatible HTTP API and never imports it.
 
 from __future__ import annotations
 
-from .vllm_client import EngineRejected, EngineUnavailable, VllmClient
+from .vllm_client import EngineRejected, EngineUnavailable, VllmClient, lora_name
 from .vllm_server import VllmConfig, VllmIncompatible, VllmServer, check_adapter
 
 __all__ = [
@@ -21,4 +21,5 @@ __all__ = [
     "VllmIncompatible",
     "VllmServer",
     "check_adapter",
+    "lora_name",
 ]

@@ -32,6 +32,14 @@ import httpx
 from ..errors import TemperError
 
 
+def lora_name(label: str, adapter_sha256: str) -> str:
+    """An adapter's name inside vLLM: a label and the adapter's hash. vLLM keeps the first
+    adapter loaded under a name (`load_adapter` then does nothing), so callers sharing one
+    vLLM (gateway replicas, registries whose versions share numbers, evaluations) must never
+    give two adapters one name."""
+    return f"{label}-{adapter_sha256[:12]}"
+
+
 class EngineUnavailable(TemperError):
     """The engine cannot be reached, is restarting, or failed (the gateway answers 503)."""
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io import adapter_hash
-from .vllm_client import VllmClient
+from .vllm_client import VllmClient, lora_name
 from .vllm_server import VllmConfig, VllmServer, check_adapter
 
 
@@ -63,8 +63,7 @@ class VllmGenerator:
         key = str(adapter.resolve())
         if key not in self.adapters:
             check_adapter(adapter)
-            # Named by content: an attached vLLM keeps the first adapter loaded under a name.
-            name = f"eval-{adapter_hash(adapter)[:12]}"
+            name = lora_name("eval", adapter_hash(adapter))
             self.client.load_adapter(name, key)
             self.adapters[key] = name
         return self.adapters[key]

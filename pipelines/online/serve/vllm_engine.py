@@ -36,6 +36,7 @@ from ...engines import (
     VllmIncompatible,
     VllmServer,
     check_adapter,
+    lora_name,
 )
 from ...task import parse_answer
 from .engine import Job
@@ -44,14 +45,6 @@ from .scheduler import QueueFull
 
 log = logging.getLogger("temper.serve")
 FINISH = {"stop": "stop", "length": "length"}
-
-
-def engine_name(spec: OpenSpec) -> str:
-    """The adapter's name inside vLLM: the version's label and the adapter's hash. vLLM keeps
-    the first adapter loaded under a name, so gateways that share an attached vLLM (replicas,
-    or a staging and a production registry whose versions share numbers) must never give two
-    adapters one name."""
-    return f"{spec.label}-{spec.manifest.adapter_sha256[:12]}"
 
 
 class VllmEngine:
@@ -118,7 +111,7 @@ class VllmEngine:
             assert self.client is not None
             if self.cfg.engine_url and not self.up.is_set() and self.client.healthy():
                 self.up.set()
-            name = engine_name(spec)
+            name = lora_name(spec.label, spec.manifest.adapter_sha256)
             self.client.load_adapter(name, str(spec.adapter.resolve()))
             self.adapters[name] = str(spec.adapter.resolve())
         log.info("vLLM loaded adapter %s", name)
