@@ -30,7 +30,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field
 
-from . import models
+from . import model_source, models
 from .config import Section
 from .errors import TemperError
 from .evaluation.config import EvaluateConfig
@@ -122,13 +122,11 @@ def write_serving(
 
     The tokenizer is the base model's (the one evaluation used), saved with its chat template.
     """
-    from transformers import AutoTokenizer
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(task.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
     (out / "task.yaml").write_text(text, encoding="utf-8")
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    tokenizer = model_source.load_tokenizer(base_dir)
     if not tokenizer.chat_template:
         raise BundleError(f"{base_dir}: the tokenizer has no chat_template (prompts need one)")
     tokenizer.init_kwargs.pop("local_files_only", None)  # a loading flag, not the tokenizer's
@@ -267,9 +265,7 @@ class Bundle:
 
 
 def load_tokenizer(folder: str | Path) -> Any:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = model_source.load_tokenizer(folder)
     tokenizer.padding_side = "left"  # as generation.load_model: decoder-only, batched
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -129,8 +129,21 @@ def load_causal_lm(model_dir: str | Path, **kwargs: Any) -> Any:
     return AutoModelForCausalLM.from_pretrained(weights_dir(model_dir), **options)
 
 
+# Tokenizer classes loaded by name rather than through `AutoTokenizer`, whose module imports
+# transformers' auto-config machinery and with it torch: 2.5 CPU-s against 0.7 measured, paid
+# by processes that need no model (prepare, register, a vLLM gateway). For these names
+# AutoTokenizer picks the very same class (`PreTrainedTokenizerFast` is `TokenizersBackend`).
+DIRECT_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
 def load_tokenizer(model_dir: str | Path) -> Any:
     """The tokenizer from `model_dir` itself (it holds the chat template override, if any)."""
+    config = Path(model_dir) / "tokenizer_config.json"
+    name = read_json(config).get("tokenizer_class") if config.exists() else None
+    if name in DIRECT_TOKENIZERS:
+        import transformers
+
+        return getattr(transformers, name).from_pretrained(model_dir)
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_dir)

@@ -27,6 +27,7 @@ from pydantic import Field, field_validator
 
 from ..config import ConfigError, Section
 from ..io import atomic_dir, sha256_file, temp_path, write_json, write_jsonl
+from ..model_source import load_tokenizer
 from ..records.conversations import chat_records, log_records
 from ..records.neardup import dedup_key, find_near_duplicates
 from ..records.sampling import stratified_sample
@@ -383,8 +384,6 @@ def check_source_dir(cfg: PrepareConfig) -> None:
 
 def run(cfg: PrepareConfig, task: TaskConfig, model_dir: str | Path) -> dict[str, Any]:
     """Run the prepare stage; returns the stats that are also written to `cfg.metrics`."""
-    from transformers import AutoTokenizer
-
     check_source_dir(cfg)
     ledger = Ledger(cfg)
     records = read_records(cfg, task, ledger)
@@ -397,7 +396,7 @@ def run(cfg: PrepareConfig, task: TaskConfig, model_dir: str | Path) -> dict[str
     before = Counter(r["split"] for r in records)
     check_splits(cfg, before)
 
-    counter = TokenCounter(AutoTokenizer.from_pretrained(model_dir), task)
+    counter = TokenCounter(load_tokenizer(model_dir), task)
     length_ok = length_filter(records, counter, cfg, ledger)
     ledger.check_sources(length_ok)
 
