@@ -117,6 +117,8 @@ class CandidateEval(Result):
     adapter: str
     adapter_sha256: str | None = None
     seconds: float
+    # Answers reused from evaluate.cache_dir (`seconds` is then the run that made them).
+    cached: bool = False
     metrics: dict[str, Estimate]
     delta_vs_baseline: dict[str, Estimate] | None = None
     # Paired differences candidate - classical yardstick on its fields (see ClassicalEval).

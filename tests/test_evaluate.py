@@ -454,6 +454,9 @@ def test_stage_end_to_end_with_a_real_adapter(
         assert sel["values"][name] == val["value"] and val["ci_low"] <= val["value"]
     assert saved["baseline"]["kind"] == "base_model" and saved["n_examples"] == 6
     assert saved["baseline"]["cached"] is False
+    # tiny2's files are tiny's: its answers come from the cache the first one filled.
+    assert saved["candidates"]["tiny"]["cached"] is False
+    assert saved["candidates"]["tiny2"]["cached"] is True
     for name in ("tiny", "tiny2"):
         entry = saved["candidates"][name]
         acc = entry["metrics"]["clause_type.accuracy"]
@@ -541,6 +544,8 @@ def test_stage_end_to_end_with_a_real_adapter(
             "evaluate.n_resamples=200",
             "-S",
             "evaluate.threads=1",
+            "-S",
+            f"evaluate.cache_dir={tmp_path / 'adhoc-cache'}",  # not the checkout's .cache
             "--data",
             str(raw),
             "--adapter",
@@ -557,21 +562,42 @@ def test_stage_end_to_end_with_a_real_adapter(
 
 
 @pytest.mark.slow
-def test_base_model_baseline_is_reused_only_when_nothing_changed(
+def test_answers_are_reused_only_when_nothing_that_shapes_them_changed(
     tmp_path, base_model_dir, task, prepared_dir, one_thread
 ):
-    from temper.evaluation.predict import cached_baseline
+    """The base model's and a candidate's answers come back from `cache_dir` when model,
+    adapter, prompts and generation settings are the same, and are made again when a setting
+    or one adapter weight changes."""
+    from registry_fixtures import tiny_adapter
+    from safetensors.torch import load_file, save_file
+
+    from temper.evaluation.predict import cached_predictions
 
     records = read_jsonl(prepared_dir / "test.jsonl")[:2]
     prompts = [r["prompt"] for r in records]
-    cfg = EvaluateConfig(cache_dir=str(tmp_path), progress=False, threads=1)
-    first, seconds, hit = cached_baseline(records, prompts, base_model_dir, task, cfg)
+    cache = tmp_path / "cache"
+    cfg = EvaluateConfig(cache_dir=str(cache), progress=False, threads=1, max_examples=2)
+    first, seconds, hit = cached_predictions(records, prompts, base_model_dir, task, cfg)
     assert not hit and seconds > 0 and len(first) == 2
-    again, seconds2, hit2 = cached_baseline(records, prompts, base_model_dir, task, cfg)
+    again, seconds2, hit2 = cached_predictions(records, prompts, base_model_dir, task, cfg)
     assert hit2 and again == first and seconds2 == seconds
     other = cfg.model_copy(update={"stop_at_json": False})  # a setting that shapes the answers
-    _, _, hit3 = cached_baseline(records, prompts, base_model_dir, task, other)
-    assert not hit3 and len(list(tmp_path.glob("baseline-*.json"))) == 2
+    _, _, hit3 = cached_predictions(records, prompts, base_model_dir, task, other)
+    assert not hit3 and len(list(cache.glob("baseline-*.json"))) == 2
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter(str(base_model_dir)), adapter)
+    made = cached_predictions(records, prompts, base_model_dir, task, cfg, adapter=adapter)
+    assert made[2] is False and len(list(cache.glob("answers-*.json"))) == 1
+    reused = cached_predictions(records, prompts, base_model_dir, task, cfg, adapter=adapter)
+    assert reused == (made[0], made[1], True)
+    weights = adapter / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1.0  # one changed weight: another adapter
+    save_file(tensors, weights)
+    changed = cached_predictions(records, prompts, base_model_dir, task, cfg, adapter=adapter)
+    assert changed[2] is False and len(list(cache.glob("answers-*.json"))) == 2
 
 
 def test_unknown_primary_metric_fails_before_any_generation(tmp_path, task):

@@ -458,6 +458,8 @@ def test_real_evaluate_output_through_register_gate_promote_and_pull(
     change = ["-S", "gates.min_json_valid_rate=0.0"]
     result = runner.invoke(app, ["evaluate", *change])
     assert result.exit_code == 0, result.output
+    # Nothing that shapes an answer changed: the candidate's answers come from the cache.
+    assert EvalResult.load(project / "metrics" / "eval.json").candidates["r16"].cached
     result = runner.invoke(app, ["register", *change])
     assert result.exit_code == 0, result.output
     mv2 = client.get_model_version_by_alias(MODEL, "challenger")

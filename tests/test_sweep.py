@@ -182,7 +182,8 @@ def test_a_sweep_runs_through_the_dvc_queue_into_one_mlflow_sweep_run(tmp_path, 
         assert {r.data.tags["temper.stage"] for r in stages} >= {"train", "evaluate"}
     assert grid == {("0.001", "2"), ("0.003", "4")}
 
-    table = sh(repo, "temper", "exps", "--sweep", "tiny", env=env_of())
+    # The sweep ends by printing `temper exps --sweep tiny`'s table (cli.exps.exps_table).
+    table = out[out.index("| experiment") :]
     lines = [line for line in table.splitlines() if line.startswith("| tiny-")]
     assert len(lines) == len(ARMS), table
     header = table.splitlines()[0]

@@ -96,8 +96,9 @@ class EvaluateConfig(Section):
     )
     cache_dir: str | None = Field(
         ".cache/eval",
-        description="Reuse the base-model baseline's answers across runs when "
-        "model, prompts and generation settings are unchanged (null: always regenerate).",
+        description="Reuse the base-model baseline's and each candidate's answers across runs "
+        "when model, adapter, prompts and generation settings are unchanged (a change of gates, "
+        "judge or bootstrap regenerates nothing; null: always regenerate).",
     )
     metrics: str = Field("metrics/eval.json", description="The metrics file (DVC metrics).")
     reports_dir: str = Field("reports", description="Report, predictions and plots.")

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..io import model_hash, read_json, read_jsonl, stable_hash, write_json
+from ..io import adapter_hash, model_hash, read_json, read_jsonl, stable_hash, write_json
 from ..records.sampling import pick_few_shot
 from ..task import TaskConfig
 from .config import EvalError, EvaluateConfig
@@ -123,25 +123,32 @@ def vllm_generations(
     return gens, tokenizer
 
 
-def cached_baseline(
+def cached_predictions(
     records: list[dict[str, Any]],
     prompts: list[list[dict[str, str]]],
     model_dir: str | Path,
     task: TaskConfig,
     cfg: EvaluateConfig,
     engine: Any = None,
+    adapter: str | Path | None = None,
+    desc: str = "baseline",
 ) -> tuple[list[dict[str, Any]], float, bool]:
-    """The base-model baseline, reused from `cache_dir` when nothing that shapes it changed.
+    """`model_predictions`, reused from `cache_dir` when nothing that shapes the answers
+    changed; returns (predictions, seconds, whether they came from the cache).
 
-    The baseline does not depend on the candidates, so a `dvc exp run -S train.x=y` need not
-    regenerate it. The key covers the model's file hashes, every prompt and the generation
-    settings; the cached run's own timing is reported (marked `cached` in eval.json).
+    DVC re-runs evaluate when any of its params changes, but most (gates, the judge, the
+    bootstrap) change no answer: the base-model baseline and each candidate's answers are
+    generated again only when a key part changed: the base model's file hashes, the adapter's
+    (`adapter_hash`), every prompt and the generation settings. The cached run's own timing
+    is reported (marked `cached` in eval.json). An adapter that is not a local folder (a
+    `models:/` URI) is not cached.
     """
     from ..model_source import load_options
     from .device import resolve
 
     path = None
-    if cfg.cache_dir and (Path(model_dir) / "temper_source.json").exists():
+    local = adapter is None or Path(adapter).is_dir()
+    if cfg.cache_dir and local and (Path(model_dir) / "temper_source.json").exists():
         place = resolve(cfg.device, cfg.dtype)
         key_fields = {
             "model": model_hash(model_dir),
@@ -155,22 +162,25 @@ def cached_baseline(
             "format": 3,  # 2: per-request latency; 3: label confidences
         }
         # Added only when they differ from what every earlier entry was made with (CPU, the
-        # default attention), so those entries stay valid.
+        # default attention, the base model alone), so those entries stay valid.
         if place.device != "cpu":
             key_fields["device"] = place.device
         if cfg.constrained:  # only when on, so unconstrained keys stay what they were
             key_fields["constrained"] = True
         if engine is not None:  # likewise: the built-in engine's keys stay what they were
             key_fields["engine"] = {"vllm": engine.cfg.model_dump(include={"dtype"})}
+        if adapter is not None:
+            key_fields["adapter"] = adapter_hash(adapter)
         key_fields.update(load_options(model_dir))
         key = stable_hash(key_fields)
-        path = Path(cfg.cache_dir) / f"baseline-{key}.json"
+        kind = "baseline" if adapter is None else "answers"
+        path = Path(cfg.cache_dir) / f"{kind}-{key}.json"
         if path.exists():
             hit = read_json(path)
-            log.info("baseline: reusing %s (same model, prompts and settings)", path)
+            log.info("%s: reusing %s (same model, adapter, prompts and settings)", desc, path)
             return hit["preds"], hit["seconds"], True
     preds, seconds = model_predictions(
-        records, prompts, model_dir, None, task, cfg, "baseline", engine
+        records, prompts, model_dir, adapter, task, cfg, desc, engine
     )
     if path is not None:
         write_json(path, {"preds": preds, "seconds": seconds})

@@ -38,8 +38,7 @@ from ..evaluation.metrics import Resamples
 from ..evaluation.predict import (
     api_predictions,
     baseline_prompts,
-    cached_baseline,
-    model_predictions,
+    cached_predictions,
     open_engine,
 )
 from ..evaluation.records import load_records
@@ -247,7 +246,7 @@ def score_baseline(
         cost = api_cost(preds, n)
     elif mode == "base_model":
         prompts, shot_ids = baseline_prompts(records, task, cfg)
-        preds, seconds, cached = cached_baseline(records, prompts, base_dir, task, cfg, engine)
+        preds, seconds, cached = cached_predictions(records, prompts, base_dir, task, cfg, engine)
         cost = self_hosted_cost(preds, seconds, n, cfg)
         info.update(few_shot_ids=shot_ids, seconds=round(seconds, 1), cached=cached)
     test.refs = references_for(task, records, preds if mode == "api" else None)
@@ -300,13 +299,16 @@ def score_candidate(
     per-example scores and stats."""
     records, n = test.records, len(test.records)
     prompts = [r["prompt"] for r in records]
-    preds, seconds = model_predictions(records, prompts, base_dir, adapter, task, cfg, name, engine)
+    preds, seconds, cached = cached_predictions(
+        records, prompts, base_dir, task, cfg, engine, adapter, name
+    )
     cost = self_hosted_cost(preds, seconds, n, cfg)
     metrics, stats, ex = score_system(task, records, preds, test.refs, test.rs, cost)
     entry: dict[str, Any] = {
         "metrics": systems.add(name, task, records, preds, metrics, ex),
         "adapter": str(adapter),
         "seconds": round(seconds, 1),
+        "cached": cached,
     }
     if Path(adapter).is_dir():
         entry["adapter_sha256"] = adapter_hash(adapter)
@@ -436,8 +438,8 @@ def validation_metrics(
     predictions go to `reports/predictions/validation/<name>.jsonl` (the route stage fits
     its thresholds on them)."""
     prompts = [r["prompt"] for r in records]
-    preds, seconds = model_predictions(
-        records, prompts, model_dir, adapter, task, cfg, f"{name} (validation)", engine
+    preds, seconds, _ = cached_predictions(
+        records, prompts, model_dir, task, cfg, engine, adapter, f"{name} (validation)"
     )
     rs = Resamples.draw(len(records), cfg.n_resamples, cfg.seed, cfg.confidence)
     cost = self_hosted_cost(preds, seconds, len(records), cfg)
