@@ -37,8 +37,16 @@ def test_the_vllm_command_line_and_environment(tmp_path):
     assert "--enable-lora" in argv and argv[-2:] == ["--seed", "1"]
     # CPU: small KV blocks, so a one-token rescoring request reuses nearly all of its prefix
     assert argv[argv.index("--block-size") + 1] == "32"
+    # CPU: the model inside the engine process, on all cores but one unless vllm.cpu_threads
+    assert argv[argv.index("--distributed-executor-backend") + 1] == "uni"
+    assert server.env()["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert server.env()["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 2) - 1))
+    three = VllmServer(cfg.model_copy(update={"cpu_threads": 3}), "/models/base", tmp_path / "l")
+    assert three.env()["OMP_NUM_THREADS"] == "3"
     gpu = VllmServer(cfg.model_copy(update={"device": "cuda"}), "/models/base", tmp_path / "l")
     assert "--block-size" not in gpu.argv()  # vLLM's own choice on a GPU, unless set
+    assert "--distributed-executor-backend" not in gpu.argv()  # vLLM's own executor on GPUs
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in gpu.env()
     chosen = cfg.model_copy(update={"device": "cuda", "block_size": 64})
     argv = VllmServer(chosen, "/models/base", tmp_path / "l").argv()
     assert argv[argv.index("--block-size") + 1] == "64"
