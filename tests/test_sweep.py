@@ -149,10 +149,8 @@ def test_a_sweep_runs_through_the_dvc_queue_into_one_mlflow_sweep_run(tmp_path, 
     for arm in ARMS:
         assert f"{arm}: Success" in out, out
 
-    # dvc exp show knows the arms; nothing was registered (the arms stop at evaluate).
-    shown = json.loads(sh(repo, "dvc", "exp", "show", "--json", env=env_of()))
-    names = {e["name"] for row in shown for e in (row.get("experiments") or [])}
-    assert set(ARMS) <= names, names
+    # Nothing was registered (the arms stop at evaluate). That DVC knows the arms by name is
+    # the table's check below: its rows are `dvc exp show`'s experiments.
     assert not (repo / "metrics" / "register.json").exists()
     # The arms share the project's evaluation cache: the base-model baseline, made once.
     assert len(list((repo / ".cache" / "eval").glob("baseline-*.json"))) == 1
