@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def group_cpu_s(pgid: int) -> float:
 
 
 def measure(kind: type[VllmServer], cfg: VllmConfig, base: Path, ids: list[int], args) -> dict:
-    server = kind(cfg, base, Path(f"/tmp/vllm-cpu-executor-{kind.__name__}.log"))
+    server = kind(cfg, base, args.logs / f"{kind.__name__}.log")
     t0 = time.perf_counter()
     server.start()
     started = time.perf_counter() - t0
@@ -87,7 +88,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--base", type=Path, default=ROOT / "models" / "base")
     parser.add_argument("--python", default=str(ROOT / ".venv-vllm" / "bin" / "python"))
+    parser.add_argument("--logs", type=Path, default=None, help="vLLM's logs (default: a temp dir)")
     args = parser.parse_args()
+    args.logs = args.logs or Path(tempfile.mkdtemp(prefix="vllm-cpu-executor-"))
     cfg = VllmConfig(python=args.python, device="cpu", dtype="float32", kv_cache_gib=2)
     tokenizer = load_tokenizer(args.base)
     ids = tokenizer.apply_chat_template(
