@@ -4,11 +4,16 @@ openai and anthropic SDKs (tests/fake_api.py). The mid tier always fails (500); 
 answers, up to its daily request cap. The self threshold is 1.0, so every answer the model is
 not certain of is deferred: what is tested is that every request is still answered, each says
 which tier answered and what it cost, the cap holds, and nothing leaves the machine when a
-request forbids it. The module runs on both engines (test_serve.ENGINES): the router, the
-semantic cache and the request log are the gateway's, above the engine boundary, so they must
-behave the same over vLLM, and the same clauses must get the same answers, confidences and tier
-decisions from both. Over vLLM the gateway attaches to the session's vLLM (`serve.engine_url`,
-conftest.shared_vllm); the gateway that starts its own is test_serve's.
+request forbids it.
+
+The router, the semantic cache and the request log are the gateway's, above the engine
+boundary: the same code whichever engine answers. So they are tested over vLLM (the engine
+teams deploy; the gateway attaches to the session's vLLM, `serve.engine_url`,
+conftest.shared_vllm; the gateway that starts its own is test_serve's), and what an engine
+does change, the self tier's answers and label confidences and so the tier decisions, is
+compared on both engines (`test_same_answers_confidences_and_tiers_on_both_engines`). Until
+December 2026 every test here also ran on the built-in engine: 49 s of CI proving the
+engine-independent layer a second time.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ CLAUSES = [
     "The Effective Date of this Agreement is January 1, 2020.",
 ]
 ANSWER = {"clause_type": "Governing Law", "key_term": "New York"}
+# `routed`'s engine: vLLM for the engine-independent layer, both for the engine parity.
+OVER_VLLM = pytest.mark.parametrize("routed", ENGINES[1:], indirect=True)
+ON_BOTH = pytest.mark.parametrize("routed", ENGINES, indirect=True)
 
 
 def tier(name: str, kind: str, api: FakeAPI, **kw) -> dict:
@@ -57,7 +65,7 @@ def decisions() -> dict[str, list[tuple]]:
     return {}
 
 
-@pytest.fixture(scope="module", params=ENGINES)
+@pytest.fixture(scope="module")
 def routed(request, tmp_path_factory, base_model_dir):
     extra, env = engine_args(request.param), pytest.MonkeyPatch()
     if request.param == "vllm":  # the gateway attached to the session's vLLM (serve.engine_url)
@@ -97,6 +105,7 @@ def ask(client: openai.OpenAI, text: str, **route):
     return raw.headers, raw.parse()
 
 
+@OVER_VLLM
 def test_every_request_answered_tiers_reported_caps_respected(routed):
     server, mid, frontier = routed
     client = server.client()
@@ -127,6 +136,7 @@ def test_every_request_answered_tiers_reported_caps_respected(routed):
     assert 'temper_route_tier_failures_total{reason="error",tier="mid"} 3.0' in metrics
 
 
+@OVER_VLLM
 def test_repeats_come_from_the_semantic_cache_and_changed_numbers_do_not(routed):
     server, mid, frontier = routed
     client = server.client()
@@ -144,6 +154,7 @@ def test_repeats_come_from_the_semantic_cache_and_changed_numbers_do_not(routed)
     assert 'temper_cache_hits_total{kind="exact"}' in server.metrics()
 
 
+@OVER_VLLM
 def test_allow_external_false_sends_nothing_out(routed):
     server, mid, frontier = routed
     client = server.client()
@@ -161,6 +172,7 @@ def test_allow_external_false_sends_nothing_out(routed):
     assert (mid.requests, frontier.requests) == before
 
 
+@OVER_VLLM
 def test_streamed_routed_answer_matches_and_says_its_tier(routed):
     server, *_ = routed
     client = server.client()
@@ -182,6 +194,7 @@ def test_streamed_routed_answer_matches_and_says_its_tier(routed):
     assert tail.model_extra["temper"]["route"]["tier"] == "self"
 
 
+@OVER_VLLM
 def test_16_requests_at_concurrency_8_without_a_failure(routed):
     """Routed, cached and logged requests at once: more than a batch at a time, so they queue;
     none fails, and the request log holds each with its tier and the confidence that decided
@@ -232,6 +245,7 @@ def test_16_requests_at_concurrency_8_without_a_failure(routed):
     assert 'gen_ai_server_token_usage_total{gen_ai_operation_name="chat"' in server.metrics()
 
 
+@ON_BOTH
 def test_same_answers_confidences_and_tiers_on_both_engines(routed, decisions):
     """The router's registered threshold keeps its meaning on vLLM: the self tier's answers
     and label confidences (vLLM rescored to the raw model's, float32) match the built-in's,
