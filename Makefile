@@ -8,17 +8,20 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.temper-installed
 # torch stays at the CPU build that is on the machine: see constraints.txt.
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
-# The packages go in with uv (itself from pip): the same constraints, downloads and bytecode
-# compiling in parallel. A fresh `.venv` took 192 s with pip and 71 s with uv here (65 s with
-# uv's cache warm), most of a fresh clone's set-up. uv reads no pip config: pip's find-links
-# (where a machine keeps its own torch build) are passed on.
+# The packages go in with uv (itself from pip): the same constraints, downloads in parallel.
+# A fresh `.venv` took 192 s with pip and 71 s with uv here, most of a fresh clone's set-up.
+# uv reads no pip config: pip's find-links (where a machine keeps its own torch build) are
+# passed on.
 UV_VERSION := 0.13.9
-UV_ARGS    := -q --compile-bytecode $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS))
+UV_ARGS    := -q $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS))
 
-# Temper's own bytecode, written once: where PYTHONDONTWRITEBYTECODE is set (these machines)
-# every stage, server and test process would compile the package again (0.2 s of CPU each,
-# some 200 processes in `make test`). .dvcignore keeps __pycache__ out of the stages' deps.
-COMPILE := $(BIN)/python -m compileall -q pipelines
+# Bytecode is written on first import, for the packages and for Temper alike. uv's
+# `--compile-bytecode` compiled every module of both virtualenvs at install, most never
+# imported (a fresh `make install` here: 40 s and 60 s of CPU with it, 10 s and 11 s
+# without). Some machines set PYTHONDONTWRITEBYTECODE (these do): then every stage, server
+# and test process would compile what it imports again, so make clears it for its commands.
+# .dvcignore keeps __pycache__ out of the stages' deps.
+export PYTHONDONTWRITEBYTECODE :=
 
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
@@ -53,7 +56,6 @@ vllm: $(VLLM_STAMP)
 
 ## The main job: every DVC stage on the embedded defaults (no API key, GPU or model hub).
 run: install
-	$(COMPILE)
 	dvc repro
 
 ## The tests, slow end-to-end ones included (they use the real base model and data, and
@@ -63,7 +65,6 @@ run: install
 TEST_WORKERS ?= auto
 test:
 	$(MAKE) -j2 lint vllm
-	$(COMPILE)
 	pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 ## ruff: the linter and the formatter (check only; `ruff format .` fixes the formatting).
