@@ -123,7 +123,7 @@ TINY_SWEEP = {
     "name": "tiny",
     "target": "evaluate",
     "fixed": {
-        "prepare": {"max_examples": {"train": 16, "validation": 4, "test": 4}},
+        "prepare": {"max_examples": {"train": 16, "validation": 2, "test": 2}},
         "train": {"candidates": {"r16": {}}, "max_steps": 2, "save_steps": 2},
         "evaluate": {"n_resamples": 100, "batch_size": 8, "baseline_few_shot": 1},
         "gates": {"min_primary": 0.0, "min_delta_low": None, "min_json_valid_rate": None},
