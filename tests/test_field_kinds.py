@@ -27,7 +27,7 @@ from dvc_project import TINY, env_of, exp_run, make_repo, missing_outputs, profi
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["Audit Rights", "Insurance", "Anti-Assignment", "Cap on Liability", "Governing Law"]
-SMALL = ["prepare.max_examples={train:16,validation:4,test:4}", *TINY]
+SMALL = ["prepare.max_examples={train:16,validation:4,test:2}", *TINY]
 
 
 class Kind:

@@ -186,7 +186,7 @@ def test_generated_csv_ids_count_data_rows_from_one_and_locations_keep_the_line(
 
 # --------------------------------------------------------------------------- end to end
 
-SMALL = ["prepare.max_examples={train:24,validation:4,test:4}", *TINY]
+SMALL = ["prepare.max_examples={train:24,validation:4,test:2}", *TINY]
 
 
 def run_profile(

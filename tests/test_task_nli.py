@@ -15,7 +15,7 @@ from dvc_project import TINY, exp_run, make_repo, profile_args
 from temper.config import read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["prepare.max_examples={train:24,validation:4,test:4}", *TINY]
+SMALL = ["prepare.max_examples={train:24,validation:4,test:2}", *TINY]
 
 
 @pytest.mark.slow
