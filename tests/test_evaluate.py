@@ -4,6 +4,7 @@ real base model with a real LoRA adapter end to end, MLflow in a tmp sqlite stor
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -348,7 +349,7 @@ def test_prefix_cache_gives_the_same_answers(base_model_dir, task, prepared_dir,
 
 @pytest.mark.slow
 def test_stage_end_to_end_with_a_real_adapter(
-    tmp_path, base_model_dir, task, prepared_dir, one_thread
+    tmp_path, base_model_dir, task, prepared_dir, one_thread, caplog
 ):
     import mlflow
     from fake_api import FakeAPI
@@ -438,12 +439,17 @@ def test_stage_end_to_end_with_a_real_adapter(
         setup = evaluate.Setup(
             base_model_dir, judge, gates, tracking=Tracking(mlflow_cfg, {"test": "evaluate"})
         )
-        result = evaluate.run(cfg, task, setup)
+        with caplog.at_level(logging.INFO, logger="temper.evaluation.generation"):
+            result = evaluate.run(cfg, task, setup)
         # 3 sampled examples x both orders; tiny2 is a copy of tiny, so its identical
         # questions are answered from the provider's cache.
         assert api.requests == 3 * 2
 
     saved = read_json(cfg.metrics)
+    # Two loads: the base for the baseline, then tiny, kept loaded from its test answers to
+    # its validation answers (tiny2's come from the cache).
+    loads = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loaded ")]
+    assert len(loads) == 2 and "adapter" not in loads[0] and "tiny/adapter" in loads[1], loads
     # Chosen on validation; equal scores (tiny2 is a copy): the first name breaks the tie.
     assert saved["winner"] == result.winner == "tiny"
     sel = saved["selection"]

@@ -27,35 +27,35 @@ def model_predictions(
     engine: Any = None,
 ) -> tuple[list[dict[str, Any]], float]:
     """Generate with the (adapted) model; returns per-example predictions and total seconds.
-    `engine`: an `engines.VllmGenerator` (evaluate.engine vllm), else `model.generate`."""
+    `engine`: an `engines.VllmGenerator` (evaluate.engine vllm), a `BuiltinModels` (the
+    built-in loop, the model kept loaded between calls), or None (the built-in loop on a
+    model loaded for this call alone)."""
     from .confidence import label_confidences
-    from .device import resolve
-    from .generation import generate, load_model
+    from .generation import generate
 
     schema = task.answer_schema() if cfg.constrained else None
     stop_at_json = cfg.stop_at_json and not task.is_text  # prose may hold braces
     t0 = time.perf_counter()
-    if engine is not None:
+    if engine is not None and not isinstance(engine, BuiltinModels):
         gens, tokenizer = vllm_generations(engine, prompts, model_dir, adapter, task, cfg, desc)
-        model = None
     else:
-        place = resolve(cfg.device, cfg.dtype)
-        model, tokenizer = load_model(model_dir, adapter, place.dtype, cfg.threads, place.device)
+        models = engine or BuiltinModels(cfg)
+        model, tokenizer, device = models.load(model_dir, adapter)
         t0 = time.perf_counter()
         gens = generate(
             model,
             tokenizer,
             prompts,
             task.max_new_tokens,
-            cfg.batch_for(place.device),
+            cfg.batch_for(device),
             stop_at_json=stop_at_json,
             progress=cfg.progress,
             desc=desc,
             schema=schema,
             token_scores=True,
         )
+        del model
     seconds = time.perf_counter() - t0
-    del model
     preds = []
     for r, g in zip(records, gens, strict=True):
         fields = answer_fields(task, g.text)
@@ -78,11 +78,42 @@ def model_predictions(
     return preds, seconds
 
 
+class BuiltinModels:
+    """The built-in loop's model for one evaluate run: the model that answered last stays
+    loaded, so a candidate answering validation and then test is loaded once (with a large
+    base on a GPU, loading is much of a small evaluation's time). One at a time: the last is
+    let go before another loads, so the memory peak is one model, as before."""
+
+    def __init__(self, cfg: EvaluateConfig) -> None:
+        self.cfg = cfg
+        self._key: tuple[str, str | None] | None = None
+        self._loaded: tuple[Any, Any, str] | None = None
+
+    def load(self, model_dir: str | Path, adapter: str | Path | None) -> tuple[Any, Any, str]:
+        """(model, tokenizer, device) for the base at `model_dir` with `adapter` (or none)."""
+        from .device import resolve
+        from .generation import load_model
+
+        key = (str(model_dir), None if adapter is None else str(adapter))
+        if key != self._key:
+            self.close()
+            place = resolve(self.cfg.device, self.cfg.dtype)
+            model, tokenizer = load_model(
+                model_dir, adapter, place.dtype, self.cfg.threads, place.device
+            )
+            self._key, self._loaded = key, (model, tokenizer, place.device)
+        assert self._loaded is not None
+        return self._loaded
+
+    def close(self) -> None:
+        self._key = self._loaded = None
+
+
 def open_engine(cfg: EvaluateConfig, vllm: Any, model_dir: str | Path) -> Any:
-    """A vLLM server for the run (`evaluate.engine: vllm`, from the `vllm:` section, or the
-    one at `evaluate.engine_url`), or None."""
+    """What generates for the run: a vLLM server (`evaluate.engine: vllm`, from the `vllm:`
+    section, or the one at `evaluate.engine_url`), else the built-in loop's `BuiltinModels`."""
     if cfg.engine != "vllm":
-        return None
+        return BuiltinModels(cfg)
     from ..engines.vllm_generate import VllmGenerator
 
     log = Path(cfg.reports_dir) / "vllm.log"
@@ -167,7 +198,8 @@ def cached_predictions(
             key_fields["device"] = place.device
         if cfg.constrained:  # only when on, so unconstrained keys stay what they were
             key_fields["constrained"] = True
-        if engine is not None:  # likewise: the built-in engine's keys stay what they were
+        if engine is not None and not isinstance(engine, BuiltinModels):
+            # likewise: the built-in engine's keys stay what they were
             key_fields["engine"] = {"vllm": engine.cfg.model_dump(include={"dtype"})}
         if adapter is not None:
             key_fields["adapter"] = adapter_hash(adapter)

@@ -114,7 +114,9 @@ class Setup:
 
 def run(cfg: EvaluateConfig, task: TaskConfig, setup: Setup) -> EvalResult:
     """Score the candidates (or `evaluate.adapter`) and the baseline; write the outputs.
-    With `evaluate.engine: vllm`, one vLLM server generates for the whole run."""
+    One engine generates for the whole run: a vLLM server (`evaluate.engine: vllm`), or the
+    built-in loop, which keeps a candidate loaded from its validation answers to its test
+    answers."""
     if cfg.primary_metric not in metric_names(task):  # fail before any generation
         raise ConfigError(
             f"evaluate.primary_metric {cfg.primary_metric!r} is not a metric of "
@@ -124,8 +126,7 @@ def run(cfg: EvaluateConfig, task: TaskConfig, setup: Setup) -> EvalResult:
     try:
         return evaluate_all(cfg, task, setup, engine)
     finally:
-        if engine is not None:
-            engine.close()
+        engine.close()
 
 
 @dataclass
