@@ -42,6 +42,7 @@ BENCHES = {
     ),
 }
 MARKS = {
+    "bench_prepare": [pytest.mark.slow],  # prepare reads the base model's tokenizer
     "bench_eval": [pytest.mark.slow],
     "bench_serve": [pytest.mark.slow],
     "bench_train": [pytest.mark.slow],
