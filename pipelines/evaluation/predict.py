@@ -80,7 +80,7 @@ def model_predictions(
 
 class BuiltinModels:
     """The built-in loop's model for one evaluate run: the model that answered last stays
-    loaded, so a candidate answering validation and then test is loaded once (with a large
+    loaded, so a candidate answering test and then validation is loaded once (with a large
     base on a GPU, loading is much of a small evaluation's time). One at a time: the last is
     let go before another loads, so the memory peak is one model, as before."""
 

@@ -115,7 +115,7 @@ class Setup:
 def run(cfg: EvaluateConfig, task: TaskConfig, setup: Setup) -> EvalResult:
     """Score the candidates (or `evaluate.adapter`) and the baseline; write the outputs.
     One engine generates for the whole run: a vLLM server (`evaluate.engine: vllm`), or the
-    built-in loop, which keeps a candidate loaded from its validation answers to its test
+    built-in loop, which keeps a candidate loaded from its test answers to its validation
     answers."""
     if cfg.primary_metric not in metric_names(task):  # fail before any generation
         raise ConfigError(
