@@ -36,11 +36,11 @@ def model_predictions(
     schema = task.answer_schema() if cfg.constrained else None
     stop_at_json = cfg.stop_at_json and not task.is_text  # prose may hold braces
     t0 = time.perf_counter()
-    if engine is not None and not isinstance(engine, BuiltinModels):
+    engine = engine or BuiltinModels(cfg)
+    if not isinstance(engine, BuiltinModels):
         gens, tokenizer = vllm_generations(engine, prompts, model_dir, adapter, task, cfg, desc)
     else:
-        models = engine or BuiltinModels(cfg)
-        model, tokenizer, device = models.load(model_dir, adapter)
+        model, tokenizer, device = engine.load(model_dir, adapter)
         t0 = time.perf_counter()
         gens = generate(
             model,
