@@ -54,7 +54,6 @@ def model_predictions(
             schema=schema,
             token_scores=True,
         )
-        del model
     seconds = time.perf_counter() - t0
     preds = []
     for r, g in zip(records, gens, strict=True):
